@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# minisynth: a synthetic English corpus made offline with espeak-ng (see local/data.sh).
+# Pretrains a frontend on all audio, fine-tunes on the labeled split, scores dev and test.
+#   ./run.sh                                   # everything: wav2vec 2.0 + CTC, pretrained vs scratch
+#   ./run.sh --stage 5 --stop-stage 8 --labeled 10m
+# Options: see ../../local/ssl_asr.sh (--frontend, --head, --labeled, --no-pretrain, --nproc, ...).
+cd "$(dirname "$0")"
+corpus=minisynth
+test_sets="dev test"
+vocab_size=200
+. ../../local/ssl_asr.sh

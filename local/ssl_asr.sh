@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Shared stage driver for every corpus (the analog of ESPnet's asr.sh, kept short).
+# A corpus's run.sh sets `corpus`, `test_sets`, `conf_dir` defaults and sources this file;
+# it supplies only `local/data.sh` (stage 0) and `conf/*.yaml`.
+#
+#   0 data        corpus-specific preparation into a Kaldi-style folder (local/data.sh)
+#   1 manifests   lhotse recordings/supervisions/cuts, validated (bad audio dropped, counted)
+#   2 features    fbank for fbank frontends; waveform frontends read audio on the fly
+#   3 tokenizer   sentencepiece on the training transcripts
+#   4 pretrain    self-supervised pretraining of --frontend on all audio
+#   5 finetune    --head on --labeled seconds of transcribed audio, from the pretrained
+#                 encoder and (unless --compare-scratch false) from scratch
+#   6 decode      every test set with every fine-tuned system
+#   7 score       kaldialign WER; one JSON line per result in exp/results.jsonl
+#   8 results     RESULTS.md rendered from exp/results.jsonl
+# Every stage leaves a .done marker and is skipped when it exists (--force true redoes it);
+# training stages resume from their last checkpoint after a kill.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+command_line="./run.sh $*"
+
+# ---------------------------------------------------------------- options
+stage=0
+stop_stage=100
+frontend=wav2vec2
+head=ctc
+labeled=all            # seconds of labeled audio (600, 1h, 10m) or "all"
+no_pretrain=false      # scratch baseline only
+compare_scratch=true   # also fine-tune a scratch system with the same head and labels
+corpus_dir=""
+nj=2
+nproc=1                # processes per node for training (torchrun when > 1)
+launcher=""            # e.g. "torchrun --nnodes 2 --node_rank 0 --master_addr host --nproc_per_node 8"
+force=false
+vocab_size=${vocab_size:-200}
+data_opts=""           # extra options for local/data.sh
+pretrain_opts=""       # extra `key=value` config overrides for stage 4
+finetune_opts=""       # ... for stage 5
+decode_opts=""         # extra options for sslasr.bin.decode
+python=${SSLASR_PYTHON:-$root/.venv/bin/python}
+conf_dir=${conf_dir:-conf}
+corpus=${corpus:?run.sh must set corpus}
+test_sets=${test_sets:-"dev test"}
+pretrain_splits=${pretrain_splits:-"train unlabeled"}
+
+usage() { sed -n '2,19p' "${BASH_SOURCE[0]}"; grep -E '^[a-z_]+=.*' "${BASH_SOURCE[0]}" | sed -n '1,22p'; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --*=*) key="${1%%=*}"; value="${1#*=}"; shift ;;
+    --*) key="$1"; [ $# -ge 2 ] || { echo "$0: $key needs a value" >&2; exit 2; }; value="$2"; shift 2 ;;
+    *) echo "$0: unexpected argument '$1' (options are --name value)" >&2; exit 2 ;;
+  esac
+  name="${key#--}"; name="${name//-/_}"
+  if ! declare -p "$name" >/dev/null 2>&1; then echo "$0: unknown option $key" >&2; exit 2; fi
+  printf -v "$name" '%s' "$value"
+done
+
+[ -x "$python" ] || "$root/tools/install.sh"
+export PYTHONUNBUFFERED=1 SSLASR_PYTHON="$python"
+
+log() { echo "$(date '+%F %T') [stage ${current_stage:-?}] $*" >&2; }
+run_stage() {  # run_stage N: true when stage N is inside --stage..--stop-stage
+  current_stage=$1
+  [ "$1" -ge "$stage" ] && [ "$1" -le "$stop_stage" ]
+}
+done_or_force() {  # done_or_force MARKER: true (skip) when the work behind MARKER is done
+  if [ "$force" = true ]; then rm -f "$1"; return 1; fi
+  [ -f "$1" ]
+}
+train() {  # train EXP_DIR CONFIG... -- OVERRIDES...
+  local exp_dir=$1; shift
+  if [ -n "$launcher" ]; then
+    $launcher -m sslasr.bin.train --exp-dir "$exp_dir" "$@"
+  elif [ "$nproc" -gt 1 ]; then
+    "$(dirname "$python")/torchrun" --standalone --nproc_per_node "$nproc" -m sslasr.bin.train --exp-dir "$exp_dir" "$@"
+  else
+    "$python" -m sslasr.bin.train --exp-dir "$exp_dir" "$@"
+  fi
+}
+seconds_of() {  # 10m → 600, 1h → 3600, 90 → 90, all → all
+  case "$1" in
+    all) echo all ;;
+    *h) echo $(( ${1%h} * 3600 )) ;;
+    *m) echo $(( ${1%m} * 60 )) ;;
+    *) echo "$1" ;;
+  esac
+}
+
+manifests=data/manifests
+lang=data/lang_bpe_${vocab_size}
+labeled_seconds=$(seconds_of "$labeled")
+labeled_tag=$labeled
+input_type=$("$python" -c "
+from sslasr.models.frontends import get_frontend
+from sslasr.utils.config import load_config
+print(get_frontend(load_config('$conf_dir/frontend_$frontend.yaml')['frontend']).input_type)")
+[ "$input_type" = fbank ] && feats=_fbank || feats=""
+cuts() { echo "$manifests/${corpus}_cuts_$1$feats.jsonl.gz"; }
+
+systems=""
+[ "$no_pretrain" = true ] || systems="pretrained"
+{ [ "$no_pretrain" = true ] || [ "$compare_scratch" = true ]; } && systems="$systems scratch"
+pretrain_dir=exp/pretrain_$frontend
+system_dir() {  # system_dir pretrained|scratch
+  if [ "$1" = pretrained ]; then echo "exp/${head}_${frontend}_${labeled_tag}"; else echo "exp/${head}_scratch_${frontend}_${labeled_tag}"; fi
+}
+
+if run_stage 0; then
+  if done_or_force data/.data.done; then log "data ready (data/.data.done)"; else
+    log "preparing the corpus"
+    ./local/data.sh --corpus-dir "$corpus_dir" --nj "$nj" $data_opts
+    mkdir -p data && touch data/.data.done
+  fi
+fi
+# local/data.sh tells where the Kaldi-style corpus folder is
+[ -n "$corpus_dir" ] || corpus_dir=$(cat data/corpus_dir 2>/dev/null || true)
+
+if run_stage 1; then
+  if done_or_force $manifests/.done; then log "manifests ready"; else
+    log "manifests from $corpus_dir"
+    splits=$(for s in train unlabeled dev test; do [ -f "$corpus_dir/$s/wav.scp" ] && printf '%s ' "$s"; done)
+    "$python" -m sslasr.bin.prepare_manifests --corpus-dir "$corpus_dir" --corpus "$corpus" \
+      --splits $splits --out-dir $manifests --num-jobs "$nj"
+    touch $manifests/.done
+  fi
+fi
+
+if run_stage 2; then
+  if [ "$input_type" != fbank ]; then log "$frontend reads raw waveforms: no features to compute"
+  elif done_or_force $manifests/.fbank.done; then log "fbank ready"; else
+    for f in $manifests/${corpus}_cuts_*.jsonl.gz; do
+      case "$f" in *_fbank.jsonl.gz) continue ;; esac
+      "$python" -m sslasr.bin.compute_fbank --cuts "$f" --out-cuts "${f%.jsonl.gz}_fbank.jsonl.gz" \
+        --storage data/fbank --num-jobs "$nj"
+    done
+    touch $manifests/.fbank.done
+  fi
+fi
+
+if run_stage 3; then
+  if done_or_force $lang/.done; then log "tokenizer ready ($lang)"; else
+    "$python" -m sslasr.bin.train_tokenizer --cuts "$(cuts train)" --out-dir $lang --vocab-size "$vocab_size"
+    touch $lang/.done
+  fi
+fi
+
+if run_stage 4 && [ "$no_pretrain" != true ]; then
+  if done_or_force $pretrain_dir/.done; then log "pretrained $frontend ready ($pretrain_dir)"; else
+    log "self-supervised pretraining of $frontend"
+    pretrain_cuts=$manifests/${corpus}_cuts_pretrain$feats.jsonl.gz
+    "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $(for s in $pretrain_splits; do cuts "$s"; done)
+    train $pretrain_dir --config $conf_dir/frontend_$frontend.yaml $conf_dir/pretrain.yaml \
+      --set task=pretrain data.train_cuts="$pretrain_cuts" data.valid_cuts="$(cuts dev)" $pretrain_opts
+    touch $pretrain_dir/.done
+  fi
+fi
+
+if run_stage 5; then
+  train_cuts=$(cuts train)
+  if [ "$labeled_seconds" != all ]; then
+    train_cuts=$manifests/${corpus}_cuts_train_${labeled_tag}$feats.jsonl.gz
+    [ -f "$train_cuts" ] || "$python" -m sslasr.bin.cuts subset --cuts "$(cuts train)" \
+      --seconds "$labeled_seconds" --out "$train_cuts"
+  fi
+  for system in $systems; do
+    dir=$(system_dir $system)
+    if done_or_force $dir/.done; then log "$dir ready"; continue; fi
+    log "fine-tuning $dir"
+    configs="$conf_dir/frontend_$frontend.yaml $conf_dir/finetune_$head.yaml"
+    init="finetune.init_from=$pretrain_dir/model_final.pt"
+    if [ $system = scratch ]; then configs="$configs $conf_dir/scratch.yaml"; init="finetune.init_from=null"; fi
+    train $dir --config $configs --set task=asr data.train_cuts="$train_cuts" data.valid_cuts="$(cuts dev)" \
+      data.tokenizer=$lang/bpe.model "$init" $finetune_opts
+    "$python" -m sslasr.bin.cuts seconds "$train_cuts" > $dir/labeled_seconds
+    touch $dir/.done
+  done
+fi
+
+if run_stage 6; then
+  for system in $systems; do
+    dir=$(system_dir $system)
+    for test_set in $test_sets; do
+      out=$dir/decode_${test_set}_ctc_greedy
+      if done_or_force $out/.done; then continue; fi
+      log "decoding $test_set with $dir"
+      "$python" -m sslasr.bin.decode --model $dir/model_final.pt --cuts "$(cuts $test_set)" \
+        --method ctc_greedy --out-dir $out $decode_opts
+      touch $out/.done
+    done
+  done
+fi
+
+if run_stage 7; then
+  for system in $systems; do
+    dir=$(system_dir $system)
+    for test_set in $test_sets; do
+      out=$dir/decode_${test_set}_ctc_greedy
+      if done_or_force $out/.scored; then continue; fi
+      [ $system = pretrained ] && pretrained=true || pretrained=false
+      [ $system = pretrained ] && row_frontend=$frontend || row_frontend=none
+      "$python" -m sslasr.bin.score --ref $out/ref.txt --hyp $out/hyp.txt --out-dir $out \
+        --results exp/results.jsonl --set corpus=$corpus test_set=$test_set frontend=$row_frontend \
+        head=$head decoding=ctc_greedy lm_weight=0 labeled_seconds="$(cat "$dir/labeled_seconds" 2>/dev/null || echo null)" \
+        pretrained=$pretrained generation=0 exp=$dir "command=$command_line"
+      touch $out/.scored
+    done
+  done
+fi
+
+if run_stage 8; then
+  "$python" -m sslasr.bin.render_results --results exp/results.jsonl --out RESULTS.md \
+    --title "$corpus results"
+  log "wrote RESULTS.md"
+fi

@@ -1,0 +1,47 @@
+"""Small cut-manifest operations used between stages.
+
+    python -m sslasr.bin.cuts combine --out all.jsonl.gz a.jsonl.gz b.jsonl.gz
+    python -m sslasr.bin.cuts subset --cuts train.jsonl.gz --seconds 600 --seed 0 --out train_10m.jsonl.gz
+    python -m sslasr.bin.cuts seconds train.jsonl.gz        # prints the total duration
+"""
+
+import argparse
+import logging
+
+from lhotse import CutSet
+
+from sslasr.data.loader import load_cuts
+from sslasr.data.manifests import subset_by_duration, write_cuts
+from sslasr.utils.logging import setup_logging
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    combine = commands.add_parser("combine", help="concatenate cut manifests")
+    combine.add_argument("--out", required=True)
+    combine.add_argument("inputs", nargs="+")
+    subset = commands.add_parser("subset", help="whole utterances up to a total duration")
+    subset.add_argument("--cuts", required=True)
+    subset.add_argument("--seconds", type=float, required=True)
+    subset.add_argument("--seed", type=int, default=0)
+    subset.add_argument("--out", required=True)
+    seconds = commands.add_parser("seconds", help="print the total duration in seconds")
+    seconds.add_argument("cuts")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    if args.command == "combine":
+        cuts = CutSet.from_cuts(cut for path in args.inputs for cut in load_cuts(path))
+        write_cuts(cuts, args.out)
+        logging.info("combined %d manifests into %s (%d cuts)", len(args.inputs), args.out, len(cuts))
+    elif args.command == "subset":
+        cuts = subset_by_duration(load_cuts(args.cuts), args.seconds, args.seed)
+        write_cuts(cuts, args.out)
+        logging.info("%s: %d cuts, %.1f s", args.out, len(cuts), sum(c.duration for c in cuts))
+    else:
+        print(round(sum(cut.duration for cut in load_cuts(args.cuts)), 2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Validate a Kaldi-style corpus folder and write lhotse manifests.
+
+    python -m sslasr.bin.prepare_manifests --corpus-dir DIR --corpus NAME \
+        --splits train unlabeled dev test --out-dir data/manifests
+
+Writes, per existing split: {corpus}_{recordings,supervisions,cuts}_{split}.jsonl.gz,
+{corpus}_{split}_dropped.tsv and {corpus}_{split}_validation.json.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+from sslasr.data.manifests import derive_subsets, prepare_corpus
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus-dir", required=True, help="folder with one sub-folder per split")
+    p.add_argument("--corpus", required=True, help="name used as manifest file prefix")
+    p.add_argument("--splits", nargs="+", default=["train", "unlabeled", "dev", "test"])
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--sample-rate", type=int, default=16000, help="other rates are resampled on the fly")
+    p.add_argument("--min-duration", type=float, default=0.3, help="seconds; shorter is dropped")
+    p.add_argument("--max-duration", type=float, default=30.0, help="seconds; longer is dropped")
+    p.add_argument("--num-jobs", type=int, default=2, help="processes reading/checking audio")
+    p.add_argument("--max-utts", type=int, default=None, help="first N wav.scp entries per split (quick runs)")
+    p.add_argument("--dev-fraction", type=float, default=None,
+                   help="carve this fraction of train speakers into {corpus}_cuts_dev (full train kept "
+                        "as {corpus}_cuts_train_full)")
+    p.add_argument("--labeled", type=float, default=None, metavar="SECONDS",
+                   help="also write {corpus}_cuts_train_labeled{SECONDS}s: a seeded subset of train")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv=None) -> None:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.dev_fraction and "dev" in args.splits and (Path(args.corpus_dir) / "dev" / "wav.scp").exists():
+        raise SystemExit("--dev-fraction would overwrite the corpus' own dev split")
+    reports = prepare_corpus(args.corpus_dir, args.corpus, args.splits, args.out_dir,
+                             sample_rate=args.sample_rate, min_duration=args.min_duration,
+                             max_duration=args.max_duration, num_jobs=args.num_jobs, max_utts=args.max_utts)
+    if args.dev_fraction or args.labeled:
+        if "train" not in reports:
+            raise SystemExit("--dev-fraction/--labeled need a train split")
+        derive_subsets(args.out_dir, args.corpus, dev_fraction=args.dev_fraction,
+                       labeled_seconds=args.labeled, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

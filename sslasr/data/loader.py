@@ -1,0 +1,112 @@
+"""Batches from lhotse cut manifests: dynamic-bucketing sampler + a collating Dataset.
+
+Resuming mid-epoch: lhotse samplers are deterministic given (cuts, seed, epoch, world_size).
+Either save ``loader.sampler.state_dict()`` and restore it with ``load_state_dict()`` on a
+freshly built sampler (lhotse fast-forwards it), or -- exact even with prefetching workers,
+whose sampler runs ahead of the consumed batches -- call ``sampler.set_epoch(epoch)`` and skip
+the number of batches the trainer actually consumed (what ``sslasr.train.trainer`` does).
+"""
+
+import logging
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from lhotse import CutSet, load_manifest_lazy
+from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
+from lhotse.dataset.collation import collate_audio, collate_features
+from torch.utils.data import DataLoader, Dataset
+
+from sslasr.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+INPUT_TYPES = ("waveform", "fbank")
+
+
+def load_cuts(path: Union[str, Path]) -> CutSet:
+    """A lazy CutSet (read while iterating), as DynamicBucketingSampler expects."""
+    cuts = load_manifest_lazy(path)
+    if cuts is None:
+        raise ValueError(f"{path}: empty cut manifest")
+    if not isinstance(cuts, CutSet):
+        raise TypeError(f"{path}: expected a cut manifest, got {type(cuts).__name__}")
+    return cuts
+
+
+def normalize_per_utterance(audio: torch.Tensor, lens: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean / unit variance over each utterance's real samples; padding stays 0."""
+    mask = torch.arange(audio.shape[1]).unsqueeze(0) < lens.unsqueeze(1)
+    count = lens.clamp(min=1).unsqueeze(1).to(audio.dtype)
+    mean = (audio * mask).sum(1, keepdim=True) / count
+    var = (((audio - mean) * mask) ** 2).sum(1, keepdim=True) / count
+    return (audio - mean) / torch.sqrt(var + eps) * mask
+
+
+class SpeechDataset(Dataset):
+    """Maps a CutSet mini-batch (from a lhotse sampler) to a dict of tensors.
+
+    Keys: ``inputs`` ((B, T) samples or (B, T, F) fbank), ``input_lens`` (LongTensor),
+    ``cut_ids``, ``durations`` (seconds), ``texts`` (None where a cut has no transcript) and, with a tokenizer and
+    transcripts for every cut, ``tokens`` (list of id lists).
+    """
+
+    def __init__(self, input_type: str, tokenizer: Optional[Tokenizer] = None, normalize_waveform: bool = False):
+        if input_type not in INPUT_TYPES:
+            raise ValueError(f"input_type must be one of {INPUT_TYPES}, got {input_type!r}")
+        self.input_type = input_type
+        self.tokenizer = tokenizer
+        # wav2vec2 "base" was trained on raw samples, "large" on normalised ones: keep both.
+        self.normalize_waveform = normalize_waveform
+
+    def __getitem__(self, cuts: CutSet) -> Dict:
+        inputs, input_lens = self._inputs(cuts)
+        texts = [c.supervisions[0].text if c.supervisions else None for c in cuts]
+        batch = {"inputs": inputs, "input_lens": input_lens.long(), "cut_ids": [c.id for c in cuts],
+                 "texts": texts, "durations": [c.duration for c in cuts]}
+        if self.tokenizer is not None and all(t is not None for t in texts):
+            batch["tokens"] = self.tokenizer.encode_batch(texts)
+        return batch
+
+    def _inputs(self, cuts: CutSet):
+        if self.input_type == "fbank":
+            missing = [c.id for c in cuts if not c.has_features]
+            if missing:
+                raise ValueError(f"cuts without stored features (run sslasr.bin.compute_fbank): {missing[:5]}")
+            return collate_features(cuts)
+        # Resampling (recording transforms) and channel selection happen inside lhotse's loading.
+        audio, lens = collate_audio(cuts, mono_downmix=True)
+        if self.normalize_waveform:
+            audio = normalize_per_utterance(audio, lens)
+        return audio, lens
+
+
+def make_sampler(cuts: CutSet, *, max_duration: float, shuffle: bool, seed: int = 0, num_buckets: int = 10,
+                 drop_last: bool = False, world_size: Optional[int] = None, rank: Optional[int] = None,
+                 max_cuts: Optional[int] = None):
+    """Training: bucketed + shuffled. Evaluation (shuffle=False): manifest order, every cut kept."""
+    if shuffle:
+        return DynamicBucketingSampler(cuts, max_duration=max_duration, max_cuts=max_cuts, shuffle=True,
+                                       seed=seed, num_buckets=num_buckets, drop_last=drop_last,
+                                       world_size=world_size, rank=rank)
+    return SimpleCutSampler(cuts, max_duration=max_duration, max_cuts=max_cuts, shuffle=False,
+                            drop_last=drop_last, world_size=world_size, rank=rank, seed=seed)
+
+
+def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuffle: bool, seed: int = 0,
+                    num_buckets: int = 10, num_workers: int = 0, tokenizer: Optional[Tokenizer] = None,
+                    drop_last: bool = False, world_size: Optional[int] = None, rank: Optional[int] = None,
+                    max_cuts: Optional[int] = None, normalize_waveform: bool = False) -> DataLoader:
+    """DataLoader yielding SpeechDataset dicts; the sampler (``loader.sampler``) makes the batches.
+
+    Call ``loader.sampler.set_epoch(epoch)`` before each epoch so shuffling differs per epoch.
+    Caution: with shuffle=True, lhotse's ``drop_last`` drops the incomplete batch of *every*
+    bucket, which on a 10-minute labeled set can drop most (or all) cuts; with drop_last=False
+    DDP ranks still get equal batch counts (lhotse redistributes, duplicating at most a few cuts).
+    """
+    sampler = make_sampler(cuts, max_duration=max_duration, shuffle=shuffle, seed=seed,
+                           num_buckets=num_buckets, drop_last=drop_last, world_size=world_size,
+                           rank=rank, max_cuts=max_cuts)
+    dataset = SpeechDataset(input_type, tokenizer=tokenizer, normalize_waveform=normalize_waveform)
+    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
+                      persistent_workers=False)

@@ -1,0 +1,356 @@
+"""Lhotse manifests from a Kaldi-style corpus folder, with strict per-utterance validation.
+
+Each split folder holds ``wav.scp`` (``utt-id path``, a path relative to the split folder or
+absolute), an optional ``text`` (``utt-id WORDS``) and an optional ``utt2spk``. Every
+utterance that cannot be trained on is dropped with a reason, counted, logged and listed in
+``{corpus}_{split}_dropped.tsv`` -- never silently.
+"""
+
+import json
+import logging
+import multiprocessing
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import soundfile as sf
+from lhotse import CutSet, MonoCut, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+from lhotse.audio import AudioSource
+
+from sslasr.utils.io import atomic_path, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+LANGUAGE = "English"
+
+
+@dataclass
+class Dropped:
+    utt_id: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class KaldiSplit:
+    """The parsed files of one split folder (ordered like wav.scp)."""
+
+    wav: Dict[str, str]
+    text: Optional[Dict[str, str]]
+    speakers: Dict[str, str]
+    dropped: List[Dropped] = field(default_factory=list)
+
+
+@dataclass
+class AudioProbe:
+    """What reading one audio file fully told us; `reason` is set when it is unusable."""
+
+    utt_id: str
+    path: str
+    reason: Optional[str] = None
+    detail: str = ""
+    sampling_rate: int = 0
+    num_samples: int = 0
+    num_channels: int = 0
+
+
+# ------------------------------------------------------------------ Kaldi files
+def _read_table(path: Path) -> List[Tuple[str, str]]:
+    """`utt-id rest-of-line` pairs; the rest keeps inner spaces, blank lines are skipped."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.strip().split(maxsplit=1)
+        if parts:
+            rows.append((parts[0], parts[1].strip() if len(parts) > 1 else ""))
+    return rows
+
+
+def read_kaldi_split(split_dir: Path, max_utts: Optional[int] = None) -> KaldiSplit:
+    """Parse wav.scp/text/utt2spk; text-level problems are recorded as dropped utterances.
+
+    With `max_utts`, only the first N wav.scp entries are used (quick runs) and text lines of
+    the other utterances are ignored rather than reported as "text without audio".
+    """
+    split_dir = Path(split_dir)
+    wav: Dict[str, str] = {}
+    dropped: List[Dropped] = []
+    for utt_id, entry in _read_table(split_dir / "wav.scp"):
+        if utt_id in wav:
+            dropped.append(Dropped(utt_id, "duplicate_id", "repeated in wav.scp"))
+        elif entry.endswith("|") or not entry:
+            dropped.append(Dropped(utt_id, "unsupported_entry", f"not a file path: {entry!r}"))
+        else:
+            # os.path.abspath, not resolve(): keep symlinked corpus paths as the user gave them.
+            wav[utt_id] = os.path.abspath(os.path.join(split_dir, entry))
+    if max_utts is not None:
+        wav = dict(list(wav.items())[:max_utts])
+        dropped = [d for d in dropped if d.utt_id in wav]
+
+    text = None
+    if (split_dir / "text").exists():
+        text = {}
+        for utt_id, words in _read_table(split_dir / "text"):
+            if utt_id in wav:
+                text[utt_id] = " ".join(words.split())
+            elif max_utts is None:
+                dropped.append(Dropped(utt_id, "text_without_audio", "in text, not in wav.scp"))
+    speakers = dict(_read_table(split_dir / "utt2spk")) if (split_dir / "utt2spk").exists() else {}
+    return KaldiSplit(wav=wav, text=text, speakers=speakers, dropped=dropped)
+
+
+def _text_problem(utt_id: str, text: Optional[Dict[str, str]]) -> Optional[Dropped]:
+    """In a labelled split every utterance needs a non-empty transcript."""
+    if text is None:
+        return None
+    if utt_id not in text:
+        return Dropped(utt_id, "missing_text", "in wav.scp, not in text")
+    if not text[utt_id]:
+        return Dropped(utt_id, "empty_text", "empty transcript line")
+    return None
+
+
+# ------------------------------------------------------------------ audio checks
+def probe_audio(job: Tuple[str, str, float, float]) -> AudioProbe:
+    """Read a whole file and check it (runs in a worker process)."""
+    utt_id, path, min_duration, max_duration = job
+    probe = AudioProbe(utt_id, path)
+
+    def fail(reason: str, detail: str) -> AudioProbe:
+        probe.reason, probe.detail = reason, detail
+        return probe
+
+    if not os.path.isfile(path):
+        return fail("missing_audio", path)
+    if os.path.getsize(path) == 0:
+        return fail("empty_audio", "file has 0 bytes")
+    try:
+        data, sampling_rate = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises several types for corrupt/unknown files
+        return fail("unreadable_audio", f"{type(e).__name__}: {e}".replace("\t", " ").replace("\n", " "))
+    probe.sampling_rate, probe.num_samples, probe.num_channels = sampling_rate, data.shape[0], data.shape[1]
+    if data.shape[0] == 0:
+        return fail("empty_audio", "0 samples")
+    duration = data.shape[0] / sampling_rate
+    if duration < min_duration:
+        return fail("too_short", f"{duration:.3f}s < {min_duration}s")
+    if duration > max_duration:
+        return fail("too_long", f"{duration:.3f}s > {max_duration}s")
+    channel0 = data[:, 0]  # only channel 0 is used, so only it has to be clean
+    bad = int(np.count_nonzero(~np.isfinite(channel0)))
+    if bad:
+        return fail("non_finite", f"{bad} NaN/Inf samples")
+    if not np.any(channel0):
+        return fail("digital_silence", "all samples are exactly zero")
+    return probe
+
+
+def probe_all(jobs: List[Tuple[str, str, float, float]], num_jobs: int) -> List[AudioProbe]:
+    if num_jobs <= 1 or len(jobs) < 2:
+        return [probe_audio(j) for j in jobs]
+    with multiprocessing.Pool(num_jobs) as pool:
+        return pool.map(probe_audio, jobs, chunksize=max(1, len(jobs) // (8 * num_jobs)))
+
+
+def make_cut(probe: AudioProbe, text: Optional[str], speaker: Optional[str], sample_rate: int) -> MonoCut:
+    """One recording = one utterance = one cut on channel 0, resampled lazily if needed."""
+    recording = Recording(
+        id=probe.utt_id,
+        sources=[AudioSource(type="file", channels=list(range(probe.num_channels)), source=probe.path)],
+        sampling_rate=probe.sampling_rate,
+        num_samples=probe.num_samples,
+        duration=probe.num_samples / probe.sampling_rate,
+    )
+    supervision = SupervisionSegment(
+        id=probe.utt_id, recording_id=probe.utt_id, start=0.0, duration=recording.duration,
+        channel=0, text=text, speaker=speaker, language=LANGUAGE)
+    cut = MonoCut(id=probe.utt_id, start=0.0, duration=recording.duration, channel=0,
+                  recording=recording, supervisions=[supervision])
+    if probe.sampling_rate != sample_rate:
+        cut = cut.resample(sample_rate)  # stored as a transform: audio is resampled when loaded
+    return cut
+
+
+# ------------------------------------------------------------------ outputs
+def write_manifest(manifest, path: Path) -> None:
+    """Any lhotse manifest (RecordingSet, CutSet, ...) written atomically."""
+    with atomic_path(path) as tmp:
+        manifest.to_file(tmp)
+
+
+def write_cuts(cuts: CutSet, path: Path) -> None:
+    write_manifest(cuts, path)
+
+
+def _write_dropped(dropped: List[Dropped], path: Path) -> None:
+    lines = ["utt_id\treason\tdetail"] + [f"{d.utt_id}\t{d.reason}\t{d.detail}" for d in dropped]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _report(split: str, total: int, cuts: List[MonoCut], dropped: List[Dropped], probes: List[AudioProbe],
+            sample_rate: int) -> Dict:
+    kept_ids = {c.id for c in cuts}
+    kept_probes = [p for p in probes if p.utt_id in kept_ids]
+    return {
+        "split": split,
+        "total": total,
+        "kept": len(cuts),
+        "dropped": len(dropped),
+        "dropped_per_reason": dict(sorted(Counter(d.reason for d in dropped).items())),
+        "kept_duration_s": round(sum(c.duration for c in cuts), 3),
+        "resampled": sum(p.sampling_rate != sample_rate for p in kept_probes),
+        "multichannel_kept_channel0": sum(p.num_channels > 1 for p in kept_probes),
+        "sample_rate": sample_rate,
+    }
+
+
+def _log_report(corpus: str, report: Dict) -> None:
+    log.info("%s/%s: kept %d of %d utterances (%.1f min)", corpus, report["split"], report["kept"],
+             report["total"], report["kept_duration_s"] / 60)
+    for reason, count in report["dropped_per_reason"].items():
+        log.warning("%s/%s: dropped %d utterance(s): %s", corpus, report["split"], count, reason)
+    if report["resampled"]:
+        log.info("%s/%s: %d utterance(s) resampled on the fly to %d Hz", corpus, report["split"],
+                 report["resampled"], report["sample_rate"])
+        if not _can_resample():
+            log.error("lhotse resamples with torchaudio or scipy and neither is installed: "
+                      "loading those %d utterance(s) will fail (pip install scipy)", report["resampled"])
+    if report["multichannel_kept_channel0"]:
+        log.info("%s/%s: %d multi-channel utterance(s), keeping channel 0", corpus, report["split"],
+                 report["multichannel_kept_channel0"])
+
+
+def _can_resample() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) for name in ("torchaudio", "scipy"))
+
+
+# ------------------------------------------------------------------ one split
+def prepare_split(split_dir: Path, corpus: str, split: str, out_dir: Path, *, sample_rate: int = 16000,
+                  min_duration: float = 0.3, max_duration: float = 30.0, num_jobs: int = 2,
+                  max_utts: Optional[int] = None) -> Dict:
+    """Validate one split and write its manifests; returns the validation report.
+
+    Raises ValueError when no utterance survives (after writing the dropped list).
+    """
+    out_dir = Path(out_dir)
+    parsed = read_kaldi_split(split_dir, max_utts)
+    dropped = list(parsed.dropped)
+    to_probe = []
+    for utt_id, path in parsed.wav.items():
+        problem = _text_problem(utt_id, parsed.text)
+        if problem:
+            dropped.append(problem)
+        else:
+            to_probe.append((utt_id, path, min_duration, max_duration))
+
+    probes = probe_all(to_probe, num_jobs)
+    cuts = []
+    for probe in probes:
+        if probe.reason:
+            dropped.append(Dropped(probe.utt_id, probe.reason, probe.detail))
+            continue
+        text = parsed.text[probe.utt_id] if parsed.text is not None else None
+        cuts.append(make_cut(probe, text, parsed.speakers.get(probe.utt_id), sample_rate))
+
+    total = len({d.utt_id for d in dropped} | {c.id for c in cuts})
+    report = _report(split, total, cuts, dropped, probes, sample_rate)
+    _write_dropped(dropped, out_dir / f"{corpus}_{split}_dropped.tsv")
+    write_text_atomic(out_dir / f"{corpus}_{split}_validation.json", json.dumps(report, indent=2) + "\n")
+    _log_report(corpus, report)
+    if not cuts:
+        raise ValueError(f"{corpus}/{split}: all {total} utterances were dropped "
+                         f"({report['dropped_per_reason']}); see {out_dir}/{corpus}_{split}_dropped.tsv")
+
+    write_manifest(RecordingSet.from_recordings(c.recording for c in cuts),
+                   out_dir / f"{corpus}_recordings_{split}.jsonl.gz")
+    write_manifest(SupervisionSet.from_segments(c.supervisions[0] for c in cuts),
+                   out_dir / f"{corpus}_supervisions_{split}.jsonl.gz")
+    write_cuts(CutSet.from_cuts(cuts), out_dir / f"{corpus}_cuts_{split}.jsonl.gz")
+    return report
+
+
+def prepare_corpus(corpus_dir: Path, corpus: str, splits: Sequence[str], out_dir: Path, **kwargs) -> Dict[str, Dict]:
+    """Every requested split that exists under corpus_dir; missing ones are logged and skipped."""
+    reports = {}
+    for split in splits:
+        split_dir = Path(corpus_dir) / split
+        if not (split_dir / "wav.scp").exists():
+            log.info("%s: no %s/wav.scp, skipping split %s", corpus, split_dir, split)
+            continue
+        reports[split] = prepare_split(split_dir, corpus, split, out_dir, **kwargs)
+    if not reports:
+        raise ValueError(f"none of the splits {list(splits)} exist under {corpus_dir}")
+    return reports
+
+
+# ------------------------------------------------------------------ subsets
+def subset_by_duration(cuts: Iterable, seconds: float, seed: int) -> CutSet:
+    """Whole utterances, in a seeded random order, until their total reaches `seconds`.
+
+    The result keeps the manifest order. If the corpus is shorter, everything is returned.
+    """
+    cuts = list(cuts)
+    order = list(range(len(cuts)))
+    random.Random(seed).shuffle(order)
+    chosen, total = set(), 0.0
+    for index in order:
+        if total >= seconds:
+            break
+        chosen.add(index)
+        total += cuts[index].duration
+    if total < seconds:
+        log.warning("asked for %.1fs of audio but only %.1fs exist: using everything", seconds, total)
+    return CutSet.from_cuts(cuts[i] for i in sorted(chosen))
+
+
+def _speaker(cut) -> str:
+    speaker = cut.supervisions[0].speaker if cut.supervisions else None
+    return speaker if speaker is not None else cut.id  # no utt2spk: each utterance its own speaker
+
+
+def split_by_speaker(cuts: Iterable, fraction: float, seed: int) -> Tuple[CutSet, CutSet]:
+    """(rest, held_out): a seeded `fraction` of the speakers (at least one, never all) held out."""
+    cuts = list(cuts)
+    speakers = sorted({_speaker(c) for c in cuts})
+    if len(speakers) < 2:
+        raise ValueError(f"need at least 2 speakers to split by speaker, found {len(speakers)}")
+    random.Random(seed).shuffle(speakers)
+    num_held_out = min(len(speakers) - 1, max(1, round(fraction * len(speakers))))
+    held_out = set(speakers[:num_held_out])
+    rest = CutSet.from_cuts(c for c in cuts if _speaker(c) not in held_out)
+    dev = CutSet.from_cuts(c for c in cuts if _speaker(c) in held_out)
+    return rest, dev
+
+
+def derive_subsets(out_dir: Path, corpus: str, *, dev_fraction: Optional[float] = None,
+                   labeled_seconds: Optional[float] = None, seed: int = 0) -> Dict[str, Path]:
+    """Carve a by-speaker dev set out of train, then a labeled subset from what is left.
+
+    Order matters: the labeled subset is drawn after the dev speakers are removed, so the two
+    never overlap. With a dev carve the full train set is kept as ``*_cuts_train_full`` and
+    ``*_cuts_train`` becomes the remainder -- so call this right after preparing train.
+    """
+    out_dir = Path(out_dir)
+    train_path = out_dir / f"{corpus}_cuts_train.jsonl.gz"
+    written = {}
+    if dev_fraction:
+        full_path = out_dir / f"{corpus}_cuts_train_full.jsonl.gz"
+        write_cuts(CutSet.from_file(train_path), full_path)
+        rest, dev = split_by_speaker(CutSet.from_file(full_path), dev_fraction, seed)
+        write_cuts(dev, out_dir / f"{corpus}_cuts_dev.jsonl.gz")
+        write_cuts(rest, train_path)
+        log.info("%s: carved dev from train by speaker: %d dev / %d train cuts", corpus, len(dev), len(rest))
+        written.update(dev=out_dir / f"{corpus}_cuts_dev.jsonl.gz", train=train_path, train_full=full_path)
+    if labeled_seconds:
+        subset = subset_by_duration(CutSet.from_file(train_path), labeled_seconds, seed)
+        path = out_dir / f"{corpus}_cuts_train_labeled{int(labeled_seconds)}s.jsonl.gz"
+        write_cuts(subset, path)
+        log.info("%s: labeled subset of %.1fs (%d cuts) -> %s", corpus,
+                 sum(c.duration for c in subset), len(subset), path)
+        written["labeled"] = path
+    return written

@@ -1,0 +1,53 @@
+"""An ASR model = a frontend encoder (pretrained or not) + a head."""
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from sslasr.models.frontends import get_frontend
+from sslasr.models.heads.ctc import CtcHead
+
+
+class CtcAsrModel(nn.Module):
+    def __init__(self, encoder: nn.Module, vocab_size: int, head_cfg: Dict):
+        super().__init__()
+        self.encoder = encoder
+        self.head = CtcHead(encoder.output_dim, vocab_size, dropout=head_cfg.get("dropout", 0.0))
+        self.freeze_encoder = False  # set by the fine-tuning schedule
+
+    def encode(self, inputs: torch.Tensor, input_lens: torch.Tensor):
+        if self.freeze_encoder:
+            with torch.no_grad():
+                return self.encoder(inputs, input_lens)
+        return self.encoder(inputs, input_lens)
+
+    def forward(self, inputs: torch.Tensor, input_lens: torch.Tensor, tokens: List[List[int]]) -> torch.Tensor:
+        out = self.encode(inputs, input_lens)
+        return self.head.loss(out.hidden, out.lengths, tokens)
+
+    @torch.no_grad()
+    def greedy(self, inputs: torch.Tensor, input_lens: torch.Tensor) -> List[List[int]]:
+        out = self.encoder(inputs, input_lens)
+        return self.head.greedy(out.hidden, out.lengths)
+
+
+def build_asr_model(cfg: Dict, vocab_size: int) -> CtcAsrModel:
+    head = cfg.get("head", {"name": "ctc"})
+    if head.get("name", "ctc") != "ctc":
+        raise ValueError(f"unknown head {head.get('name')!r}; available: ctc")
+    frontend = get_frontend(cfg["frontend"])
+    return CtcAsrModel(frontend.build_encoder(cfg["frontend"]["encoder"]), vocab_size, head)
+
+
+def load_encoder_weights(model: CtcAsrModel, checkpoint: str) -> int:
+    """Copy `encoder.*` weights from a pretraining checkpoint; any mismatch is an error."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder_state:
+        raise ValueError(f"{checkpoint} holds no encoder.* weights")
+    result = model.encoder.load_state_dict(encoder_state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{checkpoint}: encoder weights do not match the configured encoder; "
+                         f"missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    return len(encoder_state)

@@ -1,0 +1,120 @@
+"""Transformer encoder used by wav2vec 2.0 / HuBERT (and, with a position bias, WavLM).
+
+Two layer orders, both from the papers' released models:
+  post-LN (BERT/base):  x = LN(x + MHA(x));  x = LN(x + FFN(x))
+  pre-LN  (large):      x = x + MHA(LN(x));  x = x + FFN(LN(x));  final LN after the stack
+Attention uses PyTorch's fused scaled_dot_product_attention.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from sslasr.models.blocks.positional import ConvPositionalEmbedding
+
+
+@dataclass
+class TransformerConfig:
+    dim: int = 768
+    layers: int = 12
+    heads: int = 12
+    ffn_dim: int = 3072
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    layer_norm_first: bool = False
+    layerdrop: float = 0.0
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+
+
+class MultiHeadSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B, T, C); attn_mask broadcastable to (B, H, T, T): bool keep-mask or additive bias."""
+        batch, time, dim = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, time, self.heads, dim // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, activation_dropout: float):
+        super().__init__()
+        self.intermediate = nn.Linear(dim, hidden)
+        self.output = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(activation_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.dropout(F.gelu(self.intermediate(x))))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.layer_norm_first = cfg.layer_norm_first
+        self.attention = MultiHeadSelfAttention(cfg.dim, cfg.heads, cfg.attention_dropout)
+        self.attention_norm = nn.LayerNorm(cfg.dim)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, cfg.activation_dropout)
+        self.final_norm = nn.LayerNorm(cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.layer_norm_first:
+            x = x + self.dropout(self.attention(self.attention_norm(x), attn_mask))
+            return x + self.dropout(self.feed_forward(self.final_norm(x)))
+        x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask)))
+        return self.final_norm(x + self.dropout(self.feed_forward(x)))
+
+
+class TransformerEncoder(nn.Module):
+    """Conv positional embedding + a stack of TransformerLayer with LayerDrop."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pos_conv = ConvPositionalEmbedding(cfg.dim, cfg.pos_conv_kernel, cfg.pos_conv_groups)
+        self.layer_norm = nn.LayerNorm(cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.layers))
+
+    def forward(
+        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, return_all: bool = False
+    ):
+        """x (B, T, C), padding_mask (B, T) True=pad. Returns the last layer output, or with
+        return_all the list [input to layer 1, output of layer 1, ..., final output]."""
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        x = x + self.pos_conv(x)
+        if not self.cfg.layer_norm_first:
+            x = self.layer_norm(x)
+        x = self.dropout(x)
+        attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        states: List[torch.Tensor] = [x]
+        for layer in self.layers:
+            if self.training and self.cfg.layerdrop > 0 and torch.rand(()) < self.cfg.layerdrop:
+                continue
+            x = layer(x, attn_mask)
+            states.append(x)
+        if self.cfg.layer_norm_first:
+            x = self.layer_norm(x)
+            states[-1] = x
+        return states if return_all else x

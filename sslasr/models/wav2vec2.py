@@ -1,0 +1,210 @@
+"""wav2vec 2.0 (Baevski et al., 2020): encoder and self-supervised pretraining objective.
+
+    X --conv feature encoder--> Z --mask spans, Transformer--> C
+    Z --Gumbel product quantizer--> Q
+For a masked frame t the context c_t must pick its quantized latent q_t among K distractors
+drawn from other masked frames of the same utterance:
+    L_m = −log  exp(sim(c_t, q_t)/κ) / Σ_{q̃ ∈ {q_t} ∪ Q_t} exp(sim(c_t, q̃)/κ),   sim = cosine
+    L   = L_m + α·L_d + λ·mean(z²)          (α = 0.1 diversity, λ = 10 feature penalty)
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from sslasr.models.blocks.conv_extractor import ConvFeatureExtractor, lengths_to_padding_mask, scale_grad
+from sslasr.models.blocks.masking import channel_mask, span_mask
+from sslasr.models.blocks.quantizer import GumbelProductQuantizer
+from sslasr.models.blocks.transformer import TransformerConfig, TransformerEncoder
+
+BASE_CONV_LAYERS = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+
+
+@dataclass
+class MaskConfig:
+    """Span masking of time frames and (fine-tuning only) of feature channels."""
+
+    time_prob: float = 0.0
+    time_length: int = 10
+    time_min_masks: int = 2
+    channel_prob: float = 0.0
+    channel_length: int = 64
+
+
+@dataclass
+class Wav2Vec2EncoderConfig:
+    conv_layers: List[List[int]] = field(default_factory=lambda: [list(l) for l in BASE_CONV_LAYERS])
+    conv_norm: str = "group"
+    conv_bias: bool = False
+    feature_grad_mult: float = 1.0
+    dropout_input: float = 0.1
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)  # applied in training when > 0
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "Wav2Vec2EncoderConfig":
+        d = dict(d)
+        d["transformer"] = TransformerConfig(**d.get("transformer", {}))
+        d["mask"] = MaskConfig(**d.get("mask", {}))
+        return cls(**d)
+
+
+@dataclass
+class EncoderOutput:
+    hidden: torch.Tensor                 # (B, T, D) last layer
+    lengths: torch.Tensor                # (B,) valid frames
+    padding_mask: torch.Tensor           # (B, T) True = pad
+    layers: Optional[List[torch.Tensor]] = None  # all layer outputs when requested
+
+
+class Wav2Vec2Encoder(nn.Module):
+    """Feature encoder + projection + masked-span embedding + Transformer context network."""
+
+    frame_shift_samples: int
+
+    def __init__(self, cfg: Wav2Vec2EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.feature_extractor = ConvFeatureExtractor(cfg.conv_layers, cfg.conv_norm, cfg.conv_bias)
+        conv_dim, dim = self.feature_extractor.output_dim, cfg.transformer.dim
+        self.feature_norm = nn.LayerNorm(conv_dim)
+        self.feature_projection = nn.Linear(conv_dim, dim)
+        self.dropout_input = nn.Dropout(cfg.dropout_input)
+        self.mask_embedding = nn.Parameter(torch.empty(dim).uniform_())
+        self.transformer = TransformerEncoder(cfg.transformer)
+        self.output_dim = dim
+        self.frame_shift_samples = 1
+        for stride in self.feature_extractor.strides:
+            self.frame_shift_samples *= stride
+
+    def features(self, waveform: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents z: (B, T, C) before LayerNorm, their lengths, and the padding mask."""
+        z = self.feature_extractor(waveform)
+        z = scale_grad(z, self.cfg.feature_grad_mult).transpose(1, 2)
+        frame_lengths = self.feature_extractor.output_lengths(lengths)
+        return z, frame_lengths, lengths_to_padding_mask(frame_lengths, z.shape[1])
+
+    def contextualize(self, projected: torch.Tensor, padding_mask: torch.Tensor,
+                      time_mask: Optional[torch.Tensor], return_all: bool = False):
+        """Replace masked frames by the learned mask embedding, run the Transformer."""
+        if time_mask is not None:
+            projected = torch.where(time_mask.unsqueeze(-1), self.mask_embedding.to(projected.dtype), projected)
+        return self.transformer(projected, padding_mask, return_all=return_all)
+
+    def forward(self, waveform: torch.Tensor, lengths: torch.Tensor, return_all: bool = False) -> EncoderOutput:
+        """Encode for downstream heads. In training, applies the configured fine-tuning masks
+        (time spans with the mask embedding, feature channels zeroed)."""
+        z, frame_lengths, padding_mask = self.features(waveform, lengths)
+        x = self.dropout_input(self.feature_projection(self.feature_norm(z)))
+        time_mask = None
+        mask = self.cfg.mask
+        if self.training and mask.time_prob > 0:
+            time_mask = span_mask(frame_lengths, x.shape[1], mask.time_prob, mask.time_length, mask.time_min_masks)
+        if self.training and mask.channel_prob > 0:
+            dropped = channel_mask(x.shape[0], x.shape[2], mask.channel_prob, mask.channel_length).to(x.device)
+            x = x.masked_fill(dropped.unsqueeze(1), 0.0)
+        out = self.contextualize(x, padding_mask, time_mask, return_all)
+        if return_all:
+            return EncoderOutput(out[-1], frame_lengths, padding_mask, out)
+        return EncoderOutput(out, frame_lengths, padding_mask)
+
+
+@dataclass
+class Wav2Vec2PretrainConfig:
+    mask: MaskConfig = field(default_factory=lambda: MaskConfig(time_prob=0.65, time_length=10))
+    quantizer_groups: int = 2
+    quantizer_entries: int = 320
+    quantizer_dim: int = 256
+    quantizer_temperature: Sequence[float] = (2.0, 0.5, 0.999995)
+    final_dim: int = 256
+    num_negatives: int = 100
+    logit_temperature: float = 0.1
+    diversity_weight: float = 0.1
+    feature_penalty_weight: float = 10.0
+    dropout_features: float = 0.1
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "Wav2Vec2PretrainConfig":
+        d = dict(d)
+        d["mask"] = MaskConfig(**d.get("mask", {}))
+        return cls(**d)
+
+
+def sample_negatives(counts: torch.Tensor, num_negatives: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """For each of the Σ counts masked frames (utterances laid out consecutively), draw
+    `num_negatives` indices of *other* masked frames of the same utterance, uniformly with
+    replacement. Returns (N, K) indices into the flattened masked frames."""
+    offsets = torch.cumsum(counts, 0) - counts
+    utt = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    local = torch.arange(int(counts.sum()), device=counts.device) - offsets[utt]
+    others = (counts[utt] - 1).clamp(min=1).unsqueeze(1)
+    draw = (torch.rand(len(utt), num_negatives, generator=generator).to(counts.device) * others).long()
+    draw = draw + (draw >= local.unsqueeze(1)).long()  # skip the positive itself
+    return offsets[utt].unsqueeze(1) + draw
+
+
+def contrastive_logits(context: torch.Tensor, targets: torch.Tensor, negative_idx: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """context, targets (N, D); negative_idx (N, K) → logits (N, 1 + K), the positive first.
+    A distractor identical to the positive (same code) cannot be told apart: its logit is −inf."""
+    negatives = targets[negative_idx]                                   # (N, K, D)
+    candidates = torch.cat([targets.unsqueeze(1), negatives], dim=1)     # (N, 1+K, D)
+    logits = F.cosine_similarity(context.unsqueeze(1).float(), candidates.float(), dim=-1) / temperature
+    same_as_positive = (negatives == targets.unsqueeze(1)).all(-1)
+    logits[:, 1:] = logits[:, 1:].masked_fill(same_as_positive, float("-inf"))
+    return logits
+
+
+class Wav2Vec2Pretrainer(nn.Module):
+    """Encoder + quantizer + projections; forward returns the loss and its terms."""
+
+    def __init__(self, encoder_cfg: Wav2Vec2EncoderConfig, cfg: Wav2Vec2PretrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Wav2Vec2Encoder(encoder_cfg)
+        conv_dim = self.encoder.feature_extractor.output_dim
+        self.dropout_features = nn.Dropout(cfg.dropout_features)
+        self.quantizer = GumbelProductQuantizer(conv_dim, cfg.quantizer_groups, cfg.quantizer_entries,
+                                                cfg.quantizer_dim, tuple(cfg.quantizer_temperature))
+        self.project_q = nn.Linear(cfg.quantizer_dim, cfg.final_dim)
+        self.final_proj = nn.Linear(encoder_cfg.transformer.dim, cfg.final_dim)
+
+    def set_num_updates(self, num_updates: int) -> None:
+        self.quantizer.set_num_updates(num_updates)
+
+    def forward(self, waveform: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        enc, cfg = self.encoder, self.cfg
+        z, frame_lengths, padding_mask = enc.features(waveform, lengths)
+        feature_penalty = z.float().pow(2).mean()
+        z = enc.feature_norm(z)
+        x = enc.dropout_input(enc.feature_projection(z))
+        time_mask = span_mask(frame_lengths, x.shape[1], cfg.mask.time_prob, cfg.mask.time_length,
+                              cfg.mask.time_min_masks)
+        context = enc.contextualize(x, padding_mask, time_mask)
+
+        q = self.quantizer(self.dropout_features(z)[time_mask])
+        targets = self.project_q(q.quantized)
+        predictions = self.final_proj(context[time_mask])
+        negative_idx = sample_negatives(time_mask.sum(1), cfg.num_negatives)
+        logits = contrastive_logits(predictions, targets, negative_idx, cfg.logit_temperature)
+        target_idx = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+        contrastive = F.cross_entropy(logits, target_idx)
+        loss = contrastive + cfg.diversity_weight * q.diversity_loss + cfg.feature_penalty_weight * feature_penalty
+
+        with torch.no_grad():
+            accuracy = (logits.argmax(-1) == 0).float().mean()
+        stats = {
+            "loss": loss.item(),
+            "contrastive": contrastive.item(),
+            "diversity": q.diversity_loss.item(),
+            "feature_penalty": feature_penalty.item(),
+            "accuracy": accuracy.item(),
+            "code_perplexity": q.code_perplexity.item(),
+            "prob_perplexity": q.prob_perplexity.item(),
+            "temperature": self.quantizer.temperature,
+            "masked_frames": float(len(logits)),
+        }
+        return loss, stats

@@ -1,0 +1,386 @@
+"""Word error rate scoring, icefall-style error files, and the results table.
+
+Results flow:  decode -> ``score_corpus`` -> ``write_errors_file`` + ``append_result``
+(one JSON line per scored run in ``exp/results.jsonl``) -> ``render_results_md``
+(RESULTS.md, regenerated from the jsonl, never edited by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import kaldialign
+
+from sslasr.utils.io import PathLike, append_line, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+EPS = "*"  # how an empty side of an alignment pair is shown (icefall / Kaldi convention)
+
+REQUIRED_RESULT_KEYS = (
+    "corpus", "test_set", "frontend", "head", "decoding", "lm_weight", "labeled_seconds",
+    "pretrained", "generation", "wer", "sub", "del", "ins", "num_words", "num_utts", "command",
+)  # fmt: skip
+
+# Two result rows with equal values for these (plus "exp" when present) describe the same
+# experiment; in RESULTS.md the later line of the jsonl replaces the earlier one.
+DEDUP_KEYS = (
+    "corpus", "test_set", "frontend", "head", "decoding", "lm_weight", "labeled_seconds",
+    "pretrained", "generation",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- counting
+
+
+@dataclass(frozen=True)
+class ErrorCounts:
+    sub: int = 0
+    dels: int = 0
+    ins: int = 0
+    ref_words: int = 0
+
+    @property
+    def corr(self) -> int:
+        return self.ref_words - self.sub - self.dels
+
+    @property
+    def errors(self) -> int:
+        return self.sub + self.dels + self.ins
+
+    @property
+    def wer(self) -> float:
+        """WER in percent. With no reference words it is 0 if nothing was inserted, else inf."""
+        if self.ref_words == 0:
+            return 0.0 if self.errors == 0 else math.inf
+        return 100.0 * self.errors / self.ref_words
+
+    def __add__(self, other: "ErrorCounts") -> "ErrorCounts":
+        return ErrorCounts(
+            self.sub + other.sub,
+            self.dels + other.dels,
+            self.ins + other.ins,
+            self.ref_words + other.ref_words,
+        )
+
+    def wer_line(self) -> str:
+        """Kaldi compute-wer style summary line."""
+        return (
+            f"%WER {self.wer:.2f} [ {self.errors} / {self.ref_words}, "
+            f"{self.ins} ins, {self.dels} del, {self.sub} sub ]"
+        )
+
+
+# An alignment pair is (ref_word, hyp_word); None marks the empty side (ins / del).
+AlignPair = tuple[Optional[str], Optional[str]]
+
+
+def align_words(ref_words: Sequence[str], hyp_words: Sequence[str]) -> list[AlignPair]:
+    """Levenshtein alignment via kaldialign, with None on the empty side of a pair."""
+    eps = EPS
+    if EPS in ref_words or EPS in hyp_words:
+        # A real word "*" would be confused with the epsilon: align with a symbol no word uses.
+        eps = "<eps>" + "_" * max(len(w) for w in [*ref_words, *hyp_words])
+    pairs = kaldialign.align(list(ref_words), list(hyp_words), eps)
+    return [(None if r == eps else r, None if h == eps else h) for r, h in pairs]
+
+
+def counts_from_alignment(pairs: Iterable[AlignPair]) -> ErrorCounts:
+    sub = dels = ins = ref_words = 0
+    for ref, hyp in pairs:
+        if ref is None:
+            ins += 1
+            continue
+        ref_words += 1
+        if hyp is None:
+            dels += 1
+        elif hyp != ref:
+            sub += 1
+    return ErrorCounts(sub=sub, dels=dels, ins=ins, ref_words=ref_words)
+
+
+def align_counts(ref_words: Sequence[str], hyp_words: Sequence[str]) -> ErrorCounts:
+    return counts_from_alignment(align_words(ref_words, hyp_words))
+
+
+@dataclass
+class UttResult:
+    utt_id: str
+    ref: list[str]
+    hyp: list[str]
+    alignment: list[AlignPair]
+    counts: ErrorCounts
+    missing_hyp: bool = False  # no hypothesis at all (scored as all deletions)
+
+
+def score_corpus(
+    refs: dict[str, str], hyps: dict[str, str]
+) -> tuple[ErrorCounts, list[UttResult]]:
+    """Score every reference utterance; words are whitespace-split, compared as given.
+
+    A reference without a hypothesis is scored as all deletions and logged (a decoder that
+    silently drops utterances must not look better). A hypothesis without a reference is a
+    data error and raises. Per-utterance results are sorted by utterance id.
+    """
+    unknown = sorted(set(hyps) - set(refs))
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} hypothesis utterance(s) have no reference, e.g. {unknown[:5]}"
+        )
+    missing = sorted(set(refs) - set(hyps))
+    if missing:
+        logger.warning(
+            "%d of %d utterances have no hypothesis; scored as all deletions, e.g. %s",
+            len(missing), len(refs), missing[:5],
+        )  # fmt: skip
+
+    total = ErrorCounts()
+    per_utt = []
+    for utt_id in sorted(refs):
+        ref = refs[utt_id].split()
+        hyp = hyps.get(utt_id, "").split()
+        alignment = align_words(ref, hyp)
+        counts = counts_from_alignment(alignment)
+        per_utt.append(UttResult(utt_id, ref, hyp, alignment, counts, utt_id not in hyps))
+        total = total + counts
+    return total, per_utt
+
+
+# --------------------------------------------------------------------------- errors file
+
+
+def format_alignment(pairs: Iterable[AlignPair]) -> str:
+    """icefall style: correct words as-is, errors as ``(ref->hyp)`` with ``*`` for nothing."""
+    out = []
+    for ref, hyp in pairs:
+        if ref == hyp:
+            out.append(ref)
+        else:
+            out.append(f"({EPS if ref is None else ref}->{EPS if hyp is None else hyp})")
+    return " ".join(out)
+
+
+def _error_tallies(per_utt: Sequence[UttResult]) -> tuple[Counter, Counter, Counter]:
+    subs: Counter = Counter()
+    dels: Counter = Counter()
+    ins: Counter = Counter()
+    for utt in per_utt:
+        for ref, hyp in utt.alignment:
+            if ref is None:
+                ins[hyp] += 1
+            elif hyp is None:
+                dels[ref] += 1
+            elif ref != hyp:
+                subs[f"{ref} -> {hyp}"] += 1
+    return subs, dels, ins
+
+
+def _most_frequent_first(counter: Counter) -> list[str]:
+    # Ties broken alphabetically so the file is deterministic.
+    items = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [f"{count}\t{item}" for item, count in items]
+
+
+def write_errors_file(path: PathLike, per_utt: Sequence[UttResult]) -> ErrorCounts:
+    """Write an icefall-style per-utterance error report atomically; return the totals."""
+    total = sum((u.counts for u in per_utt), ErrorCounts())
+    num_missing = sum(u.missing_hyp for u in per_utt)
+    lines = [
+        total.wer_line(),
+        f"Errors: {total.ins} insertions, {total.dels} deletions, {total.sub} substitutions, "
+        f"over {total.ref_words} reference words ({total.corr} correct)",
+        f"Utterances: {len(per_utt)}, of which {num_missing} had no hypothesis "
+        "(scored as all deletions)",
+        "Search below for sections starting with PER-UTT DETAILS:, SUBSTITUTIONS:, "
+        "DELETIONS:, INSERTIONS:",
+        "",
+        "PER-UTT DETAILS: corr or (ref->hyp)",
+    ]
+    for utt in per_utt:
+        missing_note = "  (MISSING: no hypothesis)" if utt.missing_hyp else ""
+        lines += [
+            f"{utt.utt_id}:\tref={utt.ref!r}",
+            f"{utt.utt_id}:\thyp={utt.hyp!r}{missing_note}",
+            f"{utt.utt_id}:\t{format_alignment(utt.alignment)}",
+        ]
+    subs, dels, ins = _error_tallies(per_utt)
+    for title, counter in (
+        ("SUBSTITUTIONS: count ref -> hyp", subs),
+        ("DELETIONS: count ref", dels),
+        ("INSERTIONS: count hyp", ins),
+    ):
+        lines += ["", title, *_most_frequent_first(counter)]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return total
+
+
+# --------------------------------------------------------------------------- results jsonl
+
+
+def missing_result_keys(keys: Iterable[str]) -> list[str]:
+    present = set(keys)
+    return [k for k in REQUIRED_RESULT_KEYS if k not in present]
+
+
+def append_result(results_jsonl: PathLike, row: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``row``, stamp it, and append it as one JSON line. Returns the written row."""
+    missing = missing_result_keys(row)
+    if missing:
+        raise ValueError(f"results row is missing required key(s): {', '.join(missing)}")
+    wer = row["wer"]
+    if not isinstance(wer, (int, float)) or not math.isfinite(wer):
+        raise ValueError(f"results row has a non-finite or non-numeric wer: {wer!r}")
+    row = dict(row)
+    row.setdefault("timestamp", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    append_line(results_jsonl, json.dumps(row, ensure_ascii=False, allow_nan=False))
+    return row
+
+
+def read_results(results_jsonl: PathLike) -> list[dict[str, Any]]:
+    """All rows of a results jsonl, in file order. Blank lines are ignored; anything else
+    that is not a JSON object with the required keys raises, naming the line."""
+    rows = []
+    text = Path(results_jsonl).read_text(encoding="utf-8")
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{results_jsonl}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: malformed JSON line: {err}") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        missing = missing_result_keys(row)
+        if missing:
+            raise ValueError(f"{where}: row is missing required key(s): {', '.join(missing)}")
+        rows.append(row)
+    return rows
+
+
+def dedup_latest(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep one row per experiment key; a later row replaces an earlier one."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        key_fields = [row.get(k) for k in DEDUP_KEYS] + [row.get("exp")]
+        latest[json.dumps(key_fields, sort_keys=True)] = row
+    return list(latest.values())
+
+
+# --------------------------------------------------------------------------- RESULTS.md
+
+
+def human_duration(seconds: Optional[float]) -> str:
+    """1800 -> '30 min', 3600 -> '1 h', 5400 -> '1.5 h', None -> 'all'."""
+    if seconds is None:
+        return "all"
+    if seconds >= 3600:
+        return f"{round(seconds / 3600, 2):g} h"
+    if seconds >= 60:
+        return f"{round(seconds / 60, 2):g} min"
+    return f"{seconds:g} s"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value).replace("|", "\\|")  # a bare | would split the markdown cell
+
+
+def _sort_key(value: Any) -> tuple:
+    # Mixed None / numbers / strings across rows must still sort: None first, numbers
+    # numerically, everything else as text.
+    if value is None:
+        return (0, 0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, value, "")
+    return (2, 0, str(value))
+
+
+def _row_order(row: dict[str, Any]) -> tuple:
+    fields = ("labeled_seconds", "frontend", "pretrained", "head", "decoding", "lm_weight",
+              "generation", "exp")  # fmt: skip
+    return tuple(_sort_key(row.get(f)) for f in fields)
+
+
+COLUMNS = (
+    ("frontend", "frontend", _cell),
+    ("pretrained", "pretrained", _cell),
+    ("head", "head", _cell),
+    ("decoding", "decoding", _cell),
+    ("LM weight", "lm_weight", _cell),
+    ("labeled", "labeled_seconds", human_duration),
+    ("generation", "generation", _cell),
+    ("WER %", "wer", lambda w: f"{w:.2f}"),
+    ("sub", "sub", _cell),
+    ("del", "del", _cell),
+    ("ins", "ins", _cell),
+    ("#words", "num_words", _cell),
+)
+
+
+def _fence_for(text: str) -> str:
+    """A backtick fence longer than any backtick run inside ``text``."""
+    longest = run = 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    return "`" * max(3, longest + 1)
+
+
+def _render_table(rows: list[dict[str, Any]]) -> list[str]:
+    with_exp = any("exp" in r for r in rows)
+    headers = ["#"] + [h for h, _, _ in COLUMNS] + (["exp"] if with_exp else [])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for i, row in enumerate(rows, start=1):
+        cells = [str(i)] + [fmt(row.get(key)) for _, key, fmt in COLUMNS]
+        if with_exp:
+            cells.append(_cell(row.get("exp")))
+        lines.append("| " + " | ".join(cells) + " |")
+
+    # icefall keeps the exact command next to each number; "# n" ties it to the table row.
+    commands = "\n".join(f"# {i}\n{row['command']}" for i, row in enumerate(rows, start=1))
+    fence = _fence_for(commands)
+    return lines + ["", "Commands (by row number):", "", f"{fence}bash", commands, fence]
+
+
+def render_results_md(
+    results_jsonl: PathLike, out_md: PathLike, title: str = "Results"
+) -> str:
+    """Regenerate RESULTS.md from the results jsonl: one table per (corpus, test set),
+    latest row per experiment. Written atomically; the markdown is also returned."""
+    rows = dedup_latest(read_results(results_jsonl))
+    lines = [
+        f"# {title}",
+        "",
+        f"Generated by `python -m sslasr.bin.render_results` from {results_jsonl} "
+        "— do not edit by hand.",
+    ]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((str(row["corpus"]), str(row["test_set"])), []).append(row)
+
+    current_corpus = None
+    for corpus, test_set in sorted(groups):
+        if corpus != current_corpus:
+            lines += ["", f"## {corpus}"]
+            current_corpus = corpus
+        table_rows = sorted(groups[(corpus, test_set)], key=_row_order)
+        lines += ["", f"### {test_set}", "", *_render_table(table_rows)]
+    if not rows:
+        lines += ["", "_No results yet._"]
+
+    text = "\n".join(lines) + "\n"
+    write_text_atomic(out_md, text)
+    return text

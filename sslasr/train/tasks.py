@@ -1,0 +1,127 @@
+"""Stage tasks for the trainer: SSL pretraining of a frontend, and ASR fine-tuning."""
+
+import logging
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from sslasr.data.loader import load_cuts, make_dataloader
+from sslasr.data.tokenizer import Tokenizer
+from sslasr.models.asr import build_asr_model, load_encoder_weights
+from sslasr.models.frontends import get_frontend
+from sslasr.scoring import align_counts
+from sslasr.train.distributed import DistInfo
+
+log = logging.getLogger(__name__)
+
+
+class _DataMixin:
+    """Train/valid loaders from the `data` section of the config."""
+
+    cfg: Dict
+    input_type: str
+    tokenizer: Optional[Tokenizer] = None
+
+    def _loader(self, cuts_path: str, dist: DistInfo, train: bool):
+        data = self.cfg["data"]
+        return make_dataloader(
+            load_cuts(cuts_path), input_type=self.input_type,
+            max_duration=data["max_duration"] if train else data.get("valid_max_duration", data["max_duration"]),
+            shuffle=train, seed=self.cfg["trainer"].get("seed", 0), num_buckets=data.get("num_buckets", 10),
+            num_workers=data.get("num_workers", 0), tokenizer=self.tokenizer, drop_last=False,
+            world_size=dist.world_size, rank=dist.rank)
+
+    def train_dataloader(self, dist: DistInfo):
+        return self._loader(self.cfg["data"]["train_cuts"], dist, train=True)
+
+    def valid_dataloader(self, dist: DistInfo):
+        path = self.cfg["data"].get("valid_cuts")
+        return self._loader(path, dist, train=False) if path else None
+
+
+class PretrainTask(_DataMixin):
+    """Self-supervised pretraining of the configured frontend on unlabeled audio."""
+
+    def __init__(self, cfg: Dict):
+        self.cfg = cfg
+        frontend = get_frontend(cfg["frontend"])
+        self.input_type = frontend.input_type
+        self.model = frontend.build_pretrainer(cfg["frontend"]["encoder"], cfg["pretrain"])
+        self.collapse_perplexity = cfg["pretrain"].get("collapse_warning_perplexity", 0.0)
+        self._collapse_warned = False
+
+    def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:
+        loss, stats = model(batch["inputs"], batch["input_lens"])
+        self._check_collapse(stats)
+        return loss, stats, stats["masked_frames"]
+
+    def _check_collapse(self, stats: Dict[str, float]) -> None:
+        """Codebook collapse (few codes used) makes the contrastive task trivial; say so once."""
+        if self.collapse_perplexity and stats["code_perplexity"] < self.collapse_perplexity and not self._collapse_warned:
+            log.warning("codebook perplexity %.1f is below %.1f: the quantizer may be collapsing "
+                        "(raise diversity_weight or the Gumbel temperature)", stats["code_perplexity"],
+                        self.collapse_perplexity)
+            self._collapse_warned = True
+
+    def on_update(self, model: nn.Module, num_updates: int) -> None:
+        model.set_num_updates(num_updates)
+
+    def validate(self, model: nn.Module, loader) -> Dict[str, float]:
+        totals: Dict[str, float] = {"weight": 0.0}
+        for batch in loader:
+            _, stats = model(batch["inputs"], batch["input_lens"])
+            weight = stats["masked_frames"]
+            for key in ("loss", "contrastive", "accuracy", "code_perplexity"):
+                totals[key] = totals.get(key, 0.0) + stats[key] * weight
+            totals["weight"] += weight
+        return totals
+
+
+class AsrFinetuneTask(_DataMixin):
+    """Supervised training of encoder + head; the encoder pretrained (init_from) or not."""
+
+    def __init__(self, cfg: Dict):
+        self.cfg = cfg
+        self.tokenizer = Tokenizer(cfg["data"]["tokenizer"])
+        frontend = get_frontend(cfg["frontend"])
+        self.input_type = frontend.input_type
+        self.model = build_asr_model(cfg, self.tokenizer.vocab_size)
+        ft = cfg.get("finetune", {})
+        if ft.get("init_from"):
+            count = load_encoder_weights(self.model, ft["init_from"])
+            log.info("initialised %d encoder tensors from %s", count, ft["init_from"])
+        if ft.get("freeze_feature_extractor", False):
+            for p in self.model.encoder.feature_extractor.parameters():
+                p.requires_grad_(False)
+        self.freeze_encoder_updates = ft.get("freeze_encoder_updates", 0)
+
+    def on_update(self, model: nn.Module, num_updates: int) -> None:
+        model.freeze_encoder = num_updates < self.freeze_encoder_updates
+
+    def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:
+        loss_sum = model(batch["inputs"], batch["input_lens"], batch["tokens"])
+        num_tokens = float(sum(len(t) for t in batch["tokens"]))
+        loss = loss_sum / max(1.0, num_tokens)
+        return loss, {"loss": loss.item(), "utterances": float(len(batch["tokens"]))}, num_tokens
+
+    def validate(self, model: nn.Module, loader) -> Dict[str, float]:
+        totals = {"loss": 0.0, "weight": 0.0, "errors": 0.0, "ref_words": 0.0}
+        for batch in loader:
+            totals["loss"] += float(model(batch["inputs"], batch["input_lens"], batch["tokens"]))
+            totals["weight"] += float(sum(len(t) for t in batch["tokens"]))
+            for hyp, ref in zip(model.greedy(batch["inputs"], batch["input_lens"]), batch["texts"]):
+                counts = align_counts(ref.split(), self.tokenizer.decode(hyp).split())
+                totals["errors"] += counts.errors
+                totals["ref_words"] += counts.ref_words
+        return totals
+
+
+TASKS = {"pretrain": PretrainTask, "asr": AsrFinetuneTask}
+
+
+def build_task(cfg: Dict):
+    name = cfg.get("task")
+    if name not in TASKS:
+        raise ValueError(f"config 'task' must be one of {sorted(TASKS)}, got {name!r}")
+    return TASKS[name](cfg)

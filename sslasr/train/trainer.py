@@ -1,0 +1,342 @@
+"""The one training loop every stage uses (SSL pretraining, fine-tuning, LM, students).
+
+What it guarantees:
+  * gradient accumulation (`accum_grad` micro-batches per update) to emulate large batches;
+  * DDP under torchrun, each rank reading its own shard of the lhotse sampler;
+  * an update whose loss or gradient norm is NaN/Inf is skipped on every rank alike (the
+    decision is all-reduced), counted and logged;
+  * atomic checkpoints every `checkpoint_every` updates holding everything a resumed run
+    needs (model, optimizer, scaler, position in the epoch, every rank's RNG state), so a
+    rerun after a kill continues exactly where the last checkpoint left off;
+  * TensorBoard scalars and a tqdm bar on rank 0.
+"""
+
+import logging
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Protocol, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from sslasr.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
+from sslasr.train.schedules import build_lr_scale
+from sslasr.utils.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+# Test hook: exit abruptly (like SIGKILL, no cleanup) right after this many updates.
+_EXIT_AFTER_ENV = "SSLASR_DEBUG_EXIT_AFTER_UPDATES"
+
+
+class Task(Protocol):
+    """What a stage supplies to the trainer."""
+
+    model: nn.Module
+
+    def train_dataloader(self, dist: DistInfo) -> DataLoader: ...
+
+    def valid_dataloader(self, dist: DistInfo) -> Optional[DataLoader]: ...
+
+    def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:
+        """Loss to back-propagate (already normalised), stats to log, and their weight."""
+
+    def on_update(self, model: nn.Module, num_updates: int) -> None: ...
+
+    def validate(self, model: nn.Module, loader: DataLoader) -> Dict[str, float]: ...
+
+
+class SkipBatches(Sampler):
+    """Wraps a lhotse sampler and drops the first `skip` batches of the epoch: with the same
+    seed and epoch the sampler is deterministic, so this lands exactly where a killed run was."""
+
+    def __init__(self, sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        iterator = iter(self.sampler)
+        for _ in range(self.skip):
+            if next(iterator, None) is None:
+                break
+        return iterator
+
+    def __len__(self):  # pragma: no cover - lhotse samplers have no length
+        raise TypeError("lhotse samplers have no length")
+
+
+class Trainer:
+    def __init__(self, cfg: Dict, task: Task, exp_dir: Path, dist: DistInfo):
+        self.cfg, self.task, self.dist = cfg, task, dist
+        self.exp_dir = Path(exp_dir)
+        tcfg = cfg["trainer"]
+        self.max_updates: int = tcfg["max_updates"]
+        self.accum_grad: int = tcfg.get("accum_grad", 1)
+        self.clip_grad_norm: float = tcfg.get("clip_grad_norm", 0.0)
+        self.log_every: int = tcfg.get("log_every", 50)
+        self.valid_every: int = tcfg.get("valid_every", 0)
+        self.checkpoint_every: int = tcfg.get("checkpoint_every", 500)
+        self.amp = tcfg.get("amp", "none")
+        self.checkpoint_path = self.exp_dir / "checkpoint_last.pt"
+
+        self.model = task.model.to(dist.device)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        ocfg = cfg["optim"]
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=ocfg["lr"], betas=tuple(ocfg.get("betas", (0.9, 0.98))),
+            eps=ocfg.get("eps", 1e-6), weight_decay=ocfg.get("weight_decay", 0.01))
+        self.peak_lr = ocfg["lr"]
+        self.lr_scale = build_lr_scale(cfg.get("scheduler", {}), self.max_updates)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp == "fp16")
+        self.wrapped = self.model
+        if dist.is_distributed:
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                find_unused_parameters=tcfg.get("find_unused_parameters", True))
+
+        self.num_updates = 0
+        self.epoch = 0
+        self.batches_done = 0  # micro-batches of the current epoch already consumed
+        self.skipped_updates = 0
+        self.best_valid: Optional[float] = None
+        self.writer = None
+
+    # ------------------------------------------------------------------ state
+    def _rng_state(self) -> Dict:
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    @staticmethod
+    def _set_rng_state(state: Dict) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def save_checkpoint(self) -> None:
+        rng_states = all_gather_objects(self._rng_state())
+        if self.dist.is_main:
+            state = {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "num_updates": self.num_updates, "epoch": self.epoch,
+                "batches_done": self.batches_done, "skipped_updates": self.skipped_updates,
+                "best_valid": self.best_valid, "rng": rng_states, "world_size": self.dist.world_size,
+                "config": self.cfg,
+            }
+            with atomic_path(self.checkpoint_path) as tmp:
+                torch.save(state, tmp)
+        barrier()
+
+    def maybe_resume(self) -> bool:
+        if not self.checkpoint_path.exists():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.dist.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.num_updates, self.epoch = state["num_updates"], state["epoch"]
+        self.batches_done, self.skipped_updates = state["batches_done"], state["skipped_updates"]
+        self.best_valid = state["best_valid"]
+        rng = state["rng"]
+        if len(rng) == self.dist.world_size:
+            self._set_rng_state(rng[self.dist.rank])
+        else:
+            log.warning("checkpoint was written by %d ranks, now %d: RNG streams restart", len(rng),
+                        self.dist.world_size)
+        if self.dist.is_main:
+            log.info("resumed from %s at update %d (epoch %d, batch %d)", self.checkpoint_path,
+                     self.num_updates, self.epoch, self.batches_done)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def _epoch_batches(self, loader: DataLoader) -> Iterator[Optional[Dict]]:
+        """This rank's batches for the current epoch, resuming mid-epoch; then None forever."""
+        sampler = loader.sampler
+        sampler.set_epoch(self.epoch)
+        resumed = DataLoader(loader.dataset, batch_size=None, sampler=SkipBatches(sampler, self.batches_done),
+                             num_workers=loader.num_workers, persistent_workers=False)
+        yield from resumed
+        while True:
+            yield None
+
+    def _next_batch(self, batches: Iterator[Optional[Dict]]) -> Optional[Dict]:
+        """Next micro-batch, or None once any rank has run out (so all ranks stop together)."""
+        batch = next(batches)
+        exhausted = torch.tensor([0.0 if batch is not None else 1.0], device=self.dist.device)
+        if all_reduce_sum(exhausted).item() > 0:
+            return None
+        return batch
+
+    def fit(self) -> None:
+        self.exp_dir.mkdir(parents=True, exist_ok=True)
+        self.maybe_resume()
+        if self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.num_updates)
+        train_loader = self.task.train_dataloader(self.dist)
+        valid_loader = self.task.valid_dataloader(self.dist)
+        self.task.on_update(self.model, self.num_updates)
+        exit_after = int(os.environ.get(_EXIT_AFTER_ENV, "0"))
+        bar = tqdm(total=self.max_updates, initial=self.num_updates, disable=not self.dist.is_main,
+                   dynamic_ncols=True, desc=self.exp_dir.name)
+        interval = _Interval()
+        batches = self._epoch_batches(train_loader)
+        empty_epochs = 0
+        while self.num_updates < self.max_updates:
+            micro = []
+            for _ in range(self.accum_grad):
+                batch = self._next_batch(batches)
+                if batch is None:
+                    break
+                micro.append(batch)
+            if not micro:  # epoch over on some rank: start the next one everywhere
+                empty_epochs = empty_epochs + 1 if self.batches_done == 0 else 0
+                if empty_epochs > 1:
+                    raise RuntimeError("the training data loader yields no batches")
+                self.epoch, self.batches_done = self.epoch + 1, 0
+                batches = self._epoch_batches(train_loader)
+                continue
+            self._update(micro, interval)
+            self.batches_done += len(micro)
+            bar.update(1)
+            bar.set_postfix(loss=f"{interval.last_loss:.3f}", refresh=False)
+            if self.num_updates % self.log_every == 0:
+                self._log(interval.flush(), "train")
+            if self.valid_every and valid_loader is not None and self.num_updates % self.valid_every == 0:
+                self._validate(valid_loader)
+            if self.num_updates % self.checkpoint_every == 0:
+                self.save_checkpoint()
+            if exit_after and self.num_updates >= exit_after:
+                os._exit(137)
+        bar.close()
+        if valid_loader is not None:
+            self._validate(valid_loader)
+        self.save_checkpoint()
+        if self.dist.is_main:
+            with atomic_path(self.exp_dir / "model_final.pt") as tmp:
+                torch.save({"model": self.model.state_dict(), "config": self.cfg,
+                            "num_updates": self.num_updates}, tmp)
+            log.info("finished %d updates (%d skipped as non-finite)", self.num_updates, self.skipped_updates)
+            self.writer.close()
+
+    def _update(self, micro, interval: "_Interval") -> None:
+        self.model.train()
+        self.task.on_update(self.model, self.num_updates)
+        scale = self.lr_scale(self.num_updates)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.peak_lr * scale
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = True
+        start = time.perf_counter()
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1 or not self.dist.is_distributed
+            context = self.wrapped.no_sync() if not sync else _null_context()
+            with context, self._autocast():
+                loss, stats, weight = self.task.forward(self.wrapped, batch)
+                finite &= bool(torch.isfinite(loss.detach()))
+                self.scaler.scale(loss / len(micro)).backward()
+            interval.add(stats, weight)
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm or float("inf"))
+        # Every rank must agree on skipping, or their weights would drift apart.
+        bad = torch.tensor([0.0 if finite and math.isfinite(float(grad_norm)) else 1.0], device=self.dist.device)
+        if all_reduce_sum(bad).item() > 0:
+            self.skipped_updates += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            if self.dist.is_main:
+                log.warning("update %d: non-finite loss or gradient, skipped (%d so far)",
+                            self.num_updates + 1, self.skipped_updates)
+            interval.add({"skipped": 1.0}, 1.0)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            interval.add({"grad_norm": float(grad_norm), "lr": self.peak_lr * scale}, 1.0)
+        elapsed = time.perf_counter() - start
+        audio_seconds = sum(sum(batch.get("durations", ())) for batch in micro)
+        interval.add({"seconds_per_update": elapsed, "audio_seconds_per_second": audio_seconds / elapsed}, 1.0)
+        self.num_updates += 1
+
+    def _autocast(self):
+        if self.amp in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+            return torch.autocast(self.dist.device.type, dtype=dtype)
+        return _null_context()
+
+    def _validate(self, loader: DataLoader) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            stats = self.task.validate(self.model, loader)
+        totals = {k: all_reduce_sum(torch.tensor([v], dtype=torch.float64)).item() for k, v in stats.items()}
+        metrics = _finalize_valid(totals)
+        self._log(metrics, "valid")
+        key = metrics.get("wer", metrics.get("loss"))
+        if key is not None and (self.best_valid is None or key < self.best_valid):
+            self.best_valid = key
+        self.model.train()
+
+    def _log(self, metrics: Dict[str, float], split: str) -> None:
+        if not self.dist.is_main or not metrics:
+            return
+        text = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+        log.info("%s update %d: %s", split, self.num_updates, text)
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"{split}/{key}", value, self.num_updates)
+        self.writer.flush()
+
+
+def _finalize_valid(totals: Dict[str, float]) -> Dict[str, float]:
+    """Validation stats arrive as sums plus a `weight` (and `ref_words` for WER)."""
+    weight = totals.pop("weight", 1.0) or 1.0
+    metrics = {}
+    if "errors" in totals:
+        metrics["wer"] = 100.0 * totals.pop("errors") / max(1.0, totals.pop("ref_words", 1.0))
+    for key, value in totals.items():
+        metrics[key] = value / weight
+    return metrics
+
+
+class _Interval:
+    """Weighted running means of logged stats between two log lines."""
+
+    def __init__(self):
+        self.sums: Dict[str, float] = defaultdict(float)
+        self.weights: Dict[str, float] = defaultdict(float)
+        self.last_loss = float("nan")
+
+    def add(self, stats: Dict[str, float], weight: float) -> None:
+        for key, value in stats.items():
+            self.sums[key] += value * weight
+            self.weights[key] += weight
+        if "loss" in stats:
+            self.last_loss = stats["loss"]
+
+    def flush(self) -> Dict[str, float]:
+        out = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+        if "skipped" in self.sums:
+            out["skipped"] = self.sums["skipped"]
+        self.sums.clear()
+        self.weights.clear()
+        return out
+
+
+class _null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,70 @@
+"""YAML configs with `_base_` includes and dotted command-line overrides.
+
+A config may start with `_base_: path.yaml` (or a list), relative to the file itself; the
+file's own keys are deep-merged over its bases. Overrides `a.b.c=value` are parsed as YAML
+values, so `optim.lr=1e-3`, `trainer.max_updates=100`, `init.from=null` all get their types.
+"""
+
+from pathlib import Path
+from typing import Any, Dict, Iterable, Union
+
+import yaml
+
+
+def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_configs(paths: Iterable[Union[str, Path]], overrides: Iterable[str] = ()) -> Dict[str, Any]:
+    """Deep-merge several config files in order (later wins), then apply overrides:
+    e.g. a frontend file, a stage file and a variant file such as `scratch.yaml`."""
+    merged: Dict[str, Any] = {}
+    for path in paths:
+        merged = deep_merge(merged, load_config(path))
+    for item in overrides:
+        set_dotted(merged, item)
+    return merged
+
+
+def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Dict[str, Any]:
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f) or {}
+    bases = cfg.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: Dict[str, Any] = {}
+    for base in bases:
+        merged = deep_merge(merged, load_config(path.parent / base))
+    merged = deep_merge(merged, cfg)
+    for item in overrides:
+        set_dotted(merged, item)
+    return merged
+
+
+def set_dotted(cfg: Dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} is not of the form key.sub=value")
+    key, raw = assignment.split("=", 1)
+    node = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {assignment!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def get_dotted(cfg: Dict[str, Any], key: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node

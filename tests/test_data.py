@@ -1,0 +1,357 @@
+"""Data pipeline: manifest validation, subsets, tokenizer, loader batches, sampler resumption/sharding."""
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
+from lhotse.audio import AudioSource
+
+from sslasr.bin import compute_fbank as compute_fbank_cli
+from sslasr.bin import prepare_manifests as prepare_cli
+from sslasr.data.loader import load_cuts, make_dataloader, normalize_per_utterance
+from sslasr.data.manifests import prepare_split, split_by_speaker, subset_by_duration, write_cuts
+from sslasr.data.tokenizer import Tokenizer, train_tokenizer
+
+SR = 16000
+REAL_CORPUS = Path("/work/shared/data/speechocean762")
+GOOD = {  # utt-id: (seconds, speaker, text)
+    "a1": (1.0, "spkA", "HELLO WORLD"), "a2": (1.3, "spkA", "GOOD MORNING"),
+    "b1": (1.6, "spkB", "WE CALL IT BEAR"), "b2": (0.9, "spkB", "ZERO THREE FIVE ONE"),
+    "c1": (1.1, "spkC", "THREE TWO TWO SEVEN"), "c2": (2.0, "spkC", "HELLO BEAR"),
+}
+EXPECTED_DROPS = {
+    "corrupt": "unreadable_audio", "missing": "missing_audio", "zerolen": "empty_audio",
+    "short": "too_short", "long": "too_long", "nan": "non_finite", "silent": "digital_silence",
+    "emptytext": "empty_text", "textonly": "text_without_audio",
+}
+KEPT = sorted(list(GOOD) + ["rate8k", "stereo"])
+
+
+def _tone(seconds: float, sr: int = SR, freq: float = 440.0, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    mono = 0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * np.random.default_rng(0).standard_normal(t.size)
+    return np.stack([mono] * channels, axis=1).astype(np.float32) if channels > 1 else mono.astype(np.float32)
+
+
+def _write_kaldi(split_dir: Path, wav: dict, text: dict = None, spk: dict = None) -> None:
+    split_dir.mkdir(parents=True, exist_ok=True)
+    (split_dir / "wav.scp").write_text("".join(f"{u} {p}\n" for u, p in wav.items()))
+    if text is not None:
+        (split_dir / "text").write_text("".join(f"{u} {t}\n" for u, t in text.items()))
+    if spk is not None:
+        (split_dir / "utt2spk").write_text("".join(f"{u} {s}\n" for u, s in spk.items()))
+
+
+def _build_corpus(root: Path) -> Path:
+    audio = root / "train" / "audio"
+    audio.mkdir(parents=True)
+    wav, text, spk = {}, {}, {}
+    for i, (utt, (sec, speaker, words)) in enumerate(GOOD.items()):
+        sf.write(audio / f"{utt}.flac", _tone(sec, freq=200 + 50 * i), SR)
+        wav[utt], text[utt], spk[utt] = f"audio/{utt}.flac", words, speaker
+    (audio / "corrupt.flac").write_bytes(np.random.default_rng(1).bytes(4000))
+    (audio / "zerolen.flac").write_bytes(b"")
+    sf.write(audio / "short.flac", _tone(0.1), SR)
+    sf.write(audio / "long.flac", _tone(4.0), SR)
+    nan = _tone(1.0)
+    nan[100:110] = np.nan
+    sf.write(audio / "nan.wav", nan, SR, subtype="FLOAT")
+    sf.write(audio / "silent.flac", np.zeros(SR, dtype=np.float32), SR)
+    sf.write(audio / "rate8k.flac", _tone(1.5, sr=8000), 8000)
+    sf.write(audio / "stereo.flac", _tone(1.2, channels=2), SR)
+    sf.write(audio / "emptytext.flac", _tone(1.0), SR)
+    for utt in ("corrupt", "zerolen", "short", "long", "silent", "rate8k", "stereo", "emptytext"):
+        wav[utt] = f"audio/{utt}.flac"
+    wav["nan"] = str((audio / "nan.wav").resolve())  # absolute entries work too
+    wav["missing"] = "audio/missing.flac"
+    text.update({u: "SOME WORDS" for u in ("corrupt", "zerolen", "short", "long", "nan", "silent",
+                                            "rate8k", "stereo", "missing")})
+    text.update(emptytext="", textonly="NO AUDIO HERE")
+    spk.update({u: "spkD" for u in wav if u not in spk})
+    _write_kaldi(root / "train", wav, text, spk)
+
+    unlabeled = root / "unlabeled"
+    (unlabeled / "audio").mkdir(parents=True)
+    for utt in ("u1", "u2"):
+        sf.write(unlabeled / "audio" / f"{utt}.flac", _tone(1.0, freq=300), SR)
+    _write_kaldi(unlabeled, {u: f"audio/{u}.flac" for u in ("u1", "u2")})
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = _build_corpus(tmp_path_factory.mktemp("corpus"))
+    out = tmp_path_factory.mktemp("manifests")
+    prepare_cli.main(["--corpus-dir", str(root), "--corpus", "toy", "--splits", "train", "unlabeled", "dev",
+                      "--out-dir", str(out), "--max-duration", "3", "--num-jobs", "2"])
+    return root, out
+
+
+# ------------------------------------------------------------------ manifests / validation
+def test_validation_keeps_exactly_the_good_utterances(prepared):
+    _, out = prepared
+    cuts = CutSet.from_file(out / "toy_cuts_train.jsonl.gz")
+    assert sorted(c.id for c in cuts) == KEPT
+    report = json.loads((out / "toy_train_validation.json").read_text())
+    assert report["kept"] == len(KEPT) and report["dropped"] == len(EXPECTED_DROPS)
+    assert report["dropped_per_reason"] == {r: 1 for r in EXPECTED_DROPS.values()}
+    assert report["total"] == len(KEPT) + len(EXPECTED_DROPS)
+    assert report["resampled"] == 1 and report["multichannel_kept_channel0"] == 1
+    assert report["kept_duration_s"] == pytest.approx(sum(c.duration for c in cuts), abs=1e-3)
+    assert not (out / "toy_cuts_dev.jsonl.gz").exists()  # missing split skipped, not an error
+
+
+def test_dropped_tsv_lists_every_drop(prepared):
+    _, out = prepared
+    lines = (out / "toy_train_dropped.tsv").read_text().splitlines()
+    assert lines[0] == "utt_id\treason\tdetail"
+    rows = [line.split("\t") for line in lines[1:]]
+    assert all(len(r) == 3 for r in rows)
+    assert {r[0]: r[1] for r in rows} == EXPECTED_DROPS
+    assert len(rows) == len(EXPECTED_DROPS)
+
+
+def test_cut_contents(prepared):
+    root, out = prepared
+    cuts = {c.id: c for c in CutSet.from_file(out / "toy_cuts_train.jsonl.gz")}
+    a1 = cuts["a1"]
+    assert Path(a1.recording.sources[0].source).is_absolute()
+    assert a1.supervisions[0].text == "HELLO WORLD" and a1.supervisions[0].speaker == "spkA"
+    assert a1.supervisions[0].language == "English"
+    assert cuts["rate8k"].sampling_rate == SR and cuts["rate8k"].num_samples == int(1.5 * SR)
+    assert cuts["stereo"].channel == 0 and cuts["stereo"].load_audio().shape == (1, int(1.2 * SR))
+    unlabeled = CutSet.from_file(out / "toy_cuts_unlabeled.jsonl.gz")
+    assert sorted(c.id for c in unlabeled) == ["u1", "u2"]
+    assert all(c.supervisions[0].text is None for c in unlabeled)
+    for kind in ("recordings", "supervisions"):
+        assert (out / f"toy_{kind}_train.jsonl.gz").exists()
+
+
+def test_all_dropped_raises(tmp_path):
+    _write_kaldi(tmp_path / "c" / "train", {"x": "nowhere.flac"})
+    with pytest.raises(ValueError, match="all 1 utterances were dropped"):
+        prepare_split(tmp_path / "c" / "train", "bad", "train", tmp_path / "out", num_jobs=1)
+    assert "missing_audio" in (tmp_path / "out" / "bad_train_dropped.tsv").read_text()
+
+
+def test_cli_carves_dev_by_speaker_then_labeled_subset(prepared, tmp_path):
+    root, _ = prepared
+    prepare_cli.main(["--corpus-dir", str(root), "--corpus", "toy", "--splits", "train", "--out-dir",
+                      str(tmp_path), "--max-duration", "3", "--num-jobs", "1", "--dev-fraction", "0.25",
+                      "--labeled", "3", "--seed", "1"])
+    load = lambda name: CutSet.from_file(tmp_path / f"toy_cuts_{name}.jsonl.gz")  # noqa: E731
+    full, train, dev, labeled = load("train_full"), load("train"), load("dev"), load("train_labeled3s")
+    assert sorted(c.id for c in full) == KEPT
+    speakers = lambda cuts: {c.supervisions[0].speaker for c in cuts}  # noqa: E731
+    assert len(speakers(dev)) == 1 and not speakers(dev) & speakers(train)
+    assert {c.id for c in train} | {c.id for c in dev} == set(KEPT)
+    assert {c.id for c in labeled} <= {c.id for c in train}
+    assert sum(c.duration for c in labeled) >= 3
+
+
+# ------------------------------------------------------------------ subsets
+def _dummy_cuts(n: int, path: Path = None):
+    """Cuts with varied durations and 6 speakers; audio is never read."""
+    cuts = []
+    for i in range(n):
+        dur = 0.5 + (i * 37 % 23) / 10
+        rec = Recording(id=f"r{i:03d}", sources=[AudioSource("file", [0], "/nonexistent.flac")],
+                        sampling_rate=SR, num_samples=int(dur * SR), duration=int(dur * SR) / SR)
+        sup = SupervisionSegment(id=rec.id, recording_id=rec.id, start=0, duration=rec.duration,
+                                 speaker=f"s{i % 6}", text="HELLO")
+        cuts.append(MonoCut(id=rec.id, start=0, duration=rec.duration, channel=0, recording=rec,
+                            supervisions=[sup]))
+    cuts = CutSet.from_cuts(cuts)
+    if path is None:
+        return cuts
+    write_cuts(cuts, path)
+    return load_cuts(path)
+
+
+def test_subset_by_duration_total_and_determinism():
+    cuts = _dummy_cuts(50)
+    subset = subset_by_duration(cuts, 20.0, seed=3)
+    durations = [c.duration for c in subset]
+    assert sum(durations) >= 20.0 and sum(durations) - max(durations) < 20.0
+    assert [c.id for c in subset] == [c.id for c in subset_by_duration(cuts, 20.0, seed=3)]
+    assert [c.id for c in subset] != [c.id for c in subset_by_duration(cuts, 20.0, seed=4)]
+    assert len(subset_by_duration(cuts, 1e6, seed=0)) == 50
+
+
+def test_split_by_speaker_is_disjoint():
+    cuts = _dummy_cuts(50)
+    rest, dev = split_by_speaker(cuts, 0.34, seed=0)
+    rest_spk = {c.supervisions[0].speaker for c in rest}
+    dev_spk = {c.supervisions[0].speaker for c in dev}
+    assert len(dev_spk) == 2 and not rest_spk & dev_spk
+    assert len(rest) + len(dev) == 50
+    assert {c.id for c in rest} | {c.id for c in dev} == {c.id for c in cuts}
+
+
+# ------------------------------------------------------------------ tokenizer
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = [t for _, _, t in GOOD.values()] * 3 + ["SEVEN EIGHT NINE TEN", "A BEAR WORLD"]
+    return train_tokenizer(texts, tmp_path_factory.mktemp("lang"), vocab_size=30)
+
+
+def test_tokenizer_ids_and_round_trip(tokenizer):
+    assert (tokenizer.blank_id, tokenizer.sos_eos_id, tokenizer.unk_id) == (0, 1, 2)
+    assert tokenizer.vocab_size == 30
+    ids = tokenizer.encode("HELLO WORLD")
+    assert ids and min(ids) > 2
+    assert tokenizer.decode(ids) == "HELLO WORLD"
+    assert tokenizer.decode([0] + ids + [1]) == "HELLO WORLD"  # blank / sos-eos are not text
+    lines = (tokenizer.model_path.parent / "tokens.txt").read_text().splitlines()
+    assert lines[:3] == ["<blk> 0", "<sos/eos> 1", "<unk> 2"] and len(lines) == 30
+    assert Tokenizer(tokenizer.model_path.parent).vocab_size == 30  # lang dir works too
+
+
+def test_tokenizer_vocab_too_large_is_softened(tmp_path):
+    tok = train_tokenizer(["HELLO WORLD", "GOOD MORNING"], tmp_path, vocab_size=500, model_type="bpe")
+    assert 3 < tok.vocab_size < 500 and tok.blank_id == 0
+    assert tok.decode(tok.encode("GOOD WORLD")) == "GOOD WORLD"
+
+
+# ------------------------------------------------------------------ loader
+def test_waveform_batch(prepared, tokenizer):
+    _, out = prepared
+    cuts = load_cuts(out / "toy_cuts_train.jsonl.gz")
+    dl = make_dataloader(cuts, input_type="waveform", max_duration=1000, shuffle=False, tokenizer=tokenizer)
+    batches = list(dl)
+    assert len(batches) == 1
+    batch = batches[0]
+    assert set(batch) == {"inputs", "input_lens", "cut_ids", "texts", "durations", "tokens"}
+    assert batch["durations"] == pytest.approx([c.duration for c in cuts])
+    expected = {c.id: c.num_samples for c in cuts}
+    assert batch["cut_ids"] == [c.id for c in cuts]  # shuffle=False keeps manifest order
+    assert batch["inputs"].dtype == torch.float32 and batch["input_lens"].dtype == torch.long
+    assert batch["inputs"].shape == (len(KEPT), max(expected.values()))
+    assert batch["input_lens"].tolist() == [expected[i] for i in batch["cut_ids"]]
+    for row, n in zip(batch["inputs"], batch["input_lens"]):
+        assert torch.all(row[n:] == 0) and row[:n].abs().sum() > 0
+    assert batch["tokens"][batch["cut_ids"].index("a1")] == tokenizer.encode("HELLO WORLD")
+    assert batch["texts"][batch["cut_ids"].index("a1")] == "HELLO WORLD"
+
+
+def test_waveform_normalisation_and_unlabeled(prepared, tokenizer):
+    _, out = prepared
+    dl = make_dataloader(load_cuts(out / "toy_cuts_unlabeled.jsonl.gz"), input_type="waveform",
+                         max_duration=1000, shuffle=False, tokenizer=tokenizer, normalize_waveform=True,
+                         num_workers=1)  # the dataset (and tokenizer) must survive pickling
+    batch = next(iter(dl))
+    assert "tokens" not in batch and batch["texts"] == [None, None]
+    x = batch["inputs"][0, : batch["input_lens"][0]]
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-2
+    audio = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    assert normalize_per_utterance(audio, torch.tensor([3]))[0, 3] == 0  # padding stays zero
+
+
+def test_fbank_features_and_batch(prepared, tmp_path):
+    _, out = prepared
+    out_cuts = tmp_path / "toy_cuts_train_fbank.jsonl.gz"
+    compute_fbank_cli.main(["--cuts", str(out / "toy_cuts_train.jsonl.gz"), "--out-cuts", str(out_cuts),
+                            "--storage", str(tmp_path / "feats"), "--num-jobs", "1"])
+    cuts = load_cuts(out_cuts)
+    assert [c.id for c in cuts] == [c.id for c in load_cuts(out / "toy_cuts_train.jsonl.gz")]
+    assert all(c.has_features for c in cuts)
+    batch = next(iter(make_dataloader(cuts, input_type="fbank", max_duration=1000, shuffle=False)))
+    frames = {c.id: c.num_frames for c in cuts}
+    assert batch["inputs"].shape == (len(KEPT), max(frames.values()), 80)
+    assert batch["input_lens"].tolist() == [frames[i] for i in batch["cut_ids"]]
+    assert frames["a1"] == 100 and frames["rate8k"] == 150  # 10 ms shift, 8 kHz resampled first
+    with pytest.raises(ValueError, match="compute_fbank"):
+        next(iter(make_dataloader(load_cuts(out / "toy_cuts_train.jsonl.gz"), input_type="fbank",
+                                  max_duration=1000, shuffle=False)))
+
+
+# ------------------------------------------------------------------ sampler
+def _ids(batches):
+    return [[c.id for c in b] for b in batches]
+
+
+def _remaining(sampler):
+    """Drain with next(): a `for` loop would call iter() on the lhotse sampler, restarting the epoch."""
+    while True:
+        try:
+            yield next(sampler)
+        except StopIteration:
+            return
+
+
+def _sampler(path, **kw):
+    args = dict(input_type="waveform", max_duration=8.0, shuffle=True, seed=7, num_buckets=3)
+    return make_dataloader(load_cuts(path), **{**args, **kw}).sampler
+
+
+def test_sampler_resumes_exactly(tmp_path):
+    path = tmp_path / "cuts.jsonl.gz"
+    _dummy_cuts(60, path)
+    reference = _sampler(path)
+    reference.set_epoch(2)
+    full = _ids(reference)
+    assert len(full) > 6
+
+    interrupted = _sampler(path)
+    interrupted.set_epoch(2)
+    iterator = iter(interrupted)
+    head = _ids(next(iterator) for _ in range(4))
+    state = copy.deepcopy(interrupted.state_dict())
+    assert head == full[:4]
+
+    restored = _sampler(path)
+    restored.load_state_dict(state)
+    restored.set_epoch(2)  # what a trainer does at the top of the epoch: a no-op here
+    assert _ids(restored) == full[4:]
+
+    # The trainer's alternative (exact with prefetching workers): same epoch, skip consumed batches.
+    skipping = _sampler(path)
+    skipping.set_epoch(2)
+    iterator = iter(skipping)
+    for _ in range(4):
+        next(iterator)
+    assert _ids(_remaining(iterator)) == full[4:]
+
+    other_epoch = _sampler(path)
+    other_epoch.set_epoch(3)
+    assert _ids(other_epoch) != full
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_ddp_ranks_get_disjoint_shards(tmp_path, shuffle):
+    path = tmp_path / "cuts.jsonl.gz"
+    all_ids = {c.id for c in _dummy_cuts(61, path)}
+    shards = []
+    for rank in (0, 1):
+        sampler = _sampler(path, shuffle=shuffle, world_size=2, rank=rank, drop_last=False)
+        sampler.set_epoch(1)
+        shards.append(_ids(sampler))
+    assert len(shards[0]) == len(shards[1])  # equal steps per rank, so no rank waits forever
+    ids = [[cid for batch in shard for cid in batch] for shard in shards]
+    # lhotse gives every rank a batch at the very end by duplicating (and marking) a few cuts.
+    originals = [{cid for cid in rank_ids if "_dup" not in cid} for rank_ids in ids]
+    duplicates = [cid for rank_ids in ids for cid in rank_ids if "_dup" in cid]
+    assert not originals[0] & originals[1]
+    assert originals[0] | originals[1] == all_ids
+    assert len(duplicates) <= 1 and all(d.split("_dup")[0] in all_ids for d in duplicates)
+
+
+# ------------------------------------------------------------------ real corpus
+@pytest.mark.skipif(not (REAL_CORPUS / "train" / "wav.scp").exists(), reason="speechocean762 not available")
+def test_real_corpus_few_utterances(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    prepare_cli.main(["--corpus-dir", str(REAL_CORPUS), "--corpus", "so762", "--splits", "train",
+                      "--out-dir", str(tmp_path), "--max-utts", "4", "--num-jobs", "1"])
+    cuts = CutSet.from_file(tmp_path / "so762_cuts_train.jsonl.gz")
+    report = json.loads((tmp_path / "so762_train_validation.json").read_text())
+    assert report["total"] == 4 and len(cuts) == report["kept"] > 0
+    cut = next(iter(cuts))
+    assert cut.supervisions[0].text and cut.supervisions[0].text == cut.supervisions[0].text.upper()
+    assert cut.supervisions[0].speaker and Path(cut.recording.sources[0].source).is_absolute()
+    assert cut.load_audio().shape[-1] == cut.num_samples

@@ -1,0 +1,340 @@
+"""Scoring: WER parity with jiwer, missing hypotheses, results jsonl, RESULTS.md, CLIs.
+
+About comparing with jiwer: kaldialign and jiwer both compute a minimum-edit-distance
+(Levenshtein, unit costs) alignment, but when several alignments have the same cost they
+may pick different ones, e.g. ref "a b" / hyp "b a" is either 2 substitutions or
+1 deletion + 1 insertion. What every minimum alignment shares is:
+  * the total error count S + D + I (it is the edit distance), hence the WER;
+  * D - I = len(ref) - len(hyp) (hits + S + D = len(ref) and hits + S + I = len(hyp)).
+So those are compared exactly. S, D and I individually are fixed only when S must be 0,
+i.e. when the edit distance equals |len(ref) - len(hyp)| (which covers empty hyp, empty
+ref and identical pairs); there they are compared exactly too.
+"""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import jiwer
+import pytest
+
+from sslasr.bin import render_results, score
+from sslasr.scoring import (
+    REQUIRED_RESULT_KEYS,
+    ErrorCounts,
+    align_counts,
+    append_result,
+    human_duration,
+    read_results,
+    render_results_md,
+    score_corpus,
+    write_errors_file,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+HANDPICKED_PAIRS = [
+    ("the cat sat on the mat", "the cat sat on the mat"),  # identical
+    ("the cat sat", ""),  # empty hyp: all deletions
+    ("", "oh no"),  # empty ref: all insertions
+    ("a", "a b c d"),  # insertions only
+    ("a b c d", "b d"),  # deletions only
+    ("a b c d e", "a x c e f"),  # sub + del + ins
+    ("a b", "b a"),  # ambiguous: 2 sub or 1 del + 1 ins
+    ("one two three four five six", "one too three for five sticks seven"),
+    ("x", "y"),
+    ("  spaced   out  words ", "spaced out words"),  # whitespace is not a word
+]
+
+
+def random_pairs(n: int, seed: int = 1234) -> list[tuple[str, str]]:
+    # A small vocabulary makes chance matches, and so ambiguous alignments, frequent.
+    rng = random.Random(seed)
+    vocab = ["a", "b", "c", "d", "e", "the", "of"]
+
+    def sentence() -> str:
+        return " ".join(rng.choice(vocab) for _ in range(rng.randint(0, 12)))
+
+    return [(sentence(), sentence()) for _ in range(n)]
+
+
+ALL_PAIRS = HANDPICKED_PAIRS + random_pairs(250)
+
+
+def assert_matches_jiwer(ours: ErrorCounts, refs: list[str], hyps: list[str]) -> None:
+    theirs = jiwer.process_words(refs, hyps)
+    their_errors = theirs.substitutions + theirs.deletions + theirs.insertions
+    their_ref_words = theirs.hits + theirs.substitutions + theirs.deletions
+    assert ours.ref_words == their_ref_words
+    assert ours.errors == their_errors
+    assert ours.dels - ours.ins == theirs.deletions - theirs.insertions
+    if their_ref_words:
+        assert ours.wer == pytest.approx(100 * theirs.wer, rel=1e-12)
+    if ours.errors == abs(ours.ref_words - len(" ".join(hyps).split())):
+        # Substitution-free: the split into sub/del/ins is unique.
+        assert (ours.sub, ours.dels, ours.ins) == (
+            theirs.substitutions, theirs.deletions, theirs.insertions,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("ref,hyp", HANDPICKED_PAIRS)
+def test_handpicked_pairs_match_jiwer(ref, hyp):
+    assert_matches_jiwer(align_counts(ref.split(), hyp.split()), [ref], [hyp])
+
+
+def test_random_pairs_match_jiwer_per_pair_and_corpus():
+    assert len(ALL_PAIRS) >= 200
+    total = ErrorCounts()
+    for ref, hyp in ALL_PAIRS:
+        counts = align_counts(ref.split(), hyp.split())
+        assert_matches_jiwer(counts, [ref], [hyp])
+        total = total + counts
+    refs, hyps = zip(*ALL_PAIRS)
+    assert_matches_jiwer(total, list(refs), list(hyps))
+
+    corpus_total, _ = score_corpus(
+        {f"u{i:04d}": r for i, r in enumerate(refs)}, {f"u{i:04d}": h for i, h in enumerate(hyps)}
+    )
+    assert corpus_total == total
+
+
+def test_unambiguous_counts_are_exact():
+    assert align_counts("a b c".split(), []) == ErrorCounts(sub=0, dels=3, ins=0, ref_words=3)
+    assert align_counts([], "a b".split()) == ErrorCounts(sub=0, dels=0, ins=2, ref_words=0)
+    assert align_counts(["x"], ["y"]) == ErrorCounts(sub=1, dels=0, ins=0, ref_words=1)
+    c = align_counts("a b c d e".split(), "a x c e f".split())
+    assert (c.errors, c.corr, c.wer) == (3, 3, 60.0)
+
+
+def test_star_is_an_ordinary_word():
+    # "*" is the display epsilon; as a real word it must still be scored correctly.
+    assert align_counts(["*", "a"], ["*", "a"]).errors == 0
+    assert align_counts(["*"], ["b"]) == ErrorCounts(sub=1, ref_words=1)
+
+
+def test_case_is_not_normalised():
+    assert align_counts(["Hello"], ["hello"]).sub == 1
+
+
+def test_missing_hyp_scored_as_deletions_and_reported(tmp_path, caplog):
+    refs = {"u1": "a b c", "u2": "d e", "u3": "f"}
+    hyps = {"u1": "a b c", "u3": ""}  # u2 missing; u3 present but empty
+    with caplog.at_level("WARNING"):
+        total, per_utt = score_corpus(refs, hyps)
+    assert total == ErrorCounts(sub=0, dels=3, ins=0, ref_words=6)
+    assert [u.utt_id for u in per_utt if u.missing_hyp] == ["u2"]
+    assert "1 of 3 utterances have no hypothesis" in caplog.text
+
+    write_errors_file(tmp_path / "errors.txt", per_utt)
+    text = (tmp_path / "errors.txt").read_text()
+    assert text.splitlines()[0] == "%WER 50.00 [ 3 / 6, 0 ins, 3 del, 0 sub ]"
+    assert "u2:\thyp=[]  (MISSING: no hypothesis)" in text
+    assert "u2:\t(d->*) (e->*)" in text
+    assert "of which 1 had no hypothesis" in text
+
+
+def test_hyp_without_ref_is_an_error():
+    with pytest.raises(ValueError, match="no reference"):
+        score_corpus({"u1": "a"}, {"u1": "a", "stray": "b"})
+
+
+def test_errors_file_layout(tmp_path):
+    _, per_utt = score_corpus(
+        {"u1": "a b c", "u2": "a b c"}, {"u1": "a x c d", "u2": "a x"}
+    )
+    write_errors_file(tmp_path / "errors.txt", per_utt)
+    lines = (tmp_path / "errors.txt").read_text().splitlines()
+    assert lines[0] == "%WER 66.67 [ 4 / 6, 1 ins, 1 del, 2 sub ]"
+    assert "u1:\tref=['a', 'b', 'c']" in lines
+    assert "u1:\thyp=['a', 'x', 'c', 'd']" in lines
+    assert "u1:\ta (b->x) c (*->d)" in lines
+    subs = lines.index("SUBSTITUTIONS: count ref -> hyp")
+    assert lines[subs + 1] == "2\tb -> x"
+    assert lines[lines.index("DELETIONS: count ref") + 1] == "1\tc"
+    assert lines[lines.index("INSERTIONS: count hyp") + 1] == "1\td"
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic write left no temp file
+
+
+# --------------------------------------------------------------------------- results
+
+
+def make_row(**overrides):
+    row = {
+        "corpus": "librispeech", "test_set": "test-clean", "frontend": "wav2vec2",
+        "head": "ctc", "decoding": "greedy", "lm_weight": None, "labeled_seconds": 3600,
+        "pretrained": True, "generation": 1, "wer": 12.5, "sub": 10, "del": 3, "ins": 2,
+        "num_words": 120, "num_utts": 10, "command": "python -m sslasr.bin.decode --x 1",
+    }  # fmt: skip
+    row.update(overrides)
+    return row
+
+
+def test_append_result_names_missing_keys(tmp_path):
+    row = make_row()
+    del row["lm_weight"], row["command"]
+    with pytest.raises(ValueError, match="lm_weight, command"):
+        append_result(tmp_path / "r.jsonl", row)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_append_result_adds_timestamp_and_appends(tmp_path):
+    path = tmp_path / "r.jsonl"
+    append_result(path, make_row())
+    append_result(path, make_row(timestamp="2024-01-01T00:00:00+00:00"))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 2
+    assert "T" in rows[0]["timestamp"]
+    assert rows[1]["timestamp"] == "2024-01-01T00:00:00+00:00"
+
+
+def test_human_duration():
+    assert human_duration(600) == "10 min"
+    assert human_duration(1800) == "30 min"
+    assert human_duration(3600) == "1 h"
+    assert human_duration(36000) == "10 h"
+    assert human_duration(5400) == "1.5 h"
+    assert human_duration(45) == "45 s"
+    assert human_duration(None) == "all"
+
+
+def test_render_dedups_latest_wins_and_shows_commands(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_result(path, make_row(wer=20.0, command="cmd-old"))
+    append_result(path, make_row(labeled_seconds=1800, wer=30.0, command="cmd-30min"))
+    append_result(path, make_row(wer=11.25, command="cmd-new"))  # same key as the first
+    append_result(path, make_row(test_set="test-other", wer=25.0, command="cmd-other"))
+    append_result(path, make_row(corpus="tedlium", wer=15.0, command="cmd | with pipe"))
+
+    text = render_results_md(path, tmp_path / "RESULTS.md", title="My results")
+    assert (tmp_path / "RESULTS.md").read_text() == text
+    assert text.startswith("# My results\n")
+    assert "Generated by `python -m sslasr.bin.render_results` from" in text
+    assert "do not edit by hand" in text
+    assert "11.25" in text and "cmd-new" in text
+    assert "20.00" not in text and "cmd-old" not in text
+    for cmd in ("cmd-30min", "cmd-other", "cmd | with pipe"):
+        assert cmd in text
+    assert text.index("## librispeech") < text.index("## tedlium")
+    assert text.index("### test-clean") < text.index("### test-other")
+    # Within a table: 30 min before 1 h.
+    clean = text[text.index("### test-clean"): text.index("### test-other")]
+    assert clean.index("| 30 min |") < clean.index("| 1 h |")
+    assert "```bash" in clean
+
+
+def test_render_exp_column_is_part_of_the_key(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_result(path, make_row(exp="exp/a", wer=10.0))
+    append_result(path, make_row(exp="exp/b", wer=11.0))
+    text = render_results_md(path, tmp_path / "RESULTS.md")
+    assert "10.00" in text and "11.00" in text
+    assert "| exp |" in text
+
+
+def test_malformed_jsonl_raises_with_line_number(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_result(path, make_row())
+    with open(path, "a") as f:
+        f.write("\n{not json\n")
+    with pytest.raises(ValueError, match=r"results.jsonl:3: malformed JSON"):
+        read_results(path)
+    with pytest.raises(ValueError, match=r":3:"):
+        render_results_md(path, tmp_path / "RESULTS.md")
+    assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_jsonl_row_missing_keys_raises_with_line_number(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(make_row()) + "\n" + json.dumps({"corpus": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r":2: row is missing required key\(s\): test_set"):
+        read_results(path)
+
+
+# --------------------------------------------------------------------------- CLIs
+
+
+def write_texts(tmp_path):
+    (tmp_path / "ref").write_text("u1 a b c\nu2 d e\nu3 f g\n")
+    (tmp_path / "hyp").write_text("u1 a x c\nu3\n")  # u2 missing, u3 empty
+    return tmp_path / "ref", tmp_path / "hyp"
+
+
+SETS = [
+    "corpus=librispeech", "test_set=test-clean", "frontend=hubert", "head=ctc",
+    "decoding=beam", "lm_weight=0.3", "labeled_seconds=36000", "pretrained=true",
+    "generation=2", "command=python -m sslasr.bin.decode --lm-weight 0.3",
+]  # fmt: skip
+
+
+def test_score_cli_end_to_end(tmp_path, capsys):
+    ref, hyp = write_texts(tmp_path)
+    out, results = tmp_path / "out", tmp_path / "results.jsonl"
+    argv = ["--ref", str(ref), "--hyp", str(hyp), "--out-dir", str(out), "--results",
+            str(results)] + [a for s in SETS for a in ("--set", s)]  # fmt: skip
+    assert score.main(argv) == 0
+
+    wer_line = "%WER 71.43 [ 5 / 7, 0 ins, 4 del, 1 sub ]"
+    assert capsys.readouterr().out.strip() == wer_line
+    assert (out / "wer.txt").read_text() == wer_line + "\n"
+    assert (out / "errors.txt").read_text().startswith(wer_line)
+    (row,) = read_results(results)
+    assert row["lm_weight"] == 0.3 and row["labeled_seconds"] == 36000
+    assert row["pretrained"] is True and row["generation"] == 2
+    assert row["command"] == "python -m sslasr.bin.decode --lm-weight 0.3"
+    assert (row["sub"], row["del"], row["ins"], row["num_words"]) == (1, 4, 0, 7)
+    assert (row["num_utts"], row["num_missing_hyps"]) == (3, 1)
+    assert row["wer"] == pytest.approx(71.4286)
+
+    md = tmp_path / "RESULTS.md"
+    assert render_results.main(["--results", str(results), "--out", str(md)]) == 0
+    assert "71.43" in md.read_text() and "10 h" in md.read_text()
+
+
+def test_score_cli_missing_set_fails_before_writing(tmp_path):
+    ref, hyp = write_texts(tmp_path)
+    argv = ["--ref", str(ref), "--hyp", str(hyp), "--out-dir", str(tmp_path / "out"),
+            "--results", str(tmp_path / "r.jsonl"), "--set", "corpus=x"]  # fmt: skip
+    with pytest.raises(SystemExit, match="missing --set for required key"):
+        score.main(argv)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r.jsonl").exists()
+
+
+def test_parse_sets_types_values():
+    row = score.parse_sets(["a=1", "b=1e-3", "c=null", "d=off-the-shelf", "e=2024-01-01",
+                            "command=true", "f=false"])  # fmt: skip
+    assert row == {"a": 1, "b": 0.001, "c": None, "d": "off-the-shelf", "e": "2024-01-01",
+                   "command": "true", "f": False}  # fmt: skip
+    with pytest.raises(ValueError, match="computed"):
+        score.parse_sets(["wer=1"])
+    with pytest.raises(ValueError, match="twice"):
+        score.parse_sets(["a=1", "a=2"])
+
+
+def test_clis_run_as_modules(tmp_path):
+    ref, hyp = write_texts(tmp_path)
+    results = tmp_path / "results.jsonl"
+    cmd = [sys.executable, "-m", "sslasr.bin.score", "--ref", str(ref), "--hyp", str(hyp),
+           "--out-dir", str(tmp_path / "out"), "--results", str(results)]  # fmt: skip
+    cmd += [a for s in SETS for a in ("--set", s)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("%WER 71.43")
+
+    md = tmp_path / "RESULTS.md"
+    cmd = [sys.executable, "-m", "sslasr.bin.render_results", "--results", str(results),
+           "--out", str(md), "--title", "T"]  # fmt: skip
+    subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
+    assert md.read_text().startswith("# T\n")
+
+    results.write_text("garbage\n")
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode != 0 and ":1: malformed JSON" in done.stderr
+
+
+def test_required_keys_are_the_documented_ones():
+    assert set(REQUIRED_RESULT_KEYS) == {
+        "corpus", "test_set", "frontend", "head", "decoding", "lm_weight", "labeled_seconds",
+        "pretrained", "generation", "wer", "sub", "del", "ins", "num_words", "num_utts",
+        "command",
+    }  # fmt: skip

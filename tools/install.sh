@@ -19,11 +19,13 @@ fi
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 py=.venv/bin/python
-pip="$py -m pip --disable-pip-version-check -q"
+pip_install() {  # this machine's pip.conf names local wheel folders that may be absent: hide that noise
+  "$py" -m pip --disable-pip-version-check -q install "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 # torch first and pinned: any other version pulls a multi-GB CUDA stack on a CPU machine.
 if ! $py -c "import torch" >/dev/null 2>&1; then
-  $pip install "torch==2.13.0"
+  pip_install "torch==2.13.0"
 fi
 torch_version=$($py -c "import torch; print(torch.__version__.split('+')[0])")
 constraints=$(mktemp)
@@ -32,7 +34,7 @@ echo "torch==${torch_version}" > "$constraints"
 
 stamp=.venv/.sslasr-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  $pip install -c "$constraints" -e ".[test]"
+  pip_install -c "$constraints" -e ".[test]"
   touch "$stamp"
 fi
 echo "install.sh: ready ($($py -c 'import torch, sslasr; print("torch", torch.__version__, "sslasr", sslasr.__version__)'))"

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hyp", required=True, help="Kaldi-style hypothesis text")
     p.add_argument("--out-dir", required=True, help="where wer.txt and errors.txt go")
     p.add_argument("--results", help="results jsonl to append a row to (e.g. exp/results.jsonl)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="a field of the results row (repeatable); values are YAML-typed")  # fmt: skip
     return p
 

@@ -11,10 +11,11 @@ import logging
 from pathlib import Path
 from typing import Dict, Optional, Union
 
+import numpy as np
 import torch
 from lhotse import CutSet, load_manifest_lazy
 from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
-from lhotse.dataset.collation import collate_audio, collate_features
+from lhotse.dataset.collation import collate_features
 from torch.utils.data import DataLoader, Dataset
 
 from sslasr.data.tokenizer import Tokenizer
@@ -41,6 +42,21 @@ def normalize_per_utterance(audio: torch.Tensor, lens: torch.Tensor, eps: float 
     mean = (audio * mask).sum(1, keepdim=True) / count
     var = (((audio - mean) * mask) ** 2).sum(1, keepdim=True) / count
     return (audio - mean) / torch.sqrt(var + eps) * mask
+
+
+def collate_waveforms(cuts: CutSet):
+    """Zero-padded (B, T) float32 samples and their lengths. Resampling (recording transforms)
+    happens inside lhotse's loading; multi-channel audio is averaged to mono. Written here
+    because lhotse's collate_vectors copies element-wise in Python and dominated loading."""
+    arrays = []
+    for cut in cuts:
+        audio = cut.load_audio()
+        arrays.append(audio.mean(axis=0) if audio.shape[0] > 1 else audio[0])
+    lens = torch.tensor([len(a) for a in arrays], dtype=torch.long)
+    batch = torch.zeros(len(arrays), int(lens.max()), dtype=torch.float32)
+    for row, samples in zip(batch, arrays):
+        row[: len(samples)] = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+    return batch, lens
 
 
 class SpeechDataset(Dataset):
@@ -74,8 +90,7 @@ class SpeechDataset(Dataset):
             if missing:
                 raise ValueError(f"cuts without stored features (run sslasr.bin.compute_fbank): {missing[:5]}")
             return collate_features(cuts)
-        # Resampling (recording transforms) and channel selection happen inside lhotse's loading.
-        audio, lens = collate_audio(cuts, mono_downmix=True)
+        audio, lens = collate_waveforms(cuts)
         if self.normalize_waveform:
             audio = normalize_per_utterance(audio, lens)
         return audio, lens

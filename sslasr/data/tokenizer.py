@@ -78,6 +78,9 @@ def train_tokenizer(texts: Iterable[str], out_dir: Union[str, Path], vocab_size:
         try:
             _train(text_file, prefix, vocab_size, model_type, hard_limit=True)
         except RuntimeError as e:
+            if "smaller than required_chars" in str(e):
+                raise ValueError(f"vocab size {vocab_size} is below the number of distinct characters in the "
+                                 f"transcripts plus 3 special tokens; choose a larger --vocab-size") from e
             if "Vocabulary size too high" not in str(e):
                 raise
             # Tiny corpora cannot support the requested vocab: take what the text allows.

@@ -140,20 +140,44 @@ def sample_negatives(counts: torch.Tensor, num_negatives: int, generator: Option
     offsets = torch.cumsum(counts, 0) - counts
     utt = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
     local = torch.arange(int(counts.sum()), device=counts.device) - offsets[utt]
-    others = (counts[utt] - 1).clamp(min=1).unsqueeze(1)
-    draw = (torch.rand(len(utt), num_negatives, generator=generator).to(counts.device) * others).long()
-    draw = draw + (draw >= local.unsqueeze(1)).long()  # skip the positive itself
+    others = (counts[utt] - 1).unsqueeze(1)
+    draw = (torch.rand(len(utt), num_negatives, generator=generator).to(counts.device) * others.clamp(min=1)).long()
+    # Skip the positive itself. A lone masked frame has no other: it draws itself, and
+    # contrastive_logits gives a distractor equal to the positive a −inf logit.
+    draw = draw + ((draw >= local.unsqueeze(1)) & (others > 0)).long()
     return offsets[utt].unsqueeze(1) + draw
+
+
+def _unit(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """x / max(‖x‖, eps) along the last dim: the normalisation F.cosine_similarity applies to
+    each input (the clamp outside autograd, as there)."""
+    norm = torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True).clone()
+    with torch.no_grad():
+        norm.clamp_min_(eps)
+    return x / norm
+
+
+def _rows_equal(targets: torch.Tensor, negative_idx: torch.Tensor) -> torch.Tensor:
+    """(N, K): targets[negative_idx[n, k]] == targets[n] in every component. Equal rows have
+    equal first components, so only the pairs that pass that cheap test are compared in full."""
+    same = targets[:, 0][negative_idx] == targets[:, :1]
+    rows, cols = same.nonzero(as_tuple=True)
+    if len(rows):
+        same[rows, cols] = (targets[negative_idx[rows, cols]] == targets[rows]).all(-1)
+    return same
 
 
 def contrastive_logits(context: torch.Tensor, targets: torch.Tensor, negative_idx: torch.Tensor,
                        temperature: float) -> torch.Tensor:
     """context, targets (N, D); negative_idx (N, K) → logits (N, 1 + K), the positive first.
-    A distractor identical to the positive (same code) cannot be told apart: its logit is −inf."""
-    negatives = targets[negative_idx]                                   # (N, K, D)
-    candidates = torch.cat([targets.unsqueeze(1), negatives], dim=1)     # (N, 1+K, D)
-    logits = F.cosine_similarity(context.unsqueeze(1).float(), candidates.float(), dim=-1) / temperature
-    same_as_positive = (negatives == targets.unsqueeze(1)).all(-1)
+    A distractor identical to the positive (same code) cannot be told apart: its logit is −inf.
+    Cosine similarity as F.cosine_similarity computes it, <c/‖c‖, q/‖q‖>, but each vector is
+    normalised once, not once per candidate it appears in."""
+    index = torch.cat([torch.arange(len(targets), device=targets.device).unsqueeze(1), negative_idx], dim=1)
+    candidates = _unit(targets.float())[index]                               # (N, 1+K, D)
+    logits = torch.bmm(candidates, _unit(context.float()).unsqueeze(-1)).squeeze(-1) / temperature
+    with torch.no_grad():
+        same_as_positive = _rows_equal(targets, negative_idx)
     logits[:, 1:] = logits[:, 1:].masked_fill(same_as_positive, float("-inf"))
     return logits
 

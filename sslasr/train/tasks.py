@@ -47,8 +47,9 @@ class PretrainTask(_DataMixin):
         self.cfg = cfg
         frontend = get_frontend(cfg["frontend"])
         self.input_type = frontend.input_type
-        self.model = frontend.build_pretrainer(cfg["frontend"]["encoder"], cfg["pretrain"])
-        self.collapse_perplexity = cfg["pretrain"].get("collapse_warning_perplexity", 0.0)
+        objective = dict(cfg["pretrain"])
+        self.collapse_perplexity = objective.pop("collapse_warning_perplexity", 0.0)
+        self.model = frontend.build_pretrainer(cfg["frontend"]["encoder"], objective)
         self._collapse_warned = False
 
     def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:

@@ -160,8 +160,11 @@ class Trainer:
         """This rank's batches for the current epoch, resuming mid-epoch; then None forever."""
         sampler = loader.sampler
         sampler.set_epoch(self.epoch)
+        # Its own generator: creating a DataLoader iterator draws from the global RNG, which
+        # would make a resumed run's masks and dropout differ from an uninterrupted run's.
+        generator = torch.Generator().manual_seed(self.cfg["trainer"].get("seed", 0) * 100003 + self.epoch)
         resumed = DataLoader(loader.dataset, batch_size=None, sampler=SkipBatches(sampler, self.batches_done),
-                             num_workers=loader.num_workers, persistent_workers=False)
+                             num_workers=loader.num_workers, persistent_workers=False, generator=generator)
         yield from resumed
         while True:
             yield None

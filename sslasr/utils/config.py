@@ -8,7 +8,19 @@ values, so `optim.lr=1e-3`, `trainer.max_updates=100`, `init.from=null` all get 
 from pathlib import Path
 from typing import Any, Dict, Iterable, Union
 
+import re
+
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."))
 
 
 def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
@@ -35,7 +47,7 @@ def load_configs(paths: Iterable[Union[str, Path]], overrides: Iterable[str] = (
 def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Dict[str, Any]:
     path = Path(path)
     with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
+        cfg = yaml.load(f, Loader=_Loader) or {}
     bases = cfg.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
@@ -58,7 +70,12 @@ def set_dotted(cfg: Dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {assignment!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = parse_value(raw)
+
+
+def parse_value(raw: str) -> Any:
+    """YAML typing, with floats like `1e-3` read as floats."""
+    return yaml.load(raw, Loader=_Loader) if raw.strip() else None
 
 
 def get_dotted(cfg: Dict[str, Any], key: str, default: Any = None) -> Any:

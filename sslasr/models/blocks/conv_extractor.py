@@ -4,10 +4,11 @@ A stack of temporal convolutions maps raw samples to latent frames z_1..z_T. Wit
 paper's 7 layers (strides 5,2,2,2,2,2,2) one frame covers 25 ms and hops 20 ms.
 """
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 
 class _ChannelLayerNorm(nn.LayerNorm):
@@ -45,14 +46,50 @@ class ConvFeatureExtractor(nn.Module):
                 block = nn.Sequential(conv, nn.GELU())
             self.layers.append(block)
             in_dim = dim
+        self.norm = norm
         self.output_dim = in_dim
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        """(B, samples) → (B, C, T) latent frames."""
-        x = waveform.unsqueeze(1)
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        """(B, samples) → (B, C, T) latent frames: the modules' maths (conv → norm → GELU per
+        block), computed time-major. Each conv is then a matmul over frames, the layer norm needs
+        no transposes, and the result is a transposed view of a contiguous (B, T, C) tensor.
+
+        A valid strided convolution never reads the last (T − k) mod s frames of its input, so
+        each layer computes only the frames the next one reads (`_frames_read`); GroupNorm's
+        statistics still cover every frame of its layer.
+        """
+        frames = self._frames_read(waveform.shape[-1])
+        x = waveform.unsqueeze(-1)  # (B, samples, 1)
+        for i, layer in enumerate(self.layers):
+            conv = layer[0]
+            if i == 0 and self.norm == "group" and conv.bias is None and not waveform.requires_grad:
+                gn = layer[1]
+                x = _FirstConvGroupNormGELU.apply(waveform, conv.weight, gn.weight, gn.bias,
+                                                  self.strides[0], gn.eps, frames[0])
+                continue
+            if i == 0 and self.norm == "group":  # general path: statistics over all frames, then trim
+                x = _conv_time_major(x, conv.weight, conv.bias, self.strides[0])
+                x = F.gelu(_group_norm_time_major(x, layer[1]))[:, :frames[0]]
+                continue
+            x = _conv_time_major(x, conv.weight, conv.bias, self.strides[i], frames[i])
+            if self.norm == "layer":
+                x = F.layer_norm(x, x.shape[-1:], layer[1].weight, layer[1].bias, layer[1].eps)
+            x = F.gelu(x)
+        return x.transpose(1, 2)
+
+    def _frames_read(self, samples: int) -> List[int]:
+        """Per layer, how many of its output frames the rest of the stack reads (all of them for
+        the last layer). Raises, as nn.Conv1d does, when the input is shorter than a kernel."""
+        full, length = [], samples
+        for kernel, stride in zip(self.kernels, self.strides):
+            if length < kernel:
+                raise RuntimeError(f"input of {samples} samples is shorter than the receptive field "
+                                   f"({self.receptive_field} samples) of the feature extractor")
+            length = (length - kernel) // stride + 1
+            full.append(length)
+        for i in range(len(full) - 2, -1, -1):
+            full[i] = (full[i + 1] - 1) * self.strides[i + 1] + self.kernels[i + 1]
+        return full
 
     def output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
         """Frames produced for each input length (valid convolution, no padding)."""
@@ -68,6 +105,93 @@ class ConvFeatureExtractor(nn.Module):
             field += (kernel - 1) * jump
             jump *= stride
         return field
+
+
+def _conv_time_major(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
+                     frames: Optional[int] = None) -> torch.Tensor:
+    """Valid Conv1d of x (B, T, C) with weight (O, C, k): the first `frames` output frames (all by
+    default) as (B, frames, O). When s divides k, the input seen as blocks of s frames, (B, T/s, s·C),
+    is a view: block j times each of the k/s kernel slices is one matmul, and output frame t sums
+    slice i applied to block t + i. Otherwise frames are unfolded into (B, frames, C·k) columns."""
+    batch, length, channels = x.shape
+    out_dim, _, kernel = weight.shape
+    if frames is None:
+        frames = (length - kernel) // stride + 1
+    if kernel % stride == 0:
+        slices, block = kernel // stride, stride * channels
+        blocks = frames + slices - 1
+        xb = x[:, :blocks * stride].reshape(batch, blocks, block)
+        # row r·C + c of slice i is tap i·s + r of input channel c
+        w = weight.permute(2, 1, 0).reshape(slices, block, out_dim)
+        if slices == 1:
+            out = xb @ w[0]
+        else:
+            p = (xb @ w.transpose(0, 1).reshape(block, slices * out_dim)).view(batch, blocks, slices, out_dim)
+            out = p[:, :frames, 0]
+            for i in range(1, slices):
+                out = out + p[:, i:i + frames, i]
+    else:
+        cols = x[:, :(frames - 1) * stride + kernel].unfold(1, kernel, stride)  # (B, frames, C, k)
+        out = cols.reshape(batch, frames, channels * kernel) @ weight.reshape(out_dim, -1).t()
+    return out if bias is None else out + bias
+
+
+def _group_norm_time_major(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm(C, C) of a (B, T, C) tensor: each channel normalised over time."""
+    var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+class _FirstConvGroupNormGELU(torch.autograd.Function):
+    """GELU(GroupNorm(Conv1d(waveform))) for the first "group" block (one input channel, no conv
+    bias), time-major: (B, samples) → (B, frames, O), with the gradients of the conv weight and
+    the norm's γ, β (not of the waveform).
+
+    Frame t is f_t = samples [s·t, s·t + k), and y_t,o = f_t·w_o. Each utterance's channel
+    statistics are quadratic forms of its frames' mean f̄ and covariance Σ (k × k, float64):
+        mean_o = f̄·w_o,   var_o = w_oᵀ Σ w_o,   r_o = (var_o + ε)^−½,
+    so the normalised conv is one batched matmul with per-utterance weights γ_o r_o w_o and shift
+    β_o − γ_o r_o mean_o, and no (B, T, O) tensor other than the GELU input and output exists.
+    With g' = ∂L/∂(GELU input), E_o = Σ_t g'_t,o (f_t − f̄) and D_o = E_o·w_o, GroupNorm's
+    backward collapses to  ∂L/∂w_o = Σ_utt γ_o r_o (E_o − r_o² D_o Σ w_o),  ∂L/∂γ_o = Σ_utt r_o D_o,
+    ∂L/∂β_o = Σ_utt,t g'_t,o.
+    """
+
+    @staticmethod
+    def forward(ctx, waveform, weight, gamma, beta, stride: int, eps: float, frames: int):
+        out_dim, _, kernel = weight.shape
+        windows = waveform.unfold(1, kernel, stride)                       # (B, T, k) view
+        f64 = windows.double()
+        mean_frame = f64.mean(1)                                           # (B, k)
+        centred = f64 - mean_frame.unsqueeze(1)
+        cov = centred.transpose(1, 2) @ centred / windows.shape[1]         # (B, k, k)
+        w = weight.reshape(out_dim, kernel).double()
+        var = torch.einsum("ok,bkl,ol->bo", w, cov, w)
+        rstd = torch.rsqrt(var + eps)                                      # (B, O)
+        scale = gamma.double() * rstd
+        shift = beta.double() - (mean_frame @ w.t()) * scale
+        used = windows[:, :frames].contiguous()                            # (B, frames, k)
+        pre = torch.baddbmm(shift.unsqueeze(1).to(waveform.dtype), used,
+                            (w.t().unsqueeze(0) * scale.unsqueeze(1)).to(waveform.dtype))
+        ctx.save_for_backward(used, pre, w, gamma, rstd, mean_frame, cov)
+        return F.gelu(pre)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        used, pre, w, gamma, rstd, mean_frame, cov = ctx.saved_tensors
+        if ctx.needs_input_grad[0]:
+            raise RuntimeError("_FirstConvGroupNormGELU does not differentiate w.r.t. the waveform")
+        grad_pre = torch.ops.aten.gelu_backward(grad.contiguous(), pre)    # (B, frames, O)
+        sum_g = grad_pre.sum(1).double()                                   # (B, O)
+        e = (grad_pre.transpose(1, 2) @ used).double() - sum_g.unsqueeze(2) * mean_frame.unsqueeze(1)
+        d = (e * w).sum(-1)                                                # (B, O)
+        sigma_w = torch.einsum("bkl,ol->bok", cov, w)                      # (B, O, k)
+        grad_w = ((gamma.double() * rstd).unsqueeze(2)
+                  * (e - (rstd * rstd * d).unsqueeze(2) * sigma_w)).sum(0)
+        dtype = pre.dtype
+        return (None, grad_w.unsqueeze(1).to(dtype), (rstd * d).sum(0).to(dtype), sum_g.sum(0).to(dtype),
+                None, None, None)
 
 
 class GradMultiply(torch.autograd.Function):

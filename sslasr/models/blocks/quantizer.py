@@ -65,9 +65,12 @@ class GumbelProductQuantizer(nn.Module):
             onehot = F.gumbel_softmax(logits.float(), tau=self.temperature, hard=True).type_as(logits)
         else:
             onehot = hard
-        # (N·G, V) one-hots select rows of the codebook of their group.
-        onehot = onehot.view(n, self.groups * self.entries, 1)
-        selected = onehot * self.codevectors  # (N, G·V, d)
-        quantized = selected.view(n, self.groups, self.entries, -1).sum(2).reshape(n, -1)
+        # (N·G, V) one-hots select rows of the codebook of their group: per group a (N, V) @ (V, d)
+        # product, Σ_v onehot_v·e_v, without materialising the (N, G·V, d) products.
+        dtype = torch.promote_types(onehot.dtype, self.codevectors.dtype)
+        codebook = self.codevectors.to(dtype).view(self.groups, self.entries, -1)
+        onehot = onehot.to(dtype).view(n, self.groups, self.entries).transpose(0, 1)
+        with torch.autocast(x.device.type, enabled=False):  # keep the elementwise-product precision
+            quantized = torch.bmm(onehot, codebook).transpose(0, 1).reshape(n, -1)
         return QuantizerOutput(quantized, codes.view(n, self.groups), prob_ppl, code_ppl,
                                self.groups * self.entries)

@@ -1,0 +1,497 @@
+"""The shared trainer: exact resume after a kill, non-finite update skipping (also across DDP
+ranks), gradient accumulation, a torchrun DDP smoke run and the final validation's WER.
+
+The end-to-end runs use a tiny synthetic Kaldi-style corpus and a tiny wav2vec 2.0, launched as
+subprocesses of `python -m sslasr.bin.train` exactly like the recipes do.
+"""
+
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.multiprocessing as mp
+import yaml
+from torch import nn
+
+from sslasr.data.loader import load_cuts, make_dataloader
+from sslasr.data.manifests import prepare_corpus
+from sslasr.data.tokenizer import Tokenizer, train_tokenizer
+from sslasr.models.asr import build_asr_model
+from sslasr.scoring import align_counts
+from sslasr.train.distributed import DistInfo, init_distributed
+from sslasr.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+SR = 16000
+WORDS = ["YES", "NO", "UP", "DOWN", "LEFT", "RIGHT", "GO", "STOP"]
+SPEAKERS = {"spk1": 110.0, "spk2": 160.0, "spk3": 220.0}  # speaker: f0 in Hz
+MAX_UPDATES, CKPT_EVERY, KILL_AT = 8, 2, 5
+EXIT_ENV = "SSLASR_DEBUG_EXIT_AFTER_UPDATES"
+
+
+# ====================================================================== tiny corpus
+def _word(word: str, f0: float, rng: np.random.Generator) -> np.ndarray:
+    """A vowel-ish burst: harmonics of f0 shaped by two word-specific 'formants'."""
+    seconds = 0.22 + 0.03 * (len(word) % 4)
+    t = np.arange(int(seconds * SR)) / SR
+    f1 = 300.0 + 90.0 * (sum(map(ord, word)) % 7)
+    f2 = 1200.0 + 150.0 * (sum(map(ord, word[::-1])) % 9)
+    wave = np.zeros_like(t)
+    for h in range(1, 20):
+        freq = h * f0
+        gain = np.exp(-((freq - f1) / 150.0) ** 2) + 0.6 * np.exp(-((freq - f2) / 250.0) ** 2) + 0.02
+        wave += gain * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
+    envelope = np.sin(np.pi * t / seconds) ** 2
+    return wave * envelope
+
+
+def _utterance(words: List[str], f0: float, rng: np.random.Generator) -> np.ndarray:
+    parts = [np.zeros(int(0.1 * SR))]
+    for w in words:
+        parts += [_word(w, f0, rng), np.zeros(int(rng.uniform(0.05, 0.12) * SR))]
+    audio = np.concatenate(parts + [np.zeros(int(0.1 * SR))])
+    audio = 0.5 * audio / np.abs(audio).max() + 0.003 * rng.standard_normal(audio.size)
+    return audio.astype(np.float32)
+
+
+def _write_split(split_dir: Path, utts: Dict[str, tuple], rng: np.random.Generator) -> None:
+    (split_dir / "audio").mkdir(parents=True)
+    wav, text, spk = [], [], []
+    for utt, (speaker, words) in sorted(utts.items()):
+        sf.write(split_dir / "audio" / f"{utt}.flac", _utterance(words, SPEAKERS[speaker], rng), SR)
+        wav.append(f"{utt} audio/{utt}.flac\n")
+        text.append(f"{utt} {' '.join(words)}\n")
+        spk.append(f"{utt} {speaker}\n")
+    (split_dir / "wav.scp").write_text("".join(wav))
+    (split_dir / "text").write_text("".join(text))
+    (split_dir / "utt2spk").write_text("".join(spk))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    rng = np.random.default_rng(0)
+    train, dev = {}, {}
+    for i in range(12):
+        speaker = list(SPEAKERS)[i % 3]
+        words = [WORDS[j] for j in rng.choice(len(WORDS), size=3 + i % 2, replace=False)]
+        train[f"{speaker}-{i:02d}"] = (speaker, words)
+    for i in range(3):
+        speaker = list(SPEAKERS)[i]
+        dev[f"{speaker}-dev{i}"] = (speaker, [WORDS[(2 * i + k) % len(WORDS)] for k in range(3)])
+    _write_split(root / "corpus" / "train", train, rng)
+    _write_split(root / "corpus" / "dev", dev, rng)
+    manifests = root / "manifests"
+    reports = prepare_corpus(root / "corpus", "tiny", ["train", "dev"], manifests, num_jobs=1)
+    assert reports["train"]["kept"] == 12 and reports["dev"]["kept"] == 3, reports
+    train_cuts = manifests / "tiny_cuts_train.jsonl.gz"
+    durations = [c.duration for c in load_cuts(train_cuts)]
+    assert all(1.0 <= d <= 2.0 for d in durations), durations
+    tokenizer = train_tokenizer([" ".join(w) for _, w in train.values()], root / "lang", vocab_size=28)
+    assert tokenizer.vocab_size > 3
+    return {"root": root, "train": train_cuts, "dev": manifests / "tiny_cuts_dev.jsonl.gz",
+            "lang": root / "lang"}
+
+
+# ====================================================================== configs + runs
+FRONTEND = {
+    "frontend": {"name": "wav2vec2", "encoder": {
+        "conv_layers": [[16, 10, 5], [16, 8, 4], [16, 4, 4], [16, 4, 4]],
+        "conv_norm": "group", "conv_bias": False, "feature_grad_mult": 0.1, "dropout_input": 0.1,
+        "transformer": {"dim": 32, "layers": 2, "heads": 2, "ffn_dim": 64, "dropout": 0.1,
+                        "attention_dropout": 0.1, "activation_dropout": 0.0, "layer_norm_first": False,
+                        "layerdrop": 0.0, "pos_conv_kernel": 16, "pos_conv_groups": 4}}},
+    "pretrain": {"mask": {"time_prob": 0.65, "time_length": 10, "time_min_masks": 2},
+                 "quantizer_groups": 2, "quantizer_entries": 8, "quantizer_dim": 16,
+                 "quantizer_temperature": [2.0, 0.5, 0.9], "final_dim": 16, "num_negatives": 5,
+                 "logit_temperature": 0.1, "diversity_weight": 0.1, "feature_penalty_weight": 10.0,
+                 "dropout_features": 0.1, "collapse_warning_perplexity": 8.0},
+}
+TRAINER = {"max_updates": MAX_UPDATES, "accum_grad": 1, "clip_grad_norm": 10.0, "log_every": 1,
+           "checkpoint_every": CKPT_EVERY, "seed": 0, "num_threads": 1}
+DATA = {"max_duration": 4.0, "num_buckets": 2, "num_workers": 0}
+PRETRAIN = {"task": "pretrain", "data": DATA,
+            "optim": {"lr": 5.0e-3, "betas": [0.9, 0.98], "eps": 1.0e-6, "weight_decay": 0.01},
+            "scheduler": {"name": "polynomial", "warmup_updates": 2, "end_lr_scale": 0.0, "power": 1.0},
+            "trainer": dict(TRAINER, valid_every=0)}
+ASR = {"task": "asr", "head": {"name": "ctc", "dropout": 0.1},
+       "finetune": {"freeze_feature_extractor": True, "freeze_encoder_updates": 3},
+       "frontend": {"encoder": {"mask": {"time_prob": 0.3, "time_length": 5, "time_min_masks": 0,
+                                         "channel_prob": 0.1, "channel_length": 8}}},
+       "data": DATA,
+       "optim": {"lr": 5.0e-3, "betas": [0.9, 0.98], "eps": 1.0e-8, "weight_decay": 0.0},
+       "scheduler": {"name": "tri_stage", "phase_ratio": [0.25, 0.25, 0.5], "init_lr_scale": 0.1,
+                     "final_lr_scale": 0.05},
+       "trainer": dict(TRAINER, valid_every=4)}
+
+
+def _write_configs(root: Path) -> Dict[str, Path]:
+    paths = {}
+    for name, cfg in (("frontend", FRONTEND), ("pretrain", PRETRAIN), ("asr", ASR)):
+        paths[name] = root / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return paths
+
+
+def _env(exit_after: Optional[int] = None) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != EXIT_ENV}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if exit_after is not None:
+        env[EXIT_ENV] = str(exit_after)
+    return env
+
+
+def _train_cmd(configs: List[Path], exp_dir: Path, overrides: List[str]) -> List[str]:
+    return [PY, "-m", "sslasr.bin.train", "--config", *map(str, configs), "--exp-dir", str(exp_dir),
+            "--set", *overrides]
+
+
+def _run_parallel(jobs: List[tuple]) -> List[subprocess.CompletedProcess]:
+    """Start every (cmd, env) at once (two cores), wait for all; output kept for messages."""
+    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for cmd, env in jobs]
+    results = []
+    try:
+        for (cmd, _), proc in zip(jobs, procs):
+            out, _ = proc.communicate(timeout=300)
+            results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, None))
+    finally:
+        for proc in procs:  # only on a timeout or an error: never leave our runs behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"{' '.join(result.args)} failed:\n{result.stdout[-4000:]}"
+
+
+def _load(path: Path) -> Dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _batches_per_epoch(cuts: Path) -> int:
+    loader = make_dataloader(load_cuts(cuts), input_type="waveform", max_duration=DATA["max_duration"],
+                             shuffle=True, seed=0, num_buckets=DATA["num_buckets"])
+    loader.sampler.set_epoch(0)
+    return sum(1 for _ in loader.sampler)
+
+
+def _killed_state(exp_dir: Path, result: subprocess.CompletedProcess) -> Dict:
+    ckpt = exp_dir / "checkpoint_last.pt"
+    return {"returncode": result.returncode, "output": result.stdout,
+            "had_final": (exp_dir / "model_final.pt").exists(), "checkpoint": _load(ckpt) if ckpt.exists() else None}
+
+
+@pytest.fixture(scope="session")
+def runs(corpus, tmp_path_factory) -> Dict:
+    """Every subprocess run, in three waves of parallel jobs (the machine has two cores):
+      1. pretrain A (uninterrupted)  | pretrain B (killed after update KILL_AT)
+      2. pretrain B resumed          | asr A (from pretrain A)  | asr B killed
+      3. asr B resumed               | torchrun DDP smoke (2 ranks, pretraining)
+    """
+    root = tmp_path_factory.mktemp("runs")
+    configs = _write_configs(root)
+    pre_cfg, asr_cfg = [configs["frontend"], configs["pretrain"]], [configs["frontend"], configs["asr"]]
+    data = [f"data.train_cuts={corpus['train']}", f"data.valid_cuts={corpus['dev']}"]
+    pre = {"A": root / "pretrain" / "A", "B": root / "pretrain" / "B"}
+    asr = {"A": root / "asr" / "A", "B": root / "asr" / "B"}
+    asr_set = data + [f"data.tokenizer={corpus['lang']}", f"finetune.init_from={pre['A'] / 'model_final.pt'}"]
+    ddp_exp = root / "ddp"
+    ddp_cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "sslasr.bin.train",
+               "--config", *map(str, pre_cfg), "--exp-dir", str(ddp_exp),
+               "--set", f"data.train_cuts={corpus['train']}", "trainer.max_updates=3"]
+
+    a, killed = _run_parallel([(_train_cmd(pre_cfg, pre["A"], data), _env()),
+                               (_train_cmd(pre_cfg, pre["B"], data), _env(KILL_AT))])
+    _ok(a)
+    pre["killed"] = _killed_state(pre["B"], killed)
+    resumed, a, killed = _run_parallel([(_train_cmd(pre_cfg, pre["B"], data), _env()),
+                                        (_train_cmd(asr_cfg, asr["A"], asr_set), _env()),
+                                        (_train_cmd(asr_cfg, asr["B"], asr_set), _env(KILL_AT))])
+    _ok(a)
+    pre["resumed"], asr["killed"] = resumed, _killed_state(asr["B"], killed)
+    asr["resumed"], ddp = _run_parallel([(_train_cmd(asr_cfg, asr["B"], asr_set), _env()), (ddp_cmd, _env())])
+    return {"root": root, "pretrain": pre, "asr": asr, "ddp": {"exp": ddp_exp, "result": ddp}}
+
+
+def _assert_same_models(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)}/{len(a)} tensors differ after resume, e.g. {different[:5]}"
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "asr"])
+def test_resume_after_kill_is_exact(runs, corpus, stage):
+    run = runs[stage]
+    killed = run["killed"]
+    assert killed["returncode"] == 137, killed["output"][-3000:]
+    assert not killed["had_final"]
+    ckpt = killed["checkpoint"]
+    assert ckpt is not None and ckpt["num_updates"] == KILL_AT - KILL_AT % CKPT_EVERY == 4
+    assert ckpt["epoch"] == 0 and ckpt["batches_done"] == 4 and len(ckpt["rng"]) == 1
+    _ok(run["resumed"])
+    assert "resumed from" in run["resumed"].stdout and "at update 4" in run["resumed"].stdout
+
+    final_a, final_b = _load(run["A"] / "model_final.pt"), _load(run["B"] / "model_final.pt")
+    assert final_a["num_updates"] == final_b["num_updates"] == MAX_UPDATES
+    last_a, last_b = _load(run["A"] / "checkpoint_last.pt"), _load(run["B"] / "checkpoint_last.pt")
+    # The data order was exercised across an epoch boundary, after the resume point.
+    per_epoch = _batches_per_epoch(corpus["train"])
+    assert 4 <= per_epoch < MAX_UPDATES, per_epoch
+    assert last_a["epoch"] == last_b["epoch"] >= 1
+    assert last_a["batches_done"] == last_b["batches_done"]
+    # Training really moved the weights between the checkpoint and the end.
+    assert any(not torch.equal(ckpt["model"][k], final_a["model"][k]) for k in ckpt["model"])
+
+    _assert_same_models(final_a["model"], final_b["model"])
+    opt_a, opt_b = last_a["optimizer"]["state"], last_b["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for key in opt_a:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_a[key][name], opt_b[key][name]), (key, name)
+
+
+def test_asr_initialised_from_pretrained_encoder(runs):
+    pre = _load(runs["pretrain"]["A"] / "model_final.pt")["model"]
+    asr_killed = runs["asr"]["killed"]["checkpoint"]["model"]
+    # the feature extractor is frozen in fine-tuning: it still holds the pretrained weights
+    frozen = [k for k in asr_killed if k.startswith("encoder.feature_extractor.")]
+    assert frozen
+    for key in frozen:
+        assert torch.equal(asr_killed[key], pre[key]), key
+
+
+def _log_lines(exp_dir: Path, kind: str) -> List[str]:
+    text = (exp_dir / "train.rank0.log").read_text()
+    return [line for line in text.splitlines() if f" {kind} update " in line]
+
+
+def test_asr_final_validation_reports_wer(runs, corpus):
+    exp = runs["asr"]["A"]
+    valid = _log_lines(exp, "valid")
+    # valid_every=4 → after updates 4 and 8, plus the final pass after training
+    assert [int(re.search(r"valid update (\d+):", l).group(1)) for l in valid] == [4, 8, 8]
+    final = valid[-1]
+    match = re.search(r"\bwer=([0-9.eE+-]+)", final)
+    assert match, final
+    wer = float(match.group(1))
+    assert "loss=" in final
+
+    # Recompute it from model_final.pt (saved right after that pass).
+    saved = _load(exp / "model_final.pt")
+    tokenizer = Tokenizer(corpus["lang"])
+    model = build_asr_model(saved["config"], tokenizer.vocab_size)
+    model.load_state_dict(saved["model"])
+    model.eval()
+    errors = words = 0
+    loader = make_dataloader(load_cuts(corpus["dev"]), input_type="waveform", max_duration=100.0,
+                             shuffle=False, tokenizer=tokenizer)
+    for batch in loader:
+        for hyp, ref in zip(model.greedy(batch["inputs"], batch["input_lens"]), batch["texts"]):
+            counts = align_counts(ref.split(), tokenizer.decode(hyp).split())
+            errors, words = errors + counts.errors, words + counts.ref_words
+    assert words == 9
+    assert wer == pytest.approx(100.0 * errors / words, abs=1e-3 * max(1.0, wer))
+    # the pretraining run has no 'wer', only its training lines
+    assert all("wer=" not in line for line in _log_lines(runs["pretrain"]["A"], "train"))
+
+
+def test_ddp_smoke_torchrun(runs):
+    exp = runs["ddp"]["exp"]
+    _ok(runs["ddp"]["result"])
+    final = _load(exp / "model_final.pt")
+    assert final["num_updates"] == 3
+    last = _load(exp / "checkpoint_last.pt")
+    assert last["world_size"] == 2 and len(last["rng"]) == 2
+    assert not torch.equal(last["rng"][0]["torch"], last["rng"][1]["torch"])  # seeded per rank
+    assert (exp / "train.rank0.log").exists() and (exp / "train.rank1.log").exists()
+    for value in final["model"].values():
+        assert torch.isfinite(value).all()
+
+
+# ====================================================================== in-process trainer
+class _ListSampler:
+    def __init__(self, n: int):
+        self.n, self.epochs = n, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+
+class _FakeLoader:
+    """What Trainer._epoch_batches needs: .sampler (set_epoch, iterable), .dataset, .num_workers."""
+
+    def __init__(self, batches: List[Dict]):
+        self.dataset = batches
+        self.sampler = _ListSampler(len(batches))
+        self.num_workers = 0
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+class _ToyTask:
+    """Mean squared error; optionally a non-finite loss/gradient on one update of one rank."""
+
+    def __init__(self, batches, bad_update=None, mode="nan", bad_rank=0, rank=0):
+        self.model = _Toy()
+        self.loader = _FakeLoader(batches)
+        self.bad_update, self.mode, self.bad_rank, self.rank = bad_update, mode, bad_rank, rank
+        self.num_updates = 0
+        self.params_before: Dict[int, List[torch.Tensor]] = {}
+        self.losses: Dict[int, float] = {}
+
+    def train_dataloader(self, dist):
+        return self.loader
+
+    def valid_dataloader(self, dist):
+        return None
+
+    def on_update(self, model, num_updates):
+        self.num_updates = num_updates
+
+    def forward(self, model, batch):
+        self.params_before.setdefault(self.num_updates, [p.detach().clone() for p in self.model.parameters()])
+        pred = model(batch["x"])
+        if self.num_updates == self.bad_update and self.rank == self.bad_rank and self.mode == "inf_grad":
+            pred.register_hook(lambda g: g * float("inf"))  # loss stays finite, gradient does not
+        loss = ((pred - batch["y"]) ** 2).mean()
+        if self.num_updates == self.bad_update and self.rank == self.bad_rank and self.mode == "nan":
+            loss = loss + float("nan")  # NaN loss, but finite gradients
+        self.losses[self.num_updates] = loss.item()
+        return loss, {"loss": loss.item()}, 1.0
+
+    def validate(self, model, loader):  # pragma: no cover - no valid loader
+        return {}
+
+
+def _toy_batches(n: int, seed: int, rows: int = 4) -> List[Dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(rows, 4, generator=g), "y": torch.randn(rows, 2, generator=g)} for _ in range(n)]
+
+
+def _toy_cfg(max_updates: int, accum_grad: int = 1, **optim) -> Dict:
+    return {"trainer": {"max_updates": max_updates, "accum_grad": accum_grad, "log_every": 1,
+                        "checkpoint_every": 1000, "clip_grad_norm": 0.0},
+            "optim": dict({"lr": 0.05, "eps": 1e-8, "weight_decay": 0.0}, **optim),
+            "scheduler": {"name": "constant"}}
+
+
+def _params(model: nn.Module) -> List[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _equal(a: List[torch.Tensor], b: List[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("mode", ["nan", "inf_grad"])
+def test_non_finite_update_is_skipped(tmp_path, caplog, mode):
+    torch.manual_seed(0)
+    task = _ToyTask(_toy_batches(6, seed=1), bad_update=2, mode=mode)
+    trainer = Trainer(_toy_cfg(5), task, tmp_path / "exp", DistInfo())
+    with caplog.at_level(logging.WARNING, logger="sslasr.train.trainer"):
+        trainer.fit()
+    final = _params(task.model)
+    before = task.params_before
+    assert sorted(before) == [0, 1, 2, 3, 4]
+    assert (mode == "nan") == (not np.isfinite(task.losses[2]))
+    assert _equal(before[3], before[2]), "the non-finite update changed the weights"
+    for k in (0, 1, 3):
+        assert not _equal(before[k + 1], before[k]), k
+    assert not _equal(final, before[4])
+    assert all(torch.isfinite(p).all() for p in final)
+    assert trainer.num_updates == 5 and trainer.skipped_updates == 1 and trainer.batches_done == 5
+    steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
+    assert steps == {4}  # the optimizer never stepped on the bad update
+    assert any("update 3: non-finite loss or gradient, skipped (1 so far)" in r.getMessage()
+               for r in caplog.records)
+    assert _load(tmp_path / "exp" / "checkpoint_last.pt")["skipped_updates"] == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist = init_distributed()
+    try:
+        assert dist.rank == rank and dist.world_size == world_size and dist.is_distributed
+        torch.manual_seed(100 + rank)  # different init per rank: DDP must broadcast rank 0's
+        task = _ToyTask(_toy_batches(6, seed=10 + rank), bad_update=2, mode="nan", bad_rank=1, rank=rank)
+        trainer = Trainer(_toy_cfg(5), task, Path(out_dir) / "exp", dist)
+        trainer.fit()
+        torch.save({"final": _params(task.model), "before": task.params_before, "losses": task.losses,
+                    "skipped": trainer.skipped_updates, "num_updates": trainer.num_updates},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_non_finite_on_one_rank_is_skipped_on_all(tmp_path):
+    mp.spawn(_ddp_nan_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (_load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert np.isfinite(r0["losses"][2]) and np.isnan(r1["losses"][2])  # only rank 1 saw the NaN
+    assert r0["skipped"] == r1["skipped"] == 1
+    assert r0["num_updates"] == r1["num_updates"] == 5
+    assert _equal(r0["final"], r1["final"])
+    for k in range(5):
+        assert _equal(r0["before"][k], r1["before"][k]), k
+    assert _equal(r0["before"][3], r0["before"][2])  # rank 0 skipped despite its finite loss
+    assert not _equal(r0["before"][2], r0["before"][1]) and not _equal(r0["before"][4], r0["before"][3])
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    micro = _toy_batches(4, seed=3)
+    merged = [{key: torch.cat([micro[i][key], micro[i + 1][key]]) for key in ("x", "y")} for i in (0, 2)]
+    # A large Adam eps makes the step proportional to the gradient (not just its sign), so a
+    # wrongly scaled accumulated gradient would show.
+    optim = {"lr": 0.5, "eps": 10.0, "weight_decay": 0.01}
+
+    def train(batches, accum, name, updates=2):
+        torch.manual_seed(0)
+        task = _ToyTask(batches)
+        start = _params(task.model)
+        trainer = Trainer(_toy_cfg(updates, accum, **optim), task, tmp_path / name, DistInfo())
+        trainer.fit()
+        return start, _params(task.model), trainer
+
+    start_a, accumulated, trainer_a = train(micro, 2, "accum")
+    start_b, big_batch, trainer_b = train(merged, 1, "big")
+    _, first_micro_only, _ = train(micro[:1], 1, "single", updates=1)
+    assert _equal(start_a, start_b)
+    assert trainer_a.num_updates == trainer_b.num_updates == 2 and trainer_a.batches_done == 4
+    for a, b in zip(accumulated, big_batch):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+    assert max((a - s).abs().max().item() for a, s in zip(accumulated, start_a)) > 1e-3  # it moved
+    assert max((a - b).abs().max().item() for a, b in zip(big_batch, first_micro_only)) > 1e-4

@@ -6,7 +6,7 @@
 #   0 data        corpus-specific preparation into a Kaldi-style folder (local/data.sh)
 #   1 manifests   lhotse recordings/supervisions/cuts, validated (bad audio dropped, counted)
 #   2 features    fbank for fbank frontends; waveform frontends read audio on the fly
-#   3 tokenizer   sentencepiece on the training transcripts
+#   3 tokenizer   sentencepiece (--token-type, --vocab-size) on the training transcripts
 #   4 pretrain    self-supervised pretraining of --frontend on all audio
 #   5 finetune    --head on --labeled seconds of transcribed audio, from the pretrained
 #                 encoder and (unless --compare-scratch false) from scratch
@@ -34,6 +34,7 @@ nproc=1                # processes per node for training (torchrun when > 1)
 launcher=""            # e.g. "torchrun --nnodes 2 --node_rank 0 --master_addr host --nproc_per_node 8"
 force=false
 vocab_size=${vocab_size:-200}
+token_type=${token_type:-unigram}  # sentencepiece model: unigram, bpe or char
 data_opts=""           # extra options for local/data.sh
 pretrain_opts=""       # extra `key=value` config overrides for stage 4
 finetune_opts=""       # ... for stage 5
@@ -89,7 +90,7 @@ seconds_of() {  # 10m → 600, 1h → 3600, 90 → 90, all → all
 }
 
 manifests=data/manifests
-lang=data/lang_bpe_${vocab_size}
+lang=data/lang_${token_type}_${vocab_size}
 labeled_seconds=$(seconds_of "$labeled")
 labeled_tag=$labeled
 input_type=$("$python" -c "
@@ -141,7 +142,8 @@ fi
 
 if run_stage 3; then
   if done_or_force $lang/.done; then log "tokenizer ready ($lang)"; else
-    "$python" -m sslasr.bin.train_tokenizer --cuts "$(cuts train)" --out-dir $lang --vocab-size "$vocab_size"
+    "$python" -m sslasr.bin.train_tokenizer --cuts "$(cuts train)" --out-dir $lang --vocab-size "$vocab_size" \
+      --model-type "$token_type"
     touch $lang/.done
   fi
 fi

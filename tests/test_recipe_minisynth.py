@@ -16,7 +16,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = [
     "--data-opts", "--num-train 40 --num-unlabeled 40 --num-dev 8 --num-test 8",
-    "--vocab-size", "40",
     "--pretrain-opts", "trainer.max_updates=4 trainer.checkpoint_every=2 data.max_duration=15",
     "--finetune-opts", "trainer.max_updates=4 trainer.valid_every=0 data.max_duration=15",
 ]
@@ -48,7 +47,7 @@ def finished_recipe(tmp_path_factory) -> Path:
 
 def test_every_stage_writes_its_outputs(finished_recipe: Path):
     recipe = finished_recipe
-    for marker in ["data/.data.done", "data/manifests/.done", "data/lang_bpe_40/.done",
+    for marker in ["data/.data.done", "data/manifests/.done", "data/lang_char_40/.done",
                    "exp/pretrain_wav2vec2/.done", "exp/ctc_wav2vec2_all/.done", "exp/ctc_scratch_wav2vec2_all/.done"]:
         assert (recipe / marker).exists(), marker
     validation = json.loads((recipe / "data/manifests/minisynth_train_validation.json").read_text())

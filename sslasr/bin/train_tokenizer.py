@@ -27,7 +27,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuts", nargs="+", required=True, help="cut manifests whose texts are used")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
+    p.add_argument("--model-type", choices=["unigram", "bpe", "char"], default="unigram")
     return p
 
 

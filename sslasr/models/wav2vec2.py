@@ -172,10 +172,16 @@ def contrastive_logits(context: torch.Tensor, targets: torch.Tensor, negative_id
     """context, targets (N, D); negative_idx (N, K) → logits (N, 1 + K), the positive first.
     A distractor identical to the positive (same code) cannot be told apart: its logit is −inf.
     Cosine similarity as F.cosine_similarity computes it, <c/‖c‖, q/‖q‖>, but each vector is
-    normalised once, not once per candidate it appears in."""
+    normalised once, not once per candidate it appears in, and while N ≤ (1+K)·D all N×N
+    similarities come from one matmul, cheaper than gathering N·(1+K) candidate vectors."""
     index = torch.cat([torch.arange(len(targets), device=targets.device).unsqueeze(1), negative_idx], dim=1)
-    candidates = _unit(targets.float())[index]                               # (N, 1+K, D)
-    logits = torch.bmm(candidates, _unit(context.float()).unsqueeze(-1)).squeeze(-1) / temperature
+    unit_targets, unit_context = _unit(targets.float()), _unit(context.float())
+    with torch.autocast(context.device.type, enabled=False):  # float32, as F.cosine_similarity
+        if len(targets) <= index.shape[1] * targets.shape[1]:
+            logits = (unit_context @ unit_targets.t()).gather(1, index)
+        else:
+            logits = torch.bmm(unit_targets[index], unit_context.unsqueeze(-1)).squeeze(-1)
+    logits = logits / temperature
     with torch.no_grad():
         same_as_positive = _rows_equal(targets, negative_idx)
     logits[:, 1:] = logits[:, 1:].masked_fill(same_as_positive, float("-inf"))

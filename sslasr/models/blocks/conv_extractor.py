@@ -55,8 +55,8 @@ class ConvFeatureExtractor(nn.Module):
         no transposes, and the result is a transposed view of a contiguous (B, T, C) tensor.
 
         A valid strided convolution never reads the last (T − k) mod s frames of its input, so
-        each layer computes only the frames the next one reads (`_frames_read`); GroupNorm's
-        statistics still cover every frame of its layer.
+        each layer computes only the frames the next one reads, rounded to its blocks of s
+        frames (`_frames_read`); GroupNorm's statistics still cover every frame of its layer.
         """
         frames = self._frames_read(waveform.shape[-1])
         x = waveform.unsqueeze(-1)  # (B, samples, 1)
@@ -87,8 +87,9 @@ class ConvFeatureExtractor(nn.Module):
                                    f"({self.receptive_field} samples) of the feature extractor")
             length = (length - kernel) // stride + 1
             full.append(length)
-        for i in range(len(full) - 2, -1, -1):
-            full[i] = (full[i + 1] - 1) * self.strides[i + 1] + self.kernels[i + 1]
+        for i in range(len(full) - 2, -1, -1):  # next layer's frames, in whole blocks of its stride
+            kernel, stride = self.kernels[i + 1], self.strides[i + 1]
+            full[i] = min(full[i], (full[i + 1] - 1 + -(-kernel // stride)) * stride)
         return full
 
     def output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
@@ -110,30 +111,90 @@ class ConvFeatureExtractor(nn.Module):
 def _conv_time_major(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
                      frames: Optional[int] = None) -> torch.Tensor:
     """Valid Conv1d of x (B, T, C) with weight (O, C, k): the first `frames` output frames (all by
-    default) as (B, frames, O). When s divides k, the input seen as blocks of s frames, (B, T/s, s·C),
-    is a view: block j times each of the k/s kernel slices is one matmul, and output frame t sums
-    slice i applied to block t + i. Otherwise frames are unfolded into (B, frames, C·k) columns."""
+    default) as (B, frames, O), with no im2col copy. Seen as blocks of s frames, x is a
+    (B, T/s, s·C) view; the kernel is ⌈k/s⌉ slices of s taps (the last one has only k mod s taps
+    when s ∤ k). Output frame t sums slice i applied to block t + i (`_ShiftedBlockMatmul`).
+    The input is trimmed, or zero-padded, to a whole number of blocks: padding is never read."""
     batch, length, channels = x.shape
     out_dim, _, kernel = weight.shape
     if frames is None:
         frames = (length - kernel) // stride + 1
-    if kernel % stride == 0:
-        slices, block = kernel // stride, stride * channels
-        blocks = frames + slices - 1
-        xb = x[:, :blocks * stride].reshape(batch, blocks, block)
-        # row r·C + c of slice i is tap i·s + r of input channel c
-        w = weight.permute(2, 1, 0).reshape(slices, block, out_dim)
-        if slices == 1:
-            out = xb @ w[0]
-        else:
-            p = (xb @ w.transpose(0, 1).reshape(block, slices * out_dim)).view(batch, blocks, slices, out_dim)
-            out = p[:, :frames, 0]
-            for i in range(1, slices):
-                out = out + p[:, i:i + frames, i]
+    slices = -(-kernel // stride)
+    blocks, block = frames + slices - 1, stride * channels
+    if length > blocks * stride:
+        x = x[:, :blocks * stride]
+    elif length < blocks * stride:
+        x = F.pad(x, (0, 0, 0, blocks * stride - length))
+    xb = x.reshape(batch, blocks, block)
+    # w[r·C + c, i, o] = weight[o, c, i·s + r] (taps past k are zero and never multiplied)
+    w = F.pad(weight, (0, slices * stride - kernel)).permute(2, 1, 0).reshape(slices, block, out_dim).transpose(0, 1)
+    if slices == 1 and kernel == stride:
+        out = xb @ w[:, 0]
     else:
-        cols = x[:, :(frames - 1) * stride + kernel].unfold(1, kernel, stride)  # (B, frames, C, k)
-        out = cols.reshape(batch, frames, channels * kernel) @ weight.reshape(out_dim, -1).t()
+        out = _ShiftedBlockMatmul.apply(xb, w, frames, (kernel - (slices - 1) * stride) * channels)
     return out if bias is None else out + bias
+
+
+class _ShiftedBlockMatmul(torch.autograd.Function):
+    """out[:, t] = Σ_i xb[:, t + i, :D_i] @ w[:D_i, i] for t < frames; xb (B, n, D), w (D, m, O),
+    D_i = D but for the last slice, which reads only its block's first `last_rows` columns.
+    The full slices are one matmul forward and backward; the backward writes the shifted output
+    gradient once into a (B, n, ·, O) buffer instead of summing zero-padded copies."""
+
+    @staticmethod
+    def forward(ctx, xb, w, frames: int, last_rows: int):
+        batch, blocks, dim = xb.shape
+        slices, out_dim = w.shape[1], w.shape[2]
+        full = slices if last_rows == dim else slices - 1
+        x2 = xb.reshape(batch * blocks, dim)
+        terms = []
+        if full:
+            p = (x2 @ w[:, :full].reshape(dim, full * out_dim)).view(batch, blocks, full, out_dim)
+            terms = [p[:, i:i + frames, i] for i in range(full)]
+        if full < slices:
+            q = (x2[:, :last_rows] @ w[:last_rows, -1]).view(batch, blocks, out_dim)
+            terms.append(q[:, slices - 1:slices - 1 + frames])
+        out = terms[0] + terms[1] if len(terms) > 1 else terms[0].clone()
+        for term in terms[2:]:
+            out += term
+        ctx.save_for_backward(xb, w)
+        ctx.frames, ctx.last_rows = frames, last_rows
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        xb, w = ctx.saved_tensors
+        batch, blocks, dim = xb.shape
+        slices, out_dim, frames, last_rows = w.shape[1], w.shape[2], ctx.frames, ctx.last_rows
+        full = slices if last_rows == dim else slices - 1
+
+        def shifted(i: int, buf: torch.Tensor) -> None:  # buf (B, n, O) ← grad shifted by i blocks
+            buf[:, i:i + frames] = grad
+            buf[:, :i] = 0
+            buf[:, i + frames:] = 0
+
+        x2 = xb.reshape(batch * blocks, dim)
+        grad_x = torch.zeros_like(x2) if full == 0 else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        if full:
+            grad_p = grad.new_empty(batch, blocks, full, out_dim)
+            for i in range(full):
+                shifted(i, grad_p[:, :, i])
+            grad_p = grad_p.view(batch * blocks, full * out_dim)
+            w_full = w[:, :full].reshape(dim, full * out_dim)
+            grad_x = grad_p @ w_full.t()
+            if grad_w is not None:
+                grad_w[:, :full] = (x2.t() @ grad_p).view(dim, full, out_dim)
+        if full < slices:
+            grad_q = grad.new_empty(batch, blocks, out_dim)
+            shifted(slices - 1, grad_q)
+            grad_q = grad_q.view(batch * blocks, out_dim)
+            grad_x[:, :last_rows].addmm_(grad_q, w[:last_rows, -1].t())
+            if grad_w is not None:
+                grad_w[:last_rows, -1] = x2[:, :last_rows].t() @ grad_q
+        grad_x = grad_x.view(batch, blocks, dim) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_w, None, None
 
 
 def _group_norm_time_major(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
@@ -184,7 +245,8 @@ class _FirstConvGroupNormGELU(torch.autograd.Function):
             raise RuntimeError("_FirstConvGroupNormGELU does not differentiate w.r.t. the waveform")
         grad_pre = torch.ops.aten.gelu_backward(grad.contiguous(), pre)    # (B, frames, O)
         sum_g = grad_pre.sum(1).double()                                   # (B, O)
-        e = (grad_pre.transpose(1, 2) @ used).double() - sum_g.unsqueeze(2) * mean_frame.unsqueeze(1)
+        # Σ_t f_t g'_tᵀ as (B, k, O): the orientation in which the long T axis is contracted fast
+        e = (used.transpose(1, 2) @ grad_pre).transpose(1, 2).double() - sum_g.unsqueeze(2) * mean_frame.unsqueeze(1)
         d = (e * w).sum(-1)                                                # (B, O)
         sigma_w = torch.einsum("bkl,ol->bok", cov, w)                      # (B, O, k)
         grad_w = ((gamma.double() * rstd).unsqueeze(2)

@@ -35,7 +35,7 @@ launcher=""            # e.g. "torchrun --nnodes 2 --node_rank 0 --master_addr h
 force=false
 vocab_size=${vocab_size:-200}
 token_type=${token_type:-unigram}  # sentencepiece model: unigram, bpe or char
-data_opts=""           # extra options for local/data.sh
+data_opts=${data_opts:-}  # extra options for local/data.sh
 pretrain_opts=""       # extra `key=value` config overrides for stage 4
 finetune_opts=""       # ... for stage 5
 decode_opts=""         # extra options for sslasr.bin.decode

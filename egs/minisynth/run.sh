@@ -10,5 +10,7 @@ test_sets="dev test"
 # Letters, as fairseq fine-tunes wav2vec 2.0: a tiny CTC model leaves the blank-only
 # plateau far sooner on 30 letters than on 200 word pieces.
 token_type=char
+# Corpus size: ~1 h labeled pool, ~1.4 h unlabeled, small dev (validated during training).
+data_opts="--num-train 1500 --num-unlabeled 2000 --num-dev 100 --num-test 300"
 vocab_size=40
 . ../../local/ssl_asr.sh

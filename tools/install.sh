@@ -25,7 +25,7 @@ pip_install() {  # this machine's pip.conf names local wheel folders that may be
 
 # torch first and pinned: any other version pulls a multi-GB CUDA stack on a CPU machine.
 if ! $py -c "import torch" >/dev/null 2>&1; then
-  pip_install "torch==2.13.0"
+  pip_install "torch==2.13.0" numpy
 fi
 torch_version=$($py -c "import torch; print(torch.__version__.split('+')[0])")
 constraints=$(mktemp)

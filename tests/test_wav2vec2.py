@@ -429,7 +429,11 @@ def test_recipe_configs_compose():
     cfg = load_configs([conf / "frontend_wav2vec2.yaml", conf / "finetune_ctc.yaml"], ["optim.lr=0.0005"])
     assert cfg["frontend"]["name"] == "wav2vec2"
     enc = cfg["frontend"]["encoder"]
-    assert enc["transformer"]["dim"] == 256 and enc["mask"]["time_prob"] == 0.3  # deep-merged
+    preset = yaml.safe_load(TINY_PRESET.read_text())["frontend"]["encoder"]
+    finetune = yaml.safe_load((conf / "finetune_ctc.yaml").read_text())["frontend"]["encoder"]
+    # deep-merged: the architecture from the shared preset, the fine-tuning masks from the stage file
+    assert enc["transformer"] == preset["transformer"] and enc["conv_layers"] == preset["conv_layers"]
+    assert enc["mask"] == finetune["mask"]
     assert cfg["optim"]["lr"] == 0.0005 and cfg["task"] == "asr"
     Wav2Vec2EncoderConfig.from_dict(enc)  # every key is a real field
 

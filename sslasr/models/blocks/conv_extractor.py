@@ -148,15 +148,16 @@ class _ShiftedBlockMatmul(torch.autograd.Function):
         full = slices if last_rows == dim else slices - 1
         x2 = xb.reshape(batch * blocks, dim)
         terms = []
-        if full:
-            p = (x2 @ w[:, :full].reshape(dim, full * out_dim)).view(batch, blocks, full, out_dim)
-            terms = [p[:, i:i + frames, i] for i in range(full)]
-        if full < slices:
-            q = (x2[:, :last_rows] @ w[:last_rows, -1]).view(batch, blocks, out_dim)
-            terms.append(q[:, slices - 1:slices - 1 + frames])
-        out = terms[0] + terms[1] if len(terms) > 1 else terms[0].clone()
-        for term in terms[2:]:
-            out += term
+        with torch.autocast(xb.device.type, enabled=False):  # in the inputs' dtype, as its backward
+            if full:
+                p = (x2 @ w[:, :full].reshape(dim, full * out_dim)).view(batch, blocks, full, out_dim)
+                terms = [p[:, i:i + frames, i] for i in range(full)]
+            if full < slices:
+                q = (x2[:, :last_rows] @ w[:last_rows, -1]).view(batch, blocks, out_dim)
+                terms.append(q[:, slices - 1:slices - 1 + frames])
+            out = terms[0] + terms[1] if len(terms) > 1 else terms[0].clone()
+            for term in terms[2:]:
+                out += term
         ctx.save_for_backward(xb, w)
         ctx.frames, ctx.last_rows = frames, last_rows
         return out
@@ -219,6 +220,8 @@ class _FirstConvGroupNormGELU(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def forward(ctx, waveform, weight, gamma, beta, stride: int, eps: float, frames: int):
         out_dim, _, kernel = weight.shape
         windows = waveform.unfold(1, kernel, stride)                       # (B, T, k) view

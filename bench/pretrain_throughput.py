@@ -1,0 +1,176 @@
+"""wav2vec 2.0 pretraining-step throughput: sslasr's Wav2Vec2Pretrainer vs transformers'
+Wav2Vec2ForPreTraining at an identical configuration, on CPU.
+
+One timed step = forward + loss + backward + zero_grad, both models in train mode (dropout on).
+The optimizer step is excluded by default (it is the same AdamW over the same parameter count for
+both); `--optimizer` includes an AdamW step for both. Span masks and negatives are drawn inside
+the timed region for both: ours draws them inside forward (torch), and for transformers the
+numpy helpers `_compute_mask_indices` / `_sample_negative_indices` run inside each timed step.
+Iterations alternate ours/theirs in one process so that load from other processes hits both.
+
+    .venv/bin/python bench/pretrain_throughput.py --config tiny --iters 10
+"""
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
+
+from sslasr.models.wav2vec2 import (Wav2Vec2EncoderConfig, Wav2Vec2PretrainConfig, Wav2Vec2Pretrainer)
+from sslasr.utils.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {  # base-shaped (7-layer conv stack, post-LN Transformer) but narrower and shallower
+    "encoder": {
+        "conv_layers": [[256, 10, 5]] + [[256, 3, 2]] * 4 + [[256, 2, 2]] * 2,
+        "conv_norm": "group", "conv_bias": False, "feature_grad_mult": 0.1, "dropout_input": 0.1,
+        "transformer": {"dim": 384, "layers": 4, "heads": 6, "ffn_dim": 1536, "dropout": 0.1,
+                        "attention_dropout": 0.1, "activation_dropout": 0.0, "layer_norm_first": False,
+                        "layerdrop": 0.0, "pos_conv_kernel": 128, "pos_conv_groups": 16},
+    },
+    "pretrain": {"mask": {"time_prob": 0.65, "time_length": 10, "time_min_masks": 2},
+                 "quantizer_groups": 2, "quantizer_entries": 320, "quantizer_dim": 256, "final_dim": 256,
+                 "num_negatives": 100, "logit_temperature": 0.1, "diversity_weight": 0.1,
+                 "dropout_features": 0.1},
+}
+
+
+def load_frontend(name: str):
+    if name == "small":
+        enc, obj = SMALL["encoder"], SMALL["pretrain"]
+    else:  # tiny: exactly what the minisynth recipe pretrains
+        cfg = load_config(ROOT / "egs/minisynth/conf/frontend_wav2vec2.yaml")
+        enc, obj = cfg["frontend"]["encoder"], cfg["pretrain"]
+    known = {f.name for f in dataclasses.fields(Wav2Vec2PretrainConfig)}
+    obj = {k: v for k, v in obj.items() if k in known}  # drop recipe-only keys (collapse warning)
+    return Wav2Vec2EncoderConfig.from_dict(enc), Wav2Vec2PretrainConfig.from_dict(obj)
+
+
+def to_hf_config(enc: Wav2Vec2EncoderConfig, pre: Wav2Vec2PretrainConfig) -> Wav2Vec2Config:
+    """Field-by-field mapping ours → transformers. Not expressible in transformers (and so not
+    part of the comparison's maths): our feature_grad_mult (a gradient scale on the conv output)
+    and the feature penalty λ·mean(z²) — both cost one elementwise op."""
+    t = enc.transformer
+    return Wav2Vec2Config(
+        conv_dim=[c for c, _, _ in enc.conv_layers],        # encoder.conv_layers[i][0]
+        conv_kernel=[k for _, k, _ in enc.conv_layers],     # encoder.conv_layers[i][1]
+        conv_stride=[s for _, _, s in enc.conv_layers],     # encoder.conv_layers[i][2]
+        feat_extract_norm=enc.conv_norm,                     # "group": GroupNorm on conv layer 0 only
+        conv_bias=enc.conv_bias,
+        feat_extract_activation="gelu",
+        feat_proj_dropout=enc.dropout_input,                 # dropout after feature_projection
+        hidden_size=t.dim,
+        num_hidden_layers=t.layers,
+        num_attention_heads=t.heads,
+        intermediate_size=t.ffn_dim,
+        hidden_act="gelu",
+        hidden_dropout=t.dropout,
+        attention_dropout=t.attention_dropout,
+        activation_dropout=t.activation_dropout,
+        do_stable_layer_norm=t.layer_norm_first,
+        layerdrop=t.layerdrop,
+        num_conv_pos_embeddings=t.pos_conv_kernel,
+        num_conv_pos_embedding_groups=t.pos_conv_groups,
+        layer_norm_eps=1e-5,                                 # torch LayerNorm default, as ours
+        mask_time_prob=pre.mask.time_prob,
+        mask_time_length=pre.mask.time_length,
+        mask_time_min_masks=pre.mask.time_min_masks,
+        mask_feature_prob=0.0,                               # pretraining masks time only
+        num_codevector_groups=pre.quantizer_groups,
+        num_codevectors_per_group=pre.quantizer_entries,
+        codevector_dim=pre.quantizer_dim,
+        proj_codevector_dim=pre.final_dim,
+        num_negatives=pre.num_negatives,
+        contrastive_logits_temperature=pre.logit_temperature,
+        diversity_loss_weight=pre.diversity_weight,
+        feat_quantizer_dropout=pre.dropout_features,
+        attn_implementation="sdpa",                          # fused attention, as ours
+    )
+
+
+def make_steps(ours, theirs, hf_cfg, wav, lengths, optimizer: bool):
+    num_frames = int(theirs._get_feat_extract_output_lengths(wav.shape[1]))
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, theirs)} if optimizer else {}
+
+    def finish(model, loss):
+        loss.backward()
+        if optimizer:
+            opts[model].step()
+        model.zero_grad(set_to_none=True)
+
+    def step_ours():
+        loss, _ = ours(wav, lengths)
+        finish(ours, loss)
+
+    def step_theirs():
+        shape = (wav.shape[0], num_frames)
+        mask = _compute_mask_indices(shape, hf_cfg.mask_time_prob, hf_cfg.mask_time_length,
+                                     min_masks=hf_cfg.mask_time_min_masks)
+        negatives = _sample_negative_indices(shape, hf_cfg.num_negatives, mask)
+        out = theirs(wav, mask_time_indices=torch.from_numpy(mask),
+                     sampled_negative_indices=torch.from_numpy(negatives).long())
+        finish(theirs, out.loss)
+
+    return step_ours, step_theirs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=["tiny", "small"], default="tiny")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8, help="utterances per batch")
+    parser.add_argument("--seconds", type=float, default=4.0, help="seconds of audio per utterance")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per model")
+    parser.add_argument("--optimizer", action="store_true", help="include an AdamW step for both")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    enc_cfg, pre_cfg = load_frontend(args.config)
+    hf_cfg = to_hf_config(enc_cfg, pre_cfg)
+    ours = Wav2Vec2Pretrainer(enc_cfg, pre_cfg).train()
+    theirs = Wav2Vec2ForPreTraining(hf_cfg).train()
+
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    print(f"config={args.config} threads={args.threads} batch={args.batch}x{args.seconds:g}s "
+          f"iters={args.iters} warmup={args.warmup} optimizer_step={'yes' if args.optimizer else 'no'} "
+          f"attention={theirs.config._attn_implementation} load_avg_1min={os.getloadavg()[0]:.1f}")
+    print(f"parameters: ours {n_ours:,}  transformers {n_theirs:,}")
+    assert abs(n_ours - n_theirs) <= 0.01 * n_theirs, "configs do not match"
+
+    samples = int(args.seconds * 16000)
+    wav = torch.randn(args.batch, samples)
+    lengths = torch.full((args.batch,), samples, dtype=torch.long)
+    steps = dict(zip(("ours", "transformers"), make_steps(ours, theirs, hf_cfg, wav, lengths, args.optimizer)))
+
+    times = {name: [] for name in steps}
+    for i in range(args.warmup + args.iters):
+        order = list(steps) if i % 2 == 0 else list(steps)[::-1]  # alternate who goes first
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+
+    audio = args.batch * args.seconds
+    print(f"{'model':<14}{'median s/step':>14}{'min s/step':>12}{'audio-s/s':>12}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:<14}{med:>14.3f}{min(ts):>12.3f}{audio / med:>12.1f}")
+    ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])
+    print(f"ratio (ours / transformers): {ratio:.2f}×")
+
+
+if __name__ == "__main__":
+    main()

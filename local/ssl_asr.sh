@@ -18,7 +18,7 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-command_line="./run.sh $*"
+command_line="./run.sh"; [ $# -eq 0 ] || command_line+=$(printf " %q" "$@")  # re-runnable: quoting kept
 
 # ---------------------------------------------------------------- options
 stage=0

@@ -70,6 +70,9 @@ done_or_force() {  # done_or_force MARKER: true (skip) when the work behind MARK
   if [ "$force" = true ]; then rm -f "$1"; return 1; fi
   [ -f "$1" ]
 }
+fresh_training() {  # fresh_training EXP_DIR: with --force, retrain from update 0, not from its checkpoint
+  if [ "$force" = true ]; then rm -rf "$1"; fi
+}
 train() {  # train EXP_DIR CONFIG... -- OVERRIDES...
   local exp_dir=$1; shift
   if [ -n "$launcher" ]; then
@@ -151,6 +154,7 @@ fi
 if run_stage 4 && [ "$no_pretrain" != true ]; then
   if done_or_force $pretrain_dir/.done; then log "pretrained $frontend ready ($pretrain_dir)"; else
     log "self-supervised pretraining of $frontend"
+    fresh_training $pretrain_dir
     pretrain_cuts=$manifests/${corpus}_cuts_pretrain$feats.jsonl.gz
     "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $(for s in $pretrain_splits; do cuts "$s"; done)
     train $pretrain_dir --config $conf_dir/frontend_$frontend.yaml $conf_dir/pretrain.yaml \
@@ -170,6 +174,7 @@ if run_stage 5; then
     dir=$(system_dir $system)
     if done_or_force $dir/.done; then log "$dir ready"; continue; fi
     log "fine-tuning $dir"
+    fresh_training $dir
     configs="$conf_dir/frontend_$frontend.yaml $conf_dir/finetune_$head.yaml"
     init="finetune.init_from=$pretrain_dir/model_final.pt"
     if [ $system = scratch ]; then configs="$configs $conf_dir/scratch.yaml"; init="finetune.init_from=null"; fi

@@ -11,13 +11,6 @@ from torch import nn
 import torch.nn.functional as F
 
 
-class _ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over channels of a (B, C, T) tensor."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
-
-
 class ConvFeatureExtractor(nn.Module):
     """Conv1d → norm → GELU blocks.
 
@@ -39,7 +32,7 @@ class ConvFeatureExtractor(nn.Module):
             conv = nn.Conv1d(in_dim, dim, kernel, stride=stride, bias=conv_bias)
             nn.init.kaiming_normal_(conv.weight)
             if norm == "layer":
-                block = nn.Sequential(conv, _ChannelLayerNorm(dim), nn.GELU())
+                block = nn.Sequential(conv, nn.LayerNorm(dim), nn.GELU())  # applied time-major in forward
             elif i == 0:
                 block = nn.Sequential(conv, nn.GroupNorm(dim, dim), nn.GELU())
             else:

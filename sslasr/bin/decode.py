@@ -16,10 +16,9 @@ from sslasr.data.loader import load_cuts, make_dataloader
 from sslasr.data.tokenizer import Tokenizer
 from sslasr.models.asr import build_asr_model
 from sslasr.models.frontends import get_frontend
+from sslasr.models.interfaces import DecodeOptions
 from sslasr.utils.io import write_text_atomic
 from sslasr.utils.logging import setup_logging
-
-METHODS = ("ctc_greedy",)
 
 
 def main(argv=None) -> None:
@@ -27,7 +26,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model", required=True, help="model_final.pt written by sslasr.bin.train")
     parser.add_argument("--cuts", required=True)
     parser.add_argument("--out-dir", required=True, type=Path)
-    parser.add_argument("--method", default="ctc_greedy", choices=METHODS)
+    parser.add_argument("--method", default="ctc_greedy", help="a method of the model's head (e.g. ctc_greedy)")
+    parser.add_argument("--beam-size", type=int, default=8)
     parser.add_argument("--max-duration", type=float, default=200.0, help="seconds of audio per batch")
     parser.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -41,13 +41,17 @@ def main(argv=None) -> None:
     model = build_asr_model(cfg, tokenizer.vocab_size)
     model.load_state_dict(checkpoint["model"])
     model.eval()
+    if args.method not in model.head.methods:
+        parser.error(f"--method {args.method}: the {cfg['head'].get('name', 'ctc')} head decodes with "
+                     f"{', '.join(model.head.methods)}")
+    options = DecodeOptions(beam_size=args.beam_size)
     loader = make_dataloader(load_cuts(args.cuts), input_type=get_frontend(cfg["frontend"]).input_type,
                              max_duration=args.max_duration, shuffle=False)
 
     hyps, refs, audio_seconds = {}, {}, 0.0
     start = time.perf_counter()
     for batch in loader:
-        for cut_id, tokens, text in zip(batch["cut_ids"], model.greedy(batch["inputs"], batch["input_lens"]),
+        for cut_id, tokens, text in zip(batch["cut_ids"], model.decode(batch["inputs"], batch["input_lens"], args.method, options),
                                         batch["texts"]):
             hyps[cut_id] = tokenizer.decode(tokens)
             if text is not None:

@@ -1,4 +1,4 @@
-"""An ASR model = a frontend encoder (pretrained or not) + a head."""
+"""An ASR model = a frontend encoder (pretrained or not) + a head (CTC, attention, transducer)."""
 
 from typing import Dict, List
 
@@ -6,14 +6,15 @@ import torch
 from torch import nn
 
 from sslasr.models.frontends import get_frontend
-from sslasr.models.heads.ctc import CtcHead
+from sslasr.models.heads import build_head
+from sslasr.models.interfaces import DecodeOptions
 
 
-class CtcAsrModel(nn.Module):
-    def __init__(self, encoder: nn.Module, vocab_size: int, head_cfg: Dict):
+class AsrModel(nn.Module):
+    def __init__(self, encoder: nn.Module, head: nn.Module):
         super().__init__()
         self.encoder = encoder
-        self.head = CtcHead(encoder.output_dim, vocab_size, dropout=head_cfg.get("dropout", 0.0))
+        self.head = head
         self.freeze_encoder = False  # set by the fine-tuning schedule
 
     def encode(self, inputs: torch.Tensor, input_lens: torch.Tensor):
@@ -23,24 +24,28 @@ class CtcAsrModel(nn.Module):
         return self.encoder(inputs, input_lens)
 
     def forward(self, inputs: torch.Tensor, input_lens: torch.Tensor, tokens: List[List[int]]) -> torch.Tensor:
+        """The head's loss summed over the batch."""
         out = self.encode(inputs, input_lens)
         return self.head.loss(out.hidden, out.lengths, tokens)
 
     @torch.no_grad()
-    def greedy(self, inputs: torch.Tensor, input_lens: torch.Tensor) -> List[List[int]]:
+    def decode(self, inputs: torch.Tensor, input_lens: torch.Tensor, method: str,
+               options: DecodeOptions = DecodeOptions()) -> List[List[int]]:
         out = self.encoder(inputs, input_lens)
-        return self.head.greedy(out.hidden, out.lengths)
+        return self.head.decode(out.hidden, out.lengths, method, options)
+
+    @torch.no_grad()
+    def greedy(self, inputs: torch.Tensor, input_lens: torch.Tensor) -> List[List[int]]:
+        return self.decode(inputs, input_lens, self.head.greedy_method)
 
 
-def build_asr_model(cfg: Dict, vocab_size: int) -> CtcAsrModel:
-    head = cfg.get("head", {"name": "ctc"})
-    if head.get("name", "ctc") != "ctc":
-        raise ValueError(f"unknown head {head.get('name')!r}; available: ctc")
+def build_asr_model(cfg: Dict, vocab_size: int) -> AsrModel:
     frontend = get_frontend(cfg["frontend"])
-    return CtcAsrModel(frontend.build_encoder(cfg["frontend"]["encoder"]), vocab_size, head)
+    encoder = frontend.build_encoder(cfg["frontend"]["encoder"])
+    return AsrModel(encoder, build_head(encoder.output_dim, vocab_size, cfg.get("head", {"name": "ctc"})))
 
 
-def load_encoder_weights(model: CtcAsrModel, checkpoint: str) -> int:
+def load_encoder_weights(model: AsrModel, checkpoint: str) -> int:
     """Copy `encoder.*` weights from a pretraining checkpoint; any mismatch is an error."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
     encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}

@@ -19,6 +19,7 @@ from sslasr.models.blocks.conv_extractor import ConvFeatureExtractor, lengths_to
 from sslasr.models.blocks.masking import channel_mask, span_mask
 from sslasr.models.blocks.quantizer import GumbelProductQuantizer
 from sslasr.models.blocks.transformer import TransformerConfig, TransformerEncoder
+from sslasr.models.interfaces import EncoderOutput
 
 BASE_CONV_LAYERS = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
 
@@ -50,14 +51,6 @@ class Wav2Vec2EncoderConfig:
         d["transformer"] = TransformerConfig(**d.get("transformer", {}))
         d["mask"] = MaskConfig(**d.get("mask", {}))
         return cls(**d)
-
-
-@dataclass
-class EncoderOutput:
-    hidden: torch.Tensor                 # (B, T, D) last layer
-    lengths: torch.Tensor                # (B,) valid frames
-    padding_mask: torch.Tensor           # (B, T) True = pad
-    layers: Optional[List[torch.Tensor]] = None  # all layer outputs when requested
 
 
 class Wav2Vec2Encoder(nn.Module):
@@ -205,7 +198,10 @@ class Wav2Vec2Pretrainer(nn.Module):
     def set_num_updates(self, num_updates: int) -> None:
         self.quantizer.set_num_updates(num_updates)
 
-    def forward(self, waveform: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def forward(self, waveform: torch.Tensor, lengths: torch.Tensor,
+                targets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        if targets is not None:
+            raise ValueError("wav2vec 2.0 learns its own targets (the quantizer); got external targets")
         enc, cfg = self.encoder, self.cfg
         z, frame_lengths, padding_mask = enc.features(waveform, lengths)
         feature_penalty = z.float().pow(2).mean()

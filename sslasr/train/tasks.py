@@ -53,13 +53,13 @@ class PretrainTask(_DataMixin):
         self._collapse_warned = False
 
     def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:
-        loss, stats = model(batch["inputs"], batch["input_lens"])
+        loss, stats = model(batch["inputs"], batch["input_lens"], batch.get("targets"))
         self._check_collapse(stats)
         return loss, stats, stats["masked_frames"]
 
     def _check_collapse(self, stats: Dict[str, float]) -> None:
         """Codebook collapse (few codes used) makes the contrastive task trivial; say so once."""
-        if self.collapse_perplexity and stats["code_perplexity"] < self.collapse_perplexity and not self._collapse_warned:
+        if self.collapse_perplexity and stats.get("code_perplexity", float("inf")) < self.collapse_perplexity and not self._collapse_warned:
             log.warning("codebook perplexity %.1f is below %.1f: the quantizer may be collapsing "
                         "(raise diversity_weight or the Gumbel temperature)", stats["code_perplexity"],
                         self.collapse_perplexity)
@@ -69,12 +69,14 @@ class PretrainTask(_DataMixin):
         model.set_num_updates(num_updates)
 
     def validate(self, model: nn.Module, loader) -> Dict[str, float]:
+        """Every stat the objective reports, averaged over masked frames."""
         totals: Dict[str, float] = {"weight": 0.0}
         for batch in loader:
-            _, stats = model(batch["inputs"], batch["input_lens"])
+            _, stats = model(batch["inputs"], batch["input_lens"], batch.get("targets"))
             weight = stats["masked_frames"]
-            for key in ("loss", "contrastive", "accuracy", "code_perplexity"):
-                totals[key] = totals.get(key, 0.0) + stats[key] * weight
+            for key, value in stats.items():
+                if key not in ("masked_frames", "temperature"):
+                    totals[key] = totals.get(key, 0.0) + value * weight
             totals["weight"] += weight
         return totals
 

@@ -6,8 +6,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from sslasr.models.interfaces import DecodeOptions
+
 
 class CtcHead(nn.Module):
+    methods = ("ctc_greedy",)
+    greedy_method = "ctc_greedy"
+
     def __init__(self, input_dim: int, vocab_size: int, dropout: float = 0.0, blank_id: int = 0):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
@@ -20,21 +25,35 @@ class CtcHead(nn.Module):
     def loss(self, hidden: torch.Tensor, lengths: torch.Tensor, tokens: List[List[int]]) -> torch.Tensor:
         """Summed CTC loss over the batch. Impossible alignments (more tokens than frames)
         give +inf; they are zeroed (zero_infinity) and the caller counts them."""
-        log_probs = self.log_probs(hidden).transpose(0, 1)  # (T, B, V)
-        targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
-        target_lengths = torch.tensor([len(seq) for seq in tokens], dtype=torch.long)
-        return F.ctc_loss(log_probs, targets.to(hidden.device), lengths, target_lengths.to(hidden.device),
-                          blank=self.blank_id, reduction="sum", zero_infinity=True)
+        return ctc_loss(self.log_probs(hidden), lengths, tokens, self.blank_id)
+
+    def decode(self, hidden: torch.Tensor, lengths: torch.Tensor, method: str,
+               options: DecodeOptions = DecodeOptions()) -> List[List[int]]:
+        if method == "ctc_greedy":
+            return self.greedy(hidden, lengths)
+        raise ValueError(f"CTC head cannot decode with {method!r}; available: {', '.join(self.methods)}")
 
     def greedy(self, hidden: torch.Tensor, lengths: torch.Tensor) -> List[List[int]]:
         """Best path: argmax per frame, merge repeats, drop blanks."""
-        best = self.proj(hidden).argmax(-1)
-        results = []
-        for path, length in zip(best.tolist(), lengths.tolist()):
-            tokens, previous = [], None
-            for token in path[:length]:
-                if token != previous and token != self.blank_id:
-                    tokens.append(token)
-                previous = token
-            results.append(tokens)
-        return results
+        return best_path(self.proj(hidden).argmax(-1), lengths, self.blank_id)
+
+
+def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, tokens: List[List[int]], blank_id: int = 0) -> torch.Tensor:
+    """Summed CTC loss of (B, T, V) log-probabilities; impossible alignments count 0."""
+    targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
+    target_lengths = torch.tensor([len(seq) for seq in tokens], dtype=torch.long)
+    return F.ctc_loss(log_probs.transpose(0, 1), targets.to(log_probs.device), lengths,
+                      target_lengths.to(log_probs.device), blank=blank_id, reduction="sum", zero_infinity=True)
+
+
+def best_path(best: torch.Tensor, lengths: torch.Tensor, blank_id: int = 0) -> List[List[int]]:
+    """(B, T) per-frame argmax ids → token lists: merge repeats, drop blanks."""
+    results = []
+    for path, length in zip(best.tolist(), lengths.tolist()):
+        tokens, previous = [], None
+        for token in path[:length]:
+            if token != previous and token != blank_id:
+                tokens.append(token)
+            previous = token
+        results.append(tokens)
+    return results

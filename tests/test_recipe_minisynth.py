@@ -13,32 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = [
-    "--data-opts", "--num-train 40 --num-unlabeled 40 --num-dev 8 --num-test 8",
-    "--pretrain-opts", "trainer.max_updates=4 trainer.checkpoint_every=2 data.max_duration=15",
-    "--finetune-opts", "trainer.max_updates=4 trainer.valid_every=0 data.max_duration=15",
-]
+from recipe_smoke import SMOKE, recipe_copy, recipe_with_data, run_recipe
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
 
-def recipe_copy(tmp_path: Path) -> Path:
-    """The recipe and the shared driver in a scratch tree, so the test never writes into the repo."""
-    shutil.copytree(REPO / "local", tmp_path / "local")
-    shutil.copytree(REPO / "conf", tmp_path / "conf")
-    shutil.copytree(REPO / "egs" / "minisynth", tmp_path / "egs" / "minisynth",
-                    ignore=shutil.ignore_patterns("data", "exp", "corpus", "RESULTS.md"))
-    return tmp_path / "egs" / "minisynth"
-
-
-def run_recipe(recipe: Path, *args: str, **popen) -> subprocess.CompletedProcess:
-    env = dict(os.environ, SSLASR_PYTHON=sys.executable)
-    return subprocess.run(["./run.sh", *args], cwd=recipe, env=env, capture_output=True, text=True, **popen)
-
-
 @pytest.fixture(scope="module")
 def finished_recipe(tmp_path_factory) -> Path:
+    """Every stage from nothing (the corpus too), as a user's first ./run.sh."""
     recipe = recipe_copy(tmp_path_factory.mktemp("minisynth"))
     result = run_recipe(recipe, *SMOKE, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -81,13 +63,11 @@ def test_rerun_skips_finished_stages(finished_recipe: Path):
     assert time.monotonic() - start < 120
 
 
-def test_pretraining_resumes_after_sigkill(tmp_path: Path):
-    recipe = recipe_copy(tmp_path)
+def test_pretraining_resumes_after_sigkill(tmp_path: Path, prepared_minisynth: Path):
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
     opts = list(SMOKE)
     opts[opts.index("--pretrain-opts") + 1] = ("trainer.max_updates=12 trainer.checkpoint_every=2 "
                                                "data.max_duration=10")
-    prepared = run_recipe(recipe, *opts, "--stop-stage", "3", timeout=600)
-    assert prepared.returncode == 0, prepared.stderr[-4000:]
 
     env = dict(os.environ, SSLASR_PYTHON=sys.executable)
     process = subprocess.Popen(["./run.sh", *opts, "--stage", "4", "--stop-stage", "4"], cwd=recipe, env=env,

@@ -33,3 +33,20 @@ class ConvPositionalEmbedding(nn.Module):
         if self.trim:
             y = y[:, :, : -self.trim]
         return self.act(y).transpose(1, 2)
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Absolute sinusoidal positions (Vaswani et al., 2017 §3.5), computed for any position:
+    PE(p, 2i) = sin(p / 10000^(2i/C)),  PE(p, 2i+1) = cos(p / 10000^(2i/C))."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"sinusoidal positions need an even dim, got {dim}")
+        inverse_frequency = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """Integer positions of any shape (...) → (..., C) float32 encodings."""
+        angles = positions.to(torch.float32).unsqueeze(-1) * self.inverse_frequency
+        return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)

@@ -7,7 +7,7 @@ Attention uses PyTorch's fused scaled_dot_product_attention.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,19 +42,36 @@ class MultiHeadSelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """x (B, T, C); attn_mask broadcastable to (B, H, T, T): bool keep-mask or additive bias."""
+    def _project_qkv(self, x: torch.Tensor):
+        """(B, T, C) → q, k, v each (B, H, T, d). The three projections as one matmul with the
+        stacked weights: same maths, one pass over x forward and one matmul each for ∂x and ∂W
+        backward instead of three."""
         batch, time, dim = x.shape
-        # The three projections as one matmul with the stacked weights: same maths, one pass
-        # over x forward and one matmul each for ∂x and ∂W backward instead of three.
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
         qkv = F.linear(x, weight, bias).view(batch, time, 3, self.heads, dim // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, d)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B, T, C); attn_mask broadcastable to (B, H, T, T): bool keep-mask or additive bias."""
+        batch, time, dim = x.shape
+        q, k, v = self._project_qkv(x)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
         return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))
+
+    def forward_step(self, x: torch.Tensor, cache: Tuple[torch.Tensor, torch.Tensor],
+                     keep: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Incremental (causal) attention of the newest position over itself and the cached ones.
+        x (B, 1, C); cache = (keys, values) of the earlier positions, each (B, H, t, d), t ≥ 0;
+        keep (B, t + 1) True where a key may be attended (the last column is x itself).
+        Returns y (B, 1, C) and the cache with x's key and value appended."""
+        batch, _, dim = x.shape
+        q, k, v = self._project_qkv(x)
+        keys, values = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep[:, None, None, :])
+        return self.out_proj(y.transpose(1, 2).reshape(batch, 1, dim)), (keys, values)
 
 
 class FeedForward(nn.Module):
@@ -84,6 +101,18 @@ class TransformerLayer(nn.Module):
             return x + self.dropout(self.feed_forward(self.final_norm(x)))
         x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask)))
         return self.final_norm(x + self.dropout(self.feed_forward(x)))
+
+    def forward_step(self, x: torch.Tensor, cache: Tuple[torch.Tensor, torch.Tensor],
+                     keep: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """One new position x (B, 1, C) of a causal stack, attending to the cached keys/values
+        (see MultiHeadSelfAttention.forward_step); equals forward() with a causal mask."""
+        if self.layer_norm_first:
+            y, cache = self.attention.forward_step(self.attention_norm(x), cache, keep)
+            x = x + self.dropout(y)
+            return x + self.dropout(self.feed_forward(self.final_norm(x))), cache
+        y, cache = self.attention.forward_step(x, cache, keep)
+        x = self.attention_norm(x + self.dropout(y))
+        return self.final_norm(x + self.dropout(self.feed_forward(x))), cache
 
 
 class TransformerEncoder(nn.Module):

@@ -9,7 +9,7 @@ from typing import Callable, Dict
 
 from torch import nn
 
-from sslasr.models import wav2vec2
+from sslasr.models import hubert, wav2vec2
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,12 @@ FRONTENDS: Dict[str, Frontend] = {
         build_encoder=lambda enc: wav2vec2.Wav2Vec2Encoder(wav2vec2.Wav2Vec2EncoderConfig.from_dict(enc)),
         build_pretrainer=lambda enc, obj: wav2vec2.Wav2Vec2Pretrainer(
             wav2vec2.Wav2Vec2EncoderConfig.from_dict(enc), wav2vec2.Wav2Vec2PretrainConfig.from_dict(obj)),
+    ),
+    "hubert": Frontend(  # the wav2vec 2.0 encoder, trained to predict k-means labels
+        input_type="waveform",
+        build_encoder=lambda enc: wav2vec2.Wav2Vec2Encoder(wav2vec2.Wav2Vec2EncoderConfig.from_dict(enc)),
+        build_pretrainer=lambda enc, obj: hubert.HubertPretrainer(
+            wav2vec2.Wav2Vec2EncoderConfig.from_dict(enc), hubert.HubertPretrainConfig.from_dict(obj)),
     ),
 }
 

@@ -280,6 +280,9 @@ class Trainer:
             stats = self.task.validate(self.model, loader)
         totals = {k: all_reduce_sum(torch.tensor([v], dtype=torch.float64)).item() for k, v in stats.items()}
         metrics = _finalize_valid(totals)
+        finalize = getattr(self.task, "finalize_valid", None)  # derived metrics, e.g. perplexity
+        if finalize is not None:
+            metrics = finalize(metrics)
         self._log(metrics, "valid")
         key = metrics.get("wer", metrics.get("loss"))
         if key is not None and (self.best_valid is None or key < self.best_valid):

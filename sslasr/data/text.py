@@ -1,0 +1,130 @@
+"""Text batches for language-model training: sentences from cut manifests (their transcripts) or
+plain text files (one sentence a line), tokenised once, batched by token count.
+
+Resuming mid-epoch works as for the audio loader: `TokenBatchSampler` is deterministic given
+(sentences, seed, epoch, world_size, rank), so the trainer calls `sampler.set_epoch(epoch)` and
+skips the batches it had consumed.
+"""
+
+import logging
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Sequence, Union
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sslasr.data.tokenizer import Tokenizer
+from sslasr.models.lm import teacher_forcing_batch
+
+log = logging.getLogger(__name__)
+
+PathOrPaths = Union[str, Path, Sequence[Union[str, Path]], None]
+
+
+def _as_list(paths: PathOrPaths) -> List[Path]:
+    if paths is None:
+        return []
+    if isinstance(paths, (str, Path)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def read_sentences(paths: PathOrPaths) -> List[str]:
+    """Non-empty sentences from each path: a lhotse cut manifest (`*.jsonl.gz` / `*.jsonl`: the
+    supervision texts) or a text file (a sentence per line)."""
+    sentences: List[str] = []
+    for path in _as_list(paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"LM text {path} does not exist")
+        if path.name.endswith((".jsonl.gz", ".jsonl")):
+            from sslasr.data.loader import load_cuts
+            texts = (s.text for cut in load_cuts(path) for s in cut.supervisions)
+        else:
+            texts = path.read_text(encoding="utf-8").splitlines()
+        before = len(sentences)
+        sentences.extend(t.strip() for t in texts if t and t.strip())
+        if len(sentences) == before:
+            raise ValueError(f"LM text {path} holds no sentences")
+    return sentences
+
+
+class TokenBatchSampler(Sampler):
+    """Batches of sentence indices holding at most `max_tokens` padded tokens (sentence + <eos>).
+
+    Training (shuffle): each epoch a seeded permutation is cut into pools of ~100 batches, each
+    pool sorted by length (little padding), and the batches' order shuffled; rank r of W takes
+    every W-th batch. Evaluation: corpus order."""
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, shuffle: bool, seed: int = 0,
+                 world_size: int = 1, rank: int = 0):
+        if max_tokens < max(lengths) + 1:
+            raise ValueError(f"max_tokens {max_tokens} is below the longest sentence ({max(lengths)} tokens + <eos>)")
+        self.lengths = np.asarray(lengths) + 1
+        self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
+        self.world_size, self.rank = world_size, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> List[List[int]]:
+        order = np.arange(len(self.lengths))
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.shuffle:
+            order = rng.permutation(order)
+            pool = max(1, 100 * self.max_tokens // int(self.lengths.mean()))
+            order = np.concatenate([chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                                    for chunk in np.array_split(order, max(1, len(order) // pool))])
+        batches, current, longest = [], [], 0
+        for index in order.tolist():
+            length = int(self.lengths[index])
+            if current and max(longest, length) * (len(current) + 1) > self.max_tokens:
+                batches.append(current)
+                current, longest = [], 0
+            current.append(index)
+            longest = max(longest, length)
+        if current:
+            batches.append(current)
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class TextDataset(Dataset):
+    """Indices → {"inputs", "targets" (B, L+1), "num_targets"} for teacher forcing."""
+
+    def __init__(self, token_ids: List[List[int]], vocab_size: int):
+        self.token_ids, self.vocab_size = token_ids, vocab_size
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __getitem__(self, indices: List[int]) -> Dict:
+        sequences = [self.token_ids[i] for i in indices]
+        inputs, targets = teacher_forcing_batch(sequences, self.vocab_size)
+        return {"inputs": inputs, "targets": targets, "num_targets": sum(len(s) + 1 for s in sequences)}
+
+
+def tokenize_sentences(sentences: Iterable[str], tokenizer: Tokenizer) -> List[List[int]]:
+    """Token ids per sentence; sentences that tokenise to nothing are dropped (and counted)."""
+    ids = tokenizer.encode_batch(list(sentences))
+    kept = [s for s in ids if s]
+    if len(kept) < len(ids):
+        log.warning("dropped %d sentences that tokenise to nothing", len(ids) - len(kept))
+    if not kept:
+        raise ValueError("no LM sentences left after tokenisation")
+    return kept
+
+
+def make_text_dataloader(paths: PathOrPaths, tokenizer: Tokenizer, *, max_tokens: int, shuffle: bool,
+                         seed: int = 0, world_size: int = 1, rank: int = 0) -> DataLoader:
+    token_ids = tokenize_sentences(read_sentences(paths), tokenizer)
+    sampler = TokenBatchSampler([len(s) for s in token_ids], max_tokens, shuffle, seed, world_size, rank)
+    return DataLoader(TextDataset(token_ids, tokenizer.vocab_size), batch_size=None, sampler=sampler,
+                      num_workers=0, persistent_workers=False)

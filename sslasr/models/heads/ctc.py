@@ -6,11 +6,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from sslasr.decoding.ctc_prefix_beam import ctc_beam_decode
 from sslasr.models.interfaces import DecodeOptions
 
 
 class CtcHead(nn.Module):
-    methods = ("ctc_greedy",)
+    methods = ("ctc_greedy", "ctc_beam")
     greedy_method = "ctc_greedy"
 
     def __init__(self, input_dim: int, vocab_size: int, dropout: float = 0.0, blank_id: int = 0):
@@ -31,6 +32,8 @@ class CtcHead(nn.Module):
                options: DecodeOptions = DecodeOptions()) -> List[List[int]]:
         if method == "ctc_greedy":
             return self.greedy(hidden, lengths)
+        if method == "ctc_beam":  # prefix beam search; shallow fusion when options.lm is set
+            return ctc_beam_decode(self.log_probs(hidden), lengths, options, self.blank_id)
         raise ValueError(f"CTC head cannot decode with {method!r}; available: {', '.join(self.methods)}")
 
     def greedy(self, hidden: torch.Tensor, lengths: torch.Tensor) -> List[List[int]]:

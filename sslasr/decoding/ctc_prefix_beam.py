@@ -1,0 +1,200 @@
+"""CTC prefix beam search (Graves, 2012 §7.5; Hannun et al., 2014) with LM shallow fusion.
+
+Each prefix y keeps two CTC probabilities over the frames seen so far:
+    p_b(y)  — all paths that collapse to y and end in blank,
+    p_nb(y) — those ending in y's last token.
+At frame t with posteriors p_t:
+    p_b(y)    ← (p_b(y) + p_nb(y)) · p_t(blank)
+    p_nb(y)   ← p_nb(y) · p_t(last(y))                         (repeat, collapses into y)
+    p_nb(y+c) ← (p_b(y) + p_nb(y)) · p_t(c)   for c ≠ last(y)
+    p_nb(y+c) ← p_b(y) · p_t(c)               for c = last(y)  (a blank must separate repeats)
+and an extension equal to another prefix in the beam adds to that prefix's p_nb.
+Prefixes are ranked by
+    log(p_b + p_nb) + λ · log p_LM(y) + β · |y|
+where log p_LM(y) grows by log p_LM(c | y) when c is appended (shallow fusion at token
+extension); at the end the LM's log p(<eos> | y) is added.
+
+Pruning, so that beam + LM decoding runs well inside real time on a CPU: each frame extends
+prefixes only by its `token_topk` most probable tokens, and a frame whose blank posterior is
+above `blank_skip_threshold` extends nothing (its blank / repeat updates are still exact).
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from sslasr.models.interfaces import DecodeOptions
+
+SOS_EOS_ID = 1
+NEG_INF = -np.inf
+
+
+@dataclass
+class CtcBeamConfig:
+    beam_size: int = 8
+    token_topk: int = 8                  # extension candidates per frame; 0 = every token
+    blank_skip_threshold: float = 0.999  # p(blank) above this: no extensions at that frame; ≥ 1 never skips
+    lm_weight: float = 0.0               # λ
+    length_bonus: float = 0.0            # β
+
+    @classmethod
+    def from_options(cls, options: DecodeOptions) -> "CtcBeamConfig":
+        """Beam, λ and β from the shared options; the pruning knobs from `options.extra`."""
+        extra = options.extra or {}
+        return cls(beam_size=options.beam_size, token_topk=int(extra.get("ctc_token_topk", cls.token_topk)),
+                   blank_skip_threshold=float(extra.get("ctc_blank_skip_threshold", cls.blank_skip_threshold)),
+                   lm_weight=options.lm_weight, length_bonus=options.length_bonus)
+
+
+@dataclass
+class Hypothesis:
+    tokens: List[int]
+    ctc_log_prob: float   # log(p_b + p_nb): the CTC probability of the label sequence
+    lm_log_prob: float    # log p_LM(y, <eos>) (0 without an LM)
+    score: float          # ctc + λ·lm + β·|y|
+
+
+class _Beam:
+    """The beam as parallel arrays (row i = prefix i); the LM state has the same rows."""
+
+    def __init__(self, prefixes, p_blank, p_nonblank, lm_log_prob, lm_next, lm_state):
+        self.prefixes: List[Tuple[int, ...]] = prefixes
+        self.p_blank, self.p_nonblank = p_blank, p_nonblank    # (K,) float64 log domain
+        self.lm_log_prob = lm_log_prob                         # (K,) Σ log p_LM of the prefix's tokens
+        self.lm_next = lm_next                                 # (K, V) log p_LM(· | prefix), or None
+        self.lm_state = lm_state
+        self.lengths = np.array([len(p) for p in prefixes], dtype=np.float64)
+        self.last = np.array([p[-1] if p else -1 for p in prefixes], dtype=np.int64)
+
+
+def ctc_prefix_beam_search(log_probs: torch.Tensor, cfg: CtcBeamConfig, lm=None, blank_id: int = 0,
+                           nbest: int = 1) -> List[Hypothesis]:
+    """(T, V) CTC log-posteriors of one utterance → the `nbest` best hypotheses, best first."""
+    if cfg.beam_size < 1:
+        raise ValueError(f"beam_size must be at least 1, got {cfg.beam_size}")
+    frames = log_probs.detach().to(torch.float64).cpu().numpy()
+    vocab = frames.shape[1]
+    use_lm = lm is not None and cfg.lm_weight != 0.0
+    topk = vocab if cfg.token_topk <= 0 else min(cfg.token_topk, vocab)
+    # blank never extends a prefix; with an LM neither does <sos/eos>, which the LM reads as sentence end
+    excluded = [blank_id] + ([SOS_EOS_ID] if use_lm else [])
+    skip_log = np.log(cfg.blank_skip_threshold) if cfg.blank_skip_threshold < 1.0 else np.inf
+
+    beam = _initial_beam(lm if use_lm else None)
+    for frame in frames:
+        frame = frame.copy()
+        blank = frame[blank_id]
+        frame[excluded] = NEG_INF
+        if blank > skip_log:
+            beam = _blank_frame(beam, frame, blank)
+        else:
+            beam = _extend_frame(beam, frame, blank, topk, cfg, lm if use_lm else None)
+    return _finish(beam, cfg, use_lm, nbest)
+
+
+def _initial_beam(lm) -> _Beam:
+    lm_next, lm_state = None, None
+    if lm is not None:
+        lm_state = lm.initial_state(1)
+        device = next(lm.parameters()).device
+        log_p, lm_state = lm.step(torch.full((1,), SOS_EOS_ID, dtype=torch.long, device=device), lm_state)
+        lm_next = log_p.double().cpu().numpy()
+    return _Beam([()], np.zeros(1), np.full(1, NEG_INF), np.zeros(1), lm_next, lm_state)
+
+
+def _stay_probs(beam: _Beam, frame: np.ndarray, blank: float) -> Tuple[np.ndarray, np.ndarray]:
+    """The prefixes' own p_b, p_nb after this frame (blank, or a repeat of the last token)."""
+    total = np.logaddexp(beam.p_blank, beam.p_nonblank)
+    repeat = np.where(beam.last >= 0, frame[np.maximum(beam.last, 0)], NEG_INF)
+    return total + blank, beam.p_nonblank + repeat
+
+
+def _blank_frame(beam: _Beam, frame: np.ndarray, blank: float) -> _Beam:
+    p_blank, p_nonblank = _stay_probs(beam, frame, blank)
+    beam.p_blank, beam.p_nonblank = p_blank, p_nonblank
+    return beam
+
+
+def _extend_frame(beam: _Beam, frame: np.ndarray, blank: float, topk: int, cfg: CtcBeamConfig, lm) -> _Beam:
+    candidates = np.argpartition(-frame, topk - 1)[:topk] if topk < len(frame) else np.arange(len(frame))
+    candidates = candidates[np.isfinite(frame[candidates])]
+    p_blank, p_nonblank = _stay_probs(beam, frame, blank)
+    total = np.logaddexp(beam.p_blank, beam.p_nonblank)
+    # (K, C): p_nb of prefix k extended by candidate c
+    is_repeat = candidates[None, :] == beam.last[:, None]
+    extended = np.where(is_repeat, beam.p_blank[:, None], total[:, None]) + frame[candidates][None, :]
+    _merge_into_beam(beam, candidates, extended, p_nonblank)
+
+    stay_score = np.logaddexp(p_blank, p_nonblank) + cfg.length_bonus * beam.lengths
+    extend_lm = beam.lm_log_prob[:, None] + (beam.lm_next[:, candidates] if lm is not None else 0.0)
+    extend_score = extended + cfg.length_bonus * (beam.lengths[:, None] + 1)
+    if lm is not None:
+        stay_score = stay_score + cfg.lm_weight * beam.lm_log_prob
+        extend_score = extend_score + cfg.lm_weight * extend_lm
+    scores = np.concatenate([stay_score, extend_score.ravel()])
+    finite = np.flatnonzero(np.isfinite(scores))
+    best = finite[np.argsort(-scores[finite], kind="stable")[: cfg.beam_size]]
+    stay = best[best < len(beam.prefixes)]
+    parent, column = np.divmod(best[best >= len(beam.prefixes)] - len(beam.prefixes), len(candidates))
+    tokens = candidates[column]
+
+    prefixes = [beam.prefixes[i] for i in stay] + [beam.prefixes[j] + (int(c),) for j, c in zip(parent, tokens)]
+    new_p_blank = np.concatenate([p_blank[stay], np.full(len(parent), NEG_INF)])
+    new_p_nonblank = np.concatenate([p_nonblank[stay], extended[parent, column]])
+    new_lm_log_prob = np.concatenate([beam.lm_log_prob[stay], extend_lm[parent, column] if lm is not None
+                                      else np.zeros(len(parent))])
+    lm_next, lm_state = beam.lm_next, beam.lm_state
+    if lm is not None:
+        lm_next, lm_state = _advance_lm(lm, beam, stay, parent, tokens)
+    return _Beam(prefixes, new_p_blank, new_p_nonblank, new_lm_log_prob, lm_next, lm_state)
+
+
+def _merge_into_beam(beam: _Beam, candidates: np.ndarray, extended: np.ndarray, p_nonblank: np.ndarray) -> None:
+    """An extension y+c that is itself in the beam (as prefix i) is the same label sequence:
+    its mass joins p_nb(i), and the duplicate extension is removed (set to −inf)."""
+    row_of = {prefix: i for i, prefix in enumerate(beam.prefixes)}
+    column_of = {int(c): j for j, c in enumerate(candidates)}
+    for i, prefix in enumerate(beam.prefixes):
+        if not prefix:
+            continue
+        parent = row_of.get(prefix[:-1])
+        column = column_of.get(prefix[-1])
+        if parent is not None and column is not None:
+            p_nonblank[i] = np.logaddexp(p_nonblank[i], extended[parent, column])
+            extended[parent, column] = NEG_INF
+
+
+def _advance_lm(lm, beam: _Beam, stay: np.ndarray, parent: np.ndarray, tokens: np.ndarray):
+    """LM rows for the new beam: kept prefixes keep theirs; extensions feed their new token."""
+    device = next(lm.parameters()).device
+    kept_state = lm.select_state(beam.lm_state, torch.as_tensor(stay, device=device))
+    if len(parent) == 0:
+        return beam.lm_next[stay], kept_state
+    parent_state = lm.select_state(beam.lm_state, torch.as_tensor(parent, device=device))
+    log_p, new_state = lm.step(torch.as_tensor(tokens, device=device), parent_state)
+    lm_next = np.concatenate([beam.lm_next[stay], log_p.double().cpu().numpy()])
+    state = lm.concat_states([kept_state, new_state]) if len(stay) else new_state
+    return lm_next, state
+
+
+def _finish(beam: _Beam, cfg: CtcBeamConfig, use_lm: bool, nbest: int) -> List[Hypothesis]:
+    ctc = np.logaddexp(beam.p_blank, beam.p_nonblank)
+    lm_total = beam.lm_log_prob + (beam.lm_next[:, SOS_EOS_ID] if use_lm else 0.0)
+    scores = ctc + cfg.length_bonus * beam.lengths + (cfg.lm_weight * lm_total if use_lm else 0.0)
+    order = np.argsort(-scores, kind="stable")[:nbest]
+    return [Hypothesis(list(beam.prefixes[i]), float(ctc[i]), float(lm_total[i]) if use_lm else 0.0,
+                       float(scores[i])) for i in order]
+
+
+def ctc_beam_decode(log_probs: torch.Tensor, lengths: torch.Tensor, options: DecodeOptions,
+                    blank_id: int = 0) -> List[List[int]]:
+    """A batch (B, T, V) → the best token list per utterance."""
+    cfg = CtcBeamConfig.from_options(options)
+    lm = options.lm
+    if lm is not None and lm.vocab_size != log_probs.shape[-1]:
+        raise ValueError(f"the LM has {lm.vocab_size} tokens but the CTC head {log_probs.shape[-1]}: "
+                         "train the LM with the ASR model's tokenizer")
+    return [ctc_prefix_beam_search(log_probs[b, : int(lengths[b])], cfg, lm, blank_id)[0].tokens
+            for b in range(log_probs.shape[0])]

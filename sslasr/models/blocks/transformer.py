@@ -7,13 +7,14 @@ Attention uses PyTorch's fused scaled_dot_product_attention.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from sslasr.models.blocks.positional import ConvPositionalEmbedding
+from sslasr.models.blocks.relative_position import scaled_softmax_attention
 
 
 @dataclass
@@ -29,14 +30,17 @@ class TransformerConfig:
     layerdrop: float = 0.0
     pos_conv_kernel: int = 128
     pos_conv_groups: int = 16
+    # WavLM's fp16 guard (α = 32 there): fp16 attention runs as scaled_softmax_attention; 0 = off
+    softmax_alpha: float = 0.0
 
 
 class MultiHeadSelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, softmax_alpha: float = 0.0):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.dropout = heads, dropout
+        self.softmax_alpha = softmax_alpha
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -56,9 +60,13 @@ class MultiHeadSelfAttention(nn.Module):
         """x (B, T, C); attn_mask broadcastable to (B, H, T, T): bool keep-mask or additive bias."""
         batch, time, dim = x.shape
         q, k, v = self._project_qkv(x)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(q.dtype)  # an additive bias, in the dtype autocast gave q
+        dropout = self.dropout if self.training else 0.0
+        if self.softmax_alpha > 0 and q.dtype == torch.float16:
+            y = scaled_softmax_attention(q, k, v, attn_mask, self.softmax_alpha, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))
 
     def forward_step(self, x: torch.Tensor, cache: Tuple[torch.Tensor, torch.Tensor],
@@ -86,21 +94,38 @@ class FeedForward(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    """position_gate: an optional module (attention input (B, T, C), shared bias (H, T, T)) →
+    this layer's additive attention bias (B, H, T, T), e.g. WavLM's gated relative position
+    bias; without one a shared bias passed to forward is added as it is."""
+
+    def __init__(self, cfg: TransformerConfig, position_gate: Optional[nn.Module] = None):
         super().__init__()
         self.layer_norm_first = cfg.layer_norm_first
-        self.attention = MultiHeadSelfAttention(cfg.dim, cfg.heads, cfg.attention_dropout)
+        self.attention = MultiHeadSelfAttention(cfg.dim, cfg.heads, cfg.attention_dropout, cfg.softmax_alpha)
+        self.position_gate = position_gate
         self.attention_norm = nn.LayerNorm(cfg.dim)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, cfg.activation_dropout)
         self.final_norm = nn.LayerNorm(cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """attn_mask: bool keep-mask broadcastable to (B, H, T, T) or None; position_bias
+        (H, T, T) additive, shared by the layers, or None."""
         if self.layer_norm_first:
-            x = x + self.dropout(self.attention(self.attention_norm(x), attn_mask))
+            x = x + self.dropout(self._attend(self.attention_norm(x), attn_mask, position_bias))
             return x + self.dropout(self.feed_forward(self.final_norm(x)))
-        x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask)))
+        x = self.attention_norm(x + self.dropout(self._attend(x, attn_mask, position_bias)))
         return self.final_norm(x + self.dropout(self.feed_forward(x)))
+
+    def _attend(self, h: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                position_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if position_bias is None:
+            return self.attention(h, attn_mask)
+        bias = self.position_gate(h, position_bias) if self.position_gate is not None else position_bias
+        if attn_mask is not None:  # padded keys: −inf on top of the bias
+            bias = bias.masked_fill(~attn_mask, float("-inf"))
+        return self.attention(h, bias)
 
     def forward_step(self, x: torch.Tensor, cache: Tuple[torch.Tensor, torch.Tensor],
                      keep: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
@@ -118,13 +143,19 @@ class TransformerLayer(nn.Module):
 class TransformerEncoder(nn.Module):
     """Conv positional embedding + a stack of TransformerLayer with LayerDrop."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, position_bias: Optional[nn.Module] = None,
+                 position_gate: Optional[Callable[[], nn.Module]] = None):
+        """position_bias: optional module T → (H, T, T) additive attention bias, computed once
+        per forward and shared by every layer (WavLM); position_gate: optional factory of each
+        layer's module that adapts it (see TransformerLayer)."""
         super().__init__()
         self.cfg = cfg
         self.pos_conv = ConvPositionalEmbedding(cfg.dim, cfg.pos_conv_kernel, cfg.pos_conv_groups)
         self.layer_norm = nn.LayerNorm(cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.layers))
+        self.position_bias = position_bias
+        self.layers = nn.ModuleList(TransformerLayer(cfg, position_gate() if position_gate else None)
+                                    for _ in range(cfg.layers))
 
     def forward(
         self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, return_all: bool = False
@@ -139,11 +170,13 @@ class TransformerEncoder(nn.Module):
         x = self.dropout(x)
         # Without padding, no mask: the same attention, without SDPA's masking passes.
         attn_mask = None if padding_mask is None or not padding_mask.any() else ~padding_mask[:, None, None, :]
+        # Computed before the layers, so LayerDrop can skip any of them (the first included)
+        position_bias = self.position_bias(x.shape[1]) if self.position_bias is not None else None
         states: List[torch.Tensor] = [x]
         for layer in self.layers:
             if self.training and self.cfg.layerdrop > 0 and torch.rand(()) < self.cfg.layerdrop:
                 continue
-            x = layer(x, attn_mask)
+            x = layer(x, attn_mask) if position_bias is None else layer(x, attn_mask, position_bias)
             states.append(x)
         if self.cfg.layer_norm_first:
             x = self.layer_norm(x)

@@ -27,6 +27,7 @@ frontend=wav2vec2
 head=ctc
 labeled=all            # seconds of labeled audio (600, 1h, 10m) or "all"
 no_pretrain=false      # scratch baseline only
+init_from=""           # a transformers model directory (wav2vec2, hubert, ...): imported, not pretrained
 compare_scratch=true   # also fine-tune a scratch system with the same head and labels
 corpus_dir=""
 nj=2
@@ -45,7 +46,7 @@ corpus=${corpus:?run.sh must set corpus}
 test_sets=${test_sets:-"dev test"}
 pretrain_splits=${pretrain_splits:-"train unlabeled"}
 
-usage() { sed -n '2,19p' "${BASH_SOURCE[0]}"; grep -E '^[a-z_]+=.*' "${BASH_SOURCE[0]}" | sed -n '1,22p'; }
+usage() { sed -n '2,19p' "${BASH_SOURCE[0]}"; grep -E '^[a-z_]+=.*' "${BASH_SOURCE[0]}" | sed -n '1,23p'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -96,19 +97,34 @@ manifests=data/manifests
 lang=data/lang_${token_type}_${vocab_size}
 labeled_seconds=$(seconds_of "$labeled")
 labeled_tag=$labeled
+frontend_tag=$frontend  # names the exp dirs
+if [ -n "$init_from" ]; then  # the checkpoint's architecture and family, not conf/frontend_*.yaml's
+  [ -f "$init_from/config.json" ] || { echo "$0: --init-from $init_from: no config.json there" >&2; exit 2; }
+  [ "$no_pretrain" != true ] || { echo "$0: --init-from and --no-pretrain true contradict" >&2; exit 2; }
+  init_from=$(cd "$init_from" && pwd)
+  imported=$("$python" -c "import sys; from sslasr.models.hf_import import frontend_name
+print(frontend_name(sys.argv[1]))" "$init_from")
+  case " $command_line " in *" --frontend"*) [ "$frontend" = "$imported" ] || {
+    echo "$0: --frontend $frontend, but --init-from $init_from holds a $imported model" >&2; exit 2; } ;; esac
+  frontend=$imported
+  frontend_tag=${frontend}_imported_$(basename "$init_from" | tr -c 'A-Za-z0-9._\n-' '_')
+  input_type=$("$python" -c "import sys; from sslasr.models.frontends import get_frontend
+print(get_frontend({'name': sys.argv[1]}).input_type)" "$frontend")
+else
 input_type=$("$python" -c "
 from sslasr.models.frontends import get_frontend
 from sslasr.utils.config import load_config
 print(get_frontend(load_config('$conf_dir/frontend_$frontend.yaml')['frontend']).input_type)")
+fi
 [ "$input_type" = fbank ] && feats=_fbank || feats=""
 cuts() { echo "$manifests/${corpus}_cuts_$1$feats.jsonl.gz"; }
 
 systems=""
 [ "$no_pretrain" = true ] || systems="pretrained"
 { [ "$no_pretrain" = true ] || [ "$compare_scratch" = true ]; } && systems="$systems scratch"
-pretrain_dir=exp/pretrain_$frontend
+pretrain_dir=exp/pretrain_$frontend_tag
 system_dir() {  # system_dir pretrained|scratch
-  if [ "$1" = pretrained ]; then echo "exp/${head}_${frontend}_${labeled_tag}"; else echo "exp/${head}_scratch_${frontend}_${labeled_tag}"; fi
+  if [ "$1" = pretrained ]; then echo "exp/${head}_${frontend_tag}_${labeled_tag}"; else echo "exp/${head}_scratch_${frontend_tag}_${labeled_tag}"; fi
 }
 
 if run_stage 0; then
@@ -151,7 +167,16 @@ if run_stage 3; then
   fi
 fi
 
-if run_stage 4 && [ "$no_pretrain" != true ]; then
+import_init_from() {  # --init-from converted to our pretraining format, where stage 4 would write
+  log "importing $init_from into $pretrain_dir (instead of pretraining)"
+  "$python" -m sslasr.cli import-hf "$init_from" --out $pretrain_dir/model_final.pt
+  touch $pretrain_dir/.done
+}
+if run_stage 4 && [ -n "$init_from" ]; then
+  if done_or_force $pretrain_dir/.done; then log "imported $frontend ready ($pretrain_dir)"; else import_init_from; fi
+fi
+
+if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
   if done_or_force $pretrain_dir/.done; then log "pretrained $frontend ready ($pretrain_dir)"; else
     log "self-supervised pretraining of $frontend"
     fresh_training $pretrain_dir
@@ -164,6 +189,7 @@ if run_stage 4 && [ "$no_pretrain" != true ]; then
 fi
 
 if run_stage 5; then
+  [ -z "$init_from" ] || [ -f $pretrain_dir/.done ] || import_init_from
   train_cuts=$(cuts train)
   if [ "$labeled_seconds" != all ]; then
     train_cuts=$manifests/${corpus}_cuts_train_${labeled_tag}$feats.jsonl.gz
@@ -176,6 +202,7 @@ if run_stage 5; then
     log "fine-tuning $dir"
     fresh_training $dir
     configs="$conf_dir/frontend_$frontend.yaml $conf_dir/finetune_$head.yaml"
+    [ -z "$init_from" ] || configs="$pretrain_dir/frontend.yaml $conf_dir/finetune_$head.yaml"  # imported architecture
     init="finetune.init_from=$pretrain_dir/model_final.pt"
     if [ $system = scratch ]; then configs="$configs $conf_dir/scratch.yaml"; init="finetune.init_from=null"; fi
     train $dir --config $configs --set task=asr data.train_cuts="$train_cuts" data.valid_cuts="$(cuts dev)" \

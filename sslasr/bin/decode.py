@@ -46,7 +46,8 @@ def main(argv=None) -> None:
                      f"{', '.join(model.head.methods)}")
     options = DecodeOptions(beam_size=args.beam_size)
     loader = make_dataloader(load_cuts(args.cuts), input_type=get_frontend(cfg["frontend"]).input_type,
-                             max_duration=args.max_duration, shuffle=False)
+                             max_duration=args.max_duration, shuffle=False,
+                             normalize_waveform=cfg.get("data", {}).get("normalize_waveform", False))
 
     hyps, refs, audio_seconds = {}, {}, 0.0
     start = time.perf_counter()

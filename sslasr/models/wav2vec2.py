@@ -40,6 +40,7 @@ class Wav2Vec2EncoderConfig:
     conv_layers: List[List[int]] = field(default_factory=lambda: [list(l) for l in BASE_CONV_LAYERS])
     conv_norm: str = "group"
     conv_bias: bool = False
+    feature_layer_norm: bool = True  # LayerNorm on the conv features (HuBERT releases may omit it)
     feature_grad_mult: float = 1.0
     dropout_input: float = 0.1
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
@@ -63,7 +64,7 @@ class Wav2Vec2Encoder(nn.Module):
         self.cfg = cfg
         self.feature_extractor = ConvFeatureExtractor(cfg.conv_layers, cfg.conv_norm, cfg.conv_bias)
         conv_dim, dim = self.feature_extractor.output_dim, cfg.transformer.dim
-        self.feature_norm = nn.LayerNorm(conv_dim)
+        self.feature_norm = nn.LayerNorm(conv_dim) if cfg.feature_layer_norm else nn.Identity()
         self.feature_projection = nn.Linear(conv_dim, dim)
         self.dropout_input = nn.Dropout(cfg.dropout_input)
         self.mask_embedding = nn.Parameter(torch.empty(dim).uniform_())

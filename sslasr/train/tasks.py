@@ -30,7 +30,7 @@ class _DataMixin:
             max_duration=data["max_duration"] if train else data.get("valid_max_duration", data["max_duration"]),
             shuffle=train, seed=self.cfg["trainer"].get("seed", 0), num_buckets=data.get("num_buckets", 10),
             num_workers=data.get("num_workers", 0), tokenizer=self.tokenizer, drop_last=False,
-            world_size=dist.world_size, rank=dist.rank)
+            world_size=dist.world_size, rank=dist.rank, normalize_waveform=data.get("normalize_waveform", False))
 
     def train_dataloader(self, dist: DistInfo):
         return self._loader(self.cfg["data"]["train_cuts"], dist, train=True)

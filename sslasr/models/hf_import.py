@@ -1,0 +1,318 @@
+"""Import published checkpoints in the transformers format onto our encoders.
+
+A transformers model directory holds `config.json` and the weights (`model.safetensors` or
+`pytorch_model.bin`, possibly sharded with an `*.index.json`), and for speech models often a
+`preprocessor_config.json`. `config["model_type"]` picks the converter:
+
+    wav2vec2       Wav2Vec2Model / Wav2Vec2ForPreTraining / Wav2Vec2ForCTC → Wav2Vec2Encoder
+    hubert         HubertModel / HubertForCTC                              → Wav2Vec2Encoder
+    wavlm          sslasr.models.wavlm:from_hf
+    wav2vec2-bert  sslasr.models.w2vbert:from_hf
+
+A converter is `from_hf(config, state_dict) -> (frontend_cfg, encoder_state)`: `frontend_cfg`
+is our YAML schema ({"name": ..., "encoder": {...}}) and `encoder_state` loads strictly into
+the encoder that `frontend_cfg` builds. A tensor the converter cannot place, or an encoder
+tensor the checkpoint lacks, is an error naming it; the heads of *ForPreTraining / *ForCTC
+(quantizer, projections, lm_head) are skipped by name and logged.
+"""
+
+import dataclasses
+import importlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import yaml
+
+from sslasr.models.blocks.transformer import TransformerConfig
+from sslasr.models.wav2vec2 import MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig
+from sslasr.utils.io import atomic_path, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+StateDict = Dict[str, torch.Tensor]
+Converter = Callable[[Dict, StateDict], Tuple[Dict, StateDict]]
+
+# model_type → our frontend name (the encoder and pretraining objective it continues with).
+FRONTEND_NAMES = {"wav2vec2": "wav2vec2", "hubert": "hubert", "wavlm": "wavlm", "wav2vec2-bert": "w2vbert"}
+# Converters living with their frontend, imported on first use.
+_CONVERTER_MODULES = {"wavlm": "sslasr.models.wavlm", "wav2vec2-bert": "sslasr.models.w2vbert"}
+
+
+@dataclass
+class ImportedCheckpoint:
+    frontend: Dict                                   # {"name": ..., "encoder": {...}}
+    encoder_state: StateDict
+    data: Dict = field(default_factory=dict)        # e.g. {"normalize_waveform": True}
+    source: Dict = field(default_factory=dict)      # where it came from (path, model_type, architectures)
+
+
+# ------------------------------------------------------------------------- reading a directory
+def read_config(model_dir: Union[str, Path]) -> Dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json (expected a transformers model directory)")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if "model_type" not in config:
+        raise ValueError(f"{path}: no 'model_type'; cannot tell which converter applies")
+    return config
+
+
+def read_state_dict(model_dir: Union[str, Path]) -> StateDict:
+    """All tensors of the directory's weights: safetensors preferred, sharded files merged."""
+    model_dir = Path(model_dir)
+    for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_torch_bin)):
+        if (model_dir / name).is_file():
+            return loader(model_dir / name)
+        index = model_dir / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            state: StateDict = {}
+            for shard in shards:
+                state.update(loader(model_dir / shard))
+            return state
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or pytorch_model.bin (nor a sharded index)")
+
+
+def _load_safetensors(path: Path) -> StateDict:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def _load_torch_bin(path: Path) -> StateDict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_data_options(model_dir: Union[str, Path]) -> Dict:
+    """Our `data` options implied by preprocessor_config.json (only what it states)."""
+    path = Path(model_dir) / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    preprocessor = json.loads(path.read_text(encoding="utf-8"))
+    data = {}
+    if "do_normalize" in preprocessor:  # zero mean, unit variance per utterance ("large" models)
+        data["normalize_waveform"] = bool(preprocessor["do_normalize"])
+    rate = preprocessor.get("sampling_rate")
+    if rate is not None and rate != 16000:
+        log.warning("%s: the model expects %s Hz audio; the recipes feed the corpus's own rate", path, rate)
+    return data
+
+
+def frontend_name(model_dir: Union[str, Path]) -> str:
+    """Our frontend name for a transformers directory, from its config.json alone."""
+    model_type = read_config(model_dir)["model_type"]
+    if model_type not in FRONTEND_NAMES:
+        raise ValueError(f"{model_dir}: model_type {model_type!r} has no converter; "
+                         f"supported: {', '.join(sorted(FRONTEND_NAMES))}")
+    return FRONTEND_NAMES[model_type]
+
+
+def get_converter(model_type: str) -> Converter:
+    if model_type in ("wav2vec2", "hubert"):
+        return wav2vec2_from_hf
+    if model_type not in _CONVERTER_MODULES:
+        raise ValueError(f"model_type {model_type!r} has no converter; supported: {', '.join(sorted(FRONTEND_NAMES))}")
+    module_name = _CONVERTER_MODULES[model_type]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        raise ValueError(f"model_type {model_type!r} is converted by {module_name}.from_hf, "
+                         f"but {module_name} does not exist in this checkout") from err
+    converter = getattr(module, "from_hf", None)
+    if converter is None:
+        raise ValueError(f"model_type {model_type!r}: {module_name} has no from_hf(config, state_dict)")
+    return converter
+
+
+def import_hf(model_dir: Union[str, Path]) -> ImportedCheckpoint:
+    """Read and convert a transformers model directory."""
+    config = read_config(model_dir)
+    converter = get_converter(config["model_type"])
+    frontend, encoder_state = converter(config, read_state_dict(model_dir))
+    source = {"path": str(Path(model_dir).resolve()), "model_type": config["model_type"],
+              "architectures": config.get("architectures") or []}
+    return ImportedCheckpoint(frontend, encoder_state, read_data_options(model_dir), source)
+
+
+def save_imported(imported: ImportedCheckpoint, out: Union[str, Path]) -> Path:
+    """Write `out` in the format of a pretraining model_final.pt (the `encoder.*` tensors that
+    `load_encoder_weights` reads, and the config that builds the encoder), and `frontend.yaml`
+    next to it: the architecture for fine-tuning configs. Both atomically. Returns the yaml."""
+    out = Path(out)
+    config = {"frontend": imported.frontend}
+    if imported.data:
+        config["data"] = dict(imported.data)
+    checkpoint = {"model": {f"encoder.{k}": v for k, v in imported.encoder_state.items()},
+                  "config": config, "num_updates": 0, "imported_from": imported.source}
+    with atomic_path(out) as tmp:
+        torch.save(checkpoint, tmp)
+    frontend_yaml = out.parent / "frontend.yaml"
+    header = (f"# Imported by `sslasr import-hf` from {imported.source.get('path', '?')} "
+              f"({imported.source.get('model_type', '?')}): the architecture of {out.name}.\n")
+    write_text_atomic(frontend_yaml, header + yaml.safe_dump(config, sort_keys=False))
+    return frontend_yaml
+
+
+# ------------------------------------------------------------------------- wav2vec 2.0 / HuBERT
+# transformers name (after the base-model prefix) → ours, for Wav2Vec2Model and HubertModel.
+WAV2VEC2_KEY_RULES: List[Tuple[str, str]] = [
+    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)", r"feature_extractor.layers.\1.0.\2"),
+    (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)", r"feature_extractor.layers.\1.1.\2"),
+    (r"feature_projection\.layer_norm\.(weight|bias)", r"feature_norm.\1"),
+    (r"feature_projection\.projection\.(weight|bias)", r"feature_projection.\1"),
+    (r"masked_spec_embed", r"mask_embedding"),
+    (r"encoder\.pos_conv_embed\.conv\.bias", r"transformer.pos_conv.conv.bias"),
+    (r"encoder\.pos_conv_embed\.conv\.(parametrizations\.weight\.original[01])", r"transformer.pos_conv.conv.\1"),
+    (r"encoder\.layer_norm\.(weight|bias)", r"transformer.layer_norm.\1"),
+    (r"encoder\.layers\.(\d+)\.attention\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)",
+     r"transformer.layers.\1.attention.\2.\3"),
+    (r"encoder\.layers\.(\d+)\.layer_norm\.(weight|bias)", r"transformer.layers.\1.attention_norm.\2"),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.(weight|bias)",
+     r"transformer.layers.\1.feed_forward.intermediate.\2"),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(weight|bias)", r"transformer.layers.\1.feed_forward.output.\2"),
+    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"transformer.layers.\1.final_norm.\2"),
+]
+# Tensors of the task heads around the base model, not part of the encoder.
+WAV2VEC2_HEAD_MODULES = ("quantizer", "project_hid", "project_q", "lm_head")
+_BASE_PREFIXES = {"wav2vec2": "wav2vec2", "hubert": "hubert"}
+_POS_CONV = "encoder.pos_conv_embed.conv."
+
+
+def wav2vec2_from_hf(config: Dict, state_dict: StateDict) -> Tuple[Dict, StateDict]:
+    """transformers Wav2Vec2* / Hubert* → (frontend cfg, Wav2Vec2Encoder state dict)."""
+    model_type = config.get("model_type")
+    if model_type not in _BASE_PREFIXES:
+        raise ValueError(f"wav2vec2_from_hf converts model_type wav2vec2 or hubert, got {model_type!r}")
+    encoder_cfg = wav2vec2_encoder_config(config)
+    base = split_base_model(state_dict, _BASE_PREFIXES[model_type], WAV2VEC2_HEAD_MODULES)
+    base = weight_norm_pos_conv(base, _POS_CONV)
+    with torch.device("meta"):  # the expected names and shapes, without allocating weights
+        expected = Wav2Vec2Encoder(encoder_cfg).state_dict()
+    if "masked_spec_embed" not in base and "mask_embedding" in expected:
+        # transformers creates it only when its config masks (mask_time/feature_prob > 0)
+        if config.get("mask_time_prob", 0) > 0 or config.get("mask_feature_prob", 0) > 0:
+            raise ValueError("the checkpoint lacks masked_spec_embed although its config masks frames")
+        log.warning("the checkpoint has no masked_spec_embed (its config never masks): the mask "
+                    "embedding starts from our random init U(0, 1)")
+        base["masked_spec_embed"] = torch.empty(encoder_cfg.transformer.dim).uniform_()
+    encoder_state = rename_checked(base, WAV2VEC2_KEY_RULES, expected)
+    return {"name": FRONTEND_NAMES[model_type], "encoder": dataclasses.asdict(encoder_cfg)}, encoder_state
+
+
+def wav2vec2_encoder_config(config: Dict) -> Wav2Vec2EncoderConfig:
+    """Our encoder config for a transformers Wav2Vec2Config / HubertConfig. Options our encoder
+    cannot reproduce are an error; fine-tuning knobs (SpecAugment masks, CTC settings) are not
+    architecture and are left to the recipe's fine-tuning YAML."""
+    _require(config, "feat_extract_activation", "gelu")
+    _require(config, "hidden_act", "gelu")
+    _require(config, "add_adapter", False)
+    _require(config, "adapter_attn_dim", None)
+    _require(config, "conv_pos_batch_norm", False)
+    eps = config.get("layer_norm_eps", 1e-5)
+    if abs(eps - 1e-5) > 1e-12:
+        raise ValueError(f"layer_norm_eps={eps}: our LayerNorms use 1e-5")
+    dims, kernels, strides = config["conv_dim"], config["conv_kernel"], config["conv_stride"]
+    layers = config.get("num_feat_extract_layers", len(dims))
+    if not len(dims) == len(kernels) == len(strides) == layers:
+        raise ValueError(f"conv_dim, conv_kernel, conv_stride and num_feat_extract_layers disagree: "
+                         f"{len(dims)}, {len(kernels)}, {len(strides)}, {layers}")
+    if config.get("feat_extract_norm", "group") not in ("group", "layer"):
+        raise ValueError(f"feat_extract_norm={config['feat_extract_norm']!r}: expected 'group' or 'layer'")
+    transformer = TransformerConfig(
+        dim=config["hidden_size"], layers=config["num_hidden_layers"], heads=config["num_attention_heads"],
+        ffn_dim=config["intermediate_size"], dropout=config.get("hidden_dropout", 0.1),
+        attention_dropout=config.get("attention_dropout", 0.1),
+        activation_dropout=config.get("activation_dropout", 0.1),
+        layer_norm_first=bool(config.get("do_stable_layer_norm", False)), layerdrop=config.get("layerdrop", 0.1),
+        pos_conv_kernel=config.get("num_conv_pos_embeddings", 128),
+        pos_conv_groups=config.get("num_conv_pos_embedding_groups", 16))
+    return Wav2Vec2EncoderConfig(
+        conv_layers=[[int(d), int(k), int(s)] for d, k, s in zip(dims, kernels, strides)],
+        conv_norm=config.get("feat_extract_norm", "group"), conv_bias=bool(config.get("conv_bias", False)),
+        # Wav2Vec2FeatureProjection always normalises; HubertFeatureProjection when told to
+        feature_layer_norm=bool(config.get("feat_proj_layer_norm", True)) if config["model_type"] == "hubert" else True,
+        dropout_input=config.get("feat_proj_dropout", 0.0), transformer=transformer, mask=MaskConfig())
+
+
+def _require(config: Dict, key: str, supported) -> None:
+    value = config.get(key, supported)
+    if value != supported:
+        raise ValueError(f"{key}={value!r} is not supported by our encoder (only {supported!r})")
+
+
+# ------------------------------------------------------------------------- shared helpers
+def split_base_model(state_dict: StateDict, prefix: str, head_modules) -> StateDict:
+    """The base model's tensors, prefix stripped. A *ForPreTraining / *ForCTC checkpoint holds
+    them under `prefix.`; its other tensors must belong to one of `head_modules`: those are
+    skipped and logged, anything else is an error."""
+    dotted = prefix + "."
+    if not any(k.startswith(dotted) for k in state_dict):
+        return dict(state_dict)  # a bare *Model
+    base = {k[len(dotted):]: v for k, v in state_dict.items() if k.startswith(dotted)}
+    others = sorted(k for k in state_dict if not k.startswith(dotted))
+    unknown = [k for k in others if k.split(".")[0] not in head_modules]
+    if unknown:
+        raise ValueError(f"tensors outside the {prefix} base model that are no known head "
+                         f"({', '.join(head_modules)}): {unknown}")
+    if others:
+        heads = sorted({k.split(".")[0] for k in others})
+        log.info("skipping %d tensors of the task head(s) %s, which are not part of the encoder: %s",
+                 len(others), ", ".join(heads), others)
+    return base
+
+
+def weight_norm_pos_conv(state: StateDict, prefix: str) -> StateDict:
+    """Bring the weight-normalised positional conv to torch's parametrizations.* names: older
+    checkpoints store weight_g / weight_v (same tensors), a few the plain weight w (then g = ‖w‖
+    over all but the kernel axis, v = w, so that g·v/‖v‖ = w)."""
+    state = dict(state)
+    g_name, v_name = prefix + "parametrizations.weight.original0", prefix + "parametrizations.weight.original1"
+    if prefix + "weight_g" in state or prefix + "weight_v" in state:
+        state[g_name] = state.pop(prefix + "weight_g")
+        state[v_name] = state.pop(prefix + "weight_v")
+    elif prefix + "weight" in state:
+        weight = state.pop(prefix + "weight")
+        state[g_name] = torch.linalg.vector_norm(weight, dim=(0, 1), keepdim=True)
+        state[v_name] = weight
+    return state
+
+
+def rename_checked(state: StateDict, rules: List[Tuple[str, str]], expected: StateDict) -> StateDict:
+    """Rename every tensor by the first rule whose pattern matches its whole name, then check the
+    result against `expected` (names and shapes). Unmatched names, missing names and shape
+    mismatches are one error listing them all."""
+    compiled = [(re.compile(pattern), replacement) for pattern, replacement in rules]
+    renamed, source, unmapped = {}, {}, []
+    for name, tensor in state.items():
+        for pattern, replacement in compiled:
+            if pattern.fullmatch(name):
+                ours = pattern.sub(replacement, name)
+                renamed[ours], source[ours] = tensor, name
+                break
+        else:
+            unmapped.append(name)
+    unexpected = sorted(set(renamed) - set(expected))  # e.g. a layer index beyond the config's
+    missing = sorted(set(expected) - set(renamed))
+    shapes = [f"{source[k]} {tuple(renamed[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in sorted(set(renamed) & set(expected)) if renamed[k].shape != expected[k].shape]
+    problems = []
+    if unmapped or unexpected:
+        problems.append(f"unmapped tensors: {sorted(unmapped) + [source[k] for k in unexpected]}")
+    if missing:
+        problems.append(f"missing tensors (our names): {missing}")
+    if shapes:
+        problems.append(f"shape mismatches: {shapes}")
+    if problems:
+        raise ValueError("checkpoint does not match the architecture its config describes; " + "; ".join(problems))
+    return {k: renamed[k] for k in expected}
+
+
+__all__ = ["ImportedCheckpoint", "import_hf", "save_imported", "read_config", "read_state_dict",
+           "read_data_options", "frontend_name", "get_converter", "wav2vec2_from_hf", "wav2vec2_encoder_config",
+           "split_base_model", "weight_norm_pos_conv", "rename_checked", "WAV2VEC2_KEY_RULES"]

@@ -1,0 +1,299 @@
+"""Import of transformers checkpoints (sslasr.models.hf_import, `sslasr import-hf`, `--init-from`).
+
+Random-initialised transformers models at small configs are saved with save_pretrained, imported,
+and must give the same hidden states as transformers layer by layer (eval mode, padded batches
+with attention masks). transformers' `hidden_states` are the input of layer 1 and each layer's
+output; the stable-layer-norm (pre-LN) variants apply the encoder's final LayerNorm only to
+`last_hidden_state`, where ours applies it to the last entry of `layers`.
+"""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+from lhotse import CutSet, Recording
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402  (comes with transformers)
+
+from recipe_smoke import SMOKE_DATA, recipe_with_data, run_recipe  # noqa: E402
+from sslasr import cli  # noqa: E402
+from sslasr.models.asr import build_asr_model, load_encoder_weights  # noqa: E402
+from sslasr.models.hf_import import import_hf, read_state_dict, wav2vec2_from_hf  # noqa: E402
+from sslasr.models.wav2vec2 import Wav2Vec2Encoder, Wav2Vec2EncoderConfig  # noqa: E402
+from sslasr.train.distributed import DistInfo  # noqa: E402
+from sslasr.train.tasks import _DataMixin  # noqa: E402
+
+torch.set_num_threads(1)
+
+# Unequal conv widths and kernels that are not multiples of their strides catch transposed or
+# misplaced tensors; 3 layers (post-LN) show that every layer's output is compared.
+SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+             conv_dim=(16, 24, 32), conv_kernel=(10, 7, 4), conv_stride=(5, 4, 4),
+             num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4)
+LENGTHS = [4000, 2650]  # the second utterance padded
+
+
+def _randomise_norms(model: torch.nn.Module) -> None:
+    """transformers initialises norms to γ=1, β=0 and conv biases to 0, under which a swapped
+    or dropped norm would go unnoticed: give every such parameter random values."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.copy_(param + 0.3 * torch.randn(param.shape, generator=generator))
+
+
+def _save(model, path: Path, do_normalize=None) -> Path:
+    _randomise_norms(model)
+    model.save_pretrained(path)
+    if do_normalize is not None:
+        transformers.Wav2Vec2FeatureExtractor(do_normalize=do_normalize).save_pretrained(path)
+    return path
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(0)
+    waveform = torch.randn(len(LENGTHS), max(LENGTHS), generator=generator)
+    lengths = torch.tensor(LENGTHS)
+    keep = torch.arange(waveform.shape[1])[None] < lengths[:, None]
+    return waveform * keep, lengths, keep.long()
+
+
+def _our_encoder(model_dir: Path):
+    imported = import_hf(model_dir)
+    encoder = Wav2Vec2Encoder(Wav2Vec2EncoderConfig.from_dict(imported.frontend["encoder"]))
+    encoder.load_state_dict(imported.encoder_state)
+    return imported, encoder.eval()
+
+
+def _assert_hidden_states_match(base_model, encoder, pre_ln: bool) -> None:
+    waveform, lengths, attention_mask = _batch()
+    base_model.eval()
+    with torch.no_grad():
+        ref = base_model(waveform, attention_mask=attention_mask, output_hidden_states=True)
+        ours = encoder(waveform, lengths, return_all=True)
+    layers = base_model.config.num_hidden_layers
+    assert len(ours.layers) == len(ref.hidden_states) == layers + 1
+    assert ours.lengths.tolist() == base_model._get_feat_extract_output_lengths(lengths).tolist()
+    valid = ~ours.padding_mask
+    for i in range(layers):
+        torch.testing.assert_close(ours.layers[i][valid], ref.hidden_states[i][valid], atol=1e-4, rtol=0,
+                                   msg=lambda m: f"layer {i}: {m}")
+    if not pre_ln:  # post-LN: the last layer's output is the final state
+        torch.testing.assert_close(ref.hidden_states[-1], ref.last_hidden_state)
+    torch.testing.assert_close(ours.layers[-1][valid], ref.last_hidden_state[valid], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.hidden[valid], ref.last_hidden_state[valid], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------- parity with transformers
+def test_wav2vec2_post_ln_group_norm_matches_transformers(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**SMALL, feat_extract_norm="group"))
+    imported, encoder = _our_encoder(_save(model, tmp_path / "w2v", do_normalize=False))
+    cfg = imported.frontend
+    assert cfg["name"] == "wav2vec2"
+    assert cfg["encoder"]["conv_layers"] == [[16, 10, 5], [24, 7, 4], [32, 4, 4]]
+    assert cfg["encoder"]["conv_norm"] == "group" and not cfg["encoder"]["transformer"]["layer_norm_first"]
+    assert imported.data == {"normalize_waveform": False}
+    _assert_hidden_states_match(model, encoder, pre_ln=False)
+
+
+def test_wav2vec2_stable_layer_norm_with_layer_norm_extractor_matches_transformers(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(**SMALL, feat_extract_norm="layer", do_stable_layer_norm=True,
+                                         conv_bias=True)
+    model = transformers.Wav2Vec2Model(config)
+    imported, encoder = _our_encoder(_save(model, tmp_path / "w2v_large", do_normalize=True))
+    enc = imported.frontend["encoder"]
+    assert enc["conv_norm"] == "layer" and enc["conv_bias"] and enc["transformer"]["layer_norm_first"]
+    assert imported.data == {"normalize_waveform": True}
+    _assert_hidden_states_match(model, encoder, pre_ln=True)
+
+
+def test_wav2vec2_for_pretraining_skips_its_heads_and_logs_them(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForPreTraining(transformers.Wav2Vec2Config(**SMALL))
+    with caplog.at_level(logging.INFO, logger="sslasr.models.hf_import"):
+        imported, encoder = _our_encoder(_save(model, tmp_path / "w2v_pt"))
+    skipped = " ".join(r.getMessage() for r in caplog.records)
+    for head in ["quantizer.codevectors", "quantizer.weight_proj.weight", "project_hid.weight", "project_q.bias"]:
+        assert head in skipped
+    assert imported.data == {}  # no preprocessor_config.json: nothing stated, loader default
+    _assert_hidden_states_match(model.wav2vec2, encoder, pre_ln=False)
+
+
+@pytest.mark.parametrize("feat_proj_layer_norm", [True, False])
+def test_hubert_matches_transformers(tmp_path, feat_proj_layer_norm):
+    torch.manual_seed(0)
+    config = transformers.HubertConfig(**SMALL, feat_proj_layer_norm=feat_proj_layer_norm)
+    model = transformers.HubertModel(config)
+    imported, encoder = _our_encoder(_save(model, tmp_path / "hubert"))
+    assert imported.frontend["name"] == "hubert"
+    assert imported.frontend["encoder"]["feature_layer_norm"] is feat_proj_layer_norm
+    assert isinstance(encoder.feature_norm, torch.nn.LayerNorm) is feat_proj_layer_norm
+    _assert_hidden_states_match(model, encoder, pre_ln=False)
+
+
+# ---------------------------------------------------------------------- key styles and errors
+@pytest.fixture(scope="module")
+def saved_wav2vec2(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**SMALL, vocab_size=12))
+    return _save(model, tmp_path_factory.mktemp("w2v_ctc") / "model")
+
+
+def _converted(model_dir: Path, state):
+    config = json.loads((model_dir / "config.json").read_text())
+    return wav2vec2_from_hf(config, state)
+
+
+def test_old_weight_norm_names_and_plain_weight_give_the_same_encoder(saved_wav2vec2):
+    state = read_state_dict(saved_wav2vec2)
+    assert "lm_head.weight" in state  # a *ForCTC checkpoint: the CTC head is skipped
+    _, reference = _converted(saved_wav2vec2, state)
+    prefix = "wav2vec2.encoder.pos_conv_embed.conv."
+    g, v = state[prefix + "parametrizations.weight.original0"], state[prefix + "parametrizations.weight.original1"]
+    old = {k: t for k, t in state.items() if ".parametrizations." not in k}
+    _, from_old = _converted(saved_wav2vec2, {**old, prefix + "weight_g": g, prefix + "weight_v": v})
+    for key in reference:
+        assert torch.equal(from_old[key], reference[key]), key
+    # a checkpoint with the weight already folded: same conv weight g·v/‖v‖
+    weight = g * v / torch.linalg.vector_norm(v, dim=(0, 1), keepdim=True)
+    _, from_plain = _converted(saved_wav2vec2, {**old, prefix + "weight": weight})
+    encoder = Wav2Vec2Encoder(Wav2Vec2EncoderConfig.from_dict(_converted(saved_wav2vec2, state)[0]["encoder"]))
+    encoder.load_state_dict(from_plain)
+    expected = Wav2Vec2Encoder(encoder.cfg)
+    expected.load_state_dict(reference)
+    torch.testing.assert_close(encoder.transformer.pos_conv.conv.weight, expected.transformer.pos_conv.conv.weight)
+
+
+def test_extra_missing_and_misshaped_tensors_are_errors_naming_them(saved_wav2vec2):
+    state = read_state_dict(saved_wav2vec2)
+    with pytest.raises(ValueError, match=r"unmapped tensors: \['encoder.layers.0.attention.rotary.weight'\]"):
+        _converted(saved_wav2vec2, {**state, "wav2vec2.encoder.layers.0.attention.rotary.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"unmapped tensors: \['encoder.layers.3.final_layer_norm.bias'\]"):
+        _converted(saved_wav2vec2, {**state, "wav2vec2.encoder.layers.3.final_layer_norm.bias": torch.zeros(32)})
+    with pytest.raises(ValueError, match=r"no known head .*\['classifier.weight'\]"):
+        _converted(saved_wav2vec2, {**state, "classifier.weight": torch.zeros(2, 32)})
+    missing = {k: t for k, t in state.items() if k != "wav2vec2.encoder.layers.1.feed_forward.output_dense.bias"}
+    with pytest.raises(ValueError, match=r"missing tensors \(our names\): \['transformer.layers.1.feed_forward.output.bias'\]"):
+        _converted(saved_wav2vec2, missing)
+    misshaped = {**state, "wav2vec2.feature_projection.projection.weight": torch.zeros(32, 16)}
+    with pytest.raises(ValueError, match=r"shape mismatches: \['feature_projection.projection.weight \(32, 16\) vs \(32, 32\)'\]"):
+        _converted(saved_wav2vec2, misshaped)
+
+
+def test_unsupported_options_and_converters_are_clear_errors(saved_wav2vec2, tmp_path, monkeypatch):
+    config = json.loads((saved_wav2vec2 / "config.json").read_text())
+    state = read_state_dict(saved_wav2vec2)
+    with pytest.raises(ValueError, match="add_adapter=True is not supported"):
+        wav2vec2_from_hf({**config, "add_adapter": True}, state)
+    with pytest.raises(ValueError, match="hidden_act='relu' is not supported"):
+        wav2vec2_from_hf({**config, "hidden_act": "relu"}, state)
+    with pytest.raises(ValueError, match="layer_norm_eps=1e-06"):
+        wav2vec2_from_hf({**config, "layer_norm_eps": 1e-6}, state)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "whisper"}))
+    with pytest.raises(ValueError, match="model_type 'whisper' has no converter"):
+        import_hf(other)
+    # a converter module that is not (yet) in the checkout
+    from sslasr.models import hf_import
+    monkeypatch.setitem(hf_import._CONVERTER_MODULES, "wavlm", "sslasr.models.no_such_module")
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "wavlm"}))
+    with pytest.raises(ValueError, match="sslasr.models.no_such_module does not exist"):
+        import_hf(other)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        import_hf(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------- CLI and fine-tuning init
+def test_cli_import_then_build_and_load_matches_transformers(saved_wav2vec2, tmp_path):
+    out = tmp_path / "exp" / "pretrain_wav2vec2_imported" / "model_final.pt"
+    assert cli.main(["import-hf", str(saved_wav2vec2), "--out", str(out)]) == 0
+    checkpoint = torch.load(out, weights_only=False)
+    assert checkpoint["imported_from"]["architectures"] == ["Wav2Vec2ForCTC"]
+    assert all(k.startswith("encoder.") for k in checkpoint["model"])
+    frontend_yaml = yaml.safe_load((out.parent / "frontend.yaml").read_text())
+    assert frontend_yaml["frontend"] == checkpoint["config"]["frontend"]
+
+    cfg = {"frontend": frontend_yaml["frontend"], "head": {"name": "ctc"}}
+    model = build_asr_model(cfg, vocab_size=7)
+    assert load_encoder_weights(model, str(out)) == len(checkpoint["model"])
+    model.eval()
+    reference = transformers.Wav2Vec2ForCTC.from_pretrained(saved_wav2vec2).wav2vec2.eval()
+    waveform, lengths, attention_mask = _batch()
+    with torch.no_grad():
+        expected = reference(waveform, attention_mask=attention_mask).last_hidden_state
+        ours = model.encoder(waveform, lengths)
+    valid = ~ours.padding_mask
+    torch.testing.assert_close(ours.hidden[valid], expected[valid], atol=1e-4, rtol=0)
+
+    with pytest.raises(SystemExit, match="sslasr import-hf: .*no config.json"):
+        cli.main(["import-hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.pt")])
+
+
+def test_loader_honours_normalize_waveform_from_yaml(tmp_path):
+    samples = 0.3 + 0.2 * np.sin(np.arange(8000) / 7.0)  # an offset, as a DC-biased recording
+    sf.write(tmp_path / "a.wav", samples.astype(np.float32), 16000)
+    CutSet.from_manifests(recordings=[Recording.from_file(tmp_path / "a.wav")]).to_file(tmp_path / "cuts.jsonl.gz")
+
+    class Task(_DataMixin):
+        input_type = "waveform"
+
+    for normalize in (True, False):
+        task = Task()
+        task.cfg = {"data": {"max_duration": 10, "normalize_waveform": normalize}, "trainer": {"seed": 0}}
+        batch = next(iter(task._loader(str(tmp_path / "cuts.jsonl.gz"), DistInfo(), train=False)))
+        x = batch["inputs"][0]
+        if normalize:
+            assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
+        else:
+            assert abs(x.mean().item() - 0.3) < 1e-3 and abs(x.std().item() - 0.2 / 2 ** 0.5) < 1e-3
+
+
+# ---------------------------------------------------------------------- the recipe with --init-from
+def test_recipe_fine_tunes_from_an_imported_checkpoint(tmp_path, prepared_minisynth):
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16, 16, 16, 16), conv_kernel=(10, 8, 4, 4), conv_stride=(5, 4, 4, 4),
+        num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4, feat_extract_norm="layer",
+        do_stable_layer_norm=True)
+    model_dir = _save(transformers.Wav2Vec2ForPreTraining(config), tmp_path / "tiny-w2v", do_normalize=True)
+    recipe = recipe_with_data(tmp_path / "recipe", prepared_minisynth)
+    result = run_recipe(recipe, *SMOKE_DATA, "--stage", "5", "--init-from", str(model_dir),
+                        "--compare-scratch", "false", "--finetune-opts",
+                        "trainer.max_updates=3 trainer.valid_every=0 data.max_duration=15", timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    imported = recipe / "exp/pretrain_wav2vec2_imported_tiny-w2v"
+    assert (imported / ".done").exists() and (imported / "frontend.yaml").exists()
+    assert not (recipe / "exp/pretrain_wav2vec2").exists()  # no pretraining ran
+    system = recipe / "exp/ctc_wav2vec2_imported_tiny-w2v_all"
+    finetuned = torch.load(system / "model_final.pt", weights_only=False)
+    # the architecture is the checkpoint's, fine-tuning knobs (masks) the recipe's
+    encoder_cfg = finetuned["config"]["frontend"]["encoder"]
+    assert encoder_cfg["conv_layers"] == [[16, 10, 5], [16, 8, 4], [16, 4, 4], [16, 4, 4]]
+    assert encoder_cfg["transformer"]["dim"] == 32 and encoder_cfg["conv_norm"] == "layer"
+    recipe_ft = yaml.safe_load((recipe / "conf/finetune_ctc.yaml").read_text())
+    assert encoder_cfg["mask"] == recipe_ft["frontend"]["encoder"]["mask"]
+    assert finetuned["config"]["data"]["normalize_waveform"] is True
+    assert "initialised" in (system / "train.rank0.log").read_text()
+
+    rows = [json.loads(line) for line in (recipe / "exp/results.jsonl").read_text().splitlines()]
+    assert {(r["test_set"], r["frontend"], r["pretrained"]) for r in rows} == {
+        ("dev", "wav2vec2", True), ("test", "wav2vec2", True)}
+    assert all(r["exp"] == "exp/ctc_wav2vec2_imported_tiny-w2v_all" and "--init-from" in r["command"] for r in rows)
+
+    # the checkpoint's family decides the frontend: a contradicting --frontend is refused
+    refused = run_recipe(recipe, "--stage", "5", "--init-from", str(model_dir), "--frontend", "hubert", timeout=120)
+    assert refused.returncode == 2 and "holds a wav2vec2 model" in refused.stderr

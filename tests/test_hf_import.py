@@ -139,6 +139,9 @@ def test_hubert_matches_transformers(tmp_path, feat_proj_layer_norm):
     assert imported.frontend["encoder"]["feature_layer_norm"] is feat_proj_layer_norm
     assert isinstance(encoder.feature_norm, torch.nn.LayerNorm) is feat_proj_layer_norm
     _assert_hidden_states_match(model, encoder, pre_ln=False)
+    # the registry's hubert frontend builds the same encoder from the imported config
+    asr = build_asr_model({"frontend": imported.frontend, "head": {"name": "ctc"}}, vocab_size=5)
+    asr.encoder.load_state_dict(imported.encoder_state)
 
 
 # ---------------------------------------------------------------------- key styles and errors
@@ -213,6 +216,32 @@ def test_unsupported_options_and_converters_are_clear_errors(saved_wav2vec2, tmp
         import_hf(other)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         import_hf(tmp_path / "nowhere")
+
+
+def test_converters_of_other_frontends_are_found_by_module_name(saved_wav2vec2, tmp_path, monkeypatch):
+    """wavlm / wav2vec2-bert converters live in their frontends' modules, imported on first use."""
+    from sslasr.models import hf_import
+    package = tmp_path / "converters"
+    package.mkdir()
+    (package / "fake_wavlm.py").write_text(
+        "def from_hf(config, state_dict):\n"
+        "    return {'name': 'wavlm', 'encoder': {'layers': config['num_hidden_layers']}}, "
+        "{'n': len(state_dict)}\n")
+    (package / "no_converter.py").write_text("x = 1\n")
+    monkeypatch.syspath_prepend(str(package))
+    config = json.loads((saved_wav2vec2 / "config.json").read_text())
+    model_dir = tmp_path / "wavlm"
+    shutil.copytree(saved_wav2vec2, model_dir)
+    (model_dir / "config.json").write_text(json.dumps({**config, "model_type": "wavlm"}))
+
+    monkeypatch.setitem(hf_import._CONVERTER_MODULES, "wavlm", "fake_wavlm")
+    imported = import_hf(model_dir)
+    assert imported.frontend == {"name": "wavlm", "encoder": {"layers": 3}}
+    assert imported.encoder_state == {"n": len(read_state_dict(saved_wav2vec2))}
+    assert imported.source["model_type"] == "wavlm"
+    monkeypatch.setitem(hf_import._CONVERTER_MODULES, "wavlm", "no_converter")
+    with pytest.raises(ValueError, match="no_converter has no from_hf"):
+        import_hf(model_dir)
 
 
 # ---------------------------------------------------------------------- CLI and fine-tuning init

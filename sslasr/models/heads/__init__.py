@@ -5,9 +5,10 @@ from typing import Dict
 
 from torch import nn
 
+from sslasr.models.heads.attention import AttentionHead
 from sslasr.models.heads.ctc import CtcHead
 
-HEADS = {"ctc": CtcHead}
+HEADS = {"ctc": CtcHead, "attention": AttentionHead}
 
 
 def build_head(encoder_dim: int, vocab_size: int, cfg: Dict) -> nn.Module:

@@ -1,0 +1,1 @@
+"""Search algorithms over head scores: CTC prefix scoring, beam searches."""

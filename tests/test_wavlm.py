@@ -1,7 +1,9 @@
-"""WavLM: relative position buckets (hand-computed), the per-layer gate, the fp16 scaled softmax."""
+"""WavLM: relative position buckets (hand-computed), the per-layer gate, the fp16 scaled softmax,
+parity with transformers' WavLMModel layer by layer, utterance mixing."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +138,253 @@ def test_attention_module_takes_the_scaled_path_in_fp16_only():
     assert torch.equal(fp16, scaled)
     torch.testing.assert_close(fp16.float(), fp32, atol=2e-2, rtol=0)
 
+
+# ---------------------------------------------------------------------- transformers parity
+def _hf_wavlm(stable: bool, seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.WavLMConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+        conv_dim=[16, 16, 16, 16], conv_kernel=[10, 8, 4, 4], conv_stride=[5, 4, 4, 4],
+        num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
+        num_buckets=16, max_bucket_distance=20,  # 49 frames reach the log-spaced and capped buckets
+        do_stable_layer_norm=stable, feat_extract_norm="layer" if stable else "group")
+    torch.manual_seed(seed)
+    model = transformers.WavLMModel(config).eval()
+    with torch.no_grad():  # move the init values (ones, small normals) somewhere that tests them
+        for name, param in model.named_parameters():
+            if "rel_attn_embed" in name or "gru_rel_pos" in name:
+                param.normal_(0.0, 1.0)
+    return model
+
+
+def _import(model, tmp_path):
+    from sslasr.models.hf_import import read_config, read_state_dict
+    from sslasr.models.wavlm import WavLMEncoder, WavLMEncoderConfig, from_hf
+
+    model.save_pretrained(tmp_path)
+    frontend, state = from_hf(read_config(tmp_path), read_state_dict(tmp_path))
+    assert frontend["name"] == "wavlm"
+    encoder = WavLMEncoder(WavLMEncoderConfig.from_dict(frontend["encoder"])).eval()
+    encoder.load_state_dict(state)  # strict: every tensor placed
+    return frontend, encoder
+
+
+@pytest.mark.parametrize("stable", [False, True], ids=["post_ln_group_norm", "pre_ln_layer_norm"])
+def test_hidden_states_match_transformers(stable, tmp_path):
+    model = _hf_wavlm(stable)
+    frontend, encoder = _import(model, tmp_path)
+    assert frontend["encoder"]["relative_position"] == {"num_buckets": 16, "max_distance": 20}
+    assert frontend["encoder"]["transformer"]["layer_norm_first"] is stable
+    torch.manual_seed(1)
+    lengths = torch.tensor([16000, 9000])
+    audio = torch.randn(2, 16000) * (torch.arange(16000)[None] < lengths[:, None])
+    attention_mask = (torch.arange(16000)[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        ref = model(audio, attention_mask=attention_mask, output_hidden_states=True)
+        ours = encoder(audio, lengths, return_all=True)
+    valid = ~ours.padding_mask
+    assert valid.sum(1).tolist() == [49, 28]
+    layers = len(ours.layers) - 1
+    assert len(ref.hidden_states) == layers + 1 == 4
+    # transformers: [input of layer 1, output of layer 1, ...]; with pre-LN its last entry is
+    # before the final LayerNorm, which ours (and its last_hidden_state) include
+    compared = list(zip(ref.hidden_states[:layers], ours.layers[:layers])) + [(ref.last_hidden_state, ours.hidden)]
+    if not stable:
+        compared.append((ref.hidden_states[layers], ours.layers[layers]))
+    for theirs, mine in compared:
+        torch.testing.assert_close(mine[valid], theirs[valid], atol=1e-4, rtol=0)
+    # the relative bias matters: without it the outputs part
+    with torch.no_grad():
+        encoder.transformer.position_bias.embedding.weight.zero_()
+        assert (encoder(audio, lengths).hidden - ref.last_hidden_state)[valid].abs().max() > 1e-2
+
+
+def test_from_hf_names_unmapped_and_missing_tensors(tmp_path):
+    from sslasr.models.hf_import import read_config, read_state_dict
+    from sslasr.models.wavlm import from_hf
+
+    model = _hf_wavlm(stable=False)
+    model.save_pretrained(tmp_path)
+    config, state = read_config(tmp_path), read_state_dict(tmp_path)
+    extra = dict(state, **{"encoder.layers.1.attention.rel_attn_embed.weight": torch.zeros(16, 4)})
+    with pytest.raises(ValueError, match=r"unmapped.*encoder\.layers\.1\.attention\.rel_attn_embed\.weight"):
+        from_hf(config, extra)
+    missing = {k: v for k, v in state.items() if "layers.2.attention.gru_rel_pos_const" not in k}
+    with pytest.raises(ValueError, match=r"missing.*transformer\.layers\.2\.position_gate\.reset_scale"):
+        from_hf(config, missing)
+    with pytest.raises(ValueError, match="model_type 'wavlm'"):
+        from_hf(dict(config, model_type="hubert"), state)
+    with pytest.raises(ValueError, match="hidden_act"):
+        from_hf(dict(config, hidden_act="relu"), state)
+    # a CTC checkpoint: the base model under "wavlm.", its lm_head skipped
+    ctc_state = {f"wavlm.{k}": v for k, v in state.items()}
+    ctc_state.update({"lm_head.weight": torch.zeros(32, 32), "lm_head.bias": torch.zeros(32)})
+    _, encoder_state = from_hf(config, ctc_state)
+    assert set(encoder_state) == set(from_hf(config, state)[1])
+
+
+# ---------------------------------------------------------------------- utterance mixing
+def _speech_like_batch(seed: int = 0, batch: int = 6):
+    """Zero-padded utterances of different lengths and levels, no silent stretch."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4000, 16000, (batch,), generator=gen)
+    audio = torch.zeros(batch, int(lengths.max()))
+    t = torch.arange(audio.shape[1]) / 16000
+    for i, length in enumerate(lengths.tolist()):
+        level = 0.05 + 0.5 * torch.rand((), generator=gen)
+        tone = torch.sin(2 * math.pi * (150 + 50 * i) * t[:length])
+        audio[i, :length] = level * (tone + 0.3 * torch.randn(length, generator=gen))
+    return audio, lengths
+
+
+def _measured_snr_db(clean: torch.Tensor, mixed: torch.Tensor, mix) -> float:
+    region = slice(mix.start, mix.start + mix.length)
+    added = (mixed[mix.index, region] - clean[mix.index, region]).double()
+    return 10 * math.log10(clean[mix.index, region].double().pow(2).mean() / added.pow(2).mean())
+
+
+def test_mixing_energy_ratios_regions_and_sources():
+    from sslasr.data.mixing import UtteranceMixer, UtteranceMixingConfig
+
+    mixer = UtteranceMixer(UtteranceMixingConfig(prob=1.0, noise_prob=0.5), seed=3)
+    snrs = {"speech": [], "noise": []}
+    for batch_index in range(25):
+        audio, lengths = _speech_like_batch(batch_index)
+        mixed, mixes = mixer(audio, lengths, 16000, key=f"batch{batch_index}")
+        assert len(mixes) == len(lengths)  # prob 1: every utterance
+        touched = torch.zeros_like(audio, dtype=torch.bool)
+        for mix in mixes:
+            length = int(lengths[mix.index])
+            assert 1 <= mix.length <= length // 2 and 0 <= mix.start <= length - mix.length
+            measured = _measured_snr_db(audio, mixed, mix)
+            assert measured == pytest.approx(mix.snr_db, abs=1e-3)
+            low, high = (-5.0, 5.0) if mix.kind == "speech" else (-5.0, 20.0)
+            assert low <= measured <= high
+            snrs[mix.kind].append(measured)
+            region = slice(mix.start, mix.start + mix.length)
+            added = mixed[mix.index, region] - audio[mix.index, region]
+            if mix.kind == "speech":  # a clean segment of another utterance, scaled
+                j = int(mix.source)
+                assert j != mix.index and mix.source_offset + mix.length <= int(lengths[j])
+                segment = audio[j, mix.source_offset: mix.source_offset + mix.length]
+                torch.testing.assert_close(added, mix.gain * segment, atol=1e-6, rtol=1e-4)
+            else:
+                assert mix.source.startswith("synthetic(beta=")
+            touched[mix.index, region] = True
+        assert torch.equal(mixed[~touched], audio[~touched])  # outside the regions (padding too): as it was
+    # both kinds happen and the ratios spread over their ranges
+    assert min(len(snrs["speech"]), len(snrs["noise"])) > 40
+    assert min(snrs["speech"]) < -3.5 and max(snrs["speech"]) > 3.5
+    assert min(snrs["noise"]) < -2 and max(snrs["noise"]) > 17
+
+
+def test_mixing_is_deterministic_and_counts_follow_the_probabilities():
+    from sslasr.data.mixing import UtteranceMixer, UtteranceMixingConfig, mixing_stats
+
+    audio, lengths = _speech_like_batch(0)
+    mixer = UtteranceMixer(UtteranceMixingConfig(prob=0.5), seed=0)
+    first, first_mixes = mixer(audio, lengths, 16000, key="a|b|c")
+    again, again_mixes = UtteranceMixer(UtteranceMixingConfig(prob=0.5), seed=0)(audio, lengths, 16000, key="a|b|c")
+    assert torch.equal(first, again) and first_mixes == again_mixes
+    other_key, _ = mixer(audio, lengths, 16000, key="a|b|d")
+    other_seed, _ = UtteranceMixer(UtteranceMixingConfig(prob=0.5), seed=1)(audio, lengths, 16000, key="a|b|c")
+    assert not torch.equal(first, other_key) and not torch.equal(first, other_seed)
+
+    config = UtteranceMixingConfig(prob=0.2, noise_prob=0.25)
+    mixer = UtteranceMixer(config, seed=0)
+    totals = {"mixed_utterances": 0.0, "noise_utterances": 0.0}
+    for b in range(400):
+        _, mixes = mixer(audio, lengths, 16000, key=str(b))
+        for name, value in mixing_stats(mixes).items():
+            totals[name] += value
+    utterances = 400 * len(lengths)
+    assert totals["mixed_utterances"] / utterances == pytest.approx(0.2, abs=0.03)
+    assert totals["noise_utterances"] / totals["mixed_utterances"] == pytest.approx(0.25, abs=0.06)
+    for prob, noise_prob, kinds in [(0.0, 0.5, set()), (1.0, 0.0, {"speech"}), (1.0, 1.0, {"noise"})]:
+        _, mixes = UtteranceMixer(UtteranceMixingConfig(prob=prob, noise_prob=noise_prob))(audio, lengths, 16000, "k")
+        assert {m.kind for m in mixes} == kinds
+    # a batch of one has no other utterance: it gets noise
+    _, mixes = UtteranceMixer(UtteranceMixingConfig(prob=1.0, noise_prob=0.0))(audio[:1], lengths[:1], 16000, "k")
+    assert [m.kind for m in mixes] == ["noise"]
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 2.0])
+def test_coloured_noise_spectrum_slope(beta):
+    from sslasr.data.mixing import coloured_noise
+
+    noise = coloured_noise(2 ** 16, beta, torch.Generator().manual_seed(0)).double()
+    assert noise.mean().abs() < 1e-6 and noise.pow(2).mean() == pytest.approx(1.0, rel=1e-4)
+    power = torch.fft.rfft(noise).abs().pow(2)[1:]
+    frequency = torch.fft.rfftfreq(2 ** 16, dtype=torch.float64)[1:]
+    # average the periodogram in log-spaced bands, then fit log P = −β log f + c
+    edges = torch.logspace(math.log10(frequency[0]), math.log10(frequency[-1]), 30, dtype=torch.float64)
+    band = torch.bucketize(frequency, edges)
+    points = [(frequency[band == b].log().mean(), power[band == b].mean().log()) for b in band.unique()
+              if (band == b).sum() >= 4]
+    x = torch.stack([p[0] for p in points])
+    y = torch.stack([p[1] for p in points])
+    slope = ((x - x.mean()) * (y - y.mean())).sum() / (x - x.mean()).pow(2).sum()
+    assert float(slope) == pytest.approx(-beta, abs=0.1)
+
+
+def test_mixing_with_a_noise_manifest(tmp_path):
+    soundfile = pytest.importorskip("soundfile")
+    from lhotse import CutSet, Recording
+
+    from sslasr.data.mixing import UtteranceMixer, UtteranceMixingConfig
+
+    gen = np.random.default_rng(0)
+    recordings = []
+    for name, rate, seconds in [("hum", 16000, 0.1), ("hiss", 16000, 1.0)]:  # the short one loops
+        path = tmp_path / f"{name}.wav"
+        soundfile.write(path, (0.1 * gen.standard_normal(int(rate * seconds))).astype(np.float32), rate)
+        recordings.append(Recording.from_file(path, recording_id=name))
+    manifest = tmp_path / "noise_cuts.jsonl.gz"
+    CutSet.from_manifests(recordings=recordings).to_file(manifest)
+    mixer = UtteranceMixer(UtteranceMixingConfig(prob=1.0, noise_prob=1.0, noise_cuts=str(manifest)), seed=0)
+    sources = set()
+    for b in range(4):
+        audio, lengths = _speech_like_batch(b, batch=4)
+        mixed, mixes = mixer(audio, lengths, 16000, key=str(b))
+        for mix in mixes:
+            sources.add(mix.source)
+            assert _measured_snr_db(audio, mixed, mix) == pytest.approx(mix.snr_db, abs=1e-3)
+            assert -5.0 <= mix.snr_db <= 20.0
+    assert {name for name in ("hum", "hiss") for source in sources if source.startswith(name)} == {"hum", "hiss"}
+
+
+def test_mixing_config_errors():
+    from sslasr.data.mixing import build_mixer
+
+    assert build_mixer(None) is None
+    with pytest.raises(ValueError, match=r"unknown keys \['probability'\]"):
+        build_mixer({"probability": 0.2})
+    with pytest.raises(ValueError, match="prob must be in"):
+        build_mixer({"prob": 1.5})
+    with pytest.raises(ValueError, match="speech_snr_db"):
+        build_mixer({"speech_snr_db": [5, -5]})
+    mixer = build_mixer({"prob": 0.3, "noise_snr_db": [0, 10]}, seed=7)
+    assert mixer.cfg.noise_snr_db == (0, 10) and mixer.seed == 7
+
+
+# ---------------------------------------------------------------------- pretraining on mixed batches
+TINY_WAVLM = dict(
+    conv_layers=[[16, 10, 5], [16, 8, 4], [16, 4, 4], [16, 4, 4]], conv_norm="group", conv_bias=False,
+    feature_grad_mult=0.1, dropout_input=0.0,
+    transformer=dict(dim=32, layers=2, heads=4, ffn_dim=64, dropout=0.0, attention_dropout=0.0,
+                     activation_dropout=0.0, layer_norm_first=True, layerdrop=0.0, pos_conv_kernel=8,
+                     pos_conv_groups=4, softmax_alpha=32.0),
+    relative_position=dict(num_buckets=32, max_distance=100))
+
+
+def test_wavlm_registry_builds_the_pretrainer_with_the_wavlm_encoder():
+    from sslasr.models.frontends import get_frontend
+    from sslasr.models.wavlm import WavLMEncoder, WavLMPretrainer
+
+    frontend = get_frontend({"name": "wavlm"})
+    assert frontend.input_type == "waveform"
+    model = frontend.build_pretrainer(TINY_WAVLM, {"num_classes": 8, "label_rate": 50, "final_dim": 16})
+    assert isinstance(model, WavLMPretrainer) and type(model.encoder) is WavLMEncoder
+    assert model.encoder.transformer.position_bias.embedding.weight.shape == (32, 4)
+    assert all(layer.position_gate is not None for layer in model.encoder.transformer.layers)
+    assert type(frontend.build_encoder(TINY_WAVLM)) is WavLMEncoder

@@ -9,7 +9,7 @@ from typing import Callable, Dict
 
 from torch import nn
 
-from sslasr.models import hubert, wav2vec2
+from sslasr.models import hubert, wav2vec2, wavlm
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,12 @@ FRONTENDS: Dict[str, Frontend] = {
         build_encoder=lambda enc: wav2vec2.Wav2Vec2Encoder(wav2vec2.Wav2Vec2EncoderConfig.from_dict(enc)),
         build_pretrainer=lambda enc, obj: hubert.HubertPretrainer(
             wav2vec2.Wav2Vec2EncoderConfig.from_dict(enc), hubert.HubertPretrainConfig.from_dict(obj)),
+    ),
+    "wavlm": Frontend(  # gated relative position bias; HuBERT's objective on mixed utterances
+        input_type="waveform",
+        build_encoder=lambda enc: wavlm.WavLMEncoder(wavlm.WavLMEncoderConfig.from_dict(enc)),
+        build_pretrainer=lambda enc, obj: wavlm.WavLMPretrainer(
+            wavlm.WavLMEncoderConfig.from_dict(enc), hubert.HubertPretrainConfig.from_dict(obj)),
     ),
 }
 

@@ -153,13 +153,15 @@ def align_targets(targets: torch.Tensor, frame_lengths: torch.Tensor, num_frames
 class HubertPretrainer(nn.Module):
     """wav2vec 2.0 encoder + masked prediction of frame labels; forward returns (loss, stats)."""
 
+    encoder_class = Wav2Vec2Encoder  # WavLM trains its own encoder with this objective
+
     def __init__(self, encoder_cfg: Wav2Vec2EncoderConfig, cfg: HubertPretrainConfig):
         super().__init__()
         if cfg.label_rate is None or cfg.label_rate <= 0:
             raise ValueError(f"HuBERT needs label_rate (labels per second: 100 for MFCC k-means labels, "
                              f"50 for labels from hidden features), got {cfg.label_rate}")
         self.cfg = cfg
-        self.encoder = Wav2Vec2Encoder(encoder_cfg)
+        self.encoder = self.encoder_class(encoder_cfg)
         self.head = MaskedPredictionHead(encoder_cfg.transformer.dim, cfg.num_classes, cfg.final_dim,
                                          cfg.logit_temperature, cfg.pred_masked_weight, cfg.pred_nomask_weight)
         frame_rate = cfg.sample_rate / self.encoder.frame_shift_samples

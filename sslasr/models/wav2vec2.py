@@ -68,11 +68,15 @@ class Wav2Vec2Encoder(nn.Module):
         self.feature_projection = nn.Linear(conv_dim, dim)
         self.dropout_input = nn.Dropout(cfg.dropout_input)
         self.mask_embedding = nn.Parameter(torch.empty(dim).uniform_())
-        self.transformer = TransformerEncoder(cfg.transformer)
+        self.transformer = self.build_context_network(cfg)
         self.output_dim = dim
         self.frame_shift_samples = 1
         for stride in self.feature_extractor.strides:
             self.frame_shift_samples *= stride
+
+    def build_context_network(self, cfg: Wav2Vec2EncoderConfig) -> TransformerEncoder:
+        """The Transformer over projected features (WavLM's adds its relative position bias)."""
+        return TransformerEncoder(cfg.transformer)
 
     def features(self, waveform: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents z: (B, T, C) before LayerNorm, their lengths, and the padding mask."""

@@ -57,51 +57,99 @@ class Hypothesis:
 
 
 class _Beam:
-    """The beam as parallel arrays (row i = prefix i); the LM state has the same rows."""
+    """One utterance's beam as parallel arrays (row i = prefix i). `rows[i]` is prefix i's row
+    in the shared LM rows (state and next-token log-probs of every utterance's prefixes)."""
 
-    def __init__(self, prefixes, p_blank, p_nonblank, lm_log_prob, lm_next, lm_state):
+    def __init__(self, prefixes, p_blank, p_nonblank, lm_log_prob, rows):
         self.prefixes: List[Tuple[int, ...]] = prefixes
         self.p_blank, self.p_nonblank = p_blank, p_nonblank    # (K,) float64 log domain
         self.lm_log_prob = lm_log_prob                         # (K,) Σ log p_LM of the prefix's tokens
-        self.lm_next = lm_next                                 # (K, V) log p_LM(· | prefix), or None
-        self.lm_state = lm_state
+        self.rows = rows                                       # (K,) int64
         self.lengths = np.array([len(p) for p in prefixes], dtype=np.float64)
         self.last = np.array([p[-1] if p else -1 for p in prefixes], dtype=np.int64)
+
+
+class _LmRows:
+    """The LM state and next-token log-probs of every live prefix of a batch, one row each, so
+    that each frame's new prefixes of all utterances advance in a single `lm.step`."""
+
+    def __init__(self, lm, batch_size: int):
+        self.lm = lm
+        self.device = next(lm.parameters()).device
+        state = lm.initial_state(batch_size)
+        log_p, self.state = lm.step(torch.full((batch_size,), SOS_EOS_ID, dtype=torch.long, device=self.device), state)
+        self.next = log_p.double().cpu().numpy()   # (R, V)
+
+    def advance(self, kept: np.ndarray, parents: np.ndarray, tokens: np.ndarray) -> None:
+        """New rows = the `kept` rows, then `parents` rows each fed its token."""
+        kept_state = self.lm.select_state(self.state, torch.as_tensor(kept, device=self.device))
+        parent_state = self.lm.select_state(self.state, torch.as_tensor(parents, device=self.device))
+        log_p, new_state = self.lm.step(torch.as_tensor(tokens, device=self.device), parent_state)
+        self.state = self.lm.concat_states([kept_state, new_state]) if len(kept) else new_state
+        self.next = np.concatenate([self.next[kept], log_p.double().cpu().numpy()])
 
 
 def ctc_prefix_beam_search(log_probs: torch.Tensor, cfg: CtcBeamConfig, lm=None, blank_id: int = 0,
                            nbest: int = 1) -> List[Hypothesis]:
     """(T, V) CTC log-posteriors of one utterance → the `nbest` best hypotheses, best first."""
+    lengths = torch.tensor([log_probs.shape[0]])
+    return ctc_prefix_beam_search_batch(log_probs.unsqueeze(0), lengths, cfg, lm, blank_id, nbest)[0]
+
+
+def ctc_prefix_beam_search_batch(log_probs: torch.Tensor, lengths: torch.Tensor, cfg: CtcBeamConfig, lm=None,
+                                 blank_id: int = 0, nbest: int = 1) -> List[List[Hypothesis]]:
+    """(B, T, V) CTC log-posteriors with (B,) valid lengths → per utterance the `nbest` best
+    hypotheses. Utterances are searched independently, in lockstep over frames (for the LM)."""
     if cfg.beam_size < 1:
         raise ValueError(f"beam_size must be at least 1, got {cfg.beam_size}")
     frames = log_probs.detach().to(torch.float64).cpu().numpy()
-    vocab = frames.shape[1]
+    lengths = [int(n) for n in lengths]
+    vocab = frames.shape[2]
     use_lm = lm is not None and cfg.lm_weight != 0.0
     topk = vocab if cfg.token_topk <= 0 else min(cfg.token_topk, vocab)
     # blank never extends a prefix; with an LM neither does <sos/eos>, which the LM reads as sentence end
     excluded = [blank_id] + ([SOS_EOS_ID] if use_lm else [])
     skip_log = np.log(cfg.blank_skip_threshold) if cfg.blank_skip_threshold < 1.0 else np.inf
 
-    beam = _initial_beam(lm if use_lm else None)
-    for frame in frames:
-        frame = frame.copy()
-        blank = frame[blank_id]
-        frame[excluded] = NEG_INF
-        if blank > skip_log:
-            beam = _blank_frame(beam, frame, blank)
-        else:
-            beam = _extend_frame(beam, frame, blank, topk, cfg, lm if use_lm else None)
-    return _finish(beam, cfg, use_lm, nbest)
+    lm_rows = _LmRows(lm, len(lengths)) if use_lm else None
+    beams = [_Beam([()], np.zeros(1), np.full(1, NEG_INF), np.zeros(1), np.array([u])) for u in range(len(lengths))]
+    for t in range(max(lengths, default=0)):
+        requests = []  # per utterance: (kept rows, parent rows, tokens) of its new beam
+        for u, beam in enumerate(beams):
+            frame = frames[u, t].copy()
+            blank = frame[blank_id]
+            frame[excluded] = NEG_INF
+            if t >= lengths[u]:
+                requests.append((beam.rows, beam.rows[:0], beam.rows[:0]))
+            elif blank > skip_log:
+                beam.p_blank, beam.p_nonblank = _stay_probs(beam, frame, blank)
+                requests.append((beam.rows, beam.rows[:0], beam.rows[:0]))
+            else:
+                lm_next = lm_rows.next[beam.rows] if use_lm else None
+                beams[u], request = _extend_frame(beam, frame, blank, topk, cfg, lm_next)
+                requests.append(request)
+        _assign_rows(beams, requests, lm_rows)
+    return [_finish(beam, lm_rows, cfg, use_lm, nbest) for beam in beams]
 
 
-def _initial_beam(lm) -> _Beam:
-    lm_next, lm_state = None, None
-    if lm is not None:
-        lm_state = lm.initial_state(1)
-        device = next(lm.parameters()).device
-        log_p, lm_state = lm.step(torch.full((1,), SOS_EOS_ID, dtype=torch.long, device=device), lm_state)
-        lm_next = log_p.double().cpu().numpy()
-    return _Beam([()], np.zeros(1), np.full(1, NEG_INF), np.zeros(1), lm_next, lm_state)
+def _assign_rows(beams: List[_Beam], requests, lm_rows: Optional[_LmRows]) -> None:
+    """Give each new beam its LM rows; with new prefixes anywhere, the LM advances once for all."""
+    if lm_rows is None:  # rows only index LM rows
+        for beam in beams:
+            beam.rows = np.zeros(len(beam.prefixes), dtype=np.int64)
+        return
+    if all(len(parents) == 0 for _, parents, _ in requests):  # no new prefix: the LM rows stand
+        for beam, (kept, _, _) in zip(beams, requests):
+            beam.rows = kept
+        return
+    kept_all = np.concatenate([kept for kept, _, _ in requests])
+    lm_rows.advance(kept_all, np.concatenate([p for _, p, _ in requests]), np.concatenate([c for _, _, c in requests]))
+    kept_offset, new_offset = 0, len(kept_all)
+    for beam, (kept, parents, _) in zip(beams, requests):
+        beam.rows = np.concatenate([np.arange(kept_offset, kept_offset + len(kept)),
+                                    np.arange(new_offset, new_offset + len(parents))])
+        kept_offset += len(kept)
+        new_offset += len(parents)
 
 
 def _stay_probs(beam: _Beam, frame: np.ndarray, blank: float) -> Tuple[np.ndarray, np.ndarray]:
@@ -111,13 +159,10 @@ def _stay_probs(beam: _Beam, frame: np.ndarray, blank: float) -> Tuple[np.ndarra
     return total + blank, beam.p_nonblank + repeat
 
 
-def _blank_frame(beam: _Beam, frame: np.ndarray, blank: float) -> _Beam:
-    p_blank, p_nonblank = _stay_probs(beam, frame, blank)
-    beam.p_blank, beam.p_nonblank = p_blank, p_nonblank
-    return beam
-
-
-def _extend_frame(beam: _Beam, frame: np.ndarray, blank: float, topk: int, cfg: CtcBeamConfig, lm) -> _Beam:
+def _extend_frame(beam: _Beam, frame: np.ndarray, blank: float, topk: int, cfg: CtcBeamConfig,
+                  lm_next: Optional[np.ndarray]):
+    """The new beam after a frame that may extend prefixes, and its LM request (kept rows,
+    parent rows, appended tokens): kept prefixes come first, then the extensions."""
     candidates = np.argpartition(-frame, topk - 1)[:topk] if topk < len(frame) else np.arange(len(frame))
     candidates = candidates[np.isfinite(frame[candidates])]
     p_blank, p_nonblank = _stay_probs(beam, frame, blank)
@@ -127,10 +172,10 @@ def _extend_frame(beam: _Beam, frame: np.ndarray, blank: float, topk: int, cfg: 
     extended = np.where(is_repeat, beam.p_blank[:, None], total[:, None]) + frame[candidates][None, :]
     _merge_into_beam(beam, candidates, extended, p_nonblank)
 
+    extend_lm = beam.lm_log_prob[:, None] + (lm_next[:, candidates] if lm_next is not None else 0.0)
     stay_score = np.logaddexp(p_blank, p_nonblank) + cfg.length_bonus * beam.lengths
-    extend_lm = beam.lm_log_prob[:, None] + (beam.lm_next[:, candidates] if lm is not None else 0.0)
     extend_score = extended + cfg.length_bonus * (beam.lengths[:, None] + 1)
-    if lm is not None:
+    if lm_next is not None:
         stay_score = stay_score + cfg.lm_weight * beam.lm_log_prob
         extend_score = extend_score + cfg.lm_weight * extend_lm
     scores = np.concatenate([stay_score, extend_score.ravel()])
@@ -141,14 +186,13 @@ def _extend_frame(beam: _Beam, frame: np.ndarray, blank: float, topk: int, cfg: 
     tokens = candidates[column]
 
     prefixes = [beam.prefixes[i] for i in stay] + [beam.prefixes[j] + (int(c),) for j, c in zip(parent, tokens)]
-    new_p_blank = np.concatenate([p_blank[stay], np.full(len(parent), NEG_INF)])
-    new_p_nonblank = np.concatenate([p_nonblank[stay], extended[parent, column]])
-    new_lm_log_prob = np.concatenate([beam.lm_log_prob[stay], extend_lm[parent, column] if lm is not None
-                                      else np.zeros(len(parent))])
-    lm_next, lm_state = beam.lm_next, beam.lm_state
-    if lm is not None:
-        lm_next, lm_state = _advance_lm(lm, beam, stay, parent, tokens)
-    return _Beam(prefixes, new_p_blank, new_p_nonblank, new_lm_log_prob, lm_next, lm_state)
+    new_beam = _Beam(prefixes,
+                     np.concatenate([p_blank[stay], np.full(len(parent), NEG_INF)]),
+                     np.concatenate([p_nonblank[stay], extended[parent, column]]),
+                     np.concatenate([beam.lm_log_prob[stay], extend_lm[parent, column] if lm_next is not None
+                                     else np.zeros(len(parent))]),
+                     rows=None)
+    return new_beam, (beam.rows[stay], beam.rows[parent], tokens)
 
 
 def _merge_into_beam(beam: _Beam, candidates: np.ndarray, extended: np.ndarray, p_nonblank: np.ndarray) -> None:
@@ -166,22 +210,9 @@ def _merge_into_beam(beam: _Beam, candidates: np.ndarray, extended: np.ndarray, 
             extended[parent, column] = NEG_INF
 
 
-def _advance_lm(lm, beam: _Beam, stay: np.ndarray, parent: np.ndarray, tokens: np.ndarray):
-    """LM rows for the new beam: kept prefixes keep theirs; extensions feed their new token."""
-    device = next(lm.parameters()).device
-    kept_state = lm.select_state(beam.lm_state, torch.as_tensor(stay, device=device))
-    if len(parent) == 0:
-        return beam.lm_next[stay], kept_state
-    parent_state = lm.select_state(beam.lm_state, torch.as_tensor(parent, device=device))
-    log_p, new_state = lm.step(torch.as_tensor(tokens, device=device), parent_state)
-    lm_next = np.concatenate([beam.lm_next[stay], log_p.double().cpu().numpy()])
-    state = lm.concat_states([kept_state, new_state]) if len(stay) else new_state
-    return lm_next, state
-
-
-def _finish(beam: _Beam, cfg: CtcBeamConfig, use_lm: bool, nbest: int) -> List[Hypothesis]:
+def _finish(beam: _Beam, lm_rows: Optional[_LmRows], cfg: CtcBeamConfig, use_lm: bool, nbest: int) -> List[Hypothesis]:
     ctc = np.logaddexp(beam.p_blank, beam.p_nonblank)
-    lm_total = beam.lm_log_prob + (beam.lm_next[:, SOS_EOS_ID] if use_lm else 0.0)
+    lm_total = beam.lm_log_prob + (lm_rows.next[beam.rows, SOS_EOS_ID] if use_lm else 0.0)
     scores = ctc + cfg.length_bonus * beam.lengths + (cfg.lm_weight * lm_total if use_lm else 0.0)
     order = np.argsort(-scores, kind="stable")[:nbest]
     return [Hypothesis(list(beam.prefixes[i]), float(ctc[i]), float(lm_total[i]) if use_lm else 0.0,
@@ -196,5 +227,4 @@ def ctc_beam_decode(log_probs: torch.Tensor, lengths: torch.Tensor, options: Dec
     if lm is not None and lm.vocab_size != log_probs.shape[-1]:
         raise ValueError(f"the LM has {lm.vocab_size} tokens but the CTC head {log_probs.shape[-1]}: "
                          "train the LM with the ASR model's tokenizer")
-    return [ctc_prefix_beam_search(log_probs[b, : int(lengths[b])], cfg, lm, blank_id)[0].tokens
-            for b in range(log_probs.shape[0])]
+    return [hyps[0].tokens for hyps in ctc_prefix_beam_search_batch(log_probs, lengths, cfg, lm, blank_id)]

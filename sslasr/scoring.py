@@ -339,12 +339,26 @@ def _fence_for(text: str) -> str:
     return "`" * max(3, longest + 1)
 
 
+# Shown after "LM weight" only in tables where some row carries them (shallow-fusion decoding).
+FUSION_COLUMNS = (
+    ("length bonus", "length_bonus", _cell),
+    ("LM perplexity", "lm_perplexity", _cell),
+)
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[tuple]:
+    fusion = [c for c in FUSION_COLUMNS if any(c[1] in r for r in rows)]
+    split = [key for _, key, _ in COLUMNS].index("lm_weight") + 1
+    return list(COLUMNS[:split]) + fusion + list(COLUMNS[split:])
+
+
 def _render_table(rows: list[dict[str, Any]]) -> list[str]:
     with_exp = any("exp" in r for r in rows)
-    headers = ["#"] + [h for h, _, _ in COLUMNS] + (["exp"] if with_exp else [])
+    columns = _columns(rows)
+    headers = ["#"] + [h for h, _, _ in columns] + (["exp"] if with_exp else [])
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for i, row in enumerate(rows, start=1):
-        cells = [str(i)] + [fmt(row.get(key)) for _, key, fmt in COLUMNS]
+        cells = [str(i)] + [fmt(row.get(key)) for _, key, fmt in columns]
         if with_exp:
             cells.append(_cell(row.get("exp")))
         lines.append("| " + " | ".join(cells) + " |")

@@ -12,6 +12,7 @@ SMOKE_DATA = ["--data-opts", "--num-train 40 --num-unlabeled 40 --num-dev 8 --nu
 SMOKE = SMOKE_DATA + [
     "--pretrain-opts", "trainer.max_updates=4 trainer.checkpoint_every=2 data.max_duration=15",
     "--finetune-opts", "trainer.max_updates=4 trainer.valid_every=0 data.max_duration=15",
+    "--lm-opts", "trainer.max_updates=4 trainer.valid_every=0",
 ]
 
 

@@ -30,7 +30,8 @@ def finished_recipe(tmp_path_factory) -> Path:
 def test_every_stage_writes_its_outputs(finished_recipe: Path):
     recipe = finished_recipe
     for marker in ["data/.data.done", "data/manifests/.done", "data/lang_char_40/.done",
-                   "exp/pretrain_wav2vec2/.done", "exp/ctc_wav2vec2_all/.done", "exp/ctc_scratch_wav2vec2_all/.done"]:
+                   "exp/pretrain_wav2vec2/.done", "exp/ctc_wav2vec2_all/.done", "exp/ctc_scratch_wav2vec2_all/.done",
+                   "exp/lm_char_40/.done", "exp/ctc_wav2vec2_all/tune_ctc_beam_lm/.done"]:
         assert (recipe / marker).exists(), marker
     validation = json.loads((recipe / "data/manifests/minisynth_train_validation.json").read_text())
     assert validation["kept"] == 40
@@ -40,11 +41,13 @@ def test_every_stage_writes_its_outputs(finished_recipe: Path):
 
 def test_results_rows_and_table(finished_recipe: Path):
     rows = [json.loads(line) for line in (finished_recipe / "exp/results.jsonl").read_text().splitlines()]
-    assert len(rows) == 4  # {pretrained, scratch} x {dev, test}
-    assert {(r["pretrained"], r["frontend"], r["test_set"]) for r in rows} == {
-        (True, "wav2vec2", "dev"), (True, "wav2vec2", "test"), (False, "none", "dev"), (False, "none", "test")}
+    assert len(rows) == 12  # {pretrained, scratch} x {dev, test} x {ctc_greedy, ctc_beam, ctc_beam+lm}
+    assert {(r["pretrained"], r["frontend"], r["test_set"], r["decoding"]) for r in rows} == {
+        (pretrained, frontend, test_set, decoding) for pretrained, frontend in ((True, "wav2vec2"), (False, "none"))
+        for test_set in ("dev", "test") for decoding in ("ctc_greedy", "ctc_beam", "ctc_beam+lm")}
     for row in rows:
-        assert row["corpus"] == "minisynth" and row["head"] == "ctc" and row["decoding"] == "ctc_greedy"
+        assert row["corpus"] == "minisynth" and row["head"] == "ctc"
+        assert (row["lm_weight"] > 0) == (row["decoding"] == "ctc_beam+lm")
         assert row["num_utts"] == 8 and row["num_words"] > 8
         assert row["sub"] + row["del"] + row["ins"] == pytest.approx(row["wer"] * row["num_words"] / 100, abs=0.01)
         assert 0 < row["labeled_seconds"] < 200  # 40 short utterances

@@ -1,0 +1,241 @@
+"""CTC prefix beam search: exact against brute force on tiny cases, hand-computed cases, beam ≥
+greedy, shallow fusion with rigged LMs (λ and β), batch = per utterance, the head method,
+decoding options, λ/β tuning, and the recipe's LM / decode / score stages at smoke size."""
+
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recipe_smoke import SMOKE, recipe_with_data, run_recipe
+from sslasr.decoding.ctc_prefix_beam import (CtcBeamConfig, ctc_beam_decode, ctc_prefix_beam_search,
+                                             ctc_prefix_beam_search_batch)
+from sslasr.decoding.fusion import corpus_wer, decode_options, tune_fusion
+from sslasr.models.heads.ctc import CtcHead, best_path
+from sslasr.models.interfaces import DecodeOptions
+from sslasr.models.lm import build_lm
+
+EXACT = CtcBeamConfig(beam_size=1000, token_topk=0, blank_skip_threshold=1.0)  # no pruning at all
+
+
+def brute_force(log_probs: np.ndarray):
+    """log p(y) for every label sequence y: the sum over all T-frame paths collapsing to y."""
+    totals = {}
+    frames, vocab = log_probs.shape
+    for path in itertools.product(range(vocab), repeat=frames):
+        labels, previous = [], None
+        for token in path:
+            if token != previous and token != 0:
+                labels.append(token)
+            previous = token
+        key = tuple(labels)
+        totals[key] = np.logaddexp(totals.get(key, -np.inf), sum(log_probs[t, c] for t, c in enumerate(path)))
+    return totals
+
+
+def ctc_log_prob(log_probs: torch.Tensor, tokens) -> float:
+    """log p(tokens | x) by the forward algorithm (torch's CTC loss)."""
+    if not tokens:
+        return float(log_probs[:, 0].sum())
+    return -float(F.ctc_loss(log_probs.unsqueeze(1), torch.tensor([tokens]), torch.tensor([log_probs.shape[0]]),
+                             torch.tensor([len(tokens)]), reduction="sum"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_search_equals_brute_force(seed):
+    """With nothing pruned the search is exact: the best label sequence, and each of the n-best
+    sequences' probabilities, equal brute-force sums over every path (repeats included: V = 3 on
+    6 frames has sequences like 1 1 and 1 2 1)."""
+    torch.manual_seed(seed)
+    log_probs = torch.log_softmax(torch.randn(6, 3) * 1.5, -1)
+    totals = brute_force(log_probs.double().numpy())
+    hyps = ctc_prefix_beam_search(log_probs, EXACT, nbest=len(totals))
+    best = max(totals, key=totals.get)
+    assert tuple(hyps[0].tokens) == best and hyps[0].ctc_log_prob == pytest.approx(totals[best], abs=1e-9)
+    assert len(hyps) == len(totals)
+    for hyp in hyps:
+        assert hyp.ctc_log_prob == pytest.approx(totals[tuple(hyp.tokens)], abs=1e-9)
+
+
+def test_hand_computed_case_where_greedy_is_wrong():
+    """Two frames, p(blank) = 0.6, p(a) = 0.4 each: the best path is blank blank (p 0.36, empty
+    output) but "a" collects aa + a· + ·a = 0.16 + 0.24 + 0.24 = 0.64."""
+    log_probs = torch.tensor([[0.6, 0.4], [0.6, 0.4]]).log()
+    assert best_path(log_probs.argmax(-1)[None], torch.tensor([2]))[0] == []
+    hyp = ctc_prefix_beam_search(log_probs, CtcBeamConfig(beam_size=2))[0]
+    assert hyp.tokens == [1] and hyp.ctc_log_prob == pytest.approx(math.log(0.64))
+
+
+def test_repeats_need_a_blank_between_them():
+    """Frames mostly a, a, blank, a: "a a" exists only through paths with a blank between the
+    two a's; the search's probabilities of "a a" and "a" match the forward algorithm."""
+    log_probs = torch.tensor([[0.1, 0.9], [0.1, 0.9], [0.9, 0.1], [0.1, 0.9]]).log()
+    hyps = ctc_prefix_beam_search(log_probs, EXACT, nbest=10)
+    by_tokens = {tuple(h.tokens): h.ctc_log_prob for h in hyps}
+    assert by_tokens[(1, 1)] == pytest.approx(ctc_log_prob(log_probs, [1, 1]))
+    assert by_tokens[(1,)] == pytest.approx(ctc_log_prob(log_probs, [1]))
+    assert hyps[0].tokens == [1, 1]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_beam_is_at_least_as_probable_as_greedy(seed):
+    """Pruned as by default (8 of 12 tokens a frame, beam 8), on 40 noisy frames."""
+    torch.manual_seed(seed)
+    log_probs = torch.log_softmax(torch.randn(40, 12) * 2.0, -1)
+    greedy = best_path(log_probs.argmax(-1)[None], torch.tensor([40]))[0]
+    beam = ctc_prefix_beam_search(log_probs, CtcBeamConfig(beam_size=8))[0]
+    assert ctc_log_prob(log_probs, beam.tokens) >= ctc_log_prob(log_probs, greedy) - 1e-6
+    # pruning can only lose paths: the tracked probability is a lower bound of the true one
+    assert beam.ctc_log_prob <= ctc_log_prob(log_probs, beam.tokens) + 1e-4
+
+
+def _rigged_lm(vocab: int, favourite: int, name: str = "lstm"):
+    """An LM with zero weights except an output bias: every context predicts `favourite` with
+    probability e^5 / (e^5 + V − 2) ≈ 0.93."""
+    cfg = {"name": "lstm", "embed_dim": 8, "hidden_dim": 8, "layers": 1, "dropout": 0.0} if name == "lstm" else \
+        {"name": "transformer", "dim": 8, "layers": 1, "heads": 2, "ffn_dim": 16}
+    lm = build_lm(cfg, vocab).eval()
+    with torch.no_grad():
+        for parameter in lm.parameters():
+            parameter.zero_()
+        lm.output.bias[favourite] = 5.0
+    return lm
+
+
+@pytest.mark.parametrize("name", ["lstm", "transformer"])
+def test_shallow_fusion_with_a_rigged_lm_changes_the_hypothesis(name):
+    """Acoustics slightly prefer token 2 over 3; an LM sure of 3 flips it once λ is large enough:
+    per token the LM gap is log(e^5) = 5 nats against an acoustic gap of log(.5/.4) ≈ 0.22."""
+    frame = torch.tensor([0.05, 0.01, 0.5, 0.4, 0.04]).log()
+    log_probs = torch.stack([frame, torch.tensor([0.96, 0.01, 0.01, 0.01, 0.01]).log()])
+    lm = _rigged_lm(5, favourite=3, name=name)
+    plain = ctc_prefix_beam_search(log_probs, CtcBeamConfig(beam_size=4), lm=None)[0]
+    fused = ctc_prefix_beam_search(log_probs, CtcBeamConfig(beam_size=4, lm_weight=0.5), lm=lm)[0]
+    tiny = ctc_prefix_beam_search(log_probs, CtcBeamConfig(beam_size=4, lm_weight=0.01), lm=lm)[0]
+    assert plain.tokens == [2] and fused.tokens == [3] and tiny.tokens == [2]
+    # the reported LM score is log p_LM(3) + log p_LM(<eos> | 3) under the rigged distribution
+    normaliser = math.exp(5.0) + 5 - 2
+    assert fused.lm_log_prob == pytest.approx(5.0 - math.log(normaliser) - math.log(normaliser), abs=1e-5)
+    assert fused.score == pytest.approx(fused.ctc_log_prob + 0.5 * fused.lm_log_prob, abs=1e-6)
+
+
+def test_length_bonus_trades_deletions_for_insertions():
+    """A token at 30 % between blank-dominated frames: dropped at β = 0, kept with a bonus."""
+    blank = torch.tensor([0.9, 0.05, 0.05]).log()
+    middle = torch.tensor([0.7, 0.3, 0.0001]).log()
+    log_probs = torch.stack([blank, middle, blank])
+    assert ctc_prefix_beam_search(log_probs, CtcBeamConfig(beam_size=4))[0].tokens == []
+    assert ctc_prefix_beam_search(log_probs, CtcBeamConfig(beam_size=4, length_bonus=1.0))[0].tokens == [1]
+
+
+@pytest.mark.parametrize("name", ["lstm", "transformer"])
+def test_batch_search_equals_one_utterance_at_a_time(name):
+    """Lockstep batching (one LM step per frame for every utterance) changes nothing."""
+    torch.manual_seed(1)
+    lm = build_lm({"name": "lstm", "embed_dim": 8, "hidden_dim": 16, "layers": 2, "dropout": 0.0}
+                  if name == "lstm" else {"name": "transformer", "dim": 8, "layers": 2, "heads": 2, "ffn_dim": 16},
+                  9).eval()
+    log_probs = torch.log_softmax(torch.randn(3, 30, 9) * 2.0, -1)
+    lengths = torch.tensor([30, 12, 21])
+    cfg = CtcBeamConfig(beam_size=5, token_topk=4, blank_skip_threshold=0.9, lm_weight=0.7, length_bonus=0.5)
+    batched = ctc_prefix_beam_search_batch(log_probs, lengths, cfg, lm, nbest=3)
+    for b in range(3):
+        alone = ctc_prefix_beam_search(log_probs[b, : lengths[b]], cfg, lm, nbest=3)
+        assert [h.tokens for h in batched[b]] == [h.tokens for h in alone]
+        assert [h.score for h in batched[b]] == pytest.approx([h.score for h in alone], abs=1e-5)
+
+
+def test_blank_skipping_keeps_peaky_posteriors_exact():
+    """Frames ≥ 99.9 % blank extend nothing, but their blank/repeat updates are exact: on peaky
+    posteriors the result and its probability match the unpruned search."""
+    torch.manual_seed(2)
+    logits = torch.randn(60, 7)
+    logits[:, 0] += torch.where(torch.rand(60) < 0.7, 12.0, -2.0)
+    log_probs = torch.log_softmax(logits, -1)
+    pruned = ctc_prefix_beam_search(log_probs, CtcBeamConfig(beam_size=8))[0]
+    exact = ctc_prefix_beam_search(log_probs, CtcBeamConfig(beam_size=8, token_topk=0, blank_skip_threshold=1.0))[0]
+    assert pruned.tokens == exact.tokens
+    assert pruned.ctc_log_prob == pytest.approx(exact.ctc_log_prob, abs=1e-3)
+
+
+def test_ctc_head_decodes_with_ctc_beam():
+    torch.manual_seed(0)
+    head = CtcHead(6, 9).eval()
+    hidden, lengths = torch.randn(2, 15, 6), torch.tensor([15, 9])
+    options = DecodeOptions(beam_size=4)
+    expected = [h[0].tokens for h in ctc_prefix_beam_search_batch(head.log_probs(hidden), lengths,
+                                                                  CtcBeamConfig(beam_size=4))]
+    assert head.decode(hidden, lengths, "ctc_beam", options) == expected
+    assert "ctc_beam" in head.methods
+    with pytest.raises(ValueError, match="the LM has 5 tokens but the CTC head 9"):
+        head.decode(hidden, lengths, "ctc_beam", DecodeOptions(lm=_rigged_lm(5, 3), lm_weight=0.5))
+    with pytest.raises(ValueError, match="ctc_greedy, ctc_beam"):
+        head.decode(hidden, lengths, "ctc_prefix", options)
+
+
+def test_decode_options_from_the_yaml_section():
+    section = {"methods": ["ctc_greedy"], "lm_methods": ["ctc_beam"], "beam_size": 6, "ctc_token_topk": 3,
+               "ctc_weight": 0.4, "tune": {"lm_weight": [0.1]}}
+    options = decode_options(section, lm_weight=0.3, beam_size=None)
+    assert (options.beam_size, options.lm_weight, options.ctc_weight) == (6, 0.3, 0.4)
+    assert options.extra == {"ctc_token_topk": 3}
+    assert CtcBeamConfig.from_options(options).token_topk == 3
+    assert decode_options(section, beam_size=12).beam_size == 12
+    with pytest.raises(ValueError, match="'lm_wieght' is not a decoding option"):
+        decode_options(section, lm_wieght=0.3)
+
+
+def test_tune_fusion_picks_the_lowest_dev_wer():
+    """A constructed decoder whose output depends on (λ, β): only λ = 0.5, β = 1 gets every word
+    right; the grid is fully evaluated and the tie at WER 50 % is not chosen."""
+    refs = {"u1": "A B", "u2": "C D"}
+
+    def decode(lm_weight, length_bonus):
+        if (lm_weight, length_bonus) == (0.5, 1.0):
+            return {"u1": "A B", "u2": "C D"}
+        if length_bonus == 0.0:
+            return {"u1": "A", "u2": "C"}            # two deletions: 50 %
+        return {"u1": "A B X", "u2": "C D Y"}        # two insertions: 50 %
+
+    best = tune_fusion(decode, refs, [0.1, 0.5, 1.0], [0.0, 1.0])
+    assert (best["lm_weight"], best["length_bonus"], best["dev_wer"]) == (0.5, 1.0, 0.0)
+    assert len(best["grid"]) == 6 and {p["dev_wer"] for p in best["grid"]} == {0.0, 50.0}
+    assert corpus_wer({"u1": "A"}, refs) == 75.0  # a missing hypothesis counts as all deletions
+    with pytest.raises(ValueError, match="at least one"):
+        tune_fusion(decode, refs, [], [0.0])
+
+
+# ------------------------------------------------------------------ the recipe's stages 5-9
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_recipe_lm_decode_score_stages(tmp_path: Path, prepared_minisynth: Path):
+    """From fine-tuning to RESULTS.md at smoke size (scratch system): the LM stage, λ/β tuning on
+    dev, and a results row per (test set, method) for ctc_greedy, ctc_beam and ctc_beam+lm."""
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
+    result = run_recipe(recipe, *SMOKE, "--stage", "5", "--no-pretrain", "true", timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    system = recipe / "exp/ctc_scratch_wav2vec2_all"
+    perplexity = json.loads((recipe / "exp/lm_char_40/perplexity.json").read_text())
+    assert 1.0 < perplexity["perplexity"] < 40 and perplexity["num_sentences"] == 8
+    tuned = json.loads((system / "tune_ctc_beam_lm/best.json").read_text())
+    assert len(tuned["grid"]) == 9 and tuned["dev_wer"] == min(p["dev_wer"] for p in tuned["grid"])
+
+    rows = [json.loads(line) for line in (recipe / "exp/results.jsonl").read_text().splitlines()]
+    assert sorted((r["test_set"], r["decoding"]) for r in rows) == sorted(
+        (s, d) for s in ("dev", "test") for d in ("ctc_greedy", "ctc_beam", "ctc_beam+lm"))
+    for row in rows:
+        info = json.loads((system / f"decode_{row['test_set']}_{row['decoding'].replace('+lm', '_lm')}"
+                           / "decode_info.json").read_text())
+        assert info["method"] == row["decoding"].split("+")[0] and info["real_time_factor"] > 0
+        if row["decoding"] == "ctc_beam+lm":
+            assert (row["lm_weight"], row["length_bonus"]) == (tuned["lm_weight"], tuned["length_bonus"])
+            assert row["lm_perplexity"] == perplexity["perplexity"] and info["lm"].endswith("model_final.pt")
+        else:
+            assert row["lm_weight"] == 0 and row["length_bonus"] == 0 and "lm_perplexity" not in row
+    table = (recipe / "RESULTS.md").read_text()
+    assert "ctc_beam+lm" in table and "length bonus" in table

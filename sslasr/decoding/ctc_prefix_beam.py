@@ -96,6 +96,7 @@ def ctc_prefix_beam_search(log_probs: torch.Tensor, cfg: CtcBeamConfig, lm=None,
     return ctc_prefix_beam_search_batch(log_probs.unsqueeze(0), lengths, cfg, lm, blank_id, nbest)[0]
 
 
+@torch.no_grad()
 def ctc_prefix_beam_search_batch(log_probs: torch.Tensor, lengths: torch.Tensor, cfg: CtcBeamConfig, lm=None,
                                  blank_id: int = 0, nbest: int = 1) -> List[List[Hypothesis]]:
     """(B, T, V) CTC log-posteriors with (B,) valid lengths → per utterance the `nbest` best

@@ -10,9 +10,11 @@
 #   4 pretrain    self-supervised pretraining of --frontend on all audio
 #   5 finetune    --head on --labeled seconds of transcribed audio, from the pretrained
 #                 encoder and (unless --compare-scratch false) from scratch
-#   6 decode      every test set with every fine-tuned system
-#   7 score       kaldialign WER; one JSON line per result in exp/results.jsonl
-#   8 results     RESULTS.md rendered from exp/results.jsonl
+#   6 lm          token LM (conf/lm.yaml) on the training transcripts (+ --lm-text files)
+#   7 decode      every test set with every fine-tuned system and every decoding method of
+#                 the head's `decode` section; LM methods: λ, β tuned on dev, then decoded
+#   8 score       kaldialign WER; one JSON line per result in exp/results.jsonl
+#   9 results     RESULTS.md rendered from exp/results.jsonl
 # Every stage leaves a .done marker and is skipped when it exists (--force true redoes it);
 # training stages resume from their last checkpoint after a kill.
 set -euo pipefail
@@ -39,14 +41,16 @@ token_type=${token_type:-unigram}  # sentencepiece model: unigram, bpe or char
 data_opts=${data_opts:-}  # extra options for local/data.sh
 pretrain_opts=""       # extra `key=value` config overrides for stage 4
 finetune_opts=""       # ... for stage 5
-decode_opts=""         # extra options for sslasr.bin.decode
+lm_text=""             # extra LM training text files (one sentence a line), space-separated
+lm_opts=""             # extra `key=value` config overrides for stage 6
+decode_opts=""         # extra options for sslasr.bin.decode (and sslasr.bin.tune_fusion)
 python=${SSLASR_PYTHON:-$root/.venv/bin/python}
 conf_dir=${conf_dir:-conf}
 corpus=${corpus:?run.sh must set corpus}
 test_sets=${test_sets:-"dev test"}
 pretrain_splits=${pretrain_splits:-"train unlabeled"}
 
-usage() { sed -n '2,19p' "${BASH_SOURCE[0]}"; grep -E '^[a-z_]+=.*' "${BASH_SOURCE[0]}" | sed -n '1,23p'; }
+usage() { sed -n '2,21p' "${BASH_SOURCE[0]}"; grep -E '^[a-z_]+=.*' "${BASH_SOURCE[0]}" | sed -n '1,25p'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -212,38 +216,98 @@ if run_stage 5; then
   done
 fi
 
+lm_dir=exp/lm_${token_type}_${vocab_size}
 if run_stage 6; then
-  for system in $systems; do
-    dir=$(system_dir $system)
-    for test_set in $test_sets; do
-      out=$dir/decode_${test_set}_ctc_greedy
-      if done_or_force $out/.done; then continue; fi
-      log "decoding $test_set with $dir"
-      "$python" -m sslasr.bin.decode --model $dir/model_final.pt --cuts "$(cuts $test_set)" \
-        --method ctc_greedy --out-dir $out $decode_opts
-      touch $out/.done
-    done
-  done
+  if [ ! -f $conf_dir/lm.yaml ]; then log "no $conf_dir/lm.yaml: no LM"
+  elif done_or_force $lm_dir/.done; then log "LM ready ($lm_dir)"; else
+    log "training the token LM in $lm_dir"
+    fresh_training $lm_dir
+    extra_text=null; [ -z "$lm_text" ] || extra_text="[$(printf '%s,' $lm_text | sed 's/,$//')]"
+    train $lm_dir --config $conf_dir/lm.yaml --set task=lm data.tokenizer=$lang/bpe.model \
+      data.train_text="$(cuts train)" data.valid_text="$(cuts dev)" "data.extra_text=$extra_text" $lm_opts
+    "$python" -m sslasr.bin.lm_perplexity --lm $lm_dir/model_final.pt --text "$(cuts dev)" --out $lm_dir/perplexity.json
+    touch $lm_dir/.done
+  fi
 fi
+
+decode_plan() {  # decode_plan SYSTEM_DIR: "method lm|-" lines from the model config's decode section
+  "$python" - "$1/config.yaml" <<'EOF'
+import sys
+from sslasr.models.heads import HEADS
+from sslasr.utils.config import load_config
+cfg = load_config(sys.argv[1])
+head = HEADS[cfg.get("head", {}).get("name", "ctc")]
+decode = cfg.get("decode", {})
+for method in decode.get("methods", [head.greedy_method]):
+    print(method, "-")
+for method in decode.get("lm_methods", []):
+    print(method, "lm")
+EOF
+}
+json_value() { "$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+decode_dir() {  # decode_dir SYSTEM_DIR TEST_SET METHOD lm|-
+  if [ "$4" = lm ]; then echo "$1/decode_$2_$3_lm"; else echo "$1/decode_$2_$3"; fi
+}
 
 if run_stage 7; then
   for system in $systems; do
     dir=$(system_dir $system)
-    for test_set in $test_sets; do
-      out=$dir/decode_${test_set}_ctc_greedy
-      if done_or_force $out/.scored; then continue; fi
-      [ $system = pretrained ] && pretrained=true || pretrained=false
-      [ $system = pretrained ] && row_frontend=$frontend || row_frontend=none
-      "$python" -m sslasr.bin.score --ref $out/ref.txt --hyp $out/hyp.txt --out-dir $out \
-        --results exp/results.jsonl --set corpus=$corpus test_set=$test_set frontend=$row_frontend \
-        head=$head decoding=ctc_greedy lm_weight=0 labeled_seconds="$(cat "$dir/labeled_seconds" 2>/dev/null || echo null)" \
-        pretrained=$pretrained generation=0 exp=$dir "command=$command_line"
-      touch $out/.scored
+    plan=$(decode_plan $dir)
+    for entry in $(echo "$plan" | tr ' ' ':'); do
+      method=${entry%%:*}; with_lm=${entry#*:}
+      fusion=""
+      if [ "$with_lm" = lm ]; then
+        [ -f $lm_dir/.done ] || { echo "$0: $method with an LM needs stage 6 ($lm_dir)" >&2; exit 1; }
+        tuned=$dir/tune_${method}_lm/best.json
+        if ! done_or_force $dir/tune_${method}_lm/.done; then
+          log "tuning λ, β of $method + LM on dev for $dir"
+          "$python" -m sslasr.bin.tune_fusion --model $dir/model_final.pt --lm $lm_dir/model_final.pt \
+            --cuts "$(cuts dev)" --method $method --out $tuned $decode_opts
+          touch $dir/tune_${method}_lm/.done
+        fi
+        fusion="--lm $lm_dir/model_final.pt --lm-weight $(json_value $tuned lm_weight) --length-bonus $(json_value $tuned length_bonus)"
+      fi
+      for test_set in $test_sets; do
+        out=$(decode_dir $dir $test_set $method $with_lm)
+        if done_or_force $out/.done; then continue; fi
+        log "decoding $test_set with $dir ($method${fusion:+ + LM})"
+        "$python" -m sslasr.bin.decode --model $dir/model_final.pt --cuts "$(cuts $test_set)" \
+          --method $method --out-dir $out $fusion $decode_opts
+        touch $out/.done
+      done
     done
   done
 fi
 
 if run_stage 8; then
+  for system in $systems; do
+    dir=$(system_dir $system)
+    [ $system = pretrained ] && pretrained=true || pretrained=false
+    [ $system = pretrained ] && row_frontend=$frontend || row_frontend=none
+    plan=$(decode_plan $dir)
+    for entry in $(echo "$plan" | tr ' ' ':'); do
+      method=${entry%%:*}; with_lm=${entry#*:}
+      decoding=$method; lm_row=""
+      if [ "$with_lm" = lm ]; then
+        decoding="$method+lm"
+        lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"
+      fi
+      for test_set in $test_sets; do
+        out=$(decode_dir $dir $test_set $method $with_lm)
+        if done_or_force $out/.scored; then continue; fi
+        "$python" -m sslasr.bin.score --ref $out/ref.txt --hyp $out/hyp.txt --out-dir $out \
+          --results exp/results.jsonl --set corpus=$corpus test_set=$test_set frontend=$row_frontend \
+          head=$head decoding=$decoding lm_weight=$(json_value $out/decode_info.json lm_weight) \
+          length_bonus=$(json_value $out/decode_info.json length_bonus) $lm_row \
+          labeled_seconds="$(cat "$dir/labeled_seconds" 2>/dev/null || echo null)" \
+          pretrained=$pretrained generation=0 exp=$dir "command=$command_line"
+        touch $out/.scored
+      done
+    done
+  done
+fi
+
+if run_stage 9; then
   "$python" -m sslasr.bin.render_results --results exp/results.jsonl --out RESULTS.md \
     --title "$corpus results"
   log "wrote RESULTS.md"

@@ -12,6 +12,7 @@ from sslasr.models.asr import build_asr_model, load_encoder_weights
 from sslasr.models.frontends import get_frontend
 from sslasr.scoring import align_counts
 from sslasr.train.distributed import DistInfo
+from sslasr.train.lm_task import LmTask
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class AsrFinetuneTask(_DataMixin):
         return totals
 
 
-TASKS = {"pretrain": PretrainTask, "asr": AsrFinetuneTask}
+TASKS = {"pretrain": PretrainTask, "asr": AsrFinetuneTask, "lm": LmTask}
 
 
 def build_task(cfg: Dict):

@@ -9,7 +9,7 @@ from typing import Callable, Dict
 
 from torch import nn
 
-from sslasr.models import hubert, wav2vec2, wavlm
+from sslasr.models import hubert, w2vbert, wav2vec2, wavlm
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,12 @@ FRONTENDS: Dict[str, Frontend] = {
         build_encoder=lambda enc: wavlm.WavLMEncoder(wavlm.WavLMEncoderConfig.from_dict(enc)),
         build_pretrainer=lambda enc, obj: wavlm.WavLMPretrainer(
             wavlm.WavLMEncoderConfig.from_dict(enc), hubert.HubertPretrainConfig.from_dict(obj)),
+    ),
+    "w2vbert": Frontend(  # Conformer on fbank; contrastive + masked-prediction pretraining
+        input_type="fbank",
+        build_encoder=lambda enc: w2vbert.W2vBertEncoder(w2vbert.W2vBertEncoderConfig.from_dict(enc)),
+        build_pretrainer=lambda enc, obj: w2vbert.W2vBertPretrainer(
+            w2vbert.W2vBertEncoderConfig.from_dict(enc), w2vbert.W2vBertPretrainConfig.from_dict(obj)),
     ),
 }
 

@@ -83,14 +83,17 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int, activation_dropout: float):
+    """Linear → activation → dropout → Linear: GELU in the Transformer, swish in the Conformer."""
+
+    def __init__(self, dim: int, hidden: int, activation_dropout: float, activation=F.gelu):
         super().__init__()
         self.intermediate = nn.Linear(dim, hidden)
         self.output = nn.Linear(hidden, dim)
         self.dropout = nn.Dropout(activation_dropout)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(self.dropout(F.gelu(self.intermediate(x))))
+        return self.output(self.dropout(self.activation(self.intermediate(x))))
 
 
 class TransformerLayer(nn.Module):

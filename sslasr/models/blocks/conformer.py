@@ -1,0 +1,228 @@
+"""Conformer encoder (Gulati et al., 2020), as used by w2v-BERT (Chung et al., 2021).
+
+One block, with a half-step ("macaron") feed-forward module on each side:
+    x = x + ½·FFN(LN(x))
+    x = x + MHSA(LN(x))                    self-attention with relative positions
+    x = x + Conv(x)                        LN → pointwise → GLU → depthwise → norm → swish → pointwise
+    x = x + ½·FFN(LN(x))
+    y = LN(x)
+Relative position schemes (`position`):
+  "relative"      Transformer-XL (Dai et al. 2019 §3.3), the Conformer paper's: with sinusoids
+                  p_r of the offset r = i − j, a learned W_p and per-head biases u, v,
+                    a_ij = [ (q_i + u)·k_j + (q_i + v)·W_p p_{i−j} ] / √d
+  "relative_key"  Shaw et al. 2018, the w2v-BERT 2.0 checkpoints': a learned vector e per
+                  clipped offset, a_ij = [ q_i·k_j + q_i·e_{clip(j−i, −left, right)} ] / √d
+  "none"          plain dot-product attention.
+The convolution module's norm is BatchNorm in the paper ("batch", its statistics taken over
+real frames only) or LayerNorm ("layer", w2v-BERT 2.0); its depthwise convolution is centred,
+or causal (left context only) as in w2v-BERT 2.0.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from sslasr.models.blocks.positional import SinusoidalPositionalEncoding
+from sslasr.models.blocks.transformer import FeedForward, MultiHeadSelfAttention
+
+POSITION_TYPES = ("relative", "relative_key", "none")
+CONV_NORMS = ("batch", "layer")
+
+
+@dataclass
+class ConformerConfig:
+    """Defaults: the Conformer XL that w2v-BERT XL uses (24 blocks of dim 1024, 8 heads,
+    depthwise kernel 5; Zhang et al. 2020)."""
+
+    dim: int = 1024
+    layers: int = 24
+    heads: int = 8
+    ffn_dim: int = 4096
+    conv_kernel: int = 5
+    conv_norm: str = "batch"
+    conv_causal: bool = False
+    conv_bias: bool = True           # pointwise and depthwise convolutions (w2v-BERT 2.0: none)
+    position: str = "relative"
+    left_max_position: int = 64      # relative_key: offsets clipped to [−left, right]
+    right_max_position: int = 8
+    dropout: float = 0.1             # on each module's output, and on the stack's input
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.1
+    conv_dropout: float = 0.1
+    layerdrop: float = 0.0
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.position not in POSITION_TYPES:
+            raise ValueError(f"conformer position must be one of {POSITION_TYPES}, got {self.position!r}")
+        if self.conv_norm not in CONV_NORMS:
+            raise ValueError(f"conformer conv_norm must be one of {CONV_NORMS}, got {self.conv_norm!r}")
+        if self.conv_kernel % 2 == 0 and not self.conv_causal:
+            raise ValueError(f"a centred depthwise convolution needs an odd kernel, got {self.conv_kernel}")
+        if self.dim % self.heads:
+            raise ValueError(f"conformer dim {self.dim} is not divisible by heads {self.heads}")
+
+
+class RelativePositionSelfAttention(MultiHeadSelfAttention):
+    """Multi-head self-attention plus a relative-position term in the logits (see the module
+    docstring); SDPA takes that term, with −∞ at padded keys, as its additive mask."""
+
+    def __init__(self, dim: int, heads: int, dropout: float, position: str, left: int = 64, right: int = 8):
+        super().__init__(dim, heads, dropout)
+        self.position = position
+        head_dim = dim // heads
+        if position == "relative":
+            self.sinusoids = SinusoidalPositionalEncoding(dim)
+            self.pos_proj = nn.Linear(dim, dim, bias=False)                   # W_p
+            self.pos_bias_u = nn.Parameter(torch.empty(heads, head_dim))
+            self.pos_bias_v = nn.Parameter(torch.empty(heads, head_dim))
+            nn.init.xavier_uniform_(self.pos_bias_u)
+            nn.init.xavier_uniform_(self.pos_bias_v)
+        elif position == "relative_key":
+            self.left, self.right = left, right
+            self.distance_embedding = nn.Embedding(left + right + 1, head_dim)  # e_{−left} .. e_{right}
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, T, C), padding_mask (B, T) True = pad → (B, T, C)."""
+        batch, time, dim = x.shape
+        q, k, v = self._project_qkv(x)                                      # (B, H, T, d) each
+        scale = q.shape[-1] ** -0.5
+        bias = None
+        if self.position == "relative":
+            offsets = torch.arange(time - 1, -time, -1, device=x.device)      # r = T−1 .. −(T−1)
+            p = self.pos_proj(self.sinusoids(offsets).to(x.dtype))             # (2T−1, C)
+            p = p.view(2 * time - 1, self.heads, -1).permute(1, 2, 0)           # (H, d, 2T−1)
+            scores = (q + self.pos_bias_v[:, None].to(q.dtype)) @ p            # (B, H, T, 2T−1)
+            # column of offset r = i − j is T−1−r = T−1−i+j
+            bias = _gather_offsets(scores, time - 1 - _offsets(time, x.device)) * scale
+            q = q + self.pos_bias_u[:, None].to(q.dtype)
+        elif self.position == "relative_key":
+            scores = q @ self.distance_embedding.weight.to(q.dtype).t()        # (B, H, T, left+1+right)
+            clipped = (-_offsets(time, x.device)).clamp(-self.left, self.right)  # j − i
+            bias = _gather_offsets(scores, clipped + self.left) * scale
+        if padding_mask is not None and padding_mask.any():
+            pad = torch.zeros(batch, 1, 1, time, dtype=q.dtype, device=x.device)
+            pad = pad.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+            bias = pad if bias is None else bias + pad
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))
+
+
+def _offsets(time: int, device) -> torch.Tensor:
+    """(T, T) matrix of i − j (query i, key j)."""
+    positions = torch.arange(time, device=device)
+    return positions[:, None] - positions[None, :]
+
+
+def _gather_offsets(scores: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """scores (B, H, T, R) per query and offset bucket, columns (T, T) the bucket of each
+    (query, key) pair → (B, H, T, T). Scoring R ≪ T² buckets and gathering is cheaper than
+    materialising a (T, T, d) table of offset vectors."""
+    batch, heads, time, _ = scores.shape
+    return scores.gather(-1, columns.expand(batch, heads, time, time))
+
+
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm over the channels of (B, T, C) whose training statistics come from real frames
+    only, so padding changes neither the batch's output nor the running averages."""
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if padding_mask is None or not padding_mask.any():
+            return super().forward(x.reshape(-1, x.shape[-1])).view_as(x)
+        out = torch.zeros_like(x)
+        valid = ~padding_mask
+        out[valid] = super().forward(x[valid])
+        return out
+
+
+class ConvolutionModule(nn.Module):
+    """LN → pointwise conv to 2C → GLU → depthwise conv → norm → swish → pointwise conv → dropout.
+    Pointwise convolutions are Linear layers on (B, T, C); padded frames are zeroed before the
+    depthwise convolution so that they never reach real frames."""
+
+    def __init__(self, cfg: ConformerConfig):
+        super().__init__()
+        dim, kernel = cfg.dim, cfg.conv_kernel
+        self.layer_norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.pointwise1 = nn.Linear(dim, 2 * dim, bias=cfg.conv_bias)
+        self.depthwise = nn.Conv1d(dim, dim, kernel, groups=dim, bias=cfg.conv_bias)
+        self.left_pad = kernel - 1 if cfg.conv_causal else (kernel - 1) // 2
+        self.right_pad = kernel - 1 - self.left_pad
+        if cfg.conv_norm == "batch":
+            self.norm = MaskedBatchNorm1d(dim, eps=cfg.layer_norm_eps)
+        else:
+            self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.pointwise2 = nn.Linear(dim, dim, bias=cfg.conv_bias)
+        self.dropout = nn.Dropout(cfg.conv_dropout)
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = F.glu(self.pointwise1(self.layer_norm(x)), dim=-1)
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        x = F.pad(x.transpose(1, 2), (self.left_pad, self.right_pad))
+        x = self.depthwise(x).transpose(1, 2)                        # (B, T, C)
+        x = self.norm(x, padding_mask) if isinstance(self.norm, MaskedBatchNorm1d) else self.norm(x)
+        return self.dropout(self.pointwise2(F.silu(x)))
+
+
+class ConformerBlock(nn.Module):
+    def __init__(self, cfg: ConformerConfig):
+        super().__init__()
+        dim, eps = cfg.dim, cfg.layer_norm_eps
+        self.ffn1_norm = nn.LayerNorm(dim, eps=eps)
+        self.ffn1 = FeedForward(dim, cfg.ffn_dim, cfg.activation_dropout, activation=F.silu)
+        self.attention_norm = nn.LayerNorm(dim, eps=eps)
+        self.attention = RelativePositionSelfAttention(dim, cfg.heads, cfg.attention_dropout, cfg.position,
+                                                       cfg.left_max_position, cfg.right_max_position)
+        self.conv = ConvolutionModule(cfg)
+        self.ffn2_norm = nn.LayerNorm(dim, eps=eps)
+        self.ffn2 = FeedForward(dim, cfg.ffn_dim, cfg.activation_dropout, activation=F.silu)
+        self.final_norm = nn.LayerNorm(dim, eps=eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + 0.5 * self.dropout(self.ffn1(self.ffn1_norm(x)))
+        x = x + self.dropout(self.attention(self.attention_norm(x), padding_mask))
+        x = x + self.conv(x, padding_mask)
+        x = x + 0.5 * self.dropout(self.ffn2(self.ffn2_norm(x)))
+        return self.final_norm(x)
+
+
+class ConformerEncoder(nn.Module):
+    """A stack of ConformerBlock with LayerDrop. `run_blocks` runs any slice of the stack, so a
+    pretraining objective can read intermediate outputs (w2v-BERT's contrastive module)."""
+
+    def __init__(self, cfg: ConformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.layers))
+
+    def embed(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The stack's input: padded frames zeroed, dropout."""
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        return self.dropout(x)
+
+    def run_blocks(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor], blocks: nn.ModuleList,
+                   return_all: bool = False):
+        """x through `blocks` (a slice of self.layers). Returns the output, or with return_all
+        the list [x, output of each block run]."""
+        if padding_mask is not None and not padding_mask.any():
+            padding_mask = None
+        states: List[torch.Tensor] = [x]
+        for block in blocks:
+            if self.training and self.cfg.layerdrop > 0 and torch.rand(()) < self.cfg.layerdrop:
+                continue
+            x = block(x, padding_mask)
+            states.append(x)
+        return states if return_all else x
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, return_all: bool = False):
+        """x (B, T, C), padding_mask (B, T) True = pad → last block's output, or with return_all
+        [stack input, output of block 1, ..., output of the last block]."""
+        return self.run_blocks(self.embed(x, padding_mask), padding_mask, self.layers, return_all)

@@ -19,6 +19,7 @@ prefixes only by its `token_topk` most probable tokens, and a frame whose blank 
 above `blank_skip_threshold` extends nothing (its blank / repeat updates are still exact).
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -96,6 +97,18 @@ def ctc_prefix_beam_search(log_probs: torch.Tensor, cfg: CtcBeamConfig, lm=None,
     return ctc_prefix_beam_search_batch(log_probs.unsqueeze(0), lengths, cfg, lm, blank_id, nbest)[0]
 
 
+@contextmanager
+def _one_thread():
+    """The search's tensors are a few beams wide: waking intra-op threads for each of its small
+    ops costs more than it saves (on a busy machine, far more), so it runs on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def ctc_prefix_beam_search_batch(log_probs: torch.Tensor, lengths: torch.Tensor, cfg: CtcBeamConfig, lm=None,
                                  blank_id: int = 0, nbest: int = 1) -> List[List[Hypothesis]]:
@@ -110,8 +123,15 @@ def ctc_prefix_beam_search_batch(log_probs: torch.Tensor, lengths: torch.Tensor,
     topk = vocab if cfg.token_topk <= 0 else min(cfg.token_topk, vocab)
     # blank never extends a prefix; with an LM neither does <sos/eos>, which the LM reads as sentence end
     excluded = [blank_id] + ([SOS_EOS_ID] if use_lm else [])
-    skip_log = np.log(cfg.blank_skip_threshold) if cfg.blank_skip_threshold < 1.0 else np.inf
 
+    with _one_thread():
+        return _search(frames, lengths, cfg, lm if use_lm else None, blank_id, nbest, excluded, topk)
+
+
+def _search(frames: np.ndarray, lengths: List[int], cfg: CtcBeamConfig, lm, blank_id: int, nbest: int,
+            excluded: List[int], topk: int) -> List[List[Hypothesis]]:
+    use_lm = lm is not None
+    skip_log = np.log(cfg.blank_skip_threshold) if cfg.blank_skip_threshold < 1.0 else np.inf
     lm_rows = _LmRows(lm, len(lengths)) if use_lm else None
     beams = [_Beam([()], np.zeros(1), np.full(1, NEG_INF), np.zeros(1), np.array([u])) for u in range(len(lengths))]
     for t in range(max(lengths, default=0)):

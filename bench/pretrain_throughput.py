@@ -1,5 +1,7 @@
-"""wav2vec 2.0 pretraining-step throughput: sslasr's Wav2Vec2Pretrainer vs transformers'
-Wav2Vec2ForPreTraining at an identical configuration, on CPU.
+"""Pretraining-step throughput, ours vs transformers at identical configurations, on CPU:
+wav2vec 2.0 (our Wav2Vec2Pretrainer vs Wav2Vec2ForPreTraining) and, with --frontend, HuBERT,
+WavLM and w2v-BERT (our pretrainers vs the transformers base models with a linear CE head:
+see bench/ssl_cases.py).
 
 One timed step = forward + loss + backward + zero_grad, both models in train mode (dropout on).
 The optimizer step is excluded by default (it is the same AdamW over the same parameter count for
@@ -9,6 +11,7 @@ numpy helpers `_compute_mask_indices` / `_sample_negative_indices` run inside ea
 Iterations alternate ours/theirs in one process so that load from other processes hits both.
 
     .venv/bin/python bench/pretrain_throughput.py --config tiny --iters 10
+    .venv/bin/python bench/pretrain_throughput.py --frontend all
 """
 
 import argparse
@@ -25,6 +28,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from sslasr.models.wav2vec2 import (Wav2Vec2EncoderConfig, Wav2Vec2PretrainConfig, Wav2Vec2Pretrainer)
 from sslasr.utils.config import load_config
+from ssl_cases import build_case
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {  # base-shaped (7-layer conv stack, post-LN Transformer) but narrower and shallower
@@ -131,11 +135,31 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per model")
     parser.add_argument("--optimizer", action="store_true", help="include an AdamW step for both")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frontend", choices=["wav2vec2", "hubert", "wavlm", "w2vbert", "all"], default="wav2vec2")
     args = parser.parse_args()
 
+    if args.frontend != "wav2vec2" and (args.optimizer or args.config != "tiny"):
+        parser.error("--optimizer and --config small apply to --frontend wav2vec2 only")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
+    frontends = ["wav2vec2", "hubert", "wavlm", "w2vbert"] if args.frontend == "all" else [args.frontend]
+    ratios = {}
+    for frontend in frontends:
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
+        if frontend == "wav2vec2":
+            steps = wav2vec2_steps(args)
+        else:
+            case = build_case(frontend, args.batch, args.seconds)
+            print(f"\n{case.note}")
+            print(f"encoder parameters: ours {case.encoder_params_ours:,}  transformers {case.encoder_params_theirs:,}")
+            assert case.encoder_params_ours == case.encoder_params_theirs, "architectures do not match"
+            steps = {"ours": case.step_ours, "transformers": case.step_theirs}
+        ratios[frontend] = time_steps(steps, args)
+    if len(ratios) > 1:
+        print("\n" + "  ".join(f"{name}: {ratio:.2f}×" for name, ratio in ratios.items()))
+
+
+def wav2vec2_steps(args):
     enc_cfg, pre_cfg = load_frontend(args.config)
     hf_cfg = to_hf_config(enc_cfg, pre_cfg)
     ours = Wav2Vec2Pretrainer(enc_cfg, pre_cfg).train()
@@ -152,8 +176,11 @@ def main() -> None:
     samples = int(args.seconds * 16000)
     wav = torch.randn(args.batch, samples)
     lengths = torch.full((args.batch,), samples, dtype=torch.long)
-    steps = dict(zip(("ours", "transformers"), make_steps(ours, theirs, hf_cfg, wav, lengths, args.optimizer)))
+    return dict(zip(("ours", "transformers"), make_steps(ours, theirs, hf_cfg, wav, lengths, args.optimizer)))
 
+
+def time_steps(steps, args) -> float:
+    """Alternating timed iterations; prints the table and returns the median-time ratio."""
     times = {name: [] for name in steps}
     for i in range(args.warmup + args.iters):
         order = list(steps) if i % 2 == 0 else list(steps)[::-1]  # alternate who goes first
@@ -170,6 +197,7 @@ def main() -> None:
         print(f"{name:<14}{med:>14.3f}{min(ts):>12.3f}{audio / med:>12.1f}")
     ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])
     print(f"ratio (ours / transformers): {ratio:.2f}×")
+    return ratio
 
 
 if __name__ == "__main__":

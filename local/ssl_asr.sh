@@ -7,7 +7,8 @@
 #   1 manifests   lhotse recordings/supervisions/cuts, validated (bad audio dropped, counted)
 #   2 features    fbank for fbank frontends; waveform frontends read audio on the fly
 #   3 tokenizer   sentencepiece (--token-type, --vocab-size) on the training transcripts
-#   4 pretrain    self-supervised pretraining of --frontend on all audio
+#   4 pretrain    self-supervised pretraining of --frontend on all audio; a frontend with
+#                 k-means targets (HuBERT) runs per iteration: k-means, labels, pretraining
 #   5 finetune    --head on --labeled seconds of transcribed audio, from the pretrained
 #                 encoder and (unless --compare-scratch false) from scratch
 #   6 lm          token LM (conf/lm.yaml) on the training transcripts (+ --lm-text files)
@@ -40,6 +41,7 @@ vocab_size=${vocab_size:-200}
 token_type=${token_type:-unigram}  # sentencepiece model: unigram, bpe or char
 data_opts=${data_opts:-}  # extra options for local/data.sh
 pretrain_opts=""       # extra `key=value` config overrides for stage 4
+kmeans_opts=""         # ... for the k-means of frontends with k-means targets (HuBERT), e.g. kmeans.frames_budget=20000
 finetune_opts=""       # ... for stage 5
 lm_text=""             # extra LM training text files (one sentence a line), space-separated
 lm_opts=""             # extra `key=value` config overrides for stage 6
@@ -50,7 +52,7 @@ corpus=${corpus:?run.sh must set corpus}
 test_sets=${test_sets:-"dev test"}
 pretrain_splits=${pretrain_splits:-"train unlabeled"}
 
-usage() { sed -n '2,21p' "${BASH_SOURCE[0]}"; grep -E '^[a-z_]+=.*' "${BASH_SOURCE[0]}" | sed -n '1,25p'; }
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}"; grep -E '^[a-z_]+=.*' "${BASH_SOURCE[0]}" | sed -n '1,26p'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -180,14 +182,51 @@ if run_stage 4 && [ -n "$init_from" ]; then
   if done_or_force $pretrain_dir/.done; then log "imported $frontend ready ($pretrain_dir)"; else import_init_from; fi
 fi
 
+kmeans_cli() {  # kmeans_cli COMMAND ARGS...: sslasr.bin.kmeans with the pretraining configs and --kmeans-opts
+  local command=$1; shift
+  "$python" -m sslasr.bin.kmeans "$command" --config $conf_dir/frontend_$frontend.yaml $conf_dir/pretrain.yaml \
+    "$@" --set $kmeans_opts
+}
+kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT), features + fit → labels → pretrain
+  local all_cuts=$1 valid_cuts iterations i it previous
+  valid_cuts=$(cuts dev)
+  iterations=$(kmeans_cli plan --count)
+  for i in $(seq 1 "$iterations"); do
+    it=$pretrain_dir/iter$i
+    previous=""; [ "$i" -eq 1 ] || previous="--model $pretrain_dir/iter$((i - 1))/model_final.pt"
+    if [ -f $it/.kmeans.done ]; then log "iteration $i: k-means ready"; else
+      log "iteration $i: k-means on $(basename "$all_cuts")"
+      kmeans_cli fit --iteration $i --cuts "$all_cuts" $previous --out $it/kmeans.pt --num-jobs "$nj"
+      touch $it/.kmeans.done
+    fi
+    if [ -f $it/.labels.done ]; then log "iteration $i: labels ready"; else
+      log "iteration $i: labelling every frame of $(basename "$all_cuts") and $(basename "$valid_cuts")"
+      kmeans_cli label --kmeans $it/kmeans.pt --cuts "$all_cuts" "$valid_cuts" --out-dir $it/labels --num-jobs "$nj"
+      touch $it/.labels.done
+    fi
+    if [ -f $it/.done ]; then log "iteration $i: pretrained"; else
+      log "iteration $i: pretraining on its labels"
+      train $it --config $conf_dir/frontend_$frontend.yaml $conf_dir/pretrain.yaml --set task=pretrain \
+        data.train_cuts=$it/labels/$(basename "$all_cuts") data.valid_cuts=$it/labels/$(basename "$valid_cuts") \
+        $(kmeans_cli plan --iteration $i) $pretrain_opts
+      touch $it/.done
+    fi
+  done
+  # stage 5 fine-tunes $pretrain_dir/model_final.pt: the last iteration's model, copied atomically
+  cp $pretrain_dir/iter$iterations/model_final.pt $pretrain_dir/.model_final.pt.tmp
+  mv -f $pretrain_dir/.model_final.pt.tmp $pretrain_dir/model_final.pt
+}
+
 if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
   if done_or_force $pretrain_dir/.done; then log "pretrained $frontend ready ($pretrain_dir)"; else
     log "self-supervised pretraining of $frontend"
     fresh_training $pretrain_dir
     pretrain_cuts=$manifests/${corpus}_cuts_pretrain$feats.jsonl.gz
     "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $(for s in $pretrain_splits; do cuts "$s"; done)
-    train $pretrain_dir --config $conf_dir/frontend_$frontend.yaml $conf_dir/pretrain.yaml \
-      --set task=pretrain data.train_cuts="$pretrain_cuts" data.valid_cuts="$(cuts dev)" $pretrain_opts
+    if [ "$(kmeans_cli plan --count)" -gt 0 ]; then kmeans_pretraining "$pretrain_cuts"; else
+      train $pretrain_dir --config $conf_dir/frontend_$frontend.yaml $conf_dir/pretrain.yaml \
+        --set task=pretrain data.train_cuts="$pretrain_cuts" data.valid_cuts="$(cuts dev)" $pretrain_opts
+    fi
     touch $pretrain_dir/.done
   fi
 fi

@@ -1,17 +1,35 @@
 """HuBERT: the masked-prediction loss against a hand computation, label-rate alignment, the
-pretrainer end to end on a tiny encoder."""
+pretrainer on a tiny encoder; k-means (recovery, memory bound, streaming labels), features, labels
+stored with the cuts and read back by the loader; the recipe at smoke size."""
 
+import json
 import math
+import shutil
+import tracemalloc
+from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
+import yaml
+from lhotse import CutSet, Recording, RecordingSet
+from recipe_smoke import SMOKE, recipe_with_data, run_recipe
 
+from sslasr.bin import kmeans as kmeans_cli
+from sslasr.data.frame_features import HiddenLayerFeatures, MfccFeatures, deltas
+from sslasr.data.loader import load_cuts, make_dataloader
+from sslasr.kmeans import (
+    FrameReservoir, KMeansConfig, assign_labels, cluster_usage, fit_kmeans, kmeans_plus_plus, sample_frames,
+)
 from sslasr.models.frontends import get_frontend
 from sslasr.models.hubert import (
     IGNORE_LABEL, HubertPretrainConfig, HubertPretrainer, MaskedPredictionHead, align_targets,
 )
 from sslasr.models.wav2vec2 import Wav2Vec2EncoderConfig
+from sslasr.utils.config import load_configs
 
+ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 TINY_ENCODER = dict(
@@ -176,3 +194,280 @@ def test_pretrainer_needs_targets_and_a_label_rate():
         _pretrainer(label_rate=None)
     with pytest.raises(ValueError, match="targets"):
         _pretrainer()(torch.randn(1, 8000), torch.tensor([8000]))
+
+
+# ---------------------------------------------------------------------- k-means
+def _blobs(per_cluster=400, dim=8, clusters=5, seed=0):
+    """Gaussian blobs of std 0.05 around centres 3 apart along different axes."""
+    rng = np.random.default_rng(seed)
+    means = np.zeros((clusters, dim), dtype=np.float32)
+    for c in range(clusters):
+        means[c, c % dim] = 3.0 * (1 + c // dim)
+    truth = np.repeat(np.arange(clusters), per_cluster)
+    points = means[truth] + 0.05 * rng.standard_normal((len(truth), dim)).astype(np.float32)
+    order = rng.permutation(len(truth))
+    return points[order], truth[order], means
+
+
+def _small_kmeans(**overrides) -> KMeansConfig:
+    cfg = dict(batch_size=256, max_epochs=5, max_no_improvement=20, n_init=3, seed=0)
+    cfg.update(overrides)
+    return KMeansConfig.from_dict(cfg)
+
+
+def test_kmeans_recovers_well_separated_clusters():
+    points, truth, means = _blobs()
+    centers = fit_kmeans(points, 5, _small_kmeans())
+    labels = assign_labels(points, centers)
+    # one label per true cluster and vice versa (a perfect clustering up to renaming)
+    pairs = set(zip(truth.tolist(), labels.tolist()))
+    assert len(pairs) == 5 and len({label for _, label in pairs}) == 5
+    for true, label in pairs:
+        assert np.abs(centers[label].numpy() - means[true]).max() < 0.05
+    usage = cluster_usage(np.bincount(labels, minlength=5))
+    assert (usage["used"], usage["empty"]) == (5, 0) and usage["perplexity"] == pytest.approx(5.0)
+
+
+def test_kmeans_plus_plus_spreads_its_centres():
+    points, truth, _ = _blobs(per_cluster=200)
+    centers = kmeans_plus_plus(torch.from_numpy(points), 5, torch.Generator().manual_seed(3))
+    nearest_truth = {int(truth[np.argmin(((points - c.numpy()) ** 2).sum(1))]) for c in centers}
+    assert nearest_truth == set(range(5))  # D²-sampling picks one seed in every blob
+
+
+def test_cluster_usage_hand_computed():
+    usage = cluster_usage(np.array([3, 1, 0, 0]))
+    p = np.array([0.75, 0.25])
+    assert usage == {"clusters": 4, "frames": 4, "used": 2, "empty": 2,
+                     "perplexity": pytest.approx(float(np.exp(-(p * np.log(p)).sum())))}
+
+
+def test_blockwise_assignment_equals_one_block():
+    points, _, _ = _blobs(per_cluster=50)
+    centers = torch.randn(7, 8)
+    whole = assign_labels(points, centers, block_frames=len(points))
+    assert np.array_equal(assign_labels(points, centers, block_frames=13), whole)
+    squared = ((points[:, None, :] - centers.numpy()[None]) ** 2).sum(-1)
+    assert np.array_equal(whole, squared.argmin(1))
+
+
+def test_kmeans_needs_enough_frames():
+    with pytest.raises(ValueError, match="frames_budget"):
+        fit_kmeans(np.zeros((3, 2), np.float32), 5, _small_kmeans())
+
+
+def test_kmeans_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="features must be one of"):
+        KMeansConfig.from_dict({"iterations": [{"features": "fbank", "clusters": 10}]})
+    with pytest.raises(ValueError, match="layer"):
+        KMeansConfig.from_dict({"iterations": [{"features": "layer", "clusters": 10}]})
+    with pytest.raises(ValueError, match="unknown kmeans options"):
+        KMeansConfig.from_dict({"budget": 10})
+    with pytest.raises(ValueError, match="iteration 3 is not configured"):
+        KMeansConfig.from_dict({"iterations": [{"features": "mfcc", "clusters": 10}]}).iteration(3)
+
+
+# ---------------------------------------------------------------------- memory bound
+def test_reservoir_is_a_uniform_sample_of_fixed_size():
+    capacity, total = 500, 10_000
+    first_half = []
+    for seed in range(20):
+        reservoir = FrameReservoir(capacity, seed)
+        for start in range(0, total, 333):  # uneven blocks
+            block = np.arange(start, min(start + 333, total), dtype=np.float32)[:, None]
+            reservoir.add(np.repeat(block, 2, axis=1))
+            assert reservoir.buffer.shape == (capacity, 2)  # never more than the budget
+        sample = reservoir.sample[:, 0]
+        assert reservoir.seen == total and len(sample) == capacity and len(set(sample.tolist())) == capacity
+        first_half.append(float((sample < total / 2).mean()))
+    # each frame is kept with probability capacity/total: half of the sample from each half
+    assert np.mean(first_half) == pytest.approx(0.5, abs=0.02)
+
+
+def test_fit_memory_does_not_grow_with_the_data():
+    """Peak traced memory (numpy's allocations, which tracemalloc sees) of sampling + fitting a
+    stream of 40k frames and of 160k frames, at the same 4000-frame budget: equal within 20 %.
+    Holding the stream (e.g. concatenating its blocks) would make the second 4× the first."""
+    dim, budget, block = 39, 4000, 500
+    cfg = _small_kmeans(frames_budget=budget, max_epochs=2)
+
+    def stream(frames):
+        rng = np.random.default_rng(0)
+        for _ in range(frames // block):
+            yield rng.standard_normal((block, dim)).astype(np.float32)
+
+    def peak(frames):
+        tracemalloc.start()
+        sample, seen = sample_frames(stream(frames), budget, seed=0)
+        fit_kmeans(sample, 16, cfg)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert seen == frames and len(sample) == budget
+        return top
+
+    peak(8_000)  # first calls allocate once-only state (lazy initialisation): not part of the bound
+    small, large = peak(40_000), peak(160_000)
+    assert small >= budget * dim * 4  # the reservoir itself is traced: the measurement sees numpy
+    assert large < 1.2 * small, (small, large)
+
+
+# ---------------------------------------------------------------------- features
+def test_deltas_of_ramp_and_parabola():
+    t = np.arange(12, dtype=np.float32)[:, None]
+    ramp = deltas(t)
+    assert np.allclose(ramp[2:-2], 1.0)  # Δ of c_t = t is the slope
+    # edges replicate the first/last frame: Δ_0 = (1·(1−0) + 2·(2−0))/10
+    assert ramp[0, 0] == pytest.approx(0.5) and ramp[-1, 0] == pytest.approx(0.5)
+    parabola = deltas(t ** 2)
+    assert np.allclose(parabola[2:-2, 0], 2 * t[2:-2, 0])     # Δ(t²) = 2t
+    assert np.allclose(deltas(parabola)[4:-4], 2.0)            # ΔΔ(t²) = 2
+
+
+def _audio_cuts(tmp_path, durations=(1.0, 1.37, 0.8), sampling_rate=16000):
+    """Cuts over tone+noise wav files: distinct frames for MFCC k-means."""
+    rng = np.random.default_rng(0)
+    recordings = []
+    for i, seconds in enumerate(durations):
+        t = np.arange(int(seconds * sampling_rate)) / sampling_rate
+        audio = 0.3 * np.sin(2 * np.pi * (200 + 300 * i) * t) * (t < seconds / 2) + 0.05 * rng.standard_normal(len(t))
+        path = tmp_path / f"utt{i}.wav"
+        sf.write(path, audio.astype(np.float32), sampling_rate)
+        recordings.append(Recording.from_file(path, recording_id=f"utt{i}"))
+    cuts = CutSet.from_manifests(recordings=RecordingSet.from_recordings(recordings))
+    path = tmp_path / "cuts_all.jsonl.gz"
+    cuts.to_file(path)
+    return path
+
+
+def test_mfcc_features_are_39_dims_at_100_hz(tmp_path):
+    cut = next(iter(load_cuts(_audio_cuts(tmp_path))))
+    features = MfccFeatures()(cut)
+    assert features.shape == (100, 39) and features.dtype == np.float32
+    assert np.allclose(features[:, 13:26], deltas(features[:, :13]))
+    assert np.allclose(features[:, 26:], deltas(features[:, 13:26]))
+
+
+def _tiny_checkpoint(path, layers=2):
+    enc = dict(TINY_ENCODER, transformer=dict(TINY_ENCODER["transformer"], layers=layers))
+    cfg = {"frontend": {"name": "hubert", "encoder": enc},
+           "pretrain": {"num_classes": 8, "label_rate": 100, "final_dim": 16}}
+    model = get_frontend(cfg["frontend"]).build_pretrainer(enc, cfg["pretrain"])
+    torch.save({"model": model.state_dict(), "config": cfg, "num_updates": 0}, path)
+    return model
+
+
+def test_hidden_layer_features_are_the_encoder_layer_output(tmp_path):
+    model = _tiny_checkpoint(tmp_path / "model.pt")
+    cut = list(load_cuts(_audio_cuts(tmp_path)))[1]
+    extractor = HiddenLayerFeatures(tmp_path / "model.pt", layer=1)
+    features = extractor(cut)
+    model.encoder.eval()
+    samples = torch.from_numpy(cut.load_audio()[0]).unsqueeze(0)
+    with torch.no_grad():
+        expected = model.encoder(samples, torch.tensor([samples.shape[1]]), return_all=True).layers[1][0]
+    assert extractor.frame_rate == 50.0 and features.shape == (68, 32)  # 1.37 s at 20 ms frames
+    assert np.allclose(features, expected.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="layer 3 does not exist"):
+        HiddenLayerFeatures(tmp_path / "model.pt", layer=3)
+
+
+# ---------------------------------------------------------------------- labels in the cuts
+def test_labels_round_trip_through_cuts_and_loader(tmp_path):
+    cuts_path = _audio_cuts(tmp_path)
+    cfg = {"kmeans": {"iterations": [{"features": "mfcc", "clusters": 6}], "frames_budget": 200,
+                      "batch_size": 64, "max_epochs": 3, "n_init": 2, "assign_block_frames": 50}}
+    state = kmeans_cli.fit(cfg, 1, str(cuts_path), None, tmp_path / "km" / "kmeans.pt")
+    assert state["frames_seen"] == 100 + 137 + 80 and state["frames_sampled"] == 200
+    usage = kmeans_cli.label(cfg, str(tmp_path / "km" / "kmeans.pt"), [str(cuts_path)], tmp_path / "labels")
+    assert usage["frames"] == 317 and usage["used"] + usage["empty"] == 6
+
+    labelled = list(load_cuts(tmp_path / "labels" / "cuts_all.jsonl.gz"))
+    mfcc = MfccFeatures()
+    streamed = [cut.load_custom("kmeans_labels") for cut in labelled]
+    # streaming labels (cut by cut, 50-frame blocks) equal the labels of all frames at once
+    everything = np.concatenate([mfcc(cut) for cut in labelled])
+    assert np.array_equal(np.concatenate(streamed), assign_labels(everything, state["centers"], len(everything)))
+    # two worker processes label the same frames the same way, in the same order
+    kmeans_cli.label(cfg, str(tmp_path / "km" / "kmeans.pt"), [str(cuts_path)], tmp_path / "labels2", num_jobs=2)
+    in_parallel = list(load_cuts(tmp_path / "labels2" / "cuts_all.jsonl.gz"))
+    assert [c.id for c in in_parallel] == [c.id for c in labelled]
+    assert all(np.array_equal(c.load_custom("kmeans_labels"), l) for c, l in zip(in_parallel, streamed))
+    field = labelled[0].custom["kmeans_labels"]
+    assert field.frame_shift == pytest.approx(0.01) and Path(field.array.storage_path) == tmp_path / "labels" / "storage"
+
+    loader = make_dataloader(load_cuts(tmp_path / "labels" / "cuts_all.jsonl.gz"), input_type="waveform",
+                             max_duration=100, shuffle=False, targets_field="kmeans_labels")
+    batch = next(iter(loader))
+    assert batch["targets"].dtype == torch.long and batch["targets"].shape == (3, 137)
+    for row, labels in zip(batch["targets"], streamed):
+        assert row[:len(labels)].tolist() == labels.tolist()
+        assert (row[len(labels):] == -100).all()
+    # a model trains on these targets at their 100 Hz label rate
+    loss, stats = _pretrainer(num_classes=6)(batch["inputs"], batch["input_lens"], batch["targets"])
+    assert math.isfinite(loss.item()) and stats["masked_frames"] > 0
+
+
+def test_loader_names_cuts_without_labels(tmp_path):
+    loader = make_dataloader(load_cuts(_audio_cuts(tmp_path)), input_type="waveform", max_duration=100,
+                             shuffle=False, targets_field="kmeans_labels")
+    with pytest.raises(ValueError, match="utt0"):
+        next(iter(loader))
+
+
+def test_plan_gives_each_iteration_its_training_overrides():
+    cfg = load_configs([ROOT / "egs" / "minisynth" / "conf" / "frontend_hubert.yaml"])
+    kmeans = KMeansConfig.from_dict(cfg["kmeans"])
+    first, second = kmeans.iterations
+    assert kmeans_cli.training_overrides(cfg, 1)[:3] == [
+        f"pretrain.num_classes={first.clusters}", "pretrain.label_rate=100", "data.targets_field=kmeans_labels"]
+    assert kmeans_cli.training_overrides(cfg, 2)[:2] == [f"pretrain.num_classes={second.clusters}",
+                                                         "pretrain.label_rate=50"]
+    # the minisynth budget: about the 800 updates wav2vec 2.0 pretrains for, split over the iterations
+    pretrain = load_configs([ROOT / "egs" / "minisynth" / "conf" / "pretrain.yaml"])
+    assert first.updates + second.updates == pretrain["trainer"]["max_updates"]
+    base = load_configs([ROOT / "conf" / "frontend" / "hubert_tiny.yaml"])["kmeans"]["iterations"]
+    assert [(it["features"], it["clusters"]) for it in base] == [("mfcc", 100), ("layer", 500)]
+
+
+# ---------------------------------------------------------------------- recipe
+KMEANS_SMOKE = "kmeans.frames_budget=3000 kmeans.batch_size=1000 kmeans.max_epochs=2 kmeans.n_init=1"
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_recipe_pretrains_hubert_over_kmeans_iterations(tmp_path, prepared_minisynth):
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
+    result = run_recipe(recipe, *SMOKE, "--frontend", "hubert", "--compare-scratch", "false",
+                        "--kmeans-opts", KMEANS_SMOKE, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    pretrain = recipe / "exp" / "pretrain_hubert"
+    iterations = load_configs([recipe / "conf" / "frontend_hubert.yaml"])["kmeans"]["iterations"]
+    assert len(iterations) == 2
+    for number, (iteration, rate) in enumerate(zip(iterations, (100, 50)), start=1):
+        it = pretrain / f"iter{number}"
+        for marker in (".kmeans.done", ".labels.done", ".done"):
+            assert (it / marker).exists(), f"iter{number}/{marker}"
+        trained = yaml.safe_load((it / "config.yaml").read_text())
+        assert trained["pretrain"]["num_classes"] == iteration["clusters"]
+        assert trained["pretrain"]["label_rate"] == rate and trained["trainer"]["max_updates"] == 4
+        # every pretraining and dev cut carries its frame labels, at the iteration's label rate
+        for manifest in ("minisynth_cuts_pretrain.jsonl.gz", "minisynth_cuts_dev.jsonl.gz"):
+            cuts = list(load_cuts(it / "labels" / manifest))
+            assert len(cuts) == {"minisynth_cuts_pretrain.jsonl.gz": 80, "minisynth_cuts_dev.jsonl.gz": 8}[manifest]
+            for cut in cuts[:5]:
+                labels = cut.load_custom("kmeans_labels")
+                assert abs(len(labels) - cut.duration * rate) <= 2
+                assert 0 <= labels.min() and labels.max() < iteration["clusters"]
+        usage = json.loads((it / "labels" / "usage.json").read_text())
+        assert usage["clusters"] == iteration["clusters"] and usage["used"] > 1
+    fitted = torch.load(pretrain / "iter1" / "kmeans.pt", weights_only=False)
+    assert fitted["frames_sampled"] == 3000 < fitted["frames_seen"]  # --kmeans-opts sized the sample
+    assert "k-means sample" in result.stderr and "usage perplexity" in result.stderr
+
+    # stage 5 fine-tuned the last iteration's model, a real file at the usual place
+    final = pretrain / "model_final.pt"
+    assert final.is_file() and not final.is_symlink()
+    assert final.read_bytes() == (pretrain / "iter2" / "model_final.pt").read_bytes()
+    assert "initialised" in (recipe / "exp" / "ctc_hubert_all" / "train.rank0.log").read_text()
+    rows = [json.loads(line) for line in (recipe / "exp" / "results.jsonl").read_text().splitlines()]
+    assert {(r["frontend"], r["pretrained"], r["test_set"]) for r in rows} == {
+        ("hubert", True, "dev"), ("hubert", True, "test")}

@@ -23,6 +23,7 @@ from sslasr.data.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 INPUT_TYPES = ("waveform", "fbank")
+TARGET_PAD = -100  # frames without a label in padded `targets` (cross-entropy's ignore_index)
 
 
 def load_cuts(path: Union[str, Path]) -> CutSet:
@@ -59,21 +60,37 @@ def collate_waveforms(cuts: CutSet):
     return batch, lens
 
 
+def collate_targets(cuts: CutSet, field: str) -> torch.Tensor:
+    """Each cut's frame labels from its TemporalArray custom field `field` (e.g. k-means
+    targets written by sslasr.bin.kmeans), padded with TARGET_PAD to a (B, frames) LongTensor."""
+    missing = [c.id for c in cuts if not c.has_custom(field)]
+    if missing:
+        raise ValueError(f"cuts without the {field!r} labels field (data.targets_field): {missing[:5]}")
+    arrays = [np.asarray(c.load_custom(field)).reshape(-1) for c in cuts]
+    targets = torch.full((len(arrays), max(len(a) for a in arrays)), TARGET_PAD, dtype=torch.long)
+    for row, labels in zip(targets, arrays):
+        row[: len(labels)] = torch.from_numpy(labels.astype(np.int64))
+    return targets
+
+
 class SpeechDataset(Dataset):
     """Maps a CutSet mini-batch (from a lhotse sampler) to a dict of tensors.
 
     Keys: ``inputs`` ((B, T) samples or (B, T, F) fbank), ``input_lens`` (LongTensor),
-    ``cut_ids``, ``durations`` (seconds), ``texts`` (None where a cut has no transcript) and, with a tokenizer and
-    transcripts for every cut, ``tokens`` (list of id lists).
+    ``cut_ids``, ``durations`` (seconds), ``texts`` (None where a cut has no transcript), with a
+    tokenizer and transcripts for every cut ``tokens`` (list of id lists), and with a
+    ``targets_field`` the cuts' frame labels ``targets`` ((B, frames) LongTensor, TARGET_PAD-padded).
     """
 
-    def __init__(self, input_type: str, tokenizer: Optional[Tokenizer] = None, normalize_waveform: bool = False):
+    def __init__(self, input_type: str, tokenizer: Optional[Tokenizer] = None, normalize_waveform: bool = False,
+                 targets_field: Optional[str] = None):
         if input_type not in INPUT_TYPES:
             raise ValueError(f"input_type must be one of {INPUT_TYPES}, got {input_type!r}")
         self.input_type = input_type
         self.tokenizer = tokenizer
         # wav2vec2 "base" was trained on raw samples, "large" on normalised ones: keep both.
         self.normalize_waveform = normalize_waveform
+        self.targets_field = targets_field
 
     def __getitem__(self, cuts: CutSet) -> Dict:
         inputs, input_lens = self._inputs(cuts)
@@ -82,6 +99,8 @@ class SpeechDataset(Dataset):
                  "texts": texts, "durations": [c.duration for c in cuts]}
         if self.tokenizer is not None and all(t is not None for t in texts):
             batch["tokens"] = self.tokenizer.encode_batch(texts)
+        if self.targets_field:
+            batch["targets"] = collate_targets(cuts, self.targets_field)
         return batch
 
     def _inputs(self, cuts: CutSet):
@@ -111,7 +130,8 @@ def make_sampler(cuts: CutSet, *, max_duration: float, shuffle: bool, seed: int 
 def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuffle: bool, seed: int = 0,
                     num_buckets: int = 10, num_workers: int = 0, tokenizer: Optional[Tokenizer] = None,
                     drop_last: bool = False, world_size: Optional[int] = None, rank: Optional[int] = None,
-                    max_cuts: Optional[int] = None, normalize_waveform: bool = False) -> DataLoader:
+                    max_cuts: Optional[int] = None, normalize_waveform: bool = False,
+                    targets_field: Optional[str] = None) -> DataLoader:
     """DataLoader yielding SpeechDataset dicts; the sampler (``loader.sampler``) makes the batches.
 
     Call ``loader.sampler.set_epoch(epoch)`` before each epoch so shuffling differs per epoch.
@@ -122,6 +142,7 @@ def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuff
     sampler = make_sampler(cuts, max_duration=max_duration, shuffle=shuffle, seed=seed,
                            num_buckets=num_buckets, drop_last=drop_last, world_size=world_size,
                            rank=rank, max_cuts=max_cuts)
-    dataset = SpeechDataset(input_type, tokenizer=tokenizer, normalize_waveform=normalize_waveform)
+    dataset = SpeechDataset(input_type, tokenizer=tokenizer, normalize_waveform=normalize_waveform,
+                            targets_field=targets_field)
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
                       persistent_workers=False)

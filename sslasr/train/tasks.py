@@ -31,7 +31,8 @@ class _DataMixin:
             max_duration=data["max_duration"] if train else data.get("valid_max_duration", data["max_duration"]),
             shuffle=train, seed=self.cfg["trainer"].get("seed", 0), num_buckets=data.get("num_buckets", 10),
             num_workers=data.get("num_workers", 0), tokenizer=self.tokenizer, drop_last=False,
-            world_size=dist.world_size, rank=dist.rank, normalize_waveform=data.get("normalize_waveform", False))
+            world_size=dist.world_size, rank=dist.rank, normalize_waveform=data.get("normalize_waveform", False),
+            targets_field=data.get("targets_field"))  # frame labels for objectives that predict them (HuBERT)
 
     def train_dataloader(self, dist: DistInfo):
         return self._loader(self.cfg["data"]["train_cuts"], dist, train=True)
@@ -67,7 +68,8 @@ class PretrainTask(_DataMixin):
             self._collapse_warned = True
 
     def on_update(self, model: nn.Module, num_updates: int) -> None:
-        model.set_num_updates(num_updates)
+        if hasattr(model, "set_num_updates"):  # optional in the Pretrainer contract (HuBERT has no schedule)
+            model.set_num_updates(num_updates)
 
     def validate(self, model: nn.Module, loader) -> Dict[str, float]:
         """Every stat the objective reports, averaged over masked frames."""

@@ -1,0 +1,157 @@
+"""k-means targets for HuBERT, one iteration at a time (stage 4 of local/ssl_asr.sh).
+
+    # how many iterations the config has; the training overrides of iteration I
+    python -m sslasr.bin.kmeans plan --config conf/frontend_hubert.yaml --count
+    python -m sslasr.bin.kmeans plan --config conf/frontend_hubert.yaml --iteration 1
+    # features of a bounded random sample of frames → mini-batch k-means → centres
+    python -m sslasr.bin.kmeans fit --config conf/frontend_hubert.yaml --iteration 2 \\
+        --cuts data/manifests/cuts_pretrain.jsonl.gz --model exp/pretrain_hubert/iter1/model_final.pt \\
+        --out exp/pretrain_hubert/iter2/kmeans.pt
+    # label every frame of every cut with the same features and centres: OUT_DIR/<manifest name>
+    # carries the labels as a lhotse TemporalArray field, stored under OUT_DIR/storage
+    python -m sslasr.bin.kmeans label --config conf/frontend_hubert.yaml \\
+        --kmeans exp/pretrain_hubert/iter2/kmeans.pt --cuts CUTS... --out-dir exp/pretrain_hubert/iter2/labels
+
+The `kmeans` section of the config holds the iterations and sizes (sslasr.kmeans.KMeansConfig);
+`--set kmeans.frames_budget=20000` and the like override it.
+"""
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from lhotse import CutSet, NumpyFilesWriter
+
+from sslasr.data.frame_features import MfccFeatures, build_features, cut_features, encoder_frame_rate
+from sslasr.data.loader import load_cuts
+from sslasr.kmeans import (
+    KMeansConfig, assign_labels, cluster_usage, fit_kmeans, label_cuts, log_usage, sample_frames,
+)
+from sslasr.utils.config import load_configs
+from sslasr.utils.io import atomic_path, write_text_atomic
+from sslasr.utils.logging import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def training_overrides(cfg: Dict, number: int) -> List[str]:
+    """`key=value` overrides that make the pretraining config learn iteration `number`'s labels."""
+    kmeans = KMeansConfig.from_dict(cfg.get("kmeans"))
+    iteration = kmeans.iteration(number)
+    if iteration.features == "mfcc":
+        label_rate = MfccFeatures.frame_rate
+    else:
+        label_rate = encoder_frame_rate(cfg["frontend"]["encoder"], cfg.get("pretrain", {}).get("sample_rate", 16000))
+    overrides = [f"pretrain.num_classes={iteration.clusters}", f"pretrain.label_rate={label_rate:g}",
+                 f"data.targets_field={kmeans.targets_field}"]
+    if iteration.updates is not None:
+        overrides.append(f"trainer.max_updates={iteration.updates}")
+    return overrides
+
+
+def fit(cfg: Dict, number: int, cuts_path: str, model: Optional[str], out: Path, num_jobs: int = 1) -> Dict:
+    kmeans = KMeansConfig.from_dict(cfg.get("kmeans"))
+    iteration = kmeans.iteration(number)
+    features = build_features(iteration.features, model, iteration.layer)
+    start = time.monotonic()
+    chosen = np.random.default_rng(kmeans.seed)
+    cuts = (cut for cut in load_cuts(cuts_path) if chosen.random() < kmeans.cuts_fraction)
+    frames = (f for _, f in cut_features(cuts, iteration.features, model, iteration.layer, num_jobs))
+    try:
+        sample, seen = sample_frames(frames, kmeans.frames_budget, kmeans.seed)
+    except ValueError as error:
+        raise ValueError(f"{cuts_path}: {error} (kmeans.cuts_fraction {kmeans.cuts_fraction})") from error
+    log.info("iteration %d: %s features (dim %d, %g Hz), sampled %d of %d frames in %.0f s", number,
+             iteration.features, sample.shape[1], features.frame_rate, len(sample), seen, time.monotonic() - start)
+    start = time.monotonic()
+    centers = fit_kmeans(sample, iteration.clusters, kmeans)
+    usage = cluster_usage(np.bincount(assign_labels(sample, centers, kmeans.assign_block_frames),
+                                      minlength=iteration.clusters))
+    log.info("fitted %d clusters in %.0f s", iteration.clusters, time.monotonic() - start)
+    log_usage("k-means sample", usage)
+    state = {"centers": centers, "iteration": asdict(iteration), "frames_seen": seen, "frames_sampled": len(sample),
+             "features": {"kind": iteration.features, "layer": iteration.layer, "model": model,
+                          "frame_rate": features.frame_rate, "dim": int(sample.shape[1])},
+             "sample_usage": usage}
+    with atomic_path(out) as tmp:
+        torch.save(state, tmp)
+    return state
+
+
+def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, model: Optional[str] = None,
+          num_jobs: int = 1) -> Dict:
+    """Labels with the features the k-means was fitted on (kind, layer and model from its file)."""
+    kmeans = KMeansConfig.from_dict(cfg.get("kmeans"))
+    state = torch.load(kmeans_path, map_location="cpu", weights_only=False)
+    spec, centers = state["features"], state["centers"]
+    model = model or spec["model"]
+    features = build_features(spec["kind"], model, spec["layer"])
+    if features.frame_rate != spec["frame_rate"]:
+        raise ValueError(f"{kmeans_path} was fitted on {spec['frame_rate']} Hz features, these are {features.frame_rate} Hz")
+    writer = NumpyFilesWriter(out_dir / "storage")
+    counts = np.zeros(len(centers), dtype=np.int64)
+    start = time.monotonic()
+    for path in cuts_paths:
+        pairs = cut_features(load_cuts(path), spec["kind"], model, spec["layer"], num_jobs)
+        with atomic_path(out_dir / Path(path).name) as tmp, CutSet.open_writer(tmp) as manifest:
+            for cut in label_cuts(pairs, centers, writer, kmeans.targets_field, features.frame_rate,
+                                  counts, kmeans.assign_block_frames):
+                manifest.write(cut)
+        log.info("labelled %s → %s", path, out_dir / Path(path).name)
+    usage = cluster_usage(counts)
+    log_usage(f"labels of {len(cuts_paths)} manifests ({time.monotonic() - start:.0f} s)", usage)
+    write_text_atomic(out_dir / "usage.json", json.dumps(usage, indent=1) + "\n")
+    return usage
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", required=True, nargs="+", help="YAML files, merged in order")
+    common.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    common.add_argument("--num-jobs", type=int, default=1,
+                        help="processes computing features, one thread each (small per-cut ops scale "
+                             "better over processes than over threads)")
+    plan = commands.add_parser("plan", parents=[common], help="iteration count or training overrides")
+    which = plan.add_mutually_exclusive_group(required=True)
+    which.add_argument("--count", action="store_true", help="print the number of k-means iterations (0: none)")
+    which.add_argument("--iteration", type=int, help="print the training overrides of this iteration")
+    fit_cmd = commands.add_parser("fit", parents=[common], help="fit the k-means of one iteration")
+    fit_cmd.add_argument("--iteration", type=int, required=True)
+    fit_cmd.add_argument("--cuts", required=True, help="cuts whose frames are sampled")
+    fit_cmd.add_argument("--model", help="previous iteration's model_final.pt (layer features)")
+    fit_cmd.add_argument("--out", required=True, type=Path)
+    label_cmd = commands.add_parser("label", parents=[common], help="label cuts with fitted k-means")
+    label_cmd.add_argument("--kmeans", required=True)
+    label_cmd.add_argument("--cuts", required=True, nargs="+")
+    label_cmd.add_argument("--model", help="instead of the model the k-means was fitted with")
+    label_cmd.add_argument("--out-dir", required=True, type=Path)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = get_parser().parse_args(argv)
+    cfg = load_configs(args.config, args.set)
+    if args.command == "plan":
+        if args.count:
+            print(len(KMeansConfig.from_dict(cfg.get("kmeans")).iterations))
+        else:
+            print(" ".join(training_overrides(cfg, args.iteration)))
+        return
+    setup_logging()
+    torch.set_num_threads(1)  # before any worker forks; the k-means matmuls are small too
+    if args.command == "fit":
+        fit(cfg, args.iteration, args.cuts, args.model, args.out, args.num_jobs)
+    else:
+        label(cfg, args.kmeans, args.cuts, args.out_dir, args.model, args.num_jobs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Frame features that HuBERT's k-means turns into targets (Hsu et al. 2021 §III-B).
+
+Iteration 1 clusters MFCCs: 13 cepstra + Δ + ΔΔ = 39 dims at 100 Hz (lhotse's pure-torch
+Kaldi-style MFCC; the deltas as Kaldi's / torchaudio's compute_deltas with a 5-frame window).
+Later iterations cluster the output of one Transformer layer of the previous iteration's model,
+at the encoder frame rate (16000 / 320 = 50 Hz). Every extractor maps one cut to a (T, D)
+float32 array and tells its `frame_rate` (frames per second) and `dim`; `cut_features` runs
+one over many cuts, in order, optionally in several processes.
+"""
+
+import multiprocessing
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from lhotse import Mfcc, MfccConfig
+
+from sslasr.data.loader import normalize_per_utterance
+from sslasr.models.frontends import get_frontend
+
+MFCC_CEPSTRA = 13
+DELTA_WINDOW = 2  # N: Δ_t uses frames t−N..t+N (Kaldi's and torchaudio's default 5-frame window)
+
+
+def deltas(features: np.ndarray, window: int = DELTA_WINDOW) -> np.ndarray:
+    """Regression deltas over time of (T, D) features, edges replicated:
+        Δ_t = Σ_{n=1..N} n·(c_{t+n} − c_{t−n}) / (2·Σ_{n=1..N} n²)"""
+    padded = np.pad(features, ((window, window), (0, 0)), mode="edge")
+    steps = len(features)
+    numerator = sum(n * (padded[window + n:window + n + steps] - padded[window - n:window - n + steps])
+                    for n in range(1, window + 1))
+    return (numerator / (2 * sum(n * n for n in range(1, window + 1)))).astype(features.dtype)
+
+
+def mono_samples(cut) -> np.ndarray:
+    """The cut's audio as one channel (channels averaged, as the training data loader does)."""
+    audio = cut.load_audio()
+    return audio.mean(axis=0) if audio.shape[0] > 1 else audio[0]
+
+
+class MfccFeatures:
+    """13 MFCC + Δ + ΔΔ per 10 ms frame (25 ms window), no normalisation, as fairseq's
+    HuBERT MFCC dump."""
+
+    frame_rate = 100.0
+    dim = 3 * MFCC_CEPSTRA
+
+    def __init__(self):
+        self._extractors: Dict[int, Mfcc] = {}
+
+    def _extractor(self, sampling_rate: int) -> Mfcc:
+        if sampling_rate not in self._extractors:
+            self._extractors[sampling_rate] = Mfcc(MfccConfig(num_ceps=MFCC_CEPSTRA, sampling_rate=sampling_rate))
+        return self._extractors[sampling_rate]
+
+    def __call__(self, cut) -> np.ndarray:
+        mfcc = self._extractor(cut.sampling_rate).extract(mono_samples(cut), cut.sampling_rate)
+        delta = deltas(mfcc)
+        return np.concatenate([mfcc, delta, deltas(delta)], axis=1).astype(np.float32)
+
+
+class HiddenLayerFeatures:
+    """Output of Transformer layer `layer` (1-based) of a pretrained model's encoder, one cut at
+    a time (no padding, so a cut's features never depend on its batch), in eval mode."""
+
+    def __init__(self, checkpoint: Union[str, Path], layer: int):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        cfg = state["config"]
+        self.encoder = get_frontend(cfg["frontend"]).build_encoder(cfg["frontend"]["encoder"])
+        weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+        if not weights:
+            raise ValueError(f"{checkpoint} holds no encoder.* weights")
+        self.encoder.load_state_dict(weights)
+        self.encoder.eval()
+        num_layers = len(self.encoder.transformer.layers)
+        if not 1 <= layer <= num_layers:
+            raise ValueError(f"layer {layer} does not exist: the model in {checkpoint} has {num_layers} layers")
+        self.layer = layer
+        self.normalize_waveform = bool(cfg.get("data", {}).get("normalize_waveform", False))  # as in training
+        self.sample_rate = int(cfg.get("pretrain", {}).get("sample_rate", 16000))
+        self.frame_rate = self.sample_rate / self.encoder.frame_shift_samples
+        self.dim = self.encoder.output_dim
+
+    @torch.no_grad()
+    def __call__(self, cut) -> np.ndarray:
+        if cut.sampling_rate != self.sample_rate:
+            raise ValueError(f"cut {cut.id} is sampled at {cut.sampling_rate} Hz, the model at {self.sample_rate} Hz")
+        samples = torch.from_numpy(np.ascontiguousarray(mono_samples(cut), dtype=np.float32)).unsqueeze(0)
+        lengths = torch.tensor([samples.shape[1]])
+        if self.normalize_waveform:
+            samples = normalize_per_utterance(samples, lengths)
+        out = self.encoder(samples, lengths, return_all=True)
+        return out.layers[self.layer][0, : int(out.lengths[0])].float().numpy()
+
+
+def encoder_frame_rate(encoder_cfg: Dict, sample_rate: int = 16000) -> float:
+    """Frames per second of a conv feature encoder from its config (sample rate / Π strides)."""
+    stride = 1
+    for _, _, layer_stride in encoder_cfg["conv_layers"]:
+        stride *= layer_stride
+    return sample_rate / stride
+
+
+def build_features(kind: str, model: Optional[Union[str, Path]] = None, layer: Optional[int] = None):
+    if kind == "mfcc":
+        return MfccFeatures()
+    if kind == "layer":
+        if model is None:
+            raise ValueError("layer features need the previous iteration's model (--model)")
+        return HiddenLayerFeatures(model, layer)
+    raise ValueError(f"unknown frame features {kind!r}: 'mfcc' or 'layer'")
+
+
+# One extractor per worker process, built by its initializer (a model is loaded once per worker).
+_worker_features = None
+
+
+def _start_worker(kind: str, model, layer) -> None:
+    global _worker_features
+    torch.set_num_threads(1)
+    _worker_features = build_features(kind, model, layer)
+
+
+def _cut_and_features(cut) -> Tuple:
+    return cut, _worker_features(cut)
+
+
+def cut_features(cuts: Iterable, kind: str, model=None, layer: Optional[int] = None,
+                 num_jobs: int = 1) -> Iterator[Tuple]:
+    """(cut, (T, D) features) for every cut, in the input order. With num_jobs > 1 that many
+    single-threaded worker processes compute them (a few chunks of cuts in flight at a time);
+    the result is the same as num_jobs = 1."""
+    if num_jobs <= 1:
+        features = build_features(kind, model, layer)
+        for cut in cuts:
+            yield cut, features(cut)
+        return
+    with multiprocessing.get_context("fork").Pool(num_jobs, _start_worker, (kind, model, layer)) as pool:
+        yield from pool.imap(_cut_and_features, cuts, chunksize=8)

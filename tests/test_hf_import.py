@@ -22,7 +22,7 @@ from lhotse import CutSet, Recording
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402  (comes with transformers)
 
-from recipe_smoke import SMOKE_DATA, recipe_with_data, run_recipe  # noqa: E402
+from recipe_smoke import SMOKE, recipe_with_data, run_recipe  # noqa: E402
 from sslasr import cli  # noqa: E402
 from sslasr.models.asr import build_asr_model, load_encoder_weights  # noqa: E402
 from sslasr.models.hf_import import import_hf, read_state_dict, wav2vec2_from_hf  # noqa: E402
@@ -299,9 +299,8 @@ def test_recipe_fine_tunes_from_an_imported_checkpoint(tmp_path, prepared_minisy
         do_stable_layer_norm=True)
     model_dir = _save(transformers.Wav2Vec2ForPreTraining(config), tmp_path / "tiny-w2v", do_normalize=True)
     recipe = recipe_with_data(tmp_path / "recipe", prepared_minisynth)
-    result = run_recipe(recipe, *SMOKE_DATA, "--stage", "5", "--init-from", str(model_dir),
-                        "--compare-scratch", "false", "--finetune-opts",
-                        "trainer.max_updates=3 trainer.valid_every=0 data.max_duration=15", timeout=600)
+    result = run_recipe(recipe, *SMOKE, "--stage", "5", "--init-from", str(model_dir),
+                        "--compare-scratch", "false", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
 
     imported = recipe / "exp/pretrain_wav2vec2_imported_tiny-w2v"

@@ -1,0 +1,1 @@
+"""Sequence losses written in plain PyTorch (no k2, no torchaudio)."""

@@ -246,6 +246,8 @@ if run_stage 5; then
     fresh_training $dir
     configs="$conf_dir/frontend_$frontend.yaml $conf_dir/finetune_$head.yaml"
     [ -z "$init_from" ] || configs="$pretrain_dir/frontend.yaml $conf_dir/finetune_$head.yaml"  # imported architecture
+    # fine-tuning settings of the frontend (e.g. SpecAugment for fbank frontends)
+    [ ! -f $conf_dir/finetune_${frontend}.yaml ] || configs="$configs $conf_dir/finetune_${frontend}.yaml"
     init="finetune.init_from=$pretrain_dir/model_final.pt"
     if [ $system = scratch ]; then configs="$configs $conf_dir/scratch.yaml"; init="finetune.init_from=null"; fi
     train $dir --config $configs --set task=asr data.train_cuts="$train_cuts" data.valid_cuts="$(cuts dev)" \

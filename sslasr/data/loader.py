@@ -16,6 +16,7 @@ import torch
 from lhotse import CutSet, load_manifest_lazy
 from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
 from lhotse.dataset.collation import collate_features
+from lhotse.dataset.signal_transforms import SpecAugment
 from torch.utils.data import DataLoader, Dataset
 
 from sslasr.data.tokenizer import Tokenizer
@@ -73,6 +74,30 @@ def collate_targets(cuts: CutSet, field: str) -> torch.Tensor:
     return targets
 
 
+SPEC_AUGMENT_KEYS = ("time_warp_factor", "num_feature_masks", "features_mask_size", "num_frame_masks",
+                     "frames_mask_size", "max_frames_mask_fraction", "p")
+
+
+def build_spec_augment(cfg: Optional[Dict]) -> Optional[SpecAugment]:
+    """lhotse's SpecAugment (Park et al. 2019: time warp, F frequency masks, T time masks) from
+    the YAML `data.spec_augment` mapping; None (or no mapping) means off."""
+    if cfg is None:
+        return None
+    unknown = sorted(set(cfg) - set(SPEC_AUGMENT_KEYS))
+    if unknown:
+        raise ValueError(f"data.spec_augment: unknown keys {unknown}; known: {', '.join(SPEC_AUGMENT_KEYS)}")
+    return SpecAugment(**cfg)
+
+
+def spec_augment_batch(features: torch.Tensor, lens: torch.Tensor, transform: SpecAugment) -> torch.Tensor:
+    """Augment each utterance over its own frames only: the warp, the mask widths (a fraction of
+    the utterance) and the mask value (its mean) never involve the batch's padding."""
+    features = features.clone()
+    for row, length in zip(features, lens.tolist()):
+        row[:length] = transform(row[None, :length])[0]
+    return features
+
+
 class SpeechDataset(Dataset):
     """Maps a CutSet mini-batch (from a lhotse sampler) to a dict of tensors.
 
@@ -83,9 +108,12 @@ class SpeechDataset(Dataset):
     """
 
     def __init__(self, input_type: str, tokenizer: Optional[Tokenizer] = None, normalize_waveform: bool = False,
-                 targets_field: Optional[str] = None):
+                 targets_field: Optional[str] = None, spec_augment: Optional[SpecAugment] = None):
         if input_type not in INPUT_TYPES:
             raise ValueError(f"input_type must be one of {INPUT_TYPES}, got {input_type!r}")
+        if spec_augment is not None and input_type != "fbank":
+            raise ValueError(f"data.spec_augment works on fbank features, but the inputs are {input_type}s")
+        self.spec_augment = spec_augment  # training batches only: the caller passes None for evaluation
         self.input_type = input_type
         self.tokenizer = tokenizer
         # wav2vec2 "base" was trained on raw samples, "large" on normalised ones: keep both.
@@ -108,7 +136,10 @@ class SpeechDataset(Dataset):
             missing = [c.id for c in cuts if not c.has_features]
             if missing:
                 raise ValueError(f"cuts without stored features (run sslasr.bin.compute_fbank): {missing[:5]}")
-            return collate_features(cuts)
+            features, lens = collate_features(cuts)
+            if self.spec_augment is not None:
+                features = spec_augment_batch(features, lens, self.spec_augment)
+            return features, lens
         audio, lens = collate_waveforms(cuts)
         if self.normalize_waveform:
             audio = normalize_per_utterance(audio, lens)
@@ -131,7 +162,7 @@ def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuff
                     num_buckets: int = 10, num_workers: int = 0, tokenizer: Optional[Tokenizer] = None,
                     drop_last: bool = False, world_size: Optional[int] = None, rank: Optional[int] = None,
                     max_cuts: Optional[int] = None, normalize_waveform: bool = False,
-                    targets_field: Optional[str] = None) -> DataLoader:
+                    targets_field: Optional[str] = None, spec_augment: Optional[Dict] = None) -> DataLoader:
     """DataLoader yielding SpeechDataset dicts; the sampler (``loader.sampler``) makes the batches.
 
     Call ``loader.sampler.set_epoch(epoch)`` before each epoch so shuffling differs per epoch.
@@ -143,6 +174,6 @@ def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuff
                            num_buckets=num_buckets, drop_last=drop_last, world_size=world_size,
                            rank=rank, max_cuts=max_cuts)
     dataset = SpeechDataset(input_type, tokenizer=tokenizer, normalize_waveform=normalize_waveform,
-                            targets_field=targets_field)
+                            targets_field=targets_field, spec_augment=build_spec_augment(spec_augment))
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
                       persistent_workers=False)

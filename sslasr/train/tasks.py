@@ -32,7 +32,8 @@ class _DataMixin:
             shuffle=train, seed=self.cfg["trainer"].get("seed", 0), num_buckets=data.get("num_buckets", 10),
             num_workers=data.get("num_workers", 0), tokenizer=self.tokenizer, drop_last=False,
             world_size=dist.world_size, rank=dist.rank, normalize_waveform=data.get("normalize_waveform", False),
-            targets_field=data.get("targets_field"))  # frame labels for objectives that predict them (HuBERT)
+            targets_field=data.get("targets_field"),  # frame labels for objectives that predict them (HuBERT)
+            spec_augment=data.get("spec_augment") if train else None)  # fbank training batches only
 
     def train_dataloader(self, dist: DistInfo):
         return self._loader(self.cfg["data"]["train_cuts"], dist, train=True)

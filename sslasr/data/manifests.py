@@ -59,7 +59,7 @@ class AudioProbe:
 
 
 # ------------------------------------------------------------------ Kaldi files
-def _read_table(path: Path) -> List[Tuple[str, str]]:
+def read_table(path: Path) -> List[Tuple[str, str]]:
     """`utt-id rest-of-line` pairs; the rest keeps inner spaces, blank lines are skipped."""
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -78,7 +78,7 @@ def read_kaldi_split(split_dir: Path, max_utts: Optional[int] = None) -> KaldiSp
     split_dir = Path(split_dir)
     wav: Dict[str, str] = {}
     dropped: List[Dropped] = []
-    for utt_id, entry in _read_table(split_dir / "wav.scp"):
+    for utt_id, entry in read_table(split_dir / "wav.scp"):
         if utt_id in wav:
             dropped.append(Dropped(utt_id, "duplicate_id", "repeated in wav.scp"))
         elif entry.endswith("|") or not entry:
@@ -93,12 +93,12 @@ def read_kaldi_split(split_dir: Path, max_utts: Optional[int] = None) -> KaldiSp
     text = None
     if (split_dir / "text").exists():
         text = {}
-        for utt_id, words in _read_table(split_dir / "text"):
+        for utt_id, words in read_table(split_dir / "text"):
             if utt_id in wav:
                 text[utt_id] = " ".join(words.split())
             elif max_utts is None:
                 dropped.append(Dropped(utt_id, "text_without_audio", "in text, not in wav.scp"))
-    speakers = dict(_read_table(split_dir / "utt2spk")) if (split_dir / "utt2spk").exists() else {}
+    speakers = dict(read_table(split_dir / "utt2spk")) if (split_dir / "utt2spk").exists() else {}
     return KaldiSplit(wav=wav, text=text, speakers=speakers, dropped=dropped)
 
 
@@ -313,15 +313,25 @@ def _speaker(cut) -> str:
     return speaker if speaker is not None else cut.id  # no utt2spk: each utterance its own speaker
 
 
+def held_out_speakers(speakers: Iterable[str], count: int, seed: int) -> List[str]:
+    """`count` speakers drawn by `seed`, in draw order (so a caller can cut the list into
+    dev, test, ...). The draw depends only on the set of speakers and the seed."""
+    speakers = sorted(set(speakers))
+    if not 1 <= count < len(speakers):
+        raise ValueError(f"cannot hold out {count} of {len(speakers)} speakers: need 1 <= count < "
+                         f"{len(speakers)} so that some speakers stay in training")
+    random.Random(seed).shuffle(speakers)
+    return speakers[:count]
+
+
 def split_by_speaker(cuts: Iterable, fraction: float, seed: int) -> Tuple[CutSet, CutSet]:
     """(rest, held_out): a seeded `fraction` of the speakers (at least one, never all) held out."""
     cuts = list(cuts)
-    speakers = sorted({_speaker(c) for c in cuts})
+    speakers = {_speaker(c) for c in cuts}
     if len(speakers) < 2:
         raise ValueError(f"need at least 2 speakers to split by speaker, found {len(speakers)}")
-    random.Random(seed).shuffle(speakers)
     num_held_out = min(len(speakers) - 1, max(1, round(fraction * len(speakers))))
-    held_out = set(speakers[:num_held_out])
+    held_out = set(held_out_speakers(speakers, num_held_out, seed))
     rest = CutSet.from_cuts(c for c in cuts if _speaker(c) not in held_out)
     dev = CutSet.from_cuts(c for c in cuts if _speaker(c) in held_out)
     return rest, dev

@@ -1,0 +1,133 @@
+"""Kaldi-style corpus folders, the input of stage 1: read and check one, write one, carve
+speaker-disjoint splits out of a split.
+
+A corpus folder holds one sub-folder per split with ``wav.scp`` (``utt-id path``, the path
+relative to the split folder or absolute), ``text`` (``utt-id WORDS``) in transcribed splits
+and ``utt2spk``. A recipe's stage 0 writes such a folder under its ``data/`` whose ``wav.scp``
+names the corpus audio by absolute path: the audio itself is never copied.
+
+Checks here are structural (files present, ids consistent, audio paths pointing somewhere).
+Per-utterance problems -- an unreadable file, an empty transcript -- are stage 1's to drop
+and count (``sslasr.data.manifests``).
+"""
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from sslasr.data.manifests import held_out_speakers, read_table
+from sslasr.utils.io import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+class LayoutError(ValueError):
+    """A corpus folder that stage 0 cannot prepare; the message names the file and problem."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    utt_id: str
+    path: str  # absolute
+    text: Optional[str] = None
+    speaker: Optional[str] = None
+
+
+def _table(path: Path) -> Dict[str, str]:
+    rows = read_table(path)
+    repeated = sorted(u for u, n in Counter(u for u, _ in rows).items() if n > 1)
+    if repeated:
+        raise LayoutError(f"{path}: {len(repeated)} repeated utterance id(s), e.g. {repeated[:3]}")
+    return dict(rows)
+
+
+def read_split(split_dir: Path, *, need_text: bool, need_speakers: bool, root: Optional[Path] = None) -> List[Utterance]:
+    """The utterances of one split folder, in wav.scp order.
+
+    Audio paths are read relative to `root` (default: the split folder itself). Raises
+    LayoutError when a required file is missing, when an utterance lacks the speaker that a
+    by-speaker split needs, or when not one audio path exists (paths relative to the wrong
+    folder); a few missing files are only logged, stage 1 drops and counts them.
+    """
+    split_dir = Path(split_dir)
+    root = Path(root) if root is not None else split_dir
+    if not (split_dir / "wav.scp").is_file():
+        raise LayoutError(f"{split_dir}: no wav.scp")
+    wav = _table(split_dir / "wav.scp")
+    if not wav:
+        raise LayoutError(f"{split_dir}/wav.scp lists no utterances")
+    pipes = [u for u, entry in wav.items() if entry.endswith("|") or not entry]
+    if pipes:
+        raise LayoutError(f"{split_dir}/wav.scp: {len(pipes)} entries are not file paths, e.g. {pipes[:3]}")
+    text = _optional_table(split_dir / "text", need_text)
+    speakers = _optional_table(split_dir / "utt2spk", need_speakers)
+    if text is not None and not set(text) & set(wav):
+        raise LayoutError(f"{split_dir}: no utterance id of text is in wav.scp")
+    if need_speakers:
+        unknown = [u for u in wav if u not in speakers]
+        if unknown:
+            raise LayoutError(f"{split_dir}/utt2spk: {len(unknown)} utterance(s) of wav.scp have no speaker, "
+                              f"e.g. {unknown[:3]} (a by-speaker split needs every one)")
+    utterances = [Utterance(u, os.path.abspath(os.path.join(root, entry)), (text or {}).get(u),
+                            (speakers or {}).get(u)) for u, entry in wav.items()]
+    _check_audio_paths(split_dir, root, utterances)
+    return utterances
+
+
+def _optional_table(path: Path, required: bool) -> Optional[Dict[str, str]]:
+    if path.is_file():
+        return _table(path)
+    if required:
+        raise LayoutError(f"{path} is missing")
+    return None
+
+
+def _check_audio_paths(split_dir: Path, root: Path, utterances: Sequence[Utterance]) -> None:
+    missing = [u for u in utterances if not os.path.isfile(u.path)]
+    if len(missing) == len(utterances):
+        raise LayoutError(f"{split_dir}/wav.scp: none of its {len(missing)} audio paths exists, e.g. "
+                          f"{missing[0].path} (paths are read relative to {root})")
+    if missing:
+        log.warning("%s: %d of %d audio files are missing (stage 1 drops them), e.g. %s", split_dir,
+                    len(missing), len(utterances), missing[0].path)
+
+
+def write_split(split_dir: Path, utterances: Sequence[Utterance]) -> None:
+    """wav.scp (absolute paths), and text / utt2spk when the utterances have them; sorted by
+    id as Kaldi expects. An empty split is an error: it would vanish from the corpus silently."""
+    if not utterances:
+        raise ValueError(f"{split_dir}: no utterances to write")
+    ordered = sorted(utterances, key=lambda u: u.utt_id)
+    write_text_atomic(Path(split_dir) / "wav.scp", "".join(f"{u.utt_id} {u.path}\n" for u in ordered))
+    if any(u.text is not None for u in ordered):
+        write_text_atomic(Path(split_dir) / "text", "".join(f"{u.utt_id} {u.text or ''}\n" for u in ordered))
+    if any(u.speaker is not None for u in ordered):
+        write_text_atomic(Path(split_dir) / "utt2spk",
+                          "".join(f"{u.utt_id} {u.speaker}\n" for u in ordered if u.speaker is not None))
+
+
+def carve_by_speaker(utterances: Sequence[Utterance], sizes: Dict[str, int], seed: int,
+                     rest_name: str = "train") -> Dict[str, List[Utterance]]:
+    """Split off `sizes[name]` whole speakers per named split (e.g. {"dev": 10, "test": 20}),
+    drawn by `seed`; the remaining speakers form `rest_name`. No speaker is in two splits."""
+    if any(n < 1 for n in sizes.values()):
+        raise ValueError(f"speaker counts must be >= 1, got {sizes}")
+    speakers = {u.speaker for u in utterances}
+    if None in speakers:
+        raise ValueError("every utterance needs a speaker to split by speaker")
+    drawn = held_out_speakers(speakers, sum(sizes.values()), seed)
+    owner, start = {}, 0
+    for name, count in sizes.items():
+        owner.update({speaker: name for speaker in drawn[start:start + count]})
+        start += count
+    splits: Dict[str, List[Utterance]] = {rest_name: [], **{name: [] for name in sizes}}
+    for u in utterances:
+        splits[owner.get(u.speaker, rest_name)].append(u)
+    return splits
+
+
+def speakers_of(utterances: Sequence[Utterance]) -> List[str]:
+    return sorted({u.speaker for u in utterances if u.speaker is not None})

@@ -51,6 +51,7 @@ conf_dir=${conf_dir:-conf}
 corpus=${corpus:?run.sh must set corpus}
 test_sets=${test_sets:-"dev test"}
 pretrain_splits=${pretrain_splits:-"train unlabeled"}
+valid_set=${valid_set:-dev}  # validation during training and LM/fusion tuning
 
 usage() { sed -n '2,22p' "${BASH_SOURCE[0]}"; grep -E '^[a-z_]+=.*' "${BASH_SOURCE[0]}" | sed -n '1,26p'; }
 while [ $# -gt 0 ]; do
@@ -140,13 +141,13 @@ if run_stage 0; then
     mkdir -p data && touch data/.data.done
   fi
 fi
-# local/data.sh tells where the Kaldi-style corpus folder is
-[ -n "$corpus_dir" ] || corpus_dir=$(cat data/corpus_dir 2>/dev/null || true)
+# local/data.sh tells where the Kaldi-style folder it prepared is (--corpus-dir was its input)
+if [ -f data/corpus_dir ]; then corpus_dir=$(cat data/corpus_dir); fi
 
 if run_stage 1; then
   if done_or_force $manifests/.done; then log "manifests ready"; else
     log "manifests from $corpus_dir"
-    splits=$(for s in train unlabeled dev test; do [ -f "$corpus_dir/$s/wav.scp" ] && printf '%s ' "$s"; done)
+    splits=$(for d in "$corpus_dir"/*/; do [ ! -f "$d/wav.scp" ] || printf '%s ' "$(basename "$d")"; done)
     "$python" -m sslasr.bin.prepare_manifests --corpus-dir "$corpus_dir" --corpus "$corpus" \
       --splits $splits --out-dir $manifests --num-jobs "$nj"
     touch $manifests/.done
@@ -182,14 +183,17 @@ if run_stage 4 && [ -n "$init_from" ]; then
   if done_or_force $pretrain_dir/.done; then log "imported $frontend ready ($pretrain_dir)"; else import_init_from; fi
 fi
 
+# pretraining configs; pretrain_<frontend>.yaml, where present, holds that frontend's own batch/schedule
+pretrain_configs="$conf_dir/frontend_$frontend.yaml $conf_dir/pretrain.yaml"
+[ ! -f $conf_dir/pretrain_$frontend.yaml ] || pretrain_configs="$pretrain_configs $conf_dir/pretrain_$frontend.yaml"
 kmeans_cli() {  # kmeans_cli COMMAND ARGS...: sslasr.bin.kmeans with the pretraining configs and --kmeans-opts
   local command=$1; shift
-  "$python" -m sslasr.bin.kmeans "$command" --config $conf_dir/frontend_$frontend.yaml $conf_dir/pretrain.yaml \
+  "$python" -m sslasr.bin.kmeans "$command" --config $pretrain_configs \
     "$@" --set $kmeans_opts
 }
 kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT), features + fit → labels → pretrain
   local all_cuts=$1 valid_cuts iterations i it previous
-  valid_cuts=$(cuts dev)
+  valid_cuts=$(cuts $valid_set)
   iterations=$(kmeans_cli plan --count)
   for i in $(seq 1 "$iterations"); do
     it=$pretrain_dir/iter$i
@@ -206,7 +210,7 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
     fi
     if [ -f $it/.done ]; then log "iteration $i: pretrained"; else
       log "iteration $i: pretraining on its labels"
-      train $it --config $conf_dir/frontend_$frontend.yaml $conf_dir/pretrain.yaml --set task=pretrain \
+      train $it --config $pretrain_configs --set task=pretrain \
         data.train_cuts=$it/labels/$(basename "$all_cuts") data.valid_cuts=$it/labels/$(basename "$valid_cuts") \
         $(kmeans_cli plan --iteration $i) $pretrain_opts
       touch $it/.done
@@ -224,8 +228,8 @@ if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
     pretrain_cuts=$manifests/${corpus}_cuts_pretrain$feats.jsonl.gz
     "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $(for s in $pretrain_splits; do cuts "$s"; done)
     if [ "$(kmeans_cli plan --count)" -gt 0 ]; then kmeans_pretraining "$pretrain_cuts"; else
-      train $pretrain_dir --config $conf_dir/frontend_$frontend.yaml $conf_dir/pretrain.yaml \
-        --set task=pretrain data.train_cuts="$pretrain_cuts" data.valid_cuts="$(cuts dev)" $pretrain_opts
+      train $pretrain_dir --config $pretrain_configs \
+        --set task=pretrain data.train_cuts="$pretrain_cuts" data.valid_cuts="$(cuts $valid_set)" $pretrain_opts
     fi
     touch $pretrain_dir/.done
   fi
@@ -246,11 +250,13 @@ if run_stage 5; then
     fresh_training $dir
     configs="$conf_dir/frontend_$frontend.yaml $conf_dir/finetune_$head.yaml"
     [ -z "$init_from" ] || configs="$pretrain_dir/frontend.yaml $conf_dir/finetune_$head.yaml"  # imported architecture
+    # settings for this amount of labels (e.g. LibriSpeech's 10m / 1h / 10h fairseq configs)
+    [ ! -f $conf_dir/finetune_${head}_${labeled_tag}.yaml ] || configs="$configs $conf_dir/finetune_${head}_${labeled_tag}.yaml"
     # fine-tuning settings of the frontend (e.g. SpecAugment for fbank frontends)
     [ ! -f $conf_dir/finetune_${frontend}.yaml ] || configs="$configs $conf_dir/finetune_${frontend}.yaml"
     init="finetune.init_from=$pretrain_dir/model_final.pt"
     if [ $system = scratch ]; then configs="$configs $conf_dir/scratch.yaml"; init="finetune.init_from=null"; fi
-    train $dir --config $configs --set task=asr data.train_cuts="$train_cuts" data.valid_cuts="$(cuts dev)" \
+    train $dir --config $configs --set task=asr data.train_cuts="$train_cuts" data.valid_cuts="$(cuts $valid_set)" \
       data.tokenizer=$lang/bpe.model "$init" $finetune_opts
     "$python" -m sslasr.bin.cuts seconds "$train_cuts" > $dir/labeled_seconds
     touch $dir/.done
@@ -265,8 +271,8 @@ if run_stage 6; then
     fresh_training $lm_dir
     extra_text=null; [ -z "$lm_text" ] || extra_text="[$(printf '%s,' $lm_text | sed 's/,$//')]"
     train $lm_dir --config $conf_dir/lm.yaml --set task=lm data.tokenizer=$lang/bpe.model \
-      data.train_text="$(cuts train)" data.valid_text="$(cuts dev)" "data.extra_text=$extra_text" $lm_opts
-    "$python" -m sslasr.bin.lm_perplexity --lm $lm_dir/model_final.pt --text "$(cuts dev)" --out $lm_dir/perplexity.json
+      data.train_text="$(cuts train)" data.valid_text="$(cuts $valid_set)" "data.extra_text=$extra_text" $lm_opts
+    "$python" -m sslasr.bin.lm_perplexity --lm $lm_dir/model_final.pt --text "$(cuts $valid_set)" --out $lm_dir/perplexity.json
     touch $lm_dir/.done
   fi
 fi
@@ -301,9 +307,9 @@ if run_stage 7; then
         [ -f $lm_dir/.done ] || { echo "$0: $method with an LM needs stage 6 ($lm_dir)" >&2; exit 1; }
         tuned=$dir/tune_${method}_lm/best.json
         if ! done_or_force $dir/tune_${method}_lm/.done; then
-          log "tuning λ, β of $method + LM on dev for $dir"
+          log "tuning λ, β of $method + LM on $valid_set for $dir"
           "$python" -m sslasr.bin.tune_fusion --model $dir/model_final.pt --lm $lm_dir/model_final.pt \
-            --cuts "$(cuts dev)" --method $method --out $tuned $decode_opts
+            --cuts "$(cuts $valid_set)" --method $method --out $tuned $decode_opts
           touch $dir/tune_${method}_lm/.done
         fi
         fusion="--lm $lm_dir/model_final.pt --lm-weight $(json_value $tuned lm_weight) --length-bonus $(json_value $tuned length_bonus)"

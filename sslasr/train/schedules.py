@@ -10,6 +10,14 @@ import math
 from typing import Callable, Dict
 
 
+# The keys each schedule reads (besides `name`), for config checks.
+SCHEDULER_KEYS = {
+    "polynomial": ("warmup_updates", "warmup_ratio", "end_lr_scale", "power"),
+    "tri_stage": ("phase_ratio", "init_lr_scale", "final_lr_scale"),
+    "constant": (),
+}
+
+
 def build_lr_scale(cfg: Dict, max_updates: int) -> Callable[[int], float]:
     name = cfg.get("name", "polynomial")
     if name == "polynomial":

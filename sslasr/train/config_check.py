@@ -1,0 +1,123 @@
+"""Checks of a merged training config's data / optim / scheduler / trainer sections, so a
+typo or an impossible value fails at once (`sslasr.bin.train --dry-run`) rather than hours
+into a run -- or never, as an ignored key would."""
+
+import math
+from numbers import Real
+from typing import Dict, List
+
+from sslasr.train.schedules import SCHEDULER_KEYS, build_lr_scale
+
+OPTIM_KEYS = ("lr", "betas", "eps", "weight_decay")  # what the Trainer's AdamW reads
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """Every problem found, one per line."""
+
+
+def _number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(problems: List[str], section: Dict, key: str, name: str, *, required: bool = True,
+              allow_zero: bool = False, integer: bool = False) -> None:
+    if key not in section:
+        if required:
+            problems.append(f"{name}.{key} is missing")
+        return
+    value = section[key]
+    ok = _number(value) and (value >= 0 if allow_zero else value > 0) and (not integer or float(value).is_integer())
+    if not ok:
+        kind = "integer" if integer else "number"
+        problems.append(f"{name}.{key} must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}")
+
+
+def _check_data(cfg: Dict, problems: List[str]) -> None:
+    data = cfg.get("data")
+    if not isinstance(data, dict):
+        problems.append("the data section is missing")
+        return
+    if cfg.get("task") == "lm":
+        _check_number(problems, data, "max_tokens", "data", integer=True)
+        _check_number(problems, data, "valid_max_tokens", "data", required=False, integer=True)
+        return
+    _check_number(problems, data, "max_duration", "data")
+    _check_number(problems, data, "valid_max_duration", "data", required=False)
+    _check_number(problems, data, "num_buckets", "data", required=False, integer=True)
+    _check_number(problems, data, "num_workers", "data", required=False, allow_zero=True, integer=True)
+
+
+def _check_optim(cfg: Dict, problems: List[str]) -> None:
+    optim = cfg.get("optim")
+    if not isinstance(optim, dict):
+        problems.append("the optim section is missing")
+        return
+    unknown = sorted(set(optim) - set(OPTIM_KEYS))
+    if unknown:
+        problems.append(f"optim: unknown keys {unknown} (AdamW reads {', '.join(OPTIM_KEYS)})")
+    _check_number(problems, optim, "lr", "optim")
+    _check_number(problems, optim, "eps", "optim", required=False)
+    _check_number(problems, optim, "weight_decay", "optim", required=False, allow_zero=True)
+    betas = optim.get("betas", (0.9, 0.98))
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
+        problems.append(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
+
+
+def _check_scheduler(cfg: Dict, problems: List[str]) -> None:
+    scheduler = cfg.get("scheduler", {})
+    name = scheduler.get("name", "polynomial")
+    if name not in SCHEDULER_KEYS:
+        problems.append(f"scheduler.name {name!r} is not one of {', '.join(SCHEDULER_KEYS)}")
+        return
+    unknown = sorted(set(scheduler) - {"name", *SCHEDULER_KEYS[name]})
+    if unknown:
+        problems.append(f"scheduler: unknown keys {unknown} for {name} (it reads {', '.join(SCHEDULER_KEYS[name])})")
+    if name == "tri_stage":
+        phases = scheduler.get("phase_ratio", [0.1, 0.4, 0.5])
+        if not (isinstance(phases, (list, tuple)) and len(phases) == 3 and all(_number(p) and p >= 0 for p in phases)
+                and abs(sum(phases) - 1.0) < 1e-6):
+            problems.append(f"scheduler.phase_ratio must be three non-negative fractions summing to 1, got {phases!r}")
+            return
+    max_updates = cfg.get("trainer", {}).get("max_updates")
+    if not (_number(max_updates) and max_updates > 0):
+        return  # reported by the trainer check
+    scale = build_lr_scale(scheduler, int(max_updates))
+    steps = sorted({0, 1, int(max_updates) // 2, int(max_updates) - 1})
+    bad = [(step, scale(step)) for step in steps if not (_number(scale(step)) and 0 <= scale(step) <= 1)]
+    if bad:
+        problems.append(f"scheduler gives learning-rate scales outside [0, 1]: {bad}")
+
+
+def _check_trainer(cfg: Dict, problems: List[str]) -> None:
+    trainer = cfg.get("trainer")
+    if not isinstance(trainer, dict):
+        problems.append("the trainer section is missing")
+        return
+    _check_number(problems, trainer, "max_updates", "trainer", integer=True)
+    _check_number(problems, trainer, "accum_grad", "trainer", required=False, integer=True)
+    _check_number(problems, trainer, "clip_grad_norm", "trainer", required=False, allow_zero=True)
+    for key in ("log_every", "checkpoint_every"):
+        _check_number(problems, trainer, key, "trainer", required=False, integer=True)
+    _check_number(problems, trainer, "valid_every", "trainer", required=False, allow_zero=True, integer=True)
+    if trainer.get("amp", "none") not in AMP_MODES:
+        problems.append(f"trainer.amp must be one of {', '.join(AMP_MODES)}, got {trainer['amp']!r}")
+
+
+def check_training_config(cfg: Dict) -> None:
+    """Raise ConfigError listing every problem in the data, optim, scheduler and trainer sections."""
+    problems: List[str] = []
+    for check in (_check_data, _check_optim, _check_scheduler, _check_trainer):
+        check(cfg, problems)
+    if problems:
+        raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
+
+
+def effective_batch(cfg: Dict, world_size: int) -> str:
+    """What one update sees: per-process batch × accumulation × processes."""
+    data, accum = cfg["data"], cfg["trainer"].get("accum_grad", 1)
+    if cfg.get("task") == "lm":
+        return f"{data['max_tokens'] * accum * world_size} tokens ({data['max_tokens']} × {accum} accum × {world_size} proc)"
+    seconds = data["max_duration"] * accum * world_size
+    return (f"{seconds:.0f} s = {seconds / 3600:.2f} h of audio "
+            f"({data['max_duration']} s × {accum} accum × {world_size} proc)")

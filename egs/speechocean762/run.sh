@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# speechocean762 (OpenSLR 101): non-native English read speech of Mandarin-L1 children and
+# adults, 16 kHz. Pretrains a frontend on train + unlabeled audio, fine-tunes on --labeled
+# seconds of train, scores dev and test.
+#   ./run.sh --corpus-dir ../../../shared/data/speechocean762     # a Kaldi-style copy (this machine's)
+#   ./run.sh                                                     # downloads the release (520 MB)
+#   ./run.sh --stage 5 --stop-stage 9 --labeled 10m              # 10 min / 1h / all of train
+#   ./run.sh --conf-dir conf/gpu --nproc 4                       # base-size models on GPUs
+# Splits (local/data.sh): dev = 10 train speakers held out (seeded); test = the corpus's test/
+# or, where a copy lacks it (the shared one does), 20 more held-out train speakers. No dev or
+# test speaker is in train, and neither is used for pretraining. Change with
+# --data-opts "--dev-speakers N --test-speakers N --seed N" (then --force true --stage 0).
+# Options: see ../../local/ssl_asr.sh (--frontend, --head, --labeled, --no-pretrain, --nproc, ...).
+cd "$(dirname "$0")"
+corpus=speechocean762
+test_sets="dev test"
+# Letters (26 + apostrophe + word boundary), as fairseq fine-tunes wav2vec 2.0. Measured on
+# this corpus (seed-0 10-minute subset of train, 146 utterances): a 200-piece unigram model
+# trained on all of train sees 51 % of its pieces fewer than 5 times in those 10 minutes, and
+# such pieces carry 16 % of the dev tokens; of the letters only Q and Z are that rare (0.1 % of
+# dev tokens). With 7 letters/s against 50 frames/s, CTC has room for letters.
+token_type=char
+vocab_size=40
+. ../../local/ssl_asr.sh

@@ -1,0 +1,150 @@
+"""speechocean762 (Zhang et al., Interspeech 2021; OpenSLR 101, CC BY 4.0): non-native English
+read speech, 250 Mandarin-L1 speakers, 16 kHz, upper-case word transcripts.
+
+Two input layouts are read:
+  * a Kaldi-style folder: ``train/`` (``wav.scp`` with paths relative to ``train/``, ``text``,
+    ``utt2spk``), optional ``unlabeled/`` (``wav.scp`` only) and optional ``test/``;
+  * the OpenSLR release (``speechocean762.tar.gz``, ~520 MB): ``train/`` and ``test/`` (125
+    speakers each, 2,500 utterances each) whose ``wav.scp`` paths (``WAVE/SPEAKER0001/*.WAV``)
+    are relative to the release root, next to ``WAVE/`` and ``resource/``.
+
+`prepare` writes the recipe's Kaldi folder: dev -- and, when the corpus has no ``test/``, test --
+carved out of train by speaker (seeded), so no held-out speaker is in training.
+
+    python -m sslasr.data.speechocean762 download --dir downloads      # prints the release root
+    python -m sslasr.data.speechocean762 prepare --corpus-dir DIR --out-dir data/kaldi \
+        --dev-speakers 10 --test-speakers 20 --seed 0 [--max-utts N]
+"""
+
+import argparse
+import json
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from lhotse.utils import resumable_download, safe_extract
+
+from sslasr.data.kaldi_dir import LayoutError, Utterance, carve_by_speaker, read_split, speakers_of, write_split
+from sslasr.utils.io import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+ARCHIVE = "speechocean762.tar.gz"
+MIRRORS = (  # OpenSLR 101 and its mirrors (https://www.openslr.org/101/)
+    "https://www.openslr.org/resources/101",
+    "https://us.openslr.org/resources/101",
+    "https://openslr.elda.org/resources/101",
+    "https://openslr.magicdatatech.com/resources/101",
+)
+SPLITS = ("train", "dev", "test", "unlabeled")
+
+
+def download(target_dir: Path) -> Path:
+    """Fetch and unpack the OpenSLR release into target_dir; returns the release root."""
+    target_dir = Path(target_dir)
+    root = target_dir / "speechocean762"
+    if (root / ".completed").is_file():
+        log.info("%s already downloaded", root)
+        return root
+    archive = target_dir / ARCHIVE
+    errors = []
+    for mirror in MIRRORS:
+        try:
+            resumable_download(f"{mirror}/{ARCHIVE}", filename=archive)
+            break
+        except Exception as e:  # network errors come in many types; try the next mirror
+            errors.append(f"{mirror}: {type(e).__name__}: {e}")
+            log.warning("download from %s failed: %s", mirror, e)
+    else:
+        raise RuntimeError("could not download speechocean762 from any mirror:\n" + "\n".join(errors))
+    with tarfile.open(archive) as tar:
+        safe_extract(tar, path=target_dir)
+    if not (root / "train" / "wav.scp").is_file():
+        raise LayoutError(f"{archive} did not unpack to {root}/train/wav.scp")
+    (root / ".completed").touch()
+    return root
+
+
+def is_release_layout(corpus_dir: Path) -> bool:
+    """The OpenSLR release keeps its audio in WAVE/ with wav.scp paths relative to the root."""
+    return (Path(corpus_dir) / "WAVE").is_dir()
+
+
+def read_corpus(corpus_dir: Path) -> Dict[str, List[Utterance]]:
+    """train (transcribed, with speakers), and unlabeled / test where the corpus has them."""
+    corpus_dir = Path(corpus_dir)
+    if not corpus_dir.is_dir():
+        raise LayoutError(f"--corpus-dir {corpus_dir} is not a folder")
+    root = corpus_dir if is_release_layout(corpus_dir) else None  # None: relative to each split folder
+    if root is not None:
+        log.info("%s: the OpenSLR release layout (wav.scp paths relative to the corpus root)", corpus_dir)
+    splits = {"train": read_split(corpus_dir / "train", need_text=True, need_speakers=True,
+                                  root=root or corpus_dir / "train")}
+    for name, need_text in (("unlabeled", False), ("test", True)):
+        split_dir = corpus_dir / name
+        if split_dir.is_dir():
+            splits[name] = read_split(split_dir, need_text=need_text, need_speakers=False, root=root or split_dir)
+    return splits
+
+
+def prepare(corpus_dir: Path, out_dir: Path, *, dev_speakers: int = 10, test_speakers: int = 20, seed: int = 0,
+            max_utts: Optional[int] = None) -> Dict[str, Dict]:
+    """Write out_dir/{train,dev,test[,unlabeled]}; returns per split its utterance and speaker
+    counts (also written to out_dir/splits.json). `max_utts` keeps the first N utterances of
+    each input split (quick runs) before the speakers are drawn."""
+    splits = read_corpus(corpus_dir)
+    if max_utts is not None:
+        splits = {name: utts[:max_utts] for name, utts in splits.items()}
+    sizes = {"dev": dev_speakers}
+    if "test" not in splits:  # the corpus's own test speakers are missing: hold out others
+        sizes["test"] = test_speakers
+    carved = carve_by_speaker(splits["train"], sizes, seed)
+    if "test" in splits:
+        carved["test"] = splits["test"]
+    if "unlabeled" in splits:
+        carved["unlabeled"] = splits["unlabeled"]
+
+    out_dir = Path(out_dir)
+    for name in SPLITS:  # a split left from an earlier run with other options must not survive
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    summary = {}
+    for name, utts in carved.items():
+        write_split(out_dir / name, utts)
+        summary[name] = {"utterances": len(utts), "speakers": speakers_of(utts)}
+        log.info("%s: %d utterances, %d speakers", name, len(utts), len(summary[name]["speakers"]))
+    summary["options"] = {"corpus_dir": str(Path(corpus_dir).resolve()), "dev_speakers": dev_speakers,
+                          "test_speakers": test_speakers if "test" in sizes else None, "seed": seed,
+                          "max_utts": max_utts}
+    write_text_atomic(out_dir / "splits.json", json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("download", help="download and unpack the OpenSLR 101 release")
+    fetch.add_argument("--dir", type=Path, required=True)
+    prep = commands.add_parser("prepare", help="the recipe's Kaldi folder with speaker-disjoint dev/test")
+    prep.add_argument("--corpus-dir", type=Path, required=True)
+    prep.add_argument("--out-dir", type=Path, required=True)
+    prep.add_argument("--dev-speakers", type=int, default=10, help="train speakers held out as dev")
+    prep.add_argument("--test-speakers", type=int, default=20,
+                      help="train speakers held out as test when the corpus has no test/")
+    prep.add_argument("--seed", type=int, default=0, help="draws the held-out speakers")
+    prep.add_argument("--max-utts", type=int, default=None, help="first N utterances of each split (quick runs)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "download":
+            print(download(args.dir))
+        else:
+            prepare(args.corpus_dir, args.out_dir, dev_speakers=args.dev_speakers,
+                    test_speakers=args.test_speakers, seed=args.seed, max_utts=args.max_utts)
+    except (LayoutError, ValueError) as e:
+        raise SystemExit(f"speechocean762: {e}")
+
+
+if __name__ == "__main__":
+    main()

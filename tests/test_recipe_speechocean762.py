@@ -1,0 +1,196 @@
+"""The speechocean762 recipe on the real data (../shared/data/speechocean762), restricted to the
+first utterances of each split: stages 0-3, the speaker-disjoint dev/test carve, manifests and
+their validation counts, the letter tokenizer, the labeled subsets; plus stage 0's handling of
+the OpenSLR release layout and of broken corpus folders (synthetic audio)."""
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from lhotse import CutSet
+
+from recipe_smoke import REPO, run_recipe
+from sslasr.bin import cuts as cuts_cli
+from sslasr.data.kaldi_dir import LayoutError
+from sslasr.data.manifests import held_out_speakers
+from sslasr.data.speechocean762 import prepare
+from sslasr.data.tokenizer import Tokenizer
+
+SHARED = REPO.parent / "shared" / "data" / "speechocean762"
+MAX_UTTS = 120  # the first 6 speakers of train (20 utterances each), 120 unlabeled recordings
+DATA_OPTS = f"--max-utts {MAX_UTTS} --dev-speakers 2 --test-speakers 1"
+needs_corpus = pytest.mark.skipif(not (SHARED / "train" / "wav.scp").is_file(),
+                                  reason=f"speechocean762 is not at {SHARED}")
+
+
+def _table(path: Path) -> dict:
+    return dict(line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A copy of the recipe through stages 0-3 on the shared corpus's first utterances."""
+    if not (SHARED / "train" / "wav.scp").is_file():
+        pytest.skip(f"speechocean762 is not at {SHARED}")
+    tmp = tmp_path_factory.mktemp("speechocean762")
+    shutil.copytree(REPO / "local", tmp / "local")
+    shutil.copytree(REPO / "conf", tmp / "conf")
+    shutil.copytree(REPO / "egs" / "speechocean762", tmp / "egs" / "speechocean762",
+                    ignore=shutil.ignore_patterns("data", "exp", "downloads"))
+    recipe = tmp / "egs" / "speechocean762"
+    result = run_recipe(recipe, "--corpus-dir", str(SHARED), "--data-opts", DATA_OPTS, "--stop-stage", "3",
+                        timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return recipe
+
+
+def _first_train_speakers() -> dict:
+    """utt -> speaker of the first MAX_UTTS lines of the shared train/wav.scp."""
+    utts = [line.split()[0] for line in (SHARED / "train/wav.scp").read_text().splitlines()[:MAX_UTTS]]
+    speakers = _table(SHARED / "train/utt2spk")
+    return {u: speakers[u].strip() for u in utts}
+
+
+@needs_corpus
+def test_dev_and_test_speakers_are_held_out_of_train(prepared: Path):
+    kaldi = prepared / "data/kaldi"
+    speakers = {split: set(_table(kaldi / split / "utt2spk").values()) for split in ("train", "dev", "test")}
+    assert len(speakers["dev"]) == 2 and len(speakers["test"]) == 1 and len(speakers["train"]) == 3
+    assert not speakers["dev"] & speakers["train"] and not speakers["test"] & speakers["train"]
+    assert not speakers["dev"] & speakers["test"]
+    first = _first_train_speakers()
+    assert set().union(*speakers.values()) == set(first.values())
+    # the draw is the library's seeded one: dev first, then test
+    drawn = held_out_speakers(set(first.values()), 3, seed=0)
+    assert speakers["dev"] == set(drawn[:2]) and speakers["test"] == set(drawn[2:])
+    per_speaker = Counter(first.values())
+    for split in ("train", "dev", "test"):  # whole speakers move, with all their utterances
+        utt2spk = _table(kaldi / split / "utt2spk")
+        assert len(utt2spk) == sum(per_speaker[s] for s in speakers[split])
+        assert all(first[u] == s for u, s in utt2spk.items())
+    summary = json.loads((kaldi / "splits.json").read_text())
+    assert summary["dev"]["speakers"] == sorted(speakers["dev"]) and summary["options"]["seed"] == 0
+
+
+@needs_corpus
+def test_corpus_is_referenced_not_copied(prepared: Path):
+    wav = _table(prepared / "data/kaldi/train/wav.scp")
+    assert all(Path(p).is_absolute() and Path(p).is_relative_to(SHARED) and Path(p).is_file() for p in wav.values())
+    assert not [p for p in prepared.rglob("*") if p.suffix.lower() in (".flac", ".wav")]
+    unlabeled = prepared / "data/kaldi/unlabeled"
+    assert len(_table(unlabeled / "wav.scp")) == MAX_UTTS and not (unlabeled / "text").exists()
+    assert (prepared / "data/corpus_dir").read_text().strip() == str(prepared / "data/kaldi")
+
+
+@needs_corpus
+def test_manifests_and_validation_counts(prepared: Path):
+    manifests = prepared / "data/manifests"
+    for split in ("train", "dev", "test", "unlabeled"):
+        ids = set(_table(prepared / "data/kaldi" / split / "wav.scp"))
+        report = json.loads((manifests / f"speechocean762_{split}_validation.json").read_text())
+        assert report["total"] == report["kept"] == len(ids) and report["dropped"] == 0
+        assert report["resampled"] == 0  # 16 kHz FLAC as the corpus ships it
+        cuts = CutSet.from_file(manifests / f"speechocean762_cuts_{split}.jsonl.gz")
+        assert {c.id for c in cuts} == ids and all(c.sampling_rate == 16000 for c in cuts)
+        texts = [c.supervisions[0].text for c in cuts]
+        assert all(t is None for t in texts) if split == "unlabeled" else all(t and t.isupper() for t in texts)
+    train = CutSet.from_file(manifests / "speechocean762_cuts_train.jsonl.gz")
+    reference = _table(SHARED / "train/text")
+    assert all(c.supervisions[0].text == " ".join(reference[c.id].split()) for c in train)
+
+
+@needs_corpus
+def test_letter_tokenizer_covers_the_transcripts(prepared: Path):
+    tokenizer = Tokenizer(prepared / "data/lang_char_40")
+    pieces = {tokenizer.sp.id_to_piece(i) for i in range(3, tokenizer.vocab_size)}
+    assert all(len(p) == 1 for p in pieces)  # letters, apostrophe and the word boundary
+    for cut in CutSet.from_file(prepared / "data/manifests/speechocean762_cuts_train.jsonl.gz"):
+        text = cut.supervisions[0].text
+        ids = tokenizer.encode(text)
+        assert tokenizer.unk_id not in ids and tokenizer.decode(ids) == text
+
+
+@needs_corpus
+def test_labeled_subset_is_whole_utterances_and_deterministic(prepared: Path, tmp_path: Path):
+    """What the driver runs for --labeled 90 (seconds): the same whole cuts every time."""
+    train = prepared / "data/manifests/speechocean762_cuts_train.jsonl.gz"
+    durations = {c.id: c.duration for c in CutSet.from_file(train)}
+    for name in ("a", "b"):
+        cuts_cli.main(["subset", "--cuts", str(train), "--seconds", "90", "--out", str(tmp_path / f"{name}.jsonl.gz")])
+    a, b = (CutSet.from_file(tmp_path / f"{name}.jsonl.gz") for name in ("a", "b"))
+    assert [c.id for c in a] == [c.id for c in b]
+    assert all(c.duration == durations[c.id] and c.start == 0 for c in a)
+    total = sum(c.duration for c in a)
+    assert 90 <= total < 90 + max(durations.values())
+
+
+def _tone(path: Path, seconds: float = 0.6, freq: float = 300.0) -> None:
+    t = np.arange(int(seconds * 16000)) / 16000
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, (0.2 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
+
+
+def _release(root: Path, speakers=("0001", "0003", "0005", "0007"), with_test: bool = True) -> Path:
+    """The OpenSLR 101 layout: WAVE/SPEAKERxxxx/*.WAV; {train,test}/wav.scp relative to the root."""
+    for split, spks in (("train", speakers), ("test", ("0002",) if with_test else ())):
+        if not spks:
+            continue
+        rows = []
+        for spk in spks:
+            for k in range(2):
+                utt = f"{spk}{k:05d}"
+                _tone(root / "WAVE" / f"SPEAKER{spk}" / f"{utt}.WAV", freq=200 + 50 * k)
+                rows.append((utt, f"WAVE/SPEAKER{spk}/{utt}.WAV", spk))
+        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / split / "wav.scp").write_text("".join(f"{u}\t{p}\n" for u, p, _ in rows))
+        (root / split / "text").write_text("".join(f"{u}\tWE CALL IT BEAR\n" for u, _, _ in rows))
+        (root / split / "utt2spk").write_text("".join(f"{u}\t{s}\n" for u, _, s in rows))
+    return root
+
+
+def test_release_layout_keeps_its_own_test_split(tmp_path: Path):
+    root = _release(tmp_path / "speechocean762")
+    summary = prepare(root, tmp_path / "kaldi", dev_speakers=1)
+    assert summary["test"]["speakers"] == ["0002"] and summary["test"]["utterances"] == 2
+    assert summary["dev"]["utterances"] == 2 and summary["train"]["utterances"] == 6
+    assert summary["options"]["test_speakers"] is None  # nothing carved for test
+    wav = _table(tmp_path / "kaldi/train/wav.scp")
+    assert all(p.startswith(str(root / "WAVE")) and Path(p).is_file() for p in wav.values())
+
+
+def test_carve_is_seeded_and_stale_splits_are_removed(tmp_path: Path):
+    root = _release(tmp_path / "so", speakers=tuple(f"{i:04d}" for i in range(1, 9)), with_test=False)
+    first = prepare(root, tmp_path / "k1", dev_speakers=2, test_speakers=2, seed=0)
+    again = prepare(root, tmp_path / "k2", dev_speakers=2, test_speakers=2, seed=0)
+    other = prepare(root, tmp_path / "k3", dev_speakers=2, test_speakers=2, seed=3)
+    assert first["dev"]["speakers"] == again["dev"]["speakers"] and first["test"]["speakers"] == again["test"]["speakers"]
+    assert (first["dev"]["speakers"], first["test"]["speakers"]) != (other["dev"]["speakers"], other["test"]["speakers"])
+    (tmp_path / "k1" / "unlabeled").mkdir()  # a split of an earlier run with other options
+    prepare(root, tmp_path / "k1", dev_speakers=2, test_speakers=2, seed=0)
+    assert not (tmp_path / "k1" / "unlabeled").exists()
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no_utt2spk", "utt2spk is missing"),
+    ("speakerless", "have no speaker"),
+    ("wrong_base", "none of its 8 audio paths exists"),
+    ("too_many_dev", "cannot hold out 4 of 4 speakers"),
+])
+def test_broken_corpus_folders_are_named(tmp_path: Path, breakage: str, message: str):
+    corpus = tmp_path / "corpus"
+    for spk in ("s1", "s2", "s3", "s4"):
+        for k in range(2):
+            _tone(corpus / "train" / "audio" / f"{spk}_{k}.flac")
+    utts = [f"{spk}_{k}" for spk in ("s1", "s2", "s3", "s4") for k in range(2)]
+    base = "../audio" if breakage == "wrong_base" else "audio"
+    (corpus / "train/wav.scp").write_text("".join(f"{u} {base}/{u}.flac\n" for u in utts))
+    (corpus / "train/text").write_text("".join(f"{u} HELLO\n" for u in utts))
+    if breakage != "no_utt2spk":
+        keep = utts[:-1] if breakage == "speakerless" else utts
+        (corpus / "train/utt2spk").write_text("".join(f"{u} {u.split('_')[0]}\n" for u in keep))
+    with pytest.raises((LayoutError, ValueError), match=message):
+        prepare(corpus, tmp_path / "kaldi", dev_speakers=3 if breakage == "too_many_dev" else 1, test_speakers=1)

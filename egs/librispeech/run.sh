@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# LibriSpeech 960 h with Libri-Light's limited-resource fine-tuning splits: base-size models
+# with the published hyperparameters (conf/*.yaml, each value with its source), for GPUs.
+#   ./run.sh --corpus-dir /data/librispeech --stop-stage 3        # already downloaded (see below)
+#   ./run.sh --stop-stage 3                                        # downloads into downloads/
+#   ./run.sh --stage 4 --stop-stage 4 --nproc 8                    # wav2vec 2.0 BASE pretraining
+#   ./run.sh --stage 5 --labeled 10m --nproc 2                     # fine-tune + decode + score
+#   ./run.sh --frontend wavlm --data-opts "--musan true"           # WavLM, MUSAN noise mixing
+# Multi-node: --launcher "torchrun --nnodes 4 --node_rank \$RANK --master_addr HOST
+#   --master_port 29500 --nproc_per_node 8" on every node (stage 4; the stages before it on one).
+# Batches follow fairseq: pretraining 1.56 h per update = 87.5 s × accum 8 × 8 GPUs (HuBERT /
+# WavLM: pretrain_<frontend>.yaml, 0.78 h), fine-tuning 1600 s = 200 s × accum 4 × 2 GPUs; with
+# other GPU counts change accum_grad (--pretrain-opts / --finetune-opts trainer.accum_grad=N).
+# Check a config without data or GPUs:
+#   python -m sslasr.bin.train --dry-run --config conf/frontend_wav2vec2.yaml conf/pretrain.yaml --world-size 8
+#
+# --corpus-dir holds LibriSpeech/<part>/ (OpenSLR 12), librispeech_finetuning/ (Libri-Light's
+# librispeech_finetuning.tgz) and, for --musan true, musan/ (OpenSLR 17). Splits: train (960 h,
+# pretraining and --labeled all), train_100h, train_10h / train_1h / train_10m (--labeled 10h,
+# 1h, 10m: Libri-Light's fixed subsets, not random ones), dev_clean, dev_other (validation),
+# test_clean, test_other. Fewer parts: --data-opts "--parts train-clean-100,dev-other,...".
+# Options: see ../../local/ssl_asr.sh (--frontend, --head, --labeled, --no-pretrain, ...).
+cd "$(dirname "$0")"
+corpus=librispeech
+test_sets="dev_clean dev_other test_clean test_other"
+valid_set=dev_other        # fairseq's valid_subset
+pretrain_splits=train      # the 960 h, transcripts unused
+token_type=char            # letters, as fairseq's ltr targets
+vocab_size=40              # 26 letters, apostrophe, word boundary and the 3 specials: 31 used
+. ../../local/ssl_asr.sh

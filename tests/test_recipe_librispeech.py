@@ -1,0 +1,219 @@
+"""The LibriSpeech recipe without the network: a tiny espeak-ng fixture in LibriSpeech's and
+Libri-Light's on-disk layouts (plus a MUSAN noise file) through stages 0-3, and a dry run of
+every config in egs/librispeech/conf checked against the published batch sizes."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from lhotse import CutSet
+
+from recipe_smoke import REPO, run_recipe
+from sslasr.bin.kmeans import training_overrides
+from sslasr.bin.train import dry_run
+from sslasr.data.kaldi_dir import LayoutError
+from sslasr.data.librispeech import prepare as prepare_librispeech_splits
+from sslasr.data.minisynth import resample, run_espeak
+from sslasr.data.tokenizer import Tokenizer
+from sslasr.train.config_check import ConfigError
+from sslasr.utils.config import load_configs
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+CONF = REPO / "egs" / "librispeech" / "conf"
+SR = 16000
+# part -> {speaker-chapter: [transcripts]}, LibriSpeech style (upper case, apostrophes)
+PARTS = {
+    "train-clean-100": {"19-198": ["NORTHANGER ABBEY WAS A HOUSE", "SHE HAD NEVER READ IT"],
+                        "26-495": ["THE RIVER RAN QUIETLY", "HE DIDN'T LOOK BACK"]},
+    "train-other-500": {"20-205": ["A STORM CAME OVER THE HILLS", "WE WAITED FOR THE MORNING"]},
+    "dev-other": {"116-288045": ["THE CANDLE BURNED LOW", "NOBODY ANSWERED THE DOOR"]},
+    "test-clean": {"1089-134686": ["HE HOPED THERE WOULD BE STEW", "THE WIND WAS COLD"]},
+}
+# Libri-Light's folds reuse LibriSpeech utterances: fold path -> utterance ids
+FOLDS = {"1h/0/clean": ["19-198-0000"], "1h/0/other": ["20-205-0001"], "1h/1/clean": ["26-495-0000"],
+         "9h/clean": ["19-198-0001"]}
+FLAT = {f"{sc}-{i:04d}": (part, text) for part, chapters in PARTS.items()
+        for sc, texts in chapters.items() for i, text in enumerate(texts)}
+
+
+def _speech(text: str, index: int) -> np.ndarray:
+    audio, sr = run_espeak(text, "en-us+m1" if index % 2 else "en-gb-x-rp+f1", 170, 50)
+    return resample(audio, sr, SR)
+
+
+def _write_chapter(folder: Path, speaker_chapter: str, utts: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{speaker_chapter}.trans.txt").write_text("".join(f"{u} {t}\n" for u, t in utts.items()))
+
+
+def make_fixture(root: Path) -> Path:
+    """root/LibriSpeech/<part>/<spk>/<chapter>/*.flac + trans.txt, root/librispeech_finetuning/
+    with the fold layout, root/musan/noise/ with one 25 s noise file."""
+    for index, (utt, (part, text)) in enumerate(FLAT.items()):
+        speaker, chapter, _ = utt.split("-")
+        folder = root / "LibriSpeech" / part / speaker / chapter
+        folder.mkdir(parents=True, exist_ok=True)
+        sf.write(folder / f"{utt}.flac", _speech(text, index), SR, format="FLAC", subtype="PCM_16")
+    for part, chapters in PARTS.items():
+        for sc, texts in chapters.items():
+            speaker, chapter = sc.split("-")
+            _write_chapter(root / "LibriSpeech" / part / speaker / chapter, sc,
+                           {f"{sc}-{i:04d}": t for i, t in enumerate(texts)})
+    for fold, utts in FOLDS.items():
+        for utt in utts:
+            speaker, chapter, _ = utt.split("-")
+            part = FLAT[utt][0]
+            folder = root / "librispeech_finetuning" / fold / speaker / chapter
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / "LibriSpeech" / part / speaker / chapter / f"{utt}.flac", folder)
+            trans = folder / f"{speaker}-{chapter}.trans.txt"
+            with trans.open("a") as f:
+                f.write(f"{utt} {FLAT[utt][1]}\n")
+    noise = root / "musan" / "noise" / "free-sound"
+    noise.mkdir(parents=True)
+    sf.write(noise / "noise-free-sound-0000.wav",
+             0.1 * np.random.default_rng(0).standard_normal(25 * SR).astype(np.float32), SR)
+    return root
+
+
+def fold_ids(*folds: str) -> set:
+    return {u for fold in folds for u in FOLDS[fold]}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """The recipe (copied) through stages 0-3 on the fixture, MUSAN included."""
+    tmp = tmp_path_factory.mktemp("librispeech")
+    corpus = make_fixture(tmp / "corpus")
+    shutil.copytree(REPO / "local", tmp / "local")
+    shutil.copytree(REPO / "conf", tmp / "conf")
+    shutil.copytree(REPO / "egs" / "librispeech", tmp / "egs" / "librispeech",
+                    ignore=shutil.ignore_patterns("data", "exp", "downloads"))
+    recipe = tmp / "egs" / "librispeech"
+    parts = "train-clean-100,train-other-500,dev-other,test-clean"
+    result = run_recipe(recipe, "--corpus-dir", str(corpus), "--data-opts", f"--parts {parts} --musan true",
+                        "--stop-stage", "3", timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return recipe
+
+
+def _kaldi_ids(recipe: Path, split: str) -> set:
+    return {line.split()[0] for line in (recipe / "data/kaldi" / split / "wav.scp").read_text().splitlines()}
+
+
+def test_kaldi_splits_follow_librispeech_and_librilight(prepared: Path):
+    kaldi = prepared / "data/kaldi"
+    assert sorted(p.name for p in kaldi.iterdir() if p.is_dir()) == [
+        "dev_other", "test_clean", "train", "train_100h", "train_10h", "train_10m", "train_1h"]
+    train_ids = {u for u, (part, _) in FLAT.items() if part.startswith("train")}
+    assert _kaldi_ids(prepared, "train") == train_ids
+    assert _kaldi_ids(prepared, "train_100h") == {u for u, (p, _) in FLAT.items() if p == "train-clean-100"}
+    assert _kaldi_ids(prepared, "train_10m") == fold_ids("1h/0/clean", "1h/0/other")
+    assert _kaldi_ids(prepared, "train_1h") == fold_ids("1h/0/clean", "1h/0/other", "1h/1/clean")
+    assert _kaldi_ids(prepared, "train_10h") == set().union(*(fold_ids(f) for f in FOLDS))
+    assert _kaldi_ids(prepared, "dev_other") == {"116-288045-0000", "116-288045-0001"}
+    text = dict(line.split(" ", 1) for line in (kaldi / "train/text").read_text().splitlines())
+    assert text == {u: FLAT[u][1] for u in train_ids}
+    speakers = dict(line.split() for line in (kaldi / "train/utt2spk").read_text().splitlines())
+    assert speakers == {u: u.split("-")[0] for u in train_ids}
+    for line in (kaldi / "train_10m/wav.scp").read_text().splitlines():  # the fold's own copies, by absolute path
+        utt, path = line.split()
+        assert Path(path).is_absolute() and "librispeech_finetuning/1h/0/" in path and Path(path).is_file()
+    assert (prepared / "data/corpus_dir").read_text().strip() == str(kaldi)
+
+
+def test_manifests_validation_and_labeled_splits(prepared: Path):
+    manifests = prepared / "data/manifests"
+    for split in ("train", "train_100h", "train_10h", "train_1h", "train_10m", "dev_other", "test_clean"):
+        report = json.loads((manifests / f"librispeech_{split}_validation.json").read_text())
+        assert report["kept"] == report["total"] == len(_kaldi_ids(prepared, split)) and report["dropped"] == 0
+    # the driver's --labeled 10m reads exactly this file instead of drawing a random subset
+    cuts = CutSet.from_file(manifests / "librispeech_cuts_train_10m.jsonl.gz")
+    assert {c.id for c in cuts} == fold_ids("1h/0/clean", "1h/0/other")
+    assert {c.id: c.supervisions[0].text for c in cuts} == {u: FLAT[u][1] for u in fold_ids("1h/0/clean", "1h/0/other")}
+    assert all(c.sampling_rate == SR and c.duration > 0.5 for c in cuts)
+
+
+def test_tokenizer_is_letters(prepared: Path):
+    tokenizer = Tokenizer(prepared / "data/lang_char_40")
+    pieces = {tokenizer.sp.id_to_piece(i) for i in range(3, tokenizer.vocab_size)}
+    assert "'" in pieces and {"N", "O", "R", "T", "H"} <= pieces and all(len(p) == 1 for p in pieces)
+    assert tokenizer.decode(tokenizer.encode("HE DIDN'T LOOK BACK")) == "HE DIDN'T LOOK BACK"
+
+
+def test_musan_noise_is_cut_into_windows(prepared: Path):
+    cuts = CutSet.from_file(prepared / "data/noise/musan_cuts.jsonl.gz")
+    assert sorted(round(c.duration, 3) for c in cuts) == [5.0, 10.0, 10.0]  # 25 s in 10 s windows
+
+
+def test_missing_parts_and_folders_are_clear_errors(tmp_path: Path):
+    with pytest.raises(LayoutError, match="no LibriSpeech/ folder"):
+        prepare_librispeech_splits(tmp_path, tmp_path / "out", ["dev-clean"])
+    (tmp_path / "LibriSpeech").mkdir()
+    with pytest.raises(LayoutError, match=r"no folder for \['dev-clean'\]"):
+        prepare_librispeech_splits(tmp_path, tmp_path / "out", ["dev-clean"])
+    with pytest.raises(ValueError, match="unknown LibriSpeech parts"):
+        prepare_librispeech_splits(tmp_path, tmp_path / "out", ["dev_clean"])
+
+
+def _frontends():
+    return sorted(p.stem.removeprefix("frontend_") for p in CONF.glob("frontend_*.yaml"))
+
+
+def _pretrain_configs(frontend: str):
+    configs = [CONF / f"frontend_{frontend}.yaml", CONF / "pretrain.yaml"]
+    if (CONF / f"pretrain_{frontend}.yaml").exists():
+        configs.append(CONF / f"pretrain_{frontend}.yaml")
+    return configs
+
+
+@pytest.mark.parametrize("frontend", _frontends())
+def test_dry_run_pretraining_configs(frontend: str):
+    configs = _pretrain_configs(frontend)
+    cfg = load_configs(configs)
+    # what the driver adds for a k-means iteration (HuBERT / WavLM targets): here the last one
+    overrides = training_overrides(cfg, len(cfg["kmeans"]["iterations"])) if cfg.get("kmeans") else []
+    summary = dry_run(load_configs(configs, overrides), None, world_size=8)
+    assert "task: pretrain" in summary and f"frontend: {frontend}" in summary
+    params = float(summary.split("model: ")[1].split(", ")[1].split("M")[0])
+    assert 90 < params < 100  # base size: 95M
+    # fairseq: wav2vec 2.0 BASE 64 GPUs × 87.5 s; HuBERT / WavLM BASE 32 GPUs × 87.5 s
+    expected = 5600 if frontend == "wav2vec2" else 2800
+    assert f"batch per update: {expected} s" in summary
+
+
+@pytest.mark.parametrize("labeled", sorted(p.stem.removeprefix("finetune_ctc_") for p in CONF.glob("finetune_ctc_*.yaml")))
+def test_dry_run_finetuning_configs(labeled: str):
+    configs = [CONF / "frontend_wav2vec2.yaml", CONF / "finetune_ctc.yaml", CONF / f"finetune_ctc_{labeled}.yaml"]
+    summary = dry_run(load_configs(configs), 31, world_size=2)
+    assert "task: asr" in summary and "batch per update: 1600 s" in summary  # fairseq: 3.2M samples × 2 GPUs × 4
+    published = {"10m": (13000, 5e-05), "1h": (13000, 5e-05), "10h": (20000, 5e-05), "100h": (80000, 3e-05),
+                 "all": (320000, 1e-05)}[labeled]
+    assert f"updates: {published[0]}, peak lr {published[1]}" in summary
+
+
+@pytest.mark.parametrize("frontend", _frontends())
+def test_dry_run_finetuning_other_frontends_and_scratch(frontend: str):
+    configs = [CONF / f"frontend_{frontend}.yaml", CONF / "finetune_ctc.yaml", CONF / "finetune_ctc_10m.yaml",
+               CONF / "scratch.yaml"]
+    cfg = load_configs(configs)
+    assert cfg["finetune"]["freeze_feature_extractor"] is False and cfg["finetune"]["freeze_encoder_updates"] == 0
+    assert "task: asr" in dry_run(cfg, 31, world_size=2)
+
+
+def test_dry_run_command_line_needs_no_exp_dir_or_data():
+    tiny = REPO / "conf" / "frontend" / "wav2vec2_tiny.yaml"  # the command line, not the model size, is tested
+    result = subprocess.run([sys.executable, "-m", "sslasr.bin.train", "--dry-run", "--config",
+                             str(tiny), str(CONF / "finetune_ctc.yaml"),
+                             "--set", "data.tokenizer=/nonexistent/bpe.model", "--vocab-size", "31",
+                             "--world-size", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "batch per update: 1600 s = 0.44 h" in result.stdout
+    with pytest.raises(ConfigError, match="give --vocab-size"):  # no tokenizer and no --vocab-size
+        dry_run(load_configs([tiny, CONF / "finetune_ctc.yaml"]), None, world_size=1)

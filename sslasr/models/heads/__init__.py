@@ -7,8 +7,9 @@ from torch import nn
 
 from sslasr.models.heads.attention import AttentionHead
 from sslasr.models.heads.ctc import CtcHead
+from sslasr.models.heads.transducer import TransducerHead
 
-HEADS = {"ctc": CtcHead, "attention": AttentionHead}
+HEADS = {"ctc": CtcHead, "attention": AttentionHead, "transducer": TransducerHead}
 
 
 def build_head(encoder_dim: int, vocab_size: int, cfg: Dict) -> nn.Module:

@@ -1,12 +1,17 @@
 """WavLM: relative position buckets (hand-computed), the per-layer gate, the fp16 scaled softmax,
-parity with transformers' WavLMModel layer by layer, utterance mixing."""
+parity with transformers' WavLMModel layer by layer, utterance mixing, and the pretrainer's
+clean targets."""
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from sslasr.models.blocks.relative_position import (
     GatedRelativePositionBias, RelativePositionBias, relative_position_bucket, scaled_softmax_attention,
@@ -377,6 +382,31 @@ TINY_WAVLM = dict(
     relative_position=dict(num_buckets=32, max_distance=100))
 
 
+def _labelled_cuts(tmp_path, durations=(1.0, 1.4, 0.8), rate=16000, clusters=8):
+    """Cuts over distinct tone+noise wav files, each with 50 Hz frame labels (a TemporalArray
+    stored with lhotse's NumpyFilesWriter, as the k-means stage writes them): utterance i has
+    labels i, i+3, i+6, ... so every utterance's labels differ from the others'."""
+    soundfile = pytest.importorskip("soundfile")
+    from lhotse import CutSet, NumpyFilesWriter, Recording
+
+    rng = np.random.default_rng(0)
+    cuts = []
+    with NumpyFilesWriter(tmp_path / "labels") as writer:
+        for i, seconds in enumerate(durations):
+            t = np.arange(int(seconds * rate)) / rate
+            audio = 0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) + 0.05 * rng.standard_normal(len(t))
+            path = tmp_path / f"utt{i}.wav"
+            soundfile.write(path, audio.astype(np.float32), rate)
+            cut = Recording.from_file(path, recording_id=f"utt{i}").to_cut()
+            frames = int(seconds * 50)
+            labels = ((i + 3 * np.arange(frames)) % clusters).astype(np.int32)
+            cut.custom = {"labels": writer.store_array(cut.id, labels, frame_shift=0.02, temporal_dim=0)}
+            cuts.append(cut)
+    path = tmp_path / "cuts.jsonl.gz"
+    CutSet.from_cuts(cuts).to_file(path)
+    return path
+
+
 def test_wavlm_registry_builds_the_pretrainer_with_the_wavlm_encoder():
     from sslasr.models.frontends import get_frontend
     from sslasr.models.wavlm import WavLMEncoder, WavLMPretrainer
@@ -388,3 +418,109 @@ def test_wavlm_registry_builds_the_pretrainer_with_the_wavlm_encoder():
     assert model.encoder.transformer.position_bias.embedding.weight.shape == (32, 4)
     assert all(layer.position_gate is not None for layer in model.encoder.transformer.layers)
     assert type(frontend.build_encoder(TINY_WAVLM)) is WavLMEncoder
+
+
+def test_mixed_batches_keep_the_clean_targets(tmp_path):
+    """The loader mixes the waveforms but the targets stay the primary (clean) cuts' labels, and
+    the pretrainer's loss is the masked prediction of exactly those labels from the mixture."""
+    from sslasr.data.loader import load_cuts, make_dataloader
+    from sslasr.data.mixing import UtteranceMixer, UtteranceMixingConfig
+    from sslasr.models.blocks.masking import span_mask
+    from sslasr.models.hubert import align_targets
+    from sslasr.train.distributed import DistInfo
+    from sslasr.train.tasks import build_task
+
+    cuts_path = _labelled_cuts(tmp_path)
+    clean = next(iter(make_dataloader(load_cuts(cuts_path), input_type="waveform", max_duration=100,
+                                      shuffle=False, targets_field="labels")))
+    mixing = {"prob": 1.0, "noise_prob": 0.0}  # every utterance gets another one's speech
+    cfg = {"task": "pretrain", "frontend": {"name": "wavlm", "encoder": TINY_WAVLM},
+           "pretrain": {"num_classes": 8, "label_rate": 50, "final_dim": 16, "utterance_mixing": mixing,
+                        "mask": {"time_prob": 0.8, "time_length": 10, "time_min_masks": 2}},
+           "data": {"train_cuts": str(cuts_path), "valid_cuts": str(cuts_path), "max_duration": 100,
+                    "num_buckets": 2, "targets_field": "labels"},
+           "trainer": {"seed": 5}}
+    task = build_task(cfg)
+    batch = next(iter(task.train_dataloader(DistInfo())))
+    order = [clean["cut_ids"].index(cut_id) for cut_id in batch["cut_ids"]]
+    size = len(order)
+    assert size >= 2 and batch["mixing"] == {"mixed_utterances": float(size), "noise_utterances": 0.0}
+    width = int(batch["input_lens"].max())
+    targets_width = batch["targets"].shape[1]
+    assert torch.equal(batch["targets"], clean["targets"][order][:, :targets_width])  # the clean cuts' labels
+    assert (clean["targets"][order][:, targets_width:] == -100).all()
+    clean_inputs, clean_lens = clean["inputs"][order][:, :width], clean["input_lens"][order]
+    assert not torch.equal(batch["inputs"], clean_inputs)
+    # the mixture is the clean audio plus one scaled region (as the mixer, seeded like the task, made it)
+    mixer = UtteranceMixer(UtteranceMixingConfig(**mixing), seed=5)
+    expected, mixes = mixer(clean_inputs, clean_lens, 16000, "|".join(batch["cut_ids"]))
+    assert torch.equal(batch["inputs"], expected) and {m.kind for m in mixes} == {"speech"}
+    valid = next(iter(task.valid_dataloader(DistInfo())))
+    assert "mixing" not in valid and torch.equal(valid["inputs"], clean["inputs"])  # validation stays clean
+
+    model = task.model.eval()
+    torch.manual_seed(0)
+    loss, stats, weight = task.forward(model, batch)
+    assert stats["mixed_utterances"] == size and stats["noise_utterances"] == 0.0
+    assert weight == stats["masked_frames"] > 0
+    # by hand: the same masks (same seed), the encoder on the mixture, CE against the clean labels
+    enc = model.encoder
+    torch.manual_seed(0)
+    with torch.no_grad():
+        z, frame_lengths, padding = enc.features(batch["inputs"], batch["input_lens"])
+        penalty = z.pow(2).mean()
+        time_mask = span_mask(frame_lengths, z.shape[1], 0.8, 10, 2)
+        context = enc.contextualize(enc.feature_projection(enc.feature_norm(z)), padding, time_mask)
+        targets = align_targets(batch["targets"], frame_lengths, z.shape[1], 1.0)
+        chosen = time_mask & ~padding & (targets != -100)
+        logits = model.head.logits(context[chosen])
+        masked_ce = F.cross_entropy(logits, targets[chosen])
+    assert chosen.sum() == stats["masked_frames"]
+    assert loss.item() == pytest.approx(masked_ce.item() + 10.0 * penalty.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------- recipe
+def test_minisynth_wavlm_config_shares_hubert_labels_and_budget():
+    from sslasr.utils.config import load_configs
+
+    conf = Path(__file__).resolve().parents[1] / "egs" / "minisynth" / "conf"
+    wavlm, hubert = (load_configs([conf / f"frontend_{name}.yaml"]) for name in ("wavlm", "hubert"))
+    assert wavlm["frontend"]["name"] == "wavlm"
+    assert wavlm["kmeans"] == hubert["kmeans"]  # the same k-means iterations and budget
+    objective = {k: v for k, v in wavlm["pretrain"].items() if k != "utterance_mixing"}
+    assert objective == hubert["pretrain"]
+    assert wavlm["pretrain"]["utterance_mixing"]["prob"] == 0.2
+    # the encoder is HuBERT's tiny one plus the relative position bias
+    encoder = dict(wavlm["frontend"]["encoder"])
+    assert encoder.pop("relative_position") == {"num_buckets": 320, "max_distance": 800}
+    assert encoder["transformer"].pop("softmax_alpha") == 32.0
+    assert encoder == hubert["frontend"]["encoder"]
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_recipe_pretrains_wavlm_on_mixed_batches(tmp_path, prepared_minisynth):
+    from recipe_smoke import SMOKE, recipe_with_data, run_recipe
+
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
+    (recipe / "conf" / "lm.yaml").unlink(missing_ok=True)  # the LM and its decodings are not what this tests
+    opts = list(SMOKE)
+    opts[opts.index("--pretrain-opts") + 1] += " trainer.log_every=1"
+    opts[opts.index("--finetune-opts") + 1] += " decode.methods=[ctc_greedy] decode.lm_methods=[]"
+    kmeans = "kmeans.frames_budget=3000 kmeans.batch_size=1000 kmeans.max_epochs=2 kmeans.n_init=1"
+    result = run_recipe(recipe, *opts, "--frontend", "wavlm", "--compare-scratch", "false",
+                        "--kmeans-opts", kmeans, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    pretrain = recipe / "exp" / "pretrain_wavlm"
+    for number in (1, 2):
+        it = pretrain / f"iter{number}"
+        assert all((it / marker).exists() for marker in (".kmeans.done", ".labels.done", ".done"))
+        trained = yaml.safe_load((it / "config.yaml").read_text())
+        assert trained["frontend"]["name"] == "wavlm" and trained["data"]["targets_field"] == "kmeans_labels"
+        assert trained["pretrain"]["utterance_mixing"]["prob"] == 0.2
+        assert "mixed_utterances" in (it / "train.rank0.log").read_text()  # the counts are logged
+    checkpoint = torch.load(pretrain / "model_final.pt", map_location="cpu", weights_only=False)
+    assert "encoder.transformer.position_bias.embedding.weight" in checkpoint["model"]
+    assert "initialised" in (recipe / "exp" / "ctc_wavlm_all" / "train.rank0.log").read_text()
+    rows = [json.loads(line) for line in (recipe / "exp" / "results.jsonl").read_text().splitlines()]
+    assert {(r["frontend"], r["pretrained"], r["test_set"], r["decoding"]) for r in rows} == {
+        ("wavlm", True, "dev", "ctc_greedy"), ("wavlm", True, "test", "ctc_greedy")}

@@ -19,6 +19,7 @@ from lhotse.dataset.collation import collate_features
 from lhotse.dataset.signal_transforms import SpecAugment
 from torch.utils.data import DataLoader, Dataset
 
+from sslasr.data.mixing import UtteranceMixer, build_mixer, mixing_stats
 from sslasr.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -105,12 +106,18 @@ class SpeechDataset(Dataset):
     ``cut_ids``, ``durations`` (seconds), ``texts`` (None where a cut has no transcript), with a
     tokenizer and transcripts for every cut ``tokens`` (list of id lists), and with a
     ``targets_field`` the cuts' frame labels ``targets`` ((B, frames) LongTensor, TARGET_PAD-padded).
+    With an ``utterance_mixing`` mixer (WavLM pretraining) the waveforms are mixed, the targets
+    stay the clean cuts' labels, and ``mixing`` counts the mixed and noise utterances.
     """
 
     def __init__(self, input_type: str, tokenizer: Optional[Tokenizer] = None, normalize_waveform: bool = False,
-                 targets_field: Optional[str] = None, spec_augment: Optional[SpecAugment] = None):
+                 targets_field: Optional[str] = None, spec_augment: Optional[SpecAugment] = None,
+                 utterance_mixing: Optional[UtteranceMixer] = None):
         if input_type not in INPUT_TYPES:
             raise ValueError(f"input_type must be one of {INPUT_TYPES}, got {input_type!r}")
+        if utterance_mixing is not None and input_type != "waveform":
+            raise ValueError(f"utterance mixing works on waveforms, but the inputs are {input_type}")
+        self.utterance_mixing = utterance_mixing  # training batches only: None for evaluation
         if spec_augment is not None and input_type != "fbank":
             raise ValueError(f"data.spec_augment works on fbank features, but the inputs are {input_type}s")
         self.spec_augment = spec_augment  # training batches only: the caller passes None for evaluation
@@ -121,7 +128,7 @@ class SpeechDataset(Dataset):
         self.targets_field = targets_field
 
     def __getitem__(self, cuts: CutSet) -> Dict:
-        inputs, input_lens = self._inputs(cuts)
+        inputs, input_lens, mixing = self._inputs(cuts)
         texts = [c.supervisions[0].text if c.supervisions else None for c in cuts]
         batch = {"inputs": inputs, "input_lens": input_lens.long(), "cut_ids": [c.id for c in cuts],
                  "texts": texts, "durations": [c.duration for c in cuts]}
@@ -129,9 +136,12 @@ class SpeechDataset(Dataset):
             batch["tokens"] = self.tokenizer.encode_batch(texts)
         if self.targets_field:
             batch["targets"] = collate_targets(cuts, self.targets_field)
+        if mixing is not None:
+            batch["mixing"] = mixing
         return batch
 
     def _inputs(self, cuts: CutSet):
+        """(inputs, lengths, mixing counts or None)."""
         if self.input_type == "fbank":
             missing = [c.id for c in cuts if not c.has_features]
             if missing:
@@ -139,11 +149,15 @@ class SpeechDataset(Dataset):
             features, lens = collate_features(cuts)
             if self.spec_augment is not None:
                 features = spec_augment_batch(features, lens, self.spec_augment)
-            return features, lens
+            return features, lens, None
         audio, lens = collate_waveforms(cuts)
+        mixing = None
+        if self.utterance_mixing is not None:  # before normalising: the model sees the mixture's statistics
+            audio, mixes = self.utterance_mixing(audio, lens, cuts[0].sampling_rate, key="|".join(c.id for c in cuts))
+            mixing = mixing_stats(mixes)
         if self.normalize_waveform:
             audio = normalize_per_utterance(audio, lens)
-        return audio, lens
+        return audio, lens, mixing
 
 
 def make_sampler(cuts: CutSet, *, max_duration: float, shuffle: bool, seed: int = 0, num_buckets: int = 10,
@@ -162,7 +176,8 @@ def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuff
                     num_buckets: int = 10, num_workers: int = 0, tokenizer: Optional[Tokenizer] = None,
                     drop_last: bool = False, world_size: Optional[int] = None, rank: Optional[int] = None,
                     max_cuts: Optional[int] = None, normalize_waveform: bool = False,
-                    targets_field: Optional[str] = None, spec_augment: Optional[Dict] = None) -> DataLoader:
+                    targets_field: Optional[str] = None, spec_augment: Optional[Dict] = None,
+                    utterance_mixing: Optional[Dict] = None) -> DataLoader:
     """DataLoader yielding SpeechDataset dicts; the sampler (``loader.sampler``) makes the batches.
 
     Call ``loader.sampler.set_epoch(epoch)`` before each epoch so shuffling differs per epoch.
@@ -174,6 +189,7 @@ def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuff
                            num_buckets=num_buckets, drop_last=drop_last, world_size=world_size,
                            rank=rank, max_cuts=max_cuts)
     dataset = SpeechDataset(input_type, tokenizer=tokenizer, normalize_waveform=normalize_waveform,
-                            targets_field=targets_field, spec_augment=build_spec_augment(spec_augment))
+                            targets_field=targets_field, spec_augment=build_spec_augment(spec_augment),
+                            utterance_mixing=build_mixer(utterance_mixing, seed))
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
                       persistent_workers=False)

@@ -23,6 +23,7 @@ class _DataMixin:
     cfg: Dict
     input_type: str
     tokenizer: Optional[Tokenizer] = None
+    utterance_mixing: Optional[Dict] = None  # mixes training batches (WavLM pretraining)
 
     def _loader(self, cuts_path: str, dist: DistInfo, train: bool):
         data = self.cfg["data"]
@@ -33,7 +34,8 @@ class _DataMixin:
             num_workers=data.get("num_workers", 0), tokenizer=self.tokenizer, drop_last=False,
             world_size=dist.world_size, rank=dist.rank, normalize_waveform=data.get("normalize_waveform", False),
             targets_field=data.get("targets_field"),  # frame labels for objectives that predict them (HuBERT)
-            spec_augment=data.get("spec_augment") if train else None)  # fbank training batches only
+            spec_augment=data.get("spec_augment") if train else None,  # fbank training batches only
+            utterance_mixing=self.utterance_mixing if train else None)
 
     def train_dataloader(self, dist: DistInfo):
         return self._loader(self.cfg["data"]["train_cuts"], dist, train=True)
@@ -52,12 +54,16 @@ class PretrainTask(_DataMixin):
         self.input_type = frontend.input_type
         objective = dict(cfg["pretrain"])
         self.collapse_perplexity = objective.pop("collapse_warning_perplexity", 0.0)
+        # Part of the objective (WavLM's denoising), done to the training batches by the loader;
+        # in `pretrain`, so that the fine-tuning stage, which reads the same frontend YAML, never mixes.
+        self.utterance_mixing = objective.pop("utterance_mixing", None)
         self.model = frontend.build_pretrainer(cfg["frontend"]["encoder"], objective)
         self._collapse_warned = False
 
     def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:
         loss, stats = model(batch["inputs"], batch["input_lens"], batch.get("targets"))
         self._check_collapse(stats)
+        stats.update(batch.get("mixing", {}))  # mixed_utterances, noise_utterances per batch
         return loss, stats, stats["masked_frames"]
 
     def _check_collapse(self, stats: Dict[str, float]) -> None:

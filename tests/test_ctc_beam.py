@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from recipe_smoke import SMOKE, recipe_with_data, run_recipe
-from sslasr.decoding.ctc_prefix_beam import (CtcBeamConfig, ctc_beam_decode, ctc_prefix_beam_search,
-                                             ctc_prefix_beam_search_batch)
+from sslasr.decoding.ctc_prefix_beam import CtcBeamConfig, ctc_prefix_beam_search, ctc_prefix_beam_search_batch
 from sslasr.decoding.fusion import corpus_wer, decode_options, tune_fusion
 from sslasr.models.heads.ctc import CtcHead, best_path
 from sslasr.models.interfaces import DecodeOptions

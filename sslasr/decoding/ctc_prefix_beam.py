@@ -21,7 +21,7 @@ above `blank_skip_threshold` extends nothing (its blank / repeat updates are sti
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch

@@ -17,7 +17,7 @@ Feed prev = <sos/eos> first; the log-probs returned after feeding y_<i are log p
 States are opaque: only these methods (and the search's bookkeeping of rows) touch them.
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Union
 
@@ -262,11 +262,6 @@ def build_lm(cfg: Dict, vocab_size: int) -> TokenLM:
     if unknown:
         raise ValueError(f"unknown {name} LM options {unknown}; known: {sorted(known)}")
     return model_class(vocab_size, config_class(**options))
-
-
-def lm_config_dict(lm: TokenLM) -> Dict:
-    name = next(n for n, (cls, _) in LMS.items() if isinstance(lm, cls))
-    return {"name": name, **asdict(lm.cfg)}
 
 
 def load_lm(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> TokenLM:

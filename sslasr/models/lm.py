@@ -172,6 +172,8 @@ class TransformerLmConfig:
 
 class TransformerLM(TokenLM):
     """Scaled token embedding + sinusoidal positions → causal Transformer layers → linear.
+    The layers are the shared `TransformerLayer`s, so their feed-forward activation is GELU
+    (fairseq's transformer_lm defaults to ReLU).
 
     State (a dict) for N histories: per layer cached keys/values (N, H, t, d) and `lengths`
     (N,). Histories of different lengths share one tensor by left-padding: row n's keys are

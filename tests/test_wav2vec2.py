@@ -470,3 +470,15 @@ def test_tri_stage_schedule():
     assert build_lr_scale({"name": "constant"}, 10)(7) == 1.0
     with pytest.raises(ValueError):
         build_lr_scale({"name": "cosine"}, 10)
+
+
+def test_pretrain_config_keeps_the_objectives_mask_defaults():
+    """A config without `mask:` (or with part of it) must still mask as the paper does."""
+    from sslasr.models.hubert import HubertPretrainConfig
+    from sslasr.models.w2vbert import W2vBertPretrainConfig
+
+    assert Wav2Vec2PretrainConfig.from_dict({}).mask.time_prob == 0.65
+    partial = Wav2Vec2PretrainConfig.from_dict({"mask": {"time_length": 5}}).mask
+    assert (partial.time_prob, partial.time_length) == (0.65, 5)
+    assert HubertPretrainConfig.from_dict({}).mask.time_prob == 0.8
+    assert W2vBertPretrainConfig.from_dict({"mask": {"time_min_masks": 1}}).mask.time_prob == 0.65

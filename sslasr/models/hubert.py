@@ -11,6 +11,7 @@ M are the masked frames (spans: p = 0.8, length 10). The encoder is the wav2vec 
 unchanged (same modules, same parameter names), so HuBERT checkpoints map onto it.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -42,7 +43,9 @@ class HubertPretrainConfig:
     @classmethod
     def from_dict(cls, d: Dict) -> "HubertPretrainConfig":
         d = dict(d)
-        d["mask"] = MaskConfig(**d.get("mask", {}))
+        # A partial `mask:` overrides only the fields it names; the rest keep the
+        # objective's defaults (not MaskConfig's, which mask nothing).
+        d["mask"] = MaskConfig(**{**dataclasses.asdict(cls().mask), **d.get("mask", {})})
         return cls(**d)
 
 

@@ -132,8 +132,8 @@ class W2vBertPretrainConfig:
     @classmethod
     def from_dict(cls, d: Dict) -> "W2vBertPretrainConfig":
         d = dict(d)
-        if "mask" in d:
-            d["mask"] = MaskConfig(**d["mask"])
+        # a partial `mask:` overrides only the fields it names (the rest: the objective's defaults)
+        d["mask"] = MaskConfig(**{**dataclasses.asdict(cls().mask), **d.get("mask", {})})
         return cls(**d)
 
 

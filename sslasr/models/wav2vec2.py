@@ -8,6 +8,7 @@ drawn from other masked frames of the same utterance:
     L   = L_m + α·L_d + λ·mean(z²)          (α = 0.1 diversity, λ = 10 feature penalty)
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -127,7 +128,9 @@ class Wav2Vec2PretrainConfig:
     @classmethod
     def from_dict(cls, d: Dict) -> "Wav2Vec2PretrainConfig":
         d = dict(d)
-        d["mask"] = MaskConfig(**d.get("mask", {}))
+        # A partial `mask:` overrides only the fields it names; the rest keep the
+        # objective's defaults (not MaskConfig's, which mask nothing).
+        d["mask"] = MaskConfig(**{**dataclasses.asdict(cls().mask), **d.get("mask", {})})
         return cls(**d)
 
 

@@ -5,9 +5,10 @@ iteration's model, see `sslasr.data.frame_features`) and labels every frame with
 centre; the next model learns to predict those labels.
 
 Memory bound: nothing here holds more than a fixed number of frames, however much audio there is.
-  * Sampling: frames of a random `cuts_fraction` of the cuts stream in cut by cut and a reservoir (Algorithm R, Vitter 1985) keeps a
-    uniform random sample of at most `frames_budget` frames in one (budget, D) float32 array,
-    allocated once; a cut's frames are dropped as soon as the reservoir has seen them.
+  * Sampling: the frames of a random `cuts_fraction` of the cuts stream in cut by cut, and a
+    reservoir (Algorithm R, Vitter 1985) keeps a uniform random sample of at most
+    `frames_budget` of them in one (budget, D) float32 array, allocated once; a cut's frames
+    are dropped as soon as the reservoir has seen them.
   * Fitting: mini-batch k-means (Sculley 2010) with k-means++ initialisation (Arthur &
     Vassilvitskii 2007) runs on that sample only: its extra memory is a batch, an init subset
     and the (k, D) centres.
@@ -52,8 +53,8 @@ class KMeansIteration:
 @dataclass
 class KMeansConfig:
     """The `kmeans` section of a frontend config. Defaults: fairseq's learn_kmeans.py (sklearn
-    MiniBatchKMeans: batch 10000, 100 epochs, k-means++ best of 20, init on 3 batches); the
-    frame budget replaces its `percent` of the data."""
+    MiniBatchKMeans: batch 10000, 100 epochs, k-means++ best of 20, init on 3 batches, all
+    utterances unless --percent); `frames_budget` caps what the fit holds in memory."""
 
     iterations: List[KMeansIteration] = field(default_factory=list)
     cuts_fraction: float = 1.0       # cuts (drawn at random) whose frames reach the sample: fairseq's --percent
@@ -74,7 +75,13 @@ class KMeansConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown kmeans options {unknown}; known: {sorted(known)}")
-        d["iterations"] = [KMeansIteration(**it) for it in d.get("iterations", [])]
+        iterations = []
+        for number, it in enumerate(d.get("iterations", []), start=1):
+            extra = sorted(set(it) - {f.name for f in fields(KMeansIteration)})
+            if extra:
+                raise ValueError(f"kmeans iteration {number}: unknown keys {extra}")
+            iterations.append(KMeansIteration(**it))
+        d["iterations"] = iterations
         cfg = cls(**d)
         if not 0 < cfg.cuts_fraction <= 1:
             raise ValueError(f"kmeans.cuts_fraction must be in (0, 1], got {cfg.cuts_fraction}")
@@ -144,6 +151,8 @@ def sample_frames(blocks: Iterable[np.ndarray], budget: int, seed: int = 0) -> T
     reservoir = FrameReservoir(budget, seed)
     for block in blocks:
         reservoir.add(block)
+    if reservoir.seen == 0:
+        raise ValueError("no frames to cluster: no cuts, empty cuts, or a kmeans.cuts_fraction that chose none")
     return reservoir.sample, reservoir.seen
 
 
@@ -185,10 +194,24 @@ def kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -
     return centers
 
 
-def fit_kmeans(sample: np.ndarray, clusters: int, cfg: KMeansConfig) -> torch.Tensor:
-    """Mini-batch k-means on the sample → (clusters, D) centres.
+def initial_centers(points: torch.Tensor, clusters: int, cfg: KMeansConfig, generator: torch.Generator
+                    ) -> torch.Tensor:
+    """The best (lowest inertia on the init subset) of `n_init` k-means++ draws from a random
+    subset of `init_size` points."""
+    init_size = min(len(points), max(cfg.init_size or 3 * cfg.batch_size, clusters))
+    init_points = points[torch.randperm(len(points), generator=generator)[:init_size]]
+    best_inertia, best = math.inf, None
+    for _ in range(cfg.n_init):
+        candidate = kmeans_plus_plus(init_points, clusters, generator)
+        inertia = float(nearest_centers(init_points, candidate, cfg.assign_block_frames)[1].sum())
+        if best is None or inertia < best_inertia:
+            best_inertia, best = inertia, candidate
+    return best
 
-    Initialisation: the best (lowest inertia on the init subset) of `n_init` k-means++ runs.
+
+def fit_kmeans(sample: np.ndarray, clusters: int, cfg: KMeansConfig) -> torch.Tensor:
+    """Mini-batch k-means on the sample → (clusters, D) centres, from `initial_centers`.
+
     Each step assigns a random batch to its nearest centres and moves every centre c hit by
     n_c frames of sum s_c towards their mean with a per-centre rate 1/N_c (N_c: frames it has
     absorbed so far): c ← c + (s_c − n_c·c)/N_c. Stops after `max_epochs` passes' worth of
@@ -200,16 +223,8 @@ def fit_kmeans(sample: np.ndarray, clusters: int, cfg: KMeansConfig) -> torch.Te
         raise ValueError(f"{n} sampled frames cannot make {clusters} clusters: raise kmeans.frames_budget "
                          f"(or give more audio) or use fewer clusters")
     generator = torch.Generator().manual_seed(cfg.seed)
+    centers = initial_centers(points, clusters, cfg, generator)
     batch_size = min(cfg.batch_size, n)
-    init_size = min(n, max(cfg.init_size or 3 * cfg.batch_size, clusters))
-    init_points = points[torch.randperm(n, generator=generator)[:init_size]]
-    best_inertia, centers = math.inf, None
-    for _ in range(cfg.n_init):
-        candidate = kmeans_plus_plus(init_points, clusters, generator)
-        inertia = float(nearest_centers(init_points, candidate, cfg.assign_block_frames)[1].sum())
-        if centers is None or inertia < best_inertia:
-            best_inertia, centers = inertia, candidate
-
     counts = torch.zeros(clusters)
     smoothing = min(1.0, 2.0 * batch_size / (n + 1))  # sklearn's EWA weight of one batch
     smoothed, best, stale = None, math.inf, 0

@@ -263,6 +263,8 @@ def test_kmeans_config_errors_name_the_problem():
         KMeansConfig.from_dict({"iterations": [{"features": "layer", "clusters": 10}]})
     with pytest.raises(ValueError, match="unknown kmeans options"):
         KMeansConfig.from_dict({"budget": 10})
+    with pytest.raises(ValueError, match="iteration 1: unknown keys"):
+        KMeansConfig.from_dict({"iterations": [{"features": "mfcc", "clusters": 10, "k": 3}]})
     with pytest.raises(ValueError, match="iteration 3 is not configured"):
         KMeansConfig.from_dict({"iterations": [{"features": "mfcc", "clusters": 10}]}).iteration(3)
 
@@ -430,15 +432,18 @@ def test_plan_gives_each_iteration_its_training_overrides():
 
 
 # ---------------------------------------------------------------------- recipe
-KMEANS_SMOKE = "kmeans.frames_budget=3000 kmeans.batch_size=1000 kmeans.max_epochs=2 kmeans.n_init=1"
+# all 80 pretraining cuts of the smoke corpus (minisynth's config fits on 10 %), at most 3000 frames
+KMEANS_SMOKE = ("kmeans.cuts_fraction=1.0 kmeans.frames_budget=3000 kmeans.batch_size=1000 kmeans.max_epochs=2 "
+                "kmeans.n_init=1")
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
-def test_recipe_pretrains_hubert_over_kmeans_iterations(tmp_path, prepared_minisynth):
+def test_recipe_pretrains_hubert_over_kmeans_iterations(tmp_path, prepared_minisynth, monkeypatch):
     recipe = recipe_with_data(tmp_path, prepared_minisynth)
     result = run_recipe(recipe, *SMOKE, "--frontend", "hubert", "--compare-scratch", "false",
                         "--kmeans-opts", KMEANS_SMOKE, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    monkeypatch.chdir(recipe)  # label storage paths in the manifests are relative to the recipe, as data/fbank
     pretrain = recipe / "exp" / "pretrain_hubert"
     iterations = load_configs([recipe / "conf" / "frontend_hubert.yaml"])["kmeans"]["iterations"]
     assert len(iterations) == 2
@@ -469,5 +474,18 @@ def test_recipe_pretrains_hubert_over_kmeans_iterations(tmp_path, prepared_minis
     assert final.read_bytes() == (pretrain / "iter2" / "model_final.pt").read_bytes()
     assert "initialised" in (recipe / "exp" / "ctc_hubert_all" / "train.rank0.log").read_text()
     rows = [json.loads(line) for line in (recipe / "exp" / "results.jsonl").read_text().splitlines()]
-    assert {(r["frontend"], r["pretrained"], r["test_set"]) for r in rows} == {
-        ("hubert", True, "dev"), ("hubert", True, "test")}
+    assert rows and all(r["frontend"] == "hubert" and r["pretrained"] is True for r in rows)
+    assert {r["test_set"] for r in rows if r["decoding"] == "ctc_greedy"} == {"dev", "test"}
+
+    # each sub-step resumes on its own: with iteration 2's training marker gone, stage 4 redoes
+    # nothing else and the training resumes from its checkpoint
+    for path in (pretrain / ".done", pretrain / "iter2" / ".done", final):
+        path.unlink()
+    rerun = run_recipe(recipe, *SMOKE, "--frontend", "hubert", "--kmeans-opts", KMEANS_SMOKE,
+                       "--stage", "4", "--stop-stage", "4", timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    for step in ("iteration 1: k-means ready", "iteration 1: labels ready", "iteration 1: pretrained",
+                 "iteration 2: k-means ready", "iteration 2: labels ready",
+                 "resumed from exp/pretrain_hubert/iter2/checkpoint_last.pt at update 4"):
+        assert step in rerun.stderr, step
+    assert final.read_bytes() == (pretrain / "iter2" / "model_final.pt").read_bytes()

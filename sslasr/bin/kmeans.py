@@ -63,10 +63,7 @@ def fit(cfg: Dict, number: int, cuts_path: str, model: Optional[str], out: Path,
     chosen = np.random.default_rng(kmeans.seed)
     cuts = (cut for cut in load_cuts(cuts_path) if chosen.random() < kmeans.cuts_fraction)
     frames = (f for _, f in cut_features(cuts, iteration.features, model, iteration.layer, num_jobs))
-    try:
-        sample, seen = sample_frames(frames, kmeans.frames_budget, kmeans.seed)
-    except ValueError as error:
-        raise ValueError(f"{cuts_path}: {error} (kmeans.cuts_fraction {kmeans.cuts_fraction})") from error
+    sample, seen = sample_frames(frames, kmeans.frames_budget, kmeans.seed)
     log.info("iteration %d: %s features (dim %d, %g Hz), sampled %d of %d frames in %.0f s", number,
              iteration.features, sample.shape[1], features.frame_rate, len(sample), seen, time.monotonic() - start)
     start = time.monotonic()

@@ -4,6 +4,7 @@ their validation counts, the letter tokenizer, the labeled subsets; plus stage 0
 the OpenSLR release layout and of broken corpus folders (synthetic audio)."""
 
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,8 @@ from sslasr.data.manifests import held_out_speakers
 from sslasr.data.speechocean762 import prepare
 from sslasr.data.tokenizer import Tokenizer
 
-SHARED = REPO.parent / "shared" / "data" / "speechocean762"
+# ../shared/data next to the checkout, or wherever SSLASR_SHARED_DATA points (a clone elsewhere)
+SHARED = Path(os.environ.get("SSLASR_SHARED_DATA", REPO.parent / "shared" / "data")) / "speechocean762"
 MAX_UTTS = 120  # the first 6 speakers of train (20 utterances each), 120 unlabeled recordings
 DATA_OPTS = f"--max-utts {MAX_UTTS} --dev-speakers 2 --test-speakers 1"
 needs_corpus = pytest.mark.skipif(not (SHARED / "train" / "wav.scp").is_file(),

@@ -19,7 +19,6 @@ prefixes only by its `token_topk` most probable tokens, and a frame whose blank 
 above `blank_skip_threshold` extends nothing (its blank / repeat updates are still exact).
 """
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from sslasr.models.interfaces import DecodeOptions
+from sslasr.utils.threads import one_thread
 
 SOS_EOS_ID = 1
 NEG_INF = -np.inf
@@ -97,18 +97,6 @@ def ctc_prefix_beam_search(log_probs: torch.Tensor, cfg: CtcBeamConfig, lm=None,
     return ctc_prefix_beam_search_batch(log_probs.unsqueeze(0), lengths, cfg, lm, blank_id, nbest)[0]
 
 
-@contextmanager
-def _one_thread():
-    """The search's tensors are a few beams wide: waking intra-op threads for each of its small
-    ops costs more than it saves (on a busy machine, far more), so it runs on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def ctc_prefix_beam_search_batch(log_probs: torch.Tensor, lengths: torch.Tensor, cfg: CtcBeamConfig, lm=None,
                                  blank_id: int = 0, nbest: int = 1) -> List[List[Hypothesis]]:
@@ -124,7 +112,7 @@ def ctc_prefix_beam_search_batch(log_probs: torch.Tensor, lengths: torch.Tensor,
     # blank never extends a prefix; with an LM neither does <sos/eos>, which the LM reads as sentence end
     excluded = [blank_id] + ([SOS_EOS_ID] if use_lm else [])
 
-    with _one_thread():
+    with one_thread():
         return _search(frames, lengths, cfg, lm if use_lm else None, blank_id, nbest, excluded, topk)
 
 

@@ -188,6 +188,12 @@ def test_decode_options_from_the_yaml_section():
     assert decode_options(section, beam_size=12).beam_size == 12
     with pytest.raises(ValueError, match="'lm_wieght' is not a decoding option"):
         decode_options(section, lm_wieght=0.3)
+    # with an LM, lm_beam_size (when set) replaces beam_size; an explicit --beam-size still wins
+    wide = dict(section, lm_beam_size=32)
+    assert decode_options(wide).beam_size == 6
+    assert decode_options(wide, lm=object()).beam_size == 32
+    assert decode_options(wide, lm=object(), beam_size=4).beam_size == 4
+    assert "lm_beam_size" not in decode_options(wide).extra
 
 
 def test_tune_fusion_picks_the_lowest_dev_wer():

@@ -5,6 +5,7 @@ The `decode` section of a head's fine-tuning YAML, e.g.
       methods: [ctc_greedy, ctc_beam]     # decoded without an LM
       lm_methods: [ctc_beam]              # also decoded with the LM, λ and β tuned on dev
       beam_size: 8
+      lm_beam_size: 64                    # with an LM (it reorders hypotheses: a wider beam pays)
       ctc_token_topk: 8                   # any other key: a DecodeOptions field, else options.extra
       tune: {lm_weight: [0.2, 0.5, 0.8], length_bonus: [0.0, 1.0, 2.0]}
 """
@@ -23,9 +24,11 @@ def decode_options(decode_cfg: Optional[Mapping] = None, **overrides) -> DecodeO
     known = {f.name for f in fields(DecodeOptions)} - {"extra"}
     settings, extra = {}, {}
     for key, value in (decode_cfg or {}).items():
-        if key in PLAN_KEYS:
+        if key in PLAN_KEYS or key == "lm_beam_size":
             continue
         (settings if key in known else extra)[key] = value
+    if overrides.get("lm") is not None and (decode_cfg or {}).get("lm_beam_size"):
+        settings["beam_size"] = decode_cfg["lm_beam_size"]
     for key, value in overrides.items():
         if key not in known:
             raise ValueError(f"{key!r} is not a decoding option; known: {sorted(known)}")

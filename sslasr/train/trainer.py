@@ -219,7 +219,8 @@ class Trainer:
             if exit_after and self.num_updates >= exit_after:
                 os._exit(137)
         bar.close()
-        if valid_loader is not None:
+        validated_last_update = bool(self.valid_every) and self.num_updates % self.valid_every == 0
+        if valid_loader is not None and not validated_last_update:
             self._validate(valid_loader)
         self.save_checkpoint()
         if self.dist.is_main:

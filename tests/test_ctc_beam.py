@@ -19,6 +19,7 @@ from sslasr.decoding.fusion import corpus_wer, decode_options, tune_fusion
 from sslasr.models.heads.ctc import CtcHead, best_path
 from sslasr.models.interfaces import DecodeOptions
 from sslasr.models.lm import build_lm
+from sslasr.utils.config import load_config
 
 EXACT = CtcBeamConfig(beam_size=1000, token_topk=0, blank_skip_threshold=1.0)  # no pruning at all
 
@@ -228,7 +229,9 @@ def test_recipe_lm_decode_score_stages(tmp_path: Path, prepared_minisynth: Path)
     perplexity = json.loads((recipe / "exp/lm_char_40/perplexity.json").read_text())
     assert 1.0 < perplexity["perplexity"] < 40 and perplexity["num_sentences"] == 8
     tuned = json.loads((system / "tune_ctc_beam_lm/best.json").read_text())
-    assert len(tuned["grid"]) == 9 and tuned["dev_wer"] == min(p["dev_wer"] for p in tuned["grid"])
+    decode_cfg = load_config(recipe / "conf/finetune_ctc.yaml")["decode"]
+    grid_size = len(decode_cfg["tune"]["lm_weight"]) * len(decode_cfg["tune"]["length_bonus"])
+    assert len(tuned["grid"]) == grid_size and tuned["dev_wer"] == min(p["dev_wer"] for p in tuned["grid"])
 
     rows = [json.loads(line) for line in (recipe / "exp/results.jsonl").read_text().splitlines()]
     assert sorted((r["test_set"], r["decoding"]) for r in rows) == sorted(
@@ -240,7 +243,10 @@ def test_recipe_lm_decode_score_stages(tmp_path: Path, prepared_minisynth: Path)
         if row["decoding"] == "ctc_beam+lm":
             assert (row["lm_weight"], row["length_bonus"]) == (tuned["lm_weight"], tuned["length_bonus"])
             assert row["lm_perplexity"] == perplexity["perplexity"] and info["lm"].endswith("model_final.pt")
+            assert info["beam_size"] == decode_cfg["lm_beam_size"]  # the wider beam with the LM
         else:
             assert row["lm_weight"] == 0 and row["length_bonus"] == 0 and "lm_perplexity" not in row
+            if row["decoding"] == "ctc_beam":
+                assert info["beam_size"] == decode_cfg["beam_size"]
     table = (recipe / "RESULTS.md").read_text()
     assert "ctc_beam+lm" in table and "length bonus" in table

@@ -194,13 +194,8 @@ def wav2vec2_from_hf(config: Dict, state_dict: StateDict) -> Tuple[Dict, StateDi
     base = weight_norm_pos_conv(base, _POS_CONV)
     with torch.device("meta"):  # the expected names and shapes, without allocating weights
         expected = Wav2Vec2Encoder(encoder_cfg).state_dict()
-    if "masked_spec_embed" not in base and "mask_embedding" in expected:
-        # transformers creates it only when its config masks (mask_time/feature_prob > 0)
-        if config.get("mask_time_prob", 0) > 0 or config.get("mask_feature_prob", 0) > 0:
-            raise ValueError("the checkpoint lacks masked_spec_embed although its config masks frames")
-        log.warning("the checkpoint has no masked_spec_embed (its config never masks): the mask "
-                    "embedding starts from our random init U(0, 1)")
-        base["masked_spec_embed"] = torch.empty(encoder_cfg.transformer.dim).uniform_()
+    if "mask_embedding" in expected:
+        base = fill_mask_embedding(base, config, encoder_cfg.transformer.dim)
     encoder_state = rename_checked(base, WAV2VEC2_KEY_RULES, expected)
     return {"name": FRONTEND_NAMES[model_type], "encoder": dataclasses.asdict(encoder_cfg)}, encoder_state
 
@@ -265,6 +260,19 @@ def split_base_model(state_dict: StateDict, prefix: str, head_modules) -> StateD
         log.info("skipping %d tensors of the task head(s) %s, which are not part of the encoder: %s",
                  len(others), ", ".join(heads), others)
     return base
+
+
+def fill_mask_embedding(base: StateDict, config: Dict, dim: int, default_mask_time_prob: float = 0.0) -> StateDict:
+    """transformers creates `masked_spec_embed` only when its config masks frames
+    (mask_time_prob or mask_feature_prob > 0): without it, our mask embedding starts from its
+    random init U(0, 1), with a warning; missing although the config masks is an error."""
+    if "masked_spec_embed" in base:
+        return base
+    if config.get("mask_time_prob", default_mask_time_prob) > 0 or config.get("mask_feature_prob", 0) > 0:
+        raise ValueError("the checkpoint lacks masked_spec_embed although its config masks frames")
+    log.warning("the checkpoint has no masked_spec_embed (its config never masks): the mask "
+                "embedding starts from our random init U(0, 1)")
+    return dict(base, masked_spec_embed=torch.empty(dim).uniform_())
 
 
 def weight_norm_pos_conv(state: StateDict, prefix: str) -> StateDict:

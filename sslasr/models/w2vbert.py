@@ -15,7 +15,6 @@ Wav2Vec2BertModel (w2v-BERT 2.0) checkpoints, whose feature encoder stacks frame
 """
 
 import dataclasses
-import logging
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -34,7 +33,6 @@ from sslasr.models.blocks.subsampling import (
 from sslasr.models.interfaces import EncoderOutput
 from sslasr.models.wav2vec2 import MaskConfig, contrastive_logits, sample_negatives
 
-log = logging.getLogger(__name__)
 
 INPUT_NORMS = ("utterance", "none")
 
@@ -279,18 +277,12 @@ def from_hf(config: Dict, state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict, Di
     """transformers Wav2Vec2BertModel / Wav2Vec2BertForCTC (config.json as a dict, state dict) →
     (our `frontend:` section, W2vBertEncoder state dict). A tensor we cannot place, or an encoder
     tensor the checkpoint lacks, is an error naming them; lm_head is skipped and logged."""
-    from sslasr.models.hf_import import rename_checked, split_base_model  # the importer's shared checks
+    from sslasr.models.hf_import import fill_mask_embedding, rename_checked, split_base_model  # shared checks
 
     encoder_cfg = hf_encoder_config(config)
     base = split_base_model(state_dict, "wav2vec2_bert", _HF_HEAD_MODULES)
     base = {k: v.squeeze(-1) if _POINTWISE.fullmatch(k) else v for k, v in base.items()}  # width-1 Conv1d → Linear
-    if "masked_spec_embed" not in base:
-        # transformers creates it only when its config masks (mask_time/feature_prob > 0)
-        if config.get("mask_time_prob", 0.05) > 0 or config.get("mask_feature_prob", 0.0) > 0:
-            raise ValueError("the checkpoint lacks masked_spec_embed although its config masks frames")
-        log.warning("the checkpoint has no masked_spec_embed (its config never masks): the mask "
-                    "embedding starts from our random init U(0, 1)")
-        base["masked_spec_embed"] = torch.empty(encoder_cfg.conformer.dim).uniform_()
+    base = fill_mask_embedding(base, config, encoder_cfg.conformer.dim, default_mask_time_prob=0.05)
     with torch.device("meta"):  # the expected names and shapes, without allocating weights
         expected = W2vBertEncoder(encoder_cfg).state_dict()
     encoder_state = rename_checked(base, W2VBERT_KEY_RULES, expected)

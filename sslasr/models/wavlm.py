@@ -14,7 +14,6 @@ speaker's content under the interference:
 """
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
@@ -25,8 +24,6 @@ from sslasr.models.blocks.relative_position import GatedRelativePositionBias, Re
 from sslasr.models.blocks.transformer import TransformerConfig, TransformerEncoder
 from sslasr.models.hubert import HubertPretrainConfig, HubertPretrainer
 from sslasr.models.wav2vec2 import MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,13 +105,7 @@ def from_hf(config: Dict, state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict, Di
     base = hf_import.weight_norm_pos_conv(base, "encoder.pos_conv_embed.conv.")
     with torch.device("meta"):  # names and shapes only
         expected = WavLMEncoder(cfg).state_dict()
-    if "masked_spec_embed" not in base:
-        # transformers creates it only when its config masks frames
-        if config.get("mask_time_prob", 0) > 0 or config.get("mask_feature_prob", 0) > 0:
-            raise ValueError("the checkpoint lacks masked_spec_embed although its config masks frames")
-        log.warning("the checkpoint has no masked_spec_embed (its config never masks): the mask "
-                    "embedding starts from our random init U(0, 1)")
-        base["masked_spec_embed"] = torch.empty(cfg.transformer.dim).uniform_()
+    base = hf_import.fill_mask_embedding(base, config, cfg.transformer.dim)
     rules = hf_import.WAV2VEC2_KEY_RULES + _HF_RELATIVE_POSITION_RULES
     encoder_state = hf_import.rename_checked(base, rules, expected)
     return {"name": "wavlm", "encoder": dataclasses.asdict(cfg)}, encoder_state

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402  (comes with tr
 from recipe_smoke import SMOKE, recipe_with_data, run_recipe  # noqa: E402
 from sslasr import cli  # noqa: E402
 from sslasr.models.asr import build_asr_model, load_encoder_weights  # noqa: E402
-from sslasr.models.hf_import import import_hf, read_state_dict, wav2vec2_from_hf  # noqa: E402
+from sslasr.models.hf_import import fill_mask_embedding, import_hf, read_state_dict, wav2vec2_from_hf  # noqa: E402
 from sslasr.models.wav2vec2 import Wav2Vec2Encoder, Wav2Vec2EncoderConfig  # noqa: E402
 from sslasr.train.distributed import DistInfo  # noqa: E402
 from sslasr.train.tasks import _DataMixin  # noqa: E402
@@ -325,3 +325,18 @@ def test_recipe_fine_tunes_from_an_imported_checkpoint(tmp_path, prepared_minisy
     # the checkpoint's family decides the frontend: a contradicting --frontend is refused
     refused = run_recipe(recipe, "--stage", "5", "--init-from", str(model_dir), "--frontend", "hubert", timeout=120)
     assert refused.returncode == 2 and "holds a wav2vec2 model" in refused.stderr
+
+
+def test_missing_mask_embedding_is_filled_only_when_the_config_never_masks():
+    present = {"masked_spec_embed": torch.ones(4)}
+    assert fill_mask_embedding(present, {"mask_time_prob": 0.05}, 4) is present
+    filled = fill_mask_embedding({}, {"mask_time_prob": 0.0, "mask_feature_prob": 0.0}, 6)
+    assert filled["masked_spec_embed"].shape == (6,)
+    assert 0 <= float(filled["masked_spec_embed"].min()) and float(filled["masked_spec_embed"].max()) <= 1
+    for config in ({"mask_time_prob": 0.05}, {"mask_time_prob": 0.0, "mask_feature_prob": 0.1}):
+        with pytest.raises(ValueError, match="lacks masked_spec_embed"):
+            fill_mask_embedding({}, config, 6)
+    # a config without mask_time_prob takes the caller's default (transformers' Wav2Vec2Bert: 0.05)
+    with pytest.raises(ValueError, match="lacks masked_spec_embed"):
+        fill_mask_embedding({}, {}, 6, default_mask_time_prob=0.05)
+    assert "masked_spec_embed" in fill_mask_embedding({}, {}, 6)

@@ -28,7 +28,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from sslasr.models.wav2vec2 import (Wav2Vec2EncoderConfig, Wav2Vec2PretrainConfig, Wav2Vec2Pretrainer)
 from sslasr.utils.config import load_config
-from ssl_cases import build_case
+from ssl_cases import build_case, wav2vec2_encoder_hf_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {  # base-shaped (7-layer conv stack, post-LN Transformer) but narrower and shallower
@@ -61,28 +61,8 @@ def to_hf_config(enc: Wav2Vec2EncoderConfig, pre: Wav2Vec2PretrainConfig) -> Wav
     """Field-by-field mapping ours → transformers. Not expressible in transformers (and so not
     part of the comparison's maths): our feature_grad_mult (a gradient scale on the conv output)
     and the feature penalty λ·mean(z²) — both cost one elementwise op."""
-    t = enc.transformer
     return Wav2Vec2Config(
-        conv_dim=[c for c, _, _ in enc.conv_layers],        # encoder.conv_layers[i][0]
-        conv_kernel=[k for _, k, _ in enc.conv_layers],     # encoder.conv_layers[i][1]
-        conv_stride=[s for _, _, s in enc.conv_layers],     # encoder.conv_layers[i][2]
-        feat_extract_norm=enc.conv_norm,                     # "group": GroupNorm on conv layer 0 only
-        conv_bias=enc.conv_bias,
-        feat_extract_activation="gelu",
-        feat_proj_dropout=enc.dropout_input,                 # dropout after feature_projection
-        hidden_size=t.dim,
-        num_hidden_layers=t.layers,
-        num_attention_heads=t.heads,
-        intermediate_size=t.ffn_dim,
-        hidden_act="gelu",
-        hidden_dropout=t.dropout,
-        attention_dropout=t.attention_dropout,
-        activation_dropout=t.activation_dropout,
-        do_stable_layer_norm=t.layer_norm_first,
-        layerdrop=t.layerdrop,
-        num_conv_pos_embeddings=t.pos_conv_kernel,
-        num_conv_pos_embedding_groups=t.pos_conv_groups,
-        layer_norm_eps=1e-5,                                 # torch LayerNorm default, as ours
+        **wav2vec2_encoder_hf_fields(enc),
         mask_time_prob=pre.mask.time_prob,
         mask_time_length=pre.mask.time_length,
         mask_time_min_masks=pre.mask.time_min_masks,

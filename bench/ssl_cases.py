@@ -65,18 +65,36 @@ def _masked_ce_step(base: nn.Module, head: nn.Linear, mask_cfg, forward_kwargs, 
     return model, step
 
 
-def _wav2vec2_style_hf_config(enc, config_class, **extra):
-    """Our Wav2Vec2EncoderConfig (HuBERT's and WavLM's architecture) as a transformers config."""
+def wav2vec2_encoder_hf_fields(enc) -> dict:
+    """Our Wav2Vec2EncoderConfig (also HuBERT's and WavLM's architecture) as transformers config
+    fields, shared by Wav2Vec2Config, HubertConfig and WavLMConfig."""
     t = enc.transformer
-    return config_class(
-        conv_dim=[c for c, _, _ in enc.conv_layers], conv_kernel=[k for _, k, _ in enc.conv_layers],
-        conv_stride=[s for _, _, s in enc.conv_layers], feat_extract_norm=enc.conv_norm, conv_bias=enc.conv_bias,
-        feat_proj_dropout=enc.dropout_input, hidden_size=t.dim, num_hidden_layers=t.layers,
-        num_attention_heads=t.heads, intermediate_size=t.ffn_dim, hidden_dropout=t.dropout,
-        attention_dropout=t.attention_dropout, activation_dropout=t.activation_dropout,
-        do_stable_layer_norm=t.layer_norm_first, layerdrop=t.layerdrop,
-        num_conv_pos_embeddings=t.pos_conv_kernel, num_conv_pos_embedding_groups=t.pos_conv_groups,
-        layer_norm_eps=1e-5, mask_time_prob=0.05, mask_feature_prob=0.0, **extra)
+    return dict(
+        conv_dim=[c for c, _, _ in enc.conv_layers],        # encoder.conv_layers[i][0]
+        conv_kernel=[k for _, k, _ in enc.conv_layers],     # encoder.conv_layers[i][1]
+        conv_stride=[s for _, _, s in enc.conv_layers],     # encoder.conv_layers[i][2]
+        feat_extract_norm=enc.conv_norm,                     # "group": GroupNorm on conv layer 0 only
+        conv_bias=enc.conv_bias,
+        feat_extract_activation="gelu",
+        feat_proj_dropout=enc.dropout_input,                 # dropout after feature_projection
+        hidden_size=t.dim,
+        num_hidden_layers=t.layers,
+        num_attention_heads=t.heads,
+        intermediate_size=t.ffn_dim,
+        hidden_act="gelu",
+        hidden_dropout=t.dropout,
+        attention_dropout=t.attention_dropout,
+        activation_dropout=t.activation_dropout,
+        do_stable_layer_norm=t.layer_norm_first,
+        layerdrop=t.layerdrop,
+        num_conv_pos_embeddings=t.pos_conv_kernel,
+        num_conv_pos_embedding_groups=t.pos_conv_groups,
+        layer_norm_eps=1e-5,                                 # torch LayerNorm default, as ours
+    )
+
+
+def _wav2vec2_style_hf_config(enc, config_class, **extra):
+    return config_class(**wav2vec2_encoder_hf_fields(enc), mask_time_prob=0.05, mask_feature_prob=0.0, **extra)
 
 
 def _targeted_case(name: str, batch: int, seconds: float) -> Case:

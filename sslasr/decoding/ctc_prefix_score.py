@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask
+
 NEG_INF = float("-inf")
 
 
@@ -63,7 +65,7 @@ class CtcPrefixScorer:
             raise ValueError("blank and eos must be different tokens")
         self.blank_id, self.eos_id = blank_id, eos_id
         frames = log_probs.shape[1]
-        padding = torch.arange(frames, device=log_probs.device)[None, :] >= lengths.to(log_probs.device)[:, None]
+        padding = lengths_to_padding_mask(lengths.to(log_probs.device), frames)
         padded = log_probs.masked_fill(padding[..., None], NEG_INF)
         padded[..., blank_id] = padded[..., blank_id].masked_fill(padding, 0.0)
         self.frames = padded.transpose(0, 1).contiguous()  # (T, B, V)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask
 from sslasr.models.blocks.masking import span_mask
 from sslasr.models.wav2vec2 import MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig
 
@@ -148,8 +149,7 @@ def align_targets(targets: torch.Tensor, frame_lengths: torch.Tensor, num_frames
                          f"{float(label_frames[b]):.1f} frames: is label_rate the rate the labels were made at?")
     index = (torch.arange(num_frames, device=targets.device, dtype=torch.float64) * ratio).long()
     aligned = targets.gather(1, index.clamp(max=width - 1).unsqueeze(0).expand(batch, -1))
-    beyond = (index.unsqueeze(0) >= label_lengths.unsqueeze(1)) | (
-        torch.arange(num_frames, device=targets.device).unsqueeze(0) >= frame_lengths.unsqueeze(1))
+    beyond = (index.unsqueeze(0) >= label_lengths.unsqueeze(1)) | lengths_to_padding_mask(frame_lengths, num_frames)
     return aligned.masked_fill(beyond, IGNORE_LABEL)
 
 

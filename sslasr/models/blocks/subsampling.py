@@ -16,6 +16,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask
+
 SUBSAMPLING_TYPES = ("conv2d", "stack")
 
 
@@ -85,7 +87,7 @@ def normalize_per_utterance(features: torch.Tensor, lengths: torch.Tensor, eps: 
     """Zero mean, unit variance per feature bin over each utterance's real frames (unbiased
     variance, as SeamlessM4TFeatureExtractor prepares w2v-BERT 2.0 inputs); padding becomes 0.
     It also removes any constant offset of the log-mel scale (e.g. int16 vs float waveforms)."""
-    valid = (torch.arange(features.shape[1], device=features.device)[None, :] < lengths[:, None]).unsqueeze(-1)
+    valid = ~lengths_to_padding_mask(lengths, features.shape[1]).unsqueeze(-1)
     count = lengths.clamp(min=1).to(features.dtype)[:, None, None]
     mean = (features * valid).sum(1, keepdim=True) / count
     var = (((features - mean) * valid) ** 2).sum(1, keepdim=True) / (count - 1).clamp(min=1)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask
 from sslasr.decoding.attention_beam_search import ScoredHypothesis, joint_beam_search, max_output_lengths
 from sslasr.models.heads.ctc import CtcHead
 from sslasr.models.interfaces import DecodeOptions
@@ -139,7 +140,7 @@ class AttentionHead(nn.Module):
 
     # ------------------------------------------------------------------ decoder
     def prepare(self, hidden: torch.Tensor, lengths: torch.Tensor) -> EncoderMemory:
-        padding = torch.arange(hidden.shape[1], device=hidden.device)[None, :] >= lengths.to(hidden.device)[:, None]
+        padding = lengths_to_padding_mask(lengths.to(hidden.device), hidden.shape[1])
         return EncoderMemory(values=hidden, keys=self.attention.key(hidden), padding=padding)
 
     def initial_state(self, memory: EncoderMemory) -> DecoderState:

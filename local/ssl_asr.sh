@@ -13,7 +13,8 @@
 #                 encoder and (unless --compare-scratch false) from scratch
 #   6 lm          token LM (conf/lm.yaml) on the training transcripts (+ --lm-text files)
 #   7 decode      every test set with every fine-tuned system and every decoding method of
-#                 the head's `decode` section; LM methods: λ, β tuned on dev, then decoded
+#                 the head's `decode` section, one process per system; LM methods: λ, β
+#                 tuned on the validation set, then used for every set
 #   8 score       kaldialign WER; one JSON line per result in exp/results.jsonl
 #   9 results     RESULTS.md rendered from exp/results.jsonl
 # Every stage leaves a .done marker and is skipped when it exists (--force true redoes it);
@@ -45,7 +46,7 @@ kmeans_opts=""         # ... for the k-means of frontends with k-means targets (
 finetune_opts=""       # ... for stage 5
 lm_text=""             # extra LM training text files (one sentence a line), space-separated
 lm_opts=""             # extra `key=value` config overrides for stage 6
-decode_opts=""         # extra options for sslasr.bin.decode (and sslasr.bin.tune_fusion)
+decode_opts=""         # extra options for sslasr.bin.decode
 python=${SSLASR_PYTHON:-$root/.venv/bin/python}
 conf_dir=${conf_dir:-conf}
 corpus=${corpus:?run.sh must set corpus}
@@ -277,52 +278,37 @@ if run_stage 6; then
   fi
 fi
 
-decode_plan() {  # decode_plan SYSTEM_DIR: "method lm|-" lines from the model config's decode section
+decode_methods() {  # decode_methods SYSTEM_DIR: the model config's decoding methods, METHOD+lm with the LM
   "$python" - "$1/config.yaml" <<'EOF'
 import sys
 from sslasr.models.heads import HEADS
 from sslasr.utils.config import load_config
 cfg = load_config(sys.argv[1])
-head = HEADS[cfg.get("head", {}).get("name", "ctc")]
 decode = cfg.get("decode", {})
-for method in decode.get("methods", [head.greedy_method]):
-    print(method, "-")
-for method in decode.get("lm_methods", []):
-    print(method, "lm")
+methods = decode.get("methods", [HEADS[cfg.get("head", {}).get("name", "ctc")].greedy_method])
+print(" ".join(methods + [m + "+lm" for m in decode.get("lm_methods", [])]))
 EOF
 }
 json_value() { "$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
-decode_dir() {  # decode_dir SYSTEM_DIR TEST_SET METHOD lm|-
-  if [ "$4" = lm ]; then echo "$1/decode_$2_$3_lm"; else echo "$1/decode_$2_$3"; fi
-}
 
 if run_stage 7; then
+  decode_sets=$test_sets
+  case " $test_sets " in *" $valid_set "*) ;; *) decode_sets="$valid_set $test_sets" ;; esac
   for system in $systems; do
     dir=$(system_dir $system)
-    plan=$(decode_plan $dir)
-    for entry in $(echo "$plan" | tr ' ' ':'); do
-      method=${entry%%:*}; with_lm=${entry#*:}
-      fusion=""
-      if [ "$with_lm" = lm ]; then
-        [ -f $lm_dir/.done ] || { echo "$0: $method with an LM needs stage 6 ($lm_dir)" >&2; exit 1; }
-        tuned=$dir/tune_${method}_lm/best.json
-        if ! done_or_force $dir/tune_${method}_lm/.done; then
-          log "tuning λ, β of $method + LM on $valid_set for $dir"
-          "$python" -m sslasr.bin.tune_fusion --model $dir/model_final.pt --lm $lm_dir/model_final.pt \
-            --cuts "$(cuts $valid_set)" --method $method --out $tuned $decode_opts
-          touch $dir/tune_${method}_lm/.done
-        fi
-        fusion="--lm $lm_dir/model_final.pt --lm-weight $(json_value $tuned lm_weight) --length-bonus $(json_value $tuned length_bonus)"
-      fi
-      for test_set in $test_sets; do
-        out=$(decode_dir $dir $test_set $method $with_lm)
-        if done_or_force $out/.done; then continue; fi
-        log "decoding $test_set with $dir ($method${fusion:+ + LM})"
-        "$python" -m sslasr.bin.decode --model $dir/model_final.pt --cuts "$(cuts $test_set)" \
-          --method $method --out-dir $out $fusion $decode_opts
-        touch $out/.done
-      done
-    done
+    if done_or_force $dir/.decode.done; then log "$dir: decoded"; continue; fi
+    methods=$(decode_methods $dir)
+    fusion=""
+    case " $methods " in *+lm" "*)  # λ, β tuned on the validation set, then used for every set
+      [ -f $lm_dir/.done ] || { echo "$0: $methods: the LM methods need stage 6 ($lm_dir)" >&2; exit 1; }
+      fusion="--lm $lm_dir/model_final.pt --tune-on $valid_set" ;;
+    esac
+    overwrite=""; [ "$force" != true ] || overwrite=--overwrite
+    log "decoding $decode_sets with $dir: $methods"
+    "$python" -m sslasr.bin.decode --model $dir/model_final.pt \
+      --cuts $(for s in $decode_sets; do printf '%s=%s ' "$s" "$(cuts "$s")"; done) \
+      --methods $methods --out-dir "$dir/decode_{set}_{method}" $fusion $overwrite $decode_opts
+    touch $dir/.decode.done
   done
 fi
 
@@ -331,20 +317,15 @@ if run_stage 8; then
     dir=$(system_dir $system)
     [ $system = pretrained ] && pretrained=true || pretrained=false
     [ $system = pretrained ] && row_frontend=$frontend || row_frontend=none
-    plan=$(decode_plan $dir)
-    for entry in $(echo "$plan" | tr ' ' ':'); do
-      method=${entry%%:*}; with_lm=${entry#*:}
-      decoding=$method; lm_row=""
-      if [ "$with_lm" = lm ]; then
-        decoding="$method+lm"
-        lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"
-      fi
+    for method in $(decode_methods $dir); do
+      lm_row=""
+      [ "${method%+lm}" = "$method" ] || lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"
       for test_set in $test_sets; do
-        out=$(decode_dir $dir $test_set $method $with_lm)
+        out=$dir/decode_${test_set}_${method/+lm/_lm}
         if done_or_force $out/.scored; then continue; fi
         "$python" -m sslasr.bin.score --ref $out/ref.txt --hyp $out/hyp.txt --out-dir $out \
           --results exp/results.jsonl --set corpus=$corpus test_set=$test_set frontend=$row_frontend \
-          head=$head decoding=$decoding lm_weight=$(json_value $out/decode_info.json lm_weight) \
+          head=$head decoding=$method lm_weight=$(json_value $out/decode_info.json lm_weight) \
           length_bonus=$(json_value $out/decode_info.json length_bonus) $lm_row \
           labeled_seconds="$(cat "$dir/labeled_seconds" 2>/dev/null || echo null)" \
           pretrained=$pretrained generation=0 exp=$dir "command=$command_line"

@@ -219,16 +219,17 @@ def test_tune_fusion_picks_the_lowest_dev_wer():
 
 # ------------------------------------------------------------------ the recipe's stages 5-9
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
-def test_recipe_lm_decode_score_stages(tmp_path: Path, prepared_minisynth: Path):
+def test_recipe_lm_decode_score_stages(tmp_path: Path, prepared_minisynth: Path, monkeypatch):
     """From fine-tuning to RESULTS.md at smoke size (scratch system): the LM stage, λ/β tuning on
-    dev, and a results row per (test set, method) for ctc_greedy, ctc_beam and ctc_beam+lm."""
+    dev, and a results row per (test set, method) for ctc_greedy, ctc_beam and ctc_beam+lm; the
+    decode reuses its tuning when resumed, and its tuned hypotheses are a plain decode's."""
     recipe = recipe_with_data(tmp_path, prepared_minisynth)
     result = run_recipe(recipe, *SMOKE, "--stage", "5", "--no-pretrain", "true", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     system = recipe / "exp/ctc_scratch_wav2vec2_all"
     perplexity = json.loads((recipe / "exp/lm_char_40/perplexity.json").read_text())
     assert 1.0 < perplexity["perplexity"] < 40 and perplexity["num_sentences"] == 8
-    tuned = json.loads((system / "tune_ctc_beam_lm/best.json").read_text())
+    tuned = json.loads((system / "decode_dev_ctc_beam_lm/fusion_tuning.json").read_text())
     decode_cfg = load_config(recipe / "conf/finetune_ctc.yaml")["decode"]
     grid_size = len(decode_cfg["tune"]["lm_weight"]) * len(decode_cfg["tune"]["length_bonus"])
     assert len(tuned["grid"]) == grid_size and tuned["dev_wer"] == min(p["dev_wer"] for p in tuned["grid"])
@@ -250,3 +251,23 @@ def test_recipe_lm_decode_score_stages(tmp_path: Path, prepared_minisynth: Path)
                 assert info["beam_size"] == decode_cfg["beam_size"]
     table = (recipe / "RESULTS.md").read_text()
     assert "ctc_beam+lm" in table and "length bonus" in table
+
+    # resumed after losing one decode: only that one is redone, with the saved λ, β, to the same words
+    lost = system / "decode_test_ctc_beam_lm"
+    hyps = (lost / "hyp.txt").read_text()
+    (lost / "decode_info.json").unlink()
+    (system / ".decode.done").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in system.glob("decode_*/*.json")}
+    result = run_recipe(recipe, *SMOKE, "--stage", "7", "--stop-stage", "7", "--no-pretrain", "true")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (lost / "hyp.txt").read_text() == hyps and (lost / "decode_info.json").exists()
+    assert kept == {p: p.stat().st_mtime_ns for p in kept}
+
+    # the tuning's dev hypotheses = dev decoded on its own at the chosen λ, β
+    from sslasr.bin import decode
+    monkeypatch.chdir(recipe)  # the model config names its tokenizer relative to the recipe
+    decode.main(["--model", str(system / "model_final.pt"), "--cuts", "data/manifests/minisynth_cuts_dev.jsonl.gz",
+                 "--methods", "ctc_beam+lm", "--lm", "exp/lm_char_40/model_final.pt", "--lm-weight", str(tuned["lm_weight"]),
+                 "--length-bonus", str(tuned["length_bonus"]), "--out-dir", str(tmp_path / "alone")])
+    assert ((tmp_path / "alone/hyp.txt").read_text()
+            == (system / "decode_dev_ctc_beam_lm/hyp.txt").read_text())

@@ -31,7 +31,8 @@ def test_every_stage_writes_its_outputs(finished_recipe: Path):
     recipe = finished_recipe
     for marker in ["data/.data.done", "data/manifests/.done", "data/lang_char_40/.done",
                    "exp/pretrain_wav2vec2/.done", "exp/ctc_wav2vec2_all/.done", "exp/ctc_scratch_wav2vec2_all/.done",
-                   "exp/lm_char_40/.done", "exp/ctc_wav2vec2_all/tune_ctc_beam_lm/.done"]:
+                   "exp/lm_char_40/.done", "exp/ctc_wav2vec2_all/.decode.done",
+                   "exp/ctc_wav2vec2_all/decode_dev_ctc_beam_lm/fusion_tuning.json"]:
         assert (recipe / marker).exists(), marker
     validation = json.loads((recipe / "data/manifests/minisynth_train_validation.json").read_text())
     assert validation["kept"] == 40

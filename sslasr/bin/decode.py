@@ -1,87 +1,236 @@
-"""Decode a cut set with a trained ASR model; writes Kaldi-style hyp.txt / ref.txt.
+"""Decode cut sets with a trained ASR model. Every batch is encoded once and searched with every
+method; each (set, method) gets a folder with Kaldi-style hyp.txt / ref.txt and decode_info.json.
 
-    python -m sslasr.bin.decode --model exp/ctc_wav2vec2_all/model_final.pt \
-        --cuts data/manifests/minisynth_cuts_test.jsonl.gz --method ctc_greedy --out-dir exp/.../decode_test
-With shallow fusion: --method ctc_beam --lm exp/lm_char_40/model_final.pt --lm-weight 0.5 --length-bonus 1.0
-(λ and β from sslasr.bin.tune_fusion). Search settings default to the model config's `decode` section.
+    python -m sslasr.bin.decode --model exp/ctc_wav2vec2_all/model_final.pt \\
+        --cuts dev=data/manifests/minisynth_cuts_dev.jsonl.gz test=data/manifests/minisynth_cuts_test.jsonl.gz \\
+        --methods ctc_greedy ctc_beam ctc_beam+lm --lm exp/lm_char_40/model_final.pt --tune-on dev \\
+        --out-dir 'exp/ctc_wav2vec2_all/decode_{set}_{method}'
+
+METHOD+lm is METHOD with shallow fusion, score log p_AM + λ·log p_LM + β·|y|. λ and β are
+--lm-weight and --length-bonus, or, with --tune-on SET, the best point on SET (transcribed, one of
+--cuts) of the model config's grid `decode.tune` ({lm_weight: [...], length_bonus: [...]}). The
+grid's WERs go to fusion_tuning.json in SET's METHOD+lm folder, which a resumed run reuses; SET's
+METHOD+lm hypotheses are the best point's, other sets are decoded with the tuned λ, β.
+`{method}` in --out-dir reads METHOD_lm for METHOD+lm. A (set, method) whose folder holds
+decode_info.json is skipped (it is written last) unless --overwrite. Search settings (beam sizes,
+...) come from the model config's `decode` section; --beam-size overrides them.
 """
 
 import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from sslasr.data.loader import load_cuts, make_dataloader
 from sslasr.data.tokenizer import Tokenizer
-from sslasr.models.asr import build_asr_model
+from sslasr.decoding.fusion import decode_options, tune_fusion
+from sslasr.models.asr import AsrModel, build_asr_model
 from sslasr.models.frontends import get_frontend
-from sslasr.decoding.fusion import decode_options
+from sslasr.models.interfaces import DecodeOptions
 from sslasr.models.lm import load_lm
 from sslasr.utils.io import write_text_atomic
 from sslasr.utils.logging import setup_logging
+
+LM_SUFFIX = "+lm"
+TUNING_FILE = "fusion_tuning.json"
+
+
+def load_trained_asr(path: str):
+    """(model in eval mode, its config, its tokenizer) from a fine-tuning checkpoint."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = checkpoint["config"]
+    tokenizer = Tokenizer(cfg["data"]["tokenizer"])
+    model = build_asr_model(cfg, tokenizer.vocab_size)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), cfg, tokenizer
+
+
+@dataclass
+class Search:
+    """One search over a set: a method with fixed options; collects hypotheses and its time."""
+    method: str
+    options: DecodeOptions
+    hyps: Dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class SetPass:
+    """What one pass over a set's batches produced: references, audio and encoder time, searches."""
+    searches: Dict[object, Search]
+    refs: Dict[str, str] = field(default_factory=dict)
+    audio_seconds: float = 0.0
+    encode_seconds: float = 0.0
+
+
+@torch.no_grad()
+def run_searches(model: AsrModel, cfg: Dict, tokenizer: Tokenizer, cuts_path: str,
+                 searches: Dict[object, Search], max_duration: float) -> SetPass:
+    """Encode each batch of CUTS_PATH once and run every search on the encoder output."""
+    loader = make_dataloader(load_cuts(cuts_path), input_type=get_frontend(cfg["frontend"]).input_type,
+                             max_duration=max_duration, shuffle=False,
+                             normalize_waveform=cfg.get("data", {}).get("normalize_waveform", False))
+    result = SetPass(searches)
+    for batch in loader:
+        start = time.perf_counter()
+        encoded = model.encoder(batch["inputs"], batch["input_lens"])
+        result.encode_seconds += time.perf_counter() - start
+        for search in searches.values():
+            start = time.perf_counter()
+            token_ids = model.head.decode(encoded.hidden, encoded.lengths, search.method, search.options)
+            search.seconds += time.perf_counter() - start
+            search.hyps.update((cut, tokenizer.decode(t)) for cut, t in zip(batch["cut_ids"], token_ids))
+        result.refs.update((cut, text) for cut, text in zip(batch["cut_ids"], batch["texts"]) if text is not None)
+        result.audio_seconds += sum(batch["durations"])
+    return result
+
+
+def write_decoding(out_dir: Path, search: Search, set_pass: SetPass, info: Dict) -> None:
+    """hyp.txt, ref.txt (when the set is transcribed), then decode_info.json: the folder's done mark."""
+    write_text_atomic(out_dir / "hyp.txt", "".join(f"{k} {v}\n" for k, v in sorted(search.hyps.items())))
+    if set_pass.refs:
+        write_text_atomic(out_dir / "ref.txt", "".join(f"{k} {v}\n" for k, v in sorted(set_pass.refs.items())))
+    seconds = set_pass.encode_seconds + search.seconds  # the encoder's share counts in every method's RTF
+    info = {**info, "beam_size": search.options.beam_size, "lm_weight": search.options.lm_weight,
+            "length_bonus": search.options.length_bonus, "num_utts": len(search.hyps),
+            "audio_seconds": round(set_pass.audio_seconds, 2), "decode_seconds": round(seconds, 3),
+            "real_time_factor": round(seconds / max(set_pass.audio_seconds, 1e-9), 5),
+            "threads": torch.get_num_threads()}
+    write_text_atomic(out_dir / "decode_info.json", json.dumps(info, indent=2) + "\n")
+    logging.info("%s: %d utterances, %s, RTF %.4f", out_dir, len(search.hyps), info["method"] +
+                 (LM_SUFFIX if info["lm"] else ""), info["real_time_factor"])
+
+
+def parse_cuts(values: List[str]) -> Dict[str, str]:
+    """NAME=PATH items (a lone PATH is named after its file) → {name: path}, in order."""
+    sets = {}
+    for value in values:
+        name, _, path = value.rpartition("=") if "=" in value else (None, "", value)
+        name = name or Path(path).name.split(".")[0]
+        if name in sets:
+            raise ValueError(f"--cuts names {name!r} twice")
+        sets[name] = path
+    return sets
+
+
+def out_dir_of(pattern: str, set_name: str, method: str) -> Path:
+    return Path(pattern.format(set=set_name, method=method.replace(LM_SUFFIX, "_lm")))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model_final.pt written by sslasr.bin.train")
-    parser.add_argument("--cuts", required=True)
-    parser.add_argument("--out-dir", required=True, type=Path)
-    parser.add_argument("--method", default="ctc_greedy", help="a method of the model's head (e.g. ctc_greedy)")
-    parser.add_argument("--beam-size", type=int, help="default: decode.beam_size of the model config, else 8")
-    parser.add_argument("--lm", help="model_final.pt of a token LM (task lm): shallow fusion")
-    parser.add_argument("--lm-weight", type=float, help="λ in log p_AM + λ·log p_LM + β·|y| (needed with --lm)")
-    parser.add_argument("--length-bonus", type=float, default=0.0, help="β, per output token")
+    parser.add_argument("--cuts", required=True, nargs="+", help="NAME=PATH cut manifests (or one PATH)")
+    parser.add_argument("--methods", nargs="+", help="methods of the model's head, METHOD+lm with the LM "
+                        "(default: the model config's decode.methods and decode.lm_methods)")
+    parser.add_argument("--out-dir", required=True,
+                        help="folder per (set, method); with several, a pattern with {set} and {method}")
+    parser.add_argument("--lm", help="model_final.pt of a token LM (task lm), for the METHOD+lm methods")
+    parser.add_argument("--lm-weight", type=float, help="λ (else tuned with --tune-on)")
+    parser.add_argument("--length-bonus", type=float, default=0.0, help="β per output token, with --lm-weight")
+    parser.add_argument("--tune-on", help="the set (a --cuts NAME) to tune λ and β on")
+    parser.add_argument("--beam-size", type=int, help="default: the model config's decode.beam_size / lm_beam_size")
+    parser.add_argument("--overwrite", action="store_true", help="redo (set, method) folders already decoded")
     parser.add_argument("--max-duration", type=float, default=200.0, help="seconds of audio per batch")
     parser.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
-    setup_logging(args.out_dir / "decode.log")
+    try:
+        sets = parse_cuts(args.cuts)
+    except ValueError as error:
+        parser.error(str(error))
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
 
-    checkpoint = torch.load(args.model, map_location="cpu", weights_only=False)
-    cfg = checkpoint["config"]
-    tokenizer = Tokenizer(cfg["data"]["tokenizer"])
-    model = build_asr_model(cfg, tokenizer.vocab_size)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    if args.method not in model.head.methods:
-        parser.error(f"--method {args.method}: the {cfg['head'].get('name', 'ctc')} head decodes with "
-                     f"{', '.join(model.head.methods)}")
-    lm = load_lm(args.lm) if args.lm else None
-    if lm is not None and args.lm_weight is None:
-        parser.error("--lm needs --lm-weight (tune λ and β with sslasr.bin.tune_fusion)")
+    model, cfg, tokenizer = load_trained_asr(args.model)
+    decode_cfg = cfg.get("decode", {})
+    methods = args.methods or (decode_cfg.get("methods", [model.head.greedy_method])
+                               + [m + LM_SUFFIX for m in decode_cfg.get("lm_methods", [])])
+    fused = [m for m in methods if m.endswith(LM_SUFFIX)]
+    for method in methods:
+        if method.removesuffix(LM_SUFFIX) not in model.head.methods:
+            parser.error(f"method {method}: the {cfg.get('head', {}).get('name', 'ctc')} head decodes with "
+                         f"{', '.join(model.head.methods)} (each also as METHOD{LM_SUFFIX})")
+    if (len(sets) > 1 and "{set}" not in args.out_dir) or (len(methods) > 1 and "{method}" not in args.out_dir):
+        parser.error("--out-dir needs {set} and {method} in it to tell several sets and methods apart")
+    lm = load_lm(args.lm) if fused and args.lm else None
+    if fused and lm is None:
+        parser.error(f"{', '.join(fused)} need --lm")
     if lm is not None and lm.vocab_size != tokenizer.vocab_size:
         parser.error(f"--lm has {lm.vocab_size} tokens, the ASR tokenizer {tokenizer.vocab_size}")
-    options = decode_options(cfg.get("decode"), beam_size=args.beam_size, lm=lm,
-                             lm_weight=args.lm_weight if lm is not None else 0.0, length_bonus=args.length_bonus)
-    loader = make_dataloader(load_cuts(args.cuts), input_type=get_frontend(cfg["frontend"]).input_type,
-                             max_duration=args.max_duration, shuffle=False,
-                             normalize_waveform=cfg.get("data", {}).get("normalize_waveform", False))
+    if fused and args.lm_weight is None and args.tune_on not in sets:
+        parser.error("the LM methods need --lm-weight, or --tune-on naming one of the --cuts sets")
+    setup_logging(out_dir_of(args.out_dir, next(iter(sets)), methods[0]).parent / "decode.log")
 
-    hyps, refs, audio_seconds = {}, {}, 0.0
-    start = time.perf_counter()
-    for batch in loader:
-        for cut_id, tokens, text in zip(batch["cut_ids"], model.decode(batch["inputs"], batch["input_lens"], args.method, options),
-                                        batch["texts"]):
-            hyps[cut_id] = tokenizer.decode(tokens)
-            if text is not None:
-                refs[cut_id] = text
-        audio_seconds += sum(batch["durations"])
-    elapsed = time.perf_counter() - start
+    def options(method: str, lm_weight: float = 0.0, length_bonus: float = 0.0) -> DecodeOptions:
+        if not method.endswith(LM_SUFFIX):
+            return decode_options(decode_cfg, beam_size=args.beam_size)
+        return decode_options(decode_cfg, beam_size=args.beam_size, lm=lm, lm_weight=lm_weight,
+                              length_bonus=length_bonus)
 
-    write_text_atomic(args.out_dir / "hyp.txt", "".join(f"{k} {v}\n" for k, v in sorted(hyps.items())))
-    if refs:
-        write_text_atomic(args.out_dir / "ref.txt", "".join(f"{k} {v}\n" for k, v in sorted(refs.items())))
-    info = {"method": args.method, "beam_size": options.beam_size, "lm": args.lm, "lm_weight": options.lm_weight,
-            "length_bonus": options.length_bonus, "num_utts": len(hyps), "audio_seconds": round(audio_seconds, 2),
-            "decode_seconds": round(elapsed, 3), "real_time_factor": round(elapsed / max(audio_seconds, 1e-9), 5),
-            "threads": torch.get_num_threads()}
-    write_text_atomic(args.out_dir / "decode_info.json", json.dumps(info, indent=2) + "\n")
-    logging.info("decoded %d utterances with %s in %.1f s (RTF %.4f)", len(hyps), args.method, elapsed,
-                 info["real_time_factor"])
+    fusion: Dict[str, Tuple[float, float]] = {}  # METHOD+lm → (λ, β)
+    if fused and args.lm_weight is not None:
+        fusion = {m: (args.lm_weight, args.length_bonus) for m in fused}
+    else:
+        for method in fused:
+            tuning = out_dir_of(args.out_dir, args.tune_on, method) / TUNING_FILE
+            if tuning.exists() and not args.overwrite:
+                best = json.loads(tuning.read_text())
+                fusion[method] = (best["lm_weight"], best["length_bonus"])
+    grid = decode_cfg.get("tune", {})
+    if len(fusion) < len(fused) and not grid.get("lm_weight"):
+        parser.error("tuning λ and β needs the grid decode.tune.lm_weight (and length_bonus) in the model config")
+
+    # the tuning set first: the other sets' fused searches use its λ, β
+    for set_name in sorted(sets, key=lambda name: name != args.tune_on):
+        pending = [m for m in methods if args.overwrite
+                   or not (out_dir_of(args.out_dir, set_name, m) / "decode_info.json").exists()]
+        if not pending:
+            logging.info("%s: every method already decoded", set_name)
+            continue
+        searches: Dict[object, Search] = {}
+        for method in pending:
+            base = method.removesuffix(LM_SUFFIX)
+            if method in fusion or not method.endswith(LM_SUFFIX):
+                searches[method] = Search(base, options(method, *fusion.get(method, (0.0, 0.0))))
+            else:  # tuned here: one search per grid point
+                for lm_weight in grid["lm_weight"]:
+                    for length_bonus in grid.get("length_bonus", [0.0]):
+                        point = (method, float(lm_weight), float(length_bonus))
+                        searches[point] = Search(base, options(method, *point[1:]))
+        set_pass = run_searches(model, cfg, tokenizer, sets[set_name], searches, args.max_duration)
+        for method in pending:
+            out_dir = out_dir_of(args.out_dir, set_name, method)
+            info = {"method": method.removesuffix(LM_SUFFIX), "set": set_name, "cuts": sets[set_name],
+                    "lm": args.lm if method.endswith(LM_SUFFIX) else None}
+            if method not in searches:
+                search = tune_on_set(method, searches, set_pass, out_dir)
+                fusion[method] = (search.options.lm_weight, search.options.length_bonus)
+                info["tuned_on"] = set_name
+            else:
+                search = searches[method]
+                if method.endswith(LM_SUFFIX) and args.lm_weight is None:
+                    info["tuned_on"] = args.tune_on
+            write_decoding(out_dir, search, set_pass, info)
+
+
+def tune_on_set(method: str, searches: Dict[object, Search], set_pass: SetPass, out_dir: Path) -> Search:
+    """The grid point of METHOD+lm with the lowest WER on this (transcribed) set; writes the grid."""
+    if not set_pass.refs:
+        raise SystemExit(f"cannot tune λ, β of {method} on a set without transcripts ({out_dir})")
+    points = {key[1:]: search for key, search in searches.items() if isinstance(key, tuple) and key[0] == method}
+    lm_weights = sorted({lw for lw, _ in points}, key=[lw for lw, _ in points].index)
+    length_bonuses = sorted({lb for _, lb in points}, key=[lb for _, lb in points].index)
+    best = tune_fusion(lambda lw, lb: points[(lw, lb)].hyps, set_pass.refs, lm_weights, length_bonuses)
+    write_text_atomic(out_dir / TUNING_FILE, json.dumps({**best, "method": method,
+                                                         "num_utts": len(set_pass.refs)}, indent=2) + "\n")
+    logging.info("%s: best λ=%g β=%g, WER %.2f %% on %s", method, best["lm_weight"], best["length_bonus"],
+                 best["dev_wer"], out_dir)
+    return points[(best["lm_weight"], best["length_bonus"])]
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@
 #                 the head's `decode` section, one process per system; LM methods: λ, β
 #                 tuned on the validation set, then used for every set
 #   8 score       kaldialign WER; one JSON line per result in exp/results.jsonl
-#   9 results     RESULTS.md rendered from exp/results.jsonl
+#   9 noisy student, --generations N (0: skipped): the teacher transcribes the unlabeled audio,
+#                 the pseudo-labels are filtered (conf/noisy_student.yaml), a student trains on
+#                 labels + pseudo-labels with noise, is decoded and scored, and teaches the next
+#  10 results     RESULTS.md rendered from exp/results.jsonl
 # Every stage leaves a .done marker and is skipped when it exists (--force true redoes it);
 # training stages resume from their last checkpoint after a kill.
 set -euo pipefail
@@ -33,6 +36,7 @@ labeled=all            # seconds of labeled audio (600, 1h, 10m) or "all"
 no_pretrain=false      # scratch baseline only
 init_from=""           # a transformers model directory (wav2vec2, hubert, ...): imported, not pretrained
 compare_scratch=true   # also fine-tune a scratch system with the same head and labels
+generations=${generations:-0}  # noisy-student generations (stage 9)
 corpus_dir=""
 nj=2
 nproc=1                # processes per node for training (torchrun when > 1)
@@ -54,7 +58,7 @@ test_sets=${test_sets:-"dev test"}
 pretrain_splits=${pretrain_splits:-"train unlabeled"}
 valid_set=${valid_set:-dev}  # validation during training and LM/fusion tuning
 
-usage() { sed -n '2,22p' "${BASH_SOURCE[0]}"; grep -E '^[a-z_]+=.*' "${BASH_SOURCE[0]}" | sed -n '1,26p'; }
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d'; sed -n '/^# -* options/,/^usage()/p' "${BASH_SOURCE[0]}" | sed '1d;$d'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -236,29 +240,32 @@ if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
   fi
 fi
 
+finetune_configs() {  # finetune_configs pretrained|scratch: the YAML files of a fine-tuning run, merged in order
+  local configs="$conf_dir/frontend_$frontend.yaml $conf_dir/finetune_$head.yaml"
+  [ -z "$init_from" ] || configs="$pretrain_dir/frontend.yaml $conf_dir/finetune_$head.yaml"  # imported architecture
+  # settings for this amount of labels (e.g. LibriSpeech's 10m / 1h / 10h fairseq configs)
+  [ ! -f $conf_dir/finetune_${head}_${labeled_tag}.yaml ] || configs="$configs $conf_dir/finetune_${head}_${labeled_tag}.yaml"
+  # fine-tuning settings of the frontend (e.g. SpecAugment for fbank frontends)
+  [ ! -f $conf_dir/finetune_${frontend}.yaml ] || configs="$configs $conf_dir/finetune_${frontend}.yaml"
+  [ "$1" != scratch ] || configs="$configs $conf_dir/scratch.yaml"
+  echo "$configs"
+}
+train_cuts=$(cuts train)  # the labeled data: all of train, or --labeled seconds of it
+[ "$labeled_seconds" = all ] || train_cuts=$manifests/${corpus}_cuts_train_${labeled_tag}$feats.jsonl.gz
+
 if run_stage 5; then
   [ -z "$init_from" ] || [ -f $pretrain_dir/.done ] || import_init_from
-  train_cuts=$(cuts train)
-  if [ "$labeled_seconds" != all ]; then
-    train_cuts=$manifests/${corpus}_cuts_train_${labeled_tag}$feats.jsonl.gz
-    [ -f "$train_cuts" ] || "$python" -m sslasr.bin.cuts subset --cuts "$(cuts train)" \
-      --seconds "$labeled_seconds" --out "$train_cuts"
-  fi
+  [ -f "$train_cuts" ] || "$python" -m sslasr.bin.cuts subset --cuts "$(cuts train)" \
+    --seconds "$labeled_seconds" --out "$train_cuts"
   for system in $systems; do
     dir=$(system_dir $system)
     if done_or_force $dir/.done; then log "$dir ready"; continue; fi
     log "fine-tuning $dir"
     fresh_training $dir
-    configs="$conf_dir/frontend_$frontend.yaml $conf_dir/finetune_$head.yaml"
-    [ -z "$init_from" ] || configs="$pretrain_dir/frontend.yaml $conf_dir/finetune_$head.yaml"  # imported architecture
-    # settings for this amount of labels (e.g. LibriSpeech's 10m / 1h / 10h fairseq configs)
-    [ ! -f $conf_dir/finetune_${head}_${labeled_tag}.yaml ] || configs="$configs $conf_dir/finetune_${head}_${labeled_tag}.yaml"
-    # fine-tuning settings of the frontend (e.g. SpecAugment for fbank frontends)
-    [ ! -f $conf_dir/finetune_${frontend}.yaml ] || configs="$configs $conf_dir/finetune_${frontend}.yaml"
     init="finetune.init_from=$pretrain_dir/model_final.pt"
-    if [ $system = scratch ]; then configs="$configs $conf_dir/scratch.yaml"; init="finetune.init_from=null"; fi
-    train $dir --config $configs --set task=asr data.train_cuts="$train_cuts" data.valid_cuts="$(cuts $valid_set)" \
-      data.tokenizer=$lang/bpe.model "$init" $finetune_opts
+    [ $system != scratch ] || init="finetune.init_from=null"
+    train $dir --config $(finetune_configs $system) --set task=asr data.train_cuts="$train_cuts" \
+      data.valid_cuts="$(cuts $valid_set)" data.tokenizer=$lang/bpe.model "$init" $finetune_opts
     "$python" -m sslasr.bin.cuts seconds "$train_cuts" > $dir/labeled_seconds
     touch $dir/.done
   done
@@ -281,61 +288,131 @@ fi
 decode_methods() {  # decode_methods SYSTEM_DIR: the model config's decoding methods, METHOD+lm with the LM
   "$python" - "$1/config.yaml" <<'EOF'
 import sys
-from sslasr.models.heads import HEADS
 from sslasr.utils.config import load_config
 cfg = load_config(sys.argv[1])
 decode = cfg.get("decode", {})
-methods = decode.get("methods", [HEADS[cfg.get("head", {}).get("name", "ctc")].greedy_method])
+if "methods" in decode:
+    methods = decode["methods"]
+else:  # the head's greedy method; importing the heads (torch) costs seconds, so only here
+    from sslasr.models.heads import HEADS
+    methods = [HEADS[cfg.get("head", {}).get("name", "ctc")].greedy_method]
 print(" ".join(methods + [m + "+lm" for m in decode.get("lm_methods", [])]))
 EOF
 }
-json_value() { "$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+json_value() {  # json_value FILE KEY: the value (null for none; fails when the key is missing)
+  "$python" -c 'import json, sys; v = json.load(open(sys.argv[1]))[sys.argv[2]]; print("null" if v is None else v)' "$1" "$2"
+}
+
+decode_sets=$test_sets  # + the validation set, which the LM methods tune λ, β on
+case " $test_sets " in *" $valid_set "*) ;; *) decode_sets="$valid_set $test_sets" ;; esac
+decode_system() {  # decode_system DIR: every set with every method of DIR's model, in one process
+  local dir=$1 methods fusion="" overwrite=""
+  if done_or_force $dir/.decode.done; then log "$dir: decoded"; return; fi
+  methods=$(decode_methods $dir)
+  case " $methods " in *+lm" "*)  # λ, β tuned on the validation set, then used for every set
+    [ -f $lm_dir/.done ] || { echo "$0: $methods: the LM methods need stage 6 ($lm_dir)" >&2; exit 1; }
+    fusion="--lm $lm_dir/model_final.pt --tune-on $valid_set" ;;
+  esac
+  [ "$force" != true ] || overwrite=--overwrite
+  log "decoding $decode_sets with $dir: $methods"
+  "$python" -m sslasr.bin.decode --model $dir/model_final.pt \
+    --cuts $(for s in $decode_sets; do printf '%s=%s ' "$s" "$(cuts "$s")"; done) \
+    --methods $methods --out-dir "$dir/decode_{set}_{method}" $fusion $overwrite $decode_opts
+  touch $dir/.decode.done
+}
+score_system() {  # score_system DIR pretrained|scratch GENERATION [KEY=VALUE...]: a results row per (set, method)
+  local dir=$1 pretrained=false row_frontend=none generation=$3 method lm_row test_set out
+  [ $2 != pretrained ] || { pretrained=true; row_frontend=$frontend; }
+  shift 3
+  for method in $(decode_methods $dir); do
+    lm_row=""
+    [ "${method%+lm}" = "$method" ] || lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"
+    for test_set in $test_sets; do
+      out=$dir/decode_${test_set}_${method/+lm/_lm}
+      if done_or_force $out/.scored; then continue; fi
+      "$python" -m sslasr.bin.score --ref $out/ref.txt --hyp $out/hyp.txt --out-dir $out \
+        --results exp/results.jsonl --set corpus=$corpus test_set=$test_set frontend=$row_frontend \
+        head=$head decoding=$method lm_weight=$(json_value $out/decode_info.json lm_weight) \
+        length_bonus=$(json_value $out/decode_info.json length_bonus) $lm_row \
+        labeled_seconds="$(cat "$dir/labeled_seconds" 2>/dev/null || echo null)" \
+        pretrained=$pretrained generation=$generation exp=$dir "$@" "command=$command_line"
+      touch $out/.scored
+    done
+  done
+}
 
 if run_stage 7; then
-  decode_sets=$test_sets
-  case " $test_sets " in *" $valid_set "*) ;; *) decode_sets="$valid_set $test_sets" ;; esac
-  for system in $systems; do
-    dir=$(system_dir $system)
-    if done_or_force $dir/.decode.done; then log "$dir: decoded"; continue; fi
-    methods=$(decode_methods $dir)
-    fusion=""
-    case " $methods " in *+lm" "*)  # λ, β tuned on the validation set, then used for every set
-      [ -f $lm_dir/.done ] || { echo "$0: $methods: the LM methods need stage 6 ($lm_dir)" >&2; exit 1; }
-      fusion="--lm $lm_dir/model_final.pt --tune-on $valid_set" ;;
-    esac
-    overwrite=""; [ "$force" != true ] || overwrite=--overwrite
-    log "decoding $decode_sets with $dir: $methods"
-    "$python" -m sslasr.bin.decode --model $dir/model_final.pt \
-      --cuts $(for s in $decode_sets; do printf '%s=%s ' "$s" "$(cuts "$s")"; done) \
-      --methods $methods --out-dir "$dir/decode_{set}_{method}" $fusion $overwrite $decode_opts
-    touch $dir/.decode.done
-  done
+  for system in $systems; do decode_system $(system_dir $system); done
 fi
 
 if run_stage 8; then
-  for system in $systems; do
-    dir=$(system_dir $system)
-    [ $system = pretrained ] && pretrained=true || pretrained=false
-    [ $system = pretrained ] && row_frontend=$frontend || row_frontend=none
-    for method in $(decode_methods $dir); do
-      lm_row=""
-      [ "${method%+lm}" = "$method" ] || lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"
-      for test_set in $test_sets; do
-        out=$dir/decode_${test_set}_${method/+lm/_lm}
-        if done_or_force $out/.scored; then continue; fi
-        "$python" -m sslasr.bin.score --ref $out/ref.txt --hyp $out/hyp.txt --out-dir $out \
-          --results exp/results.jsonl --set corpus=$corpus test_set=$test_set frontend=$row_frontend \
-          head=$head decoding=$method lm_weight=$(json_value $out/decode_info.json lm_weight) \
-          length_bonus=$(json_value $out/decode_info.json length_bonus) $lm_row \
-          labeled_seconds="$(cat "$dir/labeled_seconds" 2>/dev/null || echo null)" \
-          pretrained=$pretrained generation=0 exp=$dir "command=$command_line"
-        touch $out/.scored
-      done
-    done
+  for system in $systems; do score_system $(system_dir $system) $system 0; done
+fi
+
+# noisy student (--generations N): generation g's teacher (the pretrained system for g = 1)
+# transcribes the unlabeled pool with its best method; the filtered pseudo-labels plus the labels
+# train a student from the pretrained encoder, with noise (conf/noisy_student.yaml's `student`
+# settings over the fine-tuning configs); the student, decoded and scored, teaches g + 1.
+noisy_student_dir=exp/noisy_student_${head}_${frontend_tag}_${labeled_tag}
+pseudo_label_search() {  # pseudo_label_search TEACHER_DIR: "METHOD BEAM" of pseudo_label (method: else the teacher's last)
+  "$python" - "$conf_dir/noisy_student.yaml" "$(decode_methods $1)" <<'EOF'
+import sys
+from sslasr.utils.config import load_config
+settings = load_config(sys.argv[1]).get("pseudo_label") or {}
+print(settings.get("method") or sys.argv[2].split()[-1], settings.get("beam_size") or "")
+EOF
+}
+pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool (+ valid set), filter
+  local teacher=$1 out=$2 method beam fusion="" tuned reference=""
+  read -r method beam <<< "$(pseudo_label_search $teacher)"
+  if [ "${method%+lm}" != "$method" ]; then  # the teacher's λ, β, as tuned on the validation set
+    tuned=$teacher/decode_${valid_set}_${method/+lm/_lm}/decode_info.json
+    fusion="--lm $lm_dir/model_final.pt --lm-weight $(json_value $tuned lm_weight) --length-bonus $(json_value $tuned length_bonus)"
+  fi
+  log "pseudo-labelling unlabeled and $valid_set with $teacher ($method)"
+  "$python" -m sslasr.bin.decode --model $teacher/model_final.pt --confidence --methods $method \
+    --cuts unlabeled="$(cuts unlabeled)" $valid_set="$(cuts $valid_set)" --out-dir "$out/decode_{set}" \
+    ${beam:+--beam-size $beam} $fusion $decode_opts
+  [ ! -f "$corpus_dir/unlabeled/text.reference" ] || reference="--reference $corpus_dir/unlabeled/text.reference"
+  "$python" -m sslasr.bin.pseudo_label --cuts "$(cuts unlabeled)" --decode-dir $out/decode_unlabeled \
+    --labeled-cuts "$train_cuts" --config $conf_dir/noisy_student.yaml $reference \
+    --out-cuts $out/pseudo_labeled.jsonl.gz --report $out/report.json
+  # the same filter on transcribed audio: how good the kept pseudo-labels are where the truth is known
+  "$python" -m sslasr.bin.pseudo_label --cuts "$(cuts $valid_set)" --decode-dir $out/decode_$valid_set \
+    --labeled-cuts "$train_cuts" --config $conf_dir/noisy_student.yaml --report $out/report_$valid_set.json
+}
+if run_stage 9 && [ "$generations" -gt 0 ]; then
+  [ -f $conf_dir/noisy_student.yaml ] || { echo "$0: --generations needs $conf_dir/noisy_student.yaml" >&2; exit 1; }
+  [ "$no_pretrain" != true ] || { echo "$0: noisy student starts from the pretrained system" >&2; exit 2; }
+  [ -f "$(cuts unlabeled)" ] || { echo "$0: noisy student needs an unlabeled split ($(cuts unlabeled))" >&2; exit 1; }
+  teacher=$(system_dir pretrained)
+  for g in $(seq 1 "$generations"); do
+    student=$noisy_student_dir/gen$g
+    labels=$student/pseudo_labels
+    if done_or_force $labels/.done; then log "generation $g: pseudo-labels ready"; else
+      pseudo_label $teacher $labels
+      "$python" -m sslasr.bin.cuts combine --out $labels/student_train.jsonl.gz "$train_cuts" $labels/pseudo_labeled.jsonl.gz
+      touch $labels/.done
+    fi
+    if done_or_force $student/.done; then log "generation $g: student ready"; else
+      log "generation $g: training the noisy student $student"
+      [ "$force" != true ] || rm -rf $student/checkpoints $student/model_final.pt
+      train $student --config $(finetune_configs pretrained) $conf_dir/noisy_student.yaml --set task=asr \
+        data.train_cuts=$labels/student_train.jsonl.gz data.valid_cuts="$(cuts $valid_set)" \
+        data.tokenizer=$lang/bpe.model finetune.init_from=$pretrain_dir/model_final.pt $finetune_opts
+      "$python" -m sslasr.bin.cuts seconds "$train_cuts" > $student/labeled_seconds
+      touch $student/.done
+    fi
+    decode_system $student
+    score_system $student pretrained $g \
+      teacher=$teacher pseudo_label_seconds=$(json_value $labels/report.json kept_seconds) \
+      pseudo_label_wer=$(json_value $labels/report.json wer_kept 2>/dev/null || echo null) \
+      pseudo_label_${valid_set}_wer=$(json_value $labels/report_$valid_set.json wer_kept)
+    teacher=$student
   done
 fi
 
-if run_stage 9; then
+if run_stage 10; then
   "$python" -m sslasr.bin.render_results --results exp/results.jsonl --out RESULTS.md \
     --title "$corpus results"
   log "wrote RESULTS.md"

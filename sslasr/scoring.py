@@ -346,10 +346,21 @@ FUSION_COLUMNS = (
 )
 
 
+# Shown after "generation" only in tables with a noisy-student row: the pseudo-labeled audio the
+# student trained on, and its pseudo-labels' WER where the unlabeled pool's true text is known.
+NOISY_STUDENT_COLUMNS = (
+    ("pseudo-labeled", "pseudo_label_seconds", lambda s: _cell(s) if s is None else human_duration(s)),
+    ("pseudo-label WER %", "pseudo_label_wer", _cell),
+)
+
+
 def _columns(rows: list[dict[str, Any]]) -> list[tuple]:
+    keys = [key for _, key, _ in COLUMNS]
     fusion = [c for c in FUSION_COLUMNS if any(c[1] in r for r in rows)]
-    split = [key for _, key, _ in COLUMNS].index("lm_weight") + 1
-    return list(COLUMNS[:split]) + fusion + list(COLUMNS[split:])
+    student = [c for c in NOISY_STUDENT_COLUMNS if any(c[1] in r for r in rows)]
+    after_lm, after_generation = keys.index("lm_weight") + 1, keys.index("generation") + 1
+    return (list(COLUMNS[:after_lm]) + fusion + list(COLUMNS[after_lm:after_generation]) + student
+            + list(COLUMNS[after_generation:]))
 
 
 def _render_table(rows: list[dict[str, Any]]) -> list[str]:

@@ -13,7 +13,9 @@ grid's WERs go to fusion_tuning.json in SET's METHOD+lm folder, which a resumed 
 METHOD+lm hypotheses are the best point's, other sets are decoded with the tuned λ, β.
 `{method}` in --out-dir reads METHOD_lm for METHOD+lm. A (set, method) whose folder holds
 decode_info.json is skipped (it is written last) unless --overwrite. Search settings (beam sizes,
-...) come from the model config's `decode` section; --beam-size overrides them.
+...) come from the model config's `decode` section; --beam-size overrides them. With --confidence,
+scores.txt gives each hypothesis's length-normalised score, −loss(hyp)/(|hyp| + 1) under the head's
+own training loss (what noisy-student pseudo-label filtering ranks by).
 """
 
 import argparse
@@ -56,6 +58,7 @@ class Search:
     method: str
     options: DecodeOptions
     hyps: Dict[str, str] = field(default_factory=dict)
+    scores: Dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -69,8 +72,23 @@ class SetPass:
 
 
 @torch.no_grad()
+def hypothesis_scores(head, hidden: torch.Tensor, lengths: torch.Tensor, token_ids: List[List[int]]) -> List[float]:
+    """−loss(hyp) / (|hyp| + 1) per utterance: the head's training loss of its own hypothesis,
+    per output token (+1 for the end of the sentence, so empty hypotheses get a finite score)."""
+    scores = []
+    for i, tokens in enumerate(token_ids):
+        frames = int(lengths[i])
+        if len(tokens) > frames:  # no alignment exists (CTC's zero_infinity would score it 0)
+            scores.append(float("-inf"))
+            continue
+        loss = float(head.loss(hidden[i:i + 1, :frames], lengths[i:i + 1], [tokens]))
+        scores.append(-loss / (len(tokens) + 1) if loss == loss else float("-inf"))
+    return scores
+
+
+@torch.no_grad()
 def run_searches(model: AsrModel, cfg: Dict, tokenizer: Tokenizer, cuts_path: str,
-                 searches: Dict[object, Search], max_duration: float) -> SetPass:
+                 searches: Dict[object, Search], max_duration: float, confidence: bool = False) -> SetPass:
     """Encode each batch of CUTS_PATH once and run every search on the encoder output."""
     loader = make_dataloader(load_cuts(cuts_path), input_type=get_frontend(cfg["frontend"]).input_type,
                              max_duration=max_duration, shuffle=False,
@@ -85,6 +103,9 @@ def run_searches(model: AsrModel, cfg: Dict, tokenizer: Tokenizer, cuts_path: st
             token_ids = model.head.decode(encoded.hidden, encoded.lengths, search.method, search.options)
             search.seconds += time.perf_counter() - start
             search.hyps.update((cut, tokenizer.decode(t)) for cut, t in zip(batch["cut_ids"], token_ids))
+            if confidence:  # not part of the search's time: it is a second pass
+                search.scores.update(zip(batch["cut_ids"], hypothesis_scores(
+                    model.head, encoded.hidden, encoded.lengths, token_ids)))
         result.refs.update((cut, text) for cut, text in zip(batch["cut_ids"], batch["texts"]) if text is not None)
         result.audio_seconds += sum(batch["durations"])
     return result
@@ -95,6 +116,8 @@ def write_decoding(out_dir: Path, search: Search, set_pass: SetPass, info: Dict)
     write_text_atomic(out_dir / "hyp.txt", "".join(f"{k} {v}\n" for k, v in sorted(search.hyps.items())))
     if set_pass.refs:
         write_text_atomic(out_dir / "ref.txt", "".join(f"{k} {v}\n" for k, v in sorted(set_pass.refs.items())))
+    if search.scores:
+        write_text_atomic(out_dir / "scores.txt", "".join(f"{k} {v:.6g}\n" for k, v in sorted(search.scores.items())))
     seconds = set_pass.encode_seconds + search.seconds  # the encoder's share counts in every method's RTF
     info = {**info, "beam_size": search.options.beam_size, "lm_weight": search.options.lm_weight,
             "length_bonus": search.options.length_bonus, "num_utts": len(search.hyps),
@@ -136,6 +159,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tune-on", help="the set (a --cuts NAME) to tune λ and β on")
     parser.add_argument("--beam-size", type=int, help="default: the model config's decode.beam_size / lm_beam_size")
     parser.add_argument("--overwrite", action="store_true", help="redo (set, method) folders already decoded")
+    parser.add_argument("--confidence", action="store_true", help="also write scores.txt (see above)")
     parser.add_argument("--max-duration", type=float, default=200.0, help="seconds of audio per batch")
     parser.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -202,7 +226,7 @@ def main(argv=None) -> None:
                     for length_bonus in grid.get("length_bonus", [0.0]):
                         point = (method, float(lm_weight), float(length_bonus))
                         searches[point] = Search(base, options(method, *point[1:]))
-        set_pass = run_searches(model, cfg, tokenizer, sets[set_name], searches, args.max_duration)
+        set_pass = run_searches(model, cfg, tokenizer, sets[set_name], searches, args.max_duration, args.confidence)
         for method in pending:
             out_dir = out_dir_of(args.out_dir, set_name, method)
             info = {"method": method.removesuffix(LM_SUFFIX), "set": set_name, "cuts": sets[set_name],

@@ -1,0 +1,77 @@
+"""Filter a teacher's decoding of unlabeled cuts into pseudo-labeled cuts (noisy-student training).
+
+    python -m sslasr.bin.pseudo_label --cuts data/manifests/minisynth_cuts_unlabeled.jsonl.gz \\
+        --decode-dir exp/noisy_student/gen1/labels/decode_unlabeled \\
+        --labeled-cuts data/manifests/minisynth_cuts_train.jsonl.gz --config conf/noisy_student.yaml \\
+        --reference corpus/unlabeled/text.reference \\
+        --out-cuts exp/noisy_student/gen1/labels/pseudo_labeled.jsonl.gz --report exp/.../report.json
+
+DECODE_DIR is a folder of sslasr.bin.decode --confidence (hyp.txt, scores.txt). The filter
+(sslasr/data/pseudo_labels.py) reads the `pseudo_label` section of --config. The report counts
+kept and dropped cuts (per reason) and, where the true transcripts are known (--reference, or
+transcripts in --cuts), the pseudo-labels' WER over all cuts and over the kept ones.
+"""
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from sslasr.bin.score import read_kaldi_text
+from sslasr.data.loader import load_cuts
+from sslasr.data.manifests import write_cuts
+from sslasr.data.pseudo_labels import DROP_REASONS, FilterConfig, median_rate, relabel, select
+from sslasr.decoding.fusion import corpus_wer
+from sslasr.utils.config import load_configs
+from sslasr.utils.io import write_text_atomic
+from sslasr.utils.logging import setup_logging
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cuts", required=True, help="the decoded cuts (audio of the unlabeled pool)")
+    parser.add_argument("--decode-dir", required=True, type=Path, help="hyp.txt and scores.txt of the teacher")
+    parser.add_argument("--labeled-cuts", required=True, help="transcribed cuts: the reference speaking rate")
+    parser.add_argument("--config", nargs="+", default=[], help="YAML with a pseudo_label section")
+    parser.add_argument("--set", nargs="*", default=[], help="key=value overrides, e.g. pseudo_label.keep_fraction=0.8")
+    parser.add_argument("--reference", help="Kaldi text of the true transcripts, to measure the pseudo-labels")
+    parser.add_argument("--out-cuts", help="the kept cuts with their pseudo-labels (omit to only report)")
+    parser.add_argument("--report", required=True, type=Path, help="JSON counts and WERs")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    settings = dict(load_configs(args.config, args.set).get("pseudo_label") or {})
+    for search_key in ("method", "beam_size"):  # how the hypotheses were made: the driver's business
+        settings.pop(search_key, None)
+    cfg = FilterConfig.from_dict(settings)
+    hyps = read_kaldi_text(args.decode_dir / "hyp.txt")
+    scores = {cut: float(value) for cut, value in read_kaldi_text(args.decode_dir / "scores.txt").items()}
+    cuts = load_cuts(args.cuts)
+    durations = {cut.id: cut.duration for cut in cuts}
+    rate = median_rate(load_cuts(args.labeled_cuts))
+    kept, dropped = select(durations, hyps, scores, rate, cfg)
+
+    report = {"num_cuts": len(durations), "kept": len(kept),
+              "kept_seconds": round(sum(durations[c] for c in kept), 2),
+              "dropped": {reason: dropped.get(reason, 0) for reason in DROP_REASONS},
+              "labeled_letters_per_second": round(rate, 3), "filter": vars(cfg)}
+    references = read_kaldi_text(args.reference) if args.reference else {
+        cut.id: cut.supervisions[0].text for cut in cuts if cut.supervisions and cut.supervisions[0].text}
+    references = {cut: text for cut, text in references.items() if cut in durations}
+    if references:
+        report["wer_all"] = round(corpus_wer(hyps, references), 2)
+        kept_refs = {cut: text for cut, text in references.items() if cut in kept}
+        report["wer_kept"] = round(corpus_wer(kept, kept_refs), 2) if kept_refs else None
+        report["num_references"] = len(references)
+    if args.out_cuts:
+        if not kept:
+            raise SystemExit(f"the filter kept none of the {len(durations)} cuts: {dict(dropped)}")
+        write_cuts(relabel(cuts, kept, scores), Path(args.out_cuts))
+    write_text_atomic(args.report, json.dumps(report, indent=2) + "\n")
+    logging.info("pseudo-labels: kept %d of %d cuts (%.0f s); dropped %s%s", len(kept), len(durations),
+                 report["kept_seconds"], dict(dropped),
+                 f"; WER {report['wer_all']} % all, {report['wer_kept']} % kept" if references else "")
+
+
+if __name__ == "__main__":
+    main()

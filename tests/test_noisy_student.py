@@ -1,0 +1,158 @@
+"""Noisy-student self-training: the pseudo-label filter (every drop reason, the top fraction, the
+rate check), relabelled cuts, the confidence score, the filter CLI's report, the results table's
+columns, and the recipe's stage 9 at smoke size."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lhotse import CutSet
+from lhotse.testing.dummies import dummy_cut, dummy_supervision
+
+from recipe_smoke import SMOKE, recipe_with_data, run_recipe
+from sslasr.bin import pseudo_label
+from sslasr.bin.decode import hypothesis_scores
+from sslasr.data.pseudo_labels import FilterConfig, letters_per_second, median_rate, relabel, select
+from sslasr.models.heads.ctc import CtcHead
+from sslasr.scoring import render_results_md
+from sslasr.utils.config import load_config
+
+
+def cut(i: int, seconds: float, text=None):
+    c = dummy_cut(i, duration=seconds, supervisions=[dummy_supervision(i, duration=seconds, text=text)])
+    return c
+
+
+def test_select_counts_every_reason_and_keeps_the_best_scores():
+    # labeled median rate 10 letters/s → kept rates within [5, 20] letters/s
+    durations = {f"u{i}": 1.0 for i in range(9)}
+    hyps = {"u1": "", "u2": "abc", "u3": "a" * 30, "u4": "abcd efgh", "u5": "abcd efgh ij",
+            "u6": "abcdefghij", "u7": "abcdefghijk", "u8": "abcdefghijkl"}  # u0: no hypothesis
+    scores = {"u4": -3.0, "u5": -0.5, "u6": -0.1, "u7": -0.2, "u8": -0.3}
+    cfg = FilterConfig(keep_fraction=0.5, min_score=-1.0, rate_ratio=(0.5, 2.0))
+    kept, dropped = select(durations, hyps, scores, labeled_rate=10.0, cfg=cfg)
+    assert dropped == {"no_hypothesis": 1, "too_short": 1, "too_slow": 1, "too_fast": 1, "low_score": 1,
+                       "below_top_fraction": 2}
+    # u5..u8 pass every check; the best ceil(0.5 × 4) = 2 by score are u6 (−0.1) and u7 (−0.2)
+    assert kept == {"u6": "abcdefghij", "u7": "abcdefghijk"}
+    assert sum(dropped.values()) + len(kept) == len(durations)
+
+
+def test_select_without_thresholds_keeps_every_sane_hypothesis():
+    durations = {"a": 2.0, "b": 2.0}
+    kept, dropped = select(durations, {"a": "ab cd", "b": "abcd"}, {"a": -1.0, "b": float("-inf")},
+                           labeled_rate=2.0, cfg=FilterConfig())
+    assert kept == {"a": "ab cd"} and dropped["low_score"] == 1  # a −inf score (no alignment) is never kept
+
+
+def test_filter_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="unknown"):
+        FilterConfig.from_dict({"keep_fraction": 0.9, "keep": 1})
+    with pytest.raises(ValueError, match="keep_fraction"):
+        FilterConfig.from_dict({"keep_fraction": 0.0})
+    with pytest.raises(ValueError, match="rate_ratio"):
+        FilterConfig.from_dict({"rate_ratio": [2.0, 1.0]})
+    assert FilterConfig.from_dict({"rate_ratio": [0.3, 3]}).rate_ratio == (0.3, 3)
+
+
+def test_median_rate_and_relabel():
+    labeled = [cut(0, 2.0, "ab cd"), cut(1, 1.0, "abcdef"), cut(2, 4.0, "abcd")]
+    assert median_rate(labeled) == pytest.approx(2.0)  # rates 2, 6 and 1 letters/s
+    assert letters_per_second("a b", 0.5) == 4.0
+    unlabeled = CutSet.from_cuts([cut(3, 1.0), cut(4, 1.0)])
+    out = list(relabel(unlabeled, {"dummy-mono-cut-0004": "hello"}, {"dummy-mono-cut-0004": -0.25}))
+    assert [c.id for c in out] == ["dummy-mono-cut-0004"]
+    assert out[0].supervisions[0].text == "hello" and out[0].custom["pseudo_label_score"] == -0.25
+    assert out[0].recording == unlabeled[1].recording  # the audio is untouched
+
+
+def test_hypothesis_scores_are_the_ctc_log_likelihood_per_token():
+    torch.manual_seed(0)
+    head = CtcHead(input_dim=6, vocab_size=5).eval()
+    hidden, lengths = torch.randn(2, 7, 6), torch.tensor([7, 5])
+    hyps = [[1, 2, 2], []]
+    scores = hypothesis_scores(head, hidden, lengths, hyps)
+    for i, tokens in enumerate(hyps):
+        log_probs = head.log_probs(hidden[i:i + 1, : lengths[i]]).detach()
+        nll = F.ctc_loss(log_probs.transpose(0, 1), torch.tensor([tokens], dtype=torch.long).reshape(1, -1),
+                         lengths[i:i + 1], torch.tensor([len(tokens)]), reduction="sum")
+        assert scores[i] == pytest.approx(-nll.item() / (len(tokens) + 1), rel=1e-5)
+    assert hypothesis_scores(head, hidden, lengths, [[1] * 8, [1]])[0] == -math.inf  # 8 tokens, 7 frames
+
+
+def test_pseudo_label_cli_writes_cuts_and_a_report(tmp_path: Path):
+    labeled = CutSet.from_cuts([cut(i, 1.0, "abcde") for i in range(3)])  # 5 letters/s
+    unlabeled = CutSet.from_cuts([cut(10 + i, 1.0) for i in range(4)])
+    labeled.to_file(tmp_path / "labeled.jsonl.gz")
+    unlabeled.to_file(tmp_path / "unlabeled.jsonl.gz")
+    ids = [c.id for c in unlabeled]
+    decode = tmp_path / "decode"
+    decode.mkdir()
+    (decode / "hyp.txt").write_text(f"{ids[0]} abc de\n{ids[1]} abcd\n{ids[2]}\n{ids[3]} abcdefghijklmnopqrstu\n")
+    (decode / "scores.txt").write_text(f"{ids[0]} -0.1\n{ids[1]} -0.2\n{ids[2]} -0.3\n{ids[3]} -0.4\n")
+    (tmp_path / "reference").write_text(f"{ids[0]} abc de\n{ids[1]} abcd x\n{ids[2]} a b\n{ids[3]} q\n")
+    (tmp_path / "ns.yaml").write_text("pseudo_label: {method: ctc_beam+lm, beam_size: 4, keep_fraction: 1.0}\n")
+    pseudo_label.main(["--cuts", str(tmp_path / "unlabeled.jsonl.gz"), "--decode-dir", str(decode),
+                       "--labeled-cuts", str(tmp_path / "labeled.jsonl.gz"), "--config", str(tmp_path / "ns.yaml"),
+                       "--reference", str(tmp_path / "reference"), "--out-cuts", str(tmp_path / "out.jsonl.gz"),
+                       "--report", str(tmp_path / "report.json")])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["kept"] == 2 and report["dropped"]["too_short"] == 1 and report["dropped"]["too_fast"] == 1
+    assert report["kept_seconds"] == 2.0 and report["labeled_letters_per_second"] == 5.0
+    # all: 0 + 1 + 2 + 1 errors over 2 + 2 + 2 + 1 words; kept (ids 0 and 1): 1 error over 4 words
+    assert report["wer_all"] == pytest.approx(100 * 4 / 7, abs=0.01) and report["wer_kept"] == 25.0
+    out = CutSet.from_file(tmp_path / "out.jsonl.gz")
+    assert {c.id: c.supervisions[0].text for c in out} == {ids[0]: "abc de", ids[1]: "abcd"}
+
+
+def test_results_table_shows_pseudo_label_columns_only_with_students(tmp_path: Path):
+    base = {"corpus": "c", "test_set": "test", "frontend": "wav2vec2", "head": "ctc", "decoding": "ctc_greedy",
+            "lm_weight": 0, "labeled_seconds": 600, "pretrained": True, "sub": 1, "del": 0, "ins": 0,
+            "num_words": 10, "num_utts": 2, "command": "./run.sh"}
+    rows = [dict(base, generation=0, wer=10.0),
+            dict(base, generation=1, wer=8.0, pseudo_label_seconds=3600, pseudo_label_wer=12.5)]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = render_results_md(tmp_path / "r.jsonl", tmp_path / "R.md").splitlines()
+    header = next(line for line in table if line.startswith("| #"))
+    assert "| generation | pseudo-labeled | pseudo-label WER % | WER % |" in header
+    assert any("| 1 | 1 h | 12.5 | 8.00 |" in line for line in table)
+    assert any("| 0 | - | - | 10.00 |" in line for line in table)
+    (tmp_path / "r0.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert "pseudo-label" not in render_results_md(tmp_path / "r0.jsonl", tmp_path / "R0.md")
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Path):
+    """Stage 9 at smoke size: the pretrained teacher labels the 40 unlabeled cuts, the filter's
+    counts add up, the student trains on labels + kept pseudo-labels with its noise and gets a
+    results row per (set, method) with generation 1 and the pseudo-labels' WER."""
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
+    # a teacher of 4 updates writes (nearly) empty hypotheses: here, keep them all
+    conf = recipe / "conf/noisy_student.yaml"
+    settings = conf.read_text().replace("rate_ratio: [0.5, 2.0]", "rate_ratio: [0.0, 1000.0]")
+    conf.write_text(settings.replace("min_letters: 1", "min_letters: 0"))
+    result = run_recipe(recipe, *SMOKE, "--compare-scratch", "false", "--generations", "1", timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    labels = recipe / "exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels"
+    report = json.loads((labels / "report.json").read_text())
+    assert report["num_cuts"] == 40 and report["kept"] + sum(report["dropped"].values()) == 40
+    assert report["num_references"] == 40 and 0 <= report["wer_all"]  # minisynth keeps the true text aside
+    student_cuts = CutSet.from_file(labels / "student_train.jsonl.gz")
+    assert len(student_cuts) == 40 + report["kept"]
+    assert all(c.supervisions[0].text for c in student_cuts)
+    student_cfg = load_config(recipe / "exp/noisy_student_ctc_wav2vec2_all/gen1/config.yaml")
+    assert student_cfg["frontend"]["encoder"]["mask"]["time_prob"] == 0.3  # the student's extra noise
+    assert student_cfg["finetune"]["init_from"].endswith("pretrain_wav2vec2/model_final.pt")
+
+    rows = [json.loads(line) for line in (recipe / "exp/results.jsonl").read_text().splitlines()]
+    students = [r for r in rows if r["generation"] == 1]
+    assert sorted((r["test_set"], r["decoding"]) for r in students) == sorted(
+        (s, d) for s in ("dev", "test") for d in ("ctc_greedy", "ctc_beam", "ctc_beam+lm"))
+    for row in students:
+        assert row["pseudo_label_seconds"] == report["kept_seconds"] and row["pretrained"] is True
+        assert row["pseudo_label_wer"] == report["wer_kept"] and row["teacher"] == "exp/ctc_wav2vec2_all"
+    assert "pseudo-label WER %" in (recipe / "RESULTS.md").read_text()

@@ -3,7 +3,7 @@
 # Pretrains a frontend on all audio, fine-tunes on the labeled split, trains a letter LM,
 # decodes dev and test (greedy, beam, beam + LM with λ, β tuned on dev) and scores them.
 #   ./run.sh                                   # everything: wav2vec 2.0 + CTC, pretrained vs scratch
-#   ./run.sh --stage 5 --stop-stage 9 --labeled 10m
+#   ./run.sh --stage 5 --stop-stage 10 --labeled 10m
 #   ./run.sh --stage 6 --lm-text more_text.txt   # LM on the transcripts plus more text, then decode
 # Options: see ../../local/ssl_asr.sh (--frontend, --head, --labeled, --no-pretrain, --nproc, ...).
 cd "$(dirname "$0")"

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # speechocean762 (OpenSLR 101): non-native English read speech of Mandarin-L1 children and
 # adults, 16 kHz. Pretrains a frontend on train + unlabeled audio, fine-tunes on --labeled
-# seconds of train, scores dev and test.
+# seconds of train, trains a letter LM, decodes (greedy, beam, beam + LM) and scores dev and
+# test, then one noisy-student generation over the unlabeled recordings.
 #   ./run.sh --corpus-dir ../../../shared/data/speechocean762     # a Kaldi-style copy (this machine's)
 #   ./run.sh                                                     # downloads the release (520 MB)
-#   ./run.sh --stage 5 --stop-stage 9 --labeled 10m              # 10 min / 1h / all of train
+#   ./run.sh --stage 5 --stop-stage 10 --labeled 10m              # 10 min / 1h / all of train
 #   ./run.sh --conf-dir conf/gpu --nproc 4                       # base-size models on GPUs
 # Splits (local/data.sh): dev = 10 train speakers held out (seeded); test = the corpus's test/
 # or, where a copy lacks it (the shared one does), 20 more held-out train speakers. No dev or
@@ -21,4 +22,5 @@ test_sets="dev test"
 # dev tokens). With 7 letters/s against 50 frames/s, CTC has room for letters.
 token_type=char
 vocab_size=40
+generations=1  # one noisy-student generation over the unlabeled recordings (stage 9)
 . ../../local/ssl_asr.sh

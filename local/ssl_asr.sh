@@ -37,6 +37,7 @@ no_pretrain=false      # scratch baseline only
 init_from=""           # a transformers model directory (wav2vec2, hubert, ...): imported, not pretrained
 compare_scratch=true   # also fine-tune a scratch system with the same head and labels
 generations=${generations:-0}  # noisy-student generations (stage 9)
+finetune_jobs=${finetune_jobs:-1}  # systems fine-tuned at once, sharing the cores (small models on few cores gain)
 corpus_dir=""
 nj=2
 nproc=1                # processes per node for training (torchrun when > 1)
@@ -253,22 +254,46 @@ finetune_configs() {  # finetune_configs pretrained|scratch: the YAML files of a
 train_cuts=$(cuts train)  # the labeled data: all of train, or --labeled seconds of it
 [ "$labeled_seconds" = all ] || train_cuts=$manifests/${corpus}_cuts_train_${labeled_tag}$feats.jsonl.gz
 
+finetune_system() {  # finetune_system pretrained|scratch [KEY=VALUE...]: stage 5 for one system
+  local system=$1 dir init="finetune.init_from=$pretrain_dir/model_final.pt"
+  shift
+  dir=$(system_dir $system)
+  fresh_training $dir
+  [ $system != scratch ] || init="finetune.init_from=null"
+  train $dir --config $(finetune_configs $system) --set task=asr data.train_cuts="$train_cuts" \
+    data.valid_cuts="$(cuts $valid_set)" data.tokenizer=$lang/bpe.model "$init" "$@" $finetune_opts
+  "$python" -m sslasr.bin.cuts seconds "$train_cuts" > $dir/labeled_seconds
+  touch $dir/.done
+}
+finetune_together() {  # finetune_together SYSTEM...: one job each, the cores shared out, logs to files
+  local system pids=() threads=$(( $(getconf _NPROCESSORS_ONLN) / $# )) failed=""
+  [ "$threads" -ge 1 ] || threads=1
+  for system in "$@"; do
+    mkdir -p $(system_dir $system)
+    log "fine-tuning $(system_dir $system) ($threads threads; log: $(system_dir $system)/finetune.log)"
+    finetune_system $system trainer.num_threads=$threads > $(system_dir $system)/finetune.log 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || failed="$failed $(system_dir ${@:$((i + 1)):1})"
+  done
+  for dir in $failed; do tail -n 20 $dir/finetune.log >&2; done
+  [ -z "$failed" ] || { echo "$0: fine-tuning failed:$failed" >&2; exit 1; }
+}
+
 if run_stage 5; then
   [ -z "$init_from" ] || [ -f $pretrain_dir/.done ] || import_init_from
   [ -f "$train_cuts" ] || "$python" -m sslasr.bin.cuts subset --cuts "$(cuts train)" \
     --seconds "$labeled_seconds" --out "$train_cuts"
+  pending=()
   for system in $systems; do
-    dir=$(system_dir $system)
-    if done_or_force $dir/.done; then log "$dir ready"; continue; fi
-    log "fine-tuning $dir"
-    fresh_training $dir
-    init="finetune.init_from=$pretrain_dir/model_final.pt"
-    [ $system != scratch ] || init="finetune.init_from=null"
-    train $dir --config $(finetune_configs $system) --set task=asr data.train_cuts="$train_cuts" \
-      data.valid_cuts="$(cuts $valid_set)" data.tokenizer=$lang/bpe.model "$init" $finetune_opts
-    "$python" -m sslasr.bin.cuts seconds "$train_cuts" > $dir/labeled_seconds
-    touch $dir/.done
+    if done_or_force $(system_dir $system)/.done; then log "$(system_dir $system) ready"; else pending+=($system); fi
   done
+  if [ "$finetune_jobs" -gt 1 ] && [ ${#pending[@]} -gt 1 ] && [ "$nproc" -eq 1 ] && [ -z "$launcher" ]; then
+    finetune_together "${pending[@]}"
+  else
+    for system in "${pending[@]}"; do log "fine-tuning $(system_dir $system)"; finetune_system $system; done
+  fi
 fi
 
 lm_dir=exp/lm_${token_type}_${vocab_size}

@@ -14,7 +14,7 @@ from lhotse.audio import AudioSource
 
 from sslasr.bin import compute_fbank as compute_fbank_cli
 from sslasr.bin import prepare_manifests as prepare_cli
-from sslasr.data.loader import load_cuts, make_dataloader, normalize_per_utterance
+from sslasr.data.loader import load_cuts, make_dataloader, normalize_waveforms
 from sslasr.data.manifests import prepare_split, split_by_speaker, subset_by_duration, write_cuts
 from sslasr.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -250,7 +250,7 @@ def test_waveform_normalisation_and_unlabeled(prepared, tokenizer):
     x = batch["inputs"][0, : batch["input_lens"][0]]
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-2
     audio = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
-    assert normalize_per_utterance(audio, torch.tensor([3]))[0, 3] == 0  # padding stays zero
+    assert normalize_waveforms(audio, torch.tensor([3]))[0, 3] == 0  # padding stays zero
 
 
 def test_fbank_features_and_batch(prepared, tmp_path):

@@ -27,7 +27,7 @@ from sslasr.models.blocks.conformer import (
     ConformerBlock, ConformerConfig, ConvolutionModule, RelativePositionSelfAttention,
 )
 from sslasr.models.blocks.masking import span_mask
-from sslasr.models.blocks.subsampling import Conv2dSubsampling, FrameStacking, normalize_per_utterance
+from sslasr.models.blocks.subsampling import Conv2dSubsampling, FrameStacking, normalize_fbank_bins
 from sslasr.models.asr import build_asr_model
 from sslasr.models.frontends import get_frontend
 from sslasr.models.w2vbert import (
@@ -101,7 +101,7 @@ def test_per_utterance_normalisation_uses_real_frames_only():
     torch.manual_seed(2)
     x = 5 + 3 * torch.randn(2, 30, 4)
     lens = torch.tensor([30, 12])
-    out = normalize_per_utterance(x, lens)
+    out = normalize_fbank_bins(x, lens)
     for b, n in enumerate(lens.tolist()):
         real = x[b, :n].double().numpy()
         by_hand = (real - real.mean(0)) / np.sqrt(real.var(0, ddof=1) + 1e-7)
@@ -348,7 +348,7 @@ def test_from_hf_matches_transformers_layer_by_layer(tmp_path, position, task):
     with torch.no_grad():
         ours = encoder(fbank, lens, return_all=True)
         # what SeamlessM4TFeatureExtractor feeds the model: normalised per bin, frame pairs stacked
-        stacked = normalize_per_utterance(fbank, lens)[:, :74].reshape(2, 37, 160)
+        stacked = normalize_fbank_bins(fbank, lens)[:, :74].reshape(2, 37, 160)
         attention_mask = (torch.arange(37)[None, :] < ours.lengths[:, None]).long()
         base = model if task == "model" else model.wav2vec2_bert
         theirs = base(stacked, attention_mask=attention_mask, output_hidden_states=True)

@@ -15,4 +15,7 @@ token_type=char
 # Corpus size: ~1 h labeled pool, ~1.4 h unlabeled, small dev (validated during training).
 data_opts="--num-train 1500 --num-unlabeled 2000 --num-dev 100 --num-test 300"
 vocab_size=40
+# The pretrained and scratch systems fine-tune at once, one thread each: measured on 2 idle
+# cores, 80 updates of both took 26.6 s so against 39.2 s one after the other with 2 threads.
+finetune_jobs=2
 . ../../local/ssl_asr.sh

@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -196,15 +196,7 @@ def main(argv=None) -> None:
         return decode_options(decode_cfg, beam_size=args.beam_size, lm=lm, lm_weight=lm_weight,
                               length_bonus=length_bonus)
 
-    fusion: Dict[str, Tuple[float, float]] = {}  # METHOD+lm → (λ, β)
-    if fused and args.lm_weight is not None:
-        fusion = {m: (args.lm_weight, args.length_bonus) for m in fused}
-    else:
-        for method in fused:
-            tuning = out_dir_of(args.out_dir, args.tune_on, method) / TUNING_FILE
-            if tuning.exists() and not args.overwrite:
-                best = json.loads(tuning.read_text())
-                fusion[method] = (best["lm_weight"], best["length_bonus"])
+    fusion = known_fusion(args, fused)
     grid = decode_cfg.get("tune", {})
     if len(fusion) < len(fused) and not grid.get("lm_weight"):
         parser.error("tuning λ and β needs the grid decode.tune.lm_weight (and length_bonus) in the model config")
@@ -216,16 +208,7 @@ def main(argv=None) -> None:
         if not pending:
             logging.info("%s: every method already decoded", set_name)
             continue
-        searches: Dict[object, Search] = {}
-        for method in pending:
-            base = method.removesuffix(LM_SUFFIX)
-            if method in fusion or not method.endswith(LM_SUFFIX):
-                searches[method] = Search(base, options(method, *fusion.get(method, (0.0, 0.0))))
-            else:  # tuned here: one search per grid point
-                for lm_weight in grid["lm_weight"]:
-                    for length_bonus in grid.get("length_bonus", [0.0]):
-                        point = (method, float(lm_weight), float(length_bonus))
-                        searches[point] = Search(base, options(method, *point[1:]))
+        searches = plan_searches(pending, fusion, grid, options)
         set_pass = run_searches(model, cfg, tokenizer, sets[set_name], searches, args.max_duration, args.confidence)
         for method in pending:
             out_dir = out_dir_of(args.out_dir, set_name, method)
@@ -240,6 +223,36 @@ def main(argv=None) -> None:
                 if method.endswith(LM_SUFFIX) and args.lm_weight is None:
                     info["tuned_on"] = args.tune_on
             write_decoding(out_dir, search, set_pass, info)
+
+
+def known_fusion(args, fused: List[str]) -> Dict[str, Tuple[float, float]]:
+    """METHOD+lm → (λ, β) known before decoding: given, or saved by an earlier run's tuning."""
+    if args.lm_weight is not None:
+        return {method: (args.lm_weight, args.length_bonus) for method in fused}
+    fusion = {}
+    for method in fused:
+        tuning = out_dir_of(args.out_dir, args.tune_on, method) / TUNING_FILE
+        if tuning.exists() and not args.overwrite:
+            best = json.loads(tuning.read_text())
+            fusion[method] = (best["lm_weight"], best["length_bonus"])
+    return fusion
+
+
+def plan_searches(pending: List[str], fusion: Dict[str, Tuple[float, float]], grid: Dict,
+                  options: Callable[..., DecodeOptions]) -> Dict[object, Search]:
+    """One search per method; a METHOD+lm whose λ, β are still unknown gets one per grid point,
+    keyed (METHOD+lm, λ, β), and is tuned on this set."""
+    searches: Dict[object, Search] = {}
+    for method in pending:
+        base = method.removesuffix(LM_SUFFIX)
+        if method in fusion or not method.endswith(LM_SUFFIX):
+            searches[method] = Search(base, options(method, *fusion.get(method, (0.0, 0.0))))
+            continue
+        for lm_weight in grid["lm_weight"]:
+            for length_bonus in grid.get("length_bonus", [0.0]):
+                point = (method, float(lm_weight), float(length_bonus))
+                searches[point] = Search(base, options(method, *point[1:]))
+    return searches
 
 
 def tune_on_set(method: str, searches: Dict[object, Search], set_pass: SetPass, out_dir: Path) -> Search:

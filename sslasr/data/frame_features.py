@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from lhotse import Mfcc, MfccConfig
 
-from sslasr.data.loader import normalize_per_utterance
+from sslasr.data.loader import normalize_waveforms
 from sslasr.models.frontends import get_frontend
 
 MFCC_CEPSTRA = 13
@@ -89,7 +89,7 @@ class HiddenLayerFeatures:
         samples = torch.from_numpy(np.ascontiguousarray(mono_samples(cut), dtype=np.float32)).unsqueeze(0)
         lengths = torch.tensor([samples.shape[1]])
         if self.normalize_waveform:
-            samples = normalize_per_utterance(samples, lengths)
+            samples = normalize_waveforms(samples, lengths)
         out = self.encoder(samples, lengths, return_all=True)
         return out.layers[self.layer][0, : int(out.lengths[0])].float().numpy()
 

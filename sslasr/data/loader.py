@@ -38,7 +38,7 @@ def load_cuts(path: Union[str, Path]) -> CutSet:
     return cuts
 
 
-def normalize_per_utterance(audio: torch.Tensor, lens: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def normalize_waveforms(audio: torch.Tensor, lens: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Zero mean / unit variance over each utterance's real samples; padding stays 0."""
     mask = torch.arange(audio.shape[1]).unsqueeze(0) < lens.unsqueeze(1)
     count = lens.clamp(min=1).unsqueeze(1).to(audio.dtype)
@@ -156,7 +156,7 @@ class SpeechDataset(Dataset):
             audio, mixes = self.utterance_mixing(audio, lens, cuts[0].sampling_rate, key="|".join(c.id for c in cuts))
             mixing = mixing_stats(mixes)
         if self.normalize_waveform:
-            audio = normalize_per_utterance(audio, lens)
+            audio = normalize_waveforms(audio, lens)
         return audio, lens, mixing
 
 

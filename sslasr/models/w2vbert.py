@@ -28,7 +28,7 @@ from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask, scale_g
 from sslasr.models.blocks.masking import channel_mask, span_mask
 from sslasr.models.blocks.quantizer import GumbelProductQuantizer
 from sslasr.models.blocks.subsampling import (
-    FeatureProjection, SubsamplingConfig, build_subsampling, normalize_per_utterance,
+    FeatureProjection, SubsamplingConfig, build_subsampling, normalize_fbank_bins,
 )
 from sslasr.models.interfaces import EncoderOutput
 from sslasr.models.wav2vec2 import MaskConfig, contrastive_logits, sample_negatives
@@ -81,7 +81,7 @@ class W2vBertEncoder(nn.Module):
             raise ValueError(f"w2v-BERT expects (batch, frames, {self.cfg.input_dim}) fbank features, "
                              f"got shape {tuple(fbank.shape)}")
         if self.cfg.input_norm == "utterance":
-            fbank = normalize_per_utterance(fbank, lengths)
+            fbank = normalize_fbank_bins(fbank, lengths)
         z = scale_grad(self.feature_extractor(fbank), self.cfg.feature_grad_mult)
         frame_lengths = self.feature_extractor.output_lengths(lengths)
         if bool((frame_lengths < 1).any()):

@@ -83,7 +83,7 @@ class FrameStacking(nn.Module):
         return features[:, :kept].reshape(batch, kept // self.stack, self.stack * bins)
 
 
-def normalize_per_utterance(features: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+def normalize_fbank_bins(features: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Zero mean, unit variance per feature bin over each utterance's real frames (unbiased
     variance, as SeamlessM4TFeatureExtractor prepares w2v-BERT 2.0 inputs); padding becomes 0.
     It also removes any constant offset of the log-mel scale (e.g. int16 vs float waveforms)."""

@@ -1,5 +1,5 @@
-"""`sslasr.bin.train --dry-run`: the config checks (every problem reported at once) and the
-summary of the built model, on the minisynth configs."""
+"""`sslasr.bin.train --dry-run`: the config checks (every problem reported at once; real training
+runs them too) and the summary of the built model, on the minisynth configs."""
 
 import pytest
 
@@ -69,3 +69,12 @@ def test_dry_run_checks_an_init_checkpoint_fits(tmp_path):
     cfg = _finetune_cfg(**{"finetune.init_from": str(tmp_path / "missing.pt")})
     with pytest.raises(FileNotFoundError):
         dry_run(cfg, 31, world_size=1)
+
+
+def test_training_refuses_a_config_the_check_rejects(tmp_path):
+    """Not only --dry-run: a real run stops before training on a mistyped override."""
+    from sslasr.bin.train import main
+    with pytest.raises(SystemExit, match=r"optim: unknown keys \['bogus'\]"):
+        main(["--config", str(MINISYNTH / "frontend_wav2vec2.yaml"), str(MINISYNTH / "finetune_ctc.yaml"),
+              "--exp-dir", str(tmp_path / "exp"), "--set", "task=asr", "optim.bogus=1"])
+    assert not (tmp_path / "exp").exists()

@@ -96,6 +96,10 @@ def main(argv=None) -> None:
         return
     if args.exp_dir is None:
         parser.error("--exp-dir is required (unless --dry-run)")
+    try:  # a mistyped override must stop the run, not be ignored for hours
+        check_training_config(cfg)
+    except ConfigError as e:
+        raise SystemExit(f"invalid training config: {e}")
     dist = init_distributed()
     setup_logging(args.exp_dir / f"train.rank{dist.rank}.log", rank=dist.rank)
     if "num_threads" in cfg.get("trainer", {}):

@@ -376,8 +376,8 @@ fi
 
 # noisy student (--generations N): generation g's teacher (the pretrained system for g = 1)
 # transcribes the unlabeled pool with its best method; the filtered pseudo-labels plus the labels
-# train a student from the pretrained encoder, with noise (conf/noisy_student.yaml's `student`
-# settings over the fine-tuning configs); the student, decoded and scored, teaches g + 1.
+# train a student from the pretrained encoder with the fine-tuning configs' noise (masking,
+# dropout), conf/noisy_student.yaml merged over them; the student, decoded and scored, teaches g + 1.
 noisy_student_dir=exp/noisy_student_${head}_${frontend_tag}_${labeled_tag}
 pseudo_label_search() {  # pseudo_label_search TEACHER_DIR: "METHOD BEAM" of pseudo_label (method: else the teacher's last)
   "$python" - "$conf_dir/noisy_student.yaml" "$(decode_methods $1)" <<'EOF'

@@ -60,17 +60,7 @@ pretrain_splits=${pretrain_splits:-"train unlabeled"}
 valid_set=${valid_set:-dev}  # validation during training and LM/fusion tuning
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d'; sed -n '/^# -* options/,/^usage()/p' "${BASH_SOURCE[0]}" | sed '1d;$d'; }
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --*=*) key="${1%%=*}"; value="${1#*=}"; shift ;;
-    --*) key="$1"; [ $# -ge 2 ] || { echo "$0: $key needs a value" >&2; exit 2; }; value="$2"; shift 2 ;;
-    *) echo "$0: unexpected argument '$1' (options are --name value)" >&2; exit 2 ;;
-  esac
-  name="${key#--}"; name="${name//-/_}"
-  if ! declare -p "$name" >/dev/null 2>&1; then echo "$0: unknown option $key" >&2; exit 2; fi
-  printf -v "$name" '%s' "$value"
-done
+. "$root/local/parse_options.sh" "$@"
 
 [ -x "$python" ] || "$root/tools/install.sh"
 export PYTHONUNBUFFERED=1 SSLASR_PYTHON="$python"

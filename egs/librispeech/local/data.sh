@@ -15,15 +15,7 @@ corpus_dir=""
 nj=2
 parts=train-clean-100,train-clean-360,train-other-500,dev-clean,dev-other,test-clean,test-other
 musan=false
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --corpus-dir) corpus_dir=$2; shift 2 ;;
-    --nj) nj=$2; shift 2 ;;
-    --parts) parts=$2; shift 2 ;;
-    --musan) musan=$2; shift 2 ;;
-    *) echo "$0: unknown option $1" >&2; exit 2 ;;
-  esac
-done
+. "$(dirname "$0")/../../../local/parse_options.sh" "$@"
 python=${SSLASR_PYTHON:-../../.venv/bin/python}
 parts=${parts//,/ }
 if [ -z "$corpus_dir" ]; then

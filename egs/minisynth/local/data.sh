@@ -4,16 +4,10 @@
 set -euo pipefail
 corpus_dir=""
 nj=2
-args=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --corpus-dir) corpus_dir=$2; shift 2 ;;
-    --nj) nj=$2; shift 2 ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
+extra_args=()  # --num-train N, ...: checked by sslasr.data.minisynth
+. "$(dirname "$0")/../../../local/parse_options.sh" "$@"
 corpus_dir=${corpus_dir:-corpus}
 python=${SSLASR_PYTHON:-../../.venv/bin/python}
-"$python" -m sslasr.data.minisynth --out-dir "$corpus_dir" --num-jobs "$nj" "${args[@]}"
+"$python" -m sslasr.data.minisynth --out-dir "$corpus_dir" --num-jobs "$nj" "${extra_args[@]}"
 mkdir -p data
 echo "$(cd "$corpus_dir" && pwd)" > data/corpus_dir

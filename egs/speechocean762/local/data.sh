@@ -11,21 +11,14 @@
 #   --max-utts N       first N utterances of each split (quick runs and tests)
 set -euo pipefail
 corpus_dir=""
-nj=2
-args=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --corpus-dir) corpus_dir=$2; shift 2 ;;
-    --nj) nj=$2; shift 2 ;;  # nothing here is parallel; accepted as every data.sh does
-    --dev-speakers|--test-speakers|--seed|--max-utts) args+=("$1" "$2"); shift 2 ;;
-    *) echo "$0: unknown option $1" >&2; exit 2 ;;
-  esac
-done
+nj=2           # nothing here is parallel; accepted as every data.sh does
+extra_args=()  # --dev-speakers N, ...: checked by sslasr.data.speechocean762 prepare
+. "$(dirname "$0")/../../../local/parse_options.sh" "$@"
 python=${SSLASR_PYTHON:-../../.venv/bin/python}
 if [ -z "$corpus_dir" ]; then
   # The release: train/ and test/ (125 speakers each) with wav.scp paths relative to the
   # release root (WAVE/SPEAKER*/...WAV, 16 kHz); `prepare` reads that layout as it is.
   corpus_dir=$("$python" -m sslasr.data.speechocean762 download --dir downloads)
 fi
-"$python" -m sslasr.data.speechocean762 prepare --corpus-dir "$corpus_dir" --out-dir data/kaldi "${args[@]}"
+"$python" -m sslasr.data.speechocean762 prepare --corpus-dir "$corpus_dir" --out-dir data/kaldi "${extra_args[@]}"
 echo "$(cd data/kaldi && pwd)" > data/corpus_dir

@@ -16,10 +16,13 @@ from lhotse import CutSet
 
 from recipe_smoke import REPO, run_recipe
 from sslasr.bin import cuts as cuts_cli
+from sslasr.bin.kmeans import training_overrides
+from sslasr.bin.train import dry_run
 from sslasr.data.kaldi_dir import LayoutError
 from sslasr.data.manifests import held_out_speakers
 from sslasr.data.speechocean762 import prepare
 from sslasr.data.tokenizer import Tokenizer
+from sslasr.utils.config import load_configs
 
 # ../shared/data next to the checkout, or wherever SSLASR_SHARED_DATA points (a clone elsewhere)
 SHARED = Path(os.environ.get("SSLASR_SHARED_DATA", REPO.parent / "shared" / "data")) / "speechocean762"
@@ -196,3 +199,51 @@ def test_broken_corpus_folders_are_named(tmp_path: Path, breakage: str, message:
         (corpus / "train/utt2spk").write_text("".join(f"{u} {u.split('_')[0]}\n" for u in keep))
     with pytest.raises((LayoutError, ValueError), match=message):
         prepare(corpus, tmp_path / "kaldi", dev_speakers=3 if breakage == "too_many_dev" else 1, test_speakers=1)
+
+
+# ---------------------------------------------------------------------- configs of every frontend
+CONF = REPO / "egs" / "speechocean762" / "conf"
+FRONTENDS = ["hubert", "w2vbert", "wav2vec2", "wavlm"]
+
+
+def _configs(conf: Path, frontend: str, *tail: str) -> list:
+    return [conf / f"frontend_{frontend}.yaml", *(conf / name for name in tail)]
+
+
+@pytest.mark.parametrize("conf_dir", ["conf", "conf/gpu"])
+def test_every_conf_dir_has_every_stage(conf_dir: str):
+    """The driver reads these per stage: a missing one stops a --conf-dir run mid-way (or, for
+    lm.yaml, silently drops the LM)."""
+    conf = REPO / "egs" / "speechocean762" / conf_dir
+    for name in ("pretrain.yaml", "finetune_ctc.yaml", "finetune_ctc_10m.yaml", "finetune_ctc_1h.yaml",
+                 "scratch.yaml", "lm.yaml", "noisy_student.yaml", "frontend_wav2vec2.yaml"):
+        assert (conf / name).is_file(), f"{conf_dir}/{name}"
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_cpu_configs_of_every_frontend_dry_run(frontend: str):
+    pretrain = load_configs(_configs(CONF, frontend, "pretrain.yaml"))
+    assert pretrain["frontend"]["name"] == frontend
+    overrides = []
+    if pretrain.get("kmeans"):  # the updates of the k-means iterations are pretrain.yaml's budget
+        iterations = pretrain["kmeans"]["iterations"]
+        assert sum(it["updates"] for it in iterations) == pretrain["trainer"]["max_updates"]
+        overrides = training_overrides(pretrain, len(iterations))
+    assert "task: pretrain" in dry_run(load_configs(_configs(CONF, frontend, "pretrain.yaml"), overrides), None, world_size=1)
+    extra = ["finetune_w2vbert.yaml"] if (CONF / f"finetune_{frontend}.yaml").exists() else []
+    for labeled in ("finetune_ctc_10m.yaml", "finetune_ctc_1h.yaml"):
+        for scratch in ([], ["scratch.yaml"]):
+            cfg = load_configs(_configs(CONF, frontend, "finetune_ctc.yaml", labeled, *extra, *scratch))
+            assert "task: asr" in dry_run(cfg, 40, world_size=1)
+            assert bool(cfg["data"].get("spec_augment")) == (frontend == "w2vbert")
+
+
+@pytest.mark.parametrize("frontend", ["hubert", "wavlm"])
+def test_gpu_configs_of_the_kmeans_frontends_are_base_size(frontend: str):
+    gpu = CONF / "gpu"
+    cfg = load_configs(_configs(gpu, frontend, "pretrain.yaml"))
+    assert cfg["frontend"]["name"] == frontend
+    assert sum(it["updates"] for it in cfg["kmeans"]["iterations"]) == cfg["trainer"]["max_updates"]
+    summary = dry_run(load_configs(_configs(gpu, frontend, "pretrain.yaml"), training_overrides(cfg, 2)), None, world_size=1)
+    params = float(summary.split("model: ")[1].split(", ")[1].split("M")[0])
+    assert 90 < params < 100, summary  # BASE: 95M

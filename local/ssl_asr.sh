@@ -208,7 +208,7 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
       log "iteration $i: pretraining on its labels"
       train $it --config $pretrain_configs --set task=pretrain \
         data.train_cuts=$it/labels/$(basename "$all_cuts") data.valid_cuts=$it/labels/$(basename "$valid_cuts") \
-        $(kmeans_cli plan --iteration $i) $pretrain_opts
+        $(kmeans_cli plan --iteration $i $previous) $pretrain_opts
       touch $it/.done
     fi
   done

@@ -28,6 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 FEATURE_KINDS = ("mfcc", "layer")
+INIT_KINDS = ("random", "previous")
 
 
 @dataclass
@@ -38,6 +39,9 @@ class KMeansIteration:
     clusters: int
     layer: Optional[int] = None    # 1-based Transformer layer of the previous model ("layer" only)
     updates: Optional[int] = None  # pretraining updates of this iteration (None: trainer.max_updates)
+    # The model this iteration's pretraining starts from: "random", a new one (the paper), or
+    # "previous", the previous iteration's encoder trained on (the updates add up: for short budgets)
+    init: str = "random"
 
     def __post_init__(self):
         if self.features not in FEATURE_KINDS:
@@ -48,6 +52,8 @@ class KMeansIteration:
             raise ValueError(f"features: layer needs `layer`, a 1-based Transformer layer, got {self.layer!r}")
         if self.updates is not None and self.updates < 1:
             raise ValueError(f"iteration updates must be ≥ 1, got {self.updates}")
+        if self.init not in INIT_KINDS:
+            raise ValueError(f"iteration init must be one of {INIT_KINDS}, got {self.init!r}")
 
 
 @dataclass
@@ -81,6 +87,8 @@ class KMeansConfig:
             if extra:
                 raise ValueError(f"kmeans iteration {number}: unknown keys {extra}")
             iterations.append(KMeansIteration(**it))
+        if iterations and iterations[0].init == "previous":
+            raise ValueError("kmeans iteration 1 has no previous iteration to start from (init: previous)")
         d["iterations"] = iterations
         cfg = cls(**d)
         if not 0 < cfg.cuts_fraction <= 1:

@@ -2,6 +2,7 @@
 pretrainer on a tiny encoder; k-means (recovery, memory bound, streaming labels), features, labels
 stored with the cuts and read back by the loader; the recipe at smoke size."""
 
+import copy
 import json
 import math
 import shutil
@@ -27,7 +28,8 @@ from sslasr.models.hubert import (
     IGNORE_LABEL, HubertPretrainConfig, HubertPretrainer, MaskedPredictionHead, align_targets,
 )
 from sslasr.models.wav2vec2 import Wav2Vec2EncoderConfig
-from sslasr.utils.config import load_configs
+from sslasr.train.tasks import PretrainTask
+from sslasr.utils.config import load_configs, set_dotted
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -267,6 +269,32 @@ def test_kmeans_config_errors_name_the_problem():
         KMeansConfig.from_dict({"iterations": [{"features": "mfcc", "clusters": 10, "k": 3}]})
     with pytest.raises(ValueError, match="iteration 3 is not configured"):
         KMeansConfig.from_dict({"iterations": [{"features": "mfcc", "clusters": 10}]}).iteration(3)
+    with pytest.raises(ValueError, match="init must be one of"):
+        KMeansConfig.from_dict({"iterations": [{"features": "mfcc", "clusters": 10, "init": "best"}]})
+    with pytest.raises(ValueError, match="iteration 1 has no previous"):
+        KMeansConfig.from_dict({"iterations": [{"features": "mfcc", "clusters": 10, "init": "previous"}]})
+
+
+def test_iteration_from_the_previous_model_gets_its_encoder(tmp_path):
+    """init: previous: the plan names the previous model, and the pretraining task starts its
+    encoder from it while the prediction head (the new classes) starts afresh."""
+    iterations = [{"features": "mfcc", "clusters": 12}, {"features": "layer", "layer": 1, "clusters": 7, "init": "previous"}]
+    cfg = {"task": "pretrain", "frontend": {"name": "hubert", "encoder": TINY_ENCODER},
+           "pretrain": {"label_rate": 100, "num_classes": 12, "final_dim": 16}, "kmeans": {"iterations": iterations}}
+    with pytest.raises(ValueError, match="give its model_final.pt"):
+        kmeans_cli.training_overrides(cfg, 2)
+    assert not any(o.startswith("init.") for o in kmeans_cli.training_overrides(cfg, 1, "ignored.pt"))
+    previous = PretrainTask(cfg).model
+    torch.save({"model": previous.state_dict()}, tmp_path / "model_final.pt")
+    overrides = kmeans_cli.training_overrides(cfg, 2, str(tmp_path / "model_final.pt"))
+    assert overrides[-1] == f"init.encoder_from={tmp_path / 'model_final.pt'}"
+    second = copy.deepcopy(cfg)
+    for override in overrides:
+        set_dotted(second, override)
+    model = PretrainTask(second).model
+    for name, tensor in previous.encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[name], tensor), name
+    assert model.head.label_embeddings.shape[0] == 7  # the head is the new iteration's
 
 
 # ---------------------------------------------------------------------- memory bound

@@ -40,8 +40,9 @@ from sslasr.utils.logging import setup_logging
 log = logging.getLogger(__name__)
 
 
-def training_overrides(cfg: Dict, number: int) -> List[str]:
-    """`key=value` overrides that make the pretraining config learn iteration `number`'s labels."""
+def training_overrides(cfg: Dict, number: int, previous_model: Optional[str] = None) -> List[str]:
+    """`key=value` overrides that make the pretraining config learn iteration `number`'s labels
+    (from the previous iteration's encoder, `previous_model`, where the iteration's init says so)."""
     kmeans = KMeansConfig.from_dict(cfg.get("kmeans"))
     iteration = kmeans.iteration(number)
     if iteration.features == "mfcc":
@@ -52,6 +53,11 @@ def training_overrides(cfg: Dict, number: int) -> List[str]:
                  f"data.targets_field={kmeans.targets_field}"]
     if iteration.updates is not None:
         overrides.append(f"trainer.max_updates={iteration.updates}")
+    if iteration.init == "previous":
+        if not previous_model:
+            raise ValueError(f"k-means iteration {number} starts from the previous iteration's model "
+                             f"(init: previous): give its model_final.pt")
+        overrides.append(f"init.encoder_from={previous_model}")
     return overrides
 
 
@@ -120,6 +126,7 @@ def get_parser() -> argparse.ArgumentParser:
     which = plan.add_mutually_exclusive_group(required=True)
     which.add_argument("--count", action="store_true", help="print the number of k-means iterations (0: none)")
     which.add_argument("--iteration", type=int, help="print the training overrides of this iteration")
+    plan.add_argument("--model", help="previous iteration's model_final.pt (iterations with init: previous)")
     fit_cmd = commands.add_parser("fit", parents=[common], help="fit the k-means of one iteration")
     fit_cmd.add_argument("--iteration", type=int, required=True)
     fit_cmd.add_argument("--cuts", required=True, help="cuts whose frames are sampled")
@@ -140,7 +147,7 @@ def main(argv=None) -> None:
         if args.count:
             print(len(KMeansConfig.from_dict(cfg.get("kmeans")).iterations))
         else:
-            print(" ".join(training_overrides(cfg, args.iteration)))
+            print(" ".join(training_overrides(cfg, args.iteration, args.model)))
         return
     setup_logging()
     torch.set_num_threads(1)  # before any worker forks; the k-means matmuls are small too

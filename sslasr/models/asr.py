@@ -45,8 +45,9 @@ def build_asr_model(cfg: Dict, vocab_size: int) -> AsrModel:
     return AsrModel(encoder, build_head(encoder.output_dim, vocab_size, cfg.get("head", {"name": "ctc"})))
 
 
-def load_encoder_weights(model: AsrModel, checkpoint: str) -> int:
-    """Copy `encoder.*` weights from a pretraining checkpoint; any mismatch is an error."""
+def load_encoder_weights(model: nn.Module, checkpoint: str) -> int:
+    """Copy `encoder.*` weights from a pretraining checkpoint into `model.encoder` (an ASR model's
+    or a pretrainer's); any mismatch is an error."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
     encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     if not encoder_state:

@@ -58,6 +58,12 @@ class PretrainTask(_DataMixin):
         # in `pretrain`, so that the fine-tuning stage, which reads the same frontend YAML, never mixes.
         self.utterance_mixing = objective.pop("utterance_mixing", None)
         self.model = frontend.build_pretrainer(cfg["frontend"]["encoder"], objective)
+        # A k-means iteration with `init: previous` trains the previous iteration's encoder on
+        # (its prediction head is new: the classes changed)
+        encoder_from = cfg.get("init", {}).get("encoder_from")
+        if encoder_from:
+            count = load_encoder_weights(self.model, encoder_from)
+            log.info("initialised %d encoder tensors from %s", count, encoder_from)
         self._collapse_warned = False
 
     def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:

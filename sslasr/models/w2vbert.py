@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from sslasr.models.blocks.conformer import ConformerConfig, ConformerEncoder
 from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask, scale_grad
+from sslasr.models.blocks.dropout import Dropout
 from sslasr.models.blocks.masking import channel_mask, span_mask
 from sslasr.models.blocks.quantizer import GumbelProductQuantizer
 from sslasr.models.blocks.subsampling import (
@@ -153,7 +154,7 @@ class W2vBertPretrainer(nn.Module):
         self.cfg = cfg
         self.encoder = W2vBertEncoder(encoder_cfg)
         feature_dim, dim = self.encoder.feature_extractor.output_dim, encoder_cfg.conformer.dim
-        self.dropout_features = nn.Dropout(cfg.dropout_features)
+        self.dropout_features = Dropout(cfg.dropout_features)
         self.quantizer = GumbelProductQuantizer(feature_dim, cfg.quantizer_groups, cfg.quantizer_entries,
                                                 cfg.quantizer_dim, tuple(cfg.quantizer_temperature))
         self.project_q = nn.Linear(cfg.quantizer_dim, cfg.final_dim)

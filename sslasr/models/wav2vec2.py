@@ -17,6 +17,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from sslasr.models.blocks.conv_extractor import ConvFeatureExtractor, lengths_to_padding_mask, scale_grad
+from sslasr.models.blocks.dropout import Dropout
 from sslasr.models.blocks.masking import channel_mask, span_mask
 from sslasr.models.blocks.quantizer import GumbelProductQuantizer
 from sslasr.models.blocks.transformer import TransformerConfig, TransformerEncoder
@@ -67,7 +68,7 @@ class Wav2Vec2Encoder(nn.Module):
         conv_dim, dim = self.feature_extractor.output_dim, cfg.transformer.dim
         self.feature_norm = nn.LayerNorm(conv_dim) if cfg.feature_layer_norm else nn.Identity()
         self.feature_projection = nn.Linear(conv_dim, dim)
-        self.dropout_input = nn.Dropout(cfg.dropout_input)
+        self.dropout_input = Dropout(cfg.dropout_input)
         self.mask_embedding = nn.Parameter(torch.empty(dim).uniform_())
         self.transformer = self.build_context_network(cfg)
         self.output_dim = dim
@@ -197,7 +198,7 @@ class Wav2Vec2Pretrainer(nn.Module):
         self.cfg = cfg
         self.encoder = Wav2Vec2Encoder(encoder_cfg)
         conv_dim = self.encoder.feature_extractor.output_dim
-        self.dropout_features = nn.Dropout(cfg.dropout_features)
+        self.dropout_features = Dropout(cfg.dropout_features)
         self.quantizer = GumbelProductQuantizer(conv_dim, cfg.quantizer_groups, cfg.quantizer_entries,
                                                 cfg.quantizer_dim, tuple(cfg.quantizer_temperature))
         self.project_q = nn.Linear(cfg.quantizer_dim, cfg.final_dim)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from sslasr.models.blocks.dropout import Dropout, attention
 from sslasr.models.blocks.positional import SinusoidalPositionalEncoding
 from sslasr.models.blocks.transformer import FeedForward, MultiHeadSelfAttention
 
@@ -107,8 +108,7 @@ class RelativePositionSelfAttention(MultiHeadSelfAttention):
             pad = torch.zeros(batch, 1, 1, time, dtype=q.dtype, device=x.device)
             pad = pad.masked_fill(padding_mask[:, None, None, :], float("-inf"))
             bias = pad if bias is None else bias + pad
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, bias, self.dropout if self.training else 0.0, scale=scale)
         return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))
 
 
@@ -157,7 +157,7 @@ class ConvolutionModule(nn.Module):
         else:
             self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.pointwise2 = nn.Linear(dim, dim, bias=cfg.conv_bias)
-        self.dropout = nn.Dropout(cfg.conv_dropout)
+        self.dropout = Dropout(cfg.conv_dropout)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = F.glu(self.pointwise1(self.layer_norm(x)), dim=-1)
@@ -182,7 +182,7 @@ class ConformerBlock(nn.Module):
         self.ffn2_norm = nn.LayerNorm(dim, eps=eps)
         self.ffn2 = FeedForward(dim, cfg.ffn_dim, cfg.activation_dropout, activation=F.silu)
         self.final_norm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + 0.5 * self.dropout(self.ffn1(self.ffn1_norm(x)))
@@ -199,7 +199,7 @@ class ConformerEncoder(nn.Module):
     def __init__(self, cfg: ConformerConfig):
         super().__init__()
         self.cfg = cfg
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.layers))
 
     def embed(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:

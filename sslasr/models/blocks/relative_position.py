@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 from torch import nn
-import torch.nn.functional as F
+
+from sslasr.models.blocks.dropout import dropout as dropout_fn
 
 
 def relative_position_bucket(relative: torch.Tensor, num_buckets: int = 320, max_distance: int = 800) -> torch.Tensor:
@@ -102,5 +103,5 @@ def scaled_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         logits = logits + mask.to(logits.dtype)
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)
     if dropout > 0.0:
-        weights = F.dropout(weights, p=dropout)
+        weights = dropout_fn(weights, dropout)
     return weights @ v

@@ -17,6 +17,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask
+from sslasr.models.blocks.dropout import Dropout
 
 SUBSAMPLING_TYPES = ("conv2d", "stack")
 
@@ -109,7 +110,7 @@ class FeatureProjection(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(input_dim, eps=eps)
         self.linear = nn.Linear(input_dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.linear(self.norm(frames)))

@@ -3,7 +3,8 @@
 Two layer orders, both from the papers' released models:
   post-LN (BERT/base):  x = LN(x + MHA(x));  x = LN(x + FFN(x))
   pre-LN  (large):      x = x + MHA(LN(x));  x = x + FFN(LN(x));  final LN after the stack
-Attention uses PyTorch's fused scaled_dot_product_attention.
+Attention uses PyTorch's fused scaled_dot_product_attention (in CPU training with dropout,
+`blocks.dropout.attention`: the same maths, faster there).
 """
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from sslasr.models.blocks.dropout import Dropout, attention
 from sslasr.models.blocks.positional import ConvPositionalEmbedding
 from sslasr.models.blocks.relative_position import scaled_softmax_attention
 
@@ -66,7 +68,7 @@ class MultiHeadSelfAttention(nn.Module):
         if self.softmax_alpha > 0 and q.dtype == torch.float16:
             y = scaled_softmax_attention(q, k, v, attn_mask, self.softmax_alpha, dropout)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+            y = attention(q, k, v, attn_mask, dropout)
         return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))
 
     def forward_step(self, x: torch.Tensor, cache: Tuple[torch.Tensor, torch.Tensor],
@@ -89,7 +91,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.intermediate = nn.Linear(dim, hidden)
         self.output = nn.Linear(hidden, dim)
-        self.dropout = nn.Dropout(activation_dropout)
+        self.dropout = Dropout(activation_dropout)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +111,7 @@ class TransformerLayer(nn.Module):
         self.attention_norm = nn.LayerNorm(cfg.dim)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, cfg.activation_dropout)
         self.final_norm = nn.LayerNorm(cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
                 position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -155,7 +157,7 @@ class TransformerEncoder(nn.Module):
         self.cfg = cfg
         self.pos_conv = ConvPositionalEmbedding(cfg.dim, cfg.pos_conv_kernel, cfg.pos_conv_groups)
         self.layer_norm = nn.LayerNorm(cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.position_bias = position_bias
         self.layers = nn.ModuleList(TransformerLayer(cfg, position_gate() if position_gate else None)
                                     for _ in range(cfg.layers))

@@ -1,0 +1,79 @@
+"""Dropout with a cheaper random stream on CPU, and the attention that uses it in training.
+
+Same semantics as F.dropout: each element is kept with probability 1 − p and scaled by
+1/(1 − p). What changes is how the keep decisions are drawn: PyTorch's CPU dropout draws one
+bernoulli_ double per element (~8-10 ns each), here every 64-bit draw of the generator
+(`random_` over the full int64 range, ~2 ns) gives two uniform 32-bit integers, and an element
+is kept when its integer is ≥ a threshold. p is thereby rounded to a multiple of 2⁻³², finer
+than float32 resolves p itself. Like F.dropout, the backward keeps the mask of scales in x's
+dtype. Other devices use F.dropout (fused and fast there).
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype = torch.bool, device=None) -> torch.Tensor:
+    """Tensor of `shape` whose entries are independently 1 (True) with probability 1 − p (p
+    rounded to a multiple of 2⁻³²) and 0 otherwise, drawn from torch's default generator."""
+    count = math.prod(shape)
+    bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(-2**63, None)
+    uniform = bits.view(torch.int32)[:count].view(shape)     # uniform on [−2³¹, 2³¹)
+    threshold = round(p * 2**32) - 2**31                      # P(uniform ≥ threshold) = 1 − p
+    # written straight into `dtype`: a bool mask would be converted to x's dtype by every use
+    return torch.ge(uniform, threshold, out=torch.empty(shape, dtype=dtype, device=device))
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        scale = keep_mask(x.shape, p, x.dtype, x.device).mul_(1.0 / (1.0 - p))  # 0 or 1/(1 − p)
+        ctx.save_for_backward(scale)
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout(x, p, training), with the cheaper random stream on CPU."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, training)
+    return _Dropout.apply(x, p)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same arguments, no parameters) computed by `dropout`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+              dropout_p: float = 0.0, scale: Optional[float] = None) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v, mask, dropout_p, scale=scale); mask is a bool
+    keep-mask or an additive bias, broadcastable to (B, H, T, S).
+
+    With dropout on CPU, SDPA takes its unfused math path, whose bernoulli_ dropout and NaN-safe
+    softmax (isneginf, all, where over the (B, H, T, S) weights) cost as much as the matmuls:
+    there it is computed here instead, from the same ops with our dropout. Masked keys get the
+    dtype's lowest finite value (an additive −inf bias stays −inf), which gives them weight 0
+    exactly as SDPA does, unless every key of a row is masked (an empty utterance), where SDPA
+    returns zeros."""
+    if dropout_p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if mask is not None and mask.dtype == torch.bool:
+        logits = logits.masked_fill_(~mask, torch.finfo(logits.dtype).min)
+    elif mask is not None:
+        logits = logits.add_(mask)
+    return dropout(torch.softmax(logits, dim=-1), dropout_p) @ v

@@ -1,12 +1,14 @@
 """The faster CPU paths of shared blocks against the PyTorch ops they replace: dropout's random
 stream (keep rate, exact scaling, its gradient), the training attention path against
-scaled_dot_product_attention's maths."""
+scaled_dot_product_attention's maths, the FFT positional convolution against Conv1d."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from sslasr.models.blocks import positional
 from sslasr.models.blocks.dropout import Dropout, attention, dropout, keep_mask
+from sslasr.models.blocks.positional import ConvPositionalEmbedding, _fft_length, fft_conv, fft_conv_is_cheaper
 
 torch.set_num_threads(1)
 
@@ -92,3 +94,43 @@ def test_attention_without_dropout_is_sdpa():
     q, k, v = (torch.randn(2, 3, 9, 4) for _ in range(3))
     bias = torch.randn(2, 3, 9, 9)
     torch.testing.assert_close(attention(q, k, v, bias), F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+
+
+@pytest.mark.parametrize("channels, kernel, groups, batch, time", [(16, 8, 4, 3, 21), (12, 7, 3, 2, 30), (8, 16, 2, 2, 5)])
+def test_fft_conv_equals_conv1d_forward_and_gradients(channels, kernel, groups, batch, time):
+    torch.manual_seed(0)
+    x = torch.randn(batch, time, channels, requires_grad=True)
+    weight = torch.randn(channels, channels // groups, kernel, requires_grad=True)
+    bias = torch.randn(channels, requires_grad=True)
+    padding = kernel // 2
+    expected = F.conv1d(x.transpose(1, 2), weight, bias, padding=padding, groups=groups)[:, :, :time].transpose(1, 2)
+    got = fft_conv(x, weight, bias, padding)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (x, weight, bias), grad),
+                    torch.autograd.grad(expected, (x, weight, bias), grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_positional_embedding_takes_fft_only_when_cheaper_and_matches_the_convolution(monkeypatch):
+    torch.manual_seed(0)
+    module = ConvPositionalEmbedding(32, kernel=32, groups=4)
+    x = torch.randn(8, 100, 32)
+    weight = module.conv.weight
+    assert fft_conv_is_cheaper(x, weight.shape, 16)
+    assert not fft_conv_is_cheaper(x, (32, 8, 3), 1)           # a narrow kernel stays direct
+    assert not fft_conv_is_cheaper(x.to(torch.bfloat16), weight.shape, 16)
+    fast = module(x)
+    monkeypatch.setattr(positional, "fft_conv_is_cheaper", lambda *args: False)
+    torch.testing.assert_close(fast, module(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fft_lengths_are_the_smallest_5_smooth_sizes():
+    def smooth(n):
+        for p in (2, 3, 5):
+            while n % p == 0:
+                n //= p
+        return n == 1
+    for n in range(1, 700):
+        length = _fft_length(n)
+        assert length >= n and smooth(length) and not any(smooth(m) for m in range(n, length))

@@ -90,25 +90,27 @@ class RelativePositionSelfAttention(MultiHeadSelfAttention):
         """x (B, T, C), padding_mask (B, T) True = pad → (B, T, C)."""
         batch, time, dim = x.shape
         q, k, v = self._project_qkv(x)                                      # (B, H, T, d) each
+        # 1/√d scales q (B, H, T, d) (and u, v) before the products, not the (B, H, T, T) logits
         scale = q.shape[-1] ** -0.5
+        q = q * scale
         bias = None
         if self.position == "relative":
             offsets = torch.arange(time - 1, -time, -1, device=x.device)      # r = T−1 .. −(T−1)
             p = self.pos_proj(self.sinusoids(offsets).to(x.dtype))             # (2T−1, C)
             p = p.view(2 * time - 1, self.heads, -1).permute(1, 2, 0)           # (H, d, 2T−1)
-            scores = (q + self.pos_bias_v[:, None].to(q.dtype)) @ p            # (B, H, T, 2T−1)
+            scores = (q + self.pos_bias_v[:, None].to(q.dtype) * scale) @ p   # (B, H, T, 2T−1)
             # column of offset r = i − j is T−1−r = T−1−i+j
-            bias = _gather_offsets(scores, time - 1 - _offsets(time, x.device)) * scale
-            q = q + self.pos_bias_u[:, None].to(q.dtype)
+            bias = _gather_offsets(scores, time - 1 - _offsets(time, x.device))
+            q = q + self.pos_bias_u[:, None].to(q.dtype) * scale
         elif self.position == "relative_key":
             scores = q @ self.distance_embedding.weight.to(q.dtype).t()        # (B, H, T, left+1+right)
             clipped = (-_offsets(time, x.device)).clamp(-self.left, self.right)  # j − i
-            bias = _gather_offsets(scores, clipped + self.left) * scale
+            bias = _gather_offsets(scores, clipped + self.left)
         if padding_mask is not None and padding_mask.any():
             pad = torch.zeros(batch, 1, 1, time, dtype=q.dtype, device=x.device)
             pad = pad.masked_fill(padding_mask[:, None, None, :], float("-inf"))
-            bias = pad if bias is None else bias + pad
-        y = attention(q, k, v, bias, self.dropout if self.training else 0.0, scale=scale)
+            bias = pad if bias is None else bias.add_(pad)
+        y = attention(q, k, v, bias, self.dropout if self.training else 0.0, scale=1.0)
         return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))
 
 
@@ -163,8 +165,12 @@ class ConvolutionModule(nn.Module):
         x = F.glu(self.pointwise1(self.layer_norm(x)), dim=-1)
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        x = F.pad(x.transpose(1, 2), (self.left_pad, self.right_pad))
-        x = self.depthwise(x).transpose(1, 2)                        # (B, T, C)
+        # self.depthwise's maths as a 2-D convolution over a (B, C, 1, T) view of x, which is
+        # channels-last in memory: oneDNN takes it without relayout (about 2× faster on CPU,
+        # forward and backward, than Conv1d on the transposed input)
+        x = F.pad(x, (0, 0, self.left_pad, self.right_pad)).transpose(1, 2).unsqueeze(2)
+        x = F.conv2d(x, self.depthwise.weight.unsqueeze(2), self.depthwise.bias, groups=self.depthwise.groups)
+        x = x.squeeze(2).transpose(1, 2)                              # (B, T, C)
         x = self.norm(x, padding_mask) if isinstance(self.norm, MaskedBatchNorm1d) else self.norm(x)
         return self.dropout(self.pointwise2(F.silu(x)))
 

@@ -71,7 +71,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     if dropout_p == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q * scale) @ k.transpose(-2, -1)
+    logits = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)
     if mask is not None and mask.dtype == torch.bool:
         logits = logits.masked_fill_(~mask, torch.finfo(logits.dtype).min)
     elif mask is not None:

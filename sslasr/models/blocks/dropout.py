@@ -10,6 +10,7 @@ dtype. Other devices use F.dropout (fused and fast there).
 """
 
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -17,11 +18,26 @@ from torch import nn
 import torch.nn.functional as F
 
 
+_scratch = threading.local()  # per thread: the int64 buffer the random bits are drawn into
+
+
+def _random_bits(count: int, device) -> torch.Tensor:
+    """count 64-bit draws of torch's default generator, in a buffer reused from call to call: a
+    fresh allocation of this size is page-faulted in on every call, which costs as much on
+    CPU as drawing the numbers."""
+    if torch.device(device or "cpu").type != "cpu":
+        return torch.empty(count, dtype=torch.int64, device=device).random_(-2**63, None)
+    buffer = getattr(_scratch, "bits", None)
+    if buffer is None or len(buffer) < count:
+        buffer = _scratch.bits = torch.empty(count, dtype=torch.int64)
+    return buffer[:count].random_(-2**63, None)
+
+
 def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype = torch.bool, device=None) -> torch.Tensor:
     """Tensor of `shape` whose entries are independently 1 (True) with probability 1 − p (p
     rounded to a multiple of 2⁻³²) and 0 otherwise, drawn from torch's default generator."""
     count = math.prod(shape)
-    bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(-2**63, None)
+    bits = _random_bits((count + 1) // 2, device)
     uniform = bits.view(torch.int32)[:count].view(shape)     # uniform on [−2³¹, 2³¹)
     threshold = round(p * 2**32) - 2**31                      # P(uniform ≥ threshold) = 1 − p
     # written straight into `dtype`: a bool mask would be converted to x's dtype by every use

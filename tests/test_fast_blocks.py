@@ -44,6 +44,23 @@ def test_dropout_scales_exactly_and_its_gradient_uses_the_same_mask():
     assert torch.equal(dropout(x, p) != 0, kept)
 
 
+def test_inplace_dropout_on_an_activation_output_keeps_the_gradient():
+    x = torch.randn(30, 40, requires_grad=True)
+    torch.manual_seed(2)
+    y = dropout(F.gelu(x), 0.4, inplace=True)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    torch.manual_seed(2)
+    keep = keep_mask(y.shape, 0.4)
+    x2 = x.detach().requires_grad_()
+    expected = F.gelu(x2) * keep / 0.6
+    expected.backward(grad)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(x.grad, x2.grad)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # ReLU keeps its output
+        dropout(F.relu(x), 0.4, inplace=True).sum().backward()
+
+
 def test_dropout_identity_cases_and_module():
     x = torch.randn(10, 20)
     assert dropout(x, 0.0) is x and dropout(x, 0.5, training=False) is x

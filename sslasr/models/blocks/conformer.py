@@ -159,7 +159,7 @@ class ConvolutionModule(nn.Module):
         else:
             self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.pointwise2 = nn.Linear(dim, dim, bias=cfg.conv_bias)
-        self.dropout = Dropout(cfg.conv_dropout)
+        self.dropout = Dropout(cfg.conv_dropout, inplace=True)  # on a Linear output
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = F.glu(self.pointwise1(self.layer_norm(x)), dim=-1)
@@ -188,7 +188,7 @@ class ConformerBlock(nn.Module):
         self.ffn2_norm = nn.LayerNorm(dim, eps=eps)
         self.ffn2 = FeedForward(dim, cfg.ffn_dim, cfg.activation_dropout, activation=F.silu)
         self.final_norm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, inplace=True)  # on Linear outputs only
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + 0.5 * self.dropout(self.ffn1(self.ffn1_norm(x)))

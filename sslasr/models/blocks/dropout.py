@@ -46,31 +46,37 @@ def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype = torch.bool, devi
 
 class _Dropout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, p: float, inplace: bool) -> torch.Tensor:
         scale = keep_mask(x.shape, p, x.dtype, x.device).mul_(1.0 / (1.0 - p))  # 0 or 1/(1 − p)
         ctx.save_for_backward(scale)
+        if inplace:
+            ctx.mark_dirty(x)
+            return x.mul_(scale)
         return x * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (scale,) = ctx.saved_tensors
-        return grad * scale, None
+        return grad * scale, None, None
 
 
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout(x, p, training), with the cheaper random stream on CPU."""
+def dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """F.dropout(x, p, training, inplace), with the cheaper random stream on CPU."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0:
-        return F.dropout(x, p, training)
-    return _Dropout.apply(x, p)
+        return F.dropout(x, p, training, inplace)
+    return _Dropout.apply(x, p, inplace)
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout (same arguments, no parameters) computed by `dropout`."""
+    """nn.Dropout (same arguments, no parameters) computed by `dropout`. inplace=True saves a
+    fresh output (page-faulted in on CPU at these sizes) where x is an intermediate that no
+    backward needs: the output of a Linear or of GELU/SiLU (which keep their input), not of
+    ReLU or softmax (which keep their output; autograd then raises an error)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+        return dropout(x, self.p, self.training, self.inplace)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,

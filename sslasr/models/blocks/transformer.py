@@ -91,7 +91,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.intermediate = nn.Linear(dim, hidden)
         self.output = nn.Linear(hidden, dim)
-        self.dropout = Dropout(activation_dropout)
+        self.dropout = Dropout(activation_dropout, inplace=True)  # on GELU/SiLU's output, which they do not keep
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,7 @@ class TransformerLayer(nn.Module):
         self.attention_norm = nn.LayerNorm(cfg.dim)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, cfg.activation_dropout)
         self.final_norm = nn.LayerNorm(cfg.dim)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, inplace=True)  # on Linear outputs only
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
                 position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:

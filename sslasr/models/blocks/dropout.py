@@ -93,9 +93,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     if dropout_p == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)
-    if mask is not None and mask.dtype == torch.bool:
-        logits = logits.masked_fill_(~mask, torch.finfo(logits.dtype).min)
-    elif mask is not None:
-        logits = logits.add_(mask)
+    q = q * scale if scale != 1.0 else q
+    logits_shape = (*q.shape[:-1], k.shape[-2])
+    if mask is not None and mask.dtype == q.dtype and mask.shape == logits_shape:
+        # a full bias is the matmul's accumulator: no separate pass over the logits
+        flat = (-1, *logits_shape[-2:])
+        logits = torch.baddbmm(mask.reshape(flat), q.reshape(-1, *q.shape[-2:]),
+                               k.reshape(-1, *k.shape[-2:]).transpose(1, 2)).view(logits_shape)
+    else:
+        logits = q @ k.transpose(-2, -1)
+        if mask is not None and mask.dtype == torch.bool:
+            logits = logits.masked_fill_(~mask, torch.finfo(logits.dtype).min)
+        elif mask is not None:
+            logits = logits.add_(mask)
     return dropout(torch.softmax(logits, dim=-1), dropout_p) @ v

@@ -138,8 +138,11 @@ def test_positional_embedding_takes_fft_only_when_cheaper_and_matches_the_convol
     assert not fft_conv_is_cheaper(x, (32, 8, 3), 1)           # a narrow kernel stays direct
     assert not fft_conv_is_cheaper(x.to(torch.bfloat16), weight.shape, 16)
     fast = module(x)
+    monkeypatch.setattr(positional, "fft_conv", None)            # eval: the direct convolution
+    direct = module.eval()(x)
+    torch.testing.assert_close(fast, direct, atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(positional, "fft_conv_is_cheaper", lambda *args: False)
-    torch.testing.assert_close(fast, module(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(module.train()(x), direct, atol=0, rtol=0)
 
 
 def test_fft_lengths_are_the_smallest_5_smooth_sizes():

@@ -3,8 +3,8 @@
 A wide grouped convolution over the frame sequence, weight-normalised, added to its input:
 x ← x + GELU(conv(x)). It replaces absolute position embeddings.
 
-Its kernel is wide (128 frames in the base model), so on CPU it usually runs as an FFT
-convolution (`fft_conv`), the same function up to float rounding, when a count of the
+Its kernel is wide (128 frames in the base model), so in CPU training it usually runs as an
+FFT convolution (`fft_conv`), the same function up to float rounding, when a count of the
 multiply-adds says that is at least twice cheaper than the direct convolution.
 """
 
@@ -31,12 +31,14 @@ class ConvPositionalEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) → positional term of shape (B, T, C) (caller adds it).
 
-        self.conv's maths, by FFT where that is cheaper (see fft_conv_is_cheaper), otherwise
-        run as a 2-D convolution over a (B, C, 1, T) view of x: that view is
+        self.conv's maths, in training by FFT where that is cheaper (see fft_conv_is_cheaper),
+        otherwise run as a 2-D convolution over a (B, C, 1, T) view of x: that view is
         channels-last in memory, which oneDNN's grouped convolution takes without relayout (and
         runs, forward and backward, 2-3× faster on CPU than Conv1d on the transposed input)."""
         conv, weight = self.conv, self.conv.weight  # (weight norm recomputes it on each access)
-        if fft_conv_is_cheaper(x, weight.shape, conv.padding[0]):
+        # Only in training: the FFT's rounding depends on the transform length, i.e. on the
+        # batch's padded length, and decoding a near-tie should not change with the batching.
+        if self.training and fft_conv_is_cheaper(x, weight.shape, conv.padding[0]):
             return self.act(fft_conv(x, weight, conv.bias, conv.padding[0]))
         y = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2), conv.bias,
                      padding=(0, conv.padding[0]), groups=conv.groups).squeeze(2)

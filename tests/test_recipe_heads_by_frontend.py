@@ -14,11 +14,8 @@ import torch
 
 from recipe_smoke import SMOKE, recipe_with_data, run_recipe
 
-# Narrow beams and one λ, β point: a 4-update model's hypotheses run to the length limit.
-SMOKE_DECODING = {
-    "attention": "decode.beam_size=2 decode.tune.lm_weight=[0.3] decode.tune.length_bonus=[0.5]",
-    "transducer": "decode.beam_size=2 decode.tune.lm_weight=[0.3] decode.tune.length_bonus=[0.5]",
-}
+# Narrow beams and one λ, β point (either head): a 4-update model's hypotheses run to the length limit.
+SMOKE_DECODING = "decode.beam_size=2 decode.tune.lm_weight=[0.3] decode.tune.length_bonus=[0.5]"
 METHODS = {
     "attention": ["attention_greedy", "attention_beam", "attention_beam+lm"],
     "transducer": ["transducer_greedy", "transducer_beam", "transducer_beam+lm"],
@@ -32,7 +29,7 @@ def test_attention_and_transducer_heads_on_frontend(tmp_path: Path, prepared_min
     first_stage = "2"  # w2v-BERT's fbank features; a no-op for the waveform frontends
     for head in ("attention", "transducer"):
         opts = list(SMOKE)
-        opts[opts.index("--finetune-opts") + 1] += " " + SMOKE_DECODING[head]
+        opts[opts.index("--finetune-opts") + 1] += " " + SMOKE_DECODING
         result = run_recipe(recipe, *opts, "--frontend", frontend, "--head", head, "--no-pretrain", "true",
                             "--stage", first_stage, timeout=900)
         assert result.returncode == 0, f"{head}: " + result.stderr[-4000:]

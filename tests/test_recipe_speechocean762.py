@@ -230,7 +230,7 @@ def test_cpu_configs_of_every_frontend_dry_run(frontend: str):
         assert sum(it["updates"] for it in iterations) == pretrain["trainer"]["max_updates"]
         overrides = training_overrides(pretrain, len(iterations))
     assert "task: pretrain" in dry_run(load_configs(_configs(CONF, frontend, "pretrain.yaml"), overrides), None, world_size=1)
-    extra = ["finetune_w2vbert.yaml"] if (CONF / f"finetune_{frontend}.yaml").exists() else []
+    extra = [f"finetune_{frontend}.yaml"] if (CONF / f"finetune_{frontend}.yaml").exists() else []
     for labeled in ("finetune_ctc_10m.yaml", "finetune_ctc_1h.yaml"):
         for scratch in ([], ["scratch.yaml"]):
             cfg = load_configs(_configs(CONF, frontend, "finetune_ctc.yaml", labeled, *extra, *scratch))

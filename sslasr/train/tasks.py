@@ -17,6 +17,13 @@ from sslasr.train.lm_task import LmTask
 log = logging.getLogger(__name__)
 
 
+def _init_encoder(model: nn.Module, checkpoint: Optional[str]) -> None:
+    """model.encoder's weights from a pretraining checkpoint, where one is given."""
+    if checkpoint:
+        count = load_encoder_weights(model, checkpoint)
+        log.info("initialised %d encoder tensors from %s", count, checkpoint)
+
+
 class _DataMixin:
     """Train/valid loaders from the `data` section of the config."""
 
@@ -60,10 +67,7 @@ class PretrainTask(_DataMixin):
         self.model = frontend.build_pretrainer(cfg["frontend"]["encoder"], objective)
         # A k-means iteration with `init: previous` trains the previous iteration's encoder on
         # (its prediction head is new: the classes changed)
-        encoder_from = cfg.get("init", {}).get("encoder_from")
-        if encoder_from:
-            count = load_encoder_weights(self.model, encoder_from)
-            log.info("initialised %d encoder tensors from %s", count, encoder_from)
+        _init_encoder(self.model, cfg.get("init", {}).get("encoder_from"))
         self._collapse_warned = False
 
     def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:
@@ -107,9 +111,7 @@ class AsrFinetuneTask(_DataMixin):
         self.input_type = frontend.input_type
         self.model = build_asr_model(cfg, self.tokenizer.vocab_size)
         ft = cfg.get("finetune", {})
-        if ft.get("init_from"):
-            count = load_encoder_weights(self.model, ft["init_from"])
-            log.info("initialised %d encoder tensors from %s", count, ft["init_from"])
+        _init_encoder(self.model, ft.get("init_from"))
         if ft.get("freeze_feature_extractor", False):
             for p in self.model.encoder.feature_extractor.parameters():
                 p.requires_grad_(False)

@@ -29,6 +29,7 @@ from sslasr.models.asr import build_asr_model
 from sslasr.scoring import align_counts
 from sslasr.train.distributed import DistInfo, init_distributed
 from sslasr.train.trainer import Trainer
+from sslasr.utils.threads import configure_cpu_math
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -279,6 +280,24 @@ def test_asr_initialised_from_pretrained_encoder(runs):
 def _log_lines(exp_dir: Path, kind: str) -> List[str]:
     text = (exp_dir / "train.rank0.log").read_text()
     return [line for line in text.splitlines() if f" {kind} update " in line]
+
+
+def test_training_flushes_denormal_floats(runs):
+    """Every training process flushes denormals (a long CPU run slowed by a third without)."""
+    for exp in (runs["pretrain"]["A"], runs["asr"]["A"]):
+        assert "denormal floats flushed to zero" in (exp / "train.rank0.log").read_text(), exp
+
+
+def test_configure_cpu_math_flushes_denormals():
+    tiny = torch.tensor([1e-39])  # below float32's smallest normal number, 1.18e-38
+    try:
+        torch.set_flush_denormal(False)
+        assert (tiny * 1.0).item() > 0
+        configure_cpu_math(flush_denormal=True)
+        assert (tiny * 1.0).item() == 0.0
+        assert (torch.tensor([1e-30]) * 1.0).item() > 0  # normal floats are untouched
+    finally:
+        torch.set_flush_denormal(False)  # process-global: leave the other tests as they were
 
 
 def test_asr_final_validation_reports_wer(runs, corpus):

@@ -30,6 +30,7 @@ from sslasr.train.trainer import Trainer, seed_everything
 from sslasr.utils.config import load_configs
 from sslasr.utils.io import write_text_atomic
 from sslasr.utils.logging import setup_logging
+from sslasr.utils.threads import configure_cpu_math
 
 
 def _vocab_size(cfg: dict, vocab_size: Optional[int]) -> int:
@@ -102,8 +103,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"invalid training config: {e}")
     dist = init_distributed()
     setup_logging(args.exp_dir / f"train.rank{dist.rank}.log", rank=dist.rank)
-    if "num_threads" in cfg.get("trainer", {}):
-        torch.set_num_threads(cfg["trainer"]["num_threads"])
+    tcfg = cfg["trainer"]
+    configure_cpu_math(tcfg.get("num_threads", 0), tcfg.get("flush_denormal", True))
     seed_everything(cfg["trainer"].get("seed", 0) + dist.rank)
     if dist.is_main:
         write_text_atomic(args.exp_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))

@@ -100,6 +100,8 @@ def _check_trainer(cfg: Dict, problems: List[str]) -> None:
     for key in ("log_every", "checkpoint_every"):
         _check_number(problems, trainer, key, "trainer", required=False, integer=True)
     _check_number(problems, trainer, "valid_every", "trainer", required=False, allow_zero=True, integer=True)
+    if not isinstance(trainer.get("flush_denormal", True), bool):
+        problems.append(f"trainer.flush_denormal must be true or false, got {trainer['flush_denormal']!r}")
     if trainer.get("amp", "none") not in AMP_MODES:
         problems.append(f"trainer.amp must be one of {', '.join(AMP_MODES)}, got {trainer['amp']!r}")
 

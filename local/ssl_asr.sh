@@ -19,7 +19,8 @@
 #   9 noisy student, --generations N (0: skipped): the teacher transcribes the unlabeled audio,
 #                 the pseudo-labels are filtered (conf/noisy_student.yaml), a student trains on
 #                 labels + pseudo-labels with noise, is decoded and scored, and teaches the next
-#  10 results     RESULTS.md rendered from exp/results.jsonl
+#  10 results     exp/results.jsonl's new rows appended to RESULTS.jsonl (tracked: every run's
+#                 rows), RESULTS.md rendered from it
 # Every stage leaves a .done marker and is skipped when it exists (--force true redoes it);
 # training stages resume from their last checkpoint after a kill.
 set -euo pipefail
@@ -428,7 +429,7 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
 fi
 
 if run_stage 10; then
-  "$python" -m sslasr.bin.render_results --results exp/results.jsonl --out RESULTS.md \
-    --title "$corpus results"
+  "$python" -m sslasr.bin.render_results --results exp/results.jsonl --archive RESULTS.jsonl \
+    --out RESULTS.md --title "$corpus results"
   log "wrote RESULTS.md"
 fi

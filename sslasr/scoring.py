@@ -274,6 +274,22 @@ def dedup_latest(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
+def archive_results(results_jsonl: PathLike, archive_jsonl: PathLike) -> int:
+    """Append to ``archive_jsonl`` (the recipe's tracked history, created if absent) every row
+    of ``results_jsonl`` it does not hold yet; returns how many were added. exp/ is scratch
+    space that lives on one machine; the archive keeps each run's rows, so RESULTS.md rendered
+    from it keeps the rows of earlier runs (other frontends, heads, machines). The archive is
+    rewritten atomically."""
+    archive = Path(archive_jsonl)
+    kept = read_results(archive) if archive.exists() else []
+    seen = {json.dumps(row, sort_keys=True) for row in kept}
+    new = [row for row in read_results(results_jsonl) if json.dumps(row, sort_keys=True) not in seen]
+    if new:
+        lines = [json.dumps(row, ensure_ascii=False, allow_nan=False) for row in kept + new]
+        write_text_atomic(archive, "\n".join(lines) + "\n")
+    return len(new)
+
+
 # --------------------------------------------------------------------------- RESULTS.md
 
 

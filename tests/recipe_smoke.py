@@ -21,7 +21,7 @@ def recipe_copy(tmp_path: Path) -> Path:
     shutil.copytree(REPO / "local", tmp_path / "local")
     shutil.copytree(REPO / "conf", tmp_path / "conf")
     shutil.copytree(REPO / "egs" / "minisynth", tmp_path / "egs" / "minisynth",
-                    ignore=shutil.ignore_patterns("data", "exp", "corpus", "RESULTS.md"))
+                    ignore=shutil.ignore_patterns("data", "exp", "corpus", "RESULTS.md", "RESULTS.jsonl"))
     return tmp_path / "egs" / "minisynth"
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from recipe_smoke import SMOKE, recipe_copy, recipe_with_data, run_recipe
+from sslasr.scoring import read_results
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
@@ -55,6 +56,8 @@ def test_results_rows_and_table(finished_recipe: Path):
         assert row["command"].startswith("./run.sh")
     table = (finished_recipe / "RESULTS.md").read_text()
     assert "do not edit" in table.lower() and "./run.sh --data-opts" in table
+    assert "from RESULTS.jsonl" in table  # rendered from the tracked history, which has this run's rows
+    assert read_results(finished_recipe / "RESULTS.jsonl") == rows
 
 
 def test_rerun_skips_finished_stages(finished_recipe: Path):
@@ -64,6 +67,7 @@ def test_rerun_skips_finished_stages(finished_recipe: Path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "pretrained wav2vec2 ready" in result.stderr
     assert (finished_recipe / "exp/results.jsonl").read_text() == before  # nothing scored twice
+    assert len(read_results(finished_recipe / "RESULTS.jsonl")) == 12  # nor archived twice
     assert time.monotonic() - start < 120
 
 

@@ -26,6 +26,7 @@ from sslasr.scoring import (
     ErrorCounts,
     align_counts,
     append_result,
+    archive_results,
     human_duration,
     read_results,
     render_results_md,
@@ -222,6 +223,24 @@ def test_render_dedups_latest_wins_and_shows_commands(tmp_path):
     clean = text[text.index("### test-clean"): text.index("### test-other")]
     assert clean.index("| 30 min |") < clean.index("| 1 h |")
     assert "```bash" in clean
+
+
+def test_archive_keeps_earlier_runs_rows_once(tmp_path):
+    archive = tmp_path / "RESULTS.jsonl"
+    run1, run2 = tmp_path / "run1.jsonl", tmp_path / "run2.jsonl"  # two machines' exp/results.jsonl
+    append_result(run1, make_row(exp="exp/ctc_hubert_all", wer=12.0, command="./run.sh --frontend hubert"))
+    append_result(run2, make_row(exp="exp/ctc_wavlm_all", wer=9.5, command="./run.sh --frontend wavlm"))
+    assert archive_results(run1, archive) == 1
+    assert archive_results(run1, archive) == 0  # a rerun of stage 10 adds nothing twice
+    assert archive_results(run2, archive) == 1
+    assert [row["exp"] for row in read_results(archive)] == ["exp/ctc_hubert_all", "exp/ctc_wavlm_all"]
+    text = render_results_md(archive, tmp_path / "RESULTS.md")
+    assert "12.00" in text and "9.50" in text  # run 1's row outlives its exp/ directory
+
+    (tmp_path / "bad.jsonl").write_text('{"wer": 1}\n')
+    with pytest.raises(ValueError, match="missing required key"):
+        archive_results(tmp_path / "bad.jsonl", archive)
+    assert len(read_results(archive)) == 2  # nothing written on failure
 
 
 def test_render_exp_column_is_part_of_the_key(tmp_path):

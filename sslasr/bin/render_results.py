@@ -1,6 +1,10 @@
 """Regenerate RESULTS.md from the results jsonl written by ``sslasr.bin.score``.
 
     python -m sslasr.bin.render_results --results exp/results.jsonl --out RESULTS.md
+
+With ``--archive results.jsonl`` (as the recipes run it) the rows of --results not yet in the
+archive are appended to it first, and RESULTS.md is rendered from the archive: the recipe's
+tracked history of every run, which exp/ (one machine's scratch space) is not.
 """
 
 from __future__ import annotations
@@ -9,12 +13,14 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from sslasr.scoring import render_results_md
+from sslasr.scoring import archive_results, render_results_md
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="exp/results.jsonl", help="results jsonl (input)")
+    p.add_argument("--archive", help="tracked results history: gets the new rows of --results, "
+                   "and RESULTS.md is rendered from it")
     p.add_argument("--out", default="RESULTS.md", help="markdown file to (over)write")
     p.add_argument("--title", default="Results", help="top-level heading of the page")
     return p
@@ -23,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        render_results_md(args.results, args.out, title=args.title)
+        source = args.results
+        if args.archive:
+            added = archive_results(args.results, args.archive)
+            print(f"{args.archive}: {added} new row(s) from {args.results}")
+            source = args.archive
+        render_results_md(source, args.out, title=args.title)
     except (OSError, ValueError) as err:
         raise SystemExit(f"render_results: {err}")
     print(f"wrote {args.out}")

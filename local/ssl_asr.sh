@@ -34,6 +34,7 @@ stop_stage=100
 frontend=wav2vec2
 head=ctc
 labeled=all            # seconds of labeled audio (600, 1h, 10m) or "all"
+speed_perturb=""       # e.g. "0.9 1.1": fine-tune on the labeled cuts plus copies at these speeds
 no_pretrain=false      # scratch baseline only
 init_from=""           # a transformers model directory (wav2vec2, hubert, ...): imported, not pretrained
 compare_scratch=true   # also fine-tune a scratch system with the same head and labels
@@ -101,6 +102,7 @@ manifests=data/manifests
 lang=data/lang_${token_type}_${vocab_size}
 labeled_seconds=$(seconds_of "$labeled")
 labeled_tag=$labeled
+sp_tag=""; [ -z "$speed_perturb" ] || sp_tag=_sp$(echo $speed_perturb | tr ' ' '-')  # _sp0.9-1.1
 frontend_tag=$frontend  # names the exp dirs
 if [ -n "$init_from" ]; then  # the checkpoint's architecture and family, not conf/frontend_*.yaml's
   [ -f "$init_from/config.json" ] || { echo "$0: --init-from $init_from: no config.json there" >&2; exit 2; }
@@ -128,7 +130,7 @@ systems=""
 { [ "$no_pretrain" = true ] || [ "$compare_scratch" = true ]; } && systems="$systems scratch"
 pretrain_dir=exp/pretrain_$frontend_tag
 system_dir() {  # system_dir pretrained|scratch
-  if [ "$1" = pretrained ]; then echo "exp/${head}_${frontend_tag}_${labeled_tag}"; else echo "exp/${head}_scratch_${frontend_tag}_${labeled_tag}"; fi
+  if [ "$1" = pretrained ]; then echo "exp/${head}_${frontend_tag}_${labeled_tag}$sp_tag"; else echo "exp/${head}_scratch_${frontend_tag}_${labeled_tag}$sp_tag"; fi
 }
 
 if run_stage 0; then
@@ -244,6 +246,8 @@ finetune_configs() {  # finetune_configs pretrained|scratch: the YAML files of a
 }
 train_cuts=$(cuts train)  # the labeled data: all of train, or --labeled seconds of it
 [ "$labeled_seconds" = all ] || train_cuts=$manifests/${corpus}_cuts_train_${labeled_tag}$feats.jsonl.gz
+labeled_cuts=$train_cuts  # without speed-perturbed copies: what the labeled amount counts
+[ -z "$speed_perturb" ] || train_cuts=${labeled_cuts%.jsonl.gz}$sp_tag.jsonl.gz
 
 finetune_system() {  # finetune_system pretrained|scratch [KEY=VALUE...]: stage 5 for one system
   local system=$1 dir init="finetune.init_from=$pretrain_dir/model_final.pt"
@@ -253,7 +257,7 @@ finetune_system() {  # finetune_system pretrained|scratch [KEY=VALUE...]: stage 
   [ $system != scratch ] || init="finetune.init_from=null"
   train $dir --config $(finetune_configs $system) --set task=asr data.train_cuts="$train_cuts" \
     data.valid_cuts="$(cuts $valid_set)" data.tokenizer=$lang/bpe.model "$init" "$@" $finetune_opts
-  "$python" -m sslasr.bin.cuts seconds "$train_cuts" > $dir/labeled_seconds
+  "$python" -m sslasr.bin.cuts seconds "$labeled_cuts" > $dir/labeled_seconds
   touch $dir/.done
 }
 finetune_together() {  # finetune_together SYSTEM...: one job each, the cores shared out, logs to files
@@ -274,8 +278,13 @@ finetune_together() {  # finetune_together SYSTEM...: one job each, the cores sh
 
 if run_stage 5; then
   [ -z "$init_from" ] || [ -f $pretrain_dir/.done ] || import_init_from
-  [ -f "$train_cuts" ] || "$python" -m sslasr.bin.cuts subset --cuts "$(cuts train)" \
-    --seconds "$labeled_seconds" --out "$train_cuts"
+  [ -f "$labeled_cuts" ] || "$python" -m sslasr.bin.cuts subset --cuts "$(cuts train)" \
+    --seconds "$labeled_seconds" --out "$labeled_cuts"
+  if [ -n "$speed_perturb" ] && [ ! -f "$train_cuts" ]; then  # fbank frontends: the copies' features too
+    log "speed perturbation $speed_perturb of $labeled_cuts"
+    "$python" -m sslasr.bin.cuts perturb-speed --cuts "$labeled_cuts" --factors $speed_perturb \
+      ${feats:+--fbank-storage data/fbank} --num-jobs "$nj" --out "$train_cuts"
+  fi
   pending=()
   for system in $systems; do
     if done_or_force $(system_dir $system)/.done; then log "$(system_dir $system) ready"; else pending+=($system); fi
@@ -351,7 +360,8 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION [KEY=VALUE...
         head=$head decoding=$method lm_weight=$(json_value $out/decode_info.json lm_weight) \
         length_bonus=$(json_value $out/decode_info.json length_bonus) $lm_row \
         labeled_seconds="$(cat "$dir/labeled_seconds" 2>/dev/null || echo null)" \
-        pretrained=$pretrained generation=$generation exp=$dir "$@" "command=$command_line"
+        pretrained=$pretrained generation=$generation exp=$dir ${sp_tag:+speed_perturb=${speed_perturb// /,}} \
+        "$@" "command=$command_line"
       touch $out/.scored
     done
   done
@@ -369,7 +379,7 @@ fi
 # transcribes the unlabeled pool with its best method; the filtered pseudo-labels plus the labels
 # train a student from the pretrained encoder with the fine-tuning configs' noise (masking,
 # dropout), conf/noisy_student.yaml merged over them; the student, decoded and scored, teaches g + 1.
-noisy_student_dir=exp/noisy_student_${head}_${frontend_tag}_${labeled_tag}
+noisy_student_dir=exp/noisy_student_${head}_${frontend_tag}_${labeled_tag}$sp_tag
 pseudo_label_search() {  # pseudo_label_search TEACHER_DIR: "METHOD BEAM" of pseudo_label (method: else the teacher's last)
   "$python" - "$conf_dir/noisy_student.yaml" "$(decode_methods $1)" <<'EOF'
 import sys
@@ -391,11 +401,11 @@ pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool 
     ${beam:+--beam-size $beam} $fusion $decode_opts
   [ ! -f "$corpus_dir/unlabeled/text.reference" ] || reference="--reference $corpus_dir/unlabeled/text.reference"
   "$python" -m sslasr.bin.pseudo_label --cuts "$(cuts unlabeled)" --decode-dir $out/decode_unlabeled \
-    --labeled-cuts "$train_cuts" --config $conf_dir/noisy_student.yaml $reference \
+    --labeled-cuts "$labeled_cuts" --config $conf_dir/noisy_student.yaml $reference \
     --out-cuts $out/pseudo_labeled.jsonl.gz --report $out/report.json
   # the same filter on transcribed audio: how good the kept pseudo-labels are where the truth is known
   "$python" -m sslasr.bin.pseudo_label --cuts "$(cuts $valid_set)" --decode-dir $out/decode_$valid_set \
-    --labeled-cuts "$train_cuts" --config $conf_dir/noisy_student.yaml --report $out/report_$valid_set.json
+    --labeled-cuts "$labeled_cuts" --config $conf_dir/noisy_student.yaml --report $out/report_$valid_set.json
 }
 if run_stage 9 && [ "$generations" -gt 0 ]; then
   [ -f $conf_dir/noisy_student.yaml ] || { echo "$0: --generations needs $conf_dir/noisy_student.yaml" >&2; exit 1; }
@@ -416,7 +426,7 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
       train $student --config $(finetune_configs pretrained) $conf_dir/noisy_student.yaml --set task=asr \
         data.train_cuts=$labels/student_train.jsonl.gz data.valid_cuts="$(cuts $valid_set)" \
         data.tokenizer=$lang/bpe.model finetune.init_from=$pretrain_dir/model_final.pt $finetune_opts
-      "$python" -m sslasr.bin.cuts seconds "$train_cuts" > $student/labeled_seconds
+      "$python" -m sslasr.bin.cuts seconds "$labeled_cuts" > $student/labeled_seconds
       touch $student/.done
     fi
     decode_system $student

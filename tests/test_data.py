@@ -15,7 +15,9 @@ from lhotse.audio import AudioSource
 from sslasr.bin import compute_fbank as compute_fbank_cli
 from sslasr.bin import prepare_manifests as prepare_cli
 from sslasr.data.loader import load_cuts, make_dataloader, normalize_waveforms
-from sslasr.data.manifests import prepare_split, split_by_speaker, subset_by_duration, write_cuts
+from sslasr.data.manifests import (
+    prepare_split, speed_perturbed_copies, split_by_speaker, subset_by_duration, write_cuts,
+)
 from sslasr.data.tokenizer import Tokenizer, train_tokenizer
 
 SR = 16000
@@ -182,6 +184,24 @@ def test_subset_by_duration_total_and_determinism():
     assert [c.id for c in subset] == [c.id for c in subset_by_duration(cuts, 20.0, seed=3)]
     assert [c.id for c in subset] != [c.id for c in subset_by_duration(cuts, 20.0, seed=4)]
     assert len(subset_by_duration(cuts, 1e6, seed=0)) == 50
+
+
+def test_speed_perturbed_copies_resample_audio_and_rescale_supervisions(prepared):
+    originals = load_cuts(prepared[1] / "toy_cuts_train.jsonl.gz").to_eager()
+    copies = speed_perturbed_copies(originals, [0.9, 1.1])
+    assert [c.id for c in copies] == [f"{c.id}_sp{f}" for f in (0.9, 1.1) for c in originals]
+    for factor in (0.9, 1.1):
+        for cut in originals:
+            copy_ = copies[f"{cut.id}_sp{factor}"]
+            assert copy_.duration == pytest.approx(cut.duration / factor, abs=1e-3)
+            assert copy_.supervisions[0].duration == pytest.approx(cut.supervisions[0].duration / factor, abs=1e-3)
+            assert copy_.supervisions[0].text == cut.supervisions[0].text
+            audio = copy_.load_audio()  # resampled on load: slower speech, more samples
+            assert audio.shape[-1] == copy_.num_samples
+            assert abs(audio.shape[-1] - cut.num_samples / factor) <= 2
+    for bad in ([1.0], [0.9, 0.9], [0.2], [3.0]):
+        with pytest.raises(ValueError, match="speed factors"):
+            speed_perturbed_copies(originals, bad)
 
 
 def test_split_by_speaker_is_disjoint():

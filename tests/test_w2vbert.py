@@ -471,17 +471,29 @@ def test_recipe_runs_with_w2vbert(tmp_path, prepared_minisynth):
     recipe = recipe_with_data(tmp_path, prepared_minisynth)
     # the scratch system's configs are checked in test_minisynth_finetuning_...; here only the pretrained one
     result = run_recipe(recipe, *SMOKE, "--frontend", "w2vbert", "--compare-scratch", "false", "--stage", "2",
-                        timeout=1200)
+                        "--speed-perturb", "0.9 1.1", timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
     manifests = recipe / "data/manifests"
     assert (manifests / ".fbank.done").exists()
     for split in ["train", "dev", "test", "pretrain"]:
         assert (manifests / f"minisynth_cuts_{split}_fbank.jsonl.gz").exists(), split
-    finetuned = load_configs([recipe / "exp/ctc_w2vbert_all/config.yaml"])
+    exp = recipe / "exp/ctc_w2vbert_all_sp0.9-1.1"
+    finetuned = load_configs([exp / "config.yaml"])
     assert finetuned["data"]["spec_augment"] and finetuned["frontend"]["name"] == "w2vbert"
+    # speed perturbation: fine-tuned on the labeled cuts plus fbank'd copies at 0.9 and 1.1
+    assert finetuned["data"]["train_cuts"] == "data/manifests/minisynth_cuts_train_fbank_sp0.9-1.1.jsonl.gz"
+    originals = load_cuts(manifests / "minisynth_cuts_train_fbank.jsonl.gz").to_eager()
+    perturbed = load_cuts(recipe / finetuned["data"]["train_cuts"]).to_eager()
+    assert len(perturbed) == 3 * len(originals) and all(c.has_features for c in perturbed)
+    slow = perturbed[f"{originals[0].id}_sp0.9"]
+    assert slow.num_frames == pytest.approx(originals[0].num_frames / 0.9, abs=2)
+    labeled = sum(c.duration for c in originals)
+    assert float((exp / "labeled_seconds").read_text()) == pytest.approx(labeled, abs=0.01)
     assert "spec_augment" not in load_configs([recipe / "exp/pretrain_w2vbert/config.yaml"])["data"]
     rows = [json.loads(line) for line in (recipe / "exp/results.jsonl").read_text().splitlines()]
     pretrained = [r for r in rows if r["pretrained"]]
     assert {r["test_set"] for r in pretrained} == {"dev", "test"}
     assert all(r["frontend"] == "w2vbert" and r["num_utts"] == 8 for r in pretrained)
+    assert all(r["speed_perturb"] == "0.9,1.1" and r["labeled_seconds"] == pytest.approx(labeled, abs=0.01)
+               for r in rows)
     assert len(pretrained) == len(rows)

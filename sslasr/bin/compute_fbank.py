@@ -19,16 +19,24 @@ log = logging.getLogger(__name__)
 
 
 def compute_fbank(cuts_path, out_cuts_path, storage_dir, num_mel_bins: int = 80, num_jobs: int = 2):
-    cuts = load_cuts(cuts_path)
+    with_feats = fbank_cuts(load_cuts(cuts_path), Path(storage_dir) / Path(out_cuts_path).name.split(".")[0],
+                            num_mel_bins, num_jobs)
+    write_cuts(with_feats, out_cuts_path)
+    log.info("features for %d cuts -> %s", len(with_feats), out_cuts_path)
+    return with_feats
+
+
+def fbank_cuts(cuts: CutSet, storage_path: Path, num_mel_bins: int = 80, num_jobs: int = 2) -> CutSet:
+    """The cuts with fbank features computed into the lilcom archive(s) at storage_path, in
+    input order; cuts whose audio fails to load are left out with a warning."""
     num_in = len(cuts)
     # Several worker processes each running multi-threaded torch can deadlock (lhotse warns).
     if num_jobs > 1:
         torch.set_num_threads(1)
-    storage = Path(storage_dir)
-    storage.mkdir(parents=True, exist_ok=True)
+    Path(storage_path).parent.mkdir(parents=True, exist_ok=True)
     with_feats = cuts.compute_and_store_features(
         extractor=Fbank(FbankConfig(num_mel_bins=num_mel_bins)),
-        storage_path=storage / Path(out_cuts_path).name.split(".")[0],
+        storage_path=storage_path,
         num_jobs=num_jobs, storage_type=LilcomChunkyWriter, progress_bar=False)
     # Parallel jobs return their shards one after another: restore the input order.
     by_id = {cut.id: cut for cut in with_feats}
@@ -36,8 +44,6 @@ def compute_fbank(cuts_path, out_cuts_path, storage_dir, num_mel_bins: int = 80,
     # lhotse skips cuts whose audio fails to load: say so instead of losing them quietly.
     if len(with_feats) != num_in:
         log.warning("%d of %d cuts failed audio loading and have no features", num_in - len(with_feats), num_in)
-    write_cuts(with_feats, out_cuts_path)
-    log.info("features for %d cuts -> %s", len(with_feats), out_cuts_path)
     return with_feats
 
 

@@ -3,15 +3,19 @@
     python -m sslasr.bin.cuts combine --out all.jsonl.gz a.jsonl.gz b.jsonl.gz
     python -m sslasr.bin.cuts subset --cuts train.jsonl.gz --seconds 600 --seed 0 --out train_10m.jsonl.gz
     python -m sslasr.bin.cuts seconds train.jsonl.gz        # prints the total duration
+    python -m sslasr.bin.cuts perturb-speed --cuts train.jsonl.gz --factors 0.9 1.1 --out train_sp.jsonl.gz \
+        [--fbank-storage data/fbank]    # originals + speed-perturbed copies (with fbank: the copies' features)
 """
 
 import argparse
 import logging
+from pathlib import Path
 
 from lhotse import CutSet
 
+from sslasr.bin.compute_fbank import fbank_cuts
 from sslasr.data.loader import load_cuts
-from sslasr.data.manifests import subset_by_duration, write_cuts
+from sslasr.data.manifests import speed_perturbed_copies, subset_by_duration, write_cuts
 from sslasr.utils.logging import setup_logging
 
 
@@ -26,6 +30,13 @@ def main(argv=None) -> None:
     subset.add_argument("--seconds", type=float, required=True)
     subset.add_argument("--seed", type=int, default=0)
     subset.add_argument("--out", required=True)
+    perturb = commands.add_parser("perturb-speed", help="the cuts plus speed-perturbed copies")
+    perturb.add_argument("--cuts", required=True)
+    perturb.add_argument("--factors", type=float, nargs="+", required=True)
+    perturb.add_argument("--fbank-storage", help="compute the copies' fbank features into this folder "
+                         "(for fbank frontends; the originals keep theirs)")
+    perturb.add_argument("--num-jobs", type=int, default=2)
+    perturb.add_argument("--out", required=True)
     seconds = commands.add_parser("seconds", help="print the total duration in seconds")
     seconds.add_argument("cuts")
     args = parser.parse_args(argv)
@@ -39,8 +50,24 @@ def main(argv=None) -> None:
         cuts = subset_by_duration(load_cuts(args.cuts), args.seconds, args.seed)
         write_cuts(cuts, args.out)
         logging.info("%s: %d cuts, %.1f s", args.out, len(cuts), sum(c.duration for c in cuts))
+    elif args.command == "perturb-speed":
+        write_cuts(perturb_speed(args), args.out)
     else:
         print(round(sum(cut.duration for cut in load_cuts(args.cuts)), 2))
+
+
+def perturb_speed(args) -> CutSet:
+    originals = load_cuts(args.cuts).to_eager()
+    copies = speed_perturbed_copies(originals, args.factors)
+    if args.fbank_storage:
+        if not all(c.has_features for c in originals):
+            raise SystemExit(f"perturb-speed --fbank-storage: {args.cuts} has cuts without features")
+        storage = Path(args.fbank_storage) / Path(args.out).name.split(".")[0]
+        copies = fbank_cuts(copies, storage, originals[0].num_features, args.num_jobs)
+    cuts = CutSet.from_cuts(list(originals) + list(copies))
+    logging.info("%s: %d cuts (%d originals, speed factors %s), %.1f s", args.out, len(cuts), len(originals),
+                 " ".join(map(str, args.factors)), sum(c.duration for c in cuts))
+    return cuts
 
 
 if __name__ == "__main__":

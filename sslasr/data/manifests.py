@@ -308,6 +308,21 @@ def subset_by_duration(cuts: Iterable, seconds: float, seed: int) -> CutSet:
     return CutSet.from_cuts(cuts[i] for i in sorted(chosen))
 
 
+def speed_perturbed_copies(cuts: Iterable, factors: Sequence[float]) -> CutSet:
+    """A copy of the cuts at each speed factor (Ko et al., 2015: with 0.9 and 1.1 next to the
+    originals, a small training set triples; pitch and tempo change together, as Kaldi's sox
+    `speed`). Copies are named `<id>_sp<factor>`, their audio resampled when loaded, their
+    supervisions rescaled; stored features do not carry over (fbank frontends compute their own)."""
+    factors = [float(f) for f in factors]
+    bad = [f for f in factors if not 0.5 <= f <= 2.0 or f == 1.0]
+    if bad or len(set(factors)) != len(factors):
+        raise ValueError(f"speed factors must be distinct, in [0.5, 2] and not 1 (the originals are kept), "
+                         f"got {factors}")
+    cuts = list(cuts)
+    return CutSet.from_cuts(cut.drop_features().perturb_speed(factor, affix_id=True)
+                            for factor in factors for cut in cuts)
+
+
 def _speaker(cut) -> str:
     speaker = cut.supervisions[0].speaker if cut.supervisions else None
     return speaker if speaker is not None else cut.id  # no utt2spk: each utterance its own speaker

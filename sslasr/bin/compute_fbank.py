@@ -18,9 +18,13 @@ from sslasr.data.manifests import write_cuts
 log = logging.getLogger(__name__)
 
 
+def storage_for(storage_dir, out_cuts_path) -> Path:
+    """Where the features of the manifest out_cuts_path go: storage_dir/<its name>."""
+    return Path(storage_dir) / Path(out_cuts_path).name.split(".")[0]
+
+
 def compute_fbank(cuts_path, out_cuts_path, storage_dir, num_mel_bins: int = 80, num_jobs: int = 2):
-    with_feats = fbank_cuts(load_cuts(cuts_path), Path(storage_dir) / Path(out_cuts_path).name.split(".")[0],
-                            num_mel_bins, num_jobs)
+    with_feats = fbank_cuts(load_cuts(cuts_path), storage_for(storage_dir, out_cuts_path), num_mel_bins, num_jobs)
     write_cuts(with_feats, out_cuts_path)
     log.info("features for %d cuts -> %s", len(with_feats), out_cuts_path)
     return with_feats

@@ -9,11 +9,10 @@
 
 import argparse
 import logging
-from pathlib import Path
 
 from lhotse import CutSet
 
-from sslasr.bin.compute_fbank import fbank_cuts
+from sslasr.bin.compute_fbank import fbank_cuts, storage_for
 from sslasr.data.loader import load_cuts
 from sslasr.data.manifests import speed_perturbed_copies, subset_by_duration, write_cuts
 from sslasr.utils.logging import setup_logging
@@ -62,8 +61,8 @@ def perturb_speed(args) -> CutSet:
     if args.fbank_storage:
         if not all(c.has_features for c in originals):
             raise SystemExit(f"perturb-speed --fbank-storage: {args.cuts} has cuts without features")
-        storage = Path(args.fbank_storage) / Path(args.out).name.split(".")[0]
-        copies = fbank_cuts(copies, storage, originals[0].num_features, args.num_jobs)
+        copies = fbank_cuts(copies, storage_for(args.fbank_storage, args.out), originals[0].num_features,
+                            args.num_jobs)
     cuts = CutSet.from_cuts(list(originals) + list(copies))
     logging.info("%s: %d cuts (%d originals, speed factors %s), %.1f s", args.out, len(cuts), len(originals),
                  " ".join(map(str, args.factors)), sum(c.duration for c in cuts))

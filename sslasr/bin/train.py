@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     setup_logging(args.exp_dir / f"train.rank{dist.rank}.log", rank=dist.rank)
     tcfg = cfg["trainer"]
     configure_cpu_math(tcfg.get("num_threads", 0), tcfg.get("flush_denormal", True))
-    seed_everything(cfg["trainer"].get("seed", 0) + dist.rank)
+    seed_everything(tcfg.get("seed", 0) + dist.rank)
     if dist.is_main:
         write_text_atomic(args.exp_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
         logging.info("command: %s", " ".join(sys.argv))

@@ -308,7 +308,17 @@ if run_stage 6; then
     "$python" -m sslasr.bin.lm_perplexity --lm $lm_dir/model_final.pt --text "$(cuts $valid_set)" --out $lm_dir/perplexity.json
     touch $lm_dir/.done
   fi
+  # the lexicon of lexicon-constrained decoding (ctc_lexicon): the words of the LM's text
+  if [ -f $lm_dir/.done ] && { [ ! -f $lm_dir/words.txt ] || [ "$force" = true ]; }; then
+    "$python" -m sslasr.bin.lexicon --text "$(cuts train)" $lm_text --out $lm_dir/words.txt
+  fi
 fi
+lexicon_opts() {  # lexicon_opts METHODS...: --lexicon for lexicon-constrained methods
+  case " $* " in *lexicon*)
+    [ -f $lm_dir/words.txt ] || { echo "$0: $*: the lexicon methods need stage 6 ($lm_dir/words.txt)" >&2; exit 1; }
+    echo "--lexicon $lm_dir/words.txt" ;;
+  esac
+}
 
 decode_methods() {  # decode_methods SYSTEM_DIR: the model config's decoding methods, METHOD+lm with the LM
   "$python" - "$1/config.yaml" <<'EOF'
@@ -342,7 +352,7 @@ decode_system() {  # decode_system DIR: every set with every method of DIR's mod
   log "decoding $decode_sets with $dir: $methods"
   "$python" -m sslasr.bin.decode --model $dir/model_final.pt \
     --cuts $(for s in $decode_sets; do printf '%s=%s ' "$s" "$(cuts "$s")"; done) \
-    --methods $methods --out-dir "$dir/decode_{set}_{method}" $fusion $overwrite $decode_opts
+    --methods $methods --out-dir "$dir/decode_{set}_{method}" $fusion $(lexicon_opts $methods) $overwrite $decode_opts
   touch $dir/.decode.done
 }
 score_system() {  # score_system DIR pretrained|scratch GENERATION [KEY=VALUE...]: a results row per (set, method)
@@ -398,7 +408,7 @@ pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool 
   log "pseudo-labelling unlabeled and $valid_set with $teacher ($method)"
   "$python" -m sslasr.bin.decode --model $teacher/model_final.pt --confidence --methods $method \
     --cuts unlabeled="$(cuts unlabeled)" $valid_set="$(cuts $valid_set)" --out-dir "$out/decode_{set}" \
-    ${beam:+--beam-size $beam} $fusion $decode_opts
+    ${beam:+--beam-size $beam} $fusion $(lexicon_opts $method) $decode_opts
   [ ! -f "$corpus_dir/unlabeled/text.reference" ] || reference="--reference $corpus_dir/unlabeled/text.reference"
   "$python" -m sslasr.bin.pseudo_label --cuts "$(cuts unlabeled)" --decode-dir $out/decode_unlabeled \
     --labeled-cuts "$labeled_cuts" --config $conf_dir/noisy_student.yaml $reference \

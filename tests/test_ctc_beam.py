@@ -2,6 +2,7 @@
 greedy, shallow fusion with rigged LMs (λ and β), batch = per utterance, the head method,
 decoding options, λ/β tuning, and the recipe's LM / decode / score stages at smoke size."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from recipe_smoke import SMOKE, recipe_with_data, run_recipe
 from sslasr.decoding.ctc_prefix_beam import CtcBeamConfig, ctc_prefix_beam_search, ctc_prefix_beam_search_batch
 from sslasr.decoding.fusion import corpus_wer, decode_options, tune_fusion
+from sslasr.decoding.lexicon import NOT_ALLOWED, ROOT, Lexicon
 from sslasr.models.heads.ctc import CtcHead, best_path
 from sslasr.models.interfaces import DecodeOptions
 from sslasr.models.lm import build_lm
@@ -175,7 +177,7 @@ def test_ctc_head_decodes_with_ctc_beam():
     assert "ctc_beam" in head.methods
     with pytest.raises(ValueError, match="the LM has 5 tokens but the CTC head 9"):
         head.decode(hidden, lengths, "ctc_beam", DecodeOptions(lm=_rigged_lm(5, 3), lm_weight=0.5))
-    with pytest.raises(ValueError, match="ctc_greedy, ctc_beam"):
+    with pytest.raises(ValueError, match="ctc_greedy, ctc_beam, ctc_lexicon"):
         head.decode(hidden, lengths, "ctc_prefix", options)
 
 
@@ -271,3 +273,98 @@ def test_recipe_lm_decode_score_stages(tmp_path: Path, prepared_minisynth: Path,
                  "--length-bonus", str(tuned["length_bonus"]), "--out-dir", str(tmp_path / "alone")])
     assert ((tmp_path / "alone/hyp.txt").read_text()
             == (system / "decode_dev_ctc_beam_lm/hyp.txt").read_text())
+
+
+class LetterTokenizer:
+    """The char sentencepiece convention on a 2-letter alphabet: 0 <blk>, 1 <sos/eos>, 2 <unk>,
+    3 '▁' (starts each word), 4 'A', 5 'B'."""
+    unk_id, vocab_size = 2, 6
+
+    def encode(self, word):
+        return [3] + [{"A": 4, "B": 5}.get(letter, 2) for letter in word]
+
+
+def lexicon_words(tokens):
+    """The words a token sequence spells, or None when it is not a sequence of whole words."""
+    if (tokens and tokens[0] != 3) or not set(tokens) <= {3, 4, 5}:
+        return None
+    words = "".join({3: " ", 4: "A", 5: "B"}[t] for t in tokens).split(" ")[1:]
+    return words if all(words) else None
+
+
+def test_lexicon_trie_follows_words_and_starts_new_ones():
+    lexicon = Lexicon(["AB", "B", "BBA", "AB", "XA"], LetterTokenizer())
+    assert lexicon.num_words == 3  # duplicates merged; X is outside the tokenizer's letters
+    node = np.array([ROOT])
+    path = []
+    for token in [3, 4, 5, 3, 5, 5, 4]:  # ▁AB ▁BBA, through ▁B (a word) and ▁BB (not one)
+        node = lexicon.next_nodes(node, np.array([token]))[:, 0]
+        assert node[0] != NOT_ALLOWED
+        path.append(bool(lexicon.is_complete(node)[0]))
+    assert path == [False, False, True, False, True, False, True]
+    ab = lexicon.next_nodes(lexicon.next_nodes(lexicon.next_nodes(np.array([ROOT]), np.array([3]))[:, 0],
+                                               np.array([4]))[:, 0], np.array([5]))[:, 0]
+    # after "▁AB": no word goes on with A or B, and only '▁' starts the next word
+    assert list(lexicon.next_nodes(ab, np.array([3, 4, 5]))[0, 1:]) == [NOT_ALLOWED, NOT_ALLOWED]
+    assert lexicon.next_nodes(ab, np.array([3]))[0, 0] != NOT_ALLOWED
+    # the root takes only a word's first token
+    assert list(lexicon.next_nodes(np.array([ROOT]), np.array([4, 5]))[0]) == [NOT_ALLOWED, NOT_ALLOWED]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_lexicon_search_is_the_best_sequence_of_lexicon_words(seed):
+    """Unpruned, the lexicon-constrained search returns exactly the brute-force most probable
+    label sequence among those spelling lexicon words, with its exact probability; and the
+    unconstrained best is (for these seeds) outside the lexicon, so the constraint acted."""
+    torch.manual_seed(seed)
+    log_probs = torch.log_softmax(torch.randn(6, 6) * 2.0, -1)
+    log_probs[:, 1:3] = -30.0  # <sos/eos> and <unk> never win
+    totals = brute_force(log_probs.double().numpy())
+    words = {"AB", "B", "BA"}
+    in_lexicon = {seq: p for seq, p in totals.items()
+                  if (w := lexicon_words(list(seq))) is not None and set(w) <= words}
+    config = dataclasses.replace(EXACT, lexicon=Lexicon(words, LetterTokenizer()))
+    hyps = ctc_prefix_beam_search(log_probs, config, nbest=3)
+    best = max(in_lexicon, key=in_lexicon.get)
+    assert tuple(hyps[0].tokens) == best
+    assert hyps[0].ctc_log_prob == pytest.approx(in_lexicon[best], abs=1e-9)
+    assert all(tuple(h.tokens) in in_lexicon for h in hyps)
+    assert max(totals, key=totals.get) not in in_lexicon
+
+
+def test_ctc_head_lexicon_method_needs_a_lexicon_and_ctc_beam_ignores_it():
+    torch.manual_seed(0)
+    head = CtcHead(6, 6).eval()
+    hidden, lengths = torch.randn(2, 15, 6), torch.tensor([15, 9])
+    lexicon = Lexicon(["AB", "BA", "B"], LetterTokenizer())
+    with pytest.raises(ValueError, match="ctc_lexicon needs a lexicon"):
+        head.decode(hidden, lengths, "ctc_lexicon", DecodeOptions(beam_size=4))
+    constrained = head.decode(hidden, lengths, "ctc_lexicon", DecodeOptions(beam_size=4, lexicon=lexicon))
+    assert all(lexicon_words(t) is not None and set(lexicon_words(t)) <= {"AB", "BA", "B"}
+               for t in constrained if t)
+    assert (head.decode(hidden, lengths, "ctc_beam", DecodeOptions(beam_size=4, lexicon=lexicon))
+            == head.decode(hidden, lengths, "ctc_beam", DecodeOptions(beam_size=4)))
+
+
+def test_lexicon_cli_writes_the_words_a_char_tokenizer_spells(tmp_path):
+    """sslasr.bin.lexicon: the distinct words of the text, sorted; loaded with a real char
+    sentencepiece model, each word's trie path is '▁' then its letters and ends a word."""
+    from sslasr.bin import lexicon as lexicon_cli
+    from sslasr.data.tokenizer import train_tokenizer
+    sentences = ["THE CAT SAT", "A CAT RAN", "THE END"]
+    (tmp_path / "text.txt").write_text("\n".join(sentences) + "\n")
+    tokenizer = train_tokenizer(sentences, tmp_path / "lang", vocab_size=20, model_type="char")
+    lexicon_cli.main(["--text", str(tmp_path / "text.txt"), "--out", str(tmp_path / "words.txt")])
+    assert (tmp_path / "words.txt").read_text().split() == ["A", "CAT", "END", "RAN", "SAT", "THE"]
+    lexicon = Lexicon.load(tmp_path / "words.txt", tokenizer)
+    assert lexicon.num_words == 6
+    for word in lexicon.words:
+        node = np.array([ROOT])
+        for token in tokenizer.encode(word):
+            node = lexicon.next_nodes(node, np.array([token]))[:, 0]
+        assert node[0] != NOT_ALLOWED and lexicon.is_complete(node)[0]
+    # "CA" is a prefix of CAT, not a word
+    node = np.array([ROOT])
+    for token in tokenizer.encode("CA"):
+        node = lexicon.next_nodes(node, np.array([token]))[:, 0]
+    assert not lexicon.is_complete(node)[0]

@@ -11,7 +11,8 @@ METHOD+lm is METHOD with shallow fusion, score log p_AM + λ·log p_LM + β·|y|
 --cuts) of the model config's grid `decode.tune` ({lm_weight: [...], length_bonus: [...]}). The
 grid's WERs go to fusion_tuning.json in SET's METHOD+lm folder, which a resumed run reuses; SET's
 METHOD+lm hypotheses are the best point's, other sets are decoded with the tuned λ, β.
-`{method}` in --out-dir reads METHOD_lm for METHOD+lm. A (set, method) whose folder holds
+--lexicon words.txt gives the lexicon of lexicon-constrained methods (ctc_lexicon: the CTC prefix
+beam search spelling only those words). `{method}` in --out-dir reads METHOD_lm for METHOD+lm. A (set, method) whose folder holds
 decode_info.json is skipped (it is written last) unless --overwrite. Search settings (beam sizes,
 ...) come from the model config's `decode` section; --beam-size overrides them. With --confidence,
 scores.txt gives each hypothesis's length-normalised score, −loss(hyp)/(|hyp| + 1) under the head's
@@ -31,6 +32,7 @@ import torch
 from sslasr.data.loader import load_cuts, make_dataloader
 from sslasr.data.tokenizer import Tokenizer
 from sslasr.decoding.fusion import decode_options, tune_fusion
+from sslasr.decoding.lexicon import Lexicon
 from sslasr.models.asr import AsrModel, build_asr_model
 from sslasr.models.frontends import get_frontend
 from sslasr.models.interfaces import DecodeOptions
@@ -156,6 +158,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lm", help="model_final.pt of a token LM (task lm), for the METHOD+lm methods")
     parser.add_argument("--lm-weight", type=float, help="λ (else tuned with --tune-on)")
     parser.add_argument("--length-bonus", type=float, default=0.0, help="β per output token, with --lm-weight")
+    parser.add_argument("--lexicon", help="words.txt (one word per line) for lexicon-constrained methods")
     parser.add_argument("--tune-on", help="the set (a --cuts NAME) to tune λ and β on")
     parser.add_argument("--beam-size", type=int, help="default: the model config's decode.beam_size / lm_beam_size")
     parser.add_argument("--overwrite", action="store_true", help="redo (set, method) folders already decoded")
@@ -188,13 +191,16 @@ def main(argv=None) -> None:
         parser.error(f"--lm has {lm.vocab_size} tokens, the ASR tokenizer {tokenizer.vocab_size}")
     if fused and args.lm_weight is None and args.tune_on not in sets:
         parser.error("the LM methods need --lm-weight, or --tune-on naming one of the --cuts sets")
+    lexicon = Lexicon.load(args.lexicon, tokenizer) if args.lexicon else None
+    if lexicon is None and any("lexicon" in m for m in methods):
+        parser.error(f"{', '.join(m for m in methods if 'lexicon' in m)} need --lexicon")
     setup_logging(out_dir_of(args.out_dir, next(iter(sets)), methods[0]).parent / "decode.log")
 
     def options(method: str, lm_weight: float = 0.0, length_bonus: float = 0.0) -> DecodeOptions:
         if not method.endswith(LM_SUFFIX):
-            return decode_options(decode_cfg, beam_size=args.beam_size)
+            return decode_options(decode_cfg, beam_size=args.beam_size, lexicon=lexicon)
         return decode_options(decode_cfg, beam_size=args.beam_size, lm=lm, lm_weight=lm_weight,
-                              length_bonus=length_bonus)
+                              length_bonus=length_bonus, lexicon=lexicon)
 
     fusion = known_fusion(args, fused)
     grid = decode_cfg.get("tune", {})
@@ -213,7 +219,8 @@ def main(argv=None) -> None:
         for method in pending:
             out_dir = out_dir_of(args.out_dir, set_name, method)
             info = {"method": method.removesuffix(LM_SUFFIX), "set": set_name, "cuts": sets[set_name],
-                    "lm": args.lm if method.endswith(LM_SUFFIX) else None}
+                    "lm": args.lm if method.endswith(LM_SUFFIX) else None,
+                    "lexicon": args.lexicon if "lexicon" in method else None}
             if method not in searches:
                 search = tune_on_set(method, searches, set_pass, out_dir)
                 fusion[method] = (search.options.lm_weight, search.options.length_bonus)

@@ -14,6 +14,10 @@ Prefixes are ranked by
 where log p_LM(y) grows by log p_LM(c | y) when c is appended (shallow fusion at token
 extension); at the end the LM's log p(<eos> | y) is added.
 
+With a lexicon (`sslasr.decoding.lexicon`), each prefix also carries its node in the lexicon's
+trie; extensions that leave the lexicon's words are not allowed, and at the end only prefixes
+that end on a whole word compete (if none does, the best prefix is returned as it is).
+
 Pruning, so that beam + LM decoding runs well inside real time on a CPU: each frame extends
 prefixes only by its `token_topk` most probable tokens, and a frame whose blank posterior is
 above `blank_skip_threshold` extends nothing (its blank / repeat updates are still exact).
@@ -25,6 +29,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from sslasr.decoding.lexicon import NOT_ALLOWED, Lexicon
 from sslasr.models.interfaces import DecodeOptions
 from sslasr.utils.threads import one_thread
 
@@ -39,6 +44,7 @@ class CtcBeamConfig:
     blank_skip_threshold: float = 0.999  # p(blank) above this: no extensions at that frame; ≥ 1 never skips
     lm_weight: float = 0.0               # λ
     length_bonus: float = 0.0            # β
+    lexicon: Optional[Lexicon] = None    # constrain hypotheses to its words
 
     @classmethod
     def from_options(cls, options: DecodeOptions) -> "CtcBeamConfig":
@@ -46,7 +52,7 @@ class CtcBeamConfig:
         extra = options.extra or {}
         return cls(beam_size=options.beam_size, token_topk=int(extra.get("ctc_token_topk", cls.token_topk)),
                    blank_skip_threshold=float(extra.get("ctc_blank_skip_threshold", cls.blank_skip_threshold)),
-                   lm_weight=options.lm_weight, length_bonus=options.length_bonus)
+                   lm_weight=options.lm_weight, length_bonus=options.length_bonus, lexicon=options.lexicon)
 
 
 @dataclass
@@ -61,11 +67,12 @@ class _Beam:
     """One utterance's beam as parallel arrays (row i = prefix i). `rows[i]` is prefix i's row
     in the shared LM rows (state and next-token log-probs of every utterance's prefixes)."""
 
-    def __init__(self, prefixes, p_blank, p_nonblank, lm_log_prob, rows):
+    def __init__(self, prefixes, p_blank, p_nonblank, lm_log_prob, rows, nodes):
         self.prefixes: List[Tuple[int, ...]] = prefixes
         self.p_blank, self.p_nonblank = p_blank, p_nonblank    # (K,) float64 log domain
         self.lm_log_prob = lm_log_prob                         # (K,) Σ log p_LM of the prefix's tokens
         self.rows = rows                                       # (K,) int64
+        self.nodes = nodes                                     # (K,) lexicon trie nodes (0 without one)
         self.lengths = np.array([len(p) for p in prefixes], dtype=np.float64)
         self.last = np.array([p[-1] if p else -1 for p in prefixes], dtype=np.int64)
 
@@ -121,7 +128,8 @@ def _search(frames: np.ndarray, lengths: List[int], cfg: CtcBeamConfig, lm, blan
     use_lm = lm is not None
     skip_log = np.log(cfg.blank_skip_threshold) if cfg.blank_skip_threshold < 1.0 else np.inf
     lm_rows = _LmRows(lm, len(lengths)) if use_lm else None
-    beams = [_Beam([()], np.zeros(1), np.full(1, NEG_INF), np.zeros(1), np.array([u])) for u in range(len(lengths))]
+    beams = [_Beam([()], np.zeros(1), np.full(1, NEG_INF), np.zeros(1), np.array([u]), np.zeros(1, dtype=np.int64))
+             for u in range(len(lengths))]
     for t in range(max(lengths, default=0)):
         requests = []  # per utterance: (kept rows, parent rows, tokens) of its new beam
         for u, beam in enumerate(beams):
@@ -180,6 +188,10 @@ def _extend_frame(beam: _Beam, frame: np.ndarray, blank: float, topk: int, cfg: 
     is_repeat = candidates[None, :] == beam.last[:, None]
     extended = np.where(is_repeat, beam.p_blank[:, None], total[:, None]) + frame[candidates][None, :]
     _merge_into_beam(beam, candidates, extended, p_nonblank)
+    next_nodes = np.zeros(extended.shape, dtype=np.int64)
+    if cfg.lexicon is not None:
+        next_nodes = cfg.lexicon.next_nodes(beam.nodes, candidates)
+        extended[next_nodes == NOT_ALLOWED] = NEG_INF
 
     extend_lm = beam.lm_log_prob[:, None] + (lm_next[:, candidates] if lm_next is not None else 0.0)
     stay_score = np.logaddexp(p_blank, p_nonblank) + cfg.length_bonus * beam.lengths
@@ -200,7 +212,7 @@ def _extend_frame(beam: _Beam, frame: np.ndarray, blank: float, topk: int, cfg: 
                      np.concatenate([p_nonblank[stay], extended[parent, column]]),
                      np.concatenate([beam.lm_log_prob[stay], extend_lm[parent, column] if lm_next is not None
                                      else np.zeros(len(parent))]),
-                     rows=None)
+                     rows=None, nodes=np.concatenate([beam.nodes[stay], next_nodes[parent, column]]))
     return new_beam, (beam.rows[stay], beam.rows[parent], tokens)
 
 
@@ -223,7 +235,10 @@ def _finish(beam: _Beam, lm_rows: Optional[_LmRows], cfg: CtcBeamConfig, use_lm:
     ctc = np.logaddexp(beam.p_blank, beam.p_nonblank)
     lm_total = beam.lm_log_prob + (lm_rows.next[beam.rows, SOS_EOS_ID] if use_lm else 0.0)
     scores = ctc + cfg.length_bonus * beam.lengths + (cfg.lm_weight * lm_total if use_lm else 0.0)
-    order = np.argsort(-scores, kind="stable")[:nbest]
+    candidates = np.arange(len(scores))
+    if cfg.lexicon is not None and cfg.lexicon.is_complete(beam.nodes).any():
+        candidates = np.flatnonzero(cfg.lexicon.is_complete(beam.nodes))  # not those that stop inside a word
+    order = candidates[np.argsort(-scores[candidates], kind="stable")[:nbest]]
     return [Hypothesis(list(beam.prefixes[i]), float(ctc[i]), float(lm_total[i]) if use_lm else 0.0,
                        float(scores[i])) for i in order]
 

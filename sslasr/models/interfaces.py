@@ -40,4 +40,5 @@ class DecodeOptions:
     length_bonus: float = 0.0              # β
     ctc_weight: float = 0.3                # attention decoding: joint CTC prefix score weight
     max_len_ratio: float = 1.0             # attention decoding: max output tokens per encoder frame
+    lexicon: Optional[object] = None       # a decoding.lexicon.Lexicon: hypotheses spell its words only
     extra: dict = field(default_factory=dict)

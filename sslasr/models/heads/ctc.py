@@ -1,5 +1,6 @@
 """CTC head (Graves et al., 2006): a linear layer over encoder states, blank = token 0."""
 
+from dataclasses import replace
 from typing import List
 
 import torch
@@ -11,7 +12,7 @@ from sslasr.models.interfaces import DecodeOptions
 
 
 class CtcHead(nn.Module):
-    methods = ("ctc_greedy", "ctc_beam")
+    methods = ("ctc_greedy", "ctc_beam", "ctc_lexicon")
     greedy_method = "ctc_greedy"
 
     def __init__(self, input_dim: int, vocab_size: int, dropout: float = 0.0, blank_id: int = 0):
@@ -33,6 +34,10 @@ class CtcHead(nn.Module):
         if method == "ctc_greedy":
             return self.greedy(hidden, lengths)
         if method == "ctc_beam":  # prefix beam search; shallow fusion when options.lm is set
+            return ctc_beam_decode(self.log_probs(hidden), lengths, replace(options, lexicon=None), self.blank_id)
+        if method == "ctc_lexicon":  # the same search, restricted to the lexicon's words
+            if options.lexicon is None:
+                raise ValueError("ctc_lexicon needs a lexicon (sslasr.bin.decode --lexicon words.txt)")
             return ctc_beam_decode(self.log_probs(hidden), lengths, options, self.blank_id)
         raise ValueError(f"CTC head cannot decode with {method!r}; available: {', '.join(self.methods)}")
 

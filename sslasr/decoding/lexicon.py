@@ -1,0 +1,85 @@
+"""A word lexicon as a prefix tree over token ids, for lexicon-constrained search.
+
+With a letter (or word-piece) CTC model every search path spells something, and on little
+transcribed speech much of it is misspelt. Constraining the hypothesis to words of a lexicon
+(as wav2vec 2.0's letter models are decoded: flashlight's lexicon decoder) turns a near-miss
+spelling into the closest word the acoustics and the LM agree on.
+
+Each word is tokenized on its own, as the tokenizer does with every whitespace-separated word
+of a sentence (sentencepiece starts it with a '▁' piece), and inserted into a trie. A search
+state is a trie node: node 0 is the root, where a word starts. Appending token c at node n
+  - follows the edge n --c--> n' when the trie has one (the word goes on), else
+  - when n ends a word (or is the root), starts the next word: root --c--> n'.
+Any other token is not allowed. A hypothesis is complete when its node ends a word.
+"""
+
+import logging
+from pathlib import Path
+from typing import Iterable, List, Union
+
+import numpy as np
+
+from sslasr.data.tokenizer import Tokenizer
+from sslasr.utils.io import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+ROOT = 0
+NOT_ALLOWED = -1
+
+
+class Lexicon:
+    """The trie of `words` spelt with `tokenizer`; `child` is dense (nodes × vocabulary)."""
+
+    def __init__(self, words: Iterable[str], tokenizer: Tokenizer):
+        self.words = sorted({w for w in words if w})
+        if not self.words:
+            raise ValueError("a lexicon needs at least one word")
+        edges: List[dict] = [{}]
+        word_end = [False]
+        skipped = 0
+        for word in self.words:
+            tokens = tokenizer.encode(word)
+            if not tokens or tokenizer.unk_id in tokens:  # a letter the tokenizer never saw
+                skipped += 1
+                continue
+            node = ROOT
+            for token in tokens:
+                if token not in edges[node]:
+                    edges[node][token] = len(edges)
+                    edges.append({})
+                    word_end.append(False)
+                node = edges[node][token]
+            word_end[node] = True
+        if skipped:
+            log.warning("lexicon: %d of %d words have tokens outside the tokenizer's vocabulary; left out",
+                        skipped, len(self.words))
+        self.num_words = len(self.words) - skipped
+        self.child = np.full((len(edges), tokenizer.vocab_size), NOT_ALLOWED, dtype=np.int64)
+        for node, out in enumerate(edges):
+            for token, target in out.items():
+                self.child[node, token] = target
+        self.word_end = np.array(word_end)
+        self.word_end[ROOT] = True  # nothing spelt yet: an empty hypothesis is complete
+
+    @classmethod
+    def load(cls, path: Union[str, Path], tokenizer: Tokenizer) -> "Lexicon":
+        """From a words.txt: one word per line (a Kaldi words.txt's second column is ignored)."""
+        words = [line.split()[0] for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        return cls(words, tokenizer)
+
+    def next_nodes(self, nodes: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """(K,) nodes × (C,) tokens → (K, C) next nodes, NOT_ALLOWED where the token cannot follow."""
+        inside = self.child[nodes[:, None], tokens[None, :]]
+        new_word = np.where(self.word_end[nodes][:, None], self.child[ROOT, tokens][None, :], NOT_ALLOWED)
+        return np.where(inside != NOT_ALLOWED, inside, new_word)
+
+    def is_complete(self, nodes: np.ndarray) -> np.ndarray:
+        return self.word_end[nodes]
+
+
+def write_words(sentences: Iterable[str], path: Union[str, Path]) -> int:
+    """The distinct words of `sentences`, sorted, one per line (atomically); returns their count."""
+    words = sorted({word for sentence in sentences for word in sentence.split()})
+    write_text_atomic(Path(path), "".join(f"{w}\n" for w in words))
+    return len(words)

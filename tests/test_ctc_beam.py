@@ -294,7 +294,7 @@ def lexicon_words(tokens):
 
 def test_lexicon_trie_follows_words_and_starts_new_ones():
     lexicon = Lexicon(["AB", "B", "BBA", "AB", "XA"], LetterTokenizer())
-    assert lexicon.num_words == 3  # duplicates merged; X is outside the tokenizer's letters
+    assert lexicon.words == ["AB", "B", "BBA"]  # duplicates merged; X is outside the tokenizer's letters
     node = np.array([ROOT])
     path = []
     for token in [3, 4, 5, 3, 5, 5, 4]:  # ▁AB ▁BBA, through ▁B (a word) and ▁BB (not one)
@@ -357,7 +357,7 @@ def test_lexicon_cli_writes_the_words_a_char_tokenizer_spells(tmp_path):
     lexicon_cli.main(["--text", str(tmp_path / "text.txt"), "--out", str(tmp_path / "words.txt")])
     assert (tmp_path / "words.txt").read_text().split() == ["A", "CAT", "END", "RAN", "SAT", "THE"]
     lexicon = Lexicon.load(tmp_path / "words.txt", tokenizer)
-    assert lexicon.num_words == 6
+    assert len(lexicon.words) == 6
     for word in lexicon.words:
         node = np.array([ROOT])
         for token in tokenizer.encode(word):

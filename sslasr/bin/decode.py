@@ -143,6 +143,11 @@ def parse_cuts(values: List[str]) -> Dict[str, str]:
     return sets
 
 
+def uses_lexicon(method: str) -> bool:
+    """Lexicon-constrained methods are named so (ctc_lexicon, ctc_lexicon+lm)."""
+    return "lexicon" in method
+
+
 def out_dir_of(pattern: str, set_name: str, method: str) -> Path:
     return Path(pattern.format(set=set_name, method=method.replace(LM_SUFFIX, "_lm")))
 
@@ -192,8 +197,9 @@ def main(argv=None) -> None:
     if fused and args.lm_weight is None and args.tune_on not in sets:
         parser.error("the LM methods need --lm-weight, or --tune-on naming one of the --cuts sets")
     lexicon = Lexicon.load(args.lexicon, tokenizer) if args.lexicon else None
-    if lexicon is None and any("lexicon" in m for m in methods):
-        parser.error(f"{', '.join(m for m in methods if 'lexicon' in m)} need --lexicon")
+    constrained = [m for m in methods if uses_lexicon(m)]
+    if lexicon is None and constrained:
+        parser.error(f"{', '.join(constrained)} need --lexicon")
     setup_logging(out_dir_of(args.out_dir, next(iter(sets)), methods[0]).parent / "decode.log")
 
     def options(method: str, lm_weight: float = 0.0, length_bonus: float = 0.0) -> DecodeOptions:
@@ -220,7 +226,7 @@ def main(argv=None) -> None:
             out_dir = out_dir_of(args.out_dir, set_name, method)
             info = {"method": method.removesuffix(LM_SUFFIX), "set": set_name, "cuts": sets[set_name],
                     "lm": args.lm if method.endswith(LM_SUFFIX) else None,
-                    "lexicon": args.lexicon if "lexicon" in method else None}
+                    "lexicon": args.lexicon if uses_lexicon(method) else None}
             if method not in searches:
                 search = tune_on_set(method, searches, set_pass, out_dir)
                 fusion[method] = (search.options.lm_weight, search.options.length_bonus)

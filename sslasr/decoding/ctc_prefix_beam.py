@@ -188,7 +188,6 @@ def _extend_frame(beam: _Beam, frame: np.ndarray, blank: float, topk: int, cfg: 
     is_repeat = candidates[None, :] == beam.last[:, None]
     extended = np.where(is_repeat, beam.p_blank[:, None], total[:, None]) + frame[candidates][None, :]
     _merge_into_beam(beam, candidates, extended, p_nonblank)
-    next_nodes = np.zeros(extended.shape, dtype=np.int64)
     if cfg.lexicon is not None:
         next_nodes = cfg.lexicon.next_nodes(beam.nodes, candidates)
         extended[next_nodes == NOT_ALLOWED] = NEG_INF
@@ -207,12 +206,14 @@ def _extend_frame(beam: _Beam, frame: np.ndarray, blank: float, topk: int, cfg: 
     tokens = candidates[column]
 
     prefixes = [beam.prefixes[i] for i in stay] + [beam.prefixes[j] + (int(c),) for j, c in zip(parent, tokens)]
+    nodes = (np.concatenate([beam.nodes[stay], next_nodes[parent, column]]) if cfg.lexicon is not None
+             else np.zeros(len(prefixes), dtype=np.int64))
     new_beam = _Beam(prefixes,
                      np.concatenate([p_blank[stay], np.full(len(parent), NEG_INF)]),
                      np.concatenate([p_nonblank[stay], extended[parent, column]]),
                      np.concatenate([beam.lm_log_prob[stay], extend_lm[parent, column] if lm_next is not None
                                      else np.zeros(len(parent))]),
-                     rows=None, nodes=np.concatenate([beam.nodes[stay], next_nodes[parent, column]]))
+                     rows=None, nodes=nodes)
     return new_beam, (beam.rows[stay], beam.rows[parent], tokens)
 
 
@@ -236,8 +237,10 @@ def _finish(beam: _Beam, lm_rows: Optional[_LmRows], cfg: CtcBeamConfig, use_lm:
     lm_total = beam.lm_log_prob + (lm_rows.next[beam.rows, SOS_EOS_ID] if use_lm else 0.0)
     scores = ctc + cfg.length_bonus * beam.lengths + (cfg.lm_weight * lm_total if use_lm else 0.0)
     candidates = np.arange(len(scores))
-    if cfg.lexicon is not None and cfg.lexicon.is_complete(beam.nodes).any():
-        candidates = np.flatnonzero(cfg.lexicon.is_complete(beam.nodes))  # not those that stop inside a word
+    if cfg.lexicon is not None:
+        complete = np.flatnonzero(cfg.lexicon.is_complete(beam.nodes))
+        if len(complete):  # not those that stop inside a word
+            candidates = complete
     order = candidates[np.argsort(-scores[candidates], kind="stable")[:nbest]]
     return [Hypothesis(list(beam.prefixes[i]), float(ctc[i]), float(lm_total[i]) if use_lm else 0.0,
                        float(scores[i])) for i in order]

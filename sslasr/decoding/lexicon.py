@@ -32,17 +32,17 @@ class Lexicon:
     """The trie of `words` spelt with `tokenizer`; `child` is dense (nodes × vocabulary)."""
 
     def __init__(self, words: Iterable[str], tokenizer: Tokenizer):
-        self.words = sorted({w for w in words if w})
-        if not self.words:
+        given = sorted({w for w in words if w})
+        if not given:
             raise ValueError("a lexicon needs at least one word")
         edges: List[dict] = [{}]
         word_end = [False]
-        skipped = 0
-        for word in self.words:
+        self.words: List[str] = []  # those spelt: a word with a letter the tokenizer never saw is not
+        for word in given:
             tokens = tokenizer.encode(word)
-            if not tokens or tokenizer.unk_id in tokens:  # a letter the tokenizer never saw
-                skipped += 1
+            if not tokens or tokenizer.unk_id in tokens:
                 continue
+            self.words.append(word)
             node = ROOT
             for token in tokens:
                 if token not in edges[node]:
@@ -51,10 +51,9 @@ class Lexicon:
                     word_end.append(False)
                 node = edges[node][token]
             word_end[node] = True
-        if skipped:
+        if len(self.words) < len(given):
             log.warning("lexicon: %d of %d words have tokens outside the tokenizer's vocabulary; left out",
-                        skipped, len(self.words))
-        self.num_words = len(self.words) - skipped
+                        len(given) - len(self.words), len(given))
         self.child = np.full((len(edges), tokenizer.vocab_size), NOT_ALLOWED, dtype=np.int64)
         for node, out in enumerate(edges):
             for token, target in out.items():

@@ -1,12 +1,14 @@
 """The faster CPU paths of shared blocks against the PyTorch ops they replace: dropout's random
 stream (keep rate, exact scaling, its gradient), the training attention path against
-scaled_dot_product_attention's maths, the FFT positional convolution against Conv1d."""
+scaled_dot_product_attention's maths, the FFT positional convolution against Conv1d, the
+relative shift of Transformer-XL scores against an index gather."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sslasr.models.blocks import positional
+from sslasr.models.blocks.conformer import _shift_offsets
 from sslasr.models.blocks.dropout import Dropout, attention, dropout, keep_mask
 from sslasr.models.blocks.positional import ConvPositionalEmbedding, _fft_length, fft_conv, fft_conv_is_cheaper
 
@@ -154,3 +156,22 @@ def test_fft_lengths_are_the_smallest_5_smooth_sizes():
     for n in range(1, 700):
         length = _fft_length(n)
         assert length >= n and smooth(length) and not any(smooth(m) for m in range(n, length))
+
+
+@pytest.mark.parametrize("time", [1, 2, 3, 8, 41])
+def test_relative_shift_view_equals_the_index_gather_and_its_gradient(time):
+    """Entry [i, j] of the shifted scores is column T−1−(i−j); the view's backward must put each
+    gradient back on that column, and nothing on the columns no pair reads."""
+    torch.manual_seed(time)
+    scores = torch.randn(2, 3, time, 2 * time - 1, requires_grad=True)
+    i, j = torch.meshgrid(torch.arange(time), torch.arange(time), indexing="ij")
+    columns = (time - 1 - i + j).expand(2, 3, time, time)
+    expected = scores.gather(-1, columns)
+    shifted = _shift_offsets(scores)
+    assert torch.equal(shifted, expected)
+    upstream = torch.randn(2, 3, time, time)
+    (grad,) = torch.autograd.grad(shifted, scores, upstream)
+    (expected_grad,) = torch.autograd.grad(expected, scores, upstream)
+    assert torch.equal(grad, expected_grad)
+    with pytest.raises(ValueError, match="2T−1"):
+        _shift_offsets(torch.zeros(1, 1, time, 2 * time))

@@ -99,8 +99,7 @@ class RelativePositionSelfAttention(MultiHeadSelfAttention):
             p = self.pos_proj(self.sinusoids(offsets).to(x.dtype))             # (2T−1, C)
             p = p.view(2 * time - 1, self.heads, -1).permute(1, 2, 0)           # (H, d, 2T−1)
             scores = (q + self.pos_bias_v[:, None].to(q.dtype) * scale) @ p   # (B, H, T, 2T−1)
-            # column of offset r = i − j is T−1−r = T−1−i+j
-            bias = _gather_offsets(scores, time - 1 - _offsets(time, x.device))
+            bias = _shift_offsets(scores)                                     # column T−1−(i−j)
             q = q + self.pos_bias_u[:, None].to(q.dtype) * scale
         elif self.position == "relative_key":
             scores = q @ self.distance_embedding.weight.to(q.dtype).t()        # (B, H, T, left+1+right)
@@ -109,7 +108,7 @@ class RelativePositionSelfAttention(MultiHeadSelfAttention):
         if padding_mask is not None and padding_mask.any():
             pad = torch.zeros(batch, 1, 1, time, dtype=q.dtype, device=x.device)
             pad = pad.masked_fill(padding_mask[:, None, None, :], float("-inf"))
-            bias = pad if bias is None else bias.add_(pad)
+            bias = pad if bias is None else bias + pad
         y = attention(q, k, v, bias, self.dropout if self.training else 0.0, scale=1.0)
         return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))
 
@@ -118,6 +117,21 @@ def _offsets(time: int, device) -> torch.Tensor:
     """(T, T) matrix of i − j (query i, key j)."""
     positions = torch.arange(time, device=device)
     return positions[:, None] - positions[None, :]
+
+
+def _shift_offsets(scores: torch.Tensor) -> torch.Tensor:
+    """scores (B, H, T, 2T−1), column c for offset i − j = T−1−c → (B, H, T, T) with entry
+    [i, j] = scores[i, T−1−i+j] (Transformer-XL's "relative shift"). In the row-major storage
+    that entry sits at i·(2T−1) + T−1−i+j = (T−1) + i·(2T−2) + j, so it is a view: skip T−1
+    elements, read rows of 2T−2, keep the first T of each. Unlike a gather, its backward is a
+    strided copy, not an index scatter-add."""
+    batch, heads, time, width = scores.shape
+    if width != 2 * time - 1:
+        raise ValueError(f"expected 2T−1 = {2 * time - 1} offset columns, got {width}")
+    if time == 1:
+        return scores
+    flat = scores.contiguous().view(batch, heads, time * width)
+    return flat.narrow(-1, time - 1, time * (width - 1)).view(batch, heads, time, width - 1)[..., :time]
 
 
 def _gather_offsets(scores: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,9 @@ from sslasr.data.tokenizer import Tokenizer, train_tokenizer
 from sslasr.models.asr import build_asr_model
 from sslasr.scoring import align_counts
 from sslasr.train.distributed import DistInfo, init_distributed
+from sslasr.train.tasks import _init_encoder, encoder_blocks
 from sslasr.train.trainer import Trainer
+from sslasr.utils.config import load_config
 from sslasr.utils.threads import configure_cpu_math
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,6 +277,32 @@ def test_asr_initialised_from_pretrained_encoder(runs):
     assert frozen
     for key in frozen:
         assert torch.equal(asr_killed[key], pre[key]), key
+
+
+@pytest.mark.parametrize("frontend", ["wav2vec2", "w2vbert"])
+def test_reinit_top_layers_keeps_the_random_init_of_the_top_blocks_only(tmp_path, frontend):
+    if frontend == "wav2vec2":
+        frontend_cfg = FRONTEND["frontend"]
+    else:
+        frontend_cfg = load_config(ROOT / "conf/frontend/w2vbert_tiny.yaml")["frontend"]
+    cfg = {"frontend": frontend_cfg, "head": {"name": "ctc"}}
+    torch.manual_seed(0)
+    pretrained = build_asr_model(cfg, vocab_size=8)
+    checkpoint = tmp_path / "pretrained.pt"
+    torch.save({"model": {f"encoder.{k}": v for k, v in pretrained.encoder.state_dict().items()}}, checkpoint)
+    torch.manual_seed(1)
+    model = build_asr_model(cfg, vocab_size=8)
+    random_init = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    _init_encoder(model, str(checkpoint), reinit_top_layers=1)
+    blocks = encoder_blocks(model.encoder)
+    top = f"{'transformer' if frontend == 'wav2vec2' else 'conformer'}.layers.{len(blocks) - 1}."
+    loaded = pretrained.encoder.state_dict()
+    for key, value in model.encoder.state_dict().items():
+        expected = random_init[key] if key.startswith(top) else loaded[key]
+        assert torch.equal(value, expected), key
+    assert any(k.startswith(top) for k in random_init)
+    with pytest.raises(ValueError, match="reinit_top_layers must be in"):
+        _init_encoder(model, str(checkpoint), reinit_top_layers=len(blocks) + 1)
 
 
 def _log_lines(exp_dir: Path, kind: str) -> List[str]:

@@ -17,11 +17,33 @@ from sslasr.train.lm_task import LmTask
 log = logging.getLogger(__name__)
 
 
-def _init_encoder(model: nn.Module, checkpoint: Optional[str]) -> None:
-    """model.encoder's weights from a pretraining checkpoint, where one is given."""
-    if checkpoint:
-        count = load_encoder_weights(model, checkpoint)
-        log.info("initialised %d encoder tensors from %s", count, checkpoint)
+def _init_encoder(model: nn.Module, checkpoint: Optional[str], reinit_top_layers: int = 0) -> None:
+    """model.encoder's weights from a pretraining checkpoint, where one is given; the top
+    `reinit_top_layers` blocks keep their random initialisation. The last blocks of a pretrained
+    encoder specialise in its pretext task and carry less phonetic information than the middle
+    ones; re-initialising them helps low-resource fine-tuning (Pasad et al. 2021, "Layer-wise
+    analysis of a self-supervised speech representation model")."""
+    if not checkpoint:
+        return
+    blocks = encoder_blocks(model.encoder)
+    if not 0 <= reinit_top_layers <= len(blocks):
+        raise ValueError(f"finetune.reinit_top_layers must be in [0, {len(blocks)}] (the encoder's blocks), "
+                         f"got {reinit_top_layers}")
+    top = blocks[len(blocks) - reinit_top_layers:]
+    random_init = [{k: v.clone() for k, v in block.state_dict().items()} for block in top]
+    count = load_encoder_weights(model, checkpoint)
+    for block, state in zip(top, random_init):
+        block.load_state_dict(state)
+    log.info("initialised %d encoder tensors from %s; top %d of %d blocks left at random init",
+             count, checkpoint, reinit_top_layers, len(blocks))
+
+
+def encoder_blocks(encoder: nn.Module) -> nn.ModuleList:
+    """The stack of Transformer or Conformer blocks of any frontend's encoder."""
+    for stack in ("transformer", "conformer"):
+        if hasattr(encoder, stack):
+            return getattr(encoder, stack).layers
+    raise ValueError(f"{type(encoder).__name__} has no transformer or conformer block stack")
 
 
 class _DataMixin:
@@ -111,7 +133,7 @@ class AsrFinetuneTask(_DataMixin):
         self.input_type = frontend.input_type
         self.model = build_asr_model(cfg, self.tokenizer.vocab_size)
         ft = cfg.get("finetune", {})
-        _init_encoder(self.model, ft.get("init_from"))
+        _init_encoder(self.model, ft.get("init_from"), ft.get("reinit_top_layers", 0))
         if ft.get("freeze_feature_extractor", False):
             for p in self.model.encoder.feature_extractor.parameters():
                 p.requires_grad_(False)

@@ -31,9 +31,10 @@ REQUIRED_RESULT_KEYS = (
 
 # Two result rows with equal values for these (plus "exp" when present) describe the same
 # experiment; in RESULTS.md the later line of the jsonl replaces the earlier one.
+# One row per (experiment, set, method): not keyed by λ, which the recipes tune per run, so a
+# rerun whose tuned λ moved replaces its row instead of leaving the old model's beside it.
 DEDUP_KEYS = (
-    "corpus", "test_set", "frontend", "head", "decoding", "lm_weight", "labeled_seconds",
-    "pretrained", "generation",
+    "corpus", "test_set", "frontend", "head", "decoding", "labeled_seconds", "pretrained", "generation",
 )  # fmt: skip
 
 

@@ -252,6 +252,14 @@ def test_render_exp_column_is_part_of_the_key(tmp_path):
     assert "| exp |" in text
 
 
+def test_a_rerun_with_a_newly_tuned_lm_weight_replaces_the_row(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_result(path, make_row(decoding="ctc_beam+lm", lm_weight=0.3, wer=40.0))
+    append_result(path, make_row(decoding="ctc_beam+lm", lm_weight=1.0, wer=35.5))
+    text = render_results_md(path, tmp_path / "RESULTS.md")
+    assert "35.50" in text and "40.00" not in text
+
+
 def test_malformed_jsonl_raises_with_line_number(tmp_path):
     path = tmp_path / "results.jsonl"
     append_result(path, make_row())

@@ -30,9 +30,8 @@ REQUIRED_RESULT_KEYS = (
 )  # fmt: skip
 
 # Two result rows with equal values for these (plus "exp" when present) describe the same
-# experiment; in RESULTS.md the later line of the jsonl replaces the earlier one.
-# One row per (experiment, set, method): not keyed by λ, which the recipes tune per run, so a
-# rerun whose tuned λ moved replaces its row instead of leaving the old model's beside it.
+# experiment; in RESULTS.md the later line of the jsonl replaces the earlier one. λ is not a key:
+# the recipes tune it per run, and a rerun whose tuned λ moved must replace the old model's row.
 DEDUP_KEYS = (
     "corpus", "test_set", "frontend", "head", "decoding", "labeled_seconds", "pretrained", "generation",
 )  # fmt: skip

@@ -28,7 +28,7 @@ from sslasr.data.tokenizer import Tokenizer, train_tokenizer
 from sslasr.models.asr import build_asr_model
 from sslasr.scoring import align_counts
 from sslasr.train.distributed import DistInfo, init_distributed
-from sslasr.train.tasks import _init_encoder, encoder_blocks
+from sslasr.train.tasks import _init_encoder
 from sslasr.train.trainer import Trainer
 from sslasr.utils.config import load_config
 from sslasr.utils.threads import configure_cpu_math
@@ -294,7 +294,7 @@ def test_reinit_top_layers_keeps_the_random_init_of_the_top_blocks_only(tmp_path
     model = build_asr_model(cfg, vocab_size=8)
     random_init = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     _init_encoder(model, str(checkpoint), reinit_top_layers=1)
-    blocks = encoder_blocks(model.encoder)
+    blocks = model.encoder.blocks
     top = f"{'transformer' if frontend == 'wav2vec2' else 'conformer'}.layers.{len(blocks) - 1}."
     loaded = pretrained.encoder.state_dict()
     for key, value in model.encoder.state_dict().items():

@@ -4,7 +4,8 @@ Encoder (one per frontend, `sslasr/models/<frontend>.py`):
     encoder(inputs, input_lens, return_all=False) -> EncoderOutput
     inputs: (B, samples) waveform or (B, frames, mel) fbank; `encoder.output_dim` is D;
     `encoder.feature_extractor` is the module that turns inputs into frame features (what
-    `finetune.freeze_feature_extractor` freezes).
+    `finetune.freeze_feature_extractor` freezes); `encoder.blocks` is its Transformer or Conformer
+    block stack, bottom first (the top `finetune.reinit_top_layers` keep their random init).
 Pretrainer:
     pretrainer(inputs, input_lens, targets=None) -> (loss, stats)
     `.encoder` is the Encoder above (its weights become the fine-tuning init);

@@ -76,6 +76,11 @@ class W2vBertEncoder(nn.Module):
         self.conformer = ConformerEncoder(cfg.conformer)
         self.output_dim = dim
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The Conformer blocks, bottom first (the interface's block stack)."""
+        return self.conformer.layers
+
     def features(self, fbank: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, F) fbank → subsampled frames z (B, T', D_z), their lengths and padding mask."""
         if fbank.dim() != 3 or fbank.shape[-1] != self.cfg.input_dim:

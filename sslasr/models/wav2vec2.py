@@ -76,6 +76,11 @@ class Wav2Vec2Encoder(nn.Module):
         for stride in self.feature_extractor.strides:
             self.frame_shift_samples *= stride
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The Transformer layers, bottom first (the interface's block stack)."""
+        return self.transformer.layers
+
     def build_context_network(self, cfg: Wav2Vec2EncoderConfig) -> TransformerEncoder:
         """The Transformer over projected features (WavLM's adds its relative position bias)."""
         return TransformerEncoder(cfg.transformer)

@@ -25,7 +25,7 @@ def _init_encoder(model: nn.Module, checkpoint: Optional[str], reinit_top_layers
     analysis of a self-supervised speech representation model")."""
     if not checkpoint:
         return
-    blocks = encoder_blocks(model.encoder)
+    blocks = model.encoder.blocks
     if not 0 <= reinit_top_layers <= len(blocks):
         raise ValueError(f"finetune.reinit_top_layers must be in [0, {len(blocks)}] (the encoder's blocks), "
                          f"got {reinit_top_layers}")
@@ -36,14 +36,6 @@ def _init_encoder(model: nn.Module, checkpoint: Optional[str], reinit_top_layers
         block.load_state_dict(state)
     log.info("initialised %d encoder tensors from %s; top %d of %d blocks left at random init",
              count, checkpoint, reinit_top_layers, len(blocks))
-
-
-def encoder_blocks(encoder: nn.Module) -> nn.ModuleList:
-    """The stack of Transformer or Conformer blocks of any frontend's encoder."""
-    for stack in ("transformer", "conformer"):
-        if hasattr(encoder, stack):
-            return getattr(encoder, stack).layers
-    raise ValueError(f"{type(encoder).__name__} has no transformer or conformer block stack")
 
 
 class _DataMixin:

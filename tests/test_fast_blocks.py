@@ -1,14 +1,16 @@
 """The faster CPU paths of shared blocks against the PyTorch ops they replace: dropout's random
 stream (keep rate, exact scaling, its gradient), the training attention path against
 scaled_dot_product_attention's maths, the FFT positional convolution against Conv1d, the
-relative shift of Transformer-XL scores against an index gather."""
+relative shift of Transformer-XL scores against an index gather, the Conformer's depthwise
+convolution kept in float32 under CPU autocast."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sslasr.models.blocks import positional
-from sslasr.models.blocks.conformer import _shift_offsets
+from sslasr.models.blocks import conformer
+from sslasr.models.blocks.conformer import ConformerConfig, ConvolutionModule, _shift_offsets
 from sslasr.models.blocks.dropout import Dropout, attention, dropout, keep_mask
 from sslasr.models.blocks.positional import ConvPositionalEmbedding, _fft_length, fft_conv, fft_conv_is_cheaper
 
@@ -175,3 +177,29 @@ def test_relative_shift_view_equals_the_index_gather_and_its_gradient(time):
     assert torch.equal(grad, expected_grad)
     with pytest.raises(ValueError, match="2T−1"):
         _shift_offsets(torch.zeros(1, 1, time, 2 * time))
+
+
+def test_depthwise_convolution_runs_in_float32_under_cpu_autocast(monkeypatch):
+    """oneDNN's bf16 depthwise kernel on the (B, C, 1, T) view stalls for minutes once T passes
+    ~100 frames, so under CPU autocast the module must hand conv2d float32 tensors; its output
+    stays the float32 module's up to bf16 rounding of the pointwise layers."""
+    torch.manual_seed(0)
+    module = ConvolutionModule(ConformerConfig(dim=16, heads=2, ffn_dim=32, conv_kernel=15)).eval()
+    x = torch.randn(2, 160, 16)
+    padding = torch.zeros(2, 160, dtype=torch.bool)
+    padding[1, 120:] = True
+    real_conv2d, seen = F.conv2d, []
+
+    def conv2d(input, weight, bias=None, *args, **kwargs):
+        seen.append((input.dtype, weight.dtype, torch.is_autocast_enabled("cpu")))
+        assert input.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        return real_conv2d(input, weight, bias, *args, **kwargs)
+
+    monkeypatch.setattr(conformer.F, "conv2d", conv2d)
+    expected = module(x, padding)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x, padding)
+    assert len(seen) == 2
+    assert out.dtype == torch.bfloat16  # the last pointwise layer still runs in bf16
+    error = (out.float() - expected).norm() / expected.norm()
+    assert error < 3e-2, error

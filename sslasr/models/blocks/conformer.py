@@ -183,10 +183,22 @@ class ConvolutionModule(nn.Module):
         # channels-last in memory: oneDNN takes it without relayout (about 2× faster on CPU,
         # forward and backward, than Conv1d on the transposed input)
         x = F.pad(x, (0, 0, self.left_pad, self.right_pad)).transpose(1, 2).unsqueeze(2)
-        x = F.conv2d(x, self.depthwise.weight.unsqueeze(2), self.depthwise.bias, groups=self.depthwise.groups)
+        x = self._depthwise(x)
         x = x.squeeze(2).transpose(1, 2)                              # (B, T, C)
         x = self.norm(x, padding_mask) if isinstance(self.norm, MaskedBatchNorm1d) else self.norm(x)
         return self.dropout(self.pointwise2(F.silu(x)))
+
+
+    def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
+        """The depthwise convolution of (B, C, 1, T). Under CPU autocast it runs in float32:
+        oneDNN's bf16 depthwise kernel on this layout took minutes per batch once T passed
+        ~100 frames (measured, torch 2.13), and its few multiply-adds gain nothing from bf16."""
+        weight, bias = self.depthwise.weight.unsqueeze(2), self.depthwise.bias
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(),
+                                groups=self.depthwise.groups)
+        return F.conv2d(x, weight, bias, groups=self.depthwise.groups)
 
 
 class ConformerBlock(nn.Module):

@@ -188,7 +188,6 @@ class ConvolutionModule(nn.Module):
         x = self.norm(x, padding_mask) if isinstance(self.norm, MaskedBatchNorm1d) else self.norm(x)
         return self.dropout(self.pointwise2(F.silu(x)))
 
-
     def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
         """The depthwise convolution of (B, C, 1, T). Under CPU autocast it runs in float32:
         oneDNN's bf16 depthwise kernel on this layout took minutes per batch once T passed

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from sslasr.models.blocks import positional
 from sslasr.models.blocks import conformer
+from sslasr.models.blocks import dropout as dropout_module
 from sslasr.models.blocks.conformer import ConformerConfig, ConvolutionModule, _shift_offsets
 from sslasr.models.blocks.dropout import Dropout, attention, dropout, keep_mask
 from sslasr.models.blocks.positional import ConvPositionalEmbedding, _fft_length, fft_conv, fft_conv_is_cheaper
@@ -20,15 +21,25 @@ torch.set_num_threads(1)
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
 def test_keep_rate_within_statistical_bounds(p):
     torch.manual_seed(0)
-    n = 1_000_001  # odd: the last 64-bit draw is half used
+    n = 1_000_001  # the last 64-bit draw is a quarter used
     keep = keep_mask((n,), p)
     assert keep.dtype == torch.bool and keep.shape == (n,)
     rate = keep.double().mean().item()
     assert abs(rate - (1 - p)) < 6 * ((p * (1 - p) / n) ** 0.5)
-    # the two 32-bit halves of one draw are independent: both kept with probability (1 − p)²
-    pairs = keep[:-1].view(-1, 2)
-    both = pairs.all(1).double().mean().item()
-    assert abs(both - (1 - p) ** 2) < 6 * (((1 - p) ** 2 * (1 - (1 - p) ** 2) / len(pairs)) ** 0.5)
+    # the four 16-bit quarters of one draw are independent: all kept with probability (1 − p)⁴,
+    # and neighbours, which come from the same draw, both kept with probability (1 − p)²
+    for group in (2, 4):
+        groups = keep[:n - n % 4].view(-1, group)
+        joint, expected = groups.all(1).double().mean().item(), (1 - p) ** group
+        assert abs(joint - expected) < 6 * ((expected * (1 - expected) / len(groups)) ** 0.5)
+
+
+def test_keep_probability_is_p_rounded_to_a_multiple_of_2_to_the_minus_16(monkeypatch):
+    # the generator's draws replaced by every 16-bit value once: exactly 2¹⁶ − round(p·2¹⁶) kept
+    every_value = torch.arange(-2**15, 2**15, dtype=torch.int16)[torch.randperm(2**16)].view(torch.int64)
+    monkeypatch.setattr(dropout_module, "_random_bits", lambda count, device: every_value[:count])
+    for p in (0.1, 0.3, 0.9, 2**-17):
+        assert keep_mask((2**16,), p).sum().item() == 2**16 - round(p * 2**16)
 
 
 def test_dropout_scales_exactly_and_its_gradient_uses_the_same_mask():

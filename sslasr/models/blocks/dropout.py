@@ -3,9 +3,12 @@
 Same semantics as F.dropout: each element is kept with probability 1 − p and scaled by
 1/(1 − p). What changes is how the keep decisions are drawn: PyTorch's CPU dropout draws one
 bernoulli_ double per element (~8-10 ns each), here every 64-bit draw of the generator
-(`random_` over the full int64 range, ~2 ns) gives two uniform 32-bit integers, and an element
-is kept when its integer is ≥ a threshold. p is thereby rounded to a multiple of 2⁻³², finer
-than float32 resolves p itself. Like F.dropout, the backward keeps the mask of scales in x's
+(`random_` over the full int64 range, ~2 ns) gives four uniform 16-bit integers, and an element
+is kept when its integer is ≥ a threshold. The keep probability is thereby 1 − p with p rounded
+to a multiple of 2⁻¹⁶ (at most 7.7e-6 away; p = 0.1 keeps with probability 0.899994); the scale
+stays 1/(1 − p), as F.dropout's. 16-bit rather than 32-bit draws halve the cost of the mask
+(measured 3.4 → 1.8 ms for an (8, 4, 199, 199) attention mask, one thread), which was a fifth
+of a w2v-BERT training step. Like F.dropout, the backward keeps the mask of scales in x's
 dtype. Other devices use F.dropout (fused and fast there).
 """
 
@@ -35,11 +38,11 @@ def _random_bits(count: int, device) -> torch.Tensor:
 
 def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype = torch.bool, device=None) -> torch.Tensor:
     """Tensor of `shape` whose entries are independently 1 (True) with probability 1 − p (p
-    rounded to a multiple of 2⁻³²) and 0 otherwise, drawn from torch's default generator."""
+    rounded to a multiple of 2⁻¹⁶) and 0 otherwise, drawn from torch's default generator."""
     count = math.prod(shape)
-    bits = _random_bits((count + 1) // 2, device)
-    uniform = bits.view(torch.int32)[:count].view(shape)     # uniform on [−2³¹, 2³¹)
-    threshold = round(p * 2**32) - 2**31                      # P(uniform ≥ threshold) = 1 − p
+    bits = _random_bits((count + 3) // 4, device)
+    uniform = bits.view(torch.int16)[:count].view(shape)     # uniform on [−2¹⁵, 2¹⁵)
+    threshold = round(p * 2**16) - 2**15                      # P(uniform ≥ threshold) = 1 − p
     # written straight into `dtype`: a bool mask would be converted to x's dtype by every use
     return torch.ge(uniform, threshold, out=torch.empty(shape, dtype=dtype, device=device))
 

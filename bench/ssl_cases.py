@@ -29,6 +29,21 @@ from sslasr.utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 100  # k-means clusters of the HuBERT/WavLM targets (iteration 1's default)
+CONFIGS = ("tiny", "small")
+# `small`: base-shaped but narrower and shallower. The waveform encoder (wav2vec 2.0, HuBERT,
+# WavLM): base's 7-layer conv stack at 256 channels, a 384-wide post-LN Transformer of 4 layers.
+SMALL_ENCODER = {
+    "conv_layers": [[256, 10, 5]] + [[256, 3, 2]] * 4 + [[256, 2, 2]] * 2,
+    "conv_norm": "group", "conv_bias": False, "feature_grad_mult": 0.1, "dropout_input": 0.1,
+    "transformer": {"dim": 384, "layers": 4, "heads": 6, "ffn_dim": 1536, "dropout": 0.1,
+                    "attention_dropout": 0.1, "activation_dropout": 0.0, "layer_norm_first": False,
+                    "layerdrop": 0.0, "pos_conv_kernel": 128, "pos_conv_groups": 16},
+}
+# w2v-BERT: the same width and depth as Conformer blocks with w2v-BERT 2.0's depthwise kernel
+# (31), 2 contrastive + 2 masked-prediction blocks, and base-sized objective dimensions.
+SMALL_CONFORMER = {"dim": 384, "layers": 4, "heads": 6, "ffn_dim": 1536, "conv_kernel": 31,
+                   "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0, "conv_dropout": 0.1}
+SMALL_OBJECTIVE = {"final_dim": 256, "quantizer_dim": 256, "quantizer_entries": 320, "num_negatives": 100}
 
 
 @dataclass
@@ -97,9 +112,14 @@ def _wav2vec2_style_hf_config(enc, config_class, **extra):
     return config_class(**wav2vec2_encoder_hf_fields(enc), mask_time_prob=0.05, mask_feature_prob=0.0, **extra)
 
 
-def _targeted_case(name: str, batch: int, seconds: float) -> Case:
+def _targeted_case(name: str, batch: int, seconds: float, config: str) -> Case:
+    """tiny: the minisynth recipe's HuBERT/WavLM; small: SMALL_ENCODER with that objective at
+    fairseq hubert_base's final_dim 256."""
     cfg = load_config(ROOT / f"egs/minisynth/conf/frontend_{name}.yaml")
     objective = {k: v for k, v in cfg["pretrain"].items() if k in HubertPretrainConfig.__dataclass_fields__}
+    if config == "small":
+        objective["final_dim"] = SMALL_OBJECTIVE["final_dim"]
+        cfg["frontend"]["encoder"] = dict(cfg["frontend"]["encoder"], **SMALL_ENCODER)
     pre = HubertPretrainConfig.from_dict(dict(objective, num_classes=NUM_CLASSES, label_rate=50))
     if name == "hubert":
         from sslasr.models.frontends import get_frontend
@@ -129,10 +149,14 @@ def _targeted_case(name: str, batch: int, seconds: float) -> Case:
                      f"transformers = {type(base).__name__} + linear CE")
 
 
-def _w2vbert_case(batch: int, seconds: float) -> Case:
-    """The minisynth preset's width and depth in transformers' Wav2Vec2Bert layout."""
+def _w2vbert_case(batch: int, seconds: float, config: str) -> Case:
+    """The minisynth preset's width and depth (tiny) or SMALL_CONFORMER (small) in transformers'
+    Wav2Vec2Bert layout."""
     cfg = load_config(ROOT / "egs/minisynth/conf/frontend_w2vbert.yaml")
     conformer = cfg["frontend"]["encoder"]["conformer"]
+    if config == "small":
+        conformer = dict(conformer, **SMALL_CONFORMER)
+        cfg["pretrain"].update(SMALL_OBJECTIVE)
     hf_cfg = transformers.Wav2Vec2BertConfig(
         hidden_size=conformer["dim"], num_hidden_layers=conformer["layers"], num_attention_heads=conformer["heads"],
         intermediate_size=conformer["ffn_dim"], conv_depthwise_kernel_size=conformer["conv_kernel"],
@@ -159,9 +183,11 @@ def _w2vbert_case(batch: int, seconds: float) -> Case:
                      "(stacked frames, causal LayerNorm convolution, relative_key positions)")
 
 
-def build_case(name: str, batch: int, seconds: float) -> Case:
+def build_case(name: str, batch: int, seconds: float, config: str = "tiny") -> Case:
+    if config not in CONFIGS:
+        raise ValueError(f"config must be one of {CONFIGS}, got {config!r}")
     if name in ("hubert", "wavlm"):
-        return _targeted_case(name, batch, seconds)
+        return _targeted_case(name, batch, seconds, config)
     if name == "w2vbert":
-        return _w2vbert_case(batch, seconds)
+        return _w2vbert_case(batch, seconds, config)
     raise ValueError(f"no benchmark case for {name!r}")

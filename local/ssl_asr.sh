@@ -53,7 +53,8 @@ kmeans_opts=""         # ... for the k-means of frontends with k-means targets (
 finetune_opts=""       # ... for stage 5
 lm_text=""             # extra LM training text files (one sentence a line), space-separated
 lm_opts=""             # extra `key=value` config overrides for stage 6
-decode_opts=""         # extra options for sslasr.bin.decode
+decode_opts=""         # extra options for sslasr.bin.decode, e.g. a wider λ grid for decoded systems:
+                       #   --stage 7 --stop-stage 8 --force true --decode-opts "--tune-lm-weights 0.6 1 1.5 2" (then --stage 10)
 python=${SSLASR_PYTHON:-$root/.venv/bin/python}
 conf_dir=${conf_dir:-conf}
 corpus=${corpus:?run.sh must set corpus}

@@ -219,6 +219,36 @@ def test_tune_fusion_picks_the_lowest_dev_wer():
         tune_fusion(decode, refs, [], [0.0])
 
 
+def test_tuning_grid_from_the_command_line_or_the_model_config():
+    from sslasr.bin.decode import tuning_grid
+    config = {"lm_weight": [0.3, 1], "length_bonus": [0.5]}
+    assert tuning_grid(config, None, None) == {"lm_weight": [0.3, 1.0], "length_bonus": [0.5]}
+    assert tuning_grid(config, [1.5, 2.0], None) == {"lm_weight": [1.5, 2.0], "length_bonus": [0.5]}
+    assert tuning_grid({}, [1.0], None) == {"lm_weight": [1.0], "length_bonus": [0.0]}
+    assert tuning_grid({}, None, [1.0]) == {"lm_weight": [], "length_bonus": [1.0]}
+
+
+def test_a_saved_tuning_is_reused_only_for_the_same_grid(tmp_path):
+    """A resumed decode keeps the saved λ, β when its grid is this run's; over another grid it
+    stops and says to --overwrite (the other sets were decoded with the old λ, β)."""
+    from types import SimpleNamespace
+    from sslasr.bin.decode import TUNING_FILE, known_fusion
+    saved = tmp_path / "decode_dev_ctc_beam_lm"
+    saved.mkdir()
+    points = [{"lm_weight": lw, "length_bonus": lb, "dev_wer": 50.0} for lw in (0.3, 1.0) for lb in (0.5, 1.5)]
+    (saved / TUNING_FILE).write_text(json.dumps({"lm_weight": 1.0, "length_bonus": 0.5, "grid": points}))
+    args = SimpleNamespace(lm_weight=None, length_bonus=0.0, out_dir=str(tmp_path / "decode_{set}_{method}"),
+                           tune_on="dev", overwrite=False)
+    same = {"lm_weight": [1.0, 0.3], "length_bonus": [0.5, 1.5]}
+    assert known_fusion(args, ["ctc_beam+lm"], same) == {"ctc_beam+lm": (1.0, 0.5)}
+    wider = {"lm_weight": [0.3, 1.0, 1.5], "length_bonus": [0.5, 1.5]}
+    with pytest.raises(SystemExit, match=r"λ \[0.3, 1.0\] × β \[0.5, 1.5\].*λ \[0.3, 1.0, 1.5\].*--overwrite"):
+        known_fusion(args, ["ctc_beam+lm"], wider)
+    assert known_fusion(SimpleNamespace(**{**vars(args), "overwrite": True}), ["ctc_beam+lm"], wider) == {}
+    given = SimpleNamespace(**{**vars(args), "lm_weight": 2.0, "length_bonus": 1.0})
+    assert known_fusion(given, ["ctc_beam+lm"], wider) == {"ctc_beam+lm": (2.0, 1.0)}
+
+
 # ------------------------------------------------------------------ the recipe's stages 5-9
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 def test_recipe_lm_decode_score_stages(tmp_path: Path, prepared_minisynth: Path, monkeypatch):

@@ -8,9 +8,12 @@ method; each (set, method) gets a folder with Kaldi-style hyp.txt / ref.txt and 
 
 METHOD+lm is METHOD with shallow fusion, score log p_AM + λ·log p_LM + β·|y|. λ and β are
 --lm-weight and --length-bonus, or, with --tune-on SET, the best point on SET (transcribed, one of
---cuts) of the model config's grid `decode.tune` ({lm_weight: [...], length_bonus: [...]}). The
-grid's WERs go to fusion_tuning.json in SET's METHOD+lm folder, which a resumed run reuses; SET's
-METHOD+lm hypotheses are the best point's, other sets are decoded with the tuned λ, β.
+--cuts) of the model config's grid `decode.tune` ({lm_weight: [...], length_bonus: [...]}), or of
+--tune-lm-weights / --tune-length-bonuses where given (to widen a grid whose best point is on its
+edge without retraining). The grid's WERs go to fusion_tuning.json in SET's METHOD+lm folder, which
+a resumed run reuses if it covers the same grid (another grid is an error: --overwrite redoes the
+tuning and every set's decoding); SET's METHOD+lm hypotheses are the best point's, other sets are
+decoded with the tuned λ, β.
 --lexicon words.txt gives the lexicon of lexicon-constrained methods (ctc_lexicon: the CTC prefix
 beam search spelling only those words). `{method}` in --out-dir reads METHOD_lm for METHOD+lm. A (set, method) whose folder holds
 decode_info.json is skipped (it is written last) unless --overwrite. Search settings (beam sizes,
@@ -25,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -165,6 +168,10 @@ def main(argv=None) -> None:
     parser.add_argument("--length-bonus", type=float, default=0.0, help="β per output token, with --lm-weight")
     parser.add_argument("--lexicon", help="words.txt (one word per line) for lexicon-constrained methods")
     parser.add_argument("--tune-on", help="the set (a --cuts NAME) to tune λ and β on")
+    parser.add_argument("--tune-lm-weights", type=float, nargs="+",
+                        help="the tuning grid's λ values (default: the model config's decode.tune.lm_weight)")
+    parser.add_argument("--tune-length-bonuses", type=float, nargs="+",
+                        help="the tuning grid's β values (default: decode.tune.length_bonus, else 0)")
     parser.add_argument("--beam-size", type=int, help="default: the model config's decode.beam_size / lm_beam_size")
     parser.add_argument("--overwrite", action="store_true", help="redo (set, method) folders already decoded")
     parser.add_argument("--confidence", action="store_true", help="also write scores.txt (see above)")
@@ -208,10 +215,11 @@ def main(argv=None) -> None:
         return decode_options(decode_cfg, beam_size=args.beam_size, lm=lm, lm_weight=lm_weight,
                               length_bonus=length_bonus, lexicon=lexicon)
 
-    fusion = known_fusion(args, fused)
-    grid = decode_cfg.get("tune", {})
-    if len(fusion) < len(fused) and not grid.get("lm_weight"):
-        parser.error("tuning λ and β needs the grid decode.tune.lm_weight (and length_bonus) in the model config")
+    grid = tuning_grid(decode_cfg.get("tune", {}), args.tune_lm_weights, args.tune_length_bonuses)
+    fusion = known_fusion(args, fused, grid)
+    if len(fusion) < len(fused) and not grid["lm_weight"]:
+        parser.error("tuning λ and β needs a grid: decode.tune.lm_weight (and length_bonus) in the model "
+                     "config, or --tune-lm-weights (and --tune-length-bonuses)")
 
     # the tuning set first: the other sets' fused searches use its λ, β
     for set_name in sorted(sets, key=lambda name: name != args.tune_on):
@@ -238,17 +246,35 @@ def main(argv=None) -> None:
             write_decoding(out_dir, search, set_pass, info)
 
 
-def known_fusion(args, fused: List[str]) -> Dict[str, Tuple[float, float]]:
-    """METHOD+lm → (λ, β) known before decoding: given, or saved by an earlier run's tuning."""
+def tuning_grid(config_grid: Dict, lm_weights: Optional[List[float]], length_bonuses: Optional[List[float]]) -> Dict:
+    """The λ, β grid to tune on: the command line's axes where given, else the model config's."""
+    return {"lm_weight": [float(x) for x in (lm_weights or config_grid.get("lm_weight") or [])],
+            "length_bonus": [float(x) for x in (length_bonuses or config_grid.get("length_bonus") or [0.0])]}
+
+
+def known_fusion(args, fused: List[str], grid: Dict) -> Dict[str, Tuple[float, float]]:
+    """METHOD+lm → (λ, β) known before decoding: given, or saved by an earlier run's tuning over
+    the same grid. A tuning over another grid is an error rather than silently kept: the other
+    sets were decoded with its λ, β, so only --overwrite (all redone) makes them consistent."""
     if args.lm_weight is not None:
         return {method: (args.lm_weight, args.length_bonus) for method in fused}
+    wanted = {(lw, lb) for lw in grid["lm_weight"] for lb in grid["length_bonus"]}
     fusion = {}
     for method in fused:
         tuning = out_dir_of(args.out_dir, args.tune_on, method) / TUNING_FILE
         if tuning.exists() and not args.overwrite:
             best = json.loads(tuning.read_text())
+            tuned = {(point["lm_weight"], point["length_bonus"]) for point in best["grid"]}
+            if wanted and tuned != wanted:
+                raise SystemExit(f"{tuning} tuned λ, β over {_grid_text(tuned)}, this run asks for "
+                                 f"{_grid_text(wanted)}: add --overwrite to tune and decode every set again")
             fusion[method] = (best["lm_weight"], best["length_bonus"])
     return fusion
+
+
+def _grid_text(points) -> str:
+    lm_weights, length_bonuses = sorted({lw for lw, _ in points}), sorted({lb for _, lb in points})
+    return f"λ {lm_weights} × β {length_bonuses}"
 
 
 def plan_searches(pending: List[str], fusion: Dict[str, Tuple[float, float]], grid: Dict,

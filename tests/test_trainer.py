@@ -544,3 +544,60 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
     assert max((a - s).abs().max().item() for a, s in zip(accumulated, start_a)) > 1e-3  # it moved
     assert max((a - b).abs().max().item() for a, b in zip(big_batch, first_micro_only)) > 1e-4
+
+
+class _ValidatedToyTask(_ToyTask):
+    """The toy task with a scripted validation loss per update count."""
+
+    def __init__(self, batches, valid_losses: Dict[int, float]):
+        super().__init__(batches)
+        self.valid_losses = valid_losses
+
+    def valid_dataloader(self, dist):
+        return "dev"
+
+    def validate(self, model, loader):
+        return {"loss": self.valid_losses[self.num_updates + 1], "weight": 1.0}
+
+
+@pytest.mark.parametrize("final_model", ["last", "best"])
+def test_final_model_is_the_best_validated_one_on_request_and_survives_a_resume(tmp_path, final_model):
+    """Validation every 2 updates with dev loss 3, 1, 2, 2.5: with final_model=best, model_final.pt
+    holds the weights after update 4, also when training stops at 6 and a second run resumes to 8."""
+    losses = {2: 3.0, 4: 1.0, 6: 2.0, 8: 2.5}
+    batches = _toy_batches(8, seed=5)
+    cfg = _toy_cfg(6)
+    cfg["trainer"].update(valid_every=2, final_model=final_model)
+    torch.manual_seed(0)
+    task = _ValidatedToyTask(batches, losses)
+    Trainer(cfg, task, tmp_path / "exp", DistInfo()).fit()
+    after_4 = [p for p in task.params_before[4]]
+    cfg["trainer"]["max_updates"] = 8
+    resumed = _ValidatedToyTask(batches, losses)
+    trainer = Trainer(cfg, resumed, tmp_path / "exp", DistInfo())
+    trainer.fit()
+    assert trainer.num_updates == 8 and trainer.best_valid == 1.0
+    final = _load(tmp_path / "exp/model_final.pt")
+    weights = [final["model"][name] for name, _ in resumed.model.named_parameters()]
+    if final_model == "best":
+        assert _equal(weights, after_4) and final["num_updates"] == 4 and final["valid"] == {"loss": 1.0}
+        assert final["config"]["trainer"]["max_updates"] == 8
+    else:
+        assert _equal(weights, _params(resumed.model)) and final["num_updates"] == 8
+        assert not (tmp_path / "exp/model_best.pt").exists()
+    assert not _equal(after_4, _params(resumed.model))  # training went on after the best model
+
+
+def test_final_model_best_needs_a_known_metric_and_validation(tmp_path):
+    cfg = _toy_cfg(2)
+    cfg["trainer"].update(valid_every=1, final_model="best", best_metric="wer")
+    with pytest.raises(KeyError, match="'wer' is not a validation metric of this task .*loss"):
+        Trainer(cfg, _ValidatedToyTask(_toy_batches(2, seed=1), {1: 1.0, 2: 1.0}), tmp_path / "a", DistInfo()).fit()
+    cfg = _toy_cfg(2)
+    cfg["trainer"].update(final_model="best")
+    (tmp_path / "b").mkdir()
+    torch.save({"stale": True}, tmp_path / "b/model_best.pt")  # an earlier run's: removed, not used
+    with pytest.raises(RuntimeError, match="no validation ever ran"):
+        Trainer(cfg, _ToyTask(_toy_batches(2, seed=1)), tmp_path / "b", DistInfo()).fit()
+    with pytest.raises(ValueError, match="final_model"):
+        Trainer(dict(cfg, trainer=dict(cfg["trainer"], final_model="average")), _ToyTask([]), tmp_path / "c", DistInfo())

@@ -8,7 +8,10 @@ What it guarantees:
   * atomic checkpoints every `checkpoint_every` updates holding everything a resumed run
     needs (model, optimizer, scaler, position in the epoch, every rank's RNG state), so a
     rerun after a kill continues exactly where the last checkpoint left off;
-  * TensorBoard scalars and a tqdm bar on rank 0.
+  * TensorBoard scalars and a tqdm bar on rank 0;
+  * `final_model: best` makes model_final.pt the model of the best validation (by
+    `best_metric`, default WER where the task reports it, else loss) instead of the last update:
+    each improvement is written atomically to model_best.pt, so the choice survives a resume.
 """
 
 import logging
@@ -84,6 +87,11 @@ class Trainer:
         self.checkpoint_every: int = tcfg.get("checkpoint_every", 500)
         self.amp = tcfg.get("amp", "none")
         self.checkpoint_path = self.exp_dir / "checkpoint_last.pt"
+        self.best_path = self.exp_dir / "model_best.pt"
+        self.final_model: str = tcfg.get("final_model", "last")
+        self.best_metric: Optional[str] = tcfg.get("best_metric")
+        if self.final_model not in ("last", "best"):
+            raise ValueError(f"trainer.final_model must be 'last' or 'best', got {self.final_model!r}")
 
         self.model = task.model.to(dist.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -179,7 +187,8 @@ class Trainer:
 
     def fit(self) -> None:
         self.exp_dir.mkdir(parents=True, exist_ok=True)
-        self.maybe_resume()
+        if not self.maybe_resume() and self.dist.is_main:
+            self.best_path.unlink(missing_ok=True)  # an earlier run's best is not this run's
         if self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.num_updates)
@@ -224,11 +233,22 @@ class Trainer:
             self._validate(valid_loader)
         self.save_checkpoint()
         if self.dist.is_main:
-            with atomic_path(self.exp_dir / "model_final.pt") as tmp:
-                torch.save({"model": self.model.state_dict(), "config": self.cfg,
-                            "num_updates": self.num_updates}, tmp)
+            self._write_final_model()
             log.info("finished %d updates (%d skipped as non-finite)", self.num_updates, self.skipped_updates)
             self.writer.close()
+
+    def _write_final_model(self) -> None:
+        final = self._model_file()
+        if self.final_model == "best":
+            if not self.best_path.exists():
+                raise RuntimeError(f"trainer.final_model=best, but no validation ever ran ({self.best_path} "
+                                   "missing): give the task validation data")
+            final = torch.load(self.best_path, map_location="cpu", weights_only=False)
+            final["config"] = self.cfg  # the run's config, as the last model's file has it
+            log.info("model_final.pt: the best validated model, update %d of %d (%s)", final["num_updates"],
+                     self.num_updates, " ".join(f"{k}={v:.4g}" for k, v in final["valid"].items()))
+        with atomic_path(self.exp_dir / "model_final.pt") as tmp:
+            torch.save(final, tmp)
 
     def _update(self, micro, interval: "_Interval") -> None:
         self.model.train()
@@ -285,10 +305,20 @@ class Trainer:
         if finalize is not None:
             metrics = finalize(metrics)
         self._log(metrics, "valid")
-        key = metrics.get("wer", metrics.get("loss"))
-        if key is not None and (self.best_valid is None or key < self.best_valid):
-            self.best_valid = key
+        name = self.best_metric or ("wer" if "wer" in metrics else "loss")
+        if name not in metrics and self.best_metric:
+            raise KeyError(f"trainer.best_metric {name!r} is not a validation metric of this task "
+                           f"(it reports {', '.join(sorted(metrics))})")
+        if name in metrics and (self.best_valid is None or metrics[name] < self.best_valid):
+            self.best_valid = metrics[name]
+            if self.final_model == "best" and self.dist.is_main:
+                with atomic_path(self.best_path) as tmp:
+                    torch.save(self._model_file(valid={name: metrics[name]}), tmp)
         self.model.train()
+
+    def _model_file(self, **extra) -> Dict:
+        """What model_final.pt / model_best.pt hold: the weights, the config, the update count."""
+        return {"model": self.model.state_dict(), "config": self.cfg, "num_updates": self.num_updates, **extra}
 
     def _log(self, metrics: Dict[str, float], split: str) -> None:
         if not self.dist.is_main or not metrics:

@@ -571,7 +571,7 @@ def test_final_model_is_the_best_validated_one_on_request_and_survives_a_resume(
     torch.manual_seed(0)
     task = _ValidatedToyTask(batches, losses)
     Trainer(cfg, task, tmp_path / "exp", DistInfo()).fit()
-    after_4 = [p for p in task.params_before[4]]
+    after_4 = task.params_before[4]
     cfg["trainer"]["max_updates"] = 8
     resumed = _ValidatedToyTask(batches, losses)
     trainer = Trainer(cfg, resumed, tmp_path / "exp", DistInfo())

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from sslasr.train.config_check import FINAL_MODELS
 from sslasr.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from sslasr.train.schedules import build_lr_scale
 from sslasr.utils.io import atomic_path
@@ -90,8 +91,8 @@ class Trainer:
         self.best_path = self.exp_dir / "model_best.pt"
         self.final_model: str = tcfg.get("final_model", "last")
         self.best_metric: Optional[str] = tcfg.get("best_metric")
-        if self.final_model not in ("last", "best"):
-            raise ValueError(f"trainer.final_model must be 'last' or 'best', got {self.final_model!r}")
+        if self.final_model not in FINAL_MODELS:
+            raise ValueError(f"trainer.final_model must be one of {', '.join(FINAL_MODELS)}, got {self.final_model!r}")
 
         self.model = task.model.to(dist.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -238,8 +239,9 @@ class Trainer:
             self.writer.close()
 
     def _write_final_model(self) -> None:
-        final = self._model_file()
-        if self.final_model == "best":
+        if self.final_model == "last":
+            final = self._model_file()
+        else:
             if not self.best_path.exists():
                 raise RuntimeError(f"trainer.final_model=best, but no validation ever ran ({self.best_path} "
                                    "missing): give the task validation data")

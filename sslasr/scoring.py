@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -368,12 +369,21 @@ NOISY_STUDENT_COLUMNS = (
     ("pseudo-labeled", "pseudo_label_seconds", lambda s: _cell(s) if s is None else human_duration(s)),
     ("pseudo-label WER %", "pseudo_label_wer", _cell),
 )
+# A real corpus's unlabeled pool has no true text: the recipe then reports the same teacher and
+# filter on the validation set, as pseudo_label_<set>_wer (e.g. pseudo_label_dev_wer).
+_PSEUDO_LABEL_SET_WER = re.compile(r"pseudo_label_(\w+)_wer")
+
+
+def _student_columns(rows: list[dict[str, Any]]) -> list[tuple]:
+    columns = [c for c in NOISY_STUDENT_COLUMNS if any(c[1] in r for r in rows)]
+    sets = sorted({m.group(1) for r in rows for m in map(_PSEUDO_LABEL_SET_WER.fullmatch, r) if m})
+    return columns + [(f"pseudo-label WER % ({s})", f"pseudo_label_{s}_wer", _cell) for s in sets]
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[tuple]:
     keys = [key for _, key, _ in COLUMNS]
     fusion = [c for c in FUSION_COLUMNS if any(c[1] in r for r in rows)]
-    student = [c for c in NOISY_STUDENT_COLUMNS if any(c[1] in r for r in rows)]
+    student = _student_columns(rows)
     after_lm, after_generation = keys.index("lm_weight") + 1, keys.index("generation") + 1
     return (list(COLUMNS[:after_lm]) + fusion + list(COLUMNS[after_lm:after_generation]) + student
             + list(COLUMNS[after_generation:]))

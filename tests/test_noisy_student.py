@@ -125,6 +125,20 @@ def test_results_table_shows_pseudo_label_columns_only_with_students(tmp_path: P
     assert "pseudo-label" not in render_results_md(tmp_path / "r0.jsonl", tmp_path / "R0.md")
 
 
+def test_results_table_shows_the_validation_set_pseudo_label_wer(tmp_path: Path):
+    """An unlabeled pool without true text (speechocean762): the row's pseudo-label WER is null,
+    and the same teacher and filter's WER on the validation set gets its own column."""
+    row = {"corpus": "c", "test_set": "test", "frontend": "w2vbert", "head": "ctc", "decoding": "ctc_greedy",
+           "lm_weight": 0, "labeled_seconds": 600, "pretrained": True, "generation": 1, "wer": 8.0,
+           "sub": 1, "del": 0, "ins": 0, "num_words": 10, "num_utts": 2, "command": "./run.sh",
+           "pseudo_label_seconds": 960, "pseudo_label_wer": None, "pseudo_label_dev_wer": 55.25}
+    (tmp_path / "r.jsonl").write_text(json.dumps(row) + "\n")
+    table = render_results_md(tmp_path / "r.jsonl", tmp_path / "R.md").splitlines()
+    header = next(line for line in table if line.startswith("| #"))
+    assert "| generation | pseudo-labeled | pseudo-label WER % | pseudo-label WER % (dev) | WER % |" in header
+    assert any("| 1 | 16 min | - | 55.25 | 8.00 |" in line for line in table)
+
+
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Path):
     """Stage 9 at smoke size: the pretrained teacher labels the 40 unlabeled cuts, the filter's

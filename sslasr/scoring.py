@@ -291,6 +291,23 @@ def archive_results(results_jsonl: PathLike, archive_jsonl: PathLike) -> int:
     return len(new)
 
 
+def with_teacher_wer(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give each noisy-student row (one with a ``teacher`` exp) ``teacher_wer``: the WER of its
+    teacher's latest row before it on the same corpus, set and decoding method, the run that
+    taught it. Rows are in run order (a results file appends), so rerunning the teacher's exp
+    later does not change what an earlier student is compared against. None where no such row
+    was recorded."""
+    teacher_wer: dict[tuple, float] = {}
+    out = []
+    for row in rows:
+        where = (row.get("corpus"), row.get("test_set"), row.get("decoding"))
+        if row.get("teacher") is not None and "teacher_wer" not in row:
+            row = {**row, "teacher_wer": teacher_wer.get((*where, row["teacher"]))}
+        teacher_wer[(*where, row.get("exp"))] = row["wer"]
+        out.append(row)
+    return out
+
+
 # --------------------------------------------------------------------------- RESULTS.md
 
 
@@ -369,6 +386,9 @@ NOISY_STUDENT_COLUMNS = (
     ("pseudo-labeled", "pseudo_label_seconds", lambda s: _cell(s) if s is None else human_duration(s)),
     ("pseudo-label WER %", "pseudo_label_wer", _cell),
 )
+# Last before "WER %" in those tables: the teacher's WER on the same set and method
+# (with_teacher_wer), so a student row reads against the system that taught it.
+TEACHER_COLUMN = ("teacher WER %", "teacher_wer", lambda w: _cell(w) if w is None else f"{w:.2f}")
 # A real corpus's unlabeled pool has no true text: the recipe then reports the same teacher and
 # filter on the validation set, as pseudo_label_<set>_wer (e.g. pseudo_label_dev_wer).
 _PSEUDO_LABEL_SET_WER = re.compile(r"pseudo_label_(\w+)_wer")
@@ -377,7 +397,8 @@ _PSEUDO_LABEL_SET_WER = re.compile(r"pseudo_label_(\w+)_wer")
 def _student_columns(rows: list[dict[str, Any]]) -> list[tuple]:
     columns = [c for c in NOISY_STUDENT_COLUMNS if any(c[1] in r for r in rows)]
     sets = sorted({m.group(1) for r in rows for m in map(_PSEUDO_LABEL_SET_WER.fullmatch, r) if m})
-    return columns + [(f"pseudo-label WER % ({s})", f"pseudo_label_{s}_wer", _cell) for s in sets]
+    columns += [(f"pseudo-label WER % ({s})", f"pseudo_label_{s}_wer", _cell) for s in sets]
+    return columns + [TEACHER_COLUMN] if any("teacher_wer" in r for r in rows) else columns
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[tuple]:
@@ -410,8 +431,9 @@ def render_results_md(
     results_jsonl: PathLike, out_md: PathLike, title: str = "Results"
 ) -> str:
     """Regenerate RESULTS.md from the results jsonl: one table per (corpus, test set),
-    latest row per experiment. Written atomically; the markdown is also returned."""
-    rows = dedup_latest(read_results(results_jsonl))
+    latest row per experiment, a noisy student's with the WER of the teacher run that taught it
+    (with_teacher_wer). Written atomically; the markdown is also returned."""
+    rows = dedup_latest(with_teacher_wer(read_results(results_jsonl)))
     lines = [
         f"# {title}",
         "",

@@ -171,3 +171,25 @@ def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Pat
         assert row["pseudo_label_seconds"] == report["kept_seconds"] and row["pretrained"] is True
         assert row["pseudo_label_wer"] == report["wer_kept"] and row["teacher"] == "exp/ctc_wav2vec2_all"
     assert "pseudo-label WER %" in (recipe / "RESULTS.md").read_text()
+
+
+def test_student_rows_read_against_the_teacher_run_that_taught_them(tmp_path: Path):
+    """The teacher's exp is rerun after its student was scored: the table's teacher row shows the
+    rerun, the student row keeps the WER of the run that labelled its data (same set and method)."""
+    base = {"corpus": "c", "frontend": "w2vbert", "head": "ctc", "lm_weight": 0, "labeled_seconds": 600,
+            "pretrained": True, "sub": 1, "del": 0, "ins": 0, "num_words": 10, "num_utts": 2,
+            "command": "./run.sh"}
+    teacher, student = dict(base, generation=0, exp="exp/t"), dict(base, generation=1, exp="exp/s", teacher="exp/t")
+    rows = [dict(teacher, test_set="test", decoding="ctc_greedy", wer=30.0),
+            dict(teacher, test_set="test", decoding="ctc_beam", wer=20.0),
+            dict(teacher, test_set="dev", decoding="ctc_beam", wer=25.0),
+            dict(student, test_set="test", decoding="ctc_greedy", wer=28.0),
+            dict(student, test_set="test", decoding="ctc_beam", wer=19.0),
+            dict(teacher, test_set="test", decoding="ctc_beam", wer=15.0)]  # the teacher rerun
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = render_results_md(tmp_path / "r.jsonl", tmp_path / "R.md").split("### test")[1].splitlines()
+    header = next(line for line in table if line.startswith("| #"))
+    assert "| generation | teacher WER % | WER % |" in header
+    assert any("| ctc_beam | 0 | 10 min | 1 | 20.00 | 19.00 |" in line for line in table)
+    assert any("| ctc_greedy | 0 | 10 min | 1 | 30.00 | 28.00 |" in line for line in table)
+    assert any("| ctc_beam | 0 | 10 min | 0 | - | 15.00 |" in line for line in table)

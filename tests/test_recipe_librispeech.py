@@ -183,8 +183,9 @@ def test_dry_run_pretraining_configs(frontend: str):
     assert "task: pretrain" in summary and f"frontend: {frontend}" in summary
     params = float(summary.split("model: ")[1].split(", ")[1].split("M")[0])
     assert 90 < params < 100  # base size: 95M
-    # fairseq: wav2vec 2.0 BASE 64 GPUs × 87.5 s; HuBERT / WavLM BASE 32 GPUs × 87.5 s
-    expected = 5600 if frontend == "wav2vec2" else 2800
+    # fairseq: wav2vec 2.0 BASE 64 GPUs × 87.5 s; HuBERT / WavLM BASE 32 GPUs × 87.5 s;
+    # w2v-BERT on wav2vec 2.0's schedule
+    expected = 2800 if frontend in ("hubert", "wavlm") else 5600
     assert f"batch per update: {expected} s" in summary
 
 
@@ -200,11 +201,20 @@ def test_dry_run_finetuning_configs(labeled: str):
 
 @pytest.mark.parametrize("frontend", _frontends())
 def test_dry_run_finetuning_other_frontends_and_scratch(frontend: str):
-    configs = [CONF / f"frontend_{frontend}.yaml", CONF / "finetune_ctc.yaml", CONF / "finetune_ctc_10m.yaml",
-               CONF / "scratch.yaml"]
-    cfg = load_configs(configs)
-    assert cfg["finetune"]["freeze_feature_extractor"] is False and cfg["finetune"]["freeze_encoder_updates"] == 0
-    assert "task: asr" in dry_run(cfg, 31, world_size=2)
+    own = [CONF / f"finetune_{frontend}.yaml"] if (CONF / f"finetune_{frontend}.yaml").exists() else []
+    for labeled in ("10m", "10h", "all"):  # in the driver's order: the frontend's own settings last but scratch
+        configs = [CONF / f"frontend_{frontend}.yaml", CONF / "finetune_ctc.yaml", CONF / f"finetune_ctc_{labeled}.yaml",
+                   *own, CONF / "scratch.yaml"]
+        cfg = load_configs(configs)
+        assert cfg["finetune"]["freeze_feature_extractor"] is False and cfg["finetune"]["freeze_encoder_updates"] == 0
+        assert "task: asr" in dry_run(cfg, 31, world_size=2)
+        encoder = cfg["frontend"]["encoder"]
+        if frontend == "w2vbert":  # the wav2vec 2.0 settings replaced by the Conformer's, span masks by SpecAugment
+            assert "transformer" not in encoder and "dropout_input" not in encoder
+            assert encoder["conformer"]["layerdrop"] == 0.1 and encoder["mask"]["time_prob"] == 0.0
+            assert cfg["data"]["spec_augment"]["features_mask_size"] == 27
+        else:
+            assert encoder["transformer"]["layerdrop"] == (0.05 if labeled == "10h" else 0.1)
 
 
 def test_dry_run_command_line_needs_no_exp_dir_or_data():

@@ -238,6 +238,20 @@ def test_cpu_configs_of_every_frontend_dry_run(frontend: str):
             assert bool(cfg["data"].get("spec_augment")) == (frontend == "w2vbert")
 
 
+def test_gpu_configs_of_w2vbert_are_base_size_and_fine_tune_its_conformer():
+    gpu = CONF / "gpu"
+    summary = dry_run(load_configs(_configs(gpu, "w2vbert", "pretrain.yaml")), None, world_size=1)
+    params = float(summary.split("model: ")[1].split(", ")[1].split("M")[0])
+    assert "frontend: w2vbert" in summary and 90 < params < 100, summary
+    for labeled in ("finetune_ctc_10m.yaml", "finetune_ctc_1h.yaml"):
+        for scratch in ([], ["scratch.yaml"]):
+            cfg = load_configs(_configs(gpu, "w2vbert", "finetune_ctc.yaml", labeled, "finetune_w2vbert.yaml", *scratch))
+            assert "task: asr" in dry_run(cfg, 40, world_size=1)
+            encoder = cfg["frontend"]["encoder"]
+            assert "transformer" not in encoder and encoder["conformer"]["dropout"] == 0.0
+            assert cfg["data"]["spec_augment"] and encoder["mask"]["time_prob"] == 0.0
+
+
 @pytest.mark.parametrize("frontend", ["hubert", "wavlm"])
 def test_gpu_configs_of_the_kmeans_frontends_are_base_size(frontend: str):
     gpu = CONF / "gpu"

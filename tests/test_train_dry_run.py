@@ -80,3 +80,23 @@ def test_training_refuses_a_config_the_check_rejects(tmp_path):
         main(["--config", str(MINISYNTH / "frontend_wav2vec2.yaml"), str(MINISYNTH / "finetune_ctc.yaml"),
               "--exp-dir", str(tmp_path / "exp"), "--set", "task=asr", "optim.bogus=1"])
     assert not (tmp_path / "exp").exists()
+
+
+def test_a_config_file_removes_sections_merged_before_it(tmp_path):
+    """`_remove_` takes dotted keys away from the files merged before (and from its own bases),
+    leaves absent ones alone, and adds its own keys after; the earlier dicts are not changed."""
+    (tmp_path / "family.yaml").write_text(
+        "frontend: {encoder: {dropout_input: 0.0, transformer: {layerdrop: 0.1}, mask: {time_prob: 0.65}}}\n"
+        "optim: {lr: 1.0}\n")
+    (tmp_path / "base.yaml").write_text("_base_: family.yaml\nhead: {name: ctc}\n")
+    (tmp_path / "other.yaml").write_text(
+        "_remove_: [frontend.encoder.transformer, frontend.encoder.dropout_input, nowhere.at.all, optim.lr.x]\n"
+        "frontend: {encoder: {conformer: {layerdrop: 0.1}}}\n")
+    cfg = load_configs([tmp_path / "base.yaml", tmp_path / "other.yaml"])
+    assert cfg["frontend"]["encoder"] == {"mask": {"time_prob": 0.65}, "conformer": {"layerdrop": 0.1}}
+    assert cfg["optim"] == {"lr": 1.0} and cfg["head"] == {"name": "ctc"} and "_remove_" not in cfg
+    (tmp_path / "child.yaml").write_text("_base_: family.yaml\n_remove_: optim\n")
+    (tmp_path / "shared.yaml").write_text("_base_: other.yaml\n")  # a _remove_ inherited from a base
+    assert load_configs([tmp_path / "base.yaml", tmp_path / "shared.yaml"]) == cfg
+    family = load_configs([tmp_path / "family.yaml"])
+    assert load_configs([tmp_path / "child.yaml"]) == {"frontend": family["frontend"]} and "optim" in family

@@ -1,12 +1,16 @@
 """YAML configs with `_base_` includes and dotted command-line overrides.
 
 A config may start with `_base_: path.yaml` (or a list), relative to the file itself; the
-file's own keys are deep-merged over its bases. Overrides `a.b.c=value` are parsed as YAML
-values, so `optim.lr=1e-3`, `trainer.max_updates=100`, `init.from=null` all get their types.
+file's own keys are deep-merged over its bases. Merging only adds and replaces; a file that must
+take a section away (settings of another encoder family, say) lists it, dotted, under
+`_remove_: [frontend.encoder.transformer]`: removed from what was merged before the file (its
+bases, and the files before it in load_configs), where present. Overrides `a.b.c=value` are
+parsed as YAML values, so `optim.lr=1e-3`, `trainer.max_updates=100`, `init.from=null` all get
+their types.
 """
 
 from pathlib import Path
-from typing import Any, Dict, Iterable, Union
+from typing import Any, Dict, Iterable, List, Tuple, Union
 
 import re
 
@@ -38,26 +42,52 @@ def load_configs(paths: Iterable[Union[str, Path]], overrides: Iterable[str] = (
     e.g. a frontend file, a stage file and a variant file such as `scratch.yaml`."""
     merged: Dict[str, Any] = {}
     for path in paths:
-        merged = deep_merge(merged, load_config(path))
+        removed, cfg = _load_layer(Path(path))
+        merged = deep_merge(_without(merged, removed), cfg)
     for item in overrides:
         set_dotted(merged, item)
     return merged
 
 
 def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Dict[str, Any]:
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        cfg = yaml.load(f, Loader=_Loader) or {}
-    bases = cfg.pop("_base_", [])
-    if isinstance(bases, str):
-        bases = [bases]
-    merged: Dict[str, Any] = {}
-    for base in bases:
-        merged = deep_merge(merged, load_config(path.parent / base))
-    merged = deep_merge(merged, cfg)
+    merged = _load_layer(Path(path))[1]
     for item in overrides:
         set_dotted(merged, item)
     return merged
+
+
+def _load_layer(path: Path) -> Tuple[List[str], Dict[str, Any]]:
+    """A file merged over its bases, and the `_remove_` lists of both for the files before it."""
+    with open(path, encoding="utf-8") as f:
+        cfg = yaml.load(f, Loader=_Loader) or {}
+    bases = cfg.pop("_base_", [])
+    removed = cfg.pop("_remove_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if isinstance(removed, str):
+        removed = [removed]
+    merged: Dict[str, Any] = {}
+    inherited: List[str] = []
+    for base in bases:
+        base_removed, base_cfg = _load_layer(path.parent / base)
+        merged = deep_merge(_without(merged, base_removed), base_cfg)
+        inherited += base_removed
+    return inherited + removed, deep_merge(_without(merged, removed), cfg)
+
+
+def _without(cfg: Dict[str, Any], dotted_keys: List[str]) -> Dict[str, Any]:
+    """cfg less the given dotted keys (those absent are ignored); cfg itself is not changed."""
+    for key in dotted_keys:
+        *parents, last = key.split(".")
+        if not isinstance(get_dotted(cfg, ".".join(parents)) if parents else cfg, dict):
+            continue
+        cfg = dict(cfg)
+        node = cfg
+        for part in parents:
+            node[part] = dict(node[part])
+            node = node[part]
+        node.pop(last, None)
+    return cfg
 
 
 def set_dotted(cfg: Dict[str, Any], assignment: str) -> None:

@@ -398,7 +398,9 @@ def _student_columns(rows: list[dict[str, Any]]) -> list[tuple]:
     columns = [c for c in NOISY_STUDENT_COLUMNS if any(c[1] in r for r in rows)]
     sets = sorted({m.group(1) for r in rows for m in map(_PSEUDO_LABEL_SET_WER.fullmatch, r) if m})
     columns += [(f"pseudo-label WER % ({s})", f"pseudo_label_{s}_wer", _cell) for s in sets]
-    return columns + [TEACHER_COLUMN] if any("teacher_wer" in r for r in rows) else columns
+    if any("teacher_wer" in r for r in rows):
+        columns.append(TEACHER_COLUMN)
+    return columns
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[tuple]:

@@ -79,9 +79,10 @@ def _without(cfg: Dict[str, Any], dotted_keys: List[str]) -> Dict[str, Any]:
     """cfg less the given dotted keys (those absent are ignored); cfg itself is not changed."""
     for key in dotted_keys:
         *parents, last = key.split(".")
-        if not isinstance(get_dotted(cfg, ".".join(parents)) if parents else cfg, dict):
+        parent = get_dotted(cfg, ".".join(parents)) if parents else cfg
+        if not isinstance(parent, dict) or last not in parent:
             continue
-        cfg = dict(cfg)
+        cfg = dict(cfg)  # copied along the path only: the dicts of earlier files stay as they are
         node = cfg
         for part in parents:
             node[part] = dict(node[part])

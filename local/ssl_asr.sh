@@ -32,6 +32,7 @@ command_line="./run.sh"; [ $# -eq 0 ] || command_line+=$(printf " %q" "$@")  # r
 stage=0
 stop_stage=100
 frontend=wav2vec2
+model_size=""          # another size of the frontend: conf/frontend_<frontend>_<size>.yaml (exp dirs <frontend>_<size>)
 head=ctc
 labeled=all            # seconds of labeled audio (600, 1h, 10m) or "all"
 speed_perturb=${speed_perturb:-}  # e.g. "0.9 1.1": fine-tune on the labeled cuts plus copies at these speeds
@@ -104,10 +105,15 @@ lang=data/lang_${token_type}_${vocab_size}
 labeled_seconds=$(seconds_of "$labeled")
 labeled_tag=$labeled
 sp_tag=""; [ -z "$speed_perturb" ] || sp_tag=_sp$(echo $speed_perturb | tr ' ' '-')  # _sp0.9-1.1
-frontend_tag=$frontend  # names the exp dirs
+frontend_tag=$frontend${model_size:+_$model_size}  # names the exp dirs
+frontend_conf=$conf_dir/frontend_$frontend_tag.yaml
+if [ -n "$model_size" ] && [ -z "$init_from" ] && [ ! -f "$frontend_conf" ]; then
+  echo "$0: --model-size $model_size: no $frontend_conf" >&2; exit 2
+fi
 if [ -n "$init_from" ]; then  # the checkpoint's architecture and family, not conf/frontend_*.yaml's
   [ -f "$init_from/config.json" ] || { echo "$0: --init-from $init_from: no config.json there" >&2; exit 2; }
   [ "$no_pretrain" != true ] || { echo "$0: --init-from and --no-pretrain true contradict" >&2; exit 2; }
+  [ -z "$model_size" ] || { echo "$0: --init-from and --model-size contradict (the checkpoint sets the size)" >&2; exit 2; }
   init_from=$(cd "$init_from" && pwd)
   imported=$("$python" -c "import sys; from sslasr.models.hf_import import frontend_name
 print(frontend_name(sys.argv[1]))" "$init_from")
@@ -121,7 +127,7 @@ else
 input_type=$("$python" -c "
 from sslasr.models.frontends import get_frontend
 from sslasr.utils.config import load_config
-print(get_frontend(load_config('$conf_dir/frontend_$frontend.yaml')['frontend']).input_type)")
+print(get_frontend(load_config('$frontend_conf')['frontend']).input_type)")
 fi
 [ "$input_type" = fbank ] && feats=_fbank || feats=""
 cuts() { echo "$manifests/${corpus}_cuts_$1$feats.jsonl.gz"; }
@@ -184,7 +190,7 @@ if run_stage 4 && [ -n "$init_from" ]; then
 fi
 
 # pretraining configs; pretrain_<frontend>.yaml, where present, holds that frontend's own batch/schedule
-pretrain_configs="$conf_dir/frontend_$frontend.yaml $conf_dir/pretrain.yaml"
+pretrain_configs="$frontend_conf $conf_dir/pretrain.yaml"
 [ ! -f $conf_dir/pretrain_$frontend.yaml ] || pretrain_configs="$pretrain_configs $conf_dir/pretrain_$frontend.yaml"
 kmeans_cli() {  # kmeans_cli COMMAND ARGS...: sslasr.bin.kmeans with the pretraining configs and --kmeans-opts
   local command=$1; shift
@@ -236,7 +242,7 @@ if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
 fi
 
 finetune_configs() {  # finetune_configs pretrained|scratch: the YAML files of a fine-tuning run, merged in order
-  local configs="$conf_dir/frontend_$frontend.yaml $conf_dir/finetune_$head.yaml"
+  local configs="$frontend_conf $conf_dir/finetune_$head.yaml"
   [ -z "$init_from" ] || configs="$pretrain_dir/frontend.yaml $conf_dir/finetune_$head.yaml"  # imported architecture
   # settings for this amount of labels (e.g. LibriSpeech's 10m / 1h / 10h fairseq configs)
   [ ! -f $conf_dir/finetune_${head}_${labeled_tag}.yaml ] || configs="$configs $conf_dir/finetune_${head}_${labeled_tag}.yaml"
@@ -335,8 +341,11 @@ else:  # the head's greedy method; importing the heads (torch) costs seconds, so
 print(" ".join(methods + [m + "+lm" for m in decode.get("lm_methods", [])]))
 EOF
 }
-json_value() {  # json_value FILE KEY: the value (null for none; fails when the key is missing)
-  "$python" -c 'import json, sys; v = json.load(open(sys.argv[1]))[sys.argv[2]]; print("null" if v is None else v)' "$1" "$2"
+json_value() {  # json_value FILE KEY [DEFAULT]: the value (null for none); DEFAULT when the key is missing, else fails
+  "$python" -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+v = d[sys.argv[2]] if len(sys.argv) < 4 or sys.argv[2] in d else sys.argv[3]
+print("null" if v is None else v)' "$@"
 }
 
 decode_sets=$test_sets  # + the validation set, which the LM methods tune λ, β on
@@ -370,6 +379,7 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION [KEY=VALUE...
         --results exp/results.jsonl --set corpus=$corpus test_set=$test_set frontend=$row_frontend \
         head=$head decoding=$method lm_weight=$(json_value $out/decode_info.json lm_weight) \
         length_bonus=$(json_value $out/decode_info.json length_bonus) $lm_row \
+        model_parameters=$(json_value $out/decode_info.json model_parameters null) \
         labeled_seconds="$(cat "$dir/labeled_seconds" 2>/dev/null || echo null)" \
         pretrained=$pretrained generation=$generation exp=$dir ${sp_tag:+speed_perturb=${speed_perturb// /,}} \
         "$@" "command=$command_line"

@@ -373,6 +373,11 @@ def _fence_for(text: str) -> str:
     return "`" * max(3, longest + 1)
 
 
+# Shown after "frontend" only in tables where some row carries it: the decoded model's size,
+# which tells systems of one frontend at different sizes apart (and scratch rows, frontend "none").
+PARAMETERS_COLUMN = ("parameters", "model_parameters", lambda n: _cell(n) if n is None else f"{n / 1e6:.2f}M")
+
+
 # Shown after "LM weight" only in tables where some row carries them (shallow-fusion decoding).
 FUSION_COLUMNS = (
     ("length bonus", "length_bonus", _cell),
@@ -408,8 +413,11 @@ def _columns(rows: list[dict[str, Any]]) -> list[tuple]:
     fusion = [c for c in FUSION_COLUMNS if any(c[1] in r for r in rows)]
     student = _student_columns(rows)
     after_lm, after_generation = keys.index("lm_weight") + 1, keys.index("generation") + 1
-    return (list(COLUMNS[:after_lm]) + fusion + list(COLUMNS[after_lm:after_generation]) + student
-            + list(COLUMNS[after_generation:]))
+    columns = (list(COLUMNS[:after_lm]) + fusion + list(COLUMNS[after_lm:after_generation]) + student
+               + list(COLUMNS[after_generation:]))
+    if any(r.get("model_parameters") is not None for r in rows):
+        columns.insert(keys.index("frontend") + 1, PARAMETERS_COLUMN)
+    return columns
 
 
 def _render_table(rows: list[dict[str, Any]]) -> list[str]:

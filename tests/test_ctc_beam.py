@@ -18,6 +18,8 @@ from recipe_smoke import SMOKE, recipe_with_data, run_recipe
 from sslasr.decoding.ctc_prefix_beam import CtcBeamConfig, ctc_prefix_beam_search, ctc_prefix_beam_search_batch
 from sslasr.decoding.fusion import corpus_wer, decode_options, tune_fusion
 from sslasr.decoding.lexicon import NOT_ALLOWED, ROOT, Lexicon
+from sslasr.data.tokenizer import Tokenizer
+from sslasr.models.asr import build_asr_model
 from sslasr.models.heads.ctc import CtcHead, best_path
 from sslasr.models.interfaces import DecodeOptions
 from sslasr.models.lm import build_lm
@@ -266,6 +268,9 @@ def test_recipe_lm_decode_score_stages(tmp_path: Path, prepared_minisynth: Path,
     grid_size = len(decode_cfg["tune"]["lm_weight"]) * len(decode_cfg["tune"]["length_bonus"])
     assert len(tuned["grid"]) == grid_size and tuned["dev_wer"] == min(p["dev_wer"] for p in tuned["grid"])
 
+    checkpoint = torch.load(system / "model_final.pt", weights_only=False)
+    vocab_size = Tokenizer(str(recipe / checkpoint["config"]["data"]["tokenizer"])).vocab_size
+    trained_parameters = sum(p.numel() for p in build_asr_model(checkpoint["config"], vocab_size).parameters())
     rows = [json.loads(line) for line in (recipe / "exp/results.jsonl").read_text().splitlines()]
     assert sorted((r["test_set"], r["decoding"]) for r in rows) == sorted(
         (s, d) for s in ("dev", "test") for d in ("ctc_greedy", "ctc_beam", "ctc_beam+lm"))
@@ -273,6 +278,7 @@ def test_recipe_lm_decode_score_stages(tmp_path: Path, prepared_minisynth: Path,
         info = json.loads((system / f"decode_{row['test_set']}_{row['decoding'].replace('+lm', '_lm')}"
                            / "decode_info.json").read_text())
         assert info["method"] == row["decoding"].split("+")[0] and info["real_time_factor"] > 0
+        assert row["model_parameters"] == info["model_parameters"] == trained_parameters
         if row["decoding"] == "ctc_beam+lm":
             assert (row["lm_weight"], row["length_bonus"]) == (tuned["lm_weight"], tuned["length_bonus"])
             assert row["lm_perplexity"] == perplexity["perplexity"] and info["lm"].endswith("model_final.pt")

@@ -225,6 +225,22 @@ def test_render_dedups_latest_wins_and_shows_commands(tmp_path):
     assert "```bash" in clean
 
 
+def test_parameters_column_only_where_a_row_has_the_model_size(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_result(path, make_row(wer=20.0, exp="exp/old", model_parameters=None))  # decoded before sizes were kept
+    without = render_results_md(path, tmp_path / "RESULTS.md")
+    assert "| parameters |" not in without
+    append_result(path, make_row(wer=18.0, exp="exp/medium", model_parameters=9_681_234))
+    table = render_results_md(path, tmp_path / "RESULTS.md")
+    header = next(line for line in table.splitlines() if line.startswith("| # |"))
+    cells = [c.strip() for c in header.split("|")]
+    assert cells[cells.index("frontend") + 1] == "parameters"
+    medium = next(line for line in table.splitlines() if "exp/medium" in line)
+    old = next(line for line in table.splitlines() if "exp/old" in line)
+    assert "| 9.68M |" in medium and "| 9.68M |" not in old
+    assert [c.strip() for c in old.split("|")][cells.index("parameters")] == "-"
+
+
 def test_archive_keeps_earlier_runs_rows_once(tmp_path):
     archive = tmp_path / "RESULTS.jsonl"
     run1, run2 = tmp_path / "run1.jsonl", tmp_path / "run2.jsonl"  # two machines' exp/results.jsonl

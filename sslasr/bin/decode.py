@@ -234,7 +234,8 @@ def main(argv=None) -> None:
             out_dir = out_dir_of(args.out_dir, set_name, method)
             info = {"method": method.removesuffix(LM_SUFFIX), "set": set_name, "cuts": sets[set_name],
                     "lm": args.lm if method.endswith(LM_SUFFIX) else None,
-                    "lexicon": args.lexicon if uses_lexicon(method) else None}
+                    "lexicon": args.lexicon if uses_lexicon(method) else None,
+                    "model_parameters": sum(p.numel() for p in model.parameters())}
             if method not in searches:
                 search = tune_on_set(method, searches, set_pass, out_dir)
                 fusion[method] = (search.options.lm_weight, search.options.length_bonus)

@@ -1,0 +1,48 @@
+"""`run.sh --model-size SIZE`: another size of a frontend, from conf/frontend_<frontend>_<size>.yaml,
+with its own exp dirs; and the sizes speechocean762 ships."""
+
+import torch
+
+from recipe_smoke import REPO, SMOKE, recipe_copy, recipe_with_data, run_recipe
+from sslasr.bin.train import dry_run
+from sslasr.utils.config import load_configs
+
+SO762 = REPO / "egs" / "speechocean762" / "conf"
+
+
+def _parameters(summary: str) -> float:
+    """Millions of parameters from dry_run's summary line `model: AsrModel, 9.68M parameters`."""
+    return float(summary.split("model: ")[1].split(", ")[1].split("M")[0])
+
+
+def test_speechocean762_medium_w2vbert_is_the_tiny_one_widened_and_deepened():
+    tail = [SO762 / "finetune_ctc.yaml", SO762 / "finetune_w2vbert.yaml", SO762 / "scratch.yaml"]
+    tiny = load_configs([SO762 / "frontend_w2vbert.yaml", *tail])
+    medium = load_configs([SO762 / "frontend_w2vbert_medium.yaml", *tail])
+    assert medium["frontend"]["encoder"]["conformer"] == dict(
+        tiny["frontend"]["encoder"]["conformer"], dim=256, layers=6, heads=4, ffn_dim=1024)
+    assert medium["frontend"]["encoder"]["subsampling"] == tiny["frontend"]["encoder"]["subsampling"]
+    assert 2.0 < _parameters(dry_run(tiny, 40, world_size=1)) < 2.3
+    assert 9.5 < _parameters(dry_run(medium, 40, world_size=1)) < 9.9
+    pretrain = load_configs([SO762 / "frontend_w2vbert_medium.yaml", SO762 / "pretrain.yaml"])
+    assert pretrain["pretrain"]["contrastive_layers"] == 3
+    assert "task: pretrain" in dry_run(pretrain, None, world_size=1)
+
+
+def test_an_unknown_size_is_refused_naming_the_missing_file(tmp_path):
+    recipe = recipe_copy(tmp_path)
+    result = run_recipe(recipe, "--stage", "5", "--model-size", "huge", timeout=120)
+    assert result.returncode == 2 and "no conf/frontend_wav2vec2_huge.yaml" in result.stderr, result.stderr
+
+
+def test_a_size_fine_tunes_its_own_architecture_into_its_own_exp_dir(tmp_path, prepared_minisynth):
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
+    (recipe / "conf/frontend_wav2vec2_narrow.yaml").write_text(
+        "_base_: frontend_wav2vec2.yaml\nfrontend: {encoder: {transformer: {dim: 48, ffn_dim: 96}}}\n")
+    result = run_recipe(recipe, *SMOKE, "--stage", "5", "--stop-stage", "5", "--no-pretrain", "true",
+                        "--model-size", "narrow", timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not (recipe / "exp/ctc_scratch_wav2vec2_all").exists()
+    checkpoint = torch.load(recipe / "exp/ctc_scratch_wav2vec2_narrow_all/model_final.pt", weights_only=False)
+    transformer = checkpoint["config"]["frontend"]["encoder"]["transformer"]
+    assert (transformer["dim"], transformer["ffn_dim"]) == (48, 96)

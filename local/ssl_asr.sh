@@ -248,6 +248,9 @@ finetune_configs() {  # finetune_configs pretrained|scratch: the YAML files of a
   [ ! -f $conf_dir/finetune_${head}_${labeled_tag}.yaml ] || configs="$configs $conf_dir/finetune_${head}_${labeled_tag}.yaml"
   # fine-tuning settings of the frontend (e.g. SpecAugment for fbank frontends)
   [ ! -f $conf_dir/finetune_${frontend}.yaml ] || configs="$configs $conf_dir/finetune_${frontend}.yaml"
+  # ... and of its --model-size (e.g. a lower learning rate for a wider model)
+  [ "$frontend_tag" = "$frontend" ] || [ ! -f $conf_dir/finetune_${frontend_tag}.yaml ] \
+    || configs="$configs $conf_dir/finetune_${frontend_tag}.yaml"
   [ "$1" != scratch ] || configs="$configs $conf_dir/scratch.yaml"
   echo "$configs"
 }

@@ -18,7 +18,9 @@ def _parameters(summary: str) -> float:
 def test_speechocean762_medium_w2vbert_is_the_tiny_one_widened_and_deepened():
     tail = [SO762 / "finetune_ctc.yaml", SO762 / "finetune_w2vbert.yaml", SO762 / "scratch.yaml"]
     tiny = load_configs([SO762 / "frontend_w2vbert.yaml", *tail])
-    medium = load_configs([SO762 / "frontend_w2vbert_medium.yaml", *tail])
+    medium = load_configs([SO762 / "frontend_w2vbert_medium.yaml", *tail[:2], SO762 / "finetune_w2vbert_medium.yaml",
+                           *tail[2:]])
+    assert (tiny["optim"]["lr"], medium["optim"]["lr"]) == (1.0e-3, 5.0e-4)
     assert medium["frontend"]["encoder"]["conformer"] == dict(
         tiny["frontend"]["encoder"]["conformer"], dim=256, layers=6, heads=4, ffn_dim=1024)
     assert medium["frontend"]["encoder"]["subsampling"] == tiny["frontend"]["encoder"]["subsampling"]
@@ -39,6 +41,7 @@ def test_a_size_fine_tunes_its_own_architecture_into_its_own_exp_dir(tmp_path, p
     recipe = recipe_with_data(tmp_path, prepared_minisynth)
     (recipe / "conf/frontend_wav2vec2_narrow.yaml").write_text(
         "_base_: frontend_wav2vec2.yaml\nfrontend: {encoder: {transformer: {dim: 48, ffn_dim: 96}}}\n")
+    (recipe / "conf/finetune_wav2vec2_narrow.yaml").write_text("optim: {lr: 1.234e-4}\n")  # merged last
     result = run_recipe(recipe, *SMOKE, "--stage", "5", "--stop-stage", "5", "--no-pretrain", "true",
                         "--model-size", "narrow", timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -46,3 +49,4 @@ def test_a_size_fine_tunes_its_own_architecture_into_its_own_exp_dir(tmp_path, p
     checkpoint = torch.load(recipe / "exp/ctc_scratch_wav2vec2_narrow_all/model_final.pt", weights_only=False)
     transformer = checkpoint["config"]["frontend"]["encoder"]["transformer"]
     assert (transformer["dim"], transformer["ffn_dim"]) == (48, 96)
+    assert checkpoint["config"]["optim"]["lr"] == 1.234e-4

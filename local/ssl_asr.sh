@@ -192,6 +192,8 @@ fi
 # pretraining configs; pretrain_<frontend>.yaml, where present, holds that frontend's own batch/schedule
 pretrain_configs="$frontend_conf $conf_dir/pretrain.yaml"
 [ ! -f $conf_dir/pretrain_$frontend.yaml ] || pretrain_configs="$pretrain_configs $conf_dir/pretrain_$frontend.yaml"
+[ "$frontend_tag" = "$frontend" ] || [ ! -f $conf_dir/pretrain_$frontend_tag.yaml ] \
+  || pretrain_configs="$pretrain_configs $conf_dir/pretrain_$frontend_tag.yaml"  # ... and its --model-size's
 kmeans_cli() {  # kmeans_cli COMMAND ARGS...: sslasr.bin.kmeans with the pretraining configs and --kmeans-opts
   local command=$1; shift
   "$python" -m sslasr.bin.kmeans "$command" --config $pretrain_configs \

@@ -37,16 +37,19 @@ def test_an_unknown_size_is_refused_naming_the_missing_file(tmp_path):
     assert result.returncode == 2 and "no conf/frontend_wav2vec2_huge.yaml" in result.stderr, result.stderr
 
 
-def test_a_size_fine_tunes_its_own_architecture_into_its_own_exp_dir(tmp_path, prepared_minisynth):
+def test_a_size_pretrains_and_fine_tunes_its_own_architecture_into_its_own_exp_dirs(tmp_path, prepared_minisynth):
     recipe = recipe_with_data(tmp_path, prepared_minisynth)
     (recipe / "conf/frontend_wav2vec2_narrow.yaml").write_text(
         "_base_: frontend_wav2vec2.yaml\nfrontend: {encoder: {transformer: {dim: 48, ffn_dim: 96}}}\n")
+    (recipe / "conf/pretrain_wav2vec2_narrow.yaml").write_text("optim: {lr: 2.5e-4}\n")    # merged last
     (recipe / "conf/finetune_wav2vec2_narrow.yaml").write_text("optim: {lr: 1.234e-4}\n")  # merged last
-    result = run_recipe(recipe, *SMOKE, "--stage", "5", "--stop-stage", "5", "--no-pretrain", "true",
-                        "--model-size", "narrow", timeout=600)
+    result = run_recipe(recipe, *SMOKE, "--stage", "4", "--stop-stage", "5", "--model-size", "narrow", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert not (recipe / "exp/ctc_scratch_wav2vec2_all").exists()
-    checkpoint = torch.load(recipe / "exp/ctc_scratch_wav2vec2_narrow_all/model_final.pt", weights_only=False)
-    transformer = checkpoint["config"]["frontend"]["encoder"]["transformer"]
-    assert (transformer["dim"], transformer["ffn_dim"]) == (48, 96)
-    assert checkpoint["config"]["optim"]["lr"] == 1.234e-4
+    assert not (recipe / "exp/pretrain_wav2vec2").exists()
+    pretrained = torch.load(recipe / "exp/pretrain_wav2vec2_narrow/model_final.pt", weights_only=False)
+    assert pretrained["config"]["optim"]["lr"] == 2.5e-4
+    for system in ("ctc_wav2vec2_narrow_all", "ctc_scratch_wav2vec2_narrow_all"):
+        checkpoint = torch.load(recipe / "exp" / system / "model_final.pt", weights_only=False)
+        transformer = checkpoint["config"]["frontend"]["encoder"]["transformer"]
+        assert (transformer["dim"], transformer["ffn_dim"]) == (48, 96), system
+        assert checkpoint["config"]["optim"]["lr"] == 1.234e-4, system

@@ -21,6 +21,7 @@ def test_speechocean762_medium_w2vbert_is_the_tiny_one_widened_and_deepened():
     medium = load_configs([SO762 / "frontend_w2vbert_medium.yaml", *tail[:2], SO762 / "finetune_w2vbert_medium.yaml",
                            *tail[2:]])
     assert (tiny["optim"]["lr"], medium["optim"]["lr"]) == (1.0e-3, 5.0e-4)
+    assert (tiny["finetune"]["reinit_top_layers"], medium["finetune"]["reinit_top_layers"]) == (2, 3)
     assert medium["frontend"]["encoder"]["conformer"] == dict(
         tiny["frontend"]["encoder"]["conformer"], dim=256, layers=6, heads=4, ffn_dim=1024)
     assert medium["frontend"]["encoder"]["subsampling"] == tiny["frontend"]["encoder"]["subsampling"]

@@ -186,6 +186,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.num_threads)
 
     model, cfg, tokenizer = load_trained_asr(args.model)
+    model_parameters = sum(p.numel() for p in model.parameters())  # recorded in every decode_info.json
     decode_cfg = cfg.get("decode", {})
     methods = args.methods or (decode_cfg.get("methods", [model.head.greedy_method])
                                + [m + LM_SUFFIX for m in decode_cfg.get("lm_methods", [])])
@@ -235,7 +236,7 @@ def main(argv=None) -> None:
             info = {"method": method.removesuffix(LM_SUFFIX), "set": set_name, "cuts": sets[set_name],
                     "lm": args.lm if method.endswith(LM_SUFFIX) else None,
                     "lexicon": args.lexicon if uses_lexicon(method) else None,
-                    "model_parameters": sum(p.numel() for p in model.parameters())}
+                    "model_parameters": model_parameters}
             if method not in searches:
                 search = tune_on_set(method, searches, set_pass, out_dir)
                 fusion[method] = (search.options.lm_weight, search.options.length_bonus)

@@ -192,7 +192,7 @@ fi
 # pretraining configs; pretrain_<frontend>.yaml, where present, holds that frontend's own batch/schedule
 pretrain_configs="$frontend_conf $conf_dir/pretrain.yaml"
 [ ! -f $conf_dir/pretrain_$frontend.yaml ] || pretrain_configs="$pretrain_configs $conf_dir/pretrain_$frontend.yaml"
-[ "$frontend_tag" = "$frontend" ] || [ ! -f $conf_dir/pretrain_$frontend_tag.yaml ] \
+[ -z "$model_size" ] || [ ! -f $conf_dir/pretrain_$frontend_tag.yaml ] \
   || pretrain_configs="$pretrain_configs $conf_dir/pretrain_$frontend_tag.yaml"  # ... and its --model-size's
 kmeans_cli() {  # kmeans_cli COMMAND ARGS...: sslasr.bin.kmeans with the pretraining configs and --kmeans-opts
   local command=$1; shift
@@ -251,7 +251,7 @@ finetune_configs() {  # finetune_configs pretrained|scratch: the YAML files of a
   # fine-tuning settings of the frontend (e.g. SpecAugment for fbank frontends)
   [ ! -f $conf_dir/finetune_${frontend}.yaml ] || configs="$configs $conf_dir/finetune_${frontend}.yaml"
   # ... and of its --model-size (e.g. a lower learning rate for a wider model)
-  [ "$frontend_tag" = "$frontend" ] || [ ! -f $conf_dir/finetune_${frontend_tag}.yaml ] \
+  [ -z "$model_size" ] || [ ! -f $conf_dir/finetune_${frontend_tag}.yaml ] \
     || configs="$configs $conf_dir/finetune_${frontend_tag}.yaml"
   [ "$1" != scratch ] || configs="$configs $conf_dir/scratch.yaml"
   echo "$configs"

@@ -36,3 +36,9 @@ def recipe_with_data(tmp_path: Path, prepared: Path) -> Path:
     recipe = recipe_copy(tmp_path)
     shutil.copytree(prepared / "data", recipe / "data")
     return recipe
+
+
+def dry_run_parameters(summary: str) -> float:
+    """Millions of parameters in the summary sslasr.bin.train.dry_run prints
+    (`model: AsrModel, 9.68M parameters`)."""
+    return float(summary.split("model: ")[1].split(", ")[1].split("M")[0])

@@ -3,16 +3,11 @@ with its own exp dirs; and the sizes speechocean762 ships."""
 
 import torch
 
-from recipe_smoke import REPO, SMOKE, recipe_copy, recipe_with_data, run_recipe
+from recipe_smoke import REPO, SMOKE, dry_run_parameters, recipe_copy, recipe_with_data, run_recipe
 from sslasr.bin.train import dry_run
 from sslasr.utils.config import load_configs
 
 SO762 = REPO / "egs" / "speechocean762" / "conf"
-
-
-def _parameters(summary: str) -> float:
-    """Millions of parameters from dry_run's summary line `model: AsrModel, 9.68M parameters`."""
-    return float(summary.split("model: ")[1].split(", ")[1].split("M")[0])
 
 
 def test_speechocean762_medium_w2vbert_is_the_tiny_one_widened_and_deepened():
@@ -25,8 +20,8 @@ def test_speechocean762_medium_w2vbert_is_the_tiny_one_widened_and_deepened():
     assert medium["frontend"]["encoder"]["conformer"] == dict(
         tiny["frontend"]["encoder"]["conformer"], dim=256, layers=6, heads=4, ffn_dim=1024)
     assert medium["frontend"]["encoder"]["subsampling"] == tiny["frontend"]["encoder"]["subsampling"]
-    assert 2.0 < _parameters(dry_run(tiny, 40, world_size=1)) < 2.3
-    assert 9.5 < _parameters(dry_run(medium, 40, world_size=1)) < 9.9
+    assert 2.0 < dry_run_parameters(dry_run(tiny, 40, world_size=1)) < 2.3
+    assert 9.5 < dry_run_parameters(dry_run(medium, 40, world_size=1)) < 9.9
     pretrain = load_configs([SO762 / "frontend_w2vbert_medium.yaml", SO762 / "pretrain.yaml"])
     assert pretrain["pretrain"]["contrastive_layers"] == 3
     assert "task: pretrain" in dry_run(pretrain, None, world_size=1)

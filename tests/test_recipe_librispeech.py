@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 from lhotse import CutSet
 
-from recipe_smoke import REPO, run_recipe
+from recipe_smoke import REPO, dry_run_parameters, run_recipe
 from sslasr.bin.kmeans import training_overrides
 from sslasr.bin.train import dry_run
 from sslasr.data.kaldi_dir import LayoutError
@@ -181,7 +181,7 @@ def test_dry_run_pretraining_configs(frontend: str):
     overrides = training_overrides(cfg, len(cfg["kmeans"]["iterations"])) if cfg.get("kmeans") else []
     summary = dry_run(load_configs(configs, overrides), None, world_size=8)
     assert "task: pretrain" in summary and f"frontend: {frontend}" in summary
-    params = float(summary.split("model: ")[1].split(", ")[1].split("M")[0])
+    params = dry_run_parameters(summary)
     assert 90 < params < 100  # base size: 95M
     # fairseq: wav2vec 2.0 BASE 64 GPUs × 87.5 s; HuBERT / WavLM BASE 32 GPUs × 87.5 s;
     # w2v-BERT on wav2vec 2.0's schedule

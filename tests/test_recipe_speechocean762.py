@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from lhotse import CutSet
 
-from recipe_smoke import REPO, run_recipe
+from recipe_smoke import REPO, dry_run_parameters, run_recipe
 from sslasr.bin import cuts as cuts_cli
 from sslasr.bin.kmeans import training_overrides
 from sslasr.bin.train import dry_run
@@ -241,7 +241,7 @@ def test_cpu_configs_of_every_frontend_dry_run(frontend: str):
 def test_gpu_configs_of_w2vbert_are_base_size_and_fine_tune_its_conformer():
     gpu = CONF / "gpu"
     summary = dry_run(load_configs(_configs(gpu, "w2vbert", "pretrain.yaml")), None, world_size=1)
-    params = float(summary.split("model: ")[1].split(", ")[1].split("M")[0])
+    params = dry_run_parameters(summary)
     assert "frontend: w2vbert" in summary and 90 < params < 100, summary
     for labeled in ("finetune_ctc_10m.yaml", "finetune_ctc_1h.yaml"):
         for scratch in ([], ["scratch.yaml"]):
@@ -259,5 +259,5 @@ def test_gpu_configs_of_the_kmeans_frontends_are_base_size(frontend: str):
     assert cfg["frontend"]["name"] == frontend
     assert sum(it["updates"] for it in cfg["kmeans"]["iterations"]) == cfg["trainer"]["max_updates"]
     summary = dry_run(load_configs(_configs(gpu, frontend, "pretrain.yaml"), training_overrides(cfg, 2)), None, world_size=1)
-    params = float(summary.split("model: ")[1].split(", ")[1].split("M")[0])
+    params = dry_run_parameters(summary)
     assert 90 < params < 100, summary  # BASE: 95M

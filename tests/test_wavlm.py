@@ -60,6 +60,23 @@ def test_relative_bias_is_a_lookup_by_offset():
     assert torch.equal(bias[:, 3, 7], bias[:, 20, 24])
 
 
+@pytest.mark.parametrize("length", [1, 2, 7, 60])
+def test_relative_bias_gradient_equals_the_per_entry_lookups(length):
+    """The bias is built from one lookup per offset (an unfold of the offset row); its gradient
+    into the bucket table must equal that of looking up all T² entries."""
+    torch.manual_seed(0)
+    bias_module = RelativePositionBias(heads=3, num_buckets=16, max_distance=20)
+    bias = bias_module(length)
+    assert bias.is_contiguous()
+    positions = torch.arange(length)
+    buckets = relative_position_bucket(positions[None, :] - positions[:, None], 16, 20)
+    lookups = bias_module.embedding(buckets).permute(2, 0, 1)
+    torch.testing.assert_close(bias, lookups, rtol=0, atol=0)
+    grad = torch.randn_like(bias)
+    table = bias_module.embedding.weight
+    torch.testing.assert_close(torch.autograd.grad(bias, table, grad)[0], torch.autograd.grad(lookups, table, grad)[0])
+
+
 # ---------------------------------------------------------------------- the gate
 def test_gate_hand_computed():
     gate = GatedRelativePositionBias(dim=4, heads=2)
@@ -77,6 +94,24 @@ def test_gate_hand_computed():
     assert out.shape == (2, 2, 3, 3)
     for h in range(2):
         torch.testing.assert_close(out[:, h], (scale[h] * bias[h]).expand(2, 3, 3))
+
+
+def test_gate_gradients_equal_the_broadcast_product():
+    """The gated bias's hand-written backward (two batched products) against autograd through
+    scale (B, H, T, 1) · bias (H, T, T)."""
+    torch.manual_seed(0)
+    gate = GatedRelativePositionBias(dim=12, heads=3).double()
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = gate(x, bias)
+    per_head = x.view(2, 5, 3, 4).transpose(1, 2)
+    not_update, reset = torch.sigmoid(gate.gate_proj(per_head).view(2, 3, 5, 2, 4).sum(-1)).chunk(2, dim=-1)
+    expected = (not_update * (reset * gate.reset_scale - 1.0) + 2.0) * bias
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    inputs = [x, bias, *gate.parameters()]
+    for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(got, want)
 
 
 def test_gate_reads_each_heads_slice_of_its_query_frame():

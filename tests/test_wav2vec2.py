@@ -152,6 +152,40 @@ def test_conv_receptive_field_and_hop_are_what_the_network_does(layers):
     assert len(support) == rf
 
 
+def _extractor_by_modules(conv: ConvFeatureExtractor, waveform: torch.Tensor) -> torch.Tensor:
+    """The extractor's blocks applied as plain channels-first modules: the maths its time-major
+    forward (and the fused first block) must reproduce."""
+    x = waveform.unsqueeze(1)
+    for block in conv.layers:
+        y = block[0](x)
+        if conv.norm == "layer":
+            y = block[1](y.transpose(1, 2)).transpose(1, 2)
+        elif len(block) == 3:
+            y = block[1](y)
+        x = torch.nn.functional.gelu(y)
+    return x
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+@pytest.mark.parametrize("samples", [4000, 4321])
+def test_conv_extractor_matches_its_modules_forward_and_parameter_gradients(norm, samples):
+    """Output and every parameter gradient equal the modules' own, for a waveform with a large
+    DC offset (the fused first block's statistics must not lose it to cancellation) and a
+    length whose last samples no frame of the next layers reads."""
+    torch.manual_seed(0)
+    conv = ConvFeatureExtractor(TINY_CONV, norm=norm).double()
+    waveform = 5.0 + 0.1 * torch.randn(3, samples, dtype=torch.float64)
+    waveform[2, samples // 2:] = 0.0  # a padded utterance: zeros count in GroupNorm's statistics
+    got = conv(waveform)
+    want = _extractor_by_modules(conv, waveform)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(got)
+    params = list(conv.parameters())
+    for name, a, b in zip([n for n, _ in conv.named_parameters()], torch.autograd.grad(got, params, grad),
+                          torch.autograd.grad(want, params, grad)):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_base_receptive_field_is_400_samples():
     assert ConvFeatureExtractor(BASE_GEOMETRY).receptive_field == 400  # 25 ms
 

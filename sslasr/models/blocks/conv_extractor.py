@@ -217,17 +217,23 @@ class _FirstConvGroupNormGELU(torch.autograd.Function):
     @torch.autocast("cpu", enabled=False)
     def forward(ctx, waveform, weight, gamma, beta, stride: int, eps: float, frames: int):
         out_dim, _, kernel = weight.shape
-        windows = waveform.unfold(1, kernel, stride)                       # (B, T, k) view
-        f64 = windows.double()
-        mean_frame = f64.mean(1)                                           # (B, k)
-        centred = f64 - mean_frame.unsqueeze(1)
-        cov = centred.transpose(1, 2) @ centred / windows.shape[1]         # (B, k, k)
+        # GroupNorm makes the block blind to a constant added to the waveform (the bias-free conv
+        # shifts each channel by a constant, which the mean removes), so the waveform is centred
+        # first: then f̄ ≈ 0 and Σ = E[f fᵀ] − f̄ f̄ᵀ (float64) loses nothing to cancellation.
+        centred = waveform - waveform.mean(1, keepdim=True)
+        windows = centred.unfold(1, kernel, stride)                        # (B, T, k) view
+        used = windows[:, :frames].contiguous()                            # (B, frames, k)
+        rest = windows[:, frames:].double()                                # frames no later layer reads
+        used64 = used.double()
+        count = windows.shape[1]
+        mean_frame = (used64.sum(1) + rest.sum(1)) / count                 # (B, k)
+        second = (used64.transpose(1, 2) @ used64 + rest.transpose(1, 2) @ rest) / count
+        cov = second - mean_frame.unsqueeze(2) * mean_frame.unsqueeze(1)   # (B, k, k)
         w = weight.reshape(out_dim, kernel).double()
         var = torch.einsum("ok,bkl,ol->bo", w, cov, w)
         rstd = torch.rsqrt(var + eps)                                      # (B, O)
         scale = gamma.double() * rstd
         shift = beta.double() - (mean_frame @ w.t()) * scale
-        used = windows[:, :frames].contiguous()                            # (B, frames, k)
         pre = torch.baddbmm(shift.unsqueeze(1).to(waveform.dtype), used,
                             (w.t().unsqueeze(0) * scale.unsqueeze(1)).to(waveform.dtype))
         ctx.save_for_backward(used, pre, w, gamma, rstd, mean_frame, cov)

@@ -43,7 +43,8 @@ def test_every_problem_is_reported_at_once():
     ({"scheduler.warmup_ratio": "0.1"}, "scheduler: unknown keys ['warmup_ratio'] for tri_stage"),
     ({"optim.betas": "[0.9]"}, "optim.betas must be two numbers in [0, 1)"),
     ({"trainer.max_updates": "0"}, "trainer.max_updates must be a positive integer"),
-    ({"trainer.final_model": "average"}, "trainer.final_model must be one of last, best, got 'average'"),
+    ({"trainer.final_model": "mean"}, "trainer.final_model must be one of last, best, average, got 'mean'"),
+    ({"trainer.average_models": "0"}, "trainer.average_models must be a positive integer"),
     ({"trainer.best_metric": "5"}, "trainer.best_metric must name a validation metric"),
     ({"scheduler.final_lr_scale": "2.0"}, "learning-rate scales outside [0, 1]"),
 ])

@@ -560,14 +560,15 @@ class _ValidatedToyTask(_ToyTask):
         return {"loss": self.valid_losses[self.num_updates + 1], "weight": 1.0}
 
 
-@pytest.mark.parametrize("final_model", ["last", "best"])
+@pytest.mark.parametrize("final_model", ["last", "best", "average"])
 def test_final_model_is_the_best_validated_one_on_request_and_survives_a_resume(tmp_path, final_model):
     """Validation every 2 updates with dev loss 3, 1, 2, 2.5: with final_model=best, model_final.pt
-    holds the weights after update 4, also when training stops at 6 and a second run resumes to 8."""
+    holds the weights after update 4; with final_model=average (2 models), the mean of the weights
+    after updates 4 and 6. Both also when training stops at 6 and a second run resumes to 8."""
     losses = {2: 3.0, 4: 1.0, 6: 2.0, 8: 2.5}
     batches = _toy_batches(8, seed=5)
     cfg = _toy_cfg(6)
-    cfg["trainer"].update(valid_every=2, final_model=final_model)
+    cfg["trainer"].update(valid_every=2, final_model=final_model, average_models=2)
     torch.manual_seed(0)
     task = _ValidatedToyTask(batches, losses)
     Trainer(cfg, task, tmp_path / "exp", DistInfo()).fit()
@@ -579,13 +580,70 @@ def test_final_model_is_the_best_validated_one_on_request_and_survives_a_resume(
     assert trainer.num_updates == 8 and trainer.best_valid == 1.0
     final = _load(tmp_path / "exp/model_final.pt")
     weights = [final["model"][name] for name, _ in resumed.model.named_parameters()]
+    kept = sorted(path.name for path in (tmp_path / "exp").glob("model_valid_*.pt"))
     if final_model == "best":
         assert _equal(weights, after_4) and final["num_updates"] == 4 and final["valid"] == {"loss": 1.0}
         assert final["config"]["trainer"]["max_updates"] == 8
+    elif final_model == "average":
+        after_6 = resumed.params_before[6]
+        assert all(torch.allclose(w, (a + b) / 2, atol=1e-7, rtol=0) for w, a, b in zip(weights, after_4, after_6))
+        assert not _equal(after_4, after_6)
+        assert final["averaged_updates"] == [4, 6] and final["valid"] == [{"loss": 1.0}, {"loss": 2.0}]
+        assert kept == ["model_valid_4.pt", "model_valid_6.pt"]  # update 2's file went at a checkpoint
     else:
         assert _equal(weights, _params(resumed.model)) and final["num_updates"] == 8
         assert not (tmp_path / "exp/model_best.pt").exists()
+    if final_model != "average":
+        assert kept == []
     assert not _equal(after_4, _params(resumed.model))  # training went on after the best model
+
+
+def test_averaging_keeps_the_n_best_files_through_kills_and_reruns(tmp_path):
+    """A model that leaves the N best keeps its file until a checkpoint no longer lists it, so a
+    kill in between resumes with every listed file present; a rerun of a finished run revalidates
+    its last update without counting it twice; a fresh run removes an earlier run's files."""
+    losses = {1: 5.0, 2: 4.0, 3: 3.0, 4: 2.0}
+    batches = _toy_batches(4, seed=2)
+    cfg = _toy_cfg(4)
+    cfg["trainer"].update(valid_every=1, checkpoint_every=2, final_model="average", average_models=2)
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    torch.save({"stale": True}, exp / "model_valid_99.pt")
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, _ValidatedToyTask(batches, losses), exp, DistInfo())
+    trainer.fit()
+    assert trainer.kept_models == [(2.0, 4), (3.0, 3)]
+    assert sorted(p.name for p in exp.glob("model_valid_*.pt")) == ["model_valid_3.pt", "model_valid_4.pt"]
+    first = _load(exp / "model_final.pt")["model"]
+
+    cfg["trainer"]["valid_every"] = 3  # update 4 is then validated after the loop, again on a rerun
+    rerun = Trainer(cfg, _ValidatedToyTask(batches, {**losses, 5: 2.0}), exp, DistInfo())
+    rerun.fit()
+    assert rerun.kept_models == [(2.0, 4), (3.0, 3)]
+    assert all(torch.equal(first[k], v) for k, v in _load(exp / "model_final.pt")["model"].items())
+
+    # A kill at the checkpoint of update 4: validation at update 3 had pushed update 1 out of the
+    # two best, but the checkpoint on disk (update 2) still lists updates 1 and 2.
+    killed = tmp_path / "killed"
+    cfg["trainer"]["valid_every"] = 1
+    torch.manual_seed(0)
+    interrupted = Trainer(cfg, _ValidatedToyTask(batches, losses), killed, DistInfo())
+    save = interrupted.save_checkpoint
+
+    def save_or_die():
+        if interrupted.num_updates == 4:
+            raise KeyboardInterrupt("killed")
+        save()
+    interrupted.save_checkpoint = save_or_die
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    assert _load(killed / "checkpoint_last.pt")["kept_models"] == [(4.0, 2), (5.0, 1)]
+    assert sorted(p.name for p in killed.glob("model_valid_*.pt")) == [f"model_valid_{u}.pt" for u in (1, 2, 3, 4)]
+    resumed = Trainer(cfg, _ValidatedToyTask(batches, losses), killed, DistInfo())
+    resumed.fit()
+    assert resumed.kept_models == [(2.0, 4), (3.0, 3)]
+    assert sorted(p.name for p in killed.glob("model_valid_*.pt")) == ["model_valid_3.pt", "model_valid_4.pt"]
+    assert all(torch.equal(first[k], v) for k, v in _load(killed / "model_final.pt")["model"].items())
 
 
 def test_final_model_best_needs_a_known_metric_and_validation(tmp_path):
@@ -600,4 +658,9 @@ def test_final_model_best_needs_a_known_metric_and_validation(tmp_path):
     with pytest.raises(RuntimeError, match="no validation ever ran"):
         Trainer(cfg, _ToyTask(_toy_batches(2, seed=1)), tmp_path / "b", DistInfo()).fit()
     with pytest.raises(ValueError, match="final_model"):
-        Trainer(dict(cfg, trainer=dict(cfg["trainer"], final_model="average")), _ToyTask([]), tmp_path / "c", DistInfo())
+        Trainer(dict(cfg, trainer=dict(cfg["trainer"], final_model="mean")), _ToyTask([]), tmp_path / "c", DistInfo())
+    cfg["trainer"].update(final_model="average")
+    with pytest.raises(RuntimeError, match="no validation ever ran"):
+        Trainer(cfg, _ToyTask(_toy_batches(2, seed=1)), tmp_path / "d", DistInfo()).fit()
+    with pytest.raises(ValueError, match="average_models must be at least 1"):
+        Trainer(dict(cfg, trainer=dict(cfg["trainer"], average_models=0)), _ToyTask([]), tmp_path / "e", DistInfo())

@@ -10,7 +10,7 @@ from sslasr.train.schedules import SCHEDULER_KEYS, build_lr_scale
 
 OPTIM_KEYS = ("lr", "betas", "eps", "weight_decay")  # what the Trainer's AdamW reads
 AMP_MODES = ("none", "bf16", "fp16")
-FINAL_MODELS = ("last", "best")  # trainer.final_model: what model_final.pt holds
+FINAL_MODELS = ("last", "best", "average")  # trainer.final_model: what model_final.pt holds
 
 
 class ConfigError(ValueError):
@@ -107,6 +107,7 @@ def _check_trainer(cfg: Dict, problems: List[str]) -> None:
         problems.append(f"trainer.amp must be one of {', '.join(AMP_MODES)}, got {trainer['amp']!r}")
     if trainer.get("final_model", "last") not in FINAL_MODELS:
         problems.append(f"trainer.final_model must be one of {', '.join(FINAL_MODELS)}, got {trainer['final_model']!r}")
+    _check_number(problems, trainer, "average_models", "trainer", required=False, integer=True)
     best_metric = trainer.get("best_metric")
     if best_metric is not None and not (isinstance(best_metric, str) and best_metric):
         problems.append(f"trainer.best_metric must name a validation metric (e.g. loss, wer), got {best_metric!r}")

@@ -12,6 +12,9 @@ What it guarantees:
   * `final_model: best` makes model_final.pt the model of the best validation (by
     `best_metric`, default WER where the task reports it, else loss) instead of the last update:
     each improvement is written atomically to model_best.pt, so the choice survives a resume.
+  * `final_model: average` makes it the parameter average of the `average_models` (default 5)
+    best validated models (ESPnet's N-best averaging): each validation that enters the N best
+    is written to model_valid_<update>.pt, and the list of them is part of the checkpoint.
 """
 
 import logging
@@ -21,7 +24,7 @@ import random
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Protocol, Tuple
+from typing import Dict, Iterator, List, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
@@ -93,6 +96,9 @@ class Trainer:
         self.best_metric: Optional[str] = tcfg.get("best_metric")
         if self.final_model not in FINAL_MODELS:
             raise ValueError(f"trainer.final_model must be one of {', '.join(FINAL_MODELS)}, got {self.final_model!r}")
+        self.average_models: int = tcfg.get("average_models", 5)
+        if self.average_models < 1:
+            raise ValueError(f"trainer.average_models must be at least 1, got {self.average_models}")
 
         self.model = task.model.to(dist.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -114,6 +120,7 @@ class Trainer:
         self.batches_done = 0  # micro-batches of the current epoch already consumed
         self.skipped_updates = 0
         self.best_valid: Optional[float] = None
+        self.kept_models: List[Tuple[float, int]] = []  # (metric, update) of the N best, for averaging
         self.writer = None
 
     # ------------------------------------------------------------------ state
@@ -136,11 +143,12 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "num_updates": self.num_updates, "epoch": self.epoch,
                 "batches_done": self.batches_done, "skipped_updates": self.skipped_updates,
-                "best_valid": self.best_valid, "rng": rng_states, "world_size": self.dist.world_size,
-                "config": self.cfg,
+                "best_valid": self.best_valid, "kept_models": self.kept_models, "rng": rng_states,
+                "world_size": self.dist.world_size, "config": self.cfg,
             }
             with atomic_path(self.checkpoint_path) as tmp:
                 torch.save(state, tmp)
+            self._remove_unkept_models()  # only now: the checkpoint no longer lists them
         barrier()
 
     def maybe_resume(self) -> bool:
@@ -153,6 +161,7 @@ class Trainer:
         self.num_updates, self.epoch = state["num_updates"], state["epoch"]
         self.batches_done, self.skipped_updates = state["batches_done"], state["skipped_updates"]
         self.best_valid = state["best_valid"]
+        self.kept_models = [tuple(entry) for entry in state.get("kept_models", [])]
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
             self._set_rng_state(rng[self.dist.rank])
@@ -190,6 +199,8 @@ class Trainer:
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         if not self.maybe_resume() and self.dist.is_main:
             self.best_path.unlink(missing_ok=True)  # an earlier run's best is not this run's
+        if self.dist.is_main:
+            self._remove_unkept_models()  # a fresh run's, or those written after the checkpoint
         if self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.num_updates)
@@ -241,6 +252,8 @@ class Trainer:
     def _write_final_model(self) -> None:
         if self.final_model == "last":
             final = self._model_file()
+        elif self.final_model == "average":
+            final = self._averaged_model_file()
         else:
             if not self.best_path.exists():
                 raise RuntimeError(f"trainer.final_model=best, but no validation ever ran ({self.best_path} "
@@ -316,7 +329,50 @@ class Trainer:
             if self.final_model == "best" and self.dist.is_main:
                 with atomic_path(self.best_path) as tmp:
                     torch.save(self._model_file(valid={name: metrics[name]}), tmp)
+        if name in metrics and self.final_model == "average":
+            self._keep_if_among_best(metrics[name], {name: metrics[name]})
         self.model.train()
+
+    # ------------------------------------------------------------------ N-best averaging
+    def _kept_model_path(self, update: int) -> Path:
+        return self.exp_dir / f"model_valid_{update}.pt"
+
+    def _keep_if_among_best(self, value: float, valid: Dict[str, float]) -> None:
+        """Adds this update's model to the N best (ties: the earlier model stays). A model that
+        drops out keeps its file until the next checkpoint, which no longer lists it."""
+        others = [entry for entry in self.kept_models if entry[1] != self.num_updates]  # a rerun's revalidation
+        ranked = sorted(others + [(value, self.num_updates)])[:self.average_models]
+        if (value, self.num_updates) not in ranked:
+            return
+        self.kept_models = ranked
+        if self.dist.is_main:
+            with atomic_path(self._kept_model_path(self.num_updates)) as tmp:
+                torch.save(self._model_file(valid=valid), tmp)
+
+    def _remove_unkept_models(self) -> None:
+        kept = {self._kept_model_path(update) for _, update in self.kept_models}
+        for path in self.exp_dir.glob("model_valid_*.pt"):
+            if path not in kept:
+                path.unlink()
+
+    def _averaged_model_file(self) -> Dict:
+        """The mean of the kept models' floating-point tensors (accumulated in float64); other
+        entries (integer buffers) are the best model's."""
+        if not self.kept_models:
+            raise RuntimeError("trainer.final_model=average, but no validation ever ran: give the task "
+                               "validation data")
+        files = [torch.load(self._kept_model_path(update), map_location="cpu", weights_only=False)
+                 for _, update in self.kept_models]
+        averaged = dict(files[0]["model"])
+        for key, value in averaged.items():
+            if value.is_floating_point():
+                total = sum(f["model"][key].double() for f in files)
+                averaged[key] = (total / len(files)).to(value.dtype)
+        updates = [update for _, update in self.kept_models]
+        log.info("model_final.pt: the average of %d best validated models, updates %s (%s)", len(files),
+                 ", ".join(map(str, updates)), ", ".join(f"{value:.4g}" for value, _ in self.kept_models))
+        return {"model": averaged, "config": self.cfg, "num_updates": self.num_updates, "averaged_updates": updates,
+                "valid": [f["valid"] for f in files]}
 
     def _model_file(self, **extra) -> Dict:
         """What model_final.pt / model_best.pt hold: the weights, the config, the update count."""

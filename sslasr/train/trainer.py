@@ -200,8 +200,7 @@ class Trainer:
         if not self.maybe_resume() and self.dist.is_main:
             self.best_path.unlink(missing_ok=True)  # an earlier run's best is not this run's
         if self.dist.is_main:
-            self._remove_unkept_models()  # a fresh run's, or those written after the checkpoint
-        if self.dist.is_main:
+            self._remove_unkept_models()  # an earlier run's, or those written after the checkpoint
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.num_updates)
         train_loader = self.task.train_dataloader(self.dist)

@@ -584,6 +584,7 @@ def test_final_model_is_the_best_validated_one_on_request_and_survives_a_resume(
     if final_model == "best":
         assert _equal(weights, after_4) and final["num_updates"] == 4 and final["valid"] == {"loss": 1.0}
         assert final["config"]["trainer"]["max_updates"] == 8
+        assert kept == ["model_valid_4.pt"]
     elif final_model == "average":
         after_6 = resumed.params_before[6]
         assert all(torch.allclose(w, (a + b) / 2, atol=1e-7, rtol=0) for w, a, b in zip(weights, after_4, after_6))
@@ -592,8 +593,6 @@ def test_final_model_is_the_best_validated_one_on_request_and_survives_a_resume(
         assert kept == ["model_valid_4.pt", "model_valid_6.pt"]  # update 2's file went at a checkpoint
     else:
         assert _equal(weights, _params(resumed.model)) and final["num_updates"] == 8
-        assert not (tmp_path / "exp/model_best.pt").exists()
-    if final_model != "average":
         assert kept == []
     assert not _equal(after_4, _params(resumed.model))  # training went on after the best model
 
@@ -654,9 +653,10 @@ def test_final_model_best_needs_a_known_metric_and_validation(tmp_path):
     cfg = _toy_cfg(2)
     cfg["trainer"].update(final_model="best")
     (tmp_path / "b").mkdir()
-    torch.save({"stale": True}, tmp_path / "b/model_best.pt")  # an earlier run's: removed, not used
+    torch.save({"stale": True}, tmp_path / "b/model_valid_9.pt")  # an earlier run's: removed, not used
     with pytest.raises(RuntimeError, match="no validation ever ran"):
         Trainer(cfg, _ToyTask(_toy_batches(2, seed=1)), tmp_path / "b", DistInfo()).fit()
+    assert not (tmp_path / "b/model_valid_9.pt").exists()
     with pytest.raises(ValueError, match="final_model"):
         Trainer(dict(cfg, trainer=dict(cfg["trainer"], final_model="mean")), _ToyTask([]), tmp_path / "c", DistInfo())
     cfg["trainer"].update(final_model="average")
@@ -664,3 +664,74 @@ def test_final_model_best_needs_a_known_metric_and_validation(tmp_path):
         Trainer(cfg, _ToyTask(_toy_batches(2, seed=1)), tmp_path / "d", DistInfo()).fit()
     with pytest.raises(ValueError, match="average_models must be at least 1"):
         Trainer(dict(cfg, trainer=dict(cfg["trainer"], average_models=0)), _ToyTask([]), tmp_path / "e", DistInfo())
+
+
+def _kill_at_checkpoint(trainer: Trainer, update: int) -> Trainer:
+    """The trainer dies (like a kill) when it is about to write the checkpoint of UPDATE."""
+    save = trainer.save_checkpoint
+
+    def save_or_die():
+        if trainer.num_updates == update:
+            raise KeyboardInterrupt("killed")
+        save()
+    trainer.save_checkpoint = save_or_die
+    return trainer
+
+
+def test_best_model_written_after_the_last_checkpoint_of_a_killed_run_is_not_used(tmp_path):
+    """A killed run validated update 3 as its best (dev loss 1.0) after its last checkpoint
+    (update 2). The resumed run validates update 3 differently (another dev set, or
+    non-deterministic kernels: 4.5), so its best is update 2; the killed run's file must neither
+    survive nor become model_final.pt."""
+    cfg = _toy_cfg(4)
+    cfg["trainer"].update(valid_every=1, checkpoint_every=2, final_model="best")
+    batches = _toy_batches(4, seed=4)
+    exp = tmp_path / "exp"
+    torch.manual_seed(0)
+    killed = _kill_at_checkpoint(Trainer(cfg, _ValidatedToyTask(batches, {1: 5.0, 2: 4.0, 3: 1.0, 4: 3.0}), exp,
+                                         DistInfo()), update=4)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    assert sorted(p.name for p in exp.glob("model_valid_*.pt")) == ["model_valid_2.pt", "model_valid_3.pt"]
+    assert _load(exp / "checkpoint_last.pt")["kept_models"] == [(4.0, 2)]
+    resumed_task = _ValidatedToyTask(batches, {3: 4.5, 4: 4.2})
+    resumed = Trainer(cfg, resumed_task, exp, DistInfo())
+    resumed.fit()
+    final = _load(exp / "model_final.pt")
+    assert final["num_updates"] == 2 and final["valid"] == {"loss": 4.0}
+    weights = [final["model"][name] for name, _ in resumed_task.model.named_parameters()]
+    assert _equal(weights, killed.task.params_before[2])
+    assert sorted(p.name for p in exp.glob("model_valid_*.pt")) == ["model_valid_2.pt"]
+    assert resumed.kept_models == [(4.0, 2)] and resumed.best_valid == 4.0
+
+
+def test_resuming_on_fewer_ranks_skips_what_every_rank_had_consumed(tmp_path, caplog):
+    """A checkpoint of 2 ranks after 3 batches each: one rank resumes after batch 6 of the epoch."""
+    batches = _toy_batches(8, seed=6)
+    exp = tmp_path / "exp"
+    torch.manual_seed(0)
+    Trainer(_toy_cfg(3), _ToyTask(batches), exp, DistInfo()).fit()
+    state = _load(exp / "checkpoint_last.pt")
+    assert state["batches_done"] == 3
+    state.update(rng=state["rng"] * 2, world_size=2)  # as if written by two ranks
+    torch.save(state, exp / "checkpoint_last.pt")
+    task = _SeenBatchesTask(batches)
+    trainer = Trainer(_toy_cfg(5), task, exp, DistInfo())
+    with caplog.at_level(logging.WARNING, logger="sslasr.train.trainer"):
+        trainer.fit()
+    assert task.seen == [6, 7]
+    assert trainer.num_updates == 5 and trainer.epoch == 0 and trainer.batches_done == 8
+    assert any("written by 2 ranks, now 1" in r.getMessage() and "after 6 batches per rank" in r.getMessage()
+               for r in caplog.records)
+
+
+class _SeenBatchesTask(_ToyTask):
+    """Records which batches (by index in the epoch) it trains on."""
+
+    def forward(self, model, batch):
+        self.seen.append(next(i for i, b in enumerate(self.loader.dataset) if torch.equal(b["x"], batch["x"])))
+        return super().forward(model, batch)
+
+    def __init__(self, batches):
+        super().__init__(batches)
+        self.seen: List[int] = []

@@ -9,12 +9,12 @@ What it guarantees:
     needs (model, optimizer, scaler, position in the epoch, every rank's RNG state), so a
     rerun after a kill continues exactly where the last checkpoint left off;
   * TensorBoard scalars and a tqdm bar on rank 0;
-  * `final_model: best` makes model_final.pt the model of the best validation (by
-    `best_metric`, default WER where the task reports it, else loss) instead of the last update:
-    each improvement is written atomically to model_best.pt, so the choice survives a resume.
-  * `final_model: average` makes it the parameter average of the `average_models` (default 5)
-    best validated models (ESPnet's N-best averaging): each validation that enters the N best
-    is written to model_valid_<update>.pt, and the list of them is part of the checkpoint.
+  * `final_model: average` makes model_final.pt the parameter average of the `average_models`
+    (default 5) best validated models (by `best_metric`, default WER where the task reports it,
+    else loss; ESPnet's N-best averaging) instead of the last update: each validation that enters
+    the N best is written to model_valid_<update>.pt, and the list of them is part of the
+    checkpoint, so a resumed run keeps exactly the models its checkpoint knew of. `final_model:
+    best` is the one-model case of the same list.
 """
 
 import logging
@@ -91,7 +91,6 @@ class Trainer:
         self.checkpoint_every: int = tcfg.get("checkpoint_every", 500)
         self.amp = tcfg.get("amp", "none")
         self.checkpoint_path = self.exp_dir / "checkpoint_last.pt"
-        self.best_path = self.exp_dir / "model_best.pt"
         self.final_model: str = tcfg.get("final_model", "last")
         self.best_metric: Optional[str] = tcfg.get("best_metric")
         if self.final_model not in FINAL_MODELS:
@@ -99,6 +98,8 @@ class Trainer:
         self.average_models: int = tcfg.get("average_models", 5)
         if self.average_models < 1:
             raise ValueError(f"trainer.average_models must be at least 1, got {self.average_models}")
+        # how many validated models to keep on disk: the best one, the N best, or none
+        self.models_kept = {"best": 1, "average": self.average_models}.get(self.final_model, 0)
 
         self.model = task.model.to(dist.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -120,7 +121,7 @@ class Trainer:
         self.batches_done = 0  # micro-batches of the current epoch already consumed
         self.skipped_updates = 0
         self.best_valid: Optional[float] = None
-        self.kept_models: List[Tuple[float, int]] = []  # (metric, update) of the N best, for averaging
+        self.kept_models: List[Tuple[float, int]] = []  # (metric, update) of the models_kept best
         self.writer = None
 
     # ------------------------------------------------------------------ state
@@ -166,12 +167,23 @@ class Trainer:
         if len(rng) == self.dist.world_size:
             self._set_rng_state(rng[self.dist.rank])
         else:
-            log.warning("checkpoint was written by %d ranks, now %d: RNG streams restart", len(rng),
-                        self.dist.world_size)
+            self.batches_done = self._batches_done_on_this_world_size(len(rng), state["batches_done"])
         if self.dist.is_main:
             log.info("resumed from %s at update %d (epoch %d, batch %d)", self.checkpoint_path,
                      self.num_updates, self.epoch, self.batches_done)
         return True
+
+    def _batches_done_on_this_world_size(self, old_world_size: int, batches_done: int) -> int:
+        """Each of the old ranks had consumed `batches_done` batches of the epoch: the new ranks
+        share those out, rounded up so that no batch is trained on twice. Which cuts a batch holds
+        depends on the world size, so the position is approximate; the RNG streams restart."""
+        consumed = old_world_size * batches_done
+        per_rank = -(-consumed // self.dist.world_size)
+        if self.dist.is_main:
+            log.warning("checkpoint was written by %d ranks, now %d: RNG streams restart, and the epoch "
+                        "resumes after %d batches per rank (%d per rank before)", old_world_size,
+                        self.dist.world_size, per_rank, batches_done)
+        return per_rank
 
     # ------------------------------------------------------------------ loop
     def _epoch_batches(self, loader: DataLoader) -> Iterator[Optional[Dict]]:
@@ -197,10 +209,10 @@ class Trainer:
 
     def fit(self) -> None:
         self.exp_dir.mkdir(parents=True, exist_ok=True)
-        if not self.maybe_resume() and self.dist.is_main:
-            self.best_path.unlink(missing_ok=True)  # an earlier run's best is not this run's
+        self.maybe_resume()
         if self.dist.is_main:
-            self._remove_unkept_models()  # an earlier run's, or those written after the checkpoint
+            # an earlier run's, or a killed run's written after its last checkpoint: not this run's
+            self._remove_unkept_models()
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.num_updates)
         train_loader = self.task.train_dataloader(self.dist)
@@ -251,13 +263,13 @@ class Trainer:
     def _write_final_model(self) -> None:
         if self.final_model == "last":
             final = self._model_file()
+        elif not self.kept_models:
+            raise RuntimeError(f"trainer.final_model={self.final_model}, but no validation ever ran: "
+                               "give the task validation data")
         elif self.final_model == "average":
             final = self._averaged_model_file()
         else:
-            if not self.best_path.exists():
-                raise RuntimeError(f"trainer.final_model=best, but no validation ever ran ({self.best_path} "
-                                   "missing): give the task validation data")
-            final = torch.load(self.best_path, map_location="cpu", weights_only=False)
+            final = torch.load(self._kept_model_path(self.kept_models[0][1]), map_location="cpu", weights_only=False)
             final["config"] = self.cfg  # the run's config, as the last model's file has it
             log.info("model_final.pt: the best validated model, update %d of %d (%s)", final["num_updates"],
                      self.num_updates, " ".join(f"{k}={v:.4g}" for k, v in final["valid"].items()))
@@ -313,7 +325,9 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             stats = self.task.validate(self.model, loader)
-        totals = {k: all_reduce_sum(torch.tensor([v], dtype=torch.float64)).item() for k, v in stats.items()}
+        # on the rank's device: NCCL reduces only CUDA tensors
+        totals = {k: all_reduce_sum(torch.tensor([v], dtype=torch.float64, device=self.dist.device)).item()
+                  for k, v in stats.items()}
         metrics = _finalize_valid(totals)
         finalize = getattr(self.task, "finalize_valid", None)  # derived metrics, e.g. perplexity
         if finalize is not None:
@@ -325,14 +339,11 @@ class Trainer:
                            f"(it reports {', '.join(sorted(metrics))})")
         if name in metrics and (self.best_valid is None or metrics[name] < self.best_valid):
             self.best_valid = metrics[name]
-            if self.final_model == "best" and self.dist.is_main:
-                with atomic_path(self.best_path) as tmp:
-                    torch.save(self._model_file(valid={name: metrics[name]}), tmp)
-        if name in metrics and self.final_model == "average":
+        if name in metrics and self.models_kept:
             self._keep_if_among_best(metrics[name], {name: metrics[name]})
         self.model.train()
 
-    # ------------------------------------------------------------------ N-best averaging
+    # ------------------------------------------------------------------ the best validated models
     def _kept_model_path(self, update: int) -> Path:
         return self.exp_dir / f"model_valid_{update}.pt"
 
@@ -340,7 +351,7 @@ class Trainer:
         """Adds this update's model to the N best (ties: the earlier model stays). A model that
         drops out keeps its file until the next checkpoint, which no longer lists it."""
         others = [entry for entry in self.kept_models if entry[1] != self.num_updates]  # a rerun's revalidation
-        ranked = sorted(others + [(value, self.num_updates)])[:self.average_models]
+        ranked = sorted(others + [(value, self.num_updates)])[:self.models_kept]
         if (value, self.num_updates) not in ranked:
             return
         self.kept_models = ranked
@@ -357,9 +368,6 @@ class Trainer:
     def _averaged_model_file(self) -> Dict:
         """The mean of the kept models' floating-point tensors (accumulated in float64); other
         entries (integer buffers) are the best model's."""
-        if not self.kept_models:
-            raise RuntimeError("trainer.final_model=average, but no validation ever ran: give the task "
-                               "validation data")
         files = [torch.load(self._kept_model_path(update), map_location="cpu", weights_only=False)
                  for _, update in self.kept_models]
         averaged = dict(files[0]["model"])
@@ -374,7 +382,7 @@ class Trainer:
                 "valid": [f["valid"] for f in files]}
 
     def _model_file(self, **extra) -> Dict:
-        """What model_final.pt / model_best.pt hold: the weights, the config, the update count."""
+        """What model_final.pt / model_valid_<update>.pt hold: the weights, the config, the update count."""
         return {"model": self.model.state_dict(), "config": self.cfg, "num_updates": self.num_updates, **extra}
 
     def _log(self, metrics: Dict[str, float], split: str) -> None:

@@ -98,6 +98,17 @@ def test_score_sequences_sums_the_steps_including_eos(lm):
         assert scores[row].item() == pytest.approx(expected, abs=1e-4)
 
 
+def test_prediction_depends_on_the_whole_history_and_nothing_after_it(lm):
+    """Random weights: changing the first token changes the prediction three tokens later (an LM
+    that saw only its last token would pass the step-by-step test above); changing a later token
+    leaves the earlier positions' predictions exactly as they were (no look-ahead)."""
+    original, first_changed, last_changed = [3, 4, 5, 6], [9, 4, 5, 6], [3, 4, 5, 11]
+    full = _full_log_probs(lm, [original, first_changed, last_changed])[:, :, BLANK_ID + 1:]  # blank: −inf
+    assert (full[0, 4] - full[1, 4]).abs().max() > 1e-3
+    torch.testing.assert_close(full[0, :4], full[2, :4], atol=1e-6, rtol=0)
+    assert (full[0, 4] - full[2, 4]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_zero_weights_give_uniform_scores(name):
     """An LM with every weight zero predicts uniformly over the V − 1 non-blank tokens, so a

@@ -441,9 +441,9 @@ def test_load_config_with_bases_and_overrides(tmp_path):
         "name": "run1",
     }
     assert "_base_" not in load_config(sub / "mid.yaml")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'dim' is not a section"):
         load_config(sub / "child.yaml", ["model.dim.x=1"])  # model.dim is not a section
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'no_equals_sign' is not of the form key.sub=value"):
         load_config(sub / "child.yaml", ["no_equals_sign"])
 
 
@@ -502,7 +502,7 @@ def test_tri_stage_schedule():
     assert f(100) == pytest.approx(0.05) and f(1000) == pytest.approx(0.05)
     assert all(f(s) >= f(s + 1) for s in range(50, 100))
     assert build_lr_scale({"name": "constant"}, 10)(7) == 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown scheduler 'cosine'"):
         build_lr_scale({"name": "cosine"}, 10)
 
 

@@ -1,4 +1,5 @@
-"""Pretraining-step throughput, ours vs transformers at identical configurations, on CPU:
+"""Pretraining-step throughput, ours vs transformers at identical configurations, on the CPU
+(or a GPU with --device cuda, optionally under --amp bf16 for both):
 wav2vec 2.0 (our Wav2Vec2Pretrainer vs Wav2Vec2ForPreTraining) and, with --frontend, HuBERT,
 WavLM and w2v-BERT (our pretrainers vs the transformers base models with a linear CE head:
 see bench/ssl_cases.py).
@@ -12,6 +13,7 @@ Iterations alternate ours/theirs in one process so that load from other processe
 
     .venv/bin/python bench/pretrain_throughput.py --config tiny --iters 10
     .venv/bin/python bench/pretrain_throughput.py --frontend all
+    python bench/pretrain_throughput.py --frontend all --config small --device cuda --amp bf16 --batch 16
 """
 
 import argparse
@@ -74,6 +76,7 @@ def to_hf_config(enc: Wav2Vec2EncoderConfig, pre: Wav2Vec2PretrainConfig) -> Wav
 
 
 def make_steps(ours, theirs, hf_cfg, wav, lengths, optimizer: bool):
+    device = wav.device
     num_frames = int(theirs._get_feat_extract_output_lengths(wav.shape[1]))
     opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, theirs)} if optimizer else {}
 
@@ -92,8 +95,8 @@ def make_steps(ours, theirs, hf_cfg, wav, lengths, optimizer: bool):
         mask = _compute_mask_indices(shape, hf_cfg.mask_time_prob, hf_cfg.mask_time_length,
                                      min_masks=hf_cfg.mask_time_min_masks)
         negatives = _sample_negative_indices(shape, hf_cfg.num_negatives, mask)
-        out = theirs(wav, mask_time_indices=torch.from_numpy(mask),
-                     sampled_negative_indices=torch.from_numpy(negatives).long())
+        out = theirs(wav, mask_time_indices=torch.from_numpy(mask).to(device),
+                     sampled_negative_indices=torch.from_numpy(negatives).long().to(device))
         finish(theirs, out.loss)
 
     return step_ours, step_theirs
@@ -110,7 +113,10 @@ def main() -> None:
     parser.add_argument("--optimizer", action="store_true", help="include an AdamW step for both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frontend", choices=["wav2vec2", "hubert", "wavlm", "w2vbert", "all"], default="wav2vec2")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N]")
+    parser.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast both models' steps")
     args = parser.parse_args()
+    args.device = torch.device(args.device)
 
     if args.frontend != "wav2vec2" and args.optimizer:
         parser.error("--optimizer applies to --frontend wav2vec2 only")
@@ -123,7 +129,7 @@ def main() -> None:
         if frontend == "wav2vec2":
             steps = wav2vec2_steps(args)
         else:
-            case = build_case(frontend, args.batch, args.seconds, args.config)
+            case = build_case(frontend, args.batch, args.seconds, args.config, args.device)
             print(f"\n{case.note}")
             print(f"encoder parameters: ours {case.encoder_params_ours:,}  transformers {case.encoder_params_theirs:,}")
             assert case.encoder_params_ours == case.encoder_params_theirs, "architectures do not match"
@@ -136,31 +142,39 @@ def main() -> None:
 def wav2vec2_steps(args):
     enc_cfg, pre_cfg = load_frontend(args.config)
     hf_cfg = to_hf_config(enc_cfg, pre_cfg)
-    ours = Wav2Vec2Pretrainer(enc_cfg, pre_cfg).train()
-    theirs = Wav2Vec2ForPreTraining(hf_cfg).train()
+    ours = Wav2Vec2Pretrainer(enc_cfg, pre_cfg).to(args.device).train()
+    theirs = Wav2Vec2ForPreTraining(hf_cfg).to(args.device).train()
 
     n_ours = sum(p.numel() for p in ours.parameters())
     n_theirs = sum(p.numel() for p in theirs.parameters())
-    print(f"config={args.config} threads={args.threads} batch={args.batch}x{args.seconds:g}s "
+    print(f"config={args.config} device={args.device} amp={args.amp} threads={args.threads} "
+          f"batch={args.batch}x{args.seconds:g}s "
           f"iters={args.iters} warmup={args.warmup} optimizer_step={'yes' if args.optimizer else 'no'} "
           f"attention={theirs.config._attn_implementation} load_avg_1min={os.getloadavg()[0]:.1f}")
     print(f"parameters: ours {n_ours:,}  transformers {n_theirs:,}")
     assert abs(n_ours - n_theirs) <= 0.01 * n_theirs, "configs do not match"
 
     samples = int(args.seconds * 16000)
-    wav = torch.randn(args.batch, samples)
-    lengths = torch.full((args.batch,), samples, dtype=torch.long)
+    wav = torch.randn(args.batch, samples, device=args.device)
+    lengths = torch.full((args.batch,), samples, dtype=torch.long, device=args.device)
     return dict(zip(("ours", "transformers"), make_steps(ours, theirs, hf_cfg, wav, lengths, args.optimizer)))
 
 
 def time_steps(steps, args) -> float:
     """Alternating timed iterations; prints the table and returns the median-time ratio."""
     times = {name: [] for name in steps}
+    cuda = args.device.type == "cuda"
+    autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     for i in range(args.warmup + args.iters):
         order = list(steps) if i % 2 == 0 else list(steps)[::-1]  # alternate who goes first
         for name in order:
+            if cuda:  # a step's time is its kernels' time, not its launches'
+                torch.cuda.synchronize(args.device)
             start = time.perf_counter()
-            steps[name]()
+            with autocast:
+                steps[name]()
+            if cuda:
+                torch.cuda.synchronize(args.device)
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
 

@@ -69,13 +69,14 @@ def _finish(model: nn.Module, loss: torch.Tensor) -> None:
 def _masked_ce_step(base: nn.Module, head: nn.Linear, mask_cfg, forward_kwargs, num_frames: int, batch: int):
     """transformers' side: base model with a span mask drawn in the step, linear CE on masked frames."""
     model = nn.ModuleDict({"base": base, "head": head})
+    device = head.weight.device
 
     def step():
         mask = torch.from_numpy(_compute_mask_indices((batch, num_frames), mask_cfg.time_prob, mask_cfg.time_length,
-                                                      min_masks=mask_cfg.time_min_masks))
+                                                      min_masks=mask_cfg.time_min_masks)).to(device)
         hidden = base(**forward_kwargs, mask_time_indices=mask).last_hidden_state
         logits = head(hidden[mask])
-        targets = torch.randint(head.out_features, (len(logits),))
+        targets = torch.randint(head.out_features, (len(logits),), device=device)
         _finish(model, F.cross_entropy(logits, targets))
     return model, step
 
@@ -112,7 +113,7 @@ def _wav2vec2_style_hf_config(enc, config_class, **extra):
     return config_class(**wav2vec2_encoder_hf_fields(enc), mask_time_prob=0.05, mask_feature_prob=0.0, **extra)
 
 
-def _targeted_case(name: str, batch: int, seconds: float, config: str) -> Case:
+def _targeted_case(name: str, batch: int, seconds: float, config: str, device: torch.device) -> Case:
     """tiny: the minisynth recipe's HuBERT/WavLM; small: SMALL_ENCODER with that objective at
     fairseq hubert_base's final_dim 256."""
     cfg = load_config(ROOT / f"egs/minisynth/conf/frontend_{name}.yaml")
@@ -134,11 +135,13 @@ def _targeted_case(name: str, batch: int, seconds: float, config: str) -> Case:
         base = transformers.WavLMModel(_wav2vec2_style_hf_config(
             enc, transformers.WavLMConfig, num_buckets=rel.num_buckets, max_bucket_distance=rel.max_distance))
     samples = int(seconds * 16000)
-    wav, lengths = torch.randn(batch, samples), torch.full((batch,), samples, dtype=torch.long)
+    wav = torch.randn(batch, samples, device=device)
+    lengths = torch.full((batch,), samples, dtype=torch.long, device=device)
     num_frames = int(base._get_feat_extract_output_lengths(samples))
-    targets = torch.randint(NUM_CLASSES, (batch, num_frames))
-    ours.train()
-    theirs, step_theirs = _masked_ce_step(base.train(), nn.Linear(enc.transformer.dim, NUM_CLASSES), pre.mask,
+    targets = torch.randint(NUM_CLASSES, (batch, num_frames), device=device)
+    ours.to(device).train()
+    theirs, step_theirs = _masked_ce_step(base.to(device).train(),
+                                          nn.Linear(enc.transformer.dim, NUM_CLASSES, device=device), pre.mask,
                                           {"input_values": wav}, num_frames, batch)
 
     def step_ours():
@@ -149,7 +152,7 @@ def _targeted_case(name: str, batch: int, seconds: float, config: str) -> Case:
                      f"transformers = {type(base).__name__} + linear CE")
 
 
-def _w2vbert_case(batch: int, seconds: float, config: str) -> Case:
+def _w2vbert_case(batch: int, seconds: float, config: str, device: torch.device) -> Case:
     """The minisynth preset's width and depth (tiny) or SMALL_CONFORMER (small) in transformers'
     Wav2Vec2Bert layout."""
     cfg = load_config(ROOT / "egs/minisynth/conf/frontend_w2vbert.yaml")
@@ -166,13 +169,14 @@ def _w2vbert_case(batch: int, seconds: float, config: str) -> Case:
     enc = hf_encoder_config(hf_cfg.to_dict())
     objective = {k: v for k, v in cfg["pretrain"].items() if k in W2vBertPretrainConfig.__dataclass_fields__}
     pre = W2vBertPretrainConfig.from_dict(objective)
-    ours = W2vBertPretrainer(enc, pre).train()
-    base = transformers.Wav2Vec2BertModel(hf_cfg).train()
+    ours = W2vBertPretrainer(enc, pre).to(device).train()
+    base = transformers.Wav2Vec2BertModel(hf_cfg).to(device).train()
     frames = int(seconds * 100) // 2 * 2  # 10 ms fbank frames, an even count for the pair stacking
-    fbank, lengths = torch.randn(batch, frames, 80), torch.full((batch,), frames, dtype=torch.long)
+    fbank = torch.randn(batch, frames, 80, device=device)
+    lengths = torch.full((batch,), frames, dtype=torch.long, device=device)
     stacked = fbank.reshape(batch, frames // 2, 160)  # what transformers' feature extractor feeds it
-    theirs, step_theirs = _masked_ce_step(base, nn.Linear(hf_cfg.hidden_size, pre.quantizer_entries), pre.mask,
-                                          {"input_features": stacked}, frames // 2, batch)
+    theirs, step_theirs = _masked_ce_step(base, nn.Linear(hf_cfg.hidden_size, pre.quantizer_entries, device=device),
+                                          pre.mask, {"input_features": stacked}, frames // 2, batch)
 
     def step_ours():
         loss, _ = ours(fbank, lengths)
@@ -183,11 +187,13 @@ def _w2vbert_case(batch: int, seconds: float, config: str) -> Case:
                      "(stacked frames, causal LayerNorm convolution, relative_key positions)")
 
 
-def build_case(name: str, batch: int, seconds: float, config: str = "tiny") -> Case:
+def build_case(name: str, batch: int, seconds: float, config: str = "tiny",
+               device: torch.device = torch.device("cpu")) -> Case:
+    """Both models and their inputs on DEVICE."""
     if config not in CONFIGS:
         raise ValueError(f"config must be one of {CONFIGS}, got {config!r}")
     if name in ("hubert", "wavlm"):
-        return _targeted_case(name, batch, seconds, config)
+        return _targeted_case(name, batch, seconds, config, device)
     if name == "w2vbert":
-        return _w2vbert_case(batch, seconds, config)
+        return _w2vbert_case(batch, seconds, config, device)
     raise ValueError(f"no benchmark case for {name!r}")

@@ -195,7 +195,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.cfg["trainer"].get("seed", 0) * 100003 + self.epoch)
         resumed = DataLoader(loader.dataset, batch_size=None, sampler=SkipBatches(sampler, self.batches_done),
                              num_workers=loader.num_workers, persistent_workers=False, generator=generator)
-        yield from resumed
+        for batch in resumed:
+            yield to_device(batch, self.dist.device)
         while True:
             yield None
 
@@ -324,7 +325,7 @@ class Trainer:
     def _validate(self, loader: DataLoader) -> None:
         self.model.eval()
         with torch.no_grad():
-            stats = self.task.validate(self.model, loader)
+            stats = self.task.validate(self.model, OnDevice(loader, self.dist.device))
         # on the rank's device: NCCL reduces only CUDA tensors
         totals = {k: all_reduce_sum(torch.tensor([v], dtype=torch.float64, device=self.dist.device)).item()
                   for k, v in stats.items()}
@@ -393,6 +394,27 @@ class Trainer:
         for key, value in metrics.items():
             self.writer.add_scalar(f"{split}/{key}", value, self.num_updates)
         self.writer.flush()
+
+
+def to_device(batch, device: torch.device):
+    """The batch with every tensor in it (in dicts, lists, tuples) on DEVICE; the rest as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
+
+
+class OnDevice:
+    """Iterates a loader's batches moved to DEVICE (what a task's validate() reads)."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        return (to_device(batch, self.device) for batch in self.loader)
 
 
 def _finalize_valid(totals: Dict[str, float]) -> Dict[str, float]:

@@ -228,7 +228,10 @@ def runs(corpus, tmp_path_factory) -> Dict:
                                         (_train_cmd(asr_cfg, asr["B"], asr_set), _env(KILL_AT))])
     _ok(a)
     pre["resumed"], asr["killed"] = resumed, _killed_state(asr["B"], killed)
-    asr["resumed"], ddp = _run_parallel([(_train_cmd(asr_cfg, asr["B"], asr_set), _env()), (ddp_cmd, _env())])
+    ddp_env = _env()
+    if torch.cuda.device_count() < 2:  # two ranks need two GPUs; else both on the CPU (gloo)
+        ddp_env["CUDA_VISIBLE_DEVICES"] = ""
+    asr["resumed"], ddp = _run_parallel([(_train_cmd(asr_cfg, asr["B"], asr_set), _env()), (ddp_cmd, ddp_env)])
     return {"root": root, "pretrain": pre, "asr": asr, "ddp": {"exp": ddp_exp, "result": ddp}}
 
 
@@ -490,6 +493,7 @@ def _free_port() -> int:
 
 
 def _ddp_nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU: one GPU cannot hold two ranks
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)

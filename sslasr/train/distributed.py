@@ -29,6 +29,10 @@ def init_distributed() -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank}, but {torch.cuda.device_count()} CUDA device(s) visible: "
+                               "start at most one process per GPU (torchrun --nproc_per_node), or hide the "
+                               "GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:

@@ -91,11 +91,13 @@ def test_pretraining_step_on_the_gpu(frontend, amp):
     model.to(DEVICE).train()
     scaler = torch.amp.GradScaler(DEVICE.type, enabled=amp == "fp16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    # backward inside the autocast block too (the trainer leaves it, users often don't): the
+    # custom autograd Functions must not mix dtypes then
     with torch.autocast(DEVICE.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         loss, stats = model(inputs.to(DEVICE), lengths.to(DEVICE), None if targets is None else targets.to(DEVICE))
-    assert loss.device.type == DEVICE.type and torch.isfinite(loss), stats
-    assert stats["masked_frames"] > 0
-    scaler.scale(loss).backward()
+        assert loss.device.type == DEVICE.type and torch.isfinite(loss), stats
+        assert stats["masked_frames"] > 0
+        scaler.scale(loss).backward()
     scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.0))
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert len(grads) > 0.5 * sum(1 for _ in model.parameters())

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from sslasr.models.blocks import positional
 from sslasr.models.blocks import conformer
 from sslasr.models.blocks import dropout as dropout_module
+from sslasr.models.blocks.conv_extractor import ConvFeatureExtractor
 from sslasr.models.blocks.conformer import ConformerConfig, ConvolutionModule, _shift_offsets
 from sslasr.models.blocks.dropout import Dropout, attention, dropout, keep_mask
 from sslasr.models.blocks.positional import ConvPositionalEmbedding, _fft_length, fft_conv, fft_conv_is_cheaper
@@ -214,3 +215,22 @@ def test_depthwise_convolution_runs_in_float32_under_cpu_autocast(monkeypatch):
     assert out.dtype == torch.bfloat16  # the last pointwise layer still runs in bf16
     error = (out.float() - expected).norm() / expected.norm()
     assert error < 3e-2, error
+
+
+
+@pytest.mark.parametrize("norm, bias", [("group", False), ("group", True), ("layer", True)])
+def test_time_major_feature_extractor_equals_its_modules(norm, bias):
+    """The CPU's time-major matmul path against the Conv1d/GroupNorm/LayerNorm modules themselves
+    (the path taken on a GPU): outputs and every gradient, the waveform's included."""
+    torch.manual_seed(0)
+    extractor = ConvFeatureExtractor([[16, 10, 5], [24, 8, 4], [24, 4, 2], [24, 3, 3]], norm=norm, conv_bias=bias)
+    waveform = torch.randn(2, 3000, requires_grad=True)
+    upstream = torch.randn(2, 24, 24)  # a random gradient from above: (B, C, frames)
+    outputs, gradients = [], []
+    for forward in (extractor, extractor._forward_modules):
+        out = forward(waveform)
+        outputs.append(out)
+        gradients.append(torch.autograd.grad((out * upstream).sum(), [waveform, *extractor.parameters()]))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    for fast, modules in zip(*gradients):
+        torch.testing.assert_close(fast, modules, atol=1e-4, rtol=1e-4)

@@ -53,6 +53,8 @@ import torch
 from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
+from sslasr.utils.amp import backward_without_autocast
+
 # log 0 as a finite number: with −inf, logaddexp(−inf, −inf) has a NaN gradient. Sums of a few
 # thousand of them stay far inside float32's range.
 LOG_ZERO = -1.0e30
@@ -195,6 +197,7 @@ class _LatticeNLL(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @backward_without_autocast
     def backward(ctx, grad):
         blank_s, emit_s, alpha, log_like, frames, target_lengths = ctx.saved_tensors
         inside, end = _lattice_masks(blank_s.shape[1], blank_s.shape[2], frames, target_lengths)
@@ -260,6 +263,7 @@ class _ArcLogProbs(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @backward_without_autocast
     def backward(ctx, grad_blank, grad_emit):
         logits, normaliser, tokens = ctx.saved_tensors
         # d(x_k − logsumexp x)/dx_j = [j = k] − softmax_j: one buffer holds −softmax·(g∅ + g_y) + one-hots

@@ -155,7 +155,8 @@ class Trainer:
     def maybe_resume(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.dist.device, weights_only=False)
+        # on the CPU: the RNG states must stay there; load_state_dict moves the rest to the model's device
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -289,8 +290,9 @@ class Trainer:
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1 or not self.dist.is_distributed
             context = self.wrapped.no_sync() if not sync else _null_context()
-            with context, self._autocast():
-                loss, stats, weight = self.task.forward(self.wrapped, batch)
+            with context:
+                with self._autocast():  # the forward only: backward runs in the forward's dtypes
+                    loss, stats, weight = self.task.forward(self.wrapped, batch)
                 finite &= bool(torch.isfinite(loss.detach()))
                 self.scaler.scale(loss / len(micro)).backward()
             interval.add(stats, weight)

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from sslasr.utils.amp import backward_without_autocast
+
 
 class ConvFeatureExtractor(nn.Module):
     """Conv1d → norm → GELU blocks.
@@ -51,6 +53,8 @@ class ConvFeatureExtractor(nn.Module):
         each layer computes only the frames the next one reads, rounded to its blocks of s
         frames (`_frames_read`); GroupNorm's statistics still cover every frame of its layer.
         """
+        if waveform.device.type != "cpu":  # cuDNN's convolutions beat these matmuls on a GPU
+            return self._forward_modules(waveform)
         frames = self._frames_read(waveform.shape[-1])
         x = waveform.unsqueeze(-1)  # (B, samples, 1)
         for i, layer in enumerate(self.layers):
@@ -69,6 +73,18 @@ class ConvFeatureExtractor(nn.Module):
                 x = F.layer_norm(x, x.shape[-1:], layer[1].weight, layer[1].bias, layer[1].eps)
             x = F.gelu(x)
         return x.transpose(1, 2)
+
+    def _forward_modules(self, waveform: torch.Tensor) -> torch.Tensor:
+        """The same maths channel-major, by the modules themselves (LayerNorm over channels)."""
+        x = waveform.unsqueeze(1)  # (B, 1, samples)
+        for conv, *rest in self.layers:
+            x = conv(x)
+            if self.norm == "layer":
+                x = rest[0](x.transpose(1, 2)).transpose(1, 2)
+            elif len(rest) == 2:
+                x = rest[0](x)
+            x = rest[-1](x)
+        return x
 
     def _frames_read(self, samples: int) -> List[int]:
         """Per layer, how many of its output frames the rest of the stack reads (all of them for
@@ -157,6 +173,7 @@ class _ShiftedBlockMatmul(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @backward_without_autocast
     def backward(ctx, grad):
         xb, w = ctx.saved_tensors
         batch, blocks, dim = xb.shape
@@ -241,6 +258,7 @@ class _FirstConvGroupNormGELU(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @backward_without_autocast
     def backward(ctx, grad):
         used, pre, w, gamma, rstd, mean_frame, cov = ctx.saved_tensors
         if ctx.needs_input_grad[0]:
@@ -267,6 +285,7 @@ class GradMultiply(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad: torch.Tensor):
         return grad * ctx.scale, None
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sslasr.models.blocks.dropout import dropout as dropout_fn
+from sslasr.utils.amp import backward_without_autocast
 
 
 def relative_position_bucket(relative: torch.Tensor, num_buckets: int = 320, max_distance: int = 800) -> torch.Tensor:
@@ -75,6 +76,7 @@ class _GatedBias(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @backward_without_autocast
     def backward(ctx, grad: torch.Tensor):
         scale, bias = ctx.saved_tensors
         batch, heads, time, _ = scale.shape

@@ -157,6 +157,28 @@ def test_cli_carves_dev_by_speaker_then_labeled_subset(prepared, tmp_path):
     assert sum(c.duration for c in labeled) >= 3
 
 
+def test_conflicting_transcripts_drop_the_utterance_and_identical_repeats_are_read_once(tmp_path, caplog):
+    split = tmp_path / "c" / "train"
+    (split / "audio").mkdir(parents=True)
+    for i, utt in enumerate("abcd"):
+        sf.write(split / "audio" / f"{utt}.flac", _tone(1.0, freq=200 + 50 * i), SR)
+    (split / "wav.scp").write_text("".join(f"{u} audio/{u}.flac\n" for u in "abcd"))
+    (split / "text").write_text("a HELLO\nb ONE TWO\na WORLD\nb ONE  TWO\nc THREE\nc THREE\nc FOUR\n"
+                                "d GOOD\nx NO\nx AUDIO\n")
+    caplog.set_level(logging.INFO)
+    report = prepare_split(split, "dup", "train", tmp_path / "out", num_jobs=1)
+    cuts = {c.id: c.supervisions[0].text for c in CutSet.from_file(tmp_path / "out" / "dup_cuts_train.jsonl.gz")}
+    assert cuts == {"b": "ONE TWO", "d": "GOOD"}  # no later line overwrites an earlier one
+    assert report["dropped_per_reason"] == {"conflicting_text": 2, "text_without_audio": 1}
+    assert (report["total"], report["kept"], report["dropped"], report["repeated_text_lines"]) == (5, 2, 3, 2)
+    rows = [line.split("\t") for line in (tmp_path / "out" / "dup_train_dropped.tsv").read_text().splitlines()[1:]]
+    assert rows == [["a", "conflicting_text", "2 different transcripts in text: 'HELLO' vs 'WORLD'"],
+                    ["c", "conflicting_text", "2 different transcripts in text: 'THREE' vs 'FOUR'"],
+                    ["x", "text_without_audio", "in text, not in wav.scp"]]
+    assert "dup/train: dropped 2 utterance(s): conflicting_text" in caplog.text
+    assert "dup/train: 2 identical repeated line(s) in text, each read once" in caplog.text
+
+
 # ------------------------------------------------------------------ subsets
 def _dummy_cuts(n: int, path: Path = None):
     """Cuts with varied durations and 6 speakers; audio is never read."""

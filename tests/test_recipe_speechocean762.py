@@ -4,6 +4,7 @@ their validation counts, the letter tokenizer, the labeled subsets; plus stage 0
 the OpenSLR release layout and of broken corpus folders (synthetic audio)."""
 
 import json
+import logging
 import os
 import shutil
 from collections import Counter
@@ -165,6 +166,22 @@ def test_release_layout_keeps_its_own_test_split(tmp_path: Path):
     assert summary["options"]["test_speakers"] is None  # nothing carved for test
     wav = _table(tmp_path / "kaldi/train/wav.scp")
     assert all(p.startswith(str(root / "WAVE")) and Path(p).is_file() for p in wav.values())
+
+
+def test_conflicting_transcripts_are_dropped_and_listed_identical_repeats_read_once(tmp_path: Path, caplog):
+    root = _release(tmp_path / "speechocean762", with_test=False)
+    with open(root / "train/text", "a") as text:  # 0001: a second, different transcript; 0003: a repeat
+        text.write("000100000\tHELLO\n000300001\tWE CALL IT  BEAR\n")
+    caplog.set_level(logging.INFO)
+    summary = prepare(root, tmp_path / "kaldi", dev_speakers=1, test_speakers=1)
+    assert summary["dropped"] == {"train": [{"utt_id": "000100000", "reason": "conflicting_text",
+                                             "detail": "2 different transcripts in text: 'WE CALL IT BEAR' vs 'HELLO'"}]}
+    assert json.loads((tmp_path / "kaldi/splits.json").read_text())["dropped"] == summary["dropped"]
+    written = {u: t for split in ("train", "dev", "test") for u, t in _table(tmp_path / "kaldi" / split / "text").items()}
+    assert sorted(written) == ["000100001", "000300000", "000300001", "000500000", "000500001", "000700000", "000700001"]
+    assert written["000300001"].strip() == "WE CALL IT BEAR"
+    assert "dropped 1 utterance(s): conflicting_text" in caplog.text
+    assert "1 identical repeated line(s), each read once" in caplog.text
 
 
 def test_carve_is_seeded_and_stale_splits_are_removed(tmp_path: Path):

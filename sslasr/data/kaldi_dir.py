@@ -8,7 +8,8 @@ names the corpus audio by absolute path: the audio itself is never copied.
 
 Checks here are structural (files present, ids consistent, audio paths pointing somewhere).
 Per-utterance problems -- an unreadable file, an empty transcript -- are stage 1's to drop
-and count (``sslasr.data.manifests``).
+and count (``sslasr.data.manifests``); the one exception is an id whose ``text`` lines disagree:
+only one transcript can be written, so it is dropped here (logged, and listed to the caller).
 """
 
 import logging
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from sslasr.data.manifests import held_out_speakers, read_table
+from sslasr.data.manifests import (
+    Dropped, Transcripts, conflicting_text, held_out_speakers, read_table, read_transcripts,
+)
 from sslasr.utils.io import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -44,8 +47,13 @@ def _table(path: Path) -> Dict[str, str]:
     return dict(rows)
 
 
-def read_split(split_dir: Path, *, need_text: bool, need_speakers: bool, root: Optional[Path] = None) -> List[Utterance]:
+def read_split(split_dir: Path, *, need_text: bool, need_speakers: bool, root: Optional[Path] = None,
+               dropped: Optional[List[Dropped]] = None) -> List[Utterance]:
     """The utterances of one split folder, in wav.scp order.
+
+    An utterance whose ``text`` lines give different transcripts is left out, logged, and
+    appended to `dropped` (when given) with reason ``conflicting_text``; identical repeated
+    lines are read once.
 
     Audio paths are read relative to `root` (default: the split folder itself). Raises
     LayoutError when a required file is missing, when an utterance lacks the speaker that a
@@ -62,19 +70,44 @@ def read_split(split_dir: Path, *, need_text: bool, need_speakers: bool, root: O
     pipes = [u for u, entry in wav.items() if entry.endswith("|") or not entry]
     if pipes:
         raise LayoutError(f"{split_dir}/wav.scp: {len(pipes)} entries are not file paths, e.g. {pipes[:3]}")
-    text = _optional_table(split_dir / "text", need_text)
+    transcripts = _optional_transcripts(split_dir / "text", need_text)
+    text = transcripts.text if transcripts is not None else None
+    conflicting = transcripts.conflicting if transcripts is not None else {}
     speakers = _optional_table(split_dir / "utt2spk", need_speakers)
-    if text is not None and not set(text) & set(wav):
+    if text is not None and not (set(text) | set(conflicting)) & set(wav):
         raise LayoutError(f"{split_dir}: no utterance id of text is in wav.scp")
     if need_speakers:
         unknown = [u for u in wav if u not in speakers]
         if unknown:
             raise LayoutError(f"{split_dir}/utt2spk: {len(unknown)} utterance(s) of wav.scp have no speaker, "
                               f"e.g. {unknown[:3]} (a by-speaker split needs every one)")
+    skipped = _drop_conflicting(split_dir, wav, conflicting)
+    if dropped is not None:
+        dropped.extend(skipped)
     utterances = [Utterance(u, os.path.abspath(os.path.join(root, entry)), (text or {}).get(u),
-                            (speakers or {}).get(u)) for u, entry in wav.items()]
+                            (speakers or {}).get(u)) for u, entry in wav.items() if u not in conflicting]
     _check_audio_paths(split_dir, root, utterances)
     return utterances
+
+
+def _optional_transcripts(path: Path, required: bool) -> Optional[Transcripts]:
+    if path.is_file():
+        transcripts = read_transcripts(path)
+        if transcripts.repeated_lines:
+            log.warning("%s: %d identical repeated line(s), each read once", path, transcripts.repeated_lines)
+        return transcripts
+    if required:
+        raise LayoutError(f"{path} is missing")
+    return None
+
+
+def _drop_conflicting(split_dir: Path, wav: Dict[str, str], conflicting: Dict[str, List[str]]) -> List[Dropped]:
+    """The wav.scp utterances whose text lines disagree, as drops; logged with their count."""
+    skipped = [conflicting_text(u, conflicting[u]) for u in wav if u in conflicting]
+    if skipped:
+        log.warning("%s/text: dropped %d utterance(s): conflicting_text (different transcripts on several "
+                    "lines), e.g. %s", split_dir, len(skipped), [d.utt_id for d in skipped[:3]])
+    return skipped
 
 
 def _optional_table(path: Path, required: bool) -> Optional[Dict[str, str]]:

@@ -43,6 +43,7 @@ class KaldiSplit:
     text: Optional[Dict[str, str]]
     speakers: Dict[str, str]
     dropped: List[Dropped] = field(default_factory=list)
+    repeated_text_lines: int = 0  # identical repeats of a text line, read once
 
 
 @dataclass
@@ -69,6 +70,37 @@ def read_table(path: Path) -> List[Tuple[str, str]]:
     return rows
 
 
+@dataclass
+class Transcripts:
+    """A Kaldi ``text`` file, one entry per utterance id (whitespace-normalised transcripts)."""
+
+    text: Dict[str, str]  # ids whose lines all agree: identical repeats are read once
+    conflicting: Dict[str, List[str]]  # ids whose lines disagree: their distinct transcripts
+    repeated_lines: int  # identical repeats folded into `text`
+
+
+def read_transcripts(path: Path) -> Transcripts:
+    """An id on several lines keeps its transcript when the lines agree; when they disagree no
+    line can be trusted over another, so the id goes to `conflicting` for the caller to drop."""
+    variants: Dict[str, List[str]] = {}
+    repeated = 0
+    for utt_id, words in read_table(path):
+        words = " ".join(words.split())
+        seen = variants.setdefault(utt_id, [])
+        if words in seen:
+            repeated += 1
+        else:
+            seen.append(words)
+    return Transcripts(text={u: v[0] for u, v in variants.items() if len(v) == 1},
+                       conflicting={u: v for u, v in variants.items() if len(v) > 1},
+                       repeated_lines=repeated)
+
+
+def conflicting_text(utt_id: str, transcripts: Sequence[str]) -> Dropped:
+    shown = " vs ".join(repr(t) for t in transcripts)
+    return Dropped(utt_id, "conflicting_text", f"{len(transcripts)} different transcripts in text: {shown}")
+
+
 def read_kaldi_split(split_dir: Path, max_utts: Optional[int] = None) -> KaldiSplit:
     """Parse wav.scp/text/utt2spk; text-level problems are recorded as dropped utterances.
 
@@ -90,16 +122,21 @@ def read_kaldi_split(split_dir: Path, max_utts: Optional[int] = None) -> KaldiSp
         wav = dict(list(wav.items())[:max_utts])
         dropped = [d for d in dropped if d.utt_id in wav]
 
-    text = None
+    text, repeated = None, 0
     if (split_dir / "text").exists():
-        text = {}
-        for utt_id, words in read_table(split_dir / "text"):
-            if utt_id in wav:
-                text[utt_id] = " ".join(words.split())
-            elif max_utts is None:
-                dropped.append(Dropped(utt_id, "text_without_audio", "in text, not in wav.scp"))
+        transcripts = read_transcripts(split_dir / "text")
+        listed = set(wav)  # before conflicting ids leave wav
+        text = {u: words for u, words in transcripts.text.items() if u in listed}
+        for utt_id, variants in transcripts.conflicting.items():
+            if utt_id in listed:  # dropped here, so it is not counted again as missing_text
+                del wav[utt_id]
+                dropped.append(conflicting_text(utt_id, variants))
+        if max_utts is None:
+            dropped.extend(Dropped(u, "text_without_audio", "in text, not in wav.scp")
+                           for u in [*transcripts.text, *transcripts.conflicting] if u not in listed)
+        repeated = transcripts.repeated_lines
     speakers = dict(read_table(split_dir / "utt2spk")) if (split_dir / "utt2spk").exists() else {}
-    return KaldiSplit(wav=wav, text=text, speakers=speakers, dropped=dropped)
+    return KaldiSplit(wav=wav, text=text, speakers=speakers, dropped=dropped, repeated_text_lines=repeated)
 
 
 def _text_problem(utt_id: str, text: Optional[Dict[str, str]]) -> Optional[Dropped]:
@@ -191,7 +228,7 @@ def _write_dropped(dropped: List[Dropped], path: Path) -> None:
 
 
 def _report(split: str, total: int, cuts: List[MonoCut], dropped: List[Dropped], probes: List[AudioProbe],
-            sample_rate: int) -> Dict:
+            sample_rate: int, repeated_text_lines: int) -> Dict:
     kept_ids = {c.id for c in cuts}
     kept_probes = [p for p in probes if p.utt_id in kept_ids]
     return {
@@ -203,6 +240,7 @@ def _report(split: str, total: int, cuts: List[MonoCut], dropped: List[Dropped],
         "kept_duration_s": round(sum(c.duration for c in cuts), 3),
         "resampled": sum(p.sampling_rate != sample_rate for p in kept_probes),
         "multichannel_kept_channel0": sum(p.num_channels > 1 for p in kept_probes),
+        "repeated_text_lines": repeated_text_lines,
         "sample_rate": sample_rate,
     }
 
@@ -212,6 +250,9 @@ def _log_report(corpus: str, report: Dict) -> None:
              report["total"], report["kept_duration_s"] / 60)
     for reason, count in report["dropped_per_reason"].items():
         log.warning("%s/%s: dropped %d utterance(s): %s", corpus, report["split"], count, reason)
+    if report["repeated_text_lines"]:
+        log.warning("%s/%s: %d identical repeated line(s) in text, each read once", corpus, report["split"],
+                    report["repeated_text_lines"])
     if report["resampled"]:
         log.info("%s/%s: %d utterance(s) resampled on the fly to %d Hz", corpus, report["split"],
                  report["resampled"], report["sample_rate"])
@@ -258,7 +299,7 @@ def prepare_split(split_dir: Path, corpus: str, split: str, out_dir: Path, *, sa
         cuts.append(make_cut(probe, text, parsed.speakers.get(probe.utt_id), sample_rate))
 
     total = len({d.utt_id for d in dropped} | {c.id for c in cuts})
-    report = _report(split, total, cuts, dropped, probes, sample_rate)
+    report = _report(split, total, cuts, dropped, probes, sample_rate, parsed.repeated_text_lines)
     _write_dropped(dropped, out_dir / f"{corpus}_{split}_dropped.tsv")
     write_text_atomic(out_dir / f"{corpus}_{split}_validation.json", json.dumps(report, indent=2) + "\n")
     _log_report(corpus, report)

@@ -21,12 +21,14 @@ import json
 import logging
 import shutil
 import tarfile
+from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from lhotse.utils import resumable_download, safe_extract
 
 from sslasr.data.kaldi_dir import LayoutError, Utterance, carve_by_speaker, read_split, speakers_of, write_split
+from sslasr.data.manifests import Dropped
 from sslasr.utils.io import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -72,29 +74,33 @@ def is_release_layout(corpus_dir: Path) -> bool:
     return (Path(corpus_dir) / "WAVE").is_dir()
 
 
-def read_corpus(corpus_dir: Path) -> Dict[str, List[Utterance]]:
-    """train (transcribed, with speakers), and unlabeled / test where the corpus has them."""
+def read_corpus(corpus_dir: Path) -> Tuple[Dict[str, List[Utterance]], Dict[str, List[Dropped]]]:
+    """train (transcribed, with speakers), and unlabeled / test where the corpus has them; and
+    per split the utterances left out (conflicting transcripts)."""
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():
         raise LayoutError(f"--corpus-dir {corpus_dir} is not a folder")
     root = corpus_dir if is_release_layout(corpus_dir) else None  # None: relative to each split folder
     if root is not None:
         log.info("%s: the OpenSLR release layout (wav.scp paths relative to the corpus root)", corpus_dir)
+    dropped: Dict[str, List[Dropped]] = {name: [] for name in ("train", "unlabeled", "test")}
     splits = {"train": read_split(corpus_dir / "train", need_text=True, need_speakers=True,
-                                  root=root or corpus_dir / "train")}
+                                  root=root or corpus_dir / "train", dropped=dropped["train"])}
     for name, need_text in (("unlabeled", False), ("test", True)):
         split_dir = corpus_dir / name
         if split_dir.is_dir():
-            splits[name] = read_split(split_dir, need_text=need_text, need_speakers=False, root=root or split_dir)
-    return splits
+            splits[name] = read_split(split_dir, need_text=need_text, need_speakers=False, root=root or split_dir,
+                                      dropped=dropped[name])
+    return splits, dropped
 
 
 def prepare(corpus_dir: Path, out_dir: Path, *, dev_speakers: int = 10, test_speakers: int = 20, seed: int = 0,
             max_utts: Optional[int] = None) -> Dict[str, Dict]:
     """Write out_dir/{train,dev,test[,unlabeled]}; returns per split its utterance and speaker
-    counts (also written to out_dir/splits.json). `max_utts` keeps the first N utterances of
-    each input split (quick runs) before the speakers are drawn."""
-    splits = read_corpus(corpus_dir)
+    counts (also written to out_dir/splits.json, with the utterances dropped per input split).
+    `max_utts` keeps the first N utterances of each input split (quick runs) before the speakers
+    are drawn."""
+    splits, dropped = read_corpus(corpus_dir)
     if max_utts is not None:
         splits = {name: utts[:max_utts] for name, utts in splits.items()}
     sizes = {"dev": dev_speakers}
@@ -114,6 +120,7 @@ def prepare(corpus_dir: Path, out_dir: Path, *, dev_speakers: int = 10, test_spe
         write_split(out_dir / name, utts)
         summary[name] = {"utterances": len(utts), "speakers": speakers_of(utts)}
         log.info("%s: %d utterances, %d speakers", name, len(utts), len(summary[name]["speakers"]))
+    summary["dropped"] = {name: [asdict(d) for d in drops] for name, drops in dropped.items() if drops}
     summary["options"] = {"corpus_dir": str(Path(corpus_dir).resolve()), "dev_speakers": dev_speakers,
                           "test_speakers": test_speakers if "test" in sizes else None, "seed": seed,
                           "max_utts": max_utts}

@@ -13,6 +13,7 @@ from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
 from lhotse.audio import AudioSource
 
 from sslasr.bin import compute_fbank as compute_fbank_cli
+from sslasr.bin import cuts as cuts_cli
 from sslasr.bin import prepare_manifests as prepare_cli
 from sslasr.data.loader import load_cuts, make_dataloader, normalize_waveforms
 from sslasr.data.manifests import (
@@ -206,6 +207,24 @@ def test_subset_by_duration_total_and_determinism():
     assert [c.id for c in subset] == [c.id for c in subset_by_duration(cuts, 20.0, seed=3)]
     assert [c.id for c in subset] != [c.id for c in subset_by_duration(cuts, 20.0, seed=4)]
     assert len(subset_by_duration(cuts, 1e6, seed=0)) == 50
+
+
+def test_combine_concatenates_and_refuses_repeated_cut_ids(tmp_path):
+    a, b, out = tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz", tmp_path / "out.jsonl.gz"
+    _dummy_cuts(3, a)  # r000 r001 r002
+    write_cuts(_dummy_cuts(2).modify_ids(lambda cut_id: f"b{cut_id}"), b)
+    cuts_cli.main(["combine", "--out", str(out), str(a), str(b)])
+    assert [c.id for c in load_cuts(out)] == ["r000", "r001", "r002", "br000", "br001"]
+
+    _dummy_cuts(2, b)  # r000 r001 again
+    out.unlink()
+    with pytest.raises(SystemExit) as error:
+        cuts_cli.main(["combine", "--out", str(out), str(a), str(b)])
+    assert str(error.value) == (f"combine: 2 cut id(s) occur more than once in the inputs, e.g. "
+                                f"r000 (in {a}, {b}); r001 (in {a}, {b})")
+    assert not out.exists()
+    with pytest.raises(SystemExit, match=r"combine: 3 cut id\(s\) occur more than once"):
+        cuts_cli.main(["combine", "--out", str(out), str(a), str(a)])  # the same manifest twice
 
 
 def test_speed_perturbed_copies_resample_audio_and_rescale_supervisions(prepared):

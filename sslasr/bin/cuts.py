@@ -9,6 +9,8 @@
 
 import argparse
 import logging
+from collections import defaultdict
+from typing import Sequence
 
 from lhotse import CutSet
 
@@ -42,7 +44,7 @@ def main(argv=None) -> None:
     setup_logging()
 
     if args.command == "combine":
-        cuts = CutSet.from_cuts(cut for path in args.inputs for cut in load_cuts(path))
+        cuts = combined_cuts(args.inputs)
         write_cuts(cuts, args.out)
         logging.info("combined %d manifests into %s (%d cuts)", len(args.inputs), args.out, len(cuts))
     elif args.command == "subset":
@@ -53,6 +55,21 @@ def main(argv=None) -> None:
         write_cuts(perturb_speed(args), args.out)
     else:
         print(round(sum(cut.duration for cut in load_cuts(args.cuts)), 2))
+
+
+def combined_cuts(inputs: Sequence[str]) -> CutSet:
+    """The cuts of every input, in order. Repeated ids are refused: a combined manifest would
+    train on those cuts twice and anything that looks cuts up by id would see only one."""
+    cuts, sources = [], defaultdict(list)  # sources: cut id -> the inputs that hold it
+    for path in inputs:
+        for cut in load_cuts(path):
+            cuts.append(cut)
+            sources[cut.id].append(str(path))
+    repeated = {cut_id: paths for cut_id, paths in sources.items() if len(paths) > 1}
+    if repeated:
+        examples = "; ".join(f"{cut_id} (in {', '.join(paths)})" for cut_id, paths in list(repeated.items())[:5])
+        raise SystemExit(f"combine: {len(repeated)} cut id(s) occur more than once in the inputs, e.g. {examples}")
+    return CutSet.from_cuts(cuts)
 
 
 def perturb_speed(args) -> CutSet:

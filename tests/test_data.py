@@ -332,6 +332,37 @@ def test_fbank_features_and_batch(prepared, tmp_path):
                                   max_duration=1000, shuffle=False)))
 
 
+def test_fbank_storage_is_named_after_the_whole_manifest_name():
+    storage = compute_fbank_cli.storage_for
+    names = ["so762_cuts_train_10m_fbank_sp0.9-1.1.jsonl.gz", "so762_cuts_train_10m_fbank_sp0.95-1.05.jsonl.gz",
+             "so762_cuts_train_10m_fbank_sp0.9-1.2.jsonl.gz", "so762_cuts_train_10m_fbank.jsonl.gz"]
+    paths = [storage("data/fbank", f"data/manifests/{name}") for name in names]
+    assert paths == [Path("data/fbank/so762_cuts_train_10m_fbank_sp0.9-1.1"),
+                     Path("data/fbank/so762_cuts_train_10m_fbank_sp0.95-1.05"),
+                     Path("data/fbank/so762_cuts_train_10m_fbank_sp0.9-1.2"),
+                     Path("data/fbank/so762_cuts_train_10m_fbank")]
+    assert storage("data/fbank", Path("elsewhere") / names[0]) == paths[0]  # the folder does not matter
+    with pytest.raises(ValueError, match="needs a name"):
+        storage("data/fbank", "data/manifests/.jsonl.gz")
+
+
+def test_speed_perturbed_fbank_manifests_keep_their_own_features(prepared, tmp_path):
+    fbank = tmp_path / "toy_cuts_train_fbank.jsonl.gz"
+    compute_fbank_cli.main(["--cuts", str(prepared[1] / "toy_cuts_train.jsonl.gz"), "--out-cuts", str(fbank),
+                            "--storage", str(tmp_path / "feats"), "--num-jobs", "1"])
+    outputs = {}
+    for factors in (["0.9", "1.1"], ["0.95", "1.05"]):  # the second run must not overwrite the first's archive
+        outputs[factors[0]] = tmp_path / f"toy_cuts_train_fbank_sp{'-'.join(factors)}.jsonl.gz"
+        cuts_cli.main(["perturb-speed", "--cuts", str(fbank), "--factors", *factors, "--fbank-storage",
+                       str(tmp_path / "feats"), "--num-jobs", "1", "--out", str(outputs[factors[0]])])
+    archives = {key: {c.features.storage_path for c in load_cuts(path) if "_sp" in c.id}
+                for key, path in outputs.items()}
+    assert archives == {"0.9": {str(tmp_path / "feats/toy_cuts_train_fbank_sp0.9-1.1.lca")},
+                        "0.95": {str(tmp_path / "feats/toy_cuts_train_fbank_sp0.95-1.05.lca")}}
+    for cut in load_cuts(outputs["0.9"]):
+        assert cut.load_features().shape == (cut.num_frames, 80)
+
+
 # ------------------------------------------------------------------ sampler
 def _ids(batches):
     return [[c.id for c in b] for b in batches]

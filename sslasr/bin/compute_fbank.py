@@ -19,8 +19,13 @@ log = logging.getLogger(__name__)
 
 
 def storage_for(storage_dir, out_cuts_path) -> Path:
-    """Where the features of the manifest out_cuts_path go: storage_dir/<its name>."""
-    return Path(storage_dir) / Path(out_cuts_path).name.split(".")[0]
+    """Where the features of the manifest out_cuts_path go: storage_dir/<its file name without
+    .jsonl.gz>. The whole name, dots included: cutting at the first dot sent e.g.
+    cuts_train_sp0.9-1.1 and cuts_train_sp0.95-1.05 to one archive, each overwriting the other."""
+    name = Path(out_cuts_path).name.removesuffix(".jsonl.gz")
+    if not name:
+        raise ValueError(f"{out_cuts_path}: a manifest needs a name before .jsonl.gz")
+    return Path(storage_dir) / name
 
 
 def compute_fbank(cuts_path, out_cuts_path, storage_dir, num_mel_bins: int = 80, num_jobs: int = 2):

@@ -415,16 +415,46 @@ def test_sampler_resumes_exactly(tmp_path):
     assert _ids(other_epoch) != full
 
 
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_ddp_ranks_get_disjoint_shards(tmp_path, shuffle):
+def _rank_ids(path, world_size, **kw):
+    """The cut ids each rank sees in epoch 1, in order."""
+    ranks = []
+    for rank in range(world_size):
+        sampler = _sampler(path, world_size=world_size, rank=rank, drop_last=False, **kw)
+        sampler.set_epoch(1)
+        ranks.append([cid for batch in _ids(sampler) for cid in batch])
+    return ranks
+
+
+# lhotse's own split gave (7 cuts, 2 ranks) one and (10 cuts, 3 ranks) two `_dup` copies
+@pytest.mark.parametrize("world_size, num_cuts", [(2, 7), (3, 10), (3, 7)])
+@pytest.mark.parametrize("max_duration", [3.0, 8.0])
+def test_ddp_evaluation_ranks_split_the_cuts_without_duplicates(tmp_path, world_size, num_cuts, max_duration):
+    path = tmp_path / "cuts.jsonl.gz"
+    all_ids = [c.id for c in _dummy_cuts(num_cuts, path)]
+    ranks = _rank_ids(path, world_size, shuffle=False, max_duration=max_duration)
+    # rank r: the cuts at indices r, r + W, ... in manifest order, however they fall into batches
+    assert ranks == [all_ids[rank::world_size] for rank in range(world_size)]
+    assert sorted(cid for rank_ids in ranks for cid in rank_ids) == sorted(all_ids)  # each cut exactly once
+    assert not any("_dup" in cid for rank_ids in ranks for cid in rank_ids)
+
+
+def test_ddp_evaluation_on_one_rank_is_the_manifest_in_order(tmp_path):
+    path = tmp_path / "cuts.jsonl.gz"
+    all_ids = [c.id for c in _dummy_cuts(7, path)]
+    assert _rank_ids(path, 1, shuffle=False, max_duration=3.0) == [all_ids]
+    with pytest.raises(ValueError, match="rank 2 is not one of the 2 ranks"):
+        _sampler(path, shuffle=False, world_size=2, rank=2)
+
+
+def test_ddp_training_ranks_get_disjoint_shards(tmp_path):
     path = tmp_path / "cuts.jsonl.gz"
     all_ids = {c.id for c in _dummy_cuts(61, path)}
     shards = []
     for rank in (0, 1):
-        sampler = _sampler(path, shuffle=shuffle, world_size=2, rank=rank, drop_last=False)
+        sampler = _sampler(path, shuffle=True, world_size=2, rank=rank, drop_last=False)
         sampler.set_epoch(1)
         shards.append(_ids(sampler))
-    assert len(shards[0]) == len(shards[1])  # equal steps per rank, so no rank waits forever
+    assert len(shards[0]) == len(shards[1])  # equal steps per rank, so no rank waits forever in DDP's sync
     ids = [[cid for batch in shard for cid in batch] for shard in shards]
     # lhotse gives every rank a batch at the very end by duplicating (and marking) a few cuts.
     originals = [{cid for cid in rank_ids if "_dup" not in cid} for rank_ids in ids]

@@ -9,7 +9,7 @@ the number of batches the trainer actually consumed (what ``sslasr.train.trainer
 
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from lhotse import CutSet, load_manifest_lazy
 from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
 from lhotse.dataset.collation import collate_features
 from lhotse.dataset.signal_transforms import SpecAugment
+from lhotse.lazy import LazySlicer
 from torch.utils.data import DataLoader, Dataset
 
 from sslasr.data.mixing import UtteranceMixer, build_mixer, mixing_stats
@@ -163,13 +164,33 @@ class SpeechDataset(Dataset):
 def make_sampler(cuts: CutSet, *, max_duration: float, shuffle: bool, seed: int = 0, num_buckets: int = 10,
                  drop_last: bool = False, world_size: Optional[int] = None, rank: Optional[int] = None,
                  max_cuts: Optional[int] = None):
-    """Training: bucketed + shuffled. Evaluation (shuffle=False): manifest order, every cut kept."""
+    """Training: bucketed + shuffled. Evaluation (shuffle=False): manifest order, every cut kept --
+    over DDP ranks every cut exactly once: rank r of W takes the cuts at indices i % W == r.
+
+    lhotse's own rank split pads the ranks to equal batch counts with copies of cuts (ids ending
+    in ``_dup``): training needs the equal counts (DDP's gradient sync), but a validation summed
+    over ranks would count those cuts twice. Evaluation needs no lockstep (the trainer validates
+    the unwrapped model), so the ranks' shares may differ by a batch."""
     if shuffle:
         return DynamicBucketingSampler(cuts, max_duration=max_duration, max_cuts=max_cuts, shuffle=True,
                                        seed=seed, num_buckets=num_buckets, drop_last=drop_last,
                                        world_size=world_size, rank=rank)
-    return SimpleCutSampler(cuts, max_duration=max_duration, max_cuts=max_cuts, shuffle=False,
-                            drop_last=drop_last, world_size=world_size, rank=rank, seed=seed)
+    world_size, rank = _ddp_position(world_size, rank)
+    share = cuts if world_size == 1 else CutSet(LazySlicer(cuts, k=rank, n=world_size))
+    return SimpleCutSampler(share, max_duration=max_duration, max_cuts=max_cuts, shuffle=False,
+                            drop_last=drop_last, world_size=1, rank=0, seed=seed)
+
+
+def _ddp_position(world_size: Optional[int], rank: Optional[int]) -> Tuple[int, int]:
+    """(world_size, rank), each taken from torch.distributed where not given (as lhotse does)."""
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if initialized else 1
+    if rank is None:
+        rank = torch.distributed.get_rank() if initialized else 0
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not one of the {world_size} ranks")
+    return world_size, rank
 
 
 def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuffle: bool, seed: int = 0,
@@ -183,7 +204,8 @@ def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuff
     Call ``loader.sampler.set_epoch(epoch)`` before each epoch so shuffling differs per epoch.
     Caution: with shuffle=True, lhotse's ``drop_last`` drops the incomplete batch of *every*
     bucket, which on a 10-minute labeled set can drop most (or all) cuts; with drop_last=False
-    DDP ranks still get equal batch counts (lhotse redistributes, duplicating at most a few cuts).
+    DDP training ranks still get equal batch counts (lhotse redistributes, duplicating at most a
+    few cuts). Evaluation ranks split the cuts without copies (see make_sampler).
     """
     sampler = make_sampler(cuts, max_duration=max_duration, shuffle=shuffle, seed=seed,
                            num_buckets=num_buckets, drop_last=drop_last, world_size=world_size,

@@ -17,7 +17,7 @@ from sslasr.bin import cuts as cuts_cli
 from sslasr.bin import prepare_manifests as prepare_cli
 from sslasr.data.loader import load_cuts, make_dataloader, normalize_waveforms
 from sslasr.data.manifests import (
-    prepare_split, speed_perturbed_copies, split_by_speaker, subset_by_duration, write_cuts,
+    derive_subsets, prepare_split, speed_perturbed_copies, split_by_speaker, subset_by_duration, write_cuts,
 )
 from sslasr.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -207,6 +207,25 @@ def test_subset_by_duration_total_and_determinism():
     assert [c.id for c in subset] == [c.id for c in subset_by_duration(cuts, 20.0, seed=3)]
     assert [c.id for c in subset] != [c.id for c in subset_by_duration(cuts, 20.0, seed=4)]
     assert len(subset_by_duration(cuts, 1e6, seed=0)) == 50
+
+
+def test_labeled_subset_rule_is_pinned(tmp_path, capsys):
+    """--labeled N: whole cuts in the order random.Random(seed) shuffles their indices, added until
+    the total reaches N (the cut that crosses it is kept), written in manifest order. The driver
+    runs `cuts subset --seconds N` (seed 0); prepare_manifests --labeled runs the same rule."""
+    train = tmp_path / "toy_cuts_train.jsonl.gz"
+    durations = {c.id: c.duration for c in _dummy_cuts(10, train)}
+    assert [durations[f"r00{i}"] for i in (7, 8, 1)] == [1.1, 2.5, 1.9]  # the first three of seed 0's order
+    cuts_cli.main(["subset", "--cuts", str(train), "--seconds", "5", "--out", str(tmp_path / "10m.jsonl.gz")])
+    assert [c.id for c in load_cuts(tmp_path / "10m.jsonl.gz")] == ["r001", "r007", "r008"]  # 1.1 + 2.5 < 5 <= + 1.9
+    cuts_cli.main(["seconds", str(tmp_path / "10m.jsonl.gz")])
+    assert capsys.readouterr().out == "5.5\n"
+    written = derive_subsets(tmp_path, "toy", labeled_seconds=5, seed=0)
+    assert written["labeled"] == tmp_path / "toy_cuts_train_labeled5s.jsonl.gz"
+    assert [c.id for c in load_cuts(written["labeled"])] == ["r001", "r007", "r008"]
+    cuts_cli.main(["subset", "--cuts", str(train), "--seconds", "5", "--seed", "1",
+                   "--out", str(tmp_path / "s1.jsonl.gz")])
+    assert [c.id for c in load_cuts(tmp_path / "s1.jsonl.gz")] == ["r006", "r008", "r009"]  # 2.0 + 2.5 < 5 <= + 1.6
 
 
 def test_combine_concatenates_and_refuses_repeated_cut_ids(tmp_path):

@@ -20,6 +20,7 @@ from sslasr.data.manifests import (
     derive_subsets, prepare_split, speed_perturbed_copies, split_by_speaker, subset_by_duration, write_cuts,
 )
 from sslasr.data.tokenizer import Tokenizer, train_tokenizer
+from sslasr.train.trainer import SkipBatches
 
 SR = 16000
 REAL_CORPUS = Path("/work/shared/data/speechocean762")
@@ -432,6 +433,25 @@ def test_sampler_resumes_exactly(tmp_path):
     other_epoch = _sampler(path)
     other_epoch.set_epoch(3)
     assert _ids(other_epoch) != full
+
+
+@pytest.mark.parametrize("world_size, rank", [(1, 0), (2, 1)])
+def test_skip_batches_resumes_mid_epoch_after_exactly_the_consumed_batches(tmp_path, world_size, rank):
+    """What the trainer does after a kill: a fresh sampler, the same epoch, N batches skipped."""
+    path = tmp_path / "cuts.jsonl.gz"
+    _dummy_cuts(60, path)
+
+    def epoch_2():
+        sampler = _sampler(path, world_size=world_size, rank=rank)
+        sampler.set_epoch(2)
+        return sampler
+
+    full = _ids(epoch_2())
+    assert len(full) > 5
+    for skip in (0, 1, 4, len(full) - 1, len(full), len(full) + 3):
+        assert _ids(SkipBatches(epoch_2(), skip)) == full[skip:]
+    reused = SkipBatches(epoch_2(), 4)  # each new epoch iterator skips again, from the epoch's start
+    assert _ids(reused) == _ids(reused) == full[4:]
 
 
 def _rank_ids(path, world_size, **kw):

@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Dict
 
 import numpy as np
 import pytest
@@ -231,16 +232,18 @@ def test_tuning_grid_from_the_command_line_or_the_model_config():
 
 
 def test_a_saved_tuning_is_reused_only_for_the_same_grid(tmp_path):
-    """A resumed decode keeps the saved λ, β when its grid is this run's; over another grid it
-    stops and says to --overwrite (the other sets were decoded with the old λ, β)."""
+    """A resumed decode keeps the saved λ, β when its grid and LM are this run's; over another grid
+    it stops and says to --overwrite (the other sets were decoded with the old λ, β); made with
+    another LM, it is tuned again (a file from before tunings named their LM is kept)."""
     from types import SimpleNamespace
     from sslasr.bin.decode import TUNING_FILE, known_fusion
     saved = tmp_path / "decode_dev_ctc_beam_lm"
     saved.mkdir()
     points = [{"lm_weight": lw, "length_bonus": lb, "dev_wer": 50.0} for lw in (0.3, 1.0) for lb in (0.5, 1.5)]
-    (saved / TUNING_FILE).write_text(json.dumps({"lm_weight": 1.0, "length_bonus": 0.5, "grid": points}))
+    (saved / TUNING_FILE).write_text(json.dumps({"lm_weight": 1.0, "length_bonus": 0.5, "grid": points,
+                                                 "lm": "lm_a.pt"}))
     args = SimpleNamespace(lm_weight=None, length_bonus=0.0, out_dir=str(tmp_path / "decode_{set}_{method}"),
-                           tune_on="dev", overwrite=False)
+                           tune_on="dev", overwrite=False, lm="lm_a.pt")
     same = {"lm_weight": [1.0, 0.3], "length_bonus": [0.5, 1.5]}
     assert known_fusion(args, ["ctc_beam+lm"], same) == {"ctc_beam+lm": (1.0, 0.5)}
     wider = {"lm_weight": [0.3, 1.0, 1.5], "length_bonus": [0.5, 1.5]}
@@ -249,6 +252,105 @@ def test_a_saved_tuning_is_reused_only_for_the_same_grid(tmp_path):
     assert known_fusion(SimpleNamespace(**{**vars(args), "overwrite": True}), ["ctc_beam+lm"], wider) == {}
     given = SimpleNamespace(**{**vars(args), "lm_weight": 2.0, "length_bonus": 1.0})
     assert known_fusion(given, ["ctc_beam+lm"], wider) == {"ctc_beam+lm": (2.0, 1.0)}
+    # tuned for another LM: not reused (tuned again), whatever its grid
+    assert known_fusion(SimpleNamespace(**{**vars(args), "lm": "lm_b.pt"}), ["ctc_beam+lm"], wider) == {}
+    # a file from before tunings named their LM is taken as this LM's
+    (saved / TUNING_FILE).write_text(json.dumps({"lm_weight": 1.0, "length_bonus": 0.5, "grid": points}))
+    assert known_fusion(SimpleNamespace(**{**vars(args), "lm": "lm_b.pt"}), ["ctc_beam+lm"], same) == {
+        "ctc_beam+lm": (1.0, 0.5)}
+
+
+# ------------------------------------------------------------------ decode.py on a tiny system
+TINY_ENCODER = {"conv_layers": [[16, 10, 5], [16, 8, 4], [16, 4, 4], [16, 4, 4]], "conv_norm": "group",
+                "conv_bias": False, "transformer": {"dim": 16, "layers": 1, "heads": 2, "ffn_dim": 32,
+                                                    "pos_conv_kernel": 8, "pos_conv_groups": 4}}
+
+
+@pytest.fixture(scope="module")
+def tiny_system(tmp_path_factory) -> Dict[str, str]:
+    """A random tiny wav2vec 2.0 + CTC model, a random LSTM LM over its char tokenizer, and two
+    transcribed sets (dev, test) of three 1-second noise cuts each: enough to drive decode.py."""
+    import soundfile as sf
+    from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+    from sslasr.data.tokenizer import train_tokenizer
+    root = tmp_path_factory.mktemp("tiny_system")
+    texts = ["AB BA", "BA", "AB AB", "B A", "AAB", "BAB"]
+    tokenizer = train_tokenizer(texts, root / "lang", vocab_size=6, model_type="char")
+    torch.manual_seed(0)
+    cfg = {"task": "asr", "data": {"tokenizer": str(root / "lang")}, "head": {"name": "ctc"},
+           "frontend": {"name": "wav2vec2", "encoder": TINY_ENCODER}, "decode": {"beam_size": 4}}
+    model = build_asr_model(cfg, tokenizer.vocab_size)
+    torch.save({"model": model.state_dict(), "config": cfg}, root / "asr.pt")
+    lm_cfg = {"name": "lstm", "embed_dim": 8, "hidden_dim": 8, "layers": 1, "dropout": 0.0}
+    torch.save({"model": build_lm(lm_cfg, tokenizer.vocab_size).state_dict(), "config": {"task": "lm", "lm": lm_cfg}},
+               root / "lm.pt")
+    paths = {"model": str(root / "asr.pt"), "lm": str(root / "lm.pt")}
+    rng = np.random.default_rng(0)
+    for name, set_texts in (("dev", texts[:3]), ("test", texts[3:])):
+        recordings, supervisions = [], []
+        for i, text in enumerate(set_texts):
+            sf.write(root / f"{name}{i}.wav", 0.1 * rng.standard_normal(16000).astype(np.float32), 16000)
+            recordings.append(Recording.from_file(root / f"{name}{i}.wav", recording_id=f"{name}{i}"))
+            supervisions.append(SupervisionSegment(f"{name}{i}", f"{name}{i}", 0.0, 1.0, text=text))
+        cuts = CutSet.from_manifests(RecordingSet.from_recordings(recordings), SupervisionSet.from_segments(supervisions))
+        cuts.to_file(root / f"{name}.jsonl.gz")
+        paths[name] = str(root / f"{name}.jsonl.gz")
+    return paths
+
+
+def test_lm_methods_are_tuned_on_the_tuning_set_never_on_another(tiny_system, tmp_path):
+    """Run 1 decodes dev with a given λ = 0.3 (no tuning file). Run 2 tunes on dev over λ ∈ {0.5, 1}:
+    dev's λ = 0.3 decoding does not count, so dev is decoded again and tuned; test is decoded with
+    dev's λ, β and never tuned itself; ctc_greedy (no LM) is not redone. Run 3 repeats run 2 and
+    redoes nothing; run 4 gives λ = 0.7, and every +lm decoding made with another λ is redone."""
+    from sslasr.bin import decode
+    from sslasr.bin.decode import TUNING_FILE
+    out = tmp_path / "decode_{set}_{method}"
+    common = ["--model", tiny_system["model"], "--lm", tiny_system["lm"], "--methods", "ctc_greedy", "ctc_beam+lm",
+              "--out-dir", str(out)]
+    decode.main(common + ["--cuts", f"dev={tiny_system['dev']}", "--lm-weight", "0.3"])
+    greedy_dev = tmp_path / "decode_dev_ctc_greedy/decode_info.json"
+    greedy_written = greedy_dev.stat().st_mtime_ns
+
+    tune = common + ["--cuts", f"dev={tiny_system['dev']}", f"test={tiny_system['test']}", "--tune-on", "dev",
+                     "--tune-lm-weights", "0.5", "1.0"]
+    decode.main(tune)
+    tuning = json.loads((tmp_path / "decode_dev_ctc_beam_lm" / TUNING_FILE).read_text())
+    assert [(p["lm_weight"], p["length_bonus"]) for p in tuning["grid"]] == [(0.5, 0.0), (1.0, 0.0)]
+    assert tuning["lm"] == tiny_system["lm"]
+    assert not (tmp_path / "decode_test_ctc_beam_lm" / TUNING_FILE).exists()
+    infos = {s: json.loads((tmp_path / f"decode_{s}_ctc_beam_lm/decode_info.json").read_text()) for s in ("dev", "test")}
+    for info in infos.values():
+        assert (info["lm_weight"], info["length_bonus"], info["tuned_on"]) == (
+            tuning["lm_weight"], tuning["length_bonus"], "dev")
+        assert info["lm"] == tiny_system["lm"]
+    assert greedy_dev.stat().st_mtime_ns == greedy_written
+
+    written = {p: p.stat().st_mtime_ns for p in tmp_path.glob("decode_*/*.json")}
+    decode.main(tune)
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+
+    decode.main(common + ["--cuts", f"dev={tiny_system['dev']}", f"test={tiny_system['test']}", "--lm-weight", "0.7"])
+    for name in ("dev", "test"):
+        info = json.loads((tmp_path / f"decode_{name}_ctc_beam_lm/decode_info.json").read_text())
+        assert (info["lm_weight"], info["length_bonus"]) == (0.7, 0.0) and "tuned_on" not in info
+    assert (tmp_path / "decode_dev_ctc_beam_lm" / TUNING_FILE).stat().st_mtime_ns == written[
+        tmp_path / "decode_dev_ctc_beam_lm" / TUNING_FILE]
+
+
+def test_plan_searches_tunes_nowhere_but_the_tuning_set():
+    from sslasr.bin.decode import plan_searches
+
+    def options(method, lm_weight=0.0, length_bonus=0.0):
+        return DecodeOptions(lm_weight=lm_weight, length_bonus=length_bonus)
+
+    grid = {"lm_weight": [0.5, 1.0], "length_bonus": [0.0]}
+    assert set(plan_searches(["ctc_beam+lm"], {}, grid, options)) == {("ctc_beam+lm", 0.5, 0.0),
+                                                                       ("ctc_beam+lm", 1.0, 0.0)}
+    known = plan_searches(["ctc_beam+lm"], {"ctc_beam+lm": (0.5, 1.0)}, None, options)
+    assert (known["ctc_beam+lm"].options.lm_weight, known["ctc_beam+lm"].options.length_bonus) == (0.5, 1.0)
+    with pytest.raises(ValueError, match="ctc_beam\\+lm: λ and β are not known yet and this is not the tuning set"):
+        plan_searches(["ctc_beam+lm"], {}, None, options)
 
 
 # ------------------------------------------------------------------ the recipe's stages 5-9

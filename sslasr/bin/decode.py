@@ -12,11 +12,14 @@ METHOD+lm is METHOD with shallow fusion, score log p_AM + λ·log p_LM + β·|y|
 --tune-lm-weights / --tune-length-bonuses where given (to widen a grid whose best point is on its
 edge without retraining). The grid's WERs go to fusion_tuning.json in SET's METHOD+lm folder, which
 a resumed run reuses if it covers the same grid (another grid is an error: --overwrite redoes the
-tuning and every set's decoding); SET's METHOD+lm hypotheses are the best point's, other sets are
-decoded with the tuned λ, β.
+tuning and every set's decoding) and was made with the same --lm; SET's METHOD+lm hypotheses are the
+best point's, other sets are decoded with the tuned λ, β. λ and β are only ever tuned on SET: a
+METHOD+lm without a reusable tuning is decoded and tuned there again, even where an earlier run
+(with --lm-weight) left a decoding of it.
 --lexicon words.txt gives the lexicon of lexicon-constrained methods (ctc_lexicon: the CTC prefix
 beam search spelling only those words). `{method}` in --out-dir reads METHOD_lm for METHOD+lm. A (set, method) whose folder holds
-decode_info.json is skipped (it is written last) unless --overwrite. Search settings (beam sizes,
+decode_info.json is skipped (it is written last) unless --overwrite; for METHOD+lm only when that file
+records this run's --lm, λ and β (a decoding with other ones is redone). Search settings (beam sizes,
 ...) come from the model config's `decode` section; --beam-size overrides them. With --confidence,
 scores.txt gives each hypothesis's length-normalised score, −loss(hyp)/(|hyp| + 1) under the head's
 own training loss (what noisy-student pseudo-label filtering ranks by).
@@ -225,11 +228,11 @@ def main(argv=None) -> None:
     # the tuning set first: the other sets' fused searches use its λ, β
     for set_name in sorted(sets, key=lambda name: name != args.tune_on):
         pending = [m for m in methods if args.overwrite
-                   or not (out_dir_of(args.out_dir, set_name, m) / "decode_info.json").exists()]
+                   or not already_decoded(out_dir_of(args.out_dir, set_name, m), m, fusion, args.lm)]
         if not pending:
             logging.info("%s: every method already decoded", set_name)
             continue
-        searches = plan_searches(pending, fusion, grid, options)
+        searches = plan_searches(pending, fusion, grid if set_name == args.tune_on else None, options)
         set_pass = run_searches(model, cfg, tokenizer, sets[set_name], searches, args.max_duration, args.confidence)
         for method in pending:
             out_dir = out_dir_of(args.out_dir, set_name, method)
@@ -238,7 +241,7 @@ def main(argv=None) -> None:
                     "lexicon": args.lexicon if uses_lexicon(method) else None,
                     "model_parameters": model_parameters}
             if method not in searches:
-                search = tune_on_set(method, searches, set_pass, out_dir)
+                search = tune_on_set(method, searches, set_pass, out_dir, args.lm)
                 fusion[method] = (search.options.lm_weight, search.options.length_bonus)
                 info["tuned_on"] = set_name
             else:
@@ -256,8 +259,9 @@ def tuning_grid(config_grid: Dict, lm_weights: Optional[List[float]], length_bon
 
 def known_fusion(args, fused: List[str], grid: Dict) -> Dict[str, Tuple[float, float]]:
     """METHOD+lm → (λ, β) known before decoding: given, or saved by an earlier run's tuning over
-    the same grid. A tuning over another grid is an error rather than silently kept: the other
-    sets were decoded with its λ, β, so only --overwrite (all redone) makes them consistent."""
+    the same grid with the same LM (one for another LM is tuned again). A tuning over another grid
+    is an error rather than silently kept: the other sets were decoded with its λ, β, so only
+    --overwrite (all redone) makes them consistent."""
     if args.lm_weight is not None:
         return {method: (args.lm_weight, args.length_bonus) for method in fused}
     wanted = {(lw, lb) for lw in grid["lm_weight"] for lb in grid["length_bonus"]}
@@ -266,6 +270,8 @@ def known_fusion(args, fused: List[str], grid: Dict) -> Dict[str, Tuple[float, f
         tuning = out_dir_of(args.out_dir, args.tune_on, method) / TUNING_FILE
         if tuning.exists() and not args.overwrite:
             best = json.loads(tuning.read_text())
+            if best.get("lm", args.lm) != args.lm:  # tuned for another LM: tune again (older files name none)
+                continue
             tuned = {(point["lm_weight"], point["length_bonus"]) for point in best["grid"]}
             if wanted and tuned != wanted:
                 raise SystemExit(f"{tuning} tuned λ, β over {_grid_text(tuned)}, this run asks for "
@@ -279,16 +285,34 @@ def _grid_text(points) -> str:
     return f"λ {lm_weights} × β {length_bonuses}"
 
 
-def plan_searches(pending: List[str], fusion: Dict[str, Tuple[float, float]], grid: Dict,
+def already_decoded(out_dir: Path, method: str, fusion: Dict[str, Tuple[float, float]], lm: Optional[str]) -> bool:
+    """Whether OUT_DIR holds a finished decoding of METHOD as this run would make it. For METHOD+lm
+    that means with this run's LM and λ, β: an earlier run's (say with --lm-weight) is redone, and
+    while λ, β are still to be tuned nothing counts as decoded."""
+    info_file = out_dir / "decode_info.json"
+    if not info_file.exists():
+        return False
+    if not method.endswith(LM_SUFFIX):
+        return True
+    if method not in fusion:
+        return False
+    info = json.loads(info_file.read_text())
+    return (info.get("lm"), info.get("lm_weight"), info.get("length_bonus")) == (lm, *fusion[method])
+
+
+def plan_searches(pending: List[str], fusion: Dict[str, Tuple[float, float]], grid: Optional[Dict],
                   options: Callable[..., DecodeOptions]) -> Dict[object, Search]:
     """One search per method; a METHOD+lm whose λ, β are still unknown gets one per grid point,
-    keyed (METHOD+lm, λ, β), and is tuned on this set."""
+    keyed (METHOD+lm, λ, β), and is tuned on this set. GRID is None on any set but the tuning set:
+    tuning anywhere else would choose λ, β on data they are then evaluated on."""
     searches: Dict[object, Search] = {}
     for method in pending:
         base = method.removesuffix(LM_SUFFIX)
         if method in fusion or not method.endswith(LM_SUFFIX):
             searches[method] = Search(base, options(method, *fusion.get(method, (0.0, 0.0))))
             continue
+        if grid is None:
+            raise ValueError(f"{method}: λ and β are not known yet and this is not the tuning set")
         for lm_weight in grid["lm_weight"]:
             for length_bonus in grid.get("length_bonus", [0.0]):
                 point = (method, float(lm_weight), float(length_bonus))
@@ -296,15 +320,17 @@ def plan_searches(pending: List[str], fusion: Dict[str, Tuple[float, float]], gr
     return searches
 
 
-def tune_on_set(method: str, searches: Dict[object, Search], set_pass: SetPass, out_dir: Path) -> Search:
-    """The grid point of METHOD+lm with the lowest WER on this (transcribed) set; writes the grid."""
+def tune_on_set(method: str, searches: Dict[object, Search], set_pass: SetPass, out_dir: Path,
+                lm: Optional[str]) -> Search:
+    """The grid point of METHOD+lm with the lowest WER on this (transcribed) set; writes the grid
+    and the LM it was tuned for."""
     if not set_pass.refs:
         raise SystemExit(f"cannot tune λ, β of {method} on a set without transcripts ({out_dir})")
     points = {key[1:]: search for key, search in searches.items() if isinstance(key, tuple) and key[0] == method}
     lm_weights = sorted({lw for lw, _ in points}, key=[lw for lw, _ in points].index)
     length_bonuses = sorted({lb for _, lb in points}, key=[lb for _, lb in points].index)
     best = tune_fusion(lambda lw, lb: points[(lw, lb)].hyps, set_pass.refs, lm_weights, length_bonuses)
-    write_text_atomic(out_dir / TUNING_FILE, json.dumps({**best, "method": method,
+    write_text_atomic(out_dir / TUNING_FILE, json.dumps({**best, "method": method, "lm": lm,
                                                          "num_utts": len(set_pass.refs)}, indent=2) + "\n")
     logging.info("%s: best λ=%g β=%g, WER %.2f %% on %s", method, best["lm_weight"], best["length_bonus"],
                  best["dev_wer"], out_dir)

@@ -17,7 +17,9 @@ from recipe_smoke import SMOKE, recipe_with_data, run_recipe
 from sslasr.bin import pseudo_label
 from sslasr.bin.decode import hypothesis_scores
 from sslasr.data.pseudo_labels import FilterConfig, letters_per_second, median_rate, relabel, select
-from sslasr.models.heads.ctc import CtcHead
+from sslasr.models.heads.attention import AttentionHead
+from sslasr.models.heads.ctc import CtcHead, ctc_frames_needed
+from sslasr.models.heads.transducer import TransducerHead
 from sslasr.scoring import render_results_md
 from sslasr.utils.config import load_config
 
@@ -82,6 +84,55 @@ def test_hypothesis_scores_are_the_ctc_log_likelihood_per_token():
                          lengths[i:i + 1], torch.tensor([len(tokens)]), reduction="sum")
         assert scores[i] == pytest.approx(-nll.item() / (len(tokens) + 1), rel=1e-5)
     assert hypothesis_scores(head, hidden, lengths, [[1] * 8, [1]])[0] == -math.inf  # 8 tokens, 7 frames
+
+
+def test_ctc_frames_needed_counts_a_blank_between_repeats():
+    assert [ctc_frames_needed(t) for t in ([], [3], [1, 2, 3], [1, 1], [1, 1, 1], [1, 2, 2, 1], [2, 1, 2])] == [
+        0, 1, 3, 3, 5, 5, 3]
+
+
+def test_ctc_hypotheses_too_long_for_their_frames_score_minus_infinity():
+    """On 3 frames "1 1" fits (1 blank 1) and "1 2 1" fits, each by a single path; "1 1 1" needs 5
+    frames: its CTC loss is infinite, which zero_infinity would have turned into a perfect score 0."""
+    torch.manual_seed(0)
+    head = CtcHead(input_dim=4, vocab_size=3).eval()
+    hidden, lengths = torch.randn(3, 3, 4), torch.tensor([3, 3, 3])
+    hyps = [[1, 1], [1, 2, 1], [1, 1, 1]]
+    scores = hypothesis_scores(head, hidden, lengths, hyps)
+    for i in range(2):
+        p = head.log_probs(hidden[i]).detach().exp()
+        blank, one, two = p[:, 0], p[:, 1], p[:, 2]
+        likelihood = one[0] * blank[1] * one[2] if i == 0 else one[0] * two[1] * one[2]  # the only path
+        assert scores[i] == pytest.approx(float(likelihood.log()) / (len(hyps[i]) + 1), rel=1e-5)
+    assert scores[2] == -math.inf
+
+
+def test_attention_scores_need_ctc_frames_only_with_a_ctc_layer():
+    """Joint CTC (ctc_weight 0.3): "1 1" on 2 frames is unalignable, −inf. Without a CTC layer the
+    score is the attention log-likelihood per token, however many tokens a frame."""
+    torch.manual_seed(0)
+    small = {"embedding_dim": 4, "decoder_dim": 4, "decoder_layers": 1, "attention_dim": 4, "location_kernel": 3,
+             "dropout": 0.0, "label_smoothing": 0.0}
+    hidden, lengths = torch.randn(1, 2, 4), torch.tensor([2])
+    joint = AttentionHead(4, 5, ctc_weight=0.3, **small).eval()
+    assert hypothesis_scores(joint, hidden, lengths, [[2, 2]]) == [-math.inf]
+    alone = AttentionHead(4, 5, ctc_weight=0.0, **small).eval()
+    tokens = [2, 2, 3, 4]
+    expected = float(alone.sequence_log_probs(hidden, lengths, [tokens])[0]) / 5
+    assert hypothesis_scores(alone, hidden, lengths, [tokens]) == [pytest.approx(expected, rel=1e-5)]
+
+
+def test_transducer_scores_hypotheses_longer_than_their_frames():
+    """One frame, two tokens: a transducer emits both on it, then a blank. The score is that single
+    path's log-probability over 3 (tokens + end), not −inf."""
+    torch.manual_seed(0)
+    head = TransducerHead(4, 5, joiner_dim=6, predictor={"type": "stateless", "embed_dim": 4, "context_size": 1},
+                          loss={"variant": "full"}).eval()
+    hidden, lengths, tokens = torch.randn(1, 1, 4), torch.tensor([1]), [3, 4]
+    predicted = head.joiner.predictor_proj(head.predictor(torch.tensor([[0, 3, 4]])))[0]  # g_0, g_1, g_2
+    log_probs = head.joiner(head.joiner.encoder_proj(hidden[0, 0]), predicted).log_softmax(-1)  # (3 nodes, V)
+    path = log_probs[0, 3] + log_probs[1, 4] + log_probs[2, 0]
+    assert hypothesis_scores(head, hidden, lengths, [tokens]) == [pytest.approx(float(path) / 3, rel=1e-5)]
 
 
 def test_pseudo_label_cli_writes_cuts_and_a_report(tmp_path: Path):

@@ -1,7 +1,7 @@
 """CTC head (Graves et al., 2006): a linear layer over encoder states, blank = token 0."""
 
 from dataclasses import replace
-from typing import List
+from typing import List, Sequence
 
 import torch
 from torch import nn
@@ -65,3 +65,9 @@ def best_path(best: torch.Tensor, lengths: torch.Tensor, blank_id: int = 0) -> L
             previous = token
         results.append(tokens)
     return results
+
+
+def ctc_frames_needed(tokens: Sequence[int]) -> int:
+    """The fewest frames a CTC alignment of TOKENS takes: one a token, plus a blank between each
+    two equal neighbours (without it the repeat would merge into one token)."""
+    return len(tokens) + sum(a == b for a, b in zip(tokens, tokens[1:]))

@@ -230,8 +230,14 @@ def missing_result_keys(keys: Iterable[str]) -> list[str]:
     return [k for k in REQUIRED_RESULT_KEYS if k not in present]
 
 
+TIMESTAMP_KEY = "timestamp"
+
+
 def append_result(results_jsonl: PathLike, row: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``row``, stamp it, and append it as one JSON line. Returns the written row."""
+    """Validate ``row``, stamp it, and append it as one JSON line. Returns the written row, or
+    the row already there when the experiment's latest row is this one but for its timestamp:
+    a run killed after scoring but before its stage's done mark scores again on the rerun, and
+    must not record itself twice."""
     missing = missing_result_keys(row)
     if missing:
         raise ValueError(f"results row is missing required key(s): {', '.join(missing)}")
@@ -239,9 +245,41 @@ def append_result(results_jsonl: PathLike, row: dict[str, Any]) -> dict[str, Any
     if not isinstance(wer, (int, float)) or not math.isfinite(wer):
         raise ValueError(f"results row has a non-finite or non-numeric wer: {wer!r}")
     row = dict(row)
-    row.setdefault("timestamp", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    append_line(results_jsonl, json.dumps(row, ensure_ascii=False, allow_nan=False))
+    row.setdefault(TIMESTAMP_KEY, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    line = json.dumps(row, ensure_ascii=False, allow_nan=False)
+    previous = latest_row_of(results_jsonl, experiment_key(row))
+    if previous is not None and _without_timestamp(previous) == _without_timestamp(json.loads(line)):
+        logger.info("%s already holds this result (written %s); not appended again",
+                    results_jsonl, previous.get(TIMESTAMP_KEY))
+        return previous
+    append_line(results_jsonl, line)
     return row
+
+
+def experiment_key(row: dict[str, Any]) -> str:
+    """What makes two rows the same experiment (see DEDUP_KEYS), as a comparable string."""
+    return json.dumps([row.get(k) for k in DEDUP_KEYS] + [row.get("exp")], sort_keys=True)
+
+
+def latest_row_of(results_jsonl: PathLike, key: str) -> Optional[dict[str, Any]]:
+    """The last row of the file (if it exists) with experiment key KEY. Lines that are not JSON
+    objects are passed over: they are never the same result (read_results reports them)."""
+    path = Path(results_jsonl)
+    if not path.exists():
+        return None
+    latest = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and experiment_key(row) == key:
+            latest = row
+    return latest
+
+
+def _without_timestamp(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != TIMESTAMP_KEY}
 
 
 def read_results(results_jsonl: PathLike) -> list[dict[str, Any]]:
@@ -270,8 +308,7 @@ def dedup_latest(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Keep one row per experiment key; a later row replaces an earlier one."""
     latest: dict[str, dict[str, Any]] = {}
     for row in rows:
-        key_fields = [row.get(k) for k in DEDUP_KEYS] + [row.get("exp")]
-        latest[json.dumps(key_fields, sort_keys=True)] = row
+        latest[experiment_key(row)] = row
     return list(latest.values())
 
 

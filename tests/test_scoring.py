@@ -183,11 +183,35 @@ def test_append_result_names_missing_keys(tmp_path):
 def test_append_result_adds_timestamp_and_appends(tmp_path):
     path = tmp_path / "r.jsonl"
     append_result(path, make_row())
-    append_result(path, make_row(timestamp="2024-01-01T00:00:00+00:00"))
+    append_result(path, make_row(wer=11.0, timestamp="2024-01-01T00:00:00+00:00"))
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 2
     assert "T" in rows[0]["timestamp"]
     assert rows[1]["timestamp"] == "2024-01-01T00:00:00+00:00"
+
+
+def test_a_result_rescored_after_a_kill_is_not_appended_twice(tmp_path):
+    """Killed between score.py's append and the stage's done mark, the rerun scores the same
+    result again: the experiment's latest row already says so (timestamp aside), so nothing is
+    appended and the first row is returned. Rows of other experiments in between change nothing."""
+    path = tmp_path / "r.jsonl"
+    first = append_result(path, make_row(timestamp="2024-01-01T00:00:00+00:00"))
+    append_result(path, make_row(test_set="test-other", wer=20.0))
+    again = append_result(path, make_row(timestamp="2024-01-02T00:00:00+00:00"))
+    assert again == first and again["timestamp"] == "2024-01-01T00:00:00+00:00"
+    assert [(r["test_set"], r["wer"]) for r in read_results(path)] == [("test-clean", 12.5), ("test-other", 20.0)]
+    assert len(path.read_text().splitlines()) == 2
+
+
+def test_a_result_differing_in_any_field_or_no_longer_the_latest_is_appended(tmp_path):
+    """Another value than the timestamp is another result; and a result that a later row of the
+    same experiment replaced is appended again, so that it is the latest (RESULTS.md shows it)."""
+    path = tmp_path / "r.jsonl"
+    append_result(path, make_row(timestamp="2024-01-01T00:00:00+00:00"))
+    append_result(path, make_row(command="python -m sslasr.bin.decode --x 2"))  # same WER, another run
+    append_result(path, make_row(timestamp="2024-01-03T00:00:00+00:00"))        # the first result, again
+    assert [r["command"][-1] for r in read_results(path)] == ["1", "2", "1"]
+    assert read_results(path)[-1]["timestamp"] == "2024-01-03T00:00:00+00:00"
 
 
 def test_human_duration():
@@ -329,6 +353,8 @@ def test_score_cli_end_to_end(tmp_path, capsys):
     assert (row["sub"], row["del"], row["ins"], row["num_words"]) == (1, 4, 0, 7)
     assert (row["num_utts"], row["num_missing_hyps"]) == (3, 1)
     assert row["wer"] == pytest.approx(71.4286)
+    assert score.main(argv) == 0  # rerun after a kill before the stage's done mark: still one row
+    assert read_results(results) == [row]
 
     md = tmp_path / "RESULTS.md"
     assert render_results.main(["--results", str(results), "--out", str(md)]) == 0

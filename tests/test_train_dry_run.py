@@ -1,11 +1,14 @@
 """`sslasr.bin.train --dry-run`: the config checks (every problem reported at once; real training
-runs them too) and the summary of the built model, on the minisynth configs."""
+runs them too), the summary of the built model on the minisynth configs, and the init checkpoint's
+encoder weights: every misfit named, nothing copied unless all fit."""
 
 import pytest
+import torch
+from torch import nn
 
 from recipe_smoke import REPO
 from sslasr.bin.train import dry_run
-from sslasr.models.asr import build_asr_model
+from sslasr.models.asr import build_asr_model, load_encoder_weights, state_dict_mismatches
 from sslasr.train.config_check import ConfigError, check_training_config, effective_batch
 from sslasr.utils.config import load_configs
 
@@ -72,6 +75,77 @@ def test_dry_run_checks_an_init_checkpoint_fits(tmp_path):
     cfg = _finetune_cfg(**{"finetune.init_from": str(tmp_path / "missing.pt")})
     with pytest.raises(FileNotFoundError):
         dry_run(cfg, 31, world_size=1)
+
+
+def test_dry_run_reports_an_init_checkpoint_that_does_not_fit(tmp_path, monkeypatch):
+    """An encoder checkpoint with a tensor missing and one of another shape: --dry-run exits with
+    a message naming both (a RuntimeError from load_state_dict used to escape it)."""
+    from sslasr.bin.train import main
+    monkeypatch.chdir(tmp_path)  # data.tokenizer (relative) is absent: the vocabulary is --vocab-size
+    encoder = build_asr_model(_finetune_cfg(), 31).encoder.state_dict()
+    first, last = next(iter(encoder)), list(encoder)[-1]
+    wanted_shape = tuple(encoder[first].shape)
+    encoder[first] = torch.zeros(3)
+    del encoder[last]
+    torch.save({"model": {f"encoder.{k}": v for k, v in encoder.items()}}, tmp_path / "init.pt")
+    with pytest.raises(SystemExit) as stop:
+        main(["--dry-run", "--vocab-size", "31", "--config", str(MINISYNTH / "frontend_wav2vec2.yaml"),
+              str(MINISYNTH / "finetune_ctc.yaml"), "--set", f"finetune.init_from={tmp_path / 'init.pt'}"])
+    assert str(stop.value) == (f"--dry-run: {tmp_path / 'init.pt'}: its encoder weights do not fit the configured "
+                               f"encoder: 1 missing: {last}; 1 shape mismatch: {first} (checkpoint (3,), "
+                               f"model {wanted_shape})")
+
+
+class _TwoLayerAsr(nn.Module):
+    """What load_encoder_weights needs of a model: an `encoder`."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+
+
+def _checkpoint(tmp_path, encoder_state) -> str:
+    path = tmp_path / "pretrained.pt"
+    torch.save({"model": {f"encoder.{k}": v for k, v in encoder_state.items()}}, path)
+    return str(path)
+
+
+def test_encoder_weights_that_fit_are_all_copied(tmp_path):
+    source, target = _TwoLayerAsr(0), _TwoLayerAsr(1)
+    assert load_encoder_weights(target, _checkpoint(tmp_path, source.encoder.state_dict())) == 4
+    for key, value in source.encoder.state_dict().items():
+        assert torch.equal(target.encoder.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda state: state.pop("1.bias"), "1 missing: 1.bias"),
+    (lambda state: state.update({"2.weight": torch.zeros(2, 2)}), "1 unexpected: 2.weight"),
+    (lambda state: state.update({"1.weight": torch.zeros(2, 5)}),
+     "1 shape mismatch: 1.weight (checkpoint (2, 5), model (2, 4))"),
+])
+def test_encoder_weights_that_do_not_fit_copy_nothing(tmp_path, change, problem):
+    state = _TwoLayerAsr(0).encoder.state_dict()
+    change(state)
+    checkpoint = _checkpoint(tmp_path, state)
+    target = _TwoLayerAsr(1)
+    before = {k: v.clone() for k, v in target.encoder.state_dict().items()}
+    with pytest.raises(ValueError) as error:
+        load_encoder_weights(target, checkpoint)
+    assert str(error.value) == f"{checkpoint}: its encoder weights do not fit the configured encoder: {problem}"
+    for key, value in target.encoder.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_every_kind_of_misfit_is_named_at_once_and_long_lists_are_cut():
+    wanted = _TwoLayerAsr(0).encoder.state_dict()
+    loaded = {"0.weight": torch.zeros(4, 3), "0.bias": torch.zeros(5), "1.weight": torch.zeros(2, 4)}
+    loaded.update({f"extra.{i}": torch.zeros(1) for i in range(12)})
+    assert state_dict_mismatches(loaded, wanted) == [
+        "1 missing: 1.bias",
+        "12 unexpected: " + ", ".join(f"extra.{i}" for i in range(10)) + ", and 2 more",
+        "1 shape mismatch: 0.bias (checkpoint (5,), model (4,))"]
+    assert state_dict_mismatches(wanted, wanted) == []
 
 
 def test_training_refuses_a_config_the_check_rejects(tmp_path):

@@ -47,13 +47,30 @@ def build_asr_model(cfg: Dict, vocab_size: int) -> AsrModel:
 
 def load_encoder_weights(model: nn.Module, checkpoint: str) -> int:
     """Copy `encoder.*` weights from a pretraining checkpoint into `model.encoder` (an ASR model's
-    or a pretrainer's); any mismatch is an error."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    or a pretrainer's). Any missing, unexpected or reshaped tensor is a ValueError naming them,
+    raised before anything is copied: a half-loaded encoder must never train."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False).get("model", {})
     encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     if not encoder_state:
         raise ValueError(f"{checkpoint} holds no encoder.* weights")
-    result = model.encoder.load_state_dict(encoder_state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{checkpoint}: encoder weights do not match the configured encoder; "
-                         f"missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    problems = state_dict_mismatches(encoder_state, model.encoder.state_dict())
+    if problems:
+        raise ValueError(f"{checkpoint}: its encoder weights do not fit the configured encoder: {'; '.join(problems)}")
+    model.encoder.load_state_dict(encoder_state)
     return len(encoder_state)
+
+
+def state_dict_mismatches(loaded: Dict[str, torch.Tensor], wanted: Dict[str, torch.Tensor],
+                          shown: int = 10) -> List[str]:
+    """What keeps LOADED from replacing WANTED: missing, unexpected and reshaped tensors, one
+    entry per kind, naming the first SHOWN of each (a wrong frontend mismatches hundreds)."""
+    missing = [k for k in wanted if k not in loaded]
+    unexpected = [k for k in loaded if k not in wanted]
+    reshaped = [f"{k} (checkpoint {tuple(v.shape)}, model {tuple(wanted[k].shape)})"
+                for k, v in loaded.items() if k in wanted and v.shape != wanted[k].shape]
+    problems = []
+    for kind, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", reshaped)):
+        if names:
+            more = f", and {len(names) - shown} more" if len(names) > shown else ""
+            problems.append(f"{len(names)} {kind}: {', '.join(names[:shown])}{more}")
+    return problems

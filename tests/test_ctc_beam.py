@@ -130,6 +130,33 @@ def test_shallow_fusion_with_a_rigged_lm_changes_the_hypothesis(name):
     assert fused.score == pytest.approx(fused.ctc_log_prob + 0.5 * fused.lm_log_prob, abs=1e-6)
 
 
+@pytest.mark.parametrize("name, seed", [("lstm", 0), ("lstm", 1), ("transformer", 0), ("transformer", 1)])
+def test_exact_fused_search_equals_brute_force_over_label_sequences(name, seed):
+    """Unpruned, the fused search is exact: its n-best are every label sequence y (without
+    <sos/eos>, which the LM reads as the end) ranked by log p_CTC(y) + λ·log p_LM(y, <eos>) + β·|y|,
+    with p_CTC summed over all paths and p_LM the LM's teacher-forced probability; and the LM
+    reorders the CTC-only ranking (it is not too weak to matter)."""
+    torch.manual_seed(seed)
+    lm = build_lm({"name": "lstm", "embed_dim": 8, "hidden_dim": 8, "layers": 2, "dropout": 0.0} if name == "lstm"
+                  else {"name": "transformer", "dim": 8, "layers": 2, "heads": 2, "ffn_dim": 16}, 4).eval()
+    with torch.no_grad():
+        lm.output.weight.mul_(8.0)  # sharper than at initialisation, so that the LM's preferences count
+    log_probs = torch.log_softmax(torch.randn(5, 4) * 1.5, -1)
+    lm_weight, length_bonus = 0.8, 0.4
+    ctc = {y: p for y, p in brute_force(log_probs.double().numpy()).items() if 1 not in y}
+    sequences = sorted(ctc)
+    lm_scores = lm.score_sequences([list(y) for y in sequences]).double().tolist()
+    fused = {y: ctc[y] + lm_weight * lm_y + length_bonus * len(y) for y, lm_y in zip(sequences, lm_scores)}
+    config = dataclasses.replace(EXACT, lm_weight=lm_weight, length_bonus=length_bonus)
+    hyps = ctc_prefix_beam_search(log_probs, config, lm, nbest=len(fused))
+    assert [tuple(h.tokens) for h in hyps] == sorted(fused, key=fused.get, reverse=True)
+    for hyp, lm_y in zip(hyps, (lm_scores[sequences.index(tuple(h.tokens))] for h in hyps)):
+        assert hyp.score == pytest.approx(fused[tuple(hyp.tokens)], abs=1e-5)
+        assert hyp.ctc_log_prob == pytest.approx(ctc[tuple(hyp.tokens)], abs=1e-9)
+        assert hyp.lm_log_prob == pytest.approx(lm_y, abs=1e-5)
+    assert sorted(fused, key=fused.get) != sorted(ctc, key=ctc.get)
+
+
 def test_length_bonus_trades_deletions_for_insertions():
     """A token at 30 % between blank-dominated frames: dropped at β = 0, kept with a bonus."""
     blank = torch.tensor([0.9, 0.05, 0.05]).log()

@@ -459,6 +459,53 @@ def test_shallow_fusion_changes_the_choice_as_the_lm_weight_grows():
     assert beam(0.0, length_bonus=-8.0) == []
 
 
+class HistoryLM(torch.nn.Module):
+    """A bigram LM whose state is every token fed to it, <sos> first; it records each history it
+    is stepped to, so a test sees what the search conditions the LM on."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table  # (V, V) log p(next | previous)
+        self.vocab_size = table.shape[0]
+        self.histories = set()
+
+    def initial_state(self, batch_size):
+        return [()] * batch_size
+
+    def step(self, prev_tokens, state):
+        histories = [history + (token,) for history, token in zip(state, prev_tokens.tolist())]
+        self.histories.update(histories)
+        return self.table[prev_tokens], histories
+
+    def select_state(self, state, indices):
+        return [state[i] for i in indices.tolist()]
+
+    def concat_states(self, states):
+        return [history for part in states for history in part]
+
+
+@pytest.mark.parametrize("predictor", ["stateless", "lstm"])
+def test_shallow_fusion_conditions_the_lm_on_the_emitted_tokens_only(predictor):
+    """Frames 2 ∅ 3 3 ∅ 4 5 ∅ (blank frames, a repeated frame) decode to 2 3 4 5 with the LM too.
+    The LM is only ever stepped to <sos> followed by emitted tokens (never a blank, whatever the
+    frames), the winner's history among them; and the fused score is the plain search's plus
+    λ·log p_LM(2 3 4 5 <eos>) under the bigram table, exactly (the rigged AM keeps the same
+    alignments either way)."""
+    head = rigged_head(predictor)
+    hidden, lengths = frames_of(SCHEDULES[0][0]).unsqueeze(0), torch.tensor([8])
+    table = torch.randn(V_RIG, V_RIG, generator=torch.Generator().manual_seed(0))
+    table[:, 0] = -math.inf  # the LM never predicts blank
+    lm, lm_weight = HistoryLM(table.log_softmax(-1)), 0.3
+    (plain, plain_score), = modified_beam_search(head, hidden, lengths, 4, return_scores=True)
+    (fused, fused_score), = modified_beam_search(head, hidden, lengths, 4, lm=lm, lm_weight=lm_weight,
+                                                 return_scores=True)
+    assert plain == fused == [2, 3, 4, 5]
+    assert all(h[0] == 1 and 0 not in h and 1 not in h[1:] for h in lm.histories)
+    assert (1, 2, 3, 4, 5) in lm.histories and len(lm.histories) > 5  # other hypotheses were scored too
+    lm_log_prob = sum(float(lm.table[a, b]) for a, b in zip([1, 2, 3, 4, 5], [2, 3, 4, 5, 1]))
+    assert fused_score == pytest.approx(plain_score + lm_weight * lm_log_prob, abs=1e-5)
+
+
 # ---------------------------------------------------------------------------- training and the recipe
 def test_tiny_transducer_learns_to_transcribe_fixed_features():
     """Frame features that encode the token (with noise): 150 Adam steps of the pruned loss are

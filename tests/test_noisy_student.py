@@ -118,7 +118,7 @@ def test_attention_scores_need_ctc_frames_only_with_a_ctc_layer():
     assert hypothesis_scores(joint, hidden, lengths, [[2, 2]]) == [-math.inf]
     alone = AttentionHead(4, 5, ctc_weight=0.0, **small).eval()
     tokens = [2, 2, 3, 4]
-    expected = float(alone.sequence_log_probs(hidden, lengths, [tokens])[0]) / 5
+    expected = float(alone.sequence_log_probs(hidden, lengths, [tokens])[0].detach()) / 5
     assert hypothesis_scores(alone, hidden, lengths, [tokens]) == [pytest.approx(expected, rel=1e-5)]
 
 
@@ -132,7 +132,7 @@ def test_transducer_scores_hypotheses_longer_than_their_frames():
     predicted = head.joiner.predictor_proj(head.predictor(torch.tensor([[0, 3, 4]])))[0]  # g_0, g_1, g_2
     log_probs = head.joiner(head.joiner.encoder_proj(hidden[0, 0]), predicted).log_softmax(-1)  # (3 nodes, V)
     path = log_probs[0, 3] + log_probs[1, 4] + log_probs[2, 0]
-    assert hypothesis_scores(head, hidden, lengths, [tokens]) == [pytest.approx(float(path) / 3, rel=1e-5)]
+    assert hypothesis_scores(head, hidden, lengths, [tokens]) == [pytest.approx(float(path.detach()) / 3, rel=1e-5)]
 
 
 def test_pseudo_label_cli_writes_cuts_and_a_report(tmp_path: Path):

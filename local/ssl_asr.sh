@@ -21,8 +21,9 @@
 #                 labels + pseudo-labels with noise, is decoded and scored, and teaches the next
 #  10 results     exp/results.jsonl's new rows appended to RESULTS.jsonl (tracked: every run's
 #                 rows), RESULTS.md rendered from it
-# Every stage leaves a .done marker and is skipped when it exists (--force true redoes it);
-# training stages resume from their last checkpoint after a kill.
+# Every stage leaves a .done marker and is skipped when it exists (--force true redoes it:
+# training from update 0, its logs appended to); training stages resume from their last
+# checkpoint after a kill.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -78,8 +79,13 @@ done_or_force() {  # done_or_force MARKER: true (skip) when the work behind MARK
   if [ "$force" = true ]; then rm -f "$1"; return 1; fi
   [ -f "$1" ]
 }
-fresh_training() {  # fresh_training EXP_DIR: with --force, retrain from update 0, not from its checkpoint
-  if [ "$force" = true ]; then rm -rf "$1"; fi
+fresh_training() {  # fresh_training EXP_DIR...: with --force, train from update 0, not resume the old checkpoint
+  [ "$force" = true ] || return 0
+  local dir
+  for dir in "$@"; do  # the logs stay (appended to): the earlier run's remain readable
+    rm -rf $dir/checkpoint_last.pt $dir/model_{final,best,valid_*}.pt $dir/tensorboard \
+      $dir/.decode.done $dir/decode_*  # decodes of the old model
+  done
 }
 train() {  # train EXP_DIR CONFIG... -- OVERRIDES...
   local exp_dir=$1; shift
@@ -232,7 +238,8 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
 if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
   if done_or_force $pretrain_dir/.done; then log "pretrained $frontend ready ($pretrain_dir)"; else
     log "self-supervised pretraining of $frontend"
-    fresh_training $pretrain_dir
+    fresh_training $pretrain_dir $pretrain_dir/iter*
+    [ "$force" != true ] || rm -f $pretrain_dir/iter*/.*done  # each k-means iteration's k-means, labels, training
     pretrain_cuts=$manifests/${corpus}_cuts_pretrain$feats.jsonl.gz
     "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $(for s in $pretrain_splits; do cuts "$s"; done)
     if [ "$(kmeans_cli plan --count)" -gt 0 ]; then kmeans_pretraining "$pretrain_cuts"; else
@@ -265,7 +272,6 @@ finetune_system() {  # finetune_system pretrained|scratch [KEY=VALUE...]: stage 
   local system=$1 dir init="finetune.init_from=$pretrain_dir/model_final.pt"
   shift
   dir=$(system_dir $system)
-  fresh_training $dir
   [ $system != scratch ] || init="finetune.init_from=null"
   train $dir --config $(finetune_configs $system) --set task=asr data.train_cuts="$train_cuts" \
     data.valid_cuts="$(cuts $valid_set)" data.tokenizer=$lang/bpe.model "$init" "$@" $finetune_opts
@@ -278,7 +284,7 @@ finetune_together() {  # finetune_together SYSTEM...: one job each, the cores sh
   for system in "$@"; do
     mkdir -p $(system_dir $system)
     log "fine-tuning $(system_dir $system) ($threads threads; log: $(system_dir $system)/finetune.log)"
-    finetune_system $system trainer.num_threads=$threads > $(system_dir $system)/finetune.log 2>&1 &
+    finetune_system $system trainer.num_threads=$threads >> $(system_dir $system)/finetune.log 2>&1 &
     pids+=($!)
   done
   for i in "${!pids[@]}"; do
@@ -290,16 +296,21 @@ finetune_together() {  # finetune_together SYSTEM...: one job each, the cores sh
 
 if run_stage 5; then
   [ -z "$init_from" ] || [ -f $pretrain_dir/.done ] || import_init_from
-  [ -f "$labeled_cuts" ] || "$python" -m sslasr.bin.cuts subset --cuts "$(cuts train)" \
-    --seconds "$labeled_seconds" --out "$labeled_cuts"
-  if [ -n "$speed_perturb" ] && [ ! -f "$train_cuts" ]; then  # fbank frontends: the copies' features too
-    log "speed perturbation $speed_perturb of $labeled_cuts"
+  # the subset and its copies are made again under --force: stage 1 may have remade train
+  if [ "$labeled_seconds" != all ] && { [ "$force" = true ] || [ ! -f "$labeled_cuts" ]; }; then
+    "$python" -m sslasr.bin.cuts subset --cuts "$(cuts train)" --seconds "$labeled_seconds" --out "$labeled_cuts"
+  fi
+  if [ -n "$speed_perturb" ] && { [ "$force" = true ] || [ ! -f "$train_cuts" ]; }; then
+    log "speed perturbation $speed_perturb of $labeled_cuts"  # fbank frontends: the copies' features too
     "$python" -m sslasr.bin.cuts perturb-speed --cuts "$labeled_cuts" --factors $speed_perturb \
       ${feats:+--fbank-storage data/fbank} --num-jobs "$nj" --out "$train_cuts"
   fi
   pending=()
   for system in $systems; do
-    if done_or_force $(system_dir $system)/.done; then log "$(system_dir $system) ready"; else pending+=($system); fi
+    if done_or_force $(system_dir $system)/.done; then log "$(system_dir $system) ready"; else
+      fresh_training $(system_dir $system)
+      pending+=($system)
+    fi
   done
   if [ "$finetune_jobs" -gt 1 ] && [ ${#pending[@]} -gt 1 ] && [ "$nproc" -eq 1 ] && [ -z "$launcher" ]; then
     finetune_together "${pending[@]}"
@@ -442,13 +453,15 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
     student=$noisy_student_dir/gen$g
     labels=$student/pseudo_labels
     if done_or_force $labels/.done; then log "generation $g: pseudo-labels ready"; else
+      # decode keeps the sets it finished (resuming a kill): under --force, the old teacher's would stay
+      [ "$force" != true ] || rm -rf $labels
       pseudo_label $teacher $labels
       "$python" -m sslasr.bin.cuts combine --out $labels/student_train.jsonl.gz "$train_cuts" $labels/pseudo_labeled.jsonl.gz
       touch $labels/.done
     fi
     if done_or_force $student/.done; then log "generation $g: student ready"; else
       log "generation $g: training the noisy student $student"
-      [ "$force" != true ] || rm -rf $student/checkpoints $student/model_final.pt
+      fresh_training $student
       train $student --config $(finetune_configs pretrained) $conf_dir/noisy_student.yaml --set task=asr \
         data.train_cuts=$labels/student_train.jsonl.gz data.valid_cuts="$(cuts $valid_set)" \
         data.tokenizer=$lang/bpe.model finetune.init_from=$pretrain_dir/model_final.pt $finetune_opts

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lhotse import CutSet
 
 from recipe_smoke import SMOKE, recipe_copy, recipe_with_data, run_recipe
 from sslasr.scoring import read_results
@@ -95,3 +96,34 @@ def test_pretraining_resumes_after_sigkill(tmp_path: Path, prepared_minisynth: P
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from exp/pretrain_wav2vec2/checkpoint_last.pt at update {killed_at}" in resumed.stderr
     assert torch.load(recipe / "exp/pretrain_wav2vec2/model_final.pt", weights_only=False)["num_updates"] == 12
+
+
+def test_forced_finetuning_retrains_from_update_0_and_keeps_its_logs(tmp_path: Path, prepared_minisynth: Path):
+    """--force true on stage 5 makes the labeled subset and its speed-perturbed copies again, and
+    trains both systems (fine-tuned together: finetune_jobs=2) from update 0 instead of resuming
+    the old checkpoint, appending to their logs rather than deleting them."""
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
+    opts = list(SMOKE)
+    opts[opts.index("--finetune-opts") + 1] += " trainer.log_every=1"
+    opts += ["--labeled", "30", "--speed-perturb", "1.1"]
+    first = run_recipe(recipe, *opts, "--stage", "4", "--stop-stage", "5", timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    subset = recipe / "data/manifests/minisynth_cuts_train_30.jsonl.gz"
+    perturbed = recipe / "data/manifests/minisynth_cuts_train_30_sp1.1.jsonl.gz"
+    labeled = len(CutSet.from_file(subset))
+    assert 1 < labeled < 40 and len(CutSet.from_file(perturbed)) == 2 * labeled
+    for path in (subset, perturbed):  # stale, as if stage 1 had remade train since
+        CutSet.from_file(path).subset(first=1).to_file(path)
+
+    forced = run_recipe(recipe, *opts, "--stage", "5", "--stop-stage", "5", "--force", "true", timeout=600)
+    assert forced.returncode == 0, forced.stderr[-4000:]
+    assert len(CutSet.from_file(subset)) == labeled and len(CutSet.from_file(perturbed)) == 2 * labeled
+    for system in ("ctc_wav2vec2_30_sp1.1", "ctc_scratch_wav2vec2_30_sp1.1"):
+        exp = recipe / "exp" / system
+        train_log = (exp / "train.rank0.log").read_text()
+        assert "resumed from" not in train_log, system
+        assert train_log.count("command: ") == 2, system  # the first run's lines are still there
+        assert train_log.count("train update 1:") == train_log.count("train update 4:") == 2, system
+        assert (exp / "finetune.log").read_text().count("train update 1:") == 2, system
+        assert torch.load(exp / "model_final.pt", weights_only=False)["num_updates"] == 4
+        assert len(list((exp / "tensorboard").glob("events.*"))) == 1, system  # the old run's removed

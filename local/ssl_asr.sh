@@ -21,6 +21,7 @@
 #                 labels + pseudo-labels with noise, is decoded and scored, and teaches the next
 #  10 results     exp/results.jsonl's new rows appended to RESULTS.jsonl (tracked: every run's
 #                 rows), RESULTS.md rendered from it
+# Outputs of stages 4-10 go under exp/, or exp/conf_<name>/ for another --conf-dir (see $exp).
 # Every stage leaves a .done marker and is skipped when it exists (--force true redoes it:
 # training from update 0, its logs appended to); training stages resume from their last
 # checkpoint after a kill.
@@ -58,7 +59,7 @@ lm_opts=""             # extra `key=value` config overrides for stage 6
 decode_opts=""         # extra options for sslasr.bin.decode, e.g. a wider λ grid for decoded systems:
                        #   --stage 7 --stop-stage 8 --force true --decode-opts "--tune-lm-weights 0.6 1 1.5 2" (then --stage 10)
 python=${SSLASR_PYTHON:-$root/.venv/bin/python}
-conf_dir=${conf_dir:-conf}
+conf_dir=${conf_dir:-conf}  # another (e.g. conf/gpu) trains in its own exp root: exp/conf_gpu (see $exp below)
 corpus=${corpus:?run.sh must set corpus}
 test_sets=${test_sets:-"dev test"}
 pretrain_splits=${pretrain_splits:-"train unlabeled"}
@@ -141,9 +142,14 @@ cuts() { echo "$manifests/${corpus}_cuts_$1$feats.jsonl.gz"; }
 systems=""
 [ "$no_pretrain" = true ] || systems="pretrained"
 { [ "$no_pretrain" = true ] || [ "$compare_scratch" = true ]; } && systems="$systems scratch"
-pretrain_dir=exp/pretrain_$frontend_tag
+# Models of another --conf-dir must not resume or overwrite the default one's: their exp root is
+# exp/conf_<the dir without a leading conf/, other characters than [A-Za-z0-9._-] as _>
+exp=exp
+conf_name=${conf_dir#./}; conf_name=${conf_name%/}
+[ "$conf_name" = conf ] || exp=exp/conf_$(printf %s "${conf_name#conf/}" | tr -c 'A-Za-z0-9._-' '_')
+pretrain_dir=$exp/pretrain_$frontend_tag
 system_dir() {  # system_dir pretrained|scratch
-  if [ "$1" = pretrained ]; then echo "exp/${head}_${frontend_tag}_${labeled_tag}$sp_tag"; else echo "exp/${head}_scratch_${frontend_tag}_${labeled_tag}$sp_tag"; fi
+  if [ "$1" = pretrained ]; then echo "$exp/${head}_${frontend_tag}_${labeled_tag}$sp_tag"; else echo "$exp/${head}_scratch_${frontend_tag}_${labeled_tag}$sp_tag"; fi
 }
 
 if run_stage 0; then
@@ -319,7 +325,7 @@ if run_stage 5; then
   fi
 fi
 
-lm_dir=exp/lm_${token_type}_${vocab_size}
+lm_dir=$exp/lm_${token_type}_${vocab_size}
 if run_stage 6; then
   if [ ! -f $conf_dir/lm.yaml ]; then log "no $conf_dir/lm.yaml: no LM"
   elif done_or_force $lm_dir/.done; then log "LM ready ($lm_dir)"; else
@@ -392,7 +398,7 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION [KEY=VALUE...
       out=$dir/decode_${test_set}_${method/+lm/_lm}
       if done_or_force $out/.scored; then continue; fi
       "$python" -m sslasr.bin.score --ref $out/ref.txt --hyp $out/hyp.txt --out-dir $out \
-        --results exp/results.jsonl --set corpus=$corpus test_set=$test_set frontend=$row_frontend \
+        --results $exp/results.jsonl --set corpus=$corpus test_set=$test_set frontend=$row_frontend \
         head=$head decoding=$method lm_weight=$(json_value $out/decode_info.json lm_weight) \
         length_bonus=$(json_value $out/decode_info.json length_bonus) $lm_row \
         model_parameters=$(json_value $out/decode_info.json model_parameters null) \
@@ -416,7 +422,7 @@ fi
 # transcribes the unlabeled pool with its best method; the filtered pseudo-labels plus the labels
 # train a student from the pretrained encoder with the fine-tuning configs' noise (masking,
 # dropout), conf/noisy_student.yaml merged over them; the student, decoded and scored, teaches g + 1.
-noisy_student_dir=exp/noisy_student_${head}_${frontend_tag}_${labeled_tag}$sp_tag
+noisy_student_dir=$exp/noisy_student_${head}_${frontend_tag}_${labeled_tag}$sp_tag
 pseudo_label_search() {  # pseudo_label_search TEACHER_DIR: "METHOD BEAM" of pseudo_label (method: else the teacher's last)
   "$python" - "$conf_dir/noisy_student.yaml" "$(decode_methods $1)" <<'EOF'
 import sys
@@ -478,7 +484,7 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
 fi
 
 if run_stage 10; then
-  "$python" -m sslasr.bin.render_results --results exp/results.jsonl --archive RESULTS.jsonl \
+  "$python" -m sslasr.bin.render_results --results $exp/results.jsonl --archive RESULTS.jsonl \
     --out RESULTS.md --title "$corpus results"
   log "wrote RESULTS.md"
 fi

@@ -127,3 +127,19 @@ def test_forced_finetuning_retrains_from_update_0_and_keeps_its_logs(tmp_path: P
         assert (exp / "finetune.log").read_text().count("train update 1:") == 2, system
         assert torch.load(exp / "model_final.pt", weights_only=False)["num_updates"] == 4
         assert len(list((exp / "tensorboard").glob("events.*"))) == 1, system  # the old run's removed
+
+
+def test_another_conf_dir_has_its_own_exp_root(tmp_path: Path, prepared_minisynth: Path):
+    """--conf-dir conf/alt trains in exp/conf_alt/ and writes nothing in the default exp root, so
+    its models never resume from or overwrite conf/'s. Stage 6 (the LM) stands for every stage."""
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
+    alt = recipe / "conf/alt"
+    alt.mkdir()
+    for path in (recipe / "conf").glob("*.yaml"):  # one level deeper: the `_base_:` paths get one more ../
+        (alt / path.name).write_text(path.read_text().replace("../../../conf/", "../../../../conf/"))
+    result = run_recipe(recipe, *SMOKE, "--conf-dir", "conf/alt", "--stage", "6", "--stop-stage", "6", timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lm = recipe / "exp/conf_alt/lm_char_40"
+    for name in (".done", "model_final.pt", "perplexity.json", "words.txt"):
+        assert (lm / name).exists(), name
+    assert [path.name for path in (recipe / "exp").iterdir()] == ["conf_alt"]

@@ -6,7 +6,7 @@
 #   ./run.sh --corpus-dir ../../../shared/data/speechocean762     # a Kaldi-style copy (this machine's)
 #   ./run.sh                                                     # downloads the release (520 MB)
 #   ./run.sh --stage 5 --stop-stage 10 --labeled 10m              # 10 min / 1h / all of train
-#   ./run.sh --conf-dir conf/gpu --nproc 4                       # base-size models on GPUs
+#   ./run.sh --conf-dir conf/gpu --nproc 4                       # base-size models on GPUs, in exp/conf_gpu/
 #   ./run.sh --frontend w2vbert --model-size medium               # 9.7 M parameters (conf/frontend_w2vbert_medium.yaml)
 # Splits (local/data.sh): dev = 10 train speakers held out (seeded); test = the corpus's test/
 # or, where a copy lacks it (the shared one does), 20 more held-out train speakers. No dev or

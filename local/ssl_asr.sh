@@ -176,7 +176,9 @@ if run_stage 2; then
   if [ "$input_type" != fbank ]; then log "$frontend reads raw waveforms: no features to compute"
   elif done_or_force $manifests/.fbank.done; then log "fbank ready"; else
     for f in $manifests/${corpus}_cuts_*.jsonl.gz; do
-      case "$f" in *_fbank.jsonl.gz) continue ;; esac
+      # skip manifests with features: this stage's outputs and what stage 5 made of them
+      # (the labeled subset *_fbank.jsonl.gz, its speed-perturbed copies *_fbank_sp0.9-1.1.jsonl.gz)
+      case "$f" in *_fbank.jsonl.gz|*_fbank_*.jsonl.gz) continue ;; esac
       "$python" -m sslasr.bin.compute_fbank --cuts "$f" --out-cuts "${f%.jsonl.gz}_fbank.jsonl.gz" \
         --storage data/fbank --num-jobs "$nj"
     done

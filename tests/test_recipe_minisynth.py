@@ -143,3 +143,16 @@ def test_another_conf_dir_has_its_own_exp_root(tmp_path: Path, prepared_minisynt
     for name in (".done", "model_final.pt", "perplexity.json", "words.txt"):
         assert (lm / name).exists(), name
     assert [path.name for path in (recipe / "exp").iterdir()] == ["conf_alt"]
+
+
+def test_fbank_stage_skips_manifests_with_features(tmp_path: Path, prepared_minisynth: Path):
+    """Stage 2 computes fbank for each split's manifest, not again for manifests that have it:
+    stage 5's speed-perturbed copies of an fbank subset are named *_fbank_sp<factors>.jsonl.gz."""
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
+    manifests = recipe / "data/manifests"
+    shutil.copy(manifests / "minisynth_cuts_dev.jsonl.gz", manifests / "minisynth_cuts_train_30_fbank_sp1.1.jsonl.gz")
+    result = run_recipe(recipe, *SMOKE, "--frontend", "w2vbert", "--stage", "2", "--stop-stage", "2", timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for split in ("train", "unlabeled", "dev", "test"):
+        assert (manifests / f"minisynth_cuts_{split}_fbank.jsonl.gz").exists(), split
+    assert not list(manifests.glob("*_fbank_*_fbank.jsonl.gz"))

@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -739,3 +740,43 @@ class _SeenBatchesTask(_ToyTask):
     def __init__(self, batches):
         super().__init__(batches)
         self.seen: List[int] = []
+
+
+class _UnevenValidationTask(_ToyTask):
+    """Rank 1 has no validation batches, so it reports no loss at all."""
+
+    def validate(self, model, loader):
+        if self.rank == 1:
+            return {"weight": 0.0}
+        return {"loss": 6.0, "weight": 3.0, "accuracy": 1.5}
+
+
+def _uneven_validation_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist = init_distributed()
+    try:
+        task = _UnevenValidationTask([], rank=rank)
+        trainer = Trainer(_toy_cfg(1), task, Path(out_dir) / "exp", dist)
+        logged = []
+        trainer._log = lambda metrics, split: logged.append(metrics)
+        trainer._validate("dev")
+        torch.save(logged, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_validation_stats_missing_on_one_rank_count_zero_there(tmp_path):
+    """Every rank must make the same reductions: with the stat names agreed first, a rank that
+    lacks one adds 0 instead of leaving the others waiting on a reduction it never makes."""
+    context = mp.spawn(_uneven_validation_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    started = time.monotonic()
+    while not context.join(timeout=5):  # False until every rank has exited
+        if time.monotonic() - started > 120:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks hung in validation")
+    for rank in (0, 1):
+        assert _load(tmp_path / f"rank{rank}.pt") == [{"loss": 2.0, "accuracy": 0.5}]

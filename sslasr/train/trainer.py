@@ -328,9 +328,7 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             stats = self.task.validate(self.model, OnDevice(loader, self.dist.device))
-        # on the rank's device: NCCL reduces only CUDA tensors
-        totals = {k: all_reduce_sum(torch.tensor([v], dtype=torch.float64, device=self.dist.device)).item()
-                  for k, v in stats.items()}
+        totals = _sum_over_ranks(stats, self.dist.device)
         metrics = _finalize_valid(totals)
         finalize = getattr(self.task, "finalize_valid", None)  # derived metrics, e.g. perplexity
         if finalize is not None:
@@ -417,6 +415,15 @@ class OnDevice:
 
     def __iter__(self):
         return (to_device(batch, self.device) for batch in self.loader)
+
+
+def _sum_over_ranks(stats: Dict[str, float], device: torch.device) -> Dict[str, float]:
+    """Each stat summed over the ranks, in one reduction. A rank may lack some (a rank with no
+    validation batches reports fewer): the names are agreed first, a missing one counts 0. On the
+    rank's device, since NCCL reduces only CUDA tensors."""
+    names = sorted(set().union(*all_gather_objects(sorted(stats))))
+    values = torch.tensor([float(stats.get(name, 0.0)) for name in names], dtype=torch.float64, device=device)
+    return dict(zip(names, all_reduce_sum(values).tolist()))
 
 
 def _finalize_valid(totals: Dict[str, float]) -> Dict[str, float]:

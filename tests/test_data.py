@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
 from lhotse.audio import AudioSource
+from shared_data import shared_data_dir
 
 from sslasr.bin import compute_fbank as compute_fbank_cli
 from sslasr.bin import cuts as cuts_cli
@@ -23,7 +24,7 @@ from sslasr.data.tokenizer import Tokenizer, train_tokenizer
 from sslasr.train.trainer import SkipBatches
 
 SR = 16000
-REAL_CORPUS = Path("/work/shared/data/speechocean762")
+REAL_CORPUS = shared_data_dir() / "speechocean762"
 GOOD = {  # utt-id: (seconds, speaker, text)
     "a1": (1.0, "spkA", "HELLO WORLD"), "a2": (1.3, "spkA", "GOOD MORNING"),
     "b1": (1.6, "spkB", "WE CALL IT BEAR"), "b2": (0.9, "spkB", "ZERO THREE FIVE ONE"),
@@ -504,7 +505,7 @@ def test_ddp_training_ranks_get_disjoint_shards(tmp_path):
 
 
 # ------------------------------------------------------------------ real corpus
-@pytest.mark.skipif(not (REAL_CORPUS / "train" / "wav.scp").exists(), reason="speechocean762 not available")
+@pytest.mark.skipif(not (REAL_CORPUS / "train" / "wav.scp").exists(), reason=f"speechocean762 is not at {REAL_CORPUS}")
 def test_real_corpus_few_utterances(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     prepare_cli.main(["--corpus-dir", str(REAL_CORPUS), "--corpus", "so762", "--splits", "train",

@@ -20,7 +20,6 @@ import yaml
 from lhotse import CutSet, Recording
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file, save_file  # noqa: E402  (comes with transformers)
 
 from recipe_smoke import SMOKE, recipe_with_data, run_recipe  # noqa: E402
 from sslasr import cli  # noqa: E402

@@ -5,7 +5,6 @@ the OpenSLR release layout and of broken corpus folders (synthetic audio)."""
 
 import json
 import logging
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -16,6 +15,7 @@ import soundfile as sf
 from lhotse import CutSet
 
 from recipe_smoke import REPO, dry_run_parameters, run_recipe
+from shared_data import shared_data_dir
 from sslasr.bin import cuts as cuts_cli
 from sslasr.bin.kmeans import training_overrides
 from sslasr.bin.train import dry_run
@@ -25,8 +25,7 @@ from sslasr.data.speechocean762 import prepare
 from sslasr.data.tokenizer import Tokenizer
 from sslasr.utils.config import load_configs
 
-# ../shared/data next to the checkout, or wherever SSLASR_SHARED_DATA points (a clone elsewhere)
-SHARED = Path(os.environ.get("SSLASR_SHARED_DATA", REPO.parent / "shared" / "data")) / "speechocean762"
+SHARED = shared_data_dir() / "speechocean762"
 MAX_UTTS = 120  # the first 6 speakers of train (20 utterances each), 120 unlabeled recordings
 DATA_OPTS = f"--max-utts {MAX_UTTS} --dev-speakers 2 --test-speakers 1"
 needs_corpus = pytest.mark.skipif(not (SHARED / "train" / "wav.scp").is_file(),

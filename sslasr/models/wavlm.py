@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
 import torch
-from torch import nn
 
 from sslasr.models.blocks.relative_position import GatedRelativePositionBias, RelativePositionBias
 from sslasr.models.blocks.transformer import TransformerConfig, TransformerEncoder
-from sslasr.models.hubert import HubertPretrainConfig, HubertPretrainer
+from sslasr.models.hubert import HubertPretrainer
 from sslasr.models.wav2vec2 import MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig
 
 

@@ -6,6 +6,7 @@ train on the GPU when one is visible.
 
 SSLASR_TEST_DEVICE=cpu runs these on the CPU instead, to check the tests themselves."""
 
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from sslasr.models.lm import build_lm
 from sslasr.train.distributed import DistInfo
 from sslasr.train.trainer import Trainer
 from sslasr.utils.config import load_configs
+from test_ctc_beam import tiny_system  # noqa: F401  (fixture: a tiny CTC system, its LM, two sets)
 
 DEVICE = torch.device(os.environ.get("SSLASR_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -217,3 +219,20 @@ def test_trainer_feeds_the_gpu_model_and_resumes_on_it(tmp_path, amp):
     resumed.fit()
     assert resumed.num_updates == 5 and resumed.kept_models
     assert torch.load(tmp_path / "model_final.pt", weights_only=False)["num_updates"] in (2, 4, 5)
+
+
+def test_decode_cli_on_the_gpu_writes_what_the_cpu_writes(tiny_system, tmp_path):  # noqa: F811
+    """decode.py --device: every CTC method, lexicon and LM ones included, finds the same
+    hypotheses on the GPU as on the CPU, and says where it ran."""
+    from sslasr.bin import decode
+    (tmp_path / "words.txt").write_text("AB\nBA\nA\nB\n")
+    methods = ["ctc_greedy", "ctc_beam", "ctc_lexicon", "ctc_beam+lm", "ctc_lexicon+lm"]
+    for device in ("cpu", DEVICE.type):
+        decode.main(["--model", tiny_system["model"], "--lm", tiny_system["lm"], "--lexicon", str(tmp_path / "words.txt"),
+                     "--cuts", f"dev={tiny_system['dev']}", "--methods", *methods, "--lm-weight", "0.5",
+                     "--device", device, "--out-dir", str(tmp_path / device / "{method}")])
+    for method in methods:
+        folder = method.replace("+lm", "_lm")
+        cpu, gpu = (tmp_path / device / folder for device in ("cpu", DEVICE.type))
+        assert (gpu / "hyp.txt").read_text() == (cpu / "hyp.txt").read_text(), method
+        assert json.loads((gpu / "decode_info.json").read_text())["device"] == DEVICE.type

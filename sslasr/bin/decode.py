@@ -112,9 +112,12 @@ def run_searches(model: AsrModel, cfg: Dict, tokenizer: Tokenizer, cuts_path: st
                              max_duration=max_duration, shuffle=False,
                              normalize_waveform=cfg.get("data", {}).get("normalize_waveform", False))
     result = SetPass(searches)
+    device = next(model.parameters()).device
     for batch in loader:
         start = time.perf_counter()
-        encoded = model.encoder(batch["inputs"], batch["input_lens"])
+        encoded = model.encoder(batch["inputs"].to(device), batch["input_lens"].to(device))
+        if device.type == "cuda":  # the encoder's time, not its kernel launches'
+            torch.cuda.synchronize(device)
         result.encode_seconds += time.perf_counter() - start
         for search in searches.values():
             start = time.perf_counter()
@@ -190,6 +193,8 @@ def main(argv=None) -> None:
     parser.add_argument("--confidence", action="store_true", help="also write scores.txt (see above)")
     parser.add_argument("--max-duration", type=float, default=200.0, help="seconds of audio per batch")
     parser.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="auto", help="where the model and LM run: cpu, cuda[:N], or auto "
+                        "(the GPU when one is visible)")
     args = parser.parse_args(argv)
     try:
         sets = parse_cuts(args.cuts)
@@ -198,7 +203,9 @@ def main(argv=None) -> None:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
 
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model, cfg, tokenizer = load_trained_asr(args.model)
+    model.to(device)
     model_parameters = sum(p.numel() for p in model.parameters())  # recorded in every decode_info.json
     decode_cfg = cfg.get("decode", {})
     methods = args.methods or (decode_cfg.get("methods", [model.head.greedy_method])
@@ -210,7 +217,7 @@ def main(argv=None) -> None:
                          f"{', '.join(model.head.methods)} (each also as METHOD{LM_SUFFIX})")
     if (len(sets) > 1 and "{set}" not in args.out_dir) or (len(methods) > 1 and "{method}" not in args.out_dir):
         parser.error("--out-dir needs {set} and {method} in it to tell several sets and methods apart")
-    lm = load_lm(args.lm) if fused and args.lm else None
+    lm = load_lm(args.lm).to(device) if fused and args.lm else None
     if fused and lm is None:
         parser.error(f"{', '.join(fused)} need --lm")
     if lm is not None and lm.vocab_size != tokenizer.vocab_size:
@@ -249,7 +256,7 @@ def main(argv=None) -> None:
             info = {"method": method.removesuffix(LM_SUFFIX), "set": set_name, "cuts": sets[set_name],
                     "lm": args.lm if method.endswith(LM_SUFFIX) else None,
                     "lexicon": args.lexicon if uses_lexicon(method) else None,
-                    "model_parameters": model_parameters}
+                    "model_parameters": model_parameters, "device": device.type}
             if method not in searches:
                 search = tune_on_set(method, searches, set_pass, out_dir, args.lm)
                 fusion[method] = (search.options.lm_weight, search.options.length_bonus)

@@ -533,3 +533,27 @@ def test_lexicon_cli_writes_the_words_a_char_tokenizer_spells(tmp_path):
     for token in tokenizer.encode("CA"):
         node = lexicon.next_nodes(node, np.array([token]))[:, 0]
     assert not lexicon.is_complete(node)[0]
+
+
+def test_a_decoding_with_another_beam_or_lexicon_is_redone(tiny_system, tmp_path):
+    """A rerun with another --beam-size redoes the beam searches but not greedy; another lexicon
+    redoes the lexicon search only; the same settings redo nothing."""
+    from sslasr.bin import decode
+    methods = ("ctc_greedy", "ctc_beam", "ctc_lexicon")
+    for name, words in (("words.txt", "AB\nBA\n"), ("fewer_words.txt", "AB\n")):
+        (tmp_path / name).write_text(words)
+
+    def run(*extra, lexicon="words.txt"):
+        decode.main(["--model", tiny_system["model"], "--cuts", f"dev={tiny_system['dev']}", "--methods", *methods,
+                     "--lexicon", str(tmp_path / lexicon), "--out-dir", str(tmp_path / "{method}"), *extra])
+        return {m: (tmp_path / m / "decode_info.json").stat().st_mtime_ns for m in methods}
+
+    first = run()
+    assert run() == first
+    second = run("--beam-size", "2")
+    assert second["ctc_greedy"] == first["ctc_greedy"]
+    assert second["ctc_beam"] != first["ctc_beam"] and second["ctc_lexicon"] != first["ctc_lexicon"]
+    assert json.loads((tmp_path / "ctc_beam/decode_info.json").read_text())["beam_size"] == 2
+    third = run("--beam-size", "2", lexicon="fewer_words.txt")
+    assert (third["ctc_greedy"], third["ctc_beam"]) == (first["ctc_greedy"], second["ctc_beam"])
+    assert third["ctc_lexicon"] != second["ctc_lexicon"]

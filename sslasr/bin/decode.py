@@ -18,8 +18,8 @@ METHOD+lm without a reusable tuning is decoded and tuned there again, even where
 (with --lm-weight) left a decoding of it.
 --lexicon words.txt gives the lexicon of lexicon-constrained methods (ctc_lexicon: the CTC prefix
 beam search spelling only those words). `{method}` in --out-dir reads METHOD_lm for METHOD+lm. A (set, method) whose folder holds
-decode_info.json is skipped (it is written last) unless --overwrite; for METHOD+lm only when that file
-records this run's --lm, λ and β (a decoding with other ones is redone). Search settings (beam sizes,
+decode_info.json is skipped (it is written last) unless --overwrite, when that file records this run's
+beam size (beam searches) and --lexicon, and for METHOD+lm its --lm, λ and β (else it is redone). Search settings (beam sizes,
 ...) come from the model config's `decode` section; --beam-size overrides them. With --confidence,
 scores.txt gives each hypothesis's length-normalised score, −loss(hyp)/(|hyp| + 1) under the head's
 own training loss (what noisy-student pseudo-label filtering ranks by).
@@ -244,8 +244,9 @@ def main(argv=None) -> None:
 
     # the tuning set first: the other sets' fused searches use its λ, β
     for set_name in sorted(sets, key=lambda name: name != args.tune_on):
-        pending = [m for m in methods if args.overwrite
-                   or not already_decoded(out_dir_of(args.out_dir, set_name, m), m, fusion, args.lm)]
+        pending = [m for m in methods if args.overwrite or not already_decoded(
+            out_dir_of(args.out_dir, set_name, m), m, fusion, args.lm,
+            options(m, *fusion.get(m, (0.0, 0.0))).beam_size, args.lexicon if uses_lexicon(m) else None)]
         if not pending:
             logging.info("%s: every method already decoded", set_name)
             continue
@@ -302,18 +303,22 @@ def _grid_text(points) -> str:
     return f"λ {lm_weights} × β {length_bonuses}"
 
 
-def already_decoded(out_dir: Path, method: str, fusion: Dict[str, Tuple[float, float]], lm: Optional[str]) -> bool:
-    """Whether OUT_DIR holds a finished decoding of METHOD as this run would make it. For METHOD+lm
-    that means with this run's LM and λ, β: an earlier run's (say with --lm-weight) is redone, and
-    while λ, β are still to be tuned nothing counts as decoded."""
+def already_decoded(out_dir: Path, method: str, fusion: Dict[str, Tuple[float, float]], lm: Optional[str],
+                    beam_size: int, lexicon: Optional[str]) -> bool:
+    """Whether OUT_DIR holds a finished decoding of METHOD as this run would make it: with this
+    run's beam size and lexicon, and for METHOD+lm its LM and λ, β (an earlier run's, say with
+    --lm-weight, is redone; while λ, β are still to be tuned nothing counts as decoded)."""
     info_file = out_dir / "decode_info.json"
     if not info_file.exists():
+        return False
+    info = json.loads(info_file.read_text())
+    searched_with_beam = not method.removesuffix(LM_SUFFIX).endswith("_greedy")
+    if (searched_with_beam and info.get("beam_size") != beam_size) or info.get("lexicon") != lexicon:
         return False
     if not method.endswith(LM_SUFFIX):
         return True
     if method not in fusion:
         return False
-    info = json.loads(info_file.read_text())
     return (info.get("lm"), info.get("lm_weight"), info.get("length_bonus")) == (lm, *fusion[method])
 
 

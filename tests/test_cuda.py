@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -236,3 +237,19 @@ def test_decode_cli_on_the_gpu_writes_what_the_cpu_writes(tiny_system, tmp_path)
         cpu, gpu = (tmp_path / device / folder for device in ("cpu", DEVICE.type))
         assert (gpu / "hyp.txt").read_text() == (cpu / "hyp.txt").read_text(), method
         assert json.loads((gpu / "decode_info.json").read_text())["device"] == DEVICE.type
+
+
+def test_hidden_layer_features_on_the_gpu_match_the_cpu(tmp_path):
+    """HuBERT's iteration-2 features (a layer of the iteration-1 model) on the GPU: the CPU's to
+    1e-4, computed in this process even when worker processes are asked for."""
+    from sslasr.data.frame_features import cut_features
+    from sslasr.data.loader import load_cuts
+    from test_hubert import _audio_cuts, _tiny_checkpoint
+    _tiny_checkpoint(tmp_path / "model.pt")
+    cuts = list(load_cuts(_audio_cuts(tmp_path)))
+    on_cpu = list(cut_features(cuts, "layer", tmp_path / "model.pt", layer=1, num_jobs=1))
+    on_gpu = list(cut_features(cuts, "layer", tmp_path / "model.pt", layer=1, num_jobs=2, device=DEVICE))
+    assert [cut.id for cut, _ in on_gpu] == [cut.id for cut in cuts]
+    for (_, cpu), (_, gpu) in zip(on_cpu, on_gpu):
+        assert gpu.shape == cpu.shape and gpu.dtype == cpu.dtype
+        np.testing.assert_allclose(gpu, cpu, atol=1e-4, rtol=1e-4)

@@ -61,14 +61,15 @@ def training_overrides(cfg: Dict, number: int, previous_model: Optional[str] = N
     return overrides
 
 
-def fit(cfg: Dict, number: int, cuts_path: str, model: Optional[str], out: Path, num_jobs: int = 1) -> Dict:
+def fit(cfg: Dict, number: int, cuts_path: str, model: Optional[str], out: Path, num_jobs: int = 1,
+        device: str = "cpu") -> Dict:
     kmeans = KMeansConfig.from_dict(cfg.get("kmeans"))
     iteration = kmeans.iteration(number)
     features = build_features(iteration.features, model, iteration.layer)
     start = time.monotonic()
     chosen = np.random.default_rng(kmeans.seed)
     cuts = (cut for cut in load_cuts(cuts_path) if chosen.random() < kmeans.cuts_fraction)
-    frames = (f for _, f in cut_features(cuts, iteration.features, model, iteration.layer, num_jobs))
+    frames = (f for _, f in cut_features(cuts, iteration.features, model, iteration.layer, num_jobs, device))
     sample, seen = sample_frames(frames, kmeans.frames_budget, kmeans.seed)
     log.info("iteration %d: %s features (dim %d, %g Hz), sampled %d of %d frames in %.0f s", number,
              iteration.features, sample.shape[1], features.frame_rate, len(sample), seen, time.monotonic() - start)
@@ -88,7 +89,7 @@ def fit(cfg: Dict, number: int, cuts_path: str, model: Optional[str], out: Path,
 
 
 def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, model: Optional[str] = None,
-          num_jobs: int = 1) -> Dict:
+          num_jobs: int = 1, device: str = "cpu") -> Dict:
     """Labels with the features the k-means was fitted on (kind, layer and model from its file)."""
     kmeans = KMeansConfig.from_dict(cfg.get("kmeans"))
     state = torch.load(kmeans_path, map_location="cpu", weights_only=False)
@@ -101,7 +102,7 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
     counts = np.zeros(len(centers), dtype=np.int64)
     start = time.monotonic()
     for path in cuts_paths:
-        pairs = cut_features(load_cuts(path), spec["kind"], model, spec["layer"], num_jobs)
+        pairs = cut_features(load_cuts(path), spec["kind"], model, spec["layer"], num_jobs, device)
         with atomic_path(out_dir / Path(path).name) as tmp, CutSet.open_writer(tmp) as manifest:
             for cut in label_cuts(pairs, centers, writer, kmeans.targets_field, features.frame_rate,
                                   counts, kmeans.assign_block_frames):
@@ -122,6 +123,8 @@ def get_parser() -> argparse.ArgumentParser:
     common.add_argument("--num-jobs", type=int, default=1,
                         help="processes computing features, one thread each (small per-cut ops scale "
                              "better over processes than over threads)")
+    common.add_argument("--device", default="auto", help="where a model's layer features are computed: cpu, "
+                        "cuda[:N], or auto (the GPU when one is visible); MFCCs are always on the CPU")
     plan = commands.add_parser("plan", parents=[common], help="iteration count or training overrides")
     which = plan.add_mutually_exclusive_group(required=True)
     which.add_argument("--count", action="store_true", help="print the number of k-means iterations (0: none)")
@@ -151,10 +154,11 @@ def main(argv=None) -> None:
         return
     setup_logging()
     torch.set_num_threads(1)  # before any worker forks; the k-means matmuls are small too
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.command == "fit":
-        fit(cfg, args.iteration, args.cuts, args.model, args.out, args.num_jobs)
+        fit(cfg, args.iteration, args.cuts, args.model, args.out, args.num_jobs, device)
     else:
-        label(cfg, args.kmeans, args.cuts, args.out_dir, args.model, args.num_jobs)
+        label(cfg, args.kmeans, args.cuts, args.out_dir, args.model, args.num_jobs, device)
 
 
 if __name__ == "__main__":

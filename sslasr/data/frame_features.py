@@ -62,9 +62,9 @@ class MfccFeatures:
 
 class HiddenLayerFeatures:
     """Output of Transformer layer `layer` (1-based) of a pretrained model's encoder, one cut at
-    a time (no padding, so a cut's features never depend on its batch), in eval mode."""
+    a time (no padding, so a cut's features never depend on its batch), in eval mode, on DEVICE."""
 
-    def __init__(self, checkpoint: Union[str, Path], layer: int):
+    def __init__(self, checkpoint: Union[str, Path], layer: int, device: Union[str, torch.device] = "cpu"):
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         cfg = state["config"]
         self.encoder = get_frontend(cfg["frontend"]).build_encoder(cfg["frontend"]["encoder"])
@@ -72,7 +72,8 @@ class HiddenLayerFeatures:
         if not weights:
             raise ValueError(f"{checkpoint} holds no encoder.* weights")
         self.encoder.load_state_dict(weights)
-        self.encoder.eval()
+        self.device = torch.device(device)
+        self.encoder.to(self.device).eval()
         num_layers = len(self.encoder.transformer.layers)
         if not 1 <= layer <= num_layers:
             raise ValueError(f"layer {layer} does not exist: the model in {checkpoint} has {num_layers} layers")
@@ -90,8 +91,8 @@ class HiddenLayerFeatures:
         lengths = torch.tensor([samples.shape[1]])
         if self.normalize_waveform:
             samples = normalize_waveforms(samples, lengths)
-        out = self.encoder(samples, lengths, return_all=True)
-        return out.layers[self.layer][0, : int(out.lengths[0])].float().numpy()
+        out = self.encoder(samples.to(self.device), lengths.to(self.device), return_all=True)
+        return out.layers[self.layer][0, : int(out.lengths[0])].float().cpu().numpy()
 
 
 def encoder_frame_rate(encoder_cfg: Dict, sample_rate: int = 16000) -> float:
@@ -102,13 +103,14 @@ def encoder_frame_rate(encoder_cfg: Dict, sample_rate: int = 16000) -> float:
     return sample_rate / stride
 
 
-def build_features(kind: str, model: Optional[Union[str, Path]] = None, layer: Optional[int] = None):
+def build_features(kind: str, model: Optional[Union[str, Path]] = None, layer: Optional[int] = None,
+                   device: Union[str, torch.device] = "cpu"):
     if kind == "mfcc":
         return MfccFeatures()
     if kind == "layer":
         if model is None:
             raise ValueError("layer features need the previous iteration's model (--model)")
-        return HiddenLayerFeatures(model, layer)
+        return HiddenLayerFeatures(model, layer, device)
     raise ValueError(f"unknown frame features {kind!r}: 'mfcc' or 'layer'")
 
 
@@ -127,12 +129,14 @@ def _cut_and_features(cut) -> Tuple:
 
 
 def cut_features(cuts: Iterable, kind: str, model=None, layer: Optional[int] = None,
-                 num_jobs: int = 1) -> Iterator[Tuple]:
+                 num_jobs: int = 1, device: Union[str, torch.device] = "cpu") -> Iterator[Tuple]:
     """(cut, (T, D) features) for every cut, in the input order. With num_jobs > 1 that many
     single-threaded worker processes compute them (a few chunks of cuts in flight at a time);
-    the result is the same as num_jobs = 1."""
-    if num_jobs <= 1:
-        features = build_features(kind, model, layer)
+    the result is the same as num_jobs = 1. A model's layer on a GPU is computed in this process
+    (num_jobs is ignored: one process feeds the GPU, and CUDA does not survive a fork)."""
+    on_gpu = kind == "layer" and torch.device(device).type != "cpu"
+    if num_jobs <= 1 or on_gpu:
+        features = build_features(kind, model, layer, device if on_gpu else "cpu")
         for cut in cuts:
             yield cut, features(cut)
         return

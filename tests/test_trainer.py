@@ -218,7 +218,8 @@ def runs(corpus, tmp_path_factory) -> Dict:
     ddp_exp = root / "ddp"
     ddp_cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "sslasr.bin.train",
                "--config", *map(str, pre_cfg), "--exp-dir", str(ddp_exp),
-               "--set", f"data.train_cuts={corpus['train']}", "trainer.max_updates=3"]
+               "--set", f"data.train_cuts={corpus['train']}", f"data.valid_cuts={corpus['dev']}",
+               "trainer.max_updates=3"]
 
     a, killed = _run_parallel([(_train_cmd(pre_cfg, pre["A"], data), _env()),
                                (_train_cmd(pre_cfg, pre["B"], data), _env(KILL_AT))])
@@ -375,6 +376,11 @@ def test_ddp_smoke_torchrun(runs):
     assert (exp / "train.rank0.log").exists() and (exp / "train.rank1.log").exists()
     for value in final["model"].values():
         assert torch.isfinite(value).all()
+    # the final validation ran over both ranks' shards of dev, summed in one agreed reduction
+    valid = _log_lines(exp, "valid")
+    assert len(valid) == 1 and " valid update 3: " in valid[0], valid
+    loss = float(re.search(r" loss=([0-9.]+)", valid[0]).group(1))
+    assert 0 < loss < 20
 
 
 # ====================================================================== in-process trainer

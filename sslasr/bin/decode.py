@@ -44,6 +44,7 @@ from sslasr.models.frontends import get_frontend
 from sslasr.models.heads.ctc import CtcHead, ctc_frames_needed
 from sslasr.models.interfaces import DecodeOptions
 from sslasr.models.lm import load_lm
+from sslasr.utils.devices import resolve_device
 from sslasr.utils.io import write_text_atomic
 from sslasr.utils.logging import setup_logging
 
@@ -203,7 +204,7 @@ def main(argv=None) -> None:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     model, cfg, tokenizer = load_trained_asr(args.model)
     model.to(device)
     model_parameters = sum(p.numel() for p in model.parameters())  # recorded in every decode_info.json

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from sslasr.kmeans import (
     KMeansConfig, assign_labels, cluster_usage, fit_kmeans, label_cuts, log_usage, sample_frames,
 )
 from sslasr.utils.config import load_configs
+from sslasr.utils.devices import resolve_device
 from sslasr.utils.io import atomic_path, write_text_atomic
 from sslasr.utils.logging import setup_logging
 
@@ -62,7 +63,7 @@ def training_overrides(cfg: Dict, number: int, previous_model: Optional[str] = N
 
 
 def fit(cfg: Dict, number: int, cuts_path: str, model: Optional[str], out: Path, num_jobs: int = 1,
-        device: str = "cpu") -> Dict:
+        device: Union[str, torch.device] = "cpu") -> Dict:
     kmeans = KMeansConfig.from_dict(cfg.get("kmeans"))
     iteration = kmeans.iteration(number)
     features = build_features(iteration.features, model, iteration.layer)
@@ -89,7 +90,7 @@ def fit(cfg: Dict, number: int, cuts_path: str, model: Optional[str], out: Path,
 
 
 def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, model: Optional[str] = None,
-          num_jobs: int = 1, device: str = "cpu") -> Dict:
+          num_jobs: int = 1, device: Union[str, torch.device] = "cpu") -> Dict:
     """Labels with the features the k-means was fitted on (kind, layer and model from its file)."""
     kmeans = KMeansConfig.from_dict(cfg.get("kmeans"))
     state = torch.load(kmeans_path, map_location="cpu", weights_only=False)
@@ -154,7 +155,7 @@ def main(argv=None) -> None:
         return
     setup_logging()
     torch.set_num_threads(1)  # before any worker forks; the k-means matmuls are small too
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     if args.command == "fit":
         fit(cfg, args.iteration, args.cuts, args.model, args.out, args.num_jobs, device)
     else:

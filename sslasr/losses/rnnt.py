@@ -53,7 +53,7 @@ import torch
 from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
-from sslasr.utils.amp import backward_without_autocast
+from sslasr.utils.devices import backward_without_autocast
 
 # log 0 as a finite number: with −inf, logaddexp(−inf, −inf) has a NaN gradient. Sums of a few
 # thousand of them stay far inside float32's range.

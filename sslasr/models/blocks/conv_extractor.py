@@ -10,7 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from sslasr.utils.amp import backward_without_autocast
+from sslasr.utils.devices import backward_without_autocast
 
 
 class ConvFeatureExtractor(nn.Module):
@@ -77,13 +77,13 @@ class ConvFeatureExtractor(nn.Module):
     def _forward_modules(self, waveform: torch.Tensor) -> torch.Tensor:
         """The same maths channel-major, by the modules themselves (LayerNorm over channels)."""
         x = waveform.unsqueeze(1)  # (B, 1, samples)
-        for conv, *rest in self.layers:
+        for conv, *norm, gelu in self.layers:  # a block is (conv, norm, GELU) or (conv, GELU)
             x = conv(x)
-            if self.norm == "layer":
-                x = rest[0](x.transpose(1, 2)).transpose(1, 2)
-            elif len(rest) == 2:
-                x = rest[0](x)
-            x = rest[-1](x)
+            if norm and self.norm == "layer":
+                x = norm[0](x.transpose(1, 2)).transpose(1, 2)
+            elif norm:
+                x = norm[0](x)
+            x = gelu(x)
         return x
 
     def _frames_read(self, samples: int) -> List[int]:
@@ -285,7 +285,6 @@ class GradMultiply(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
-    @backward_without_autocast
     def backward(ctx, grad: torch.Tensor):
         return grad * ctx.scale, None
 

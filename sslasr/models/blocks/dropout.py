@@ -20,8 +20,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from sslasr.utils.amp import backward_without_autocast
-
 
 _scratch = threading.local()  # per thread: the int64 buffer the random bits are drawn into
 
@@ -60,7 +58,6 @@ class _Dropout(torch.autograd.Function):
         return x * scale
 
     @staticmethod
-    @backward_without_autocast
     def backward(ctx, grad: torch.Tensor):
         (scale,) = ctx.saved_tensors
         return grad * scale, None, None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sslasr.models.blocks.dropout import dropout as dropout_fn
-from sslasr.utils.amp import backward_without_autocast
+from sslasr.utils.devices import backward_without_autocast
 
 
 def relative_position_bucket(relative: torch.Tensor, num_buckets: int = 320, max_distance: int = 800) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Mixed precision helpers."""
+"""Where the maths runs: device names, and custom autograd backwards under mixed precision."""
 
 import functools
 
@@ -16,3 +16,10 @@ def backward_without_autocast(backward):
         with torch.autocast(device, enabled=False):
             return backward(ctx, *grads)
     return wrapped
+
+
+def resolve_device(name: str) -> torch.device:
+    """NAME as a torch device; "auto" is the GPU when one is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -179,7 +179,10 @@ class _DeviceCheckingTask:
         return loss, {"loss": loss.item()}, 1.0
 
     def validate(self, model, loader):
-        losses = [float(((model(b["x"]) - b["y"]) ** 2).mean()) for b in loader if self.devices.add(b["x"].device.type) is None]
+        losses = []
+        for batch in loader:
+            self.devices.add(batch["x"].device.type)
+            losses.append(float(((model(batch["x"]) - batch["y"]) ** 2).mean()))
         return {"loss": sum(losses), "weight": float(len(losses))}
 
 

@@ -17,7 +17,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 from sslasr.data.manifests import (
     Dropped, Transcripts, conflicting_text, held_out_speakers, read_table, read_transcripts,
@@ -25,6 +25,7 @@ from sslasr.data.manifests import (
 from sslasr.utils.io import write_text_atomic
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class LayoutError(ValueError):
@@ -70,10 +71,10 @@ def read_split(split_dir: Path, *, need_text: bool, need_speakers: bool, root: O
     pipes = [u for u, entry in wav.items() if entry.endswith("|") or not entry]
     if pipes:
         raise LayoutError(f"{split_dir}/wav.scp: {len(pipes)} entries are not file paths, e.g. {pipes[:3]}")
-    transcripts = _optional_transcripts(split_dir / "text", need_text)
+    transcripts = _optional(split_dir / "text", need_text, _transcripts)
     text = transcripts.text if transcripts is not None else None
     conflicting = transcripts.conflicting if transcripts is not None else {}
-    speakers = _optional_table(split_dir / "utt2spk", need_speakers)
+    speakers = _optional(split_dir / "utt2spk", need_speakers, _table)
     if text is not None and not (set(text) | set(conflicting)) & set(wav):
         raise LayoutError(f"{split_dir}: no utterance id of text is in wav.scp")
     if need_speakers:
@@ -90,15 +91,11 @@ def read_split(split_dir: Path, *, need_text: bool, need_speakers: bool, root: O
     return utterances
 
 
-def _optional_transcripts(path: Path, required: bool) -> Optional[Transcripts]:
-    if path.is_file():
-        transcripts = read_transcripts(path)
-        if transcripts.repeated_lines:
-            log.warning("%s: %d identical repeated line(s), each read once", path, transcripts.repeated_lines)
-        return transcripts
-    if required:
-        raise LayoutError(f"{path} is missing")
-    return None
+def _transcripts(path: Path) -> Transcripts:
+    transcripts = read_transcripts(path)
+    if transcripts.repeated_lines:
+        log.warning("%s: %d identical repeated line(s), each read once", path, transcripts.repeated_lines)
+    return transcripts
 
 
 def _drop_conflicting(split_dir: Path, wav: Dict[str, str], conflicting: Dict[str, List[str]]) -> List[Dropped]:
@@ -110,9 +107,10 @@ def _drop_conflicting(split_dir: Path, wav: Dict[str, str], conflicting: Dict[st
     return skipped
 
 
-def _optional_table(path: Path, required: bool) -> Optional[Dict[str, str]]:
+def _optional(path: Path, required: bool, read: Callable[[Path], T]) -> Optional[T]:
+    """READ(path), or None for an absent file that is not required."""
     if path.is_file():
-        return _table(path)
+        return read(path)
     if required:
         raise LayoutError(f"{path} is missing")
     return None

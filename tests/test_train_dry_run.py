@@ -8,7 +8,8 @@ from torch import nn
 
 from recipe_smoke import REPO
 from sslasr.bin.train import dry_run
-from sslasr.models.asr import build_asr_model, load_encoder_weights, state_dict_mismatches
+from sslasr.models.asr import build_asr_model, load_encoder_weights
+from sslasr.models.state_dicts import state_dict_mismatches
 from sslasr.train.config_check import ConfigError, check_training_config, effective_batch
 from sslasr.utils.config import load_configs
 

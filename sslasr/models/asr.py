@@ -8,6 +8,7 @@ from torch import nn
 from sslasr.models.frontends import get_frontend
 from sslasr.models.heads import build_head
 from sslasr.models.interfaces import DecodeOptions
+from sslasr.models.state_dicts import state_dict_mismatches
 
 
 class AsrModel(nn.Module):
@@ -58,19 +59,3 @@ def load_encoder_weights(model: nn.Module, checkpoint: str) -> int:
         raise ValueError(f"{checkpoint}: its encoder weights do not fit the configured encoder: {'; '.join(problems)}")
     model.encoder.load_state_dict(encoder_state)
     return len(encoder_state)
-
-
-def state_dict_mismatches(loaded: Dict[str, torch.Tensor], wanted: Dict[str, torch.Tensor],
-                          shown: int = 10) -> List[str]:
-    """What keeps LOADED from replacing WANTED: missing, unexpected and reshaped tensors, one
-    entry per kind, naming the first SHOWN of each (a wrong frontend mismatches hundreds)."""
-    missing = [k for k in wanted if k not in loaded]
-    unexpected = [k for k in loaded if k not in wanted]
-    reshaped = [f"{k} (checkpoint {tuple(v.shape)}, model {tuple(wanted[k].shape)})"
-                for k, v in loaded.items() if k in wanted and v.shape != wanted[k].shape]
-    problems = []
-    for kind, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", reshaped)):
-        if names:
-            more = f", and {len(names) - shown} more" if len(names) > shown else ""
-            problems.append(f"{len(names)} {kind}: {', '.join(names[:shown])}{more}")
-    return problems

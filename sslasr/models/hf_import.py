@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from sslasr.models.blocks.transformer import TransformerConfig
+from sslasr.models.state_dicts import state_dict_mismatches
 from sslasr.models.wav2vec2 import MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig
 from sslasr.utils.io import atomic_path, write_text_atomic
 
@@ -293,8 +294,9 @@ def weight_norm_pos_conv(state: StateDict, prefix: str) -> StateDict:
 
 def rename_checked(state: StateDict, rules: List[Tuple[str, str]], expected: StateDict) -> StateDict:
     """Rename every tensor by the first rule whose pattern matches its whole name, then check the
-    result against `expected` (names and shapes). Unmatched names, missing names and shape
-    mismatches are one error listing them all."""
+    result against `expected` (names and shapes). Names no rule matches, and renamed tensors that
+    are missing, unexpected or reshaped, are one error listing them all (the checkpoint's names,
+    except for missing tensors, which only have ours)."""
     compiled = [(re.compile(pattern), replacement) for pattern, replacement in rules]
     renamed, source, unmapped = {}, {}, []
     for name, tensor in state.items():
@@ -305,19 +307,10 @@ def rename_checked(state: StateDict, rules: List[Tuple[str, str]], expected: Sta
                 break
         else:
             unmapped.append(name)
-    unexpected = sorted(set(renamed) - set(expected))  # e.g. a layer index beyond the config's
-    missing = sorted(set(expected) - set(renamed))
-    shapes = [f"{source[k]} {tuple(renamed[k].shape)} vs {tuple(expected[k].shape)}"
-              for k in sorted(set(renamed) & set(expected)) if renamed[k].shape != expected[k].shape]
-    problems = []
-    if unmapped or unexpected:
-        problems.append(f"unmapped tensors: {sorted(unmapped) + [source[k] for k in unexpected]}")
-    if missing:
-        problems.append(f"missing tensors (our names): {missing}")
-    if shapes:
-        problems.append(f"shape mismatches: {shapes}")
+    problems = [f"{len(unmapped)} unmapped (no rule matches): {', '.join(sorted(unmapped))}"] if unmapped else []
+    problems += state_dict_mismatches(renamed, expected, loaded_name=source.get)
     if problems:
-        raise ValueError("checkpoint does not match the architecture its config describes; " + "; ".join(problems))
+        raise ValueError("checkpoint does not match the architecture its config describes: " + "; ".join(problems))
     return {k: renamed[k] for k in expected}
 
 

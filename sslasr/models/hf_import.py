@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from sslasr.models.blocks.transformer import TransformerConfig
-from sslasr.models.state_dicts import state_dict_mismatches
+from sslasr.models.state_dicts import listed_names, state_dict_mismatches
 from sslasr.models.wav2vec2 import MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig
 from sslasr.utils.io import atomic_path, write_text_atomic
 
@@ -307,7 +307,7 @@ def rename_checked(state: StateDict, rules: List[Tuple[str, str]], expected: Sta
                 break
         else:
             unmapped.append(name)
-    problems = [f"{len(unmapped)} unmapped (no rule matches): {', '.join(sorted(unmapped))}"] if unmapped else []
+    problems = [listed_names("unmapped (no rule matches)", sorted(unmapped))] if unmapped else []
     problems += state_dict_mismatches(renamed, expected, loaded_name=source.get)
     if problems:
         raise ValueError("checkpoint does not match the architecture its config describes: " + "; ".join(problems))

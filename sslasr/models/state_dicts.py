@@ -16,10 +16,11 @@ def state_dict_mismatches(loaded: Dict[str, torch.Tensor], wanted: Dict[str, tor
     unexpected = [show(k) for k in loaded if k not in wanted]
     reshaped = [f"{show(k)} (checkpoint {tuple(v.shape)}, model {tuple(wanted[k].shape)})"
                 for k, v in loaded.items() if k in wanted and v.shape != wanted[k].shape]
-    return [_listed(kind, names, shown) for kind, names in
+    return [listed_names(kind, names, shown) for kind, names in
             (("missing", missing), ("unexpected", unexpected), ("shape mismatch", reshaped)) if names]
 
 
-def _listed(kind: str, names: List[str], shown: int) -> str:
+def listed_names(kind: str, names: List[str], shown: int = 10) -> str:
+    """One entry, e.g. "3 missing: a, b, c", naming the first SHOWN of NAMES."""
     more = f", and {len(names) - shown} more" if len(names) > shown else ""
     return f"{len(names)} {kind}: {', '.join(names[:shown])}{more}"

@@ -16,7 +16,7 @@
 #                 the head's `decode` section, one process per system; LM methods: λ, β
 #                 tuned on the validation set, then used for every set
 #   8 score       kaldialign WER; one JSON line per result in exp/results.jsonl
-#   9 noisy student, --generations N (0: skipped): the teacher transcribes the unlabeled audio,
+#   9 noisy student, --generations N (0: skipped): the teacher transcribes the unlabeled pool,
 #                 the pseudo-labels are filtered (conf/noisy_student.yaml), a student trains on
 #                 labels + pseudo-labels with noise, is decoded and scored, and teaches the next
 #  10 results     exp/results.jsonl's new rows appended to RESULTS.jsonl (tracked: every run's
@@ -424,28 +424,52 @@ fi
 # transcribes the unlabeled pool with its best method; the filtered pseudo-labels plus the labels
 # train a student from the pretrained encoder with the fine-tuning configs' noise (masking,
 # dropout), conf/noisy_student.yaml merged over them; the student, decoded and scored, teaches g + 1.
+# The pool (pseudo_label.pool): `unlabeled`, the corpus's untranscribed audio, and/or
+# `rest_of_train`, the train utterances beyond the --labeled subset, their transcripts withheld
+# from the student and used to measure the pseudo-labels (empty at --labeled all).
 noisy_student_dir=$exp/noisy_student_${head}_${frontend_tag}_${labeled_tag}$sp_tag
-pseudo_label_search() {  # pseudo_label_search TEACHER_DIR: "METHOD BEAM" of pseudo_label (method: else the teacher's last)
-  "$python" - "$conf_dir/noisy_student.yaml" "$(decode_methods $1)" <<'EOF'
+noisy_student_setting() {  # noisy_student_setting KEY DEFAULT: pseudo_label.KEY of noisy_student.yaml
+  "$python" - "$conf_dir/noisy_student.yaml" "$1" "$2" <<'EOF'
 import sys
 from sslasr.utils.config import load_config
-settings = load_config(sys.argv[1]).get("pseudo_label") or {}
-print(settings.get("method") or sys.argv[2].split()[-1], settings.get("beam_size") or "")
+value = (load_config(sys.argv[1]).get("pseudo_label") or {}).get(sys.argv[2])
+print(" ".join(map(str, value)) if isinstance(value, list) else sys.argv[3] if value is None else value)
 EOF
+}
+unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the audio to pseudo-label
+  local out=$1 sources source parts=""
+  sources=$(noisy_student_setting pool unlabeled)
+  for source in $sources; do
+    case $source in
+      unlabeled)
+        [ -f "$(cuts unlabeled)" ] || { echo "$0: pseudo_label.pool: no unlabeled split ($(cuts unlabeled))" >&2; exit 1; }
+        parts="$parts $(cuts unlabeled)" ;;
+      rest_of_train)
+        if [ "$labeled_seconds" = all ]; then log "pseudo_label.pool: rest_of_train is empty at --labeled all"; continue; fi
+        "$python" -m sslasr.bin.cuts exclude --cuts "$(cuts train)" --ids-of "$labeled_cuts" --out $out/rest_of_train.jsonl.gz
+        parts="$parts $out/rest_of_train.jsonl.gz" ;;
+      *) echo "$0: pseudo_label.pool: unknown source '$source' (known: unlabeled, rest_of_train)" >&2; exit 2 ;;
+    esac
+  done
+  [ -n "$parts" ] || { echo "$0: pseudo_label.pool ($sources) holds no audio at --labeled $labeled" >&2; exit 1; }
+  "$python" -m sslasr.bin.cuts combine --out $out/pool.jsonl.gz $parts
 }
 pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool (+ valid set), filter
   local teacher=$1 out=$2 method beam fusion="" tuned reference=""
-  read -r method beam <<< "$(pseudo_label_search $teacher)"
+  method=$(noisy_student_setting method "$(decode_methods $teacher | awk '{print $NF}')")  # else the teacher's last
+  beam=$(noisy_student_setting beam_size "")
   if [ "${method%+lm}" != "$method" ]; then  # the teacher's λ, β, as tuned on the validation set
     tuned=$teacher/decode_${valid_set}_${method/+lm/_lm}/decode_info.json
     fusion="--lm $lm_dir/model_final.pt --lm-weight $(json_value $tuned lm_weight) --length-bonus $(json_value $tuned length_bonus)"
   fi
-  log "pseudo-labelling unlabeled and $valid_set with $teacher ($method)"
+  mkdir -p $out
+  unlabeled_pool $out
+  log "pseudo-labelling the pool and $valid_set with $teacher ($method)"
   "$python" -m sslasr.bin.decode --model $teacher/model_final.pt --confidence --methods $method \
-    --cuts unlabeled="$(cuts unlabeled)" $valid_set="$(cuts $valid_set)" --out-dir "$out/decode_{set}" \
+    --cuts unlabeled=$out/pool.jsonl.gz $valid_set="$(cuts $valid_set)" --out-dir "$out/decode_{set}" \
     ${beam:+--beam-size $beam} $fusion $(lexicon_opts $method) $decode_opts
   [ ! -f "$corpus_dir/unlabeled/text.reference" ] || reference="--reference $corpus_dir/unlabeled/text.reference"
-  "$python" -m sslasr.bin.pseudo_label --cuts "$(cuts unlabeled)" --decode-dir $out/decode_unlabeled \
+  "$python" -m sslasr.bin.pseudo_label --cuts $out/pool.jsonl.gz --decode-dir $out/decode_unlabeled \
     --labeled-cuts "$labeled_cuts" --config $conf_dir/noisy_student.yaml $reference \
     --out-cuts $out/pseudo_labeled.jsonl.gz --report $out/report.json
   # the same filter on transcribed audio: how good the kept pseudo-labels are where the truth is known
@@ -455,7 +479,6 @@ pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool 
 if run_stage 9 && [ "$generations" -gt 0 ]; then
   [ -f $conf_dir/noisy_student.yaml ] || { echo "$0: --generations needs $conf_dir/noisy_student.yaml" >&2; exit 1; }
   [ "$no_pretrain" != true ] || { echo "$0: noisy student starts from the pretrained system" >&2; exit 2; }
-  [ -f "$(cuts unlabeled)" ] || { echo "$0: noisy student needs an unlabeled split ($(cuts unlabeled))" >&2; exit 1; }
   teacher=$(system_dir pretrained)
   for g in $(seq 1 "$generations"); do
     student=$noisy_student_dir/gen$g

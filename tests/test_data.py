@@ -248,6 +248,21 @@ def test_combine_concatenates_and_refuses_repeated_cut_ids(tmp_path):
         cuts_cli.main(["combine", "--out", str(out), str(a), str(a)])  # the same manifest twice
 
 
+def test_exclude_keeps_the_cuts_beyond_a_subset_and_refuses_foreign_ids(tmp_path):
+    """train minus its labeled subset: the rest of train, in manifest order, transcripts kept (the
+    noisy-student stage measures its pseudo-labels with them)."""
+    train, labeled, rest = tmp_path / "train.jsonl.gz", tmp_path / "labeled.jsonl.gz", tmp_path / "rest.jsonl.gz"
+    cuts = _dummy_cuts(5, train)
+    write_cuts(cuts.subset(cut_ids=["r001", "r003"]), labeled)
+    cuts_cli.main(["exclude", "--cuts", str(train), "--ids-of", str(labeled), "--out", str(rest)])
+    rest_cuts = load_cuts(rest)
+    assert [c.id for c in rest_cuts] == ["r000", "r002", "r004"]
+    originals = {c.id: c for c in cuts}
+    assert [c.supervisions for c in rest_cuts] == [originals[i].supervisions for i in ("r000", "r002", "r004")]
+    with pytest.raises(SystemExit, match=r"exclude: 3 of the 5 ids to leave out are not in the cuts, e.g. r000, r002, r004"):
+        cuts_cli.main(["exclude", "--cuts", str(labeled), "--ids-of", str(train), "--out", str(tmp_path / "x.jsonl.gz")])
+
+
 def test_speed_perturbed_copies_resample_audio_and_rescale_supervisions(prepared):
     originals = load_cuts(prepared[1] / "toy_cuts_train.jsonl.gz").to_eager()
     copies = speed_perturbed_copies(originals, [0.9, 1.1])

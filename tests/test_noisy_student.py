@@ -15,6 +15,7 @@ from lhotse.testing.dummies import dummy_cut, dummy_supervision
 
 from recipe_smoke import SMOKE, recipe_with_data, run_recipe
 from sslasr.bin import pseudo_label
+from sslasr.bin.score import read_kaldi_text
 from sslasr.bin.decode import hypothesis_scores
 from sslasr.data.pseudo_labels import FilterConfig, letters_per_second, median_rate, relabel, select
 from sslasr.models.heads.attention import AttentionHead
@@ -136,8 +137,10 @@ def test_transducer_scores_hypotheses_longer_than_their_frames():
 
 
 def test_pseudo_label_cli_writes_cuts_and_a_report(tmp_path: Path):
+    """The pool's first cut carries its true transcript (train beyond the labeled subset), the
+    others' truth is in --reference: the WERs use both, and the written cuts carry only hypotheses."""
     labeled = CutSet.from_cuts([cut(i, 1.0, "abcde") for i in range(3)])  # 5 letters/s
-    unlabeled = CutSet.from_cuts([cut(10 + i, 1.0) for i in range(4)])
+    unlabeled = CutSet.from_cuts([cut(10, 1.0, "abc dx")] + [cut(10 + i, 1.0) for i in range(1, 4)])
     labeled.to_file(tmp_path / "labeled.jsonl.gz")
     unlabeled.to_file(tmp_path / "unlabeled.jsonl.gz")
     ids = [c.id for c in unlabeled]
@@ -145,8 +148,9 @@ def test_pseudo_label_cli_writes_cuts_and_a_report(tmp_path: Path):
     decode.mkdir()
     (decode / "hyp.txt").write_text(f"{ids[0]} abc de\n{ids[1]} abcd\n{ids[2]}\n{ids[3]} abcdefghijklmnopqrstu\n")
     (decode / "scores.txt").write_text(f"{ids[0]} -0.1\n{ids[1]} -0.2\n{ids[2]} -0.3\n{ids[3]} -0.4\n")
-    (tmp_path / "reference").write_text(f"{ids[0]} abc de\n{ids[1]} abcd x\n{ids[2]} a b\n{ids[3]} q\n")
-    (tmp_path / "ns.yaml").write_text("pseudo_label: {method: ctc_beam+lm, beam_size: 4, keep_fraction: 1.0}\n")
+    (tmp_path / "reference").write_text(f"{ids[1]} abcd x\n{ids[2]} a b\n{ids[3]} q\n")
+    (tmp_path / "ns.yaml").write_text("pseudo_label: {method: ctc_beam+lm, beam_size: 4, keep_fraction: 1.0, "
+                                      "pool: [unlabeled, rest_of_train]}\n")
     pseudo_label.main(["--cuts", str(tmp_path / "unlabeled.jsonl.gz"), "--decode-dir", str(decode),
                        "--labeled-cuts", str(tmp_path / "labeled.jsonl.gz"), "--config", str(tmp_path / "ns.yaml"),
                        "--reference", str(tmp_path / "reference"), "--out-cuts", str(tmp_path / "out.jsonl.gz"),
@@ -154,8 +158,9 @@ def test_pseudo_label_cli_writes_cuts_and_a_report(tmp_path: Path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["kept"] == 2 and report["dropped"]["too_short"] == 1 and report["dropped"]["too_fast"] == 1
     assert report["kept_seconds"] == 2.0 and report["labeled_letters_per_second"] == 5.0
-    # all: 0 + 1 + 2 + 1 errors over 2 + 2 + 2 + 1 words; kept (ids 0 and 1): 1 error over 4 words
-    assert report["wer_all"] == pytest.approx(100 * 4 / 7, abs=0.01) and report["wer_kept"] == 25.0
+    # all: 1 + 1 + 2 + 1 errors over 2 + 2 + 2 + 1 words; kept (ids 0 and 1): 2 errors over 4 words
+    assert report["num_references"] == 4
+    assert report["wer_all"] == pytest.approx(100 * 5 / 7, abs=0.01) and report["wer_kept"] == 50.0
     out = CutSet.from_file(tmp_path / "out.jsonl.gz")
     assert {c.id: c.supervisions[0].text for c in out} == {ids[0]: "abc de", ids[1]: "abcd"}
 
@@ -192,24 +197,35 @@ def test_results_table_shows_the_validation_set_pseudo_label_wer(tmp_path: Path)
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Path):
-    """Stage 9 at smoke size: the pretrained teacher labels the 40 unlabeled cuts, the filter's
-    counts add up, the student trains on labels + kept pseudo-labels with its noise and gets a
-    results row per (set, method) with generation 1 and the pseudo-labels' WER."""
+    """Stage 9 at smoke size, 30 s labeled: the pretrained teacher labels the pool (the 40
+    unlabeled cuts and the train cuts beyond the labeled 30 s), the filter's counts add up, the
+    student trains on labels + kept pseudo-labels (never the withheld transcripts) with its noise
+    and gets a results row per (set, method) with generation 1 and the pseudo-labels' WER."""
     recipe = recipe_with_data(tmp_path, prepared_minisynth)
     # a teacher of 4 updates writes (nearly) empty hypotheses: here, keep them all
     conf = recipe / "conf/noisy_student.yaml"
     settings = conf.read_text().replace("rate_ratio: [0.5, 2.0]", "rate_ratio: [0.0, 1000.0]")
     conf.write_text(settings.replace("min_letters: 1", "min_letters: 0"))
-    result = run_recipe(recipe, *SMOKE, "--compare-scratch", "false", "--generations", "1", timeout=1200)
+    result = run_recipe(recipe, *SMOKE, "--labeled", "30", "--compare-scratch", "false", "--generations", "1",
+                        timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
-    labels = recipe / "exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels"
+    labels = recipe / "exp/noisy_student_ctc_wav2vec2_30/gen1/pseudo_labels"
+    train = CutSet.from_file(recipe / "data/manifests/minisynth_cuts_train.jsonl.gz")
+    labeled = CutSet.from_file(recipe / "data/manifests/minisynth_cuts_train_30.jsonl.gz")
+    rest = CutSet.from_file(labels / "rest_of_train.jsonl.gz")
+    assert 0 < len(labeled) < 40 and sorted(rest.ids) == sorted(set(train.ids) - set(labeled.ids))
     report = json.loads((labels / "report.json").read_text())
-    assert report["num_cuts"] == 40 and report["kept"] + sum(report["dropped"].values()) == 40
-    assert report["num_references"] == 40 and 0 <= report["wer_all"]  # minisynth keeps the true text aside
+    assert report["num_cuts"] == 40 + len(rest) and report["kept"] + sum(report["dropped"].values()) == 40 + len(rest)
+    # the truth of every pool cut is known: minisynth keeps the unlabeled text aside, the rest carries its own
+    assert report["num_references"] == 40 + len(rest) and 0 <= report["wer_all"]
     student_cuts = CutSet.from_file(labels / "student_train.jsonl.gz")
-    assert len(student_cuts) == 40 + report["kept"]
-    assert all(c.supervisions[0].text for c in student_cuts)
-    student_cfg = load_config(recipe / "exp/noisy_student_ctc_wav2vec2_all/gen1/config.yaml")
+    assert len(student_cuts) == len(labeled) + report["kept"]
+    hyps = read_kaldi_text(labels / "decode_unlabeled/hyp.txt")
+    truth = {c.id: c.supervisions[0].text for c in train}
+    for c in student_cuts:
+        expected = truth[c.id] if c.id in set(labeled.ids) else hyps[c.id]
+        assert c.supervisions[0].text == expected, c.id  # pseudo-labels only, even where the truth is known
+    student_cfg = load_config(recipe / "exp/noisy_student_ctc_wav2vec2_30/gen1/config.yaml")
     assert student_cfg["frontend"]["encoder"]["mask"]["time_prob"] > 0  # the student's noise
     assert student_cfg["pseudo_label"]["keep_fraction"] == 0.9  # the filter it was trained behind
     assert student_cfg["finetune"]["init_from"].endswith("pretrain_wav2vec2/model_final.pt")
@@ -220,7 +236,7 @@ def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Pat
         (s, d) for s in ("dev", "test") for d in ("ctc_greedy", "ctc_beam", "ctc_beam+lm"))
     for row in students:
         assert row["pseudo_label_seconds"] == report["kept_seconds"] and row["pretrained"] is True
-        assert row["pseudo_label_wer"] == report["wer_kept"] and row["teacher"] == "exp/ctc_wav2vec2_all"
+        assert row["pseudo_label_wer"] == report["wer_kept"] and row["teacher"] == "exp/ctc_wav2vec2_30"
     assert "pseudo-label WER %" in (recipe / "RESULTS.md").read_text()
 
 

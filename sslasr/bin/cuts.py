@@ -2,6 +2,7 @@
 
     python -m sslasr.bin.cuts combine --out all.jsonl.gz a.jsonl.gz b.jsonl.gz
     python -m sslasr.bin.cuts subset --cuts train.jsonl.gz --seconds 600 --seed 0 --out train_10m.jsonl.gz
+    python -m sslasr.bin.cuts exclude --cuts train.jsonl.gz --ids-of train_1h.jsonl.gz --out rest.jsonl.gz
     python -m sslasr.bin.cuts seconds train.jsonl.gz        # prints the total duration
     python -m sslasr.bin.cuts perturb-speed --cuts train.jsonl.gz --factors 0.9 1.1 --out train_sp.jsonl.gz \
         [--fbank-storage data/fbank]    # originals + speed-perturbed copies (with fbank: the copies' features)
@@ -38,6 +39,10 @@ def main(argv=None) -> None:
                          "(for fbank frontends; the originals keep theirs)")
     perturb.add_argument("--num-jobs", type=int, default=2)
     perturb.add_argument("--out", required=True)
+    exclude = commands.add_parser("exclude", help="the cuts whose ids are not in another manifest")
+    exclude.add_argument("--cuts", required=True)
+    exclude.add_argument("--ids-of", required=True, help="a manifest whose cut ids are left out")
+    exclude.add_argument("--out", required=True)
     seconds = commands.add_parser("seconds", help="print the total duration in seconds")
     seconds.add_argument("cuts")
     args = parser.parse_args(argv)
@@ -49,6 +54,10 @@ def main(argv=None) -> None:
         logging.info("combined %d manifests into %s (%d cuts)", len(args.inputs), args.out, len(cuts))
     elif args.command == "subset":
         cuts = subset_by_duration(load_cuts(args.cuts), args.seconds, args.seed)
+        write_cuts(cuts, args.out)
+        logging.info("%s: %d cuts, %.1f s", args.out, len(cuts), sum(c.duration for c in cuts))
+    elif args.command == "exclude":
+        cuts = cuts_excluding(load_cuts(args.cuts), load_cuts(args.ids_of))
         write_cuts(cuts, args.out)
         logging.info("%s: %d cuts, %.1f s", args.out, len(cuts), sum(c.duration for c in cuts))
     elif args.command == "perturb-speed":
@@ -70,6 +79,22 @@ def combined_cuts(inputs: Sequence[str]) -> CutSet:
         examples = "; ".join(f"{cut_id} (in {', '.join(paths)})" for cut_id, paths in list(repeated.items())[:5])
         raise SystemExit(f"combine: {len(repeated)} cut id(s) occur more than once in the inputs, e.g. {examples}")
     return CutSet.from_cuts(cuts)
+
+
+def cuts_excluding(cuts: CutSet, excluded: CutSet) -> CutSet:
+    """CUTS without those whose id is in EXCLUDED (e.g. train beyond its labeled subset). Every
+    excluded id must be in CUTS: one that is not means the two manifests do not belong together."""
+    excluded_ids = {cut.id for cut in excluded}
+    kept, seen = [], set()
+    for cut in cuts:
+        seen.add(cut.id)
+        if cut.id not in excluded_ids:
+            kept.append(cut)
+    missing = excluded_ids - seen
+    if missing:
+        raise SystemExit(f"exclude: {len(missing)} of the {len(excluded_ids)} ids to leave out are not in "
+                         f"the cuts, e.g. {', '.join(sorted(missing)[:5])}")
+    return CutSet.from_cuts(kept)
 
 
 def perturb_speed(args) -> CutSet:

@@ -8,8 +8,9 @@
 
 DECODE_DIR is a folder of sslasr.bin.decode --confidence (hyp.txt, scores.txt). The filter
 (sslasr/data/pseudo_labels.py) reads the `pseudo_label` section of --config. The report counts
-kept and dropped cuts (per reason) and, where the true transcripts are known (--reference, or
-transcripts in --cuts), the pseudo-labels' WER over all cuts and over the kept ones.
+kept and dropped cuts (per reason) and, where the true transcripts are known (transcripts in
+--cuts, --reference), the pseudo-labels' WER over those cuts and over the kept ones among them.
+The kept cuts are written with the teacher's hypothesis as their only transcript.
 """
 
 import argparse
@@ -41,7 +42,7 @@ def main(argv=None) -> None:
     setup_logging()
 
     settings = dict(load_configs(args.config, args.set).get("pseudo_label") or {})
-    for search_key in ("method", "beam_size"):  # how the hypotheses were made: the driver's business
+    for search_key in ("method", "beam_size", "pool"):  # what was decoded, and how: the driver's business
         settings.pop(search_key, None)
     cfg = FilterConfig.from_dict(settings)
     hyps = read_kaldi_text(args.decode_dir / "hyp.txt")
@@ -55,8 +56,10 @@ def main(argv=None) -> None:
               "kept_seconds": round(sum(durations[c] for c in kept), 2),
               "dropped": {reason: dropped.get(reason, 0) for reason in DROP_REASONS},
               "labeled_letters_per_second": round(rate, 3), "filter": vars(cfg)}
-    references = read_kaldi_text(args.reference) if args.reference else {
-        cut.id: cut.supervisions[0].text for cut in cuts if cut.supervisions and cut.supervisions[0].text}
+    # the truth where it is known: transcripts the pool's cuts carry (train beyond the labeled
+    # subset), then --reference's (a corpus keeping its unlabeled audio's text aside)
+    references = {cut.id: cut.supervisions[0].text for cut in cuts if cut.supervisions and cut.supervisions[0].text}
+    references.update(read_kaldi_text(args.reference) if args.reference else {})
     references = {cut: text for cut, text in references.items() if cut in durations}
     if references:
         report["wer_all"] = round(corpus_wer(hyps, references), 2)

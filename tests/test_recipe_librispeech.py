@@ -16,6 +16,7 @@ from lhotse import CutSet
 from recipe_smoke import REPO, dry_run_parameters, run_recipe
 from sslasr.bin.kmeans import training_overrides
 from sslasr.bin.train import dry_run
+from sslasr.data.pseudo_labels import FilterConfig
 from sslasr.data.kaldi_dir import LayoutError
 from sslasr.data.librispeech import prepare as prepare_librispeech_splits
 from sslasr.data.minisynth import resample, run_espeak
@@ -215,6 +216,22 @@ def test_dry_run_finetuning_other_frontends_and_scratch(frontend: str):
             assert cfg["data"]["spec_augment"]["features_mask_size"] == 27
         else:
             assert encoder["transformer"]["layerdrop"] == (0.05 if labeled == "10h" else 0.1)
+
+
+@pytest.mark.parametrize("frontend", _frontends())
+def test_dry_run_noisy_student_configs(frontend: str):
+    """The student of a 10 h teacher, configs in the driver's order: base_960h's schedule for its
+    ~960 h, the teacher's masking as its noise, the filter valid, the pool the rest of train."""
+    own = [CONF / f"finetune_{frontend}.yaml"] if (CONF / f"finetune_{frontend}.yaml").exists() else []
+    teacher = load_configs([CONF / f"frontend_{frontend}.yaml", CONF / "finetune_ctc.yaml",
+                            CONF / "finetune_ctc_10h.yaml", *own])
+    student = load_configs([CONF / f"frontend_{frontend}.yaml", CONF / "finetune_ctc.yaml",
+                            CONF / "finetune_ctc_10h.yaml", *own, CONF / "noisy_student.yaml"])
+    assert "updates: 320000, peak lr 1e-05" in dry_run(student, 31, world_size=2)
+    assert student["frontend"]["encoder"] == teacher["frontend"]["encoder"]
+    settings = dict(student["pseudo_label"])
+    assert settings.pop("pool") == ["rest_of_train"]
+    FilterConfig.from_dict({k: v for k, v in settings.items() if k not in ("method", "beam_size")})
 
 
 def test_dry_run_command_line_needs_no_exp_dir_or_data():

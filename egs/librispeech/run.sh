@@ -6,6 +6,7 @@
 #   ./run.sh --stage 4 --stop-stage 4 --nproc 8                    # wav2vec 2.0 BASE pretraining
 #   ./run.sh --stage 5 --labeled 10m --nproc 2                     # fine-tune + decode + score
 #   ./run.sh --frontend wavlm --data-opts "--musan true"           # WavLM, MUSAN noise mixing
+#   ./run.sh --stage 5 --labeled 10h --generations 1 --nproc 2     # + noisy student on the rest of the 960 h
 #   ./run.sh --frontend w2vbert                                    # w2v-BERT BASE on fbank (stage 2)
 # Multi-node: --launcher "torchrun --nnodes 4 --node_rank \$RANK --master_addr HOST
 #   --master_port 29500 --nproc_per_node 8" on every node (stage 4; the stages before it on one).

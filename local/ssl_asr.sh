@@ -328,26 +328,30 @@ if run_stage 5; then
 fi
 
 lm_dir=$exp/lm_${token_type}_${vocab_size}
-if run_stage 6; then
-  if [ ! -f $conf_dir/lm.yaml ]; then log "no $conf_dir/lm.yaml: no LM"
-  elif done_or_force $lm_dir/.done; then log "LM ready ($lm_dir)"; else
-    log "training the token LM in $lm_dir"
-    fresh_training $lm_dir
-    extra_text=null; [ -z "$lm_text" ] || extra_text="[$(printf '%s,' $lm_text | sed 's/,$//')]"
-    train $lm_dir --config $conf_dir/lm.yaml --set task=lm data.tokenizer=$lang/bpe.model \
-      data.train_text="$(cuts train)" data.valid_text="$(cuts $valid_set)" "data.extra_text=$extra_text" $lm_opts
-    "$python" -m sslasr.bin.lm_perplexity --lm $lm_dir/model_final.pt --text "$(cuts $valid_set)" --out $lm_dir/perplexity.json
-    touch $lm_dir/.done
+train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcripts + --lm-text, and its lexicon
+  local dir=$1 text=$2 extra_text=null
+  if done_or_force $dir/.done; then log "LM ready ($dir)"; else
+    log "training the token LM in $dir on the text of $text"
+    fresh_training $dir
+    [ -z "$lm_text" ] || extra_text="[$(printf '%s,' $lm_text | sed 's/,$//')]"
+    train $dir --config $conf_dir/lm.yaml --set task=lm data.tokenizer=$lang/bpe.model \
+      data.train_text="$text" data.valid_text="$(cuts $valid_set)" "data.extra_text=$extra_text" $lm_opts
+    "$python" -m sslasr.bin.lm_perplexity --lm $dir/model_final.pt --text "$(cuts $valid_set)" --out $dir/perplexity.json
+    touch $dir/.done
   fi
   # the lexicon of lexicon-constrained decoding (ctc_lexicon): the words of the LM's text
-  if [ -f $lm_dir/.done ] && { [ ! -f $lm_dir/words.txt ] || [ "$force" = true ]; }; then
-    "$python" -m sslasr.bin.lexicon --text "$(cuts train)" $lm_text --out $lm_dir/words.txt
+  if [ ! -f $dir/words.txt ] || [ "$force" = true ]; then
+    "$python" -m sslasr.bin.lexicon --text "$text" $lm_text --out $dir/words.txt
   fi
+}
+if run_stage 6; then
+  if [ ! -f $conf_dir/lm.yaml ]; then log "no $conf_dir/lm.yaml: no LM"; else train_lm $lm_dir "$(cuts train)"; fi
 fi
-lexicon_opts() {  # lexicon_opts METHODS...: --lexicon for lexicon-constrained methods
+lexicon_opts() {  # lexicon_opts LM_DIR METHODS...: --lexicon for lexicon-constrained methods
+  local dir=$1; shift
   case " $* " in *lexicon*)
-    [ -f $lm_dir/words.txt ] || { echo "$0: $*: the lexicon methods need stage 6 ($lm_dir/words.txt)" >&2; exit 1; }
-    echo "--lexicon $lm_dir/words.txt" ;;
+    [ -f $dir/words.txt ] || { echo "$0: $*: the lexicon methods need stage 6 ($dir/words.txt)" >&2; exit 1; }
+    echo "--lexicon $dir/words.txt" ;;
   esac
 }
 
@@ -386,7 +390,7 @@ decode_system() {  # decode_system DIR: every set with every method of DIR's mod
   log "decoding $decode_sets with $dir: $methods"
   "$python" -m sslasr.bin.decode --model $dir/model_final.pt \
     --cuts $(for s in $decode_sets; do printf '%s=%s ' "$s" "$(cuts "$s")"; done) \
-    --methods $methods --out-dir "$dir/decode_{set}_{method}" $fusion $(lexicon_opts $methods) $overwrite $decode_opts
+    --methods $methods --out-dir "$dir/decode_{set}_{method}" $fusion $(lexicon_opts $lm_dir $methods) $overwrite $decode_opts
   touch $dir/.decode.done
 }
 score_system() {  # score_system DIR pretrained|scratch GENERATION [KEY=VALUE...]: a results row per (set, method)
@@ -458,16 +462,19 @@ pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool 
   local teacher=$1 out=$2 method beam fusion="" tuned reference=""
   method=$(noisy_student_setting method "$(decode_methods $teacher | awk '{print $NF}')")  # else the teacher's last
   beam=$(noisy_student_setting beam_size "")
-  if [ "${method%+lm}" != "$method" ]; then  # the teacher's λ, β, as tuned on the validation set
+  if [ "${method%+lm}" = "$method" ]; then :
+  elif [ "$pseudo_label_lm_dir" = "$lm_dir" ]; then  # the teacher's λ, β, as tuned on the validation set
     tuned=$teacher/decode_${valid_set}_${method/+lm/_lm}/decode_info.json
     fusion="--lm $lm_dir/model_final.pt --lm-weight $(json_value $tuned lm_weight) --length-bonus $(json_value $tuned length_bonus)"
+  else  # another LM: λ, β tuned with it on the validation set, decoded here anyway
+    fusion="--lm $pseudo_label_lm_dir/model_final.pt --tune-on $valid_set"
   fi
   mkdir -p $out
   unlabeled_pool $out
   log "pseudo-labelling the pool and $valid_set with $teacher ($method)"
   "$python" -m sslasr.bin.decode --model $teacher/model_final.pt --confidence --methods $method \
     --cuts unlabeled=$out/pool.jsonl.gz $valid_set="$(cuts $valid_set)" --out-dir "$out/decode_{set}" \
-    ${beam:+--beam-size $beam} $fusion $(lexicon_opts $method) $decode_opts
+    ${beam:+--beam-size $beam} $fusion $(lexicon_opts $pseudo_label_lm_dir $method) $decode_opts
   [ ! -f "$corpus_dir/unlabeled/text.reference" ] || reference="--reference $corpus_dir/unlabeled/text.reference"
   "$python" -m sslasr.bin.pseudo_label --cuts $out/pool.jsonl.gz --decode-dir $out/decode_unlabeled \
     --labeled-cuts "$labeled_cuts" --config $conf_dir/noisy_student.yaml $reference \
@@ -479,6 +486,15 @@ pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool 
 if run_stage 9 && [ "$generations" -gt 0 ]; then
   [ -f $conf_dir/noisy_student.yaml ] || { echo "$0: --generations needs $conf_dir/noisy_student.yaml" >&2; exit 1; }
   [ "$no_pretrain" != true ] || { echo "$0: noisy student starts from the pretrained system" >&2; exit 2; }
+  # The LM (and lexicon) of the pseudo-labelling search must not have read the pool's transcripts:
+  # with rest_of_train in the pool, one trained on the text of the --labeled cuts (+ --lm-text).
+  pseudo_label_lm_dir=$lm_dir
+  case " $(noisy_student_setting pool unlabeled) " in *" rest_of_train "*)
+    if [ "$labeled_seconds" != all ] && [ -f $conf_dir/lm.yaml ]; then
+      pseudo_label_lm_dir=${lm_dir}_labeled_$labeled_tag
+      train_lm $pseudo_label_lm_dir "$labeled_cuts"
+    fi ;;
+  esac
   teacher=$(system_dir pretrained)
   for g in $(seq 1 "$generations"); do
     student=$noisy_student_dir/gen$g

@@ -199,8 +199,9 @@ def test_results_table_shows_the_validation_set_pseudo_label_wer(tmp_path: Path)
 def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Path):
     """Stage 9 at smoke size, 30 s labeled: the pretrained teacher labels the pool (the 40
     unlabeled cuts and the train cuts beyond the labeled 30 s), the filter's counts add up, the
-    student trains on labels + kept pseudo-labels (never the withheld transcripts) with its noise
-    and gets a results row per (set, method) with generation 1 and the pseudo-labels' WER."""
+    search's LM has read only the labeled transcripts, the student trains on labels + kept
+    pseudo-labels (never the withheld transcripts) with its noise and gets a results row per
+    (set, method) with generation 1 and the pseudo-labels' WER."""
     recipe = recipe_with_data(tmp_path, prepared_minisynth)
     # a teacher of 4 updates writes (nearly) empty hypotheses: here, keep them all
     conf = recipe / "conf/noisy_student.yaml"
@@ -225,6 +226,13 @@ def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Pat
     for c in student_cuts:
         expected = truth[c.id] if c.id in set(labeled.ids) else hyps[c.id]
         assert c.supervisions[0].text == expected, c.id  # pseudo-labels only, even where the truth is known
+    # the search's LM and lexicon have read the labeled transcripts only, not the rest of train's
+    lm_dirs = list((recipe / "exp").glob("lm_*_labeled_30"))
+    assert len(lm_dirs) == 1 and (lm_dirs[0] / "model_final.pt").is_file()
+    labeled_words = {w for c in labeled for w in c.supervisions[0].text.split()}
+    assert set((lm_dirs[0] / "words.txt").read_text().split()) == labeled_words
+    info = json.loads((labels / "decode_unlabeled/decode_info.json").read_text())
+    assert Path(info["lm"]).parent.name == lm_dirs[0].name
     student_cfg = load_config(recipe / "exp/noisy_student_ctc_wav2vec2_30/gen1/config.yaml")
     assert student_cfg["frontend"]["encoder"]["mask"]["time_prob"] > 0  # the student's noise
     assert student_cfg["pseudo_label"]["keep_fraction"] == 0.9  # the filter it was trained behind

@@ -2,10 +2,12 @@
 # speechocean762 (OpenSLR 101): non-native English read speech of Mandarin-L1 children and
 # adults, 16 kHz. Pretrains a frontend on train + unlabeled audio, fine-tunes on --labeled
 # seconds of train, trains a letter LM, decodes (greedy, beam, beam + LM) and scores dev and
-# test, then one noisy-student generation over the unlabeled recordings.
+# test, then one noisy-student generation over the unlabeled recordings (and, below --labeled all,
+# the rest of train, its transcripts withheld).
 #   ./run.sh --corpus-dir ../../../shared/data/speechocean762     # a Kaldi-style copy (this machine's)
 #   ./run.sh                                                     # downloads the release (520 MB)
 #   ./run.sh --stage 5 --stop-stage 10 --labeled 10m              # 10 min / 1h / all of train
+#   ./run.sh --labeled 1h --compare-scratch false                # noisy student on unlabeled/ + the rest of train
 #   ./run.sh --conf-dir conf/gpu --nproc 4                       # base-size models on GPUs, in exp/conf_gpu/
 #   ./run.sh --frontend w2vbert --model-size medium               # 9.7 M parameters (conf/frontend_w2vbert_medium.yaml)
 # Splits (local/data.sh): dev = 10 train speakers held out (seeded); test = the corpus's test/

@@ -440,10 +440,9 @@ value = (load_config(sys.argv[1]).get("pseudo_label") or {}).get(sys.argv[2])
 print(" ".join(map(str, value)) if isinstance(value, list) else sys.argv[3] if value is None else value)
 EOF
 }
-unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the audio to pseudo-label
-  local out=$1 sources source parts=""
-  sources=$(noisy_student_setting pool unlabeled)
-  for source in $sources; do
+unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the audio of $pool_sources
+  local out=$1 source parts=""
+  for source in $pool_sources; do
     case $source in
       unlabeled)
         [ -f "$(cuts unlabeled)" ] || { echo "$0: pseudo_label.pool: no unlabeled split ($(cuts unlabeled))" >&2; exit 1; }
@@ -455,7 +454,7 @@ unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the 
       *) echo "$0: pseudo_label.pool: unknown source '$source' (known: unlabeled, rest_of_train)" >&2; exit 2 ;;
     esac
   done
-  [ -n "$parts" ] || { echo "$0: pseudo_label.pool ($sources) holds no audio at --labeled $labeled" >&2; exit 1; }
+  [ -n "$parts" ] || { echo "$0: pseudo_label.pool ($pool_sources) holds no audio at --labeled $labeled" >&2; exit 1; }
   "$python" -m sslasr.bin.cuts combine --out $out/pool.jsonl.gz $parts
 }
 pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool (+ valid set), filter
@@ -489,7 +488,8 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
   # The LM (and lexicon) of the pseudo-labelling search must not have read the pool's transcripts:
   # with rest_of_train in the pool, one trained on the text of the --labeled cuts (+ --lm-text).
   pseudo_label_lm_dir=$lm_dir
-  case " $(noisy_student_setting pool unlabeled) " in *" rest_of_train "*)
+  pool_sources=$(noisy_student_setting pool unlabeled)  # read once, for every generation
+  case " $pool_sources " in *" rest_of_train "*)
     if [ "$labeled_seconds" != all ] && [ -f $conf_dir/lm.yaml ]; then
       pseudo_label_lm_dir=${lm_dir}_labeled_$labeled_tag
       train_lm $pseudo_label_lm_dir "$labeled_cuts"

@@ -53,17 +53,18 @@ def main(argv=None) -> None:
         write_cuts(cuts, args.out)
         logging.info("combined %d manifests into %s (%d cuts)", len(args.inputs), args.out, len(cuts))
     elif args.command == "subset":
-        cuts = subset_by_duration(load_cuts(args.cuts), args.seconds, args.seed)
-        write_cuts(cuts, args.out)
-        logging.info("%s: %d cuts, %.1f s", args.out, len(cuts), sum(c.duration for c in cuts))
+        write_and_log(subset_by_duration(load_cuts(args.cuts), args.seconds, args.seed), args.out)
     elif args.command == "exclude":
-        cuts = cuts_excluding(load_cuts(args.cuts), load_cuts(args.ids_of))
-        write_cuts(cuts, args.out)
-        logging.info("%s: %d cuts, %.1f s", args.out, len(cuts), sum(c.duration for c in cuts))
+        write_and_log(cuts_excluding(load_cuts(args.cuts), load_cuts(args.ids_of)), args.out)
     elif args.command == "perturb-speed":
         write_cuts(perturb_speed(args), args.out)
     else:
         print(round(sum(cut.duration for cut in load_cuts(args.cuts)), 2))
+
+
+def write_and_log(cuts: CutSet, out: str) -> None:
+    write_cuts(cuts, out)
+    logging.info("%s: %d cuts, %.1f s", out, len(cuts), sum(c.duration for c in cuts))
 
 
 def combined_cuts(inputs: Sequence[str]) -> CutSet:

@@ -21,7 +21,7 @@ from pathlib import Path
 from sslasr.bin.score import read_kaldi_text
 from sslasr.data.loader import load_cuts
 from sslasr.data.manifests import write_cuts
-from sslasr.data.pseudo_labels import DROP_REASONS, FilterConfig, median_rate, relabel, select
+from sslasr.data.pseudo_labels import DROP_REASONS, filter_config, median_rate, relabel, select
 from sslasr.decoding.fusion import corpus_wer
 from sslasr.utils.config import load_configs
 from sslasr.utils.io import write_text_atomic
@@ -41,10 +41,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
 
-    settings = dict(load_configs(args.config, args.set).get("pseudo_label") or {})
-    for search_key in ("method", "beam_size", "pool"):  # what was decoded, and how: the driver's business
-        settings.pop(search_key, None)
-    cfg = FilterConfig.from_dict(settings)
+    cfg = filter_config(load_configs(args.config, args.set).get("pseudo_label"))
     hyps = read_kaldi_text(args.decode_dir / "hyp.txt")
     scores = {cut: float(value) for cut, value in read_kaldi_text(args.decode_dir / "scores.txt").items()}
     cuts = load_cuts(args.cuts)

@@ -46,6 +46,16 @@ class FilterConfig:
         return config
 
 
+# pseudo_label keys that say what the teacher decodes and how (the recipe driver reads them),
+# not how its hypotheses are filtered
+SEARCH_KEYS = ("method", "beam_size", "pool")
+
+
+def filter_config(pseudo_label: Optional[Mapping]) -> FilterConfig:
+    """The filter of a YAML pseudo_label section, its search keys set aside."""
+    return FilterConfig.from_dict({k: v for k, v in (pseudo_label or {}).items() if k not in SEARCH_KEYS})
+
+
 def letters_per_second(text: str, seconds: float) -> float:
     return len(text.replace(" ", "")) / max(seconds, 1e-3)
 

@@ -71,6 +71,7 @@ def test_masked_prediction_loss_matches_hand_computation():
     time_mask = torch.tensor([[True, True, False, True, True]])
     padding = torch.tensor([[False, False, False, False, True]])
     loss, stats = head(context, targets, time_mask, padding)
+    stats = {key: float(value) for key, value in stats.items()}  # 0-dim tensors → numbers
 
     ce0, right0 = _hand_ce((3.0, 4.0), 0)
     ce1, right1 = _hand_ce((-1.0, 0.5), 2)
@@ -103,6 +104,7 @@ def test_masked_prediction_without_masked_labels_is_zero_and_finite():
     targets = torch.full((1, 4), IGNORE_LABEL)
     loss, stats = head(torch.randn(1, 4, 2), targets, torch.ones(1, 4, dtype=torch.bool),
                        torch.zeros(1, 4, dtype=torch.bool))
+    stats = {key: float(value) for key, value in stats.items()}  # 0-dim tensors → numbers
     assert loss.item() == 0.0 and stats["masked_frames"] == 0.0
 
 
@@ -174,6 +176,7 @@ def test_pretrainer_trains_on_100hz_labels():
     targets = torch.full((2, 100), IGNORE_LABEL)
     targets[0], targets[1, :75] = torch.randint(0, 12, (100,)), torch.randint(0, 12, (75,))
     loss, stats = model(waveform, lengths, targets)
+    stats = {key: float(value) for key, value in stats.items()}  # 0-dim tensors → numbers
     assert set(stats) >= {"loss", "masked_loss", "masked_accuracy", "masked_frames", "feature_penalty"}
     assert stats["loss"] == pytest.approx(stats["masked_loss"] + 10.0 * stats["feature_penalty"], rel=1e-5)
     # about log(12) at initialisation, and masked frames are real frames of both utterances
@@ -434,6 +437,7 @@ def test_labels_round_trip_through_cuts_and_loader(tmp_path):
         assert (row[len(labels):] == -100).all()
     # a model trains on these targets at their 100 Hz label rate
     loss, stats = _pretrainer(num_classes=6)(batch["inputs"], batch["input_lens"], batch["targets"])
+    stats = {key: float(value) for key, value in stats.items()}  # 0-dim tensors → numbers
     assert math.isfinite(loss.item()) and stats["masked_frames"] > 0
 
 

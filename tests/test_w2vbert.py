@@ -243,6 +243,7 @@ def test_loss_combination_by_hand():
     torch.manual_seed(123)
     with torch.no_grad():
         loss, stats = model(x, lens)
+        stats = {key: float(value) for key, value in stats.items()}  # 0-dim tensors → numbers
 
     enc = model.encoder
     with torch.no_grad():
@@ -286,6 +287,7 @@ def test_pretrainer_trains_every_part_and_reports_its_stats():
                                                mask=dict(time_prob=0.65, time_length=2, time_min_masks=1)))
     model = W2vBertPretrainer(W2vBertEncoderConfig.from_dict(_encoder_dict(layers=2)), cfg).train()
     loss, stats = model(torch.randn(3, 70, 80), torch.tensor([70, 55, 40]))
+    stats = {key: float(value) for key, value in stats.items()}  # 0-dim tensors → numbers
     loss.backward()
     assert set(stats) == {"loss", "contrastive", "diversity", "mlm", "contrastive_accuracy", "mlm_accuracy",
                           "code_perplexity", "prob_perplexity", "temperature", "masked_frames"}

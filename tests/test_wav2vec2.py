@@ -345,6 +345,7 @@ def test_pretrainer_loss_grads_and_stats():
     lengths = torch.tensor([16000, 11000])
     waveform[1, 11000:] = 0.0
     loss, stats = model(waveform, lengths)
+    stats = {key: float(value) for key, value in stats.items()}  # 0-dim tensors → numbers
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert set(stats) >= {"loss", "contrastive", "diversity", "feature_penalty", "accuracy", "code_perplexity",
                           "prob_perplexity", "temperature", "masked_frames"}

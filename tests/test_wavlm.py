@@ -496,6 +496,7 @@ def test_mixed_batches_keep_the_clean_targets(tmp_path):
     model = task.model.eval()
     torch.manual_seed(0)
     loss, stats, weight = task.forward(model, batch)
+    stats = {key: float(value) for key, value in stats.items()}  # 0-dim tensors → numbers
     assert stats["mixed_utterances"] == size and stats["noise_utterances"] == 0.0
     assert weight == stats["masked_frames"] > 0
     # by hand: the same masks (same seed), the encoder on the mixture, CE against the clean labels

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask
 from sslasr.models.blocks.masking import span_mask
+from sslasr.models.interfaces import Stats
 from sslasr.models.wav2vec2 import MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig
 
 IGNORE_LABEL = -100  # a frame without a target (padding, or past the end of its labels)
@@ -59,7 +60,7 @@ class MaskedPredictionHead(nn.Module):
         time_mask     (B, T) bool, True = the frame was masked at the input
         padding_mask  (B, T) bool, True = padding
     loss = (α·Σ_{masked} CE + β·Σ_{unmasked} CE) / (number of masked labelled frames), a scalar.
-    stats (floats): masked_loss and masked_accuracy (means over masked labelled frames),
+    stats (0-dim tensors and floats): masked_loss and masked_accuracy (means over masked labelled frames),
     masked_frames (their count, the weight of this batch), and with β > 0 unmasked_loss and
     unmasked_accuracy. A caller adds its own terms and sets stats["loss"].
     """
@@ -91,37 +92,40 @@ class MaskedPredictionHead(nn.Module):
                              f"must match targets {tuple(targets.shape)}")
         if targets.dtype != torch.long:
             raise TypeError(f"targets must be a LongTensor, got {targets.dtype}")
-        labelled = targets[targets != IGNORE_LABEL]
-        if len(labelled) and (labelled.min() < 0 or labelled.max() >= self.num_classes):
+        out_of_range = (targets != IGNORE_LABEL) & ((targets < 0) | (targets >= self.num_classes))
+        if bool(out_of_range.any()):  # one read of the device per batch
+            labelled = targets[targets != IGNORE_LABEL]
             raise ValueError(f"targets must be cluster ids in [0, {self.num_classes}) or {IGNORE_LABEL}, found "
-                             f"values in [{int(labelled.min())}, {int(labelled.max())}]: is num_classes right?")
+                                 f"values in [{int(labelled.min())}, {int(labelled.max())}]: is num_classes right?")
 
     def forward(self, context: torch.Tensor, targets: torch.Tensor, time_mask: torch.Tensor,
-                padding_mask: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+                padding_mask: torch.Tensor) -> Tuple[torch.Tensor, Stats]:
         self._check(context, targets, time_mask, padding_mask)
         labelled = (targets != IGNORE_LABEL) & ~padding_mask
-        masked = labelled & time_mask
-        num_masked = int(masked.sum())
-        masked_sum, masked_correct = self._cross_entropy(context[masked], targets[masked])
+        frames, flat_targets = context.flatten(0, 1), targets.flatten()
+        # frame indices rather than boolean masks: one read of the device for the count, and
+        # none in the backward (a boolean index is resolved again there)
+        masked = (labelled & time_mask).flatten().nonzero().squeeze(1)
+        num_masked = len(masked)
+        masked_sum, masked_correct = self._cross_entropy(frames[masked], flat_targets[masked])
         loss = self.masked_weight * masked_sum
-        stats = {"masked_loss": masked_sum.item() / max(num_masked, 1),
+        stats = {"masked_loss": masked_sum.detach() / max(num_masked, 1),
                  "masked_accuracy": masked_correct / max(num_masked, 1),
                  "masked_frames": float(num_masked)}
         if self.unmasked_weight > 0:
-            unmasked = labelled & ~time_mask
-            num_unmasked = int(unmasked.sum())
-            unmasked_sum, unmasked_correct = self._cross_entropy(context[unmasked], targets[unmasked])
+            unmasked = (labelled & ~time_mask).flatten().nonzero().squeeze(1)
+            unmasked_sum, unmasked_correct = self._cross_entropy(frames[unmasked], flat_targets[unmasked])
             loss = loss + self.unmasked_weight * unmasked_sum
-            stats["unmasked_loss"] = unmasked_sum.item() / max(num_unmasked, 1)
-            stats["unmasked_accuracy"] = unmasked_correct / max(num_unmasked, 1)
+            stats["unmasked_loss"] = unmasked_sum.detach() / max(len(unmasked), 1)
+            stats["unmasked_accuracy"] = unmasked_correct / max(len(unmasked), 1)
         return loss / max(num_masked, 1), stats
 
-    def _cross_entropy(self, context: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, float]:
-        """Summed CE over the given frames and how many were predicted right."""
+    def _cross_entropy(self, context: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Summed CE over the given frames and how many were predicted right (a 0-dim tensor)."""
         logits = self.logits(context)
         total = F.cross_entropy(logits, targets, reduction="sum")
         with torch.no_grad():
-            correct = float((logits.argmax(-1) == targets).sum()) if len(targets) else 0.0
+            correct = (logits.argmax(-1) == targets).sum().float()
         return total, correct
 
 
@@ -171,7 +175,7 @@ class HubertPretrainer(nn.Module):
         self.labels_per_frame = cfg.label_rate / frame_rate
 
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor,
-                targets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+                targets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Stats]:
         if targets is None:
             raise ValueError("HuBERT predicts frame labels: the batch has no targets "
                              "(set data.targets_field to the cuts' label field)")
@@ -185,5 +189,5 @@ class HubertPretrainer(nn.Module):
         context = enc.contextualize(x, padding_mask, time_mask)
         prediction, stats = self.head(context, targets, time_mask, padding_mask)
         loss = prediction + cfg.feature_penalty_weight * feature_penalty
-        stats = {"loss": loss.item(), **stats, "feature_penalty": feature_penalty.item()}
+        stats = {"loss": loss.detach(), **stats, "feature_penalty": feature_penalty.detach()}
         return loss, stats

@@ -9,8 +9,10 @@ Encoder (one per frontend, `sslasr/models/<frontend>.py`):
 Pretrainer:
     pretrainer(inputs, input_lens, targets=None) -> (loss, stats)
     `.encoder` is the Encoder above (its weights become the fine-tuning init);
-    stats is a dict of floats with at least "loss" and "masked_frames" (the weight used to
-    average stats over batches); optional `set_num_updates(n)`.
+    stats maps names to floats or detached 0-dim tensors, with at least "loss" and
+    "masked_frames" (the weight used to average stats over batches); tensors stay on the device
+    until the trainer logs them (reading each value every step would make an accelerator wait for
+    the host: bench/host_syncs.py); optional `set_num_updates(n)`.
 Head (registry in `sslasr/models/heads/__init__.py`):
     head.loss(hidden, lengths, tokens) -> summed loss over the batch
     head.decode(hidden, lengths, method, options) -> list of token-id lists
@@ -18,9 +20,11 @@ Head (registry in `sslasr/models/heads/__init__.py`):
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
+
+Stats = Dict[str, Union[float, torch.Tensor]]  # a pretrainer's logged values (see above)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from sslasr.models.blocks.quantizer import GumbelProductQuantizer
 from sslasr.models.blocks.subsampling import (
     FeatureProjection, SubsamplingConfig, build_subsampling, normalize_fbank_bins,
 )
-from sslasr.models.interfaces import EncoderOutput
+from sslasr.models.interfaces import EncoderOutput, Stats
 from sslasr.models.wav2vec2 import MaskConfig, contrastive_logits, sample_negatives
 
 
@@ -170,7 +170,7 @@ class W2vBertPretrainer(nn.Module):
         self.quantizer.set_num_updates(num_updates)
 
     def forward(self, fbank: torch.Tensor, lengths: torch.Tensor,
-                targets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+                targets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Stats]:
         if targets is not None:
             raise ValueError("w2v-BERT learns its own targets (the quantizer); got external targets")
         enc, cfg = self.encoder, self.cfg
@@ -178,25 +178,31 @@ class W2vBertPretrainer(nn.Module):
         z = enc.feature_projection.norm(z)
         time_mask = span_mask(frame_lengths, z.shape[1], cfg.mask.time_prob, cfg.mask.time_length,
                               cfg.mask.time_min_masks)
-        # The paper replaces masked frames by random vectors: N(0, I), the statistics of a
-        # LayerNorm output before its affine map.
-        if not bool(time_mask.any()):
+        # frame indices rather than a boolean mask: one read of the device for the count, and none
+        # in the backward (a boolean index is resolved again there)
+        masked_frames = time_mask.flatten().nonzero().squeeze(1)
+        if len(masked_frames) == 0:
             raise ValueError(f"no frame was masked: every utterance of the batch is shorter than a mask span "
                              f"({cfg.mask.time_length} frames after subsampling)")
+        # The paper replaces masked frames by random vectors: N(0, I), the statistics of a
+        # LayerNorm output before its affine map.
         masked = torch.where(time_mask.unsqueeze(-1), torch.randn_like(z), z)
         x = enc.feature_projection.dropout(enc.feature_projection.linear(masked))
         conformer, split = enc.conformer, cfg.contrastive_layers
+        if not bool(padding_mask.any()):  # decided once for both runs of blocks (a read each)
+            padding_mask = None
         x = conformer.embed(x, padding_mask)
         context = conformer.run_blocks(x, padding_mask, conformer.layers[:split])
         mlm_states = conformer.run_blocks(context, padding_mask, conformer.layers[split:])
 
-        q = self.quantizer(self.dropout_features(z)[time_mask])
-        logits = contrastive_logits(self.final_proj(context[time_mask]), self.project_q(q.quantized),
-                                    sample_negatives(time_mask.sum(1), cfg.num_negatives), cfg.logit_temperature)
+        q = self.quantizer(self.dropout_features(z).flatten(0, 1)[masked_frames])
+        negatives = sample_negatives(time_mask.sum(1), cfg.num_negatives, total=len(masked_frames))
+        logits = contrastive_logits(self.final_proj(context.flatten(0, 1)[masked_frames]),
+                                    self.project_q(q.quantized), negatives, cfg.logit_temperature)
         positive = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
         contrastive = F.cross_entropy(logits, positive)
         # token ids: the quantizer's noise-free argmax codes, one per group
-        mlm_logits = self.mlm_proj(mlm_states[time_mask]).view(-1, cfg.quantizer_entries).float()
+        mlm_logits = self.mlm_proj(mlm_states.flatten(0, 1)[masked_frames]).view(-1, cfg.quantizer_entries).float()
         token_ids = q.codes.reshape(-1)
         mlm = F.cross_entropy(mlm_logits, token_ids)
         loss = w2v_bert_loss(contrastive, q.diversity_loss, mlm, cfg)
@@ -205,14 +211,14 @@ class W2vBertPretrainer(nn.Module):
             contrastive_accuracy = (logits.argmax(-1) == 0).float().mean()
             mlm_accuracy = (mlm_logits.argmax(-1) == token_ids).float().mean()
         stats = {
-            "loss": loss.item(),
-            "contrastive": contrastive.item(),
-            "diversity": q.diversity_loss.item(),
-            "mlm": mlm.item(),
-            "contrastive_accuracy": contrastive_accuracy.item(),
-            "mlm_accuracy": mlm_accuracy.item(),
-            "code_perplexity": q.code_perplexity.item(),
-            "prob_perplexity": q.prob_perplexity.item(),
+            "loss": loss.detach(),
+            "contrastive": contrastive.detach(),
+            "diversity": q.diversity_loss.detach(),
+            "mlm": mlm.detach(),
+            "contrastive_accuracy": contrastive_accuracy,
+            "mlm_accuracy": mlm_accuracy,
+            "code_perplexity": q.code_perplexity.detach(),
+            "prob_perplexity": q.prob_perplexity.detach(),
             "temperature": self.quantizer.temperature,
             "masked_frames": float(len(logits)),
         }

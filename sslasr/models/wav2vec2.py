@@ -21,7 +21,7 @@ from sslasr.models.blocks.dropout import Dropout
 from sslasr.models.blocks.masking import channel_mask, span_mask
 from sslasr.models.blocks.quantizer import GumbelProductQuantizer
 from sslasr.models.blocks.transformer import TransformerConfig, TransformerEncoder
-from sslasr.models.interfaces import EncoderOutput
+from sslasr.models.interfaces import EncoderOutput, Stats
 
 BASE_CONV_LAYERS = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
 
@@ -140,15 +140,21 @@ class Wav2Vec2PretrainConfig:
         return cls(**d)
 
 
-def sample_negatives(counts: torch.Tensor, num_negatives: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """For each of the Σ counts masked frames (utterances laid out consecutively), draw
+def sample_negatives(counts: torch.Tensor, num_negatives: int, generator: Optional[torch.Generator] = None,
+                     total: Optional[int] = None) -> torch.Tensor:
+    """For each of the N = Σ counts masked frames (utterances laid out consecutively), draw
     `num_negatives` indices of *other* masked frames of the same utterance, uniformly with
-    replacement. Returns (N, K) indices into the flattened masked frames."""
+    replacement. Returns (N, K) indices into the flattened masked frames. A caller that knows
+    N passes it as `total`, which spares reading `counts` back from the device; the draws are
+    made on counts' device (on the generator's, when one is given)."""
+    total = int(counts.sum()) if total is None else total
     offsets = torch.cumsum(counts, 0) - counts
-    utt = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    local = torch.arange(int(counts.sum()), device=counts.device) - offsets[utt]
+    utt = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=total)
+    local = torch.arange(total, device=counts.device) - offsets[utt]
     others = (counts[utt] - 1).unsqueeze(1)
-    draw = (torch.rand(len(utt), num_negatives, generator=generator).to(counts.device) * others.clamp(min=1)).long()
+    uniform = torch.rand(total, num_negatives, generator=generator,
+                         device=generator.device if generator is not None else counts.device)
+    draw = (uniform.to(counts.device) * others.clamp(min=1)).long()
     # Skip the positive itself. A lone masked frame has no other: it draws itself, and
     # contrastive_logits gives a distractor equal to the positive a −inf logit.
     draw = draw + ((draw >= local.unsqueeze(1)) & (others > 0)).long()
@@ -213,7 +219,7 @@ class Wav2Vec2Pretrainer(nn.Module):
         self.quantizer.set_num_updates(num_updates)
 
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor,
-                targets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+                targets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Stats]:
         if targets is not None:
             raise ValueError("wav2vec 2.0 learns its own targets (the quantizer); got external targets")
         enc, cfg = self.encoder, self.cfg
@@ -225,10 +231,13 @@ class Wav2Vec2Pretrainer(nn.Module):
                               cfg.mask.time_min_masks)
         context = enc.contextualize(x, padding_mask, time_mask)
 
-        q = self.quantizer(self.dropout_features(z)[time_mask])
+        # frame indices rather than a boolean mask: one read of the device for the count, and none
+        # in the backward (a boolean index is resolved again there)
+        masked_frames = time_mask.flatten().nonzero().squeeze(1)
+        q = self.quantizer(self.dropout_features(z).flatten(0, 1)[masked_frames])
         targets = self.project_q(q.quantized)
-        predictions = self.final_proj(context[time_mask])
-        negative_idx = sample_negatives(time_mask.sum(1), cfg.num_negatives)
+        predictions = self.final_proj(context.flatten(0, 1)[masked_frames])
+        negative_idx = sample_negatives(time_mask.sum(1), cfg.num_negatives, total=len(masked_frames))
         logits = contrastive_logits(predictions, targets, negative_idx, cfg.logit_temperature)
         target_idx = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
         contrastive = F.cross_entropy(logits, target_idx)
@@ -237,13 +246,13 @@ class Wav2Vec2Pretrainer(nn.Module):
         with torch.no_grad():
             accuracy = (logits.argmax(-1) == 0).float().mean()
         stats = {
-            "loss": loss.item(),
-            "contrastive": contrastive.item(),
-            "diversity": q.diversity_loss.item(),
-            "feature_penalty": feature_penalty.item(),
-            "accuracy": accuracy.item(),
-            "code_perplexity": q.code_perplexity.item(),
-            "prob_perplexity": q.prob_perplexity.item(),
+            "loss": loss.detach(),
+            "contrastive": contrastive.detach(),
+            "diversity": q.diversity_loss.detach(),
+            "feature_penalty": feature_penalty.detach(),
+            "accuracy": accuracy,
+            "code_perplexity": q.code_perplexity.detach(),
+            "prob_perplexity": q.prob_perplexity.detach(),
             "temperature": self.quantizer.temperature,
             "masked_frames": float(len(logits)),
         }

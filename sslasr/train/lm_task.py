@@ -49,7 +49,7 @@ class LmTask:
         """Mean per-token negative log-likelihood (nats), weighted by the target count."""
         count = float(batch["num_targets"])
         loss = model(batch["inputs"], batch["targets"]) / count
-        return loss, {"loss": loss.item()}, count
+        return loss, {"loss": loss.detach()}, count
 
     def validate(self, model: nn.Module, loader) -> Dict[str, float]:
         totals = {"loss": 0.0, "weight": 0.0}

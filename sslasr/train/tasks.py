@@ -86,15 +86,15 @@ class PretrainTask(_DataMixin):
 
     def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:
         loss, stats = model(batch["inputs"], batch["input_lens"], batch.get("targets"))
-        self._check_collapse(stats)
         stats.update(batch.get("mixing", {}))  # mixed_utterances, noise_utterances per batch
         return loss, stats, stats["masked_frames"]
 
-    def _check_collapse(self, stats: Dict[str, float]) -> None:
-        """Codebook collapse (few codes used) makes the contrastive task trivial; say so once."""
-        if self.collapse_perplexity and stats.get("code_perplexity", float("inf")) < self.collapse_perplexity and not self._collapse_warned:
+    def on_log(self, metrics: Dict[str, float]) -> None:
+        """Codebook collapse (few codes used) makes the contrastive task trivial; say so once,
+        from a log line's mean (a per-batch check would read the device every update)."""
+        if self.collapse_perplexity and metrics.get("code_perplexity", float("inf")) < self.collapse_perplexity and not self._collapse_warned:
             log.warning("codebook perplexity %.1f is below %.1f: the quantizer may be collapsing "
-                        "(raise diversity_weight or the Gumbel temperature)", stats["code_perplexity"],
+                        "(raise diversity_weight or the Gumbel temperature)", metrics["code_perplexity"],
                         self.collapse_perplexity)
             self._collapse_warned = True
 
@@ -110,7 +110,7 @@ class PretrainTask(_DataMixin):
             weight = stats["masked_frames"]
             for key, value in stats.items():
                 if key not in ("masked_frames", "temperature"):
-                    totals[key] = totals.get(key, 0.0) + value * weight
+                    totals[key] = totals.get(key, 0.0) + float(value) * weight
             totals["weight"] += weight
         return totals
 
@@ -138,7 +138,7 @@ class AsrFinetuneTask(_DataMixin):
         loss_sum = model(batch["inputs"], batch["input_lens"], batch["tokens"])
         num_tokens = float(sum(len(t) for t in batch["tokens"]))
         loss = loss_sum / max(1.0, num_tokens)
-        return loss, {"loss": loss.item(), "utterances": float(len(batch["tokens"]))}, num_tokens
+        return loss, {"loss": loss.detach(), "utterances": float(len(batch["tokens"]))}, num_tokens
 
     def validate(self, model: nn.Module, loader) -> Dict[str, float]:
         totals = {"loss": 0.0, "weight": 0.0, "errors": 0.0, "ref_words": 0.0}

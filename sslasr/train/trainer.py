@@ -18,13 +18,12 @@ What it guarantees:
 """
 
 import logging
-import math
 import os
 import random
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Protocol, Tuple
+from typing import Dict, Iterator, List, Optional, Protocol, Tuple, Union
 
 import numpy as np
 import torch
@@ -53,9 +52,12 @@ class Task(Protocol):
     def valid_dataloader(self, dist: DistInfo) -> Optional[DataLoader]: ...
 
     def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:
-        """Loss to back-propagate (already normalised), stats to log, and their weight."""
+        """Loss to back-propagate (already normalised), stats to log (floats, or 0-dim tensors
+        the trainer reads only when it logs them), and their weight."""
 
     def on_update(self, model: nn.Module, num_updates: int) -> None: ...
+
+    # optional: on_log(metrics), the training means of a log line, e.g. to warn about them
 
     def validate(self, model: nn.Module, loader: DataLoader) -> Dict[str, float]: ...
 
@@ -243,9 +245,12 @@ class Trainer:
             self._update(micro, interval)
             self.batches_done += len(micro)
             bar.update(1)
-            bar.set_postfix(loss=f"{interval.last_loss:.3f}", refresh=False)
             if self.num_updates % self.log_every == 0:
-                self._log(interval.flush(), "train")
+                metrics = interval.flush()
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", refresh=False)
+                if hasattr(self.task, "on_log"):
+                    self.task.on_log(metrics)
+                self._log(metrics, "train")
             if self.valid_every and valid_loader is not None and self.num_updates % self.valid_every == 0:
                 self._validate(valid_loader)
             if self.num_updates % self.checkpoint_every == 0:
@@ -285,7 +290,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.peak_lr * scale
         self.optimizer.zero_grad(set_to_none=True)
-        finite = True
+        # read from the device once per update (the skip decision): an accelerator runs ahead of
+        # the host until then (bench/host_syncs.py counts a step's reads)
+        finite = torch.ones((), dtype=torch.bool, device=self.dist.device)
         start = time.perf_counter()
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1 or not self.dist.is_distributed
@@ -293,15 +300,15 @@ class Trainer:
             with context:
                 with self._autocast():  # the forward only: backward runs in the forward's dtypes
                     loss, stats, weight = self.task.forward(self.wrapped, batch)
-                finite &= bool(torch.isfinite(loss.detach()))
+                finite &= torch.isfinite(loss.detach()).to(finite.device)
                 self.scaler.scale(loss / len(micro)).backward()
             interval.add(stats, weight)
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm or float("inf"))
         # Every rank must agree on skipping, or their weights would drift apart.
-        bad = torch.tensor([0.0 if finite and math.isfinite(float(grad_norm)) else 1.0], device=self.dist.device)
-        if all_reduce_sum(bad).item() > 0:
+        finite &= torch.isfinite(grad_norm).to(finite.device)
+        if all_reduce_sum((~finite).double().reshape(1)).item() > 0:
             self.skipped_updates += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
@@ -312,7 +319,7 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            interval.add({"grad_norm": float(grad_norm), "lr": self.peak_lr * scale}, 1.0)
+            interval.add({"grad_norm": grad_norm.detach(), "lr": self.peak_lr * scale}, 1.0)
         elapsed = time.perf_counter() - start
         audio_seconds = sum(sum(batch.get("durations", ())) for batch in micro)
         interval.add({"seconds_per_update": elapsed, "audio_seconds_per_second": audio_seconds / elapsed}, 1.0)
@@ -438,21 +445,25 @@ def _finalize_valid(totals: Dict[str, float]) -> Dict[str, float]:
 
 
 class _Interval:
-    """Weighted running means of logged stats between two log lines."""
+    """Weighted running means of logged stats between two log lines. Stats given as tensors are
+    summed where they are (on the device) and read in one go by flush()."""
 
     def __init__(self):
-        self.sums: Dict[str, float] = defaultdict(float)
+        self.sums: Dict[str, Union[float, torch.Tensor]] = defaultdict(float)
         self.weights: Dict[str, float] = defaultdict(float)
-        self.last_loss = float("nan")
 
-    def add(self, stats: Dict[str, float], weight: float) -> None:
+    def add(self, stats: Dict[str, Union[float, torch.Tensor]], weight: float) -> None:
         for key, value in stats.items():
-            self.sums[key] += value * weight
-            self.weights[key] += weight
-        if "loss" in stats:
-            self.last_loss = stats["loss"]
+            if isinstance(value, torch.Tensor):
+                value = value.detach().double()
+            self.sums[key] = self.sums[key] + value * weight
+            self.weights[key] += float(weight)
 
     def flush(self) -> Dict[str, float]:
+        tensors = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
+        if tensors:
+            values = torch.stack([self.sums[k].reshape(()).cpu() for k in tensors]).tolist()
+            self.sums.update(zip(tensors, values))
         out = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
         if "skipped" in self.sums:
             out["skipped"] = self.sums["skipped"]

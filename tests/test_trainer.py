@@ -786,3 +786,18 @@ def test_validation_stats_missing_on_one_rank_count_zero_there(tmp_path):
             pytest.fail("the ranks hung in validation")
     for rank in (0, 1):
         assert _load(tmp_path / f"rank{rank}.pt") == [{"loss": 2.0, "accuracy": 0.5}]
+
+
+def test_interval_averages_device_tensors_and_floats_by_weight():
+    """Stats may be 0-dim tensors (kept on the device until the log line) or floats; the log
+    line's value is the weighted mean either way."""
+    from sslasr.train.trainer import _Interval
+    interval = _Interval()
+    interval.add({"loss": torch.tensor(2.0), "masked_frames": 10.0}, 10.0)
+    interval.add({"loss": torch.tensor(5.0), "masked_frames": 30.0}, 30.0)
+    interval.add({"grad_norm": torch.tensor(1.5), "lr": 0.1}, 1.0)
+    metrics = interval.flush()
+    assert metrics == pytest.approx({"loss": (2 * 10 + 5 * 30) / 40, "masked_frames": (100 + 900) / 40,
+                                     "grad_norm": 1.5, "lr": 0.1})
+    assert all(isinstance(value, float) for value in metrics.values())
+    assert interval.flush() == {}

@@ -308,7 +308,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm or float("inf"))
         # Every rank must agree on skipping, or their weights would drift apart.
         finite &= torch.isfinite(grad_norm).to(finite.device)
-        if all_reduce_sum((~finite).double().reshape(1)).item() > 0:
+        if all_reduce_sum((~finite).float().reshape(1)).item() > 0:
             self.skipped_updates += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
@@ -455,14 +455,15 @@ class _Interval:
     def add(self, stats: Dict[str, Union[float, torch.Tensor]], weight: float) -> None:
         for key, value in stats.items():
             if isinstance(value, torch.Tensor):
-                value = value.detach().double()
+                value = value.detach().float()
             self.sums[key] = self.sums[key] + value * weight
             self.weights[key] += float(weight)
 
     def flush(self) -> Dict[str, float]:
         tensors = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
         if tensors:
-            values = torch.stack([self.sums[k].reshape(()).cpu() for k in tensors]).tolist()
+            device = self.sums[tensors[0]].device  # one copy to the host for them all
+            values = torch.stack([self.sums[k].reshape(()).to(device) for k in tensors]).tolist()
             self.sums.update(zip(tensors, values))
         out = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
         if "skipped" in self.sums:

@@ -17,7 +17,7 @@
 #                 tuned on the validation set, then used for every set
 #   8 score       kaldialign WER; one JSON line per result in exp/results.jsonl
 #   9 noisy student, --generations N (0: skipped): the teacher transcribes the unlabeled pool,
-#                 the pseudo-labels are filtered (conf/noisy_student.yaml), a student trains on
+#                 the pseudo-labels are filtered (conf/noisy_student[_<labeled>].yaml), a student trains on
 #                 labels + pseudo-labels with noise, is decoded and scored, and teaches the next
 #  10 results     exp/results.jsonl's new rows appended to RESULTS.jsonl (tracked: every run's
 #                 rows), RESULTS.md rendered from it
@@ -432,12 +432,16 @@ fi
 # `rest_of_train`, the train utterances beyond the --labeled subset, their transcripts withheld
 # from the student and used to measure the pseudo-labels (empty at --labeled all).
 noisy_student_dir=$exp/noisy_student_${head}_${frontend_tag}_${labeled_tag}$sp_tag
-noisy_student_setting() {  # noisy_student_setting KEY DEFAULT: pseudo_label.KEY of noisy_student.yaml
-  "$python" - "$conf_dir/noisy_student.yaml" "$1" "$2" <<'EOF'
+# conf/noisy_student.yaml, then conf/noisy_student_<labeled>.yaml where one exists (as the
+# fine-tuning configs): a filter tuned for one amount of labels
+noisy_student_configs=$conf_dir/noisy_student.yaml
+[ ! -f $conf_dir/noisy_student_${labeled_tag}.yaml ] || noisy_student_configs="$noisy_student_configs $conf_dir/noisy_student_${labeled_tag}.yaml"
+noisy_student_setting() {  # noisy_student_setting KEY DEFAULT: pseudo_label.KEY of $noisy_student_configs
+  "$python" - "$1" "$2" $noisy_student_configs <<'EOF'
 import sys
-from sslasr.utils.config import load_config
-value = (load_config(sys.argv[1]).get("pseudo_label") or {}).get(sys.argv[2])
-print(" ".join(map(str, value)) if isinstance(value, list) else sys.argv[3] if value is None else value)
+from sslasr.utils.config import load_configs
+value = (load_configs(sys.argv[3:]).get("pseudo_label") or {}).get(sys.argv[1])
+print(" ".join(map(str, value)) if isinstance(value, list) else sys.argv[2] if value is None else value)
 EOF
 }
 unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the audio of $pool_sources
@@ -476,11 +480,11 @@ pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool 
     ${beam:+--beam-size $beam} $fusion $(lexicon_opts $pseudo_label_lm_dir $method) $decode_opts
   [ ! -f "$corpus_dir/unlabeled/text.reference" ] || reference="--reference $corpus_dir/unlabeled/text.reference"
   "$python" -m sslasr.bin.pseudo_label --cuts $out/pool.jsonl.gz --decode-dir $out/decode_unlabeled \
-    --labeled-cuts "$labeled_cuts" --config $conf_dir/noisy_student.yaml $reference \
+    --labeled-cuts "$labeled_cuts" --config $noisy_student_configs $reference \
     --out-cuts $out/pseudo_labeled.jsonl.gz --report $out/report.json
   # the same filter on transcribed audio: how good the kept pseudo-labels are where the truth is known
   "$python" -m sslasr.bin.pseudo_label --cuts "$(cuts $valid_set)" --decode-dir $out/decode_$valid_set \
-    --labeled-cuts "$labeled_cuts" --config $conf_dir/noisy_student.yaml --report $out/report_$valid_set.json
+    --labeled-cuts "$labeled_cuts" --config $noisy_student_configs --report $out/report_$valid_set.json
 }
 if run_stage 9 && [ "$generations" -gt 0 ]; then
   [ -f $conf_dir/noisy_student.yaml ] || { echo "$0: --generations needs $conf_dir/noisy_student.yaml" >&2; exit 1; }
@@ -509,7 +513,7 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
     if done_or_force $student/.done; then log "generation $g: student ready"; else
       log "generation $g: training the noisy student $student"
       fresh_training $student
-      train $student --config $(finetune_configs pretrained) $conf_dir/noisy_student.yaml --set task=asr \
+      train $student --config $(finetune_configs pretrained) $noisy_student_configs --set task=asr \
         data.train_cuts=$labels/student_train.jsonl.gz data.valid_cuts="$(cuts $valid_set)" \
         data.tokenizer=$lang/bpe.model finetune.init_from=$pretrain_dir/model_final.pt $finetune_opts
       "$python" -m sslasr.bin.cuts seconds "$labeled_cuts" > $student/labeled_seconds

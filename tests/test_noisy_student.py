@@ -207,6 +207,8 @@ def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Pat
     conf = recipe / "conf/noisy_student.yaml"
     settings = conf.read_text().replace("rate_ratio: [0.5, 2.0]", "rate_ratio: [0.0, 1000.0]")
     conf.write_text(settings.replace("min_letters: 1", "min_letters: 0"))
+    # a filter for this labeled amount, merged over noisy_student.yaml (as speechocean762's 1 h one)
+    (recipe / "conf/noisy_student_30.yaml").write_text("pseudo_label:\n  keep_fraction: 1.0\n")
     result = run_recipe(recipe, *SMOKE, "--labeled", "30", "--compare-scratch", "false", "--generations", "1",
                         timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -217,6 +219,7 @@ def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Pat
     assert 0 < len(labeled) < 40 and sorted(rest.ids) == sorted(set(train.ids) - set(labeled.ids))
     report = json.loads((labels / "report.json").read_text())
     assert report["num_cuts"] == 40 + len(rest) and report["kept"] + sum(report["dropped"].values()) == 40 + len(rest)
+    assert report["filter"]["keep_fraction"] == 1.0 and report["dropped"]["below_top_fraction"] == 0
     # the truth of every pool cut is known: minisynth keeps the unlabeled text aside, the rest carries its own
     assert report["num_references"] == 40 + len(rest) and 0 <= report["wer_all"]
     student_cuts = CutSet.from_file(labels / "student_train.jsonl.gz")
@@ -235,7 +238,7 @@ def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Pat
     assert Path(info["lm"]).parent.name == lm_dirs[0].name
     student_cfg = load_config(recipe / "exp/noisy_student_ctc_wav2vec2_30/gen1/config.yaml")
     assert student_cfg["frontend"]["encoder"]["mask"]["time_prob"] > 0  # the student's noise
-    assert student_cfg["pseudo_label"]["keep_fraction"] == 0.9  # the filter it was trained behind
+    assert student_cfg["pseudo_label"]["keep_fraction"] == 1.0  # the filter it was trained behind
     assert student_cfg["finetune"]["init_from"].endswith("pretrain_wav2vec2/model_final.pt")
 
     rows = [json.loads(line) for line in (recipe / "exp/results.jsonl").read_text().splitlines()]

@@ -21,6 +21,7 @@ from sslasr.bin.kmeans import training_overrides
 from sslasr.bin.train import dry_run
 from sslasr.data.kaldi_dir import LayoutError
 from sslasr.data.manifests import held_out_speakers
+from sslasr.data.pseudo_labels import filter_config
 from sslasr.data.speechocean762 import prepare
 from sslasr.data.tokenizer import Tokenizer
 from sslasr.utils.config import load_configs
@@ -277,3 +278,12 @@ def test_gpu_configs_of_the_kmeans_frontends_are_base_size(frontend: str):
     summary = dry_run(load_configs(_configs(gpu, frontend, "pretrain.yaml"), training_overrides(cfg, 2)), None, world_size=1)
     params = dry_run_parameters(summary)
     assert 90 < params < 100, summary  # BASE: 95M
+
+
+def test_noisy_student_filter_at_one_hour_merges_over_the_corpus_settings():
+    """The driver merges noisy_student_1h.yaml over noisy_student.yaml at --labeled 1h: the 1 h
+    teacher's filter keeps its most confident 30 %, the pool and the rest stay the corpus's."""
+    base = load_configs([CONF / "noisy_student.yaml"])["pseudo_label"]
+    merged = load_configs([CONF / "noisy_student.yaml", CONF / "noisy_student_1h.yaml"])["pseudo_label"]
+    assert filter_config(merged).keep_fraction == 0.3 and filter_config(base).keep_fraction == 0.9
+    assert {k: v for k, v in merged.items() if k != "keep_fraction"} == {k: v for k, v in base.items() if k != "keep_fraction"}

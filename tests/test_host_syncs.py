@@ -51,3 +51,20 @@ def test_pretraining_step_reads_the_device_a_handful_of_times(frontend):
     counter = count(case.step_ours, OURS)
     total = sum(counter.reads.values()) + sum(counter.copies.values())
     assert total <= 8, {**counter.reads, **counter.copies}
+
+
+def test_padded_w2v_bert_step_reads_no_more_than_an_unpadded_one():
+    """With padding, the Conformer blocks' attention bias and masked BatchNorm take the padding
+    mask as it is (no per-block "any padding?" or selection of real frames)."""
+    torch.manual_seed(0)
+    model = build_case("w2vbert", batch=2, seconds=1.0).ours
+    fbank, lengths = torch.randn(2, 100, 80), torch.tensor([100, 64])
+
+    def step():
+        loss, _ = model(fbank, lengths)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    counter = count(step, OURS)
+    total = sum(counter.reads.values()) + sum(counter.copies.values())
+    assert total <= 8, {**counter.reads, **counter.copies}

@@ -181,6 +181,10 @@ def test_masked_batch_norm_statistics_come_from_real_frames():
     torch.testing.assert_close(y[~pad], by_hand * norm.weight + norm.bias, atol=1e-5, rtol=1e-5)
     assert torch.all(y[pad] == 0)
     torch.testing.assert_close(norm.running_mean, 0.1 * real.mean(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(norm.running_var, 0.9 + 0.1 * real.var(0, unbiased=True), atol=1e-6, rtol=1e-5)
+    norm.eval()  # the running statistics, real frames only
+    by_running = (real - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps)
+    torch.testing.assert_close(norm(x, pad)[~pad], by_running * norm.weight + norm.bias, atol=1e-5, rtol=1e-5)
 
 
 def test_causal_convolution_module_sees_only_the_past():

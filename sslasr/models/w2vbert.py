@@ -189,8 +189,7 @@ class W2vBertPretrainer(nn.Module):
         masked = torch.where(time_mask.unsqueeze(-1), torch.randn_like(z), z)
         x = enc.feature_projection.dropout(enc.feature_projection.linear(masked))
         conformer, split = enc.conformer, cfg.contrastive_layers
-        if not bool(padding_mask.any()):  # decided once for both runs of blocks (a read each)
-            padding_mask = None
+        padding_mask = conformer.blocks_mask(padding_mask)  # once for both runs of blocks
         x = conformer.embed(x, padding_mask)
         context = conformer.run_blocks(x, padding_mask, conformer.layers[:split])
         mlm_states = conformer.run_blocks(context, padding_mask, conformer.layers[split:])

@@ -105,7 +105,7 @@ class RelativePositionSelfAttention(MultiHeadSelfAttention):
             scores = q @ self.distance_embedding.weight.to(q.dtype).t()        # (B, H, T, left+1+right)
             clipped = (-_offsets(time, x.device)).clamp(-self.left, self.right)  # j − i
             bias = _gather_offsets(scores, clipped + self.left)
-        if padding_mask is not None and padding_mask.any():
+        if padding_mask is not None:  # None for a batch without padding (ConformerEncoder.blocks_mask)
             pad = torch.zeros(batch, 1, 1, time, dtype=q.dtype, device=x.device)
             pad = pad.masked_fill(padding_mask[:, None, None, :], float("-inf"))
             bias = pad if bias is None else bias + pad
@@ -144,15 +144,38 @@ def _gather_offsets(scores: torch.Tensor, columns: torch.Tensor) -> torch.Tensor
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm over the channels of (B, T, C) whose training statistics come from real frames
-    only, so padding changes neither the batch's output nor the running averages."""
+    only, so padding changes neither the batch's output nor the running averages; padded frames
+    come out as zeros. The statistics are sums weighted by the real-frame mask rather than
+    BatchNorm over the selected frames: selecting them would read the frame count back from an
+    accelerator in every block, forward and backward."""
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if padding_mask is None or not padding_mask.any():
+        if padding_mask is None:
             return super().forward(x.reshape(-1, x.shape[-1])).view_as(x)
-        out = torch.zeros_like(x)
-        valid = ~padding_mask
-        out[valid] = super().forward(x[valid])
-        return out
+        real = (~padding_mask).unsqueeze(-1)
+        xf = x.float()  # statistics in float32, as BatchNorm's under autocast
+        if self.training or not self.track_running_stats:
+            count = real.sum()
+            mean = (xf * real).sum((0, 1)) / count
+            var = ((xf - mean).square() * real).sum((0, 1)) / count  # biased, to normalise
+            if self.training and self.track_running_stats:
+                self._update_running_stats(mean, var, count)
+        else:
+            mean, var = self.running_mean, self.running_var
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype).masked_fill(~real, 0.0)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        """As nn.BatchNorm1d: momentum (or, with momentum None, a cumulative average) towards the
+        batch mean and the unbiased batch variance."""
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        unbiased = var * count / (count - 1).clamp(min=1)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
 
 
 class ConvolutionModule(nn.Module):
@@ -239,12 +262,17 @@ class ConformerEncoder(nn.Module):
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         return self.dropout(x)
 
+    @staticmethod
+    def blocks_mask(padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The padding mask the blocks take: None for a batch without padding, which spares them
+        the attention bias and the masked BatchNorm. Decided once per batch (a read of the
+        device), not in every block."""
+        return None if padding_mask is None or not bool(padding_mask.any()) else padding_mask
+
     def run_blocks(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor], blocks: nn.ModuleList,
                    return_all: bool = False):
-        """x through `blocks` (a slice of self.layers). Returns the output, or with return_all
-        the list [x, output of each block run]."""
-        if padding_mask is not None and not padding_mask.any():
-            padding_mask = None
+        """x through `blocks` (a slice of self.layers), padding_mask as blocks_mask gives it.
+        Returns the output, or with return_all the list [x, output of each block run]."""
         states: List[torch.Tensor] = [x]
         for block in blocks:
             if self.training and self.cfg.layerdrop > 0 and torch.rand(()) < self.cfg.layerdrop:
@@ -256,4 +284,5 @@ class ConformerEncoder(nn.Module):
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, return_all: bool = False):
         """x (B, T, C), padding_mask (B, T) True = pad → last block's output, or with return_all
         [stack input, output of block 1, ..., output of the last block]."""
+        padding_mask = self.blocks_mask(padding_mask)
         return self.run_blocks(self.embed(x, padding_mask), padding_mask, self.layers, return_all)

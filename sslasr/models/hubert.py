@@ -20,7 +20,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask
-from sslasr.models.blocks.masking import span_mask
+from sslasr.models.blocks.masking import masked_frame_index, span_mask
 from sslasr.models.interfaces import Stats
 from sslasr.models.wav2vec2 import MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig
 
@@ -96,16 +96,14 @@ class MaskedPredictionHead(nn.Module):
         if bool(out_of_range.any()):  # one read of the device per batch
             labelled = targets[targets != IGNORE_LABEL]
             raise ValueError(f"targets must be cluster ids in [0, {self.num_classes}) or {IGNORE_LABEL}, found "
-                                 f"values in [{int(labelled.min())}, {int(labelled.max())}]: is num_classes right?")
+                             f"values in [{int(labelled.min())}, {int(labelled.max())}]: is num_classes right?")
 
     def forward(self, context: torch.Tensor, targets: torch.Tensor, time_mask: torch.Tensor,
                 padding_mask: torch.Tensor) -> Tuple[torch.Tensor, Stats]:
         self._check(context, targets, time_mask, padding_mask)
         labelled = (targets != IGNORE_LABEL) & ~padding_mask
         frames, flat_targets = context.flatten(0, 1), targets.flatten()
-        # frame indices rather than boolean masks: one read of the device for the count, and
-        # none in the backward (a boolean index is resolved again there)
-        masked = (labelled & time_mask).flatten().nonzero().squeeze(1)
+        masked = masked_frame_index(labelled & time_mask)
         num_masked = len(masked)
         masked_sum, masked_correct = self._cross_entropy(frames[masked], flat_targets[masked])
         loss = self.masked_weight * masked_sum
@@ -113,7 +111,7 @@ class MaskedPredictionHead(nn.Module):
                  "masked_accuracy": masked_correct / max(num_masked, 1),
                  "masked_frames": float(num_masked)}
         if self.unmasked_weight > 0:
-            unmasked = (labelled & ~time_mask).flatten().nonzero().squeeze(1)
+            unmasked = masked_frame_index(labelled & ~time_mask)
             unmasked_sum, unmasked_correct = self._cross_entropy(frames[unmasked], flat_targets[unmasked])
             loss = loss + self.unmasked_weight * unmasked_sum
             stats["unmasked_loss"] = unmasked_sum.detach() / max(len(unmasked), 1)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from sslasr.models.blocks.conformer import ConformerConfig, ConformerEncoder
 from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask, scale_grad
 from sslasr.models.blocks.dropout import Dropout
-from sslasr.models.blocks.masking import channel_mask, span_mask
+from sslasr.models.blocks.masking import channel_mask, masked_frame_index, span_mask
 from sslasr.models.blocks.quantizer import GumbelProductQuantizer
 from sslasr.models.blocks.subsampling import (
     FeatureProjection, SubsamplingConfig, build_subsampling, normalize_fbank_bins,
@@ -178,9 +178,7 @@ class W2vBertPretrainer(nn.Module):
         z = enc.feature_projection.norm(z)
         time_mask = span_mask(frame_lengths, z.shape[1], cfg.mask.time_prob, cfg.mask.time_length,
                               cfg.mask.time_min_masks)
-        # frame indices rather than a boolean mask: one read of the device for the count, and none
-        # in the backward (a boolean index is resolved again there)
-        masked_frames = time_mask.flatten().nonzero().squeeze(1)
+        masked_frames = masked_frame_index(time_mask)
         if len(masked_frames) == 0:
             raise ValueError(f"no frame was masked: every utterance of the batch is shorter than a mask span "
                              f"({cfg.mask.time_length} frames after subsampling)")

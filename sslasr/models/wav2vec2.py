@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from sslasr.models.blocks.conv_extractor import ConvFeatureExtractor, lengths_to_padding_mask, scale_grad
 from sslasr.models.blocks.dropout import Dropout
-from sslasr.models.blocks.masking import channel_mask, span_mask
+from sslasr.models.blocks.masking import channel_mask, masked_frame_index, span_mask
 from sslasr.models.blocks.quantizer import GumbelProductQuantizer
 from sslasr.models.blocks.transformer import TransformerConfig, TransformerEncoder
 from sslasr.models.interfaces import EncoderOutput, Stats
@@ -231,9 +231,7 @@ class Wav2Vec2Pretrainer(nn.Module):
                               cfg.mask.time_min_masks)
         context = enc.contextualize(x, padding_mask, time_mask)
 
-        # frame indices rather than a boolean mask: one read of the device for the count, and none
-        # in the backward (a boolean index is resolved again there)
-        masked_frames = time_mask.flatten().nonzero().squeeze(1)
+        masked_frames = masked_frame_index(time_mask)
         q = self.quantizer(self.dropout_features(z).flatten(0, 1)[masked_frames])
         targets = self.project_q(q.quantized)
         predictions = self.final_proj(context.flatten(0, 1)[masked_frames])

@@ -36,6 +36,13 @@ def span_mask(
     return mask.to(lengths.device)
 
 
+def masked_frame_index(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the True frames of a (B, T) mask, for x.flatten(0, 1)[index]. An index
+    rather than x[mask]: one read of the device (the count) for every tensor it selects from,
+    where each boolean index is resolved on the host again, and again in the backward."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
 def channel_mask(
     batch: int, channels: int, prob: float, span: int, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:

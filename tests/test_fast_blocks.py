@@ -2,7 +2,8 @@
 stream (keep rate, exact scaling, its gradient), the training attention path against
 scaled_dot_product_attention's maths, the FFT positional convolution against Conv1d, the
 relative shift of Transformer-XL scores against an index gather, the Conformer's depthwise
-convolution kept in float32 under CPU autocast."""
+convolution kept in float32 under CPU autocast, the grouped convolution over time in both of its
+memory layouts against Conv1d."""
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from sslasr.models.blocks.conv_extractor import ConvFeatureExtractor
 from sslasr.models.blocks.conformer import ConformerConfig, ConvolutionModule, _shift_offsets
 from sslasr.models.blocks.dropout import Dropout, attention, dropout, keep_mask
 from sslasr.models.blocks.positional import ConvPositionalEmbedding, _fft_length, fft_conv, fft_conv_is_cheaper
+from sslasr.models.blocks.time_conv import conv_over_time
 
 torch.set_num_threads(1)
 
@@ -189,6 +191,31 @@ def test_relative_shift_view_equals_the_index_gather_and_its_gradient(time):
     assert torch.equal(grad, expected_grad)
     with pytest.raises(ValueError, match="2T−1"):
         _shift_offsets(torch.zeros(1, 1, time, 2 * time))
+
+
+@pytest.mark.parametrize("groups,kernel,padding", [(4, 8, 4), (16, 5, 0), (1, 3, 1)])
+def test_convolution_over_time_equals_conv1d_in_both_layouts(groups, kernel, padding, monkeypatch):
+    """The (B, C, 1, T) channels-last view (the CPU's) and Conv1d on the transposed frames (every
+    other device's, where cuDNN would take the view to its slow NHWC kernel) compute Conv1d:
+    outputs and gradients, for the positional (grouped, even kernel) and depthwise shapes."""
+    torch.manual_seed(groups)
+    conv = torch.nn.Conv1d(16, 16, kernel, padding=padding, groups=groups)
+    x = torch.randn(3, 40, 16, requires_grad=True)                 # time-major frames
+    expected = conv(x.transpose(1, 2))
+    upstream = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (x, conv.weight, conv.bias), upstream)
+    for view in (True, False):
+        got = conv_over_time(x, conv.weight, conv.bias, padding, groups, channels_last_view=view)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        for a, b in zip(torch.autograd.grad(got, (x, conv.weight, conv.bias), upstream), expected_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # the default is the view on the CPU only
+    calls = []
+    monkeypatch.setattr(F, "conv2d", lambda *args, **kwargs: calls.append("conv2d") or torch.zeros(1, 1, 1, 1))
+    monkeypatch.setattr(F, "conv1d", lambda *args, **kwargs: calls.append("conv1d"))
+    conv_over_time(x, conv.weight, conv.bias, padding, groups)
+    conv_over_time(x.to("meta"), conv.weight.to("meta"), conv.bias.to("meta"), padding, groups)
+    assert calls == ["conv2d", "conv1d"]
 
 
 def test_depthwise_convolution_runs_in_float32_under_cpu_autocast(monkeypatch):

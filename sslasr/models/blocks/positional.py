@@ -15,6 +15,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from sslasr.models.blocks.time_conv import conv_over_time
+
 
 class ConvPositionalEmbedding(nn.Module):
     def __init__(self, dim: int, kernel: int = 128, groups: int = 16):
@@ -32,16 +34,13 @@ class ConvPositionalEmbedding(nn.Module):
         """(B, T, C) → positional term of shape (B, T, C) (caller adds it).
 
         self.conv's maths, in training by FFT where that is cheaper (see fft_conv_is_cheaper),
-        otherwise run as a 2-D convolution over a (B, C, 1, T) view of x: that view is
-        channels-last in memory, which oneDNN's grouped convolution takes without relayout (and
-        runs, forward and backward, 2-3× faster on CPU than Conv1d on the transposed input)."""
+        otherwise by `conv_over_time` (the layout each device's library is fastest on)."""
         conv, weight = self.conv, self.conv.weight  # (weight norm recomputes it on each access)
         # Only in training: the FFT's rounding depends on the transform length, i.e. on the
         # batch's padded length, and decoding a near-tie should not change with the batching.
         if self.training and fft_conv_is_cheaper(x, weight.shape, conv.padding[0]):
             return self.act(fft_conv(x, weight, conv.bias, conv.padding[0]))
-        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2), conv.bias,
-                     padding=(0, conv.padding[0]), groups=conv.groups).squeeze(2)
+        y = conv_over_time(x, weight, conv.bias, conv.padding[0], conv.groups)
         if self.trim:
             y = y[:, :, : -self.trim]
         return self.act(y).transpose(1, 2)

@@ -33,7 +33,7 @@ command_line="./run.sh"; [ $# -eq 0 ] || command_line+=$(printf " %q" "$@")  # r
 # ---------------------------------------------------------------- options
 stage=0
 stop_stage=100
-frontend=wav2vec2
+frontend=wav2vec2      # wav2vec2, hubert, wavlm, w2vbert; `all`: each in turn over the stage range, one table
 model_size=""          # another size of the frontend: conf/frontend_<frontend>_<size>.yaml (exp dirs <frontend>_<size>)
 head=ctc
 labeled=all            # seconds of labeled audio (600, 1h, 10m) or "all"
@@ -70,6 +70,30 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d'; sed -n '/^# -*
 
 [ -x "$python" ] || "$root/tools/install.sh"
 export PYTHONUNBUFFERED=1 SSLASR_PYTHON="$python"
+
+if [ "$frontend" = all ]; then
+  # The same command once per frontend (data, tokenizer and LM are made by the first and reused),
+  # each result row recording the single-frontend command that reproduces it.
+  [ -z "$init_from" ] || { echo "$0: --frontend all and --init-from contradict (the checkpoint has one frontend)" >&2; exit 2; }
+  if [ "$force" = true ] && [ "$stage" -le 3 ]; then
+    echo "$0: --frontend all --force true would redo stages 0-3 once per frontend; run them alone first, then --stage 4" >&2
+    exit 2
+  fi
+  one_frontend_args=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --frontend) shift 2 ;;
+      --frontend=*) shift ;;
+      *) one_frontend_args+=("$1"); shift ;;
+    esac
+  done
+  for one in $("$python" -c "from sslasr.models.frontends import FRONTENDS; print(*FRONTENDS)"); do
+    one_command=("./$(basename "$0")" ${one_frontend_args[@]+"${one_frontend_args[@]}"} --frontend "$one")
+    echo "$(date '+%F %T') --frontend all:$(printf " %q" "${one_command[@]}")" >&2
+    "${one_command[@]}"
+  done
+  exit 0
+fi
 
 log() { echo "$(date '+%F %T') [stage ${current_stage:-?}] $*" >&2; }
 run_stage() {  # run_stage N: true when stage N is inside --stage..--stop-stage

@@ -3,6 +3,7 @@ skipping of finished stages, and resumption of pretraining after a SIGKILL."""
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 from lhotse import CutSet
 
-from recipe_smoke import SMOKE, recipe_copy, recipe_with_data, run_recipe
+from recipe_smoke import SMOKE, SMOKE_DATA, recipe_copy, recipe_with_data, run_recipe
 from sslasr.scoring import read_results
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
@@ -156,3 +157,24 @@ def test_fbank_stage_skips_manifests_with_features(tmp_path: Path, prepared_mini
     for split in ("train", "unlabeled", "dev", "test"):
         assert (manifests / f"minisynth_cuts_{split}_fbank.jsonl.gz").exists(), split
     assert not list(manifests.glob("*_fbank_*_fbank.jsonl.gz"))
+
+
+
+def test_frontend_all_runs_each_frontend_in_turn(tmp_path: Path, prepared_minisynth: Path):
+    """--frontend all is the same command once per frontend, in the registry's order, less the
+    `--frontend all` (each result row records its own frontend's command). Stage 2 stands for
+    every stage: each frontend says whether it computes features (the fbank ones find them made)."""
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
+    (recipe / "data/manifests/.fbank.done").touch()
+    result = run_recipe(recipe, *SMOKE_DATA, "--frontend=all", "--stage", "2", "--stop-stage", "2", timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    commands = [line.split("--frontend all: ")[1] for line in result.stderr.splitlines() if "--frontend all: " in line]
+    frontends = ["wav2vec2", "hubert", "wavlm", "w2vbert"]
+    assert [shlex.split(command) for command in commands] == [
+        ["./run.sh", *SMOKE_DATA, "--stage", "2", "--stop-stage", "2", "--frontend", f] for f in frontends]
+    said = [line.split("[stage 2] ")[1] for line in result.stderr.splitlines() if "[stage 2] " in line]
+    assert said == [f"{f} reads raw waveforms: no features to compute" for f in frontends[:3]] + ["fbank ready"]
+    # options that contradict it are refused before any work
+    for bad in (["--init-from", str(recipe)], ["--force", "true"]):
+        refused = run_recipe(recipe, "--frontend", "all", *bad, timeout=60)
+        assert refused.returncode == 2 and "--frontend all" in refused.stderr, refused.stderr[-2000:]

@@ -8,6 +8,9 @@
 #   ./run.sh                                                     # downloads the release (520 MB)
 #   ./run.sh --stage 5 --stop-stage 10 --labeled 10m              # 10 min / 1h / all of train
 #   ./run.sh --labeled 1h --compare-scratch false                # noisy student on unlabeled/ + the rest of train
+#   ./run.sh --frontend all --labeled 1h                         # the four frontends in turn, pretrained and
+#       scratch, one table: stages 4-10 less the noisy student took 45-50 min per frontend on the
+#       2-core machine (conf/frontend_*.yaml), each one's noisy student (stage 9) 40-60 min more
 #   ./run.sh --conf-dir conf/gpu --nproc 4                       # base-size models on GPUs, in exp/conf_gpu/
 #   ./run.sh --frontend w2vbert --model-size medium               # 9.7 M parameters (conf/frontend_w2vbert_medium.yaml)
 # Splits (local/data.sh): dev = 10 train speakers held out (seeded); test = the corpus's test/

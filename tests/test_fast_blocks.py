@@ -79,6 +79,39 @@ def test_inplace_dropout_on_an_activation_output_keeps_the_gradient():
         dropout(F.relu(x), 0.4, inplace=True).sum().backward()
 
 
+def _graph_ops(tensor: torch.Tensor) -> set:
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and type(fn).__name__ not in seen:
+            seen.add(type(fn).__name__)
+            stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return seen
+
+
+@pytest.mark.parametrize("where", ["whole_view", "part_view"])
+def test_inplace_dropout_on_a_view_is_not_rebased(where):
+    """A Linear's (B, T, C) output is a view of its (B·T, C) matmul: dropped in place, autograd
+    would rebase the view (CopySlices: three extra passes in the backward). The base is dropped
+    instead; a view of part of its base (one of q, k, v) is dropped out of place. Same values and
+    gradients as the out-of-place dropout with the same draws."""
+    linear = torch.nn.Linear(12, 36 if where == "part_view" else 12)
+    x = torch.randn(4, 10, 12, requires_grad=True)
+    grad = torch.randn(4, 10, 12)
+    results = []
+    for inplace in (True, False):
+        out = linear(x)
+        if where == "part_view":
+            out = out[..., :12]
+        assert out._base is not None
+        torch.manual_seed(3)
+        y = dropout(out, 0.3, inplace=inplace)
+        assert not {"CopySlices", "AsStridedBackward0"} & _graph_ops(y)
+        results.append((y, *torch.autograd.grad(y, (x, linear.weight), grad)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
 def test_dropout_identity_cases_and_module():
     x = torch.randn(10, 20)
     assert dropout(x, 0.0) is x and dropout(x, 0.5, training=False) is x

@@ -64,9 +64,20 @@ class _Dropout(torch.autograd.Function):
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool = False) -> torch.Tensor:
-    """F.dropout(x, p, training, inplace), with the cheaper random stream on CPU."""
+    """F.dropout(x, p, training, inplace), with the cheaper random stream on CPU.
+
+    In place on an autograd view (a Linear's output on (B, T, C) is a view of its (B·T, C)
+    matmul), autograd would rebase the view's history: in the backward, a copy of the base's
+    gradient, a strided copy into it and a strided gather back out (CopySlices), three passes
+    to save one allocation. So a view covering its whole base drops the base in place and
+    returns the view of the result; another view is dropped out of place."""
     if not training or p == 0.0:
         return x
+    if inplace and x._base is not None:
+        base = x._base
+        if x.is_contiguous() and base.is_contiguous() and x.numel() == base.numel():
+            return dropout(base, p, training, inplace=True).view(x.shape)
+        inplace = False
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, training, inplace)
     return _Dropout.apply(x, p, inplace)

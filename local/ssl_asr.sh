@@ -53,7 +53,9 @@ token_type=${token_type:-unigram}  # sentencepiece model: unigram, bpe or char
 data_opts=${data_opts:-}  # extra options for local/data.sh
 pretrain_opts=""       # extra `key=value` config overrides for stage 4
 kmeans_opts=""         # ... for the k-means of frontends with k-means targets (HuBERT), e.g. kmeans.frames_budget=20000
-finetune_opts=""       # ... for stage 5
+finetune_opts=""       # ... for stage 5 (and the noisy students of stage 9)
+tag=""                 # suffix of the fine-tuned systems' and noisy students' exp dirs, for variants side
+                       #   by side, e.g. --tag _seed1 --finetune-opts trainer.seed=1 (pretraining and LM shared)
 lm_text=""             # extra LM training text files (one sentence a line), space-separated
 lm_opts=""             # extra `key=value` config overrides for stage 6
 decode_opts=""         # extra options for sslasr.bin.decode, e.g. a wider λ grid for decoded systems:
@@ -136,6 +138,7 @@ lang=data/lang_${token_type}_${vocab_size}
 labeled_seconds=$(seconds_of "$labeled")
 labeled_tag=$labeled
 sp_tag=""; [ -z "$speed_perturb" ] || sp_tag=_sp$(echo $speed_perturb | tr ' ' '-')  # _sp0.9-1.1
+case "$tag" in *[!A-Za-z0-9._-]*) echo "$0: --tag '$tag': only letters, digits, '.', '_' and '-'" >&2; exit 2 ;; esac
 frontend_tag=$frontend${model_size:+_$model_size}  # names the exp dirs
 frontend_conf=$conf_dir/frontend_$frontend_tag.yaml
 if [ -n "$model_size" ] && [ -z "$init_from" ] && [ ! -f "$frontend_conf" ]; then
@@ -173,7 +176,7 @@ conf_name=${conf_dir#./}; conf_name=${conf_name%/}
 [ "$conf_name" = conf ] || exp=exp/conf_$(printf %s "${conf_name#conf/}" | tr -c 'A-Za-z0-9._-' '_')
 pretrain_dir=$exp/pretrain_$frontend_tag
 system_dir() {  # system_dir pretrained|scratch
-  if [ "$1" = pretrained ]; then echo "$exp/${head}_${frontend_tag}_${labeled_tag}$sp_tag"; else echo "$exp/${head}_scratch_${frontend_tag}_${labeled_tag}$sp_tag"; fi
+  if [ "$1" = pretrained ]; then echo "$exp/${head}_${frontend_tag}_${labeled_tag}$sp_tag$tag"; else echo "$exp/${head}_scratch_${frontend_tag}_${labeled_tag}$sp_tag$tag"; fi
 }
 
 if run_stage 0; then
@@ -455,7 +458,7 @@ fi
 # The pool (pseudo_label.pool): `unlabeled`, the corpus's untranscribed audio, and/or
 # `rest_of_train`, the train utterances beyond the --labeled subset, their transcripts withheld
 # from the student and used to measure the pseudo-labels (empty at --labeled all).
-noisy_student_dir=$exp/noisy_student_${head}_${frontend_tag}_${labeled_tag}$sp_tag
+noisy_student_dir=$exp/noisy_student_${head}_${frontend_tag}_${labeled_tag}$sp_tag$tag
 # conf/noisy_student.yaml, then conf/noisy_student_<labeled>.yaml where one exists (as the
 # fine-tuning configs): a filter tuned for one amount of labels
 noisy_student_configs=$conf_dir/noisy_student.yaml

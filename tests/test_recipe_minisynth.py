@@ -130,6 +130,23 @@ def test_forced_finetuning_retrains_from_update_0_and_keeps_its_logs(tmp_path: P
         assert len(list((exp / "tensorboard").glob("events.*"))) == 1, system  # the old run's removed
 
 
+def test_tag_trains_a_variant_beside_the_system(tmp_path: Path, prepared_minisynth: Path):
+    """--tag suffixes the fine-tuned systems' exp dirs, so a variant (here another seed) trains
+    beside the untagged system instead of resuming it; tags are path-safe or refused."""
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
+    opts = list(SMOKE) + ["--no-pretrain", "true", "--stage", "5", "--stop-stage", "5"]
+    for tag, seed in (("", 0), ("_seed1", 1)):
+        tagged = list(opts)
+        tagged[tagged.index("--finetune-opts") + 1] += f" trainer.seed={seed}"
+        result = run_recipe(recipe, *tagged, "--tag", tag, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    for tag, seed in (("", 0), ("_seed1", 1)):
+        checkpoint = torch.load(recipe / f"exp/ctc_scratch_wav2vec2_all{tag}/model_final.pt", weights_only=False)
+        assert checkpoint["config"]["trainer"]["seed"] == seed and checkpoint["num_updates"] == 4
+    refused = run_recipe(recipe, *opts, "--tag", "/seed1", timeout=60)
+    assert refused.returncode == 2 and "--tag" in refused.stderr
+
+
 def test_another_conf_dir_has_its_own_exp_root(tmp_path: Path, prepared_minisynth: Path):
     """--conf-dir conf/alt trains in exp/conf_alt/ and writes nothing in the default exp root, so
     its models never resume from or overwrite conf/'s. Stage 6 (the LM) stands for every stage."""

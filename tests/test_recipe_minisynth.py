@@ -176,7 +176,6 @@ def test_fbank_stage_skips_manifests_with_features(tmp_path: Path, prepared_mini
     assert not list(manifests.glob("*_fbank_*_fbank.jsonl.gz"))
 
 
-
 def test_frontend_all_runs_each_frontend_in_turn(tmp_path: Path, prepared_minisynth: Path):
     """--frontend all is the same command once per frontend, in the registry's order, less the
     `--frontend all` (each result row records its own frontend's command). Stage 2 stands for

@@ -14,6 +14,11 @@ Iterations alternate ours/theirs in one process so that load from other processe
     .venv/bin/python bench/pretrain_throughput.py --config tiny --iters 10
     .venv/bin/python bench/pretrain_throughput.py --frontend all
     python bench/pretrain_throughput.py --frontend all --config small --device cuda --amp bf16 --batch 16
+    python bench/pretrain_throughput.py --frontend hubert --config small --device cuda --batch 16 --profile prof/
+
+--profile DIR then runs --profile-steps more steps of each model under torch.profiler and writes
+DIR/<frontend>_<model>.txt (the ops by self time on the device, or on the CPU without one) and
+prints per step: wall time, device busy time, kernel launches and host synchronisations.
 """
 
 import argparse
@@ -22,6 +27,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Callable, Dict
 
 import numpy as np
 import torch
@@ -115,6 +121,9 @@ def main() -> None:
     parser.add_argument("--frontend", choices=["wav2vec2", "hubert", "wavlm", "w2vbert", "all"], default="wav2vec2")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N]")
     parser.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast both models' steps")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="folder for a torch.profiler table of each model's step (after the timing)")
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps per model under the profiler")
     args = parser.parse_args()
     args.device = torch.device(args.device)
 
@@ -135,6 +144,8 @@ def main() -> None:
             assert case.encoder_params_ours == case.encoder_params_theirs, "architectures do not match"
             steps = {"ours": case.step_ours, "transformers": case.step_theirs}
         ratios[frontend] = time_steps(steps, args)
+        if args.profile is not None:
+            profile_steps(steps, args, frontend)
     if len(ratios) > 1:
         print("\n" + "  ".join(f"{name}: {ratio:.2f}×" for name, ratio in ratios.items()))
 
@@ -186,6 +197,46 @@ def time_steps(steps, args) -> float:
     ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])
     print(f"ratio (ours / transformers): {ratio:.2f}×")
     return ratio
+
+
+# Host-side events of the CUDA runtime (and driver) API under the profiler: kernel launches, and
+# the calls that make the host wait for the device (a blocking copy, an explicit synchronisation).
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def profile_steps(steps: Dict[str, Callable[[], None]], args, frontend: str) -> None:
+    """--profile-steps steps of each model under torch.profiler: a table of ops by self time in
+    args.profile, and one summary line per model (per-step means)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    args.profile.mkdir(parents=True, exist_ok=True)
+    n = args.profile_steps
+    print(f"profile ({n} steps each, per-step means): wall ms, device busy ms, kernel launches, "
+          f"host syncs (cudaMemcpy/…Synchronize calls), CPU ops")
+    for name, step in steps.items():
+        if cuda:
+            torch.cuda.synchronize(args.device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(n):
+                with autocast:
+                    step()
+            if cuda:
+                torch.cuda.synchronize(args.device)
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+        table = args.profile / f"{frontend}_{name}.txt"
+        table.write_text(events.table(sort_by=sort_by, row_limit=60) + "\n")
+        count = lambda names: sum(e.count for e in events if e.key in names)  # noqa: E731
+        device_us = sum(getattr(e, "self_device_time_total", 0) for e in events) if cuda else 0
+        ops = sum(e.count for e in events if e.key.startswith("aten::"))
+        print(f"  {name:<13} {1e3 * wall / n:8.1f} {device_us / 1e3 / n:8.1f} {count(LAUNCHES) / n:8.0f} "
+              f"{count(SYNCS) / n:6.0f} {ops / n:7.0f}   {table}")
 
 
 if __name__ == "__main__":

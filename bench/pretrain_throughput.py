@@ -208,6 +208,7 @@ SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
 def profile_steps(steps: Dict[str, Callable[[], None]], args, frontend: str) -> None:
     """--profile-steps steps of each model under torch.profiler: a table of ops by self time in
     args.profile, and one summary line per model (per-step means)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = args.device.type == "cuda"
@@ -232,11 +233,12 @@ def profile_steps(steps: Dict[str, Callable[[], None]], args, frontend: str) -> 
         sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
         table = args.profile / f"{frontend}_{name}.txt"
         table.write_text(events.table(sort_by=sort_by, row_limit=60) + "\n")
-        count = lambda names: sum(e.count for e in events if e.key in names)  # noqa: E731
-        device_us = sum(getattr(e, "self_device_time_total", 0) for e in events) if cuda else 0
+        # device time from the kernel and copy rows alone: an op's row repeats its kernels' time
+        device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        launches, syncs = (sum(e.count for e in events if e.key in names) for names in (LAUNCHES, SYNCS))
         ops = sum(e.count for e in events if e.key.startswith("aten::"))
-        print(f"  {name:<13} {1e3 * wall / n:8.1f} {device_us / 1e3 / n:8.1f} {count(LAUNCHES) / n:8.0f} "
-              f"{count(SYNCS) / n:6.0f} {ops / n:7.0f}   {table}")
+        print(f"  {name:<13} {1e3 * wall / n:8.1f} {device_us / 1e3 / n:8.1f} {launches / n:8.0f} "
+              f"{syncs / n:6.0f} {ops / n:7.0f}   {table}")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ WHEELS=(lhotse==1.33.0 lilcom kaldialign soundfile cffi pycparser audioread cyto
 
 fetch() {
   rm -rf .whl && mkdir -p .whl
-  local platforms=()
-  for n in 2_28 2_27 2_17 2014 1; do
-    case $n in 2014|1) platforms+=(--platform "manylinux${n}_x86_64") ;; *) platforms+=(--platform "manylinux_${n}_x86_64") ;; esac
-  done
+  local platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
   local python=python3; [ -x .venv/bin/python ] && python=.venv/bin/python
   "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d .whl "${WHEELS[@]}" 2> >(grep -v "is ignored: it is neither" >&2) || exit 1
@@ -44,18 +42,17 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'lho
     | tee "$out/versions.txt"
   # 1. CUDA tests (skipped without a GPU)
   timeout 240 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -40 | tee "$out/test_cuda.txt"
-  # 2. throughput, fp32 then bf16 (bench/README.md's GPU table); 3. profile, fp32. On a CPU (the
-  # dry run) at the tiny size, one timed step. The device returns at most 8 files: the profile's
-  # tables come back as one.
+  # 2. throughput, fp32 then bf16 (bench/README.md's GPU table), the fp32 run followed by the
+  # profile of each step. On a CPU (the dry run) at the tiny size, one timed step. The device
+  # returns at most 8 files: the profile's tables come back as one.
   local size=(--config small --batch 16) iters=10 warmup=3 tables=/tmp/gpu_session_profile
   [ "$device" = cpu ] && size=(--config tiny --batch 4) iters=1 warmup=1
-  for amp in none bf16; do
-    timeout 150 "$python" bench/pretrain_throughput.py --frontend all "${size[@]}" --device "$device" \
-      --amp "$amp" --iters $iters --warmup $warmup 2>&1 | grep -v "^USDT" | tee "$out/throughput_$amp.txt"
-  done
   rm -rf "$tables"
-  timeout 150 "$python" bench/pretrain_throughput.py --frontend all "${size[@]}" --device "$device" \
-    --iters 1 --warmup 2 --profile "$tables" 2>&1 | grep -v "^USDT" | tee "$out/profile.txt"
+  for amp in none bf16; do
+    local profile=(); [ "$amp" = none ] && profile=(--profile "$tables")
+    timeout 200 "$python" bench/pretrain_throughput.py --frontend all "${size[@]}" --device "$device" \
+      --amp "$amp" --iters $iters --warmup $warmup "${profile[@]}" 2>&1 | grep -v "^USDT" | tee "$out/throughput_$amp.txt"
+  done
   for table in "$tables"/*.txt; do echo "== $(basename "$table")"; cat "$table"; done > "$out/profile_tables.txt"
 }
 

@@ -171,11 +171,16 @@ def wav2vec2_steps(args):
     return dict(zip(("ours", "transformers"), make_steps(ours, theirs, hf_cfg, wav, lengths, args.optimizer)))
 
 
+def step_autocast(args) -> torch.autocast:
+    """The context every timed or profiled step runs in: bf16 autocast under --amp bf16."""
+    return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+
+
 def time_steps(steps, args) -> float:
     """Alternating timed iterations; prints the table and returns the median-time ratio."""
     times = {name: [] for name in steps}
     cuda = args.device.type == "cuda"
-    autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    autocast = step_autocast(args)
     for i in range(args.warmup + args.iters):
         order = list(steps) if i % 2 == 0 else list(steps)[::-1]  # alternate who goes first
         for name in order:
@@ -213,7 +218,7 @@ def profile_steps(steps: Dict[str, Callable[[], None]], args, frontend: str) -> 
 
     cuda = args.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    autocast = step_autocast(args)
     args.profile.mkdir(parents=True, exist_ok=True)
     n = args.profile_steps
     print(f"profile ({n} steps each, per-step means): wall ms, device busy ms, kernel launches, "

@@ -15,7 +15,9 @@
 #   7 decode      every test set with every fine-tuned system and every decoding method of
 #                 the head's `decode` section, one process per system; LM methods: λ, β
 #                 tuned on the validation set, then used for every set
-#   8 score       kaldialign WER; one JSON line per result in exp/results.jsonl
+#   8 score       kaldialign WER; one JSON line per result in exp/results.jsonl; the pretrained
+#                 system's rows carry the paired-bootstrap difference to the scratch one's
+#                 (a student's, in stage 9, to its teacher's): sslasr.bin.compare_wer
 #   9 noisy student, --generations N (0: skipped): the teacher transcribes the unlabeled pool,
 #                 the pseudo-labels are filtered (conf/noisy_student[_<labeled>].yaml), a student trains on
 #                 labels + pseudo-labels with noise, is decoded and scored, and teaches the next
@@ -421,7 +423,8 @@ decode_system() {  # decode_system DIR: every set with every method of DIR's mod
   touch $dir/.decode.done
 }
 score_system() {  # score_system DIR pretrained|scratch GENERATION [KEY=VALUE...]: a results row per (set, method)
-  local dir=$1 pretrained=false row_frontend=none generation=$3 method lm_row test_set out
+  # with $score_baseline set (an exp dir), each row is compared with that system's decode of the same set and method
+  local dir=$1 pretrained=false row_frontend=none generation=$3 method lm_row test_set out baseline
   [ $2 != pretrained ] || { pretrained=true; row_frontend=$frontend; }
   shift 3
   for method in $(decode_methods $dir); do
@@ -430,7 +433,9 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION [KEY=VALUE...
     for test_set in $test_sets; do
       out=$dir/decode_${test_set}_${method/+lm/_lm}
       if done_or_force $out/.scored; then continue; fi
-      "$python" -m sslasr.bin.score --ref $out/ref.txt --hyp $out/hyp.txt --out-dir $out \
+      baseline=${score_baseline:+$score_baseline/decode_${test_set}_${method/+lm/_lm}}
+      [ -z "$baseline" ] || [ -f $baseline/hyp.txt ] || baseline=""  # e.g. decoded by other methods
+      "$python" -m sslasr.bin.score --ref $out/ref.txt --hyp $out/hyp.txt --out-dir $out ${baseline:+--baseline $baseline} \
         --results $exp/results.jsonl --set corpus=$corpus test_set=$test_set frontend=$row_frontend \
         head=$head decoding=$method lm_weight=$(json_value $out/decode_info.json lm_weight) \
         length_bonus=$(json_value $out/decode_info.json length_bonus) $lm_row \
@@ -448,7 +453,11 @@ if run_stage 7; then
 fi
 
 if run_stage 8; then
-  for system in $systems; do score_system $(system_dir $system) $system 0; done
+  for system in $systems; do
+    score_baseline=""  # the pretrained system against the scratch one, where both were trained
+    [ $system != pretrained ] || [ "${systems% scratch}" = "$systems" ] || score_baseline=$(system_dir scratch)
+    score_system $(system_dir $system) $system 0
+  done
 fi
 
 # noisy student (--generations N): generation g's teacher (the pretrained system for g = 1)
@@ -547,7 +556,7 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
       touch $student/.done
     fi
     decode_system $student
-    score_system $student pretrained $g \
+    score_baseline=$teacher score_system $student pretrained $g \
       teacher=$teacher pseudo_label_seconds=$(json_value $labels/report.json kept_seconds) \
       pseudo_label_wer=$(json_value $labels/report.json wer_kept 2>/dev/null || echo null) \
       pseudo_label_${valid_set}_wer=$(json_value $labels/report_$valid_set.json wer_kept)

@@ -436,6 +436,23 @@ TEACHER_COLUMN = ("teacher WER %", "teacher_wer", lambda w: _cell(w) if w is Non
 _PSEUDO_LABEL_SET_WER = re.compile(r"pseudo_label_(\w+)_wer")
 
 
+# After "WER %" only in tables where some row was scored against a baseline (sslasr.bin.score
+# --baseline: a noisy student against its teacher, a pretrained system against scratch): the
+# paired bootstrap's difference this − baseline with its 95 % interval, P(improvement), and the
+# baseline's exp directory (the decode directory's parent).
+def _delta_cell(row: dict[str, Any]) -> str:
+    if row.get("wer_delta") is None:
+        return "-"
+    return f"{row['wer_delta']:+.2f} [{row['wer_delta_low']:+.2f}, {row['wer_delta_high']:+.2f}]"
+
+
+BASELINE_COLUMNS = (
+    ("Δ WER vs baseline [95 % CI]", None, _delta_cell),
+    ("P(improvement)", "p_improvement", lambda p: _cell(p) if p is None else f"{p:.3f}"),
+    ("baseline", "baseline", lambda d: _cell(d) if d is None else _cell(str(Path(d).parent))),
+)
+
+
 def _student_columns(rows: list[dict[str, Any]]) -> list[tuple]:
     columns = [c for c in NOISY_STUDENT_COLUMNS if any(c[1] in r for r in rows)]
     sets = sorted({m.group(1) for r in rows for m in map(_PSEUDO_LABEL_SET_WER.fullmatch, r) if m})
@@ -452,6 +469,9 @@ def _columns(rows: list[dict[str, Any]]) -> list[tuple]:
     after_lm, after_generation = keys.index("lm_weight") + 1, keys.index("generation") + 1
     columns = (list(COLUMNS[:after_lm]) + fusion + list(COLUMNS[after_lm:after_generation]) + student
                + list(COLUMNS[after_generation:]))
+    if any(r.get("wer_delta") is not None for r in rows):
+        after_wer = next(i for i, c in enumerate(columns) if c[1] == "wer") + 1
+        columns[after_wer:after_wer] = BASELINE_COLUMNS
     if any(r.get("model_parameters") is not None for r in rows):
         columns.insert(keys.index("frontend") + 1, PARAMETERS_COLUMN)
     return columns
@@ -463,7 +483,7 @@ def _render_table(rows: list[dict[str, Any]]) -> list[str]:
     headers = ["#"] + [h for h, _, _ in columns] + (["exp"] if with_exp else [])
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for i, row in enumerate(rows, start=1):
-        cells = [str(i)] + [fmt(row.get(key)) for _, key, fmt in columns]
+        cells = [str(i)] + [fmt(row) if key is None else fmt(row.get(key)) for _, key, fmt in columns]
         if with_exp:
             cells.append(_cell(row.get("exp")))
         lines.append("| " + " | ".join(cells) + " |")

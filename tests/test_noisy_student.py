@@ -248,6 +248,11 @@ def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Pat
     for row in students:
         assert row["pseudo_label_seconds"] == report["kept_seconds"] and row["pretrained"] is True
         assert row["pseudo_label_wer"] == report["wer_kept"] and row["teacher"] == "exp/ctc_wav2vec2_30"
+        # and the paired bootstrap against the teacher's decode of the same set and method
+        teacher = next(r for r in rows if r["generation"] == 0 and r["test_set"] == row["test_set"]
+                       and r["decoding"] == row["decoding"])
+        assert row["baseline"].startswith("exp/ctc_wav2vec2_30/decode_")
+        assert row["wer_delta"] == pytest.approx(row["wer"] - teacher["wer"], abs=1e-3)
     assert "pseudo-label WER %" in (recipe / "RESULTS.md").read_text()
 
 

@@ -56,6 +56,17 @@ def test_results_rows_and_table(finished_recipe: Path):
         assert row["sub"] + row["del"] + row["ins"] == pytest.approx(row["wer"] * row["num_words"] / 100, abs=0.01)
         assert 0 < row["labeled_seconds"] < 200  # 40 short utterances
         assert row["command"].startswith("./run.sh")
+        # the pretrained system's rows against the scratch one's decode of the same set and method
+        if row["pretrained"]:
+            method_dir = row["decoding"].replace("+lm", "_lm")
+            assert row["baseline"] == f"exp/ctc_scratch_wav2vec2_all/decode_{row['test_set']}_{method_dir}"
+            scratch = next(r for r in rows if not r["pretrained"] and r["test_set"] == row["test_set"]
+                           and r["decoding"] == row["decoding"])
+            assert row["wer_delta"] == pytest.approx(row["wer"] - scratch["wer"], abs=1e-3)
+            assert row["wer_delta_low"] <= row["wer_delta"] <= row["wer_delta_high"]
+            assert 0 <= row["p_improvement"] <= 1
+        else:
+            assert "baseline" not in row
     table = (finished_recipe / "RESULTS.md").read_text()
     assert "do not edit" in table.lower() and "./run.sh --data-opts" in table
     assert "from RESULTS.jsonl" in table  # rendered from the tracked history, which has this run's rows

@@ -25,14 +25,18 @@ import yaml
 
 from sslasr.scoring import (
     ErrorCounts,
+    UttResult,
     append_result,
     missing_result_keys,
     score_corpus,
     write_errors_file,
 )
+from sslasr.significance import compare_scored
 from sslasr.utils.io import write_text_atomic
 
 COMPUTED_KEYS = ("wer", "sub", "del", "ins", "num_words", "num_utts", "num_missing_hyps")
+# With --baseline: the decode directory compared with, and the paired bootstrap's fields
+BASELINE_KEYS = ("baseline", "wer_delta", "wer_delta_low", "wer_delta_high", "p_improvement")
 STRING_KEYS = ("command",)  # never type-converted, e.g. a command "true" stays a string
 
 # YAML 1.1 reads "1e-3" as a string (it needs "1.0e-3"); people will type the former.
@@ -77,12 +81,18 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
-        if key in COMPUTED_KEYS:
+        if key in COMPUTED_KEYS + BASELINE_KEYS:
             raise ValueError(f"--set {key}=... is not allowed: {key} is computed by scoring")
         if key in row:
             raise ValueError(f"--set {key} given twice")
         row[key] = parse_value(key, raw)
     return row
+
+
+def score_decode_dir(decode_dir: str | Path) -> list[UttResult]:
+    """Per-utterance scoring of a decode directory's ref.txt and hyp.txt."""
+    decode_dir = Path(decode_dir)
+    return score_corpus(read_kaldi_text(decode_dir / "ref.txt"), read_kaldi_text(decode_dir / "hyp.txt"))[1]
 
 
 def computed_fields(total: ErrorCounts, num_utts: int, num_missing: int) -> dict[str, Any]:
@@ -105,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="results jsonl to append a row to (e.g. exp/results.jsonl)")
     p.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="a field of the results row (repeatable); values are YAML-typed")  # fmt: skip
+    p.add_argument("--baseline", metavar="DECODE_DIR",
+                   help="a decode directory (ref.txt, hyp.txt) of the same utterances by the system this one "
+                        "is compared with (a noisy student's teacher): the paired bootstrap's WER difference, "
+                        "its 95 %% interval and P(improvement) go into the row (sslasr.significance)")
     return p
 
 
@@ -123,9 +137,14 @@ def run(args: argparse.Namespace) -> None:
     write_errors_file(out_dir / "errors.txt", per_utt)
     num_missing = sum(u.missing_hyp for u in per_utt)  # score_corpus already warned
     print(total.wer_line())
+    compared = {}
+    if args.baseline:
+        result = compare_scored(score_decode_dir(args.baseline), per_utt)
+        print(f"against {args.baseline}: {result.summary()}")
+        compared = {"baseline": str(args.baseline), **result.row_fields()}
 
     if args.results:
-        append_result(args.results, {**row, **computed_fields(total, len(refs), num_missing)})
+        append_result(args.results, {**row, **computed_fields(total, len(refs), num_missing), **compared})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

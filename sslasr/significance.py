@@ -12,14 +12,18 @@ improvement" of B over A. Pairing matters: most of a WER's sampling noise is whi
 the test set happened to hold, and both systems see the same ones, so a difference can be
 significant while the two systems' own intervals overlap.
 
-Utterances are the resampled unit, as in Kaldi's compute-wer-bootci: utterances of one speaker
-are correlated, so on a test set of few speakers the interval is somewhat too narrow.
+Utterances are the resampled unit by default, as in Kaldi's compute-wer-bootci. Utterances of one
+speaker are correlated, so on a test set of few speakers that interval is somewhat too narrow;
+with `groups` (e.g. each utterance's speaker) whole groups are resampled instead. On
+speechocean762's test set (400 utterances, 20 speakers) the speakers widened a noisy student's
+interval against its teacher from [−4.98, −1.33] to [−5.12, −1.18] (greedy) and from
+[−1.48, +2.61] to [−1.69, +2.65] (lexicon + LM).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -38,11 +42,13 @@ class PairedBootstrap:
     p_improvement: float  # P(Δ < 0) over the resamples
     samples: int
     utterances: int
+    groups: Optional[int] = None  # resampled groups (speakers), None: utterances were resampled
 
     def summary(self) -> str:
+        by_group = "" if self.groups is None else f" in {self.groups} resampled groups"
         return (f"WER {self.wer_a:.2f} -> {self.wer_b:.2f} %: delta {self.delta:+.2f} points, "
                 f"95 % CI [{self.ci_low:+.2f}, {self.ci_high:+.2f}], P(improvement) {self.p_improvement:.3f} "
-                f"({self.utterances} utterances, {self.samples} resamples)")
+                f"({self.utterances} utterances{by_group}, {self.samples} resamples)")
 
     def row_fields(self) -> dict:
         """The results-row fields (sslasr.bin.score --baseline)."""
@@ -51,11 +57,19 @@ class PairedBootstrap:
 
 
 def paired_bootstrap(errors_a: Sequence[int], errors_b: Sequence[int], ref_words: Sequence[int],
-                     samples: int = 10000, seed: int = 0, chunk: int = 500) -> PairedBootstrap:
-    """Per-utterance word errors of A and B and reference word counts, aligned by utterance."""
+                     samples: int = 10000, seed: int = 0, chunk: int = 500,
+                     groups: Optional[Sequence[str]] = None) -> PairedBootstrap:
+    """Per-utterance word errors of A and B and reference word counts, aligned by utterance;
+    `groups`, one label per utterance, makes the groups the resampled unit."""
     e_a, e_b, n = (np.asarray(x, dtype=np.int64) for x in (errors_a, errors_b, ref_words))
     if not (e_a.shape == e_b.shape == n.shape) or e_a.ndim != 1:
         raise ValueError(f"per-utterance counts differ in shape: {e_a.shape}, {e_b.shape}, {n.shape}")
+    utterances = len(n)
+    if groups is not None:
+        if len(groups) != utterances:
+            raise ValueError(f"{len(groups)} group labels for {utterances} utterances")
+        _, group_of = np.unique(np.asarray(groups), return_inverse=True)
+        e_a, e_b, n = (np.bincount(group_of, weights=x).astype(np.int64) for x in (e_a, e_b, n))
     if n.sum() == 0:
         raise ValueError("no reference words: a WER difference is undefined")
     if samples < 1:
@@ -73,13 +87,15 @@ def paired_bootstrap(errors_a: Sequence[int], errors_b: Sequence[int], ref_words
     return PairedBootstrap(
         wer_a=100.0 * e_a.sum() / total, wer_b=100.0 * e_b.sum() / total,
         delta=100.0 * diff.sum() / total, ci_low=float(low), ci_high=float(high),
-        p_improvement=float((delta_b < 0).mean()), samples=samples, utterances=len(n))
+        p_improvement=float((delta_b < 0).mean()), samples=samples, utterances=utterances,
+        groups=None if groups is None else len(n))
 
 
-def compare_scored(baseline: Sequence[UttResult], system: Sequence[UttResult],
-                   samples: int = 10000, seed: int = 0) -> PairedBootstrap:
+def compare_scored(baseline: Sequence[UttResult], system: Sequence[UttResult], samples: int = 10000,
+                   seed: int = 0, group_of: Optional[Mapping[str, str]] = None) -> PairedBootstrap:
     """The bootstrap of two scorings (score_corpus's per-utterance results) of one test set: A is
-    the baseline. Their utterances and reference words must be the same."""
+    the baseline. Their utterances and reference words must be the same. `group_of` maps each
+    utterance id to its group (speaker) to resample groups."""
     by_id = {u.utt_id: u for u in baseline}
     other = {u.utt_id: u for u in system}
     if by_id.keys() != other.keys():
@@ -90,5 +106,11 @@ def compare_scored(baseline: Sequence[UttResult], system: Sequence[UttResult],
     if differ:
         raise ValueError(f"{len(differ)} utterance(s) have different references, e.g. {differ[:3]}")
     ids = sorted(by_id)
+    groups = None
+    if group_of is not None:
+        unmapped = [i for i in ids if i not in group_of]
+        if unmapped:
+            raise ValueError(f"{len(unmapped)} utterance(s) have no group (speaker), e.g. {unmapped[:3]}")
+        groups = [group_of[i] for i in ids]
     return paired_bootstrap([by_id[i].counts.errors for i in ids], [other[i].counts.errors for i in ids],
-                            [by_id[i].counts.ref_words for i in ids], samples=samples, seed=seed)
+                            [by_id[i].counts.ref_words for i in ids], samples=samples, seed=seed, groups=groups)

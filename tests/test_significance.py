@@ -145,3 +145,36 @@ def test_compare_wer_cli(tmp_path, capsys):
         compare_wer.main([str(a), str(c)])
     with pytest.raises(SystemExit, match="missing/ref.txt"):
         compare_wer.main([str(a), str(tmp_path / "missing")])
+
+
+def test_groups_are_resampled_whole():
+    rng = np.random.default_rng(11)
+    a = rng.integers(0, 6, 200)
+    b = np.clip(a + rng.integers(-2, 2, 200), 0, None)
+    n = np.full(200, 8)
+    ids = [f"u{i:03d}" for i in range(200)]
+    # one group per utterance: the same resampling as none
+    assert paired_bootstrap(a, b, n, samples=1000, groups=ids).ci_low == paired_bootstrap(a, b, n, samples=1000).ci_low
+    # 10 speakers of 20 utterances whose difference is the speaker's: utterances are not independent,
+    # and resampling them understates the spread that resampling speakers shows
+    speaker_effect = np.repeat(rng.integers(-3, 4, 10), 20)
+    b2 = np.clip(a + speaker_effect, 0, None)
+    speakers = [f"s{i // 20}" for i in range(200)]
+    by_utt = paired_bootstrap(a, b2, n, samples=4000)
+    by_spk = paired_bootstrap(a, b2, n, samples=4000, groups=speakers)
+    assert by_spk.delta == by_utt.delta and by_spk.groups == 10 and by_utt.groups is None
+    assert by_spk.ci_high - by_spk.ci_low > 2 * (by_utt.ci_high - by_utt.ci_low)
+    with pytest.raises(ValueError, match="group labels"):
+        paired_bootstrap(a, b, n, groups=speakers[:5])
+
+
+def test_compare_wer_cli_resamples_speakers(tmp_path, capsys):
+    a = _decode_dir(tmp_path / "a", REFS, {u: "the cat sat" for u in REFS})
+    b = _decode_dir(tmp_path / "b", REFS, {u: "the cat sat on" for u in REFS})
+    utt2spk = tmp_path / "utt2spk"
+    utt2spk.write_text("".join(f"{u} spk{i % 4}\n" for i, u in enumerate(REFS)))
+    assert compare_wer.main([str(a), str(b), "--samples", "300", "--utt2spk", str(utt2spk)]) == 0
+    assert "(20 utterances in 4 resampled groups, 300 resamples)" in capsys.readouterr().out
+    utt2spk.write_text("".join(f"{u} spk0\n" for u in list(REFS)[:-1]))
+    with pytest.raises(SystemExit, match="1 utterance\\(s\\) have no group"):
+        compare_wer.main([str(a), str(b), "--utt2spk", str(utt2spk)])

@@ -7,6 +7,8 @@ Each argument is a decode directory with ref.txt and hyp.txt (what the recipes' 
 writes); the first is the baseline. Prints both WERs, the difference (second − first, in WER
 points), its 95 % confidence interval from the paired bootstrap over utterances, and the
 probability that the second system is better. The two must have decoded the same utterances.
+With --utt2spk (Kaldi's `utt-id speaker` lines) whole speakers are resampled instead of
+utterances: the honest interval where a test set has few speakers.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sslasr.bin.score import score_decode_dir
+from sslasr.bin.score import read_kaldi_text, score_decode_dir
 from sslasr.significance import PairedBootstrap, compare_scored
 
 
-def compare_dirs(baseline: str | Path, system: str | Path, samples: int = 10000, seed: int = 0) -> PairedBootstrap:
-    return compare_scored(score_decode_dir(baseline), score_decode_dir(system), samples=samples, seed=seed)
+def compare_dirs(baseline: str | Path, system: str | Path, samples: int = 10000, seed: int = 0,
+                 utt2spk: Optional[str | Path] = None) -> PairedBootstrap:
+    group_of = None if utt2spk is None else read_kaldi_text(utt2spk)
+    return compare_scored(score_decode_dir(baseline), score_decode_dir(system), samples=samples, seed=seed,
+                          group_of=group_of)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -30,9 +35,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("system", help="decode directory of the system compared with it")
     p.add_argument("--samples", type=int, default=10000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--utt2spk", help="Kaldi utt2spk of the test set: resample speakers, not utterances")
     args = p.parse_args(argv)
     try:
-        result = compare_dirs(args.baseline, args.system, args.samples, args.seed)
+        result = compare_dirs(args.baseline, args.system, args.samples, args.seed, args.utt2spk)
     except (OSError, ValueError) as err:
         raise SystemExit(f"compare_wer: {err}")
     print(result.summary())

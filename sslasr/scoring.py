@@ -452,6 +452,12 @@ BASELINE_COLUMNS = (
     ("baseline", "baseline", lambda d: _cell(d) if d is None else _cell(str(Path(d).parent))),
 )
 
+BASELINE_LEGEND = ("Δ WER vs baseline: this row's WER minus the baseline system's on the same utterances and "
+                   "decoding method (a noisy student's teacher, a pretrained system's scratch system), in WER "
+                   "points, with the 95 % interval of the paired bootstrap over utterances (Bisani & Ney 2004, "
+                   "10,000 resamples); P(improvement): the fraction of resamples in which this row's system "
+                   "made fewer errors (`python -m sslasr.bin.compare_wer`).")
+
 
 def _student_columns(rows: list[dict[str, Any]]) -> list[tuple]:
     columns = [c for c in NOISY_STUDENT_COLUMNS if any(c[1] in r for r in rows)]
@@ -488,6 +494,8 @@ def _render_table(rows: list[dict[str, Any]]) -> list[str]:
             cells.append(_cell(row.get("exp")))
         lines.append("| " + " | ".join(cells) + " |")
 
+    if BASELINE_COLUMNS[0] in columns:
+        lines += ["", BASELINE_LEGEND]
     # icefall keeps the exact command next to each number; "# n" ties it to the table row.
     commands = "\n".join(f"# {i}\n{row['command']}" for i, row in enumerate(rows, start=1))
     fence = _fence_for(commands)

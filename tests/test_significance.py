@@ -178,3 +178,18 @@ def test_compare_wer_cli_resamples_speakers(tmp_path, capsys):
     utt2spk.write_text("".join(f"{u} spk0\n" for u in list(REFS)[:-1]))
     with pytest.raises(SystemExit, match="1 utterance\\(s\\) have no group"):
         compare_wer.main([str(a), str(b), "--utt2spk", str(utt2spk)])
+
+
+def test_the_legend_follows_a_table_with_the_delta_column_only(tmp_path):
+    from sslasr.scoring import BASELINE_LEGEND, append_result
+    base = {"corpus": "c", "test_set": "test", "frontend": "w2vbert", "head": "ctc", "decoding": "ctc_greedy",
+            "lm_weight": 0, "labeled_seconds": 3600, "pretrained": True, "generation": 0, "wer": 10.0, "sub": 1,
+            "del": 0, "ins": 0, "num_words": 10, "num_utts": 2, "command": "./run.sh"}
+    results = tmp_path / "r.jsonl"
+    append_result(results, dict(base, test_set="dev"))
+    append_result(results, dict(base, wer_delta=-1.0, wer_delta_low=-2.0, wer_delta_high=0.5,
+                                p_improvement=0.9, baseline="exp/s/decode_test_ctc_greedy"))
+    text = render_results_md(results, tmp_path / "RESULTS.md")
+    dev, test = text.split("### test")
+    assert BASELINE_LEGEND not in dev and "P(improvement)" not in dev
+    assert test.index("| -1.00 [-2.00, +0.50] | 0.900 | exp/s |") < test.index(BASELINE_LEGEND) < test.index("Commands")

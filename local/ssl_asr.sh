@@ -422,19 +422,22 @@ decode_system() {  # decode_system DIR: every set with every method of DIR's mod
     --methods $methods --out-dir "$dir/decode_{set}_{method}" $fusion $(lexicon_opts $lm_dir $methods) $overwrite $decode_opts
   touch $dir/.decode.done
 }
-score_system() {  # score_system DIR pretrained|scratch GENERATION [KEY=VALUE...]: a results row per (set, method)
-  # with $score_baseline set (an exp dir), each row is compared with that system's decode of the same set and method
-  local dir=$1 pretrained=false row_frontend=none generation=$3 method lm_row test_set out baseline
+score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY=VALUE...]: a results row per (set, method)
+  # BASELINE: an exp dir whose decode of the same set and method each row is compared with, or ""
+  local dir=$1 pretrained=false row_frontend=none generation=$3 baseline_dir=$4 method lm_row test_set out baseline
   [ $2 != pretrained ] || { pretrained=true; row_frontend=$frontend; }
-  shift 3
+  shift 4
   for method in $(decode_methods $dir); do
     lm_row=""
     [ "${method%+lm}" = "$method" ] || lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"
     for test_set in $test_sets; do
       out=$dir/decode_${test_set}_${method/+lm/_lm}
       if done_or_force $out/.scored; then continue; fi
-      baseline=${score_baseline:+$score_baseline/decode_${test_set}_${method/+lm/_lm}}
-      [ -z "$baseline" ] || [ -f $baseline/hyp.txt ] || baseline=""  # e.g. decoded by other methods
+      baseline=${baseline_dir:+$baseline_dir/decode_${test_set}_${method/+lm/_lm}}
+      if [ -n "$baseline" ] && [ ! -f $baseline/hyp.txt ]; then  # e.g. decoded by other methods
+        log "$out: no $baseline/hyp.txt to compare with; its row has no baseline"
+        baseline=""
+      fi
       "$python" -m sslasr.bin.score --ref $out/ref.txt --hyp $out/hyp.txt --out-dir $out ${baseline:+--baseline $baseline} \
         --results $exp/results.jsonl --set corpus=$corpus test_set=$test_set frontend=$row_frontend \
         head=$head decoding=$method lm_weight=$(json_value $out/decode_info.json lm_weight) \
@@ -454,9 +457,9 @@ fi
 
 if run_stage 8; then
   for system in $systems; do
-    score_baseline=""  # the pretrained system against the scratch one, where both were trained
-    [ $system != pretrained ] || [ "${systems% scratch}" = "$systems" ] || score_baseline=$(system_dir scratch)
-    score_system $(system_dir $system) $system 0
+    baseline=""  # the pretrained system against the scratch one, where both were trained
+    [ $system != pretrained ] || [ "${systems% scratch}" = "$systems" ] || baseline=$(system_dir scratch)
+    score_system $(system_dir $system) $system 0 "$baseline"
   done
 fi
 
@@ -556,7 +559,7 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
       touch $student/.done
     fi
     decode_system $student
-    score_baseline=$teacher score_system $student pretrained $g \
+    score_system $student pretrained $g $teacher \
       teacher=$teacher pseudo_label_seconds=$(json_value $labels/report.json kept_seconds) \
       pseudo_label_wer=$(json_value $labels/report.json wer_kept 2>/dev/null || echo null) \
       pseudo_label_${valid_set}_wer=$(json_value $labels/report_$valid_set.json wer_kept)

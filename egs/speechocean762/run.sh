@@ -10,7 +10,10 @@
 #   ./run.sh --labeled 1h --compare-scratch false                # noisy student on unlabeled/ + the rest of train
 #   ./run.sh --frontend all --labeled 1h                         # the four frontends in turn, pretrained and
 #       scratch, one table: stages 4-10 less the noisy student took 45-50 min per frontend on the
-#       2-core machine (conf/frontend_*.yaml), each one's noisy student (stage 9) 40-60 min more
+#       2-core machine (conf/frontend_*.yaml) with 6000-update fine-tuning; the 12000 updates of
+#       conf/finetune_ctc_1h.yaml since 2026-12-05 add ~15-20 min per fine-tuned system (w2v-BERT
+#       33 min against 14-17); each one's noisy student (stage 9) 40-60 min more (w2v-BERT at
+#       12000 updates: 43 min)
 #   ./run.sh --conf-dir conf/gpu --nproc 4                       # base-size models on GPUs, in exp/conf_gpu/
 #   ./run.sh --frontend w2vbert --model-size medium               # 9.7 M parameters (conf/frontend_w2vbert_medium.yaml)
 # Splits (local/data.sh): dev = 10 train speakers held out (seeded); test = the corpus's test/

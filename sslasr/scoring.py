@@ -502,11 +502,67 @@ def _render_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines + ["", "Commands (by row number):", "", f"{fence}bash", commands, fence]
 
 
+# The summary table's columns that name a system; its other columns are decoding methods.
+SUMMARY_SYSTEM_COLUMNS = (
+    ("labeled", "labeled_seconds", human_duration),
+    ("frontend", "frontend", _cell),
+    PARAMETERS_COLUMN,
+    ("pretrained", "pretrained", _cell),
+    ("head", "head", _cell),
+    ("generation", "generation", _cell),
+)
+
+
+def _method_order(decoding: str) -> tuple:
+    """Greedy, then beam, then the rest (lexicon, ...), each without before with an LM."""
+    family = next((i for i, word in enumerate(("greedy", "beam")) if word in decoding.split("+")[0]), 2)
+    return ("+lm" in decoding, family, decoding)
+
+
+def _system_key(row: dict[str, Any]) -> str:
+    """One system per exp directory; rows without one by what names the system."""
+    if row.get("exp") is not None:
+        return str(row["exp"])
+    return json.dumps([row.get(k) for _, k, _ in SUMMARY_SYSTEM_COLUMNS], sort_keys=True)
+
+
+def _method(row: dict[str, Any]) -> str:
+    """The decoding method without its head's prefix (ctc_beam+lm -> beam+lm): the head has its
+    own column, so heads share the method columns."""
+    decoding, prefix = str(row["decoding"]), f"{row.get('head')}_"
+    return decoding[len(prefix):] if decoding.startswith(prefix) else decoding
+
+
+def _render_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """WER % by system (rows) and decoding method (columns); the lowest of each column in bold.
+    The same numbers as the full table below it, laid out to be read at a glance."""
+    methods = sorted({_method(r) for r in rows}, key=_method_order)
+    systems: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:  # rows come in table order, so systems do too
+        systems.setdefault(_system_key(row), {})[_method(row)] = row
+    best = {m: min(r[m]["wer"] for r in systems.values() if m in r) for m in methods}
+    columns = [c for c in SUMMARY_SYSTEM_COLUMNS if c is not PARAMETERS_COLUMN
+               or any(r.get("model_parameters") is not None for r in rows)]
+    with_exp = any("exp" in r for r in rows)
+    headers = [h for h, _, _ in columns] + methods + (["exp"] if with_exp else [])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for by_method in systems.values():
+        first = next(iter(by_method.values()))
+        cells = [fmt(first.get(key)) for _, key, fmt in columns]
+        for m in methods:
+            wer = by_method[m]["wer"] if m in by_method else None
+            cells.append("-" if wer is None else f"**{wer:.2f}**" if wer == best[m] else f"{wer:.2f}")
+        if with_exp:
+            cells.append(_cell(first.get("exp")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_results_md(
     results_jsonl: PathLike, out_md: PathLike, title: str = "Results"
 ) -> str:
-    """Regenerate RESULTS.md from the results jsonl: one table per (corpus, test set),
-    latest row per experiment, a noisy student's with the WER of the teacher run that taught it
+    """Regenerate RESULTS.md from the results jsonl: per (corpus, test set) a summary (WER by
+    system and decoding method) and the full table, latest row per experiment, a noisy student's with the WER of the teacher run that taught it
     (with_teacher_wer). Written atomically; the markdown is also returned."""
     rows = dedup_latest(with_teacher_wer(read_results(results_jsonl)))
     lines = [
@@ -525,7 +581,10 @@ def render_results_md(
             lines += ["", f"## {corpus}"]
             current_corpus = corpus
         table_rows = sorted(groups[(corpus, test_set)], key=_row_order)
-        lines += ["", f"### {test_set}", "", *_render_table(table_rows)]
+        lines += ["", f"### {test_set}", "", "WER % by system and decoding method (the lowest of each "
+                  "method in bold):", "", *_render_summary(table_rows),
+                  "", "Every result, with its error counts and the command that produced it:", "",
+                  *_render_table(table_rows)]
     if not rows:
         lines += ["", "_No results yet._"]
 

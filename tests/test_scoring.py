@@ -249,6 +249,29 @@ def test_render_dedups_latest_wins_and_shows_commands(tmp_path):
     assert "```bash" in clean
 
 
+def test_summary_has_one_row_per_system_and_one_column_per_method(tmp_path):
+    path = tmp_path / "results.jsonl"
+    rows = [("exp/scratch", False, "ctc_greedy", 40.0), ("exp/scratch", False, "ctc_beam+lm", 30.0),
+            ("exp/ssl", True, "ctc_beam+lm", 20.5), ("exp/ssl", True, "ctc_greedy", 35.0),
+            ("exp/ssl", True, "ctc_beam", 34.0), ("exp/ssl", True, "ctc_greedy", 33.25)]  # a rerun
+    for exp, pretrained, decoding, wer in rows:
+        append_result(path, make_row(exp=exp, pretrained=pretrained, decoding=decoding, wer=wer,
+                                     frontend="wav2vec2" if pretrained else "none"))
+    text = render_results_md(path, tmp_path / "RESULTS.md")
+    summary = text[text.index("WER % by system"):text.index("Every result")]
+    lines = [line for line in summary.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    # greedy, beam, then the LM methods (the head's prefix dropped); the system's names before, exp last
+    assert header == ["labeled", "frontend", "pretrained", "head", "generation",
+                      "greedy", "beam", "beam+lm", "exp"]
+    body = {cells[-1]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                           for line in lines[2:])}
+    assert len(lines) == 4 and set(body) == {"exp/scratch", "exp/ssl"}
+    assert body["exp/scratch"][5:8] == ["40.00", "-", "30.00"]
+    assert body["exp/ssl"][5:8] == ["**33.25**", "**34.00**", "**20.50**"]  # latest greedy; column minima bold
+    assert body["exp/ssl"][:5] == ["1 h", "wav2vec2", "yes", "ctc", "1"]
+
+
 def test_parameters_column_only_where_a_row_has_the_model_size(tmp_path):
     path = tmp_path / "results.jsonl"
     append_result(path, make_row(wer=20.0, exp="exp/old", model_parameters=None))  # decoded before sizes were kept

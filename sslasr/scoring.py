@@ -459,6 +459,11 @@ BASELINE_LEGEND = ("Δ WER vs baseline: this row's WER minus the baseline system
                    "made fewer errors (`python -m sslasr.bin.compare_wer`).")
 
 
+def _any_model_size(rows: list[dict[str, Any]]) -> bool:
+    """Whether a table shows PARAMETERS_COLUMN: some row carries the decoded model's size."""
+    return any(r.get("model_parameters") is not None for r in rows)
+
+
 def _student_columns(rows: list[dict[str, Any]]) -> list[tuple]:
     columns = [c for c in NOISY_STUDENT_COLUMNS if any(c[1] in r for r in rows)]
     sets = sorted({m.group(1) for r in rows for m in map(_PSEUDO_LABEL_SET_WER.fullmatch, r) if m})
@@ -478,21 +483,30 @@ def _columns(rows: list[dict[str, Any]]) -> list[tuple]:
     if any(r.get("wer_delta") is not None for r in rows):
         after_wer = next(i for i, c in enumerate(columns) if c[1] == "wer") + 1
         columns[after_wer:after_wer] = BASELINE_COLUMNS
-    if any(r.get("model_parameters") is not None for r in rows):
+    if _any_model_size(rows):
         columns.insert(keys.index("frontend") + 1, PARAMETERS_COLUMN)
     return columns
+
+
+def _markdown_table(headers: list[str], body: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: header, separator, one line per row of cells."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return [line(headers), "|" + "---|" * len(headers), *map(line, body)]
 
 
 def _render_table(rows: list[dict[str, Any]]) -> list[str]:
     with_exp = any("exp" in r for r in rows)
     columns = _columns(rows)
     headers = ["#"] + [h for h, _, _ in columns] + (["exp"] if with_exp else [])
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    body = []
     for i, row in enumerate(rows, start=1):
         cells = [str(i)] + [fmt(row) if key is None else fmt(row.get(key)) for _, key, fmt in columns]
         if with_exp:
             cells.append(_cell(row.get("exp")))
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
+    lines = _markdown_table(headers, body)
 
     if BASELINE_COLUMNS[0] in columns:
         lines += ["", BASELINE_LEGEND]
@@ -542,10 +556,10 @@ def _render_summary(rows: list[dict[str, Any]]) -> list[str]:
         systems.setdefault(_system_key(row), {})[_method(row)] = row
     best = {m: min(r[m]["wer"] for r in systems.values() if m in r) for m in methods}
     columns = [c for c in SUMMARY_SYSTEM_COLUMNS if c is not PARAMETERS_COLUMN
-               or any(r.get("model_parameters") is not None for r in rows)]
+               or _any_model_size(rows)]
     with_exp = any("exp" in r for r in rows)
     headers = [h for h, _, _ in columns] + methods + (["exp"] if with_exp else [])
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    body = []
     for by_method in systems.values():
         first = next(iter(by_method.values()))
         cells = [fmt(first.get(key)) for _, key, fmt in columns]
@@ -554,16 +568,17 @@ def _render_summary(rows: list[dict[str, Any]]) -> list[str]:
             cells.append("-" if wer is None else f"**{wer:.2f}**" if wer == best[m] else f"{wer:.2f}")
         if with_exp:
             cells.append(_cell(first.get("exp")))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        body.append(cells)
+    return _markdown_table(headers, body)
 
 
 def render_results_md(
     results_jsonl: PathLike, out_md: PathLike, title: str = "Results"
 ) -> str:
     """Regenerate RESULTS.md from the results jsonl: per (corpus, test set) a summary (WER by
-    system and decoding method) and the full table, latest row per experiment, a noisy student's with the WER of the teacher run that taught it
-    (with_teacher_wer). Written atomically; the markdown is also returned."""
+    system and decoding method) and the full table, latest row per experiment, a noisy student's
+    with the WER of the teacher run that taught it (with_teacher_wer). Written atomically; the
+    markdown is also returned."""
     rows = dedup_latest(with_teacher_wer(read_results(results_jsonl)))
     lines = [
         f"# {title}",

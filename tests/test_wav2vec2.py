@@ -374,6 +374,33 @@ def test_pretrainer_loss_grads_and_stats():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
 
 
+def test_unmasked_frame_term_adds_a_contrastive_loss_over_the_unmasked_frames():
+    """β > 0: L gains β·L_u, a contrastive loss over the unmasked, unpadded frames (reported
+    with its accuracy); β = 0 leaves the paper's loss and the random draws as they were."""
+    enc = Wav2Vec2EncoderConfig.from_dict(_tiny_encoder_dict())
+    base = dict(mask=dict(time_prob=0.5, time_length=5, time_min_masks=2), quantizer_groups=2,
+                quantizer_entries=8, quantizer_dim=16, final_dim=16, num_negatives=5)
+    waveform, lengths = torch.randn(2, 16000), torch.tensor([16000, 11000])
+    runs = {}
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = Wav2Vec2Pretrainer(enc, Wav2Vec2PretrainConfig.from_dict({**base, "unmasked_weight": weight}))
+        torch.manual_seed(1)
+        loss, stats = model.train()(waveform, lengths)
+        runs[weight] = {key: float(value) for key, value in stats.items()}
+        runs[weight]["loss_tensor"] = float(loss)
+    plain, with_unmasked = runs[0.0], runs[0.5]
+    assert "unmasked_contrastive" not in plain
+    assert 0.0 <= with_unmasked["unmasked_accuracy"] <= 1.0
+    # The same masks and masked-frame count; the unmasked loss is near ln(1 + 5) at init.
+    assert with_unmasked["masked_frames"] == plain["masked_frames"]
+    assert 0.5 * math.log(6) < with_unmasked["unmasked_contrastive"] < 2 * math.log(6)
+    assert with_unmasked["loss"] == pytest.approx(
+        with_unmasked["contrastive"] + 0.1 * with_unmasked["diversity"] + 10.0 * with_unmasked["feature_penalty"]
+        + 0.5 * with_unmasked["unmasked_contrastive"], rel=1e-5)
+    assert with_unmasked["loss_tensor"] == pytest.approx(with_unmasked["loss"])
+
+
 def test_encoder_padding_invariance_with_layer_norm_convs():
     torch.manual_seed(0)
     enc = Wav2Vec2Encoder(Wav2Vec2EncoderConfig.from_dict(_tiny_encoder_dict(conv_norm="layer"))).eval()

@@ -6,6 +6,10 @@ For a masked frame t the context c_t must pick its quantized latent q_t among K 
 drawn from other masked frames of the same utterance:
     L_m = −log  exp(sim(c_t, q_t)/κ) / Σ_{q̃ ∈ {q_t} ∪ Q_t} exp(sim(c_t, q̃)/κ),   sim = cosine
     L   = L_m + α·L_d + λ·mean(z²)          (α = 0.1 diversity, λ = 10 feature penalty)
+Optionally (β > 0, not in the paper) unmasked frames play the same game, each c_t picking its own
+q_t among distractors from the other unmasked frames: L += β·L_u. It is HuBERT's unmasked-frame
+term carried over: L_m alone leaves free what the network makes of clean input, which is all
+that fine-tuning shows it; L_u asks the context vectors to keep their frame's identity.
 """
 
 import dataclasses
@@ -130,6 +134,7 @@ class Wav2Vec2PretrainConfig:
     diversity_weight: float = 0.1
     feature_penalty_weight: float = 10.0
     dropout_features: float = 0.1
+    unmasked_weight: float = 0.0   # β of the unmasked-frame contrastive term (0: the paper's loss)
 
     @classmethod
     def from_dict(cls, d: Dict) -> "Wav2Vec2PretrainConfig":
@@ -218,6 +223,17 @@ class Wav2Vec2Pretrainer(nn.Module):
     def set_num_updates(self, num_updates: int) -> None:
         self.quantizer.set_num_updates(num_updates)
 
+    def contrastive_loss(self, predictions: torch.Tensor, targets: torch.Tensor,
+                         counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of picking each frame's own target among distractors drawn from the
+        other selected frames of its utterance (`counts` per utterance), and the accuracy."""
+        negative_idx = sample_negatives(counts, self.cfg.num_negatives, total=len(targets))
+        logits = contrastive_logits(predictions, targets, negative_idx, self.cfg.logit_temperature)
+        target_idx = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+        with torch.no_grad():
+            accuracy = (logits.argmax(-1) == 0).float().mean()
+        return F.cross_entropy(logits, target_idx), accuracy
+
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor,
                 targets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Stats]:
         if targets is not None:
@@ -231,20 +247,19 @@ class Wav2Vec2Pretrainer(nn.Module):
                               cfg.mask.time_min_masks)
         context = enc.contextualize(x, padding_mask, time_mask)
 
-        masked_frames = masked_frame_index(time_mask)
-        q = self.quantizer(self.dropout_features(z).flatten(0, 1)[masked_frames])
-        targets = self.project_q(q.quantized)
-        predictions = self.final_proj(context.flatten(0, 1)[masked_frames])
-        negative_idx = sample_negatives(time_mask.sum(1), cfg.num_negatives, total=len(masked_frames))
-        logits = contrastive_logits(predictions, targets, negative_idx, cfg.logit_temperature)
-        target_idx = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-        contrastive = F.cross_entropy(logits, target_idx)
+        # The masked frames first, then (β > 0) the unmasked ones: one quantizer call for both.
+        selections = [(masked_frame_index(time_mask), time_mask.sum(1))]
+        if cfg.unmasked_weight > 0:
+            unmasked = ~time_mask & ~padding_mask
+            selections.append((masked_frame_index(unmasked), unmasked.sum(1)))
+        index = torch.cat([frames for frames, _ in selections])
+        q = self.quantizer(self.dropout_features(z).flatten(0, 1)[index])
+        targets = self.project_q(q.quantized).split([len(frames) for frames, _ in selections])
+        predictions = self.final_proj(context.flatten(0, 1)[index]).split([len(frames) for frames, _ in selections])
+        (contrastive, accuracy), *unmasked_terms = [
+            self.contrastive_loss(p, t, counts) for p, t, (_, counts) in zip(predictions, targets, selections)]
         loss = contrastive + cfg.diversity_weight * q.diversity_loss + cfg.feature_penalty_weight * feature_penalty
-
-        with torch.no_grad():
-            accuracy = (logits.argmax(-1) == 0).float().mean()
         stats = {
-            "loss": loss.detach(),
             "contrastive": contrastive.detach(),
             "diversity": q.diversity_loss.detach(),
             "feature_penalty": feature_penalty.detach(),
@@ -252,6 +267,11 @@ class Wav2Vec2Pretrainer(nn.Module):
             "code_perplexity": q.code_perplexity.detach(),
             "prob_perplexity": q.prob_perplexity.detach(),
             "temperature": self.quantizer.temperature,
-            "masked_frames": float(len(logits)),
+            "masked_frames": float(len(targets[0])),
         }
+        if unmasked_terms:
+            unmasked_loss, stats["unmasked_accuracy"] = unmasked_terms[0]
+            loss = loss + cfg.unmasked_weight * unmasked_loss
+            stats["unmasked_contrastive"] = unmasked_loss.detach()
+        stats["loss"] = loss.detach()
         return loss, stats

@@ -253,9 +253,10 @@ class Wav2Vec2Pretrainer(nn.Module):
             unmasked = ~time_mask & ~padding_mask
             selections.append((masked_frame_index(unmasked), unmasked.sum(1)))
         index = torch.cat([frames for frames, _ in selections])
+        sizes = [len(frames) for frames, _ in selections]
         q = self.quantizer(self.dropout_features(z).flatten(0, 1)[index])
-        targets = self.project_q(q.quantized).split([len(frames) for frames, _ in selections])
-        predictions = self.final_proj(context.flatten(0, 1)[index]).split([len(frames) for frames, _ in selections])
+        targets = self.project_q(q.quantized).split(sizes)
+        predictions = self.final_proj(context.flatten(0, 1)[index]).split(sizes)
         (contrastive, accuracy), *unmasked_terms = [
             self.contrastive_loss(p, t, counts) for p, t, (_, counts) in zip(predictions, targets, selections)]
         loss = contrastive + cfg.diversity_weight * q.diversity_loss + cfg.feature_penalty_weight * feature_penalty

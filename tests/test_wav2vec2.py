@@ -376,7 +376,7 @@ def test_pretrainer_loss_grads_and_stats():
 
 def test_unmasked_frame_term_adds_a_contrastive_loss_over_the_unmasked_frames():
     """β > 0: L gains β·L_u, a contrastive loss over the unmasked, unpadded frames (reported
-    with its accuracy); β = 0 leaves the paper's loss and the random draws as they were."""
+    with its accuracy), on the same masks; β = 0 reports no such term."""
     enc = Wav2Vec2EncoderConfig.from_dict(_tiny_encoder_dict())
     base = dict(mask=dict(time_prob=0.5, time_length=5, time_min_masks=2), quantizer_groups=2,
                 quantizer_entries=8, quantizer_dim=16, final_dim=16, num_negatives=5)

@@ -32,7 +32,7 @@ from sslasr.models.blocks.subsampling import (
     FeatureProjection, SubsamplingConfig, build_subsampling, normalize_fbank_bins,
 )
 from sslasr.models.interfaces import EncoderOutput, Stats
-from sslasr.models.wav2vec2 import MaskConfig, contrastive_logits, sample_negatives
+from sslasr.models.wav2vec2 import MaskConfig, contrastive_loss
 
 
 INPUT_NORMS = ("utterance", "none")
@@ -193,11 +193,9 @@ class W2vBertPretrainer(nn.Module):
         mlm_states = conformer.run_blocks(context, padding_mask, conformer.layers[split:])
 
         q = self.quantizer(self.dropout_features(z).flatten(0, 1)[masked_frames])
-        negatives = sample_negatives(time_mask.sum(1), cfg.num_negatives, total=len(masked_frames))
-        logits = contrastive_logits(self.final_proj(context.flatten(0, 1)[masked_frames]),
-                                    self.project_q(q.quantized), negatives, cfg.logit_temperature)
-        positive = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-        contrastive = F.cross_entropy(logits, positive)
+        contrastive, contrastive_accuracy = contrastive_loss(
+            self.final_proj(context.flatten(0, 1)[masked_frames]), self.project_q(q.quantized),
+            time_mask.sum(1), cfg.num_negatives, cfg.logit_temperature)
         # token ids: the quantizer's noise-free argmax codes, one per group
         mlm_logits = self.mlm_proj(mlm_states.flatten(0, 1)[masked_frames]).view(-1, cfg.quantizer_entries).float()
         token_ids = q.codes.reshape(-1)
@@ -205,7 +203,6 @@ class W2vBertPretrainer(nn.Module):
         loss = w2v_bert_loss(contrastive, q.diversity_loss, mlm, cfg)
 
         with torch.no_grad():
-            contrastive_accuracy = (logits.argmax(-1) == 0).float().mean()
             mlm_accuracy = (mlm_logits.argmax(-1) == token_ids).float().mean()
         stats = {
             "loss": loss.detach(),
@@ -217,7 +214,7 @@ class W2vBertPretrainer(nn.Module):
             "code_perplexity": q.code_perplexity.detach(),
             "prob_perplexity": q.prob_perplexity.detach(),
             "temperature": self.quantizer.temperature,
-            "masked_frames": float(len(logits)),
+            "masked_frames": float(len(masked_frames)),
         }
         return loss, stats
 

@@ -206,6 +206,19 @@ def contrastive_logits(context: torch.Tensor, targets: torch.Tensor, negative_id
     return logits
 
 
+def contrastive_loss(predictions: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor,
+                     num_negatives: int, temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """L_m over N frames (utterances laid out consecutively, `counts` frames each): the mean
+    cross-entropy of picking each frame's own target among `num_negatives` distractors drawn
+    from the other frames of its utterance; and the accuracy of that pick."""
+    negative_idx = sample_negatives(counts, num_negatives, total=len(targets))
+    logits = contrastive_logits(predictions, targets, negative_idx, temperature)
+    target_idx = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+    with torch.no_grad():
+        accuracy = (logits.argmax(-1) == 0).float().mean()
+    return F.cross_entropy(logits, target_idx), accuracy
+
+
 class Wav2Vec2Pretrainer(nn.Module):
     """Encoder + quantizer + projections; forward returns the loss and its terms."""
 
@@ -222,17 +235,6 @@ class Wav2Vec2Pretrainer(nn.Module):
 
     def set_num_updates(self, num_updates: int) -> None:
         self.quantizer.set_num_updates(num_updates)
-
-    def contrastive_loss(self, predictions: torch.Tensor, targets: torch.Tensor,
-                         counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of picking each frame's own target among distractors drawn from the
-        other selected frames of its utterance (`counts` per utterance), and the accuracy."""
-        negative_idx = sample_negatives(counts, self.cfg.num_negatives, total=len(targets))
-        logits = contrastive_logits(predictions, targets, negative_idx, self.cfg.logit_temperature)
-        target_idx = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-        with torch.no_grad():
-            accuracy = (logits.argmax(-1) == 0).float().mean()
-        return F.cross_entropy(logits, target_idx), accuracy
 
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor,
                 targets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Stats]:
@@ -258,7 +260,8 @@ class Wav2Vec2Pretrainer(nn.Module):
         targets = self.project_q(q.quantized).split(sizes)
         predictions = self.final_proj(context.flatten(0, 1)[index]).split(sizes)
         (contrastive, accuracy), *unmasked_terms = [
-            self.contrastive_loss(p, t, counts) for p, t, (_, counts) in zip(predictions, targets, selections)]
+            contrastive_loss(p, t, counts, cfg.num_negatives, cfg.logit_temperature)
+            for p, t, (_, counts) in zip(predictions, targets, selections)]
         loss = contrastive + cfg.diversity_weight * q.diversity_loss + cfg.feature_penalty_weight * feature_penalty
         stats = {
             "contrastive": contrastive.detach(),

@@ -249,7 +249,8 @@ class Wav2Vec2Pretrainer(nn.Module):
                               cfg.mask.time_min_masks)
         context = enc.contextualize(x, padding_mask, time_mask)
 
-        # The masked frames first, then (β > 0) the unmasked ones: one quantizer call for both.
+        # The masked frames first, then (β > 0) the unmasked ones: one quantizer call for both,
+        # so with β > 0 the diversity loss and the perplexities count the unmasked frames too.
         selections = [(masked_frame_index(time_mask), time_mask.sum(1))]
         if cfg.unmasked_weight > 0:
             unmasked = ~time_mask & ~padding_mask

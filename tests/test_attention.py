@@ -76,6 +76,15 @@ def extend_by(scorer: CtcPrefixScorer, state, token: int):
 
 
 # ---------------------------------------------------------------------- CTC prefix scores
+def assert_log_probability(score, expected, what):
+    """Compared in log space, so tiny probabilities are checked as tightly as large ones and an
+    impossible prefix (no path) must score −inf."""
+    if expected == 0:
+        assert score == -math.inf, (what, score)
+    else:
+        assert score == pytest.approx(math.log(expected), abs=1e-6), what
+
+
 def test_ctc_prefix_scores_equal_sums_over_paths():
     """Two utterances of 4 and 3 frames in one padded batch; every prefix up to 3 labels."""
     log_probs = ctc_distribution(2, 4, 5, seed=0)
@@ -89,11 +98,11 @@ def test_ctc_prefix_scores_equal_sums_over_paths():
         extensions = scorer.extend(state, candidates)
         for b, frames in enumerate(lengths.tolist()):
             utterance = log_probs[b, :frames]
-            assert math.exp(state.score[b]) == pytest.approx(brute_force(utterance, prefix, False), abs=1e-6)
+            assert_log_probability(float(state.score[b]), brute_force(utterance, prefix, False), prefix)
             for k, token in enumerate(candidates[b].tolist()):
                 expected = (brute_force(utterance, prefix, exact=True) if token == EOS
                             else brute_force(utterance, prefix + (token,), exact=False))
-                assert math.exp(extensions.scores[b, k]) == pytest.approx(expected, abs=1e-6), (prefix, token)
+                assert_log_probability(float(extensions.scores[b, k]), expected, (prefix, token))
             # ψ(g) = p(exactly g) + Σ_c ψ(g·c): the extensions partition the prefix's paths
             assert float(extensions.scores[b].logsumexp(0)) == pytest.approx(float(state.score[b]), abs=1e-5)
 

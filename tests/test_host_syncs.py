@@ -50,7 +50,8 @@ def test_pretraining_step_reads_the_device_a_handful_of_times(frontend):
     case = build_case(frontend, batch=2, seconds=1.0)
     counter = count(case.step_ours, OURS)
     total = sum(counter.reads.values()) + sum(counter.copies.values())
-    assert total <= 8, {**counter.reads, **counter.copies}
+    # at least the span mask's copy to the device and the masked-frame count are always there
+    assert sum(counter.copies.values()) >= 1 and 7 <= total <= 8, {**counter.reads, **counter.copies}
 
 
 def test_padded_w2v_bert_step_reads_no_more_than_an_unpadded_one():
@@ -58,13 +59,15 @@ def test_padded_w2v_bert_step_reads_no_more_than_an_unpadded_one():
     mask as it is (no per-block "any padding?" or selection of real frames)."""
     torch.manual_seed(0)
     model = build_case("w2vbert", batch=2, seconds=1.0).ours
-    fbank, lengths = torch.randn(2, 100, 80), torch.tensor([100, 64])
+    fbank = torch.randn(2, 100, 80)
 
-    def step():
-        loss, _ = model(fbank, lengths)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+    def totals(lengths):
+        def step():
+            loss, _ = model(fbank, lengths)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        counter = count(step, OURS)
+        return sum(counter.reads.values()) + sum(counter.copies.values())
 
-    counter = count(step, OURS)
-    total = sum(counter.reads.values()) + sum(counter.copies.values())
-    assert total <= 8, {**counter.reads, **counter.copies}
+    padded, unpadded = totals(torch.tensor([100, 64])), totals(torch.tensor([100, 100]))
+    assert 0 < padded <= unpadded <= 8, (padded, unpadded)

@@ -74,7 +74,7 @@ def test_dry_run_summary_counts_the_models_parameters():
 
 def test_dry_run_checks_an_init_checkpoint_fits(tmp_path):
     cfg = _finetune_cfg(**{"finetune.init_from": str(tmp_path / "missing.pt")})
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
         dry_run(cfg, 31, world_size=1)
 
 

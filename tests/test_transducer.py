@@ -298,8 +298,21 @@ def test_head_pruned_loss_covers_the_full_loss():
                          full_head.joiner.predictor_proj(full_head.predictor(torch.tensor([[0] + tokens[b]])))[0]
                          .unsqueeze(0)).log_softmax(-1), tokens[b]) for b in range(3))
     assert full_head.loss(hidden, lengths, tokens).item() == pytest.approx(expected, abs=1e-9)
+    # The recipe's objective: prune_range 3 < U + 1 = 5, simple_loss_scale 0.5. Its simple term is
+    # the full loss of the additive joiner am(h_t) + lm(g_u); its pruned term sums fewer paths, so
+    # it is at least the full loss with the same joiner.
     with_simple = tiny_head(variant="pruned")
-    assert torch.isfinite(with_simple.loss(hidden, lengths, tokens))
+    with_simple.load_state_dict(full_head.state_dict(), strict=False)
+    pruned_only = tiny_head(variant="pruned", loss={"variant": "pruned", "prune_range": 3, "simple_loss_scale": 0.0})
+    pruned_only.load_state_dict(with_simple.state_dict())
+    targets, target_lengths = with_simple._targets(tokens, hidden.device)
+    predicted = with_simple.predictor(torch.nn.functional.pad(targets, (1, 0)))
+    additive = with_simple.simple_am_proj(hidden).unsqueeze(2) + with_simple.simple_lm_proj(predicted).unsqueeze(1)
+    simple = rnnt_loss(additive, targets, lengths, target_lengths, reduction="sum")
+    pruned = pruned_only.loss(hidden, lengths, tokens)
+    full = full_head.loss(hidden, lengths, tokens)
+    assert with_simple.loss(hidden, lengths, tokens).item() == pytest.approx(0.5 * simple.item() + pruned.item(), abs=1e-9)
+    assert full.item() < pruned.item() < full.item() + 5
 
 
 def test_config_errors_are_named():

@@ -29,6 +29,7 @@ from sslasr.models.blocks.conformer import (
 from sslasr.models.blocks.masking import span_mask
 from sslasr.models.blocks.subsampling import Conv2dSubsampling, FrameStacking, normalize_fbank_bins
 from sslasr.models.asr import build_asr_model
+from sslasr.models import hf_import
 from sslasr.models.frontends import get_frontend
 from sslasr.models.w2vbert import (
     W2vBertEncoder, W2vBertEncoderConfig, W2vBertPretrainConfig, W2vBertPretrainer, from_hf, w2v_bert_loss,
@@ -336,7 +337,6 @@ def _hf_model(tmp_path: Path, position, task: str = "model"):
 
 
 def _read_hf(directory: Path):
-    hf_import = pytest.importorskip("sslasr.models.hf_import")
     return hf_import.read_config(directory), hf_import.read_state_dict(directory)
 
 
@@ -345,7 +345,7 @@ def test_from_hf_matches_transformers_layer_by_layer(tmp_path, position, task):
     model, directory = _hf_model(tmp_path, position, task)
     frontend, state = from_hf(*_read_hf(directory))
     assert frontend["name"] == "w2vbert"
-    assert pytest.importorskip("sslasr.models.hf_import").import_hf(directory).frontend == frontend  # by model_type
+    assert hf_import.import_hf(directory).frontend == frontend  # by model_type
     encoder = W2vBertEncoder(W2vBertEncoderConfig.from_dict(frontend["encoder"])).eval()
     encoder.load_state_dict(state)  # strict: every tensor placed, none missing
 

@@ -333,8 +333,13 @@ finetune_together() {  # finetune_together SYSTEM...: one job each, the cores sh
 
 if run_stage 5; then
   [ -z "$init_from" ] || [ -f $pretrain_dir/.done ] || import_init_from
-  # the subset and its copies are made again under --force: stage 1 may have remade train
-  if [ "$labeled_seconds" != all ] && { [ "$force" = true ] || [ ! -f "$labeled_cuts" ]; }; then
+  if [ "$labeled_seconds" = all ]; then :
+  elif [ -f "$corpus_dir/train_$labeled_tag/wav.scp" ]; then
+    # the corpus's own split (Libri-Light's train_10m / 1h / 10h): stage 1's manifest, never a draw
+    [ -f "$labeled_cuts" ] || { echo "$0: --labeled $labeled: the corpus's split train_$labeled_tag has no manifest ($labeled_cuts): run stages 1-2" >&2; exit 1; }
+    log "--labeled $labeled: the corpus's split train_$labeled_tag"
+  elif [ "$force" = true ] || [ ! -f "$labeled_cuts" ]; then
+    # a seeded subset of train, made again under --force (stage 1 may have remade train)
     "$python" -m sslasr.bin.cuts subset --cuts "$(cuts train)" --seconds "$labeled_seconds" --out "$labeled_cuts"
   fi
   if [ -n "$speed_perturb" ] && { [ "$force" = true ] || [ ! -f "$train_cuts" ]; }; then

@@ -141,6 +141,29 @@ def test_manifests_validation_and_labeled_splits(prepared: Path):
     assert all(c.sampling_rate == SR and c.duration > 0.5 for c in cuts)
 
 
+def test_labeled_split_of_the_corpus_is_never_replaced_by_a_draw(prepared: Path, tmp_path: Path):
+    """--labeled 10m reads Libri-Light's fold even under --force (it used to be overwritten by a
+    seeded draw from the 960 h); an amount without such a split is a draw from train."""
+    for part in ("local", "conf"):
+        shutil.copytree(prepared.parents[1] / part, tmp_path / part)
+    recipe = tmp_path / "egs" / "librispeech"
+    shutil.copytree(prepared, recipe, ignore=shutil.ignore_patterns("exp"))  # data/ too: the manifests
+    manifests = recipe / "data/manifests"
+    fold = (manifests / "librispeech_cuts_train_10m.jsonl.gz").read_bytes()
+    # fine-tuning stops at its config check: the labeled cuts are chosen before it
+    stop = ("--stage", "5", "--stop-stage", "5", "--force", "true", "--no-pretrain", "true",
+            "--finetune-opts", "optim.not_an_option=1")
+    result = run_recipe(recipe, "--labeled", "10m", *stop, timeout=300)
+    assert "optim: unknown keys ['not_an_option']" in result.stderr, result.stderr[-3000:]
+    assert "--labeled 10m: the corpus's split train_10m" in result.stderr
+    assert (manifests / "librispeech_cuts_train_10m.jsonl.gz").read_bytes() == fold
+    result = run_recipe(recipe, "--labeled", "4", *stop, timeout=300)
+    assert "optim: unknown keys ['not_an_option']" in result.stderr, result.stderr[-3000:]
+    drawn = CutSet.from_file(manifests / "librispeech_cuts_train_4.jsonl.gz")
+    train_ids = {u for u, (part, _) in FLAT.items() if part.startswith("train")}
+    assert len(drawn) >= 1 and {c.id for c in drawn} <= train_ids
+
+
 def test_tokenizer_is_letters(prepared: Path):
     tokenizer = Tokenizer(prepared / "data/lang_char_40")
     pieces = {tokenizer.sp.id_to_piece(i) for i in range(3, tokenizer.vocab_size)}

@@ -21,7 +21,7 @@ from sslasr.decoding.fusion import corpus_wer, decode_options, tune_fusion
 from sslasr.decoding.lexicon import NOT_ALLOWED, ROOT, Lexicon
 from sslasr.data.tokenizer import Tokenizer
 from sslasr.models.asr import build_asr_model
-from sslasr.models.heads.ctc import CtcHead, best_path
+from sslasr.models.heads.ctc import CtcHead, best_path, ctc_loss
 from sslasr.models.interfaces import DecodeOptions
 from sslasr.models.lm import build_lm
 from sslasr.utils.config import load_config
@@ -557,3 +557,20 @@ def test_a_decoding_with_another_beam_or_lexicon_is_redone(tiny_system, tmp_path
     third = run("--beam-size", "2", lexicon="fewer_words.txt")
     assert (third["ctc_greedy"], third["ctc_beam"]) == (first["ctc_greedy"], second["ctc_beam"])
     assert third["ctc_lexicon"] != second["ctc_lexicon"]
+
+
+def test_ctc_loss_counts_utterances_without_an_alignment(caplog):
+    """3 frames: [5, 6] fits, [5, 5] needs a blank between the repeats (3 frames, fits),
+    [5, 5, 5] needs 5 and [4, 5, 6, 7] needs 4: those two count 0, and the warning says so."""
+    gen = torch.Generator().manual_seed(0)
+    log_probs = torch.randn(4, 3, 9, generator=gen, dtype=torch.float64).log_softmax(-1)
+    lengths = torch.tensor([3, 3, 3, 3])
+    tokens = [[5, 6], [5, 5], [5, 5, 5], [4, 5, 6, 7]]
+    with caplog.at_level("WARNING"):
+        total = ctc_loss(log_probs, lengths, tokens)
+    each = [-ctc_log_prob(log_probs[b], tokens[b]) for b in range(2)]
+    assert float(total) == pytest.approx(sum(each), rel=1e-9) and all(0 < x < math.inf for x in each)
+    assert "2 of 4 utterances have fewer frames than their transcripts need (e.g. 3, needing 5)" in caplog.text
+    caplog.clear()
+    ctc_loss(log_probs[:2], lengths[:2], tokens[:2])
+    assert not caplog.text

@@ -1,5 +1,6 @@
 """CTC head (Graves et al., 2006): a linear layer over encoder states, blank = token 0."""
 
+import logging
 from dataclasses import replace
 from typing import List, Sequence
 
@@ -9,6 +10,8 @@ import torch.nn.functional as F
 
 from sslasr.decoding.ctc_prefix_beam import ctc_beam_decode
 from sslasr.models.interfaces import DecodeOptions
+
+log = logging.getLogger(__name__)
 
 
 class CtcHead(nn.Module):
@@ -25,8 +28,7 @@ class CtcHead(nn.Module):
         return F.log_softmax(self.proj(self.dropout(hidden)).float(), dim=-1)
 
     def loss(self, hidden: torch.Tensor, lengths: torch.Tensor, tokens: List[List[int]]) -> torch.Tensor:
-        """Summed CTC loss over the batch. Impossible alignments (more tokens than frames)
-        give +inf; they are zeroed (zero_infinity) and the caller counts them."""
+        """Summed CTC loss over the batch; an utterance without an alignment counts 0, logged."""
         return ctc_loss(self.log_probs(hidden), lengths, tokens, self.blank_id)
 
     def decode(self, hidden: torch.Tensor, lengths: torch.Tensor, method: str,
@@ -47,7 +49,14 @@ class CtcHead(nn.Module):
 
 
 def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, tokens: List[List[int]], blank_id: int = 0) -> torch.Tensor:
-    """Summed CTC loss of (B, T, V) log-probabilities; impossible alignments count 0."""
+    """Summed CTC loss of (B, T, V) log-probabilities. An utterance with fewer frames than its
+    tokens need has no alignment: its loss would be +inf, so it counts 0 (zero_infinity) and a
+    warning says how many (a subsampling encoder on short, fast speech can get there)."""
+    frames = lengths.tolist()  # F.ctc_loss reads the lengths on the host as well
+    short = [(f, ctc_frames_needed(seq)) for f, seq in zip(frames, tokens) if ctc_frames_needed(seq) > f]
+    if short:
+        log.warning("%d of %d utterances have fewer frames than their transcripts need (e.g. %d, needing %d): "
+                    "no CTC alignment, their loss counts 0", len(short), len(tokens), *short[0])
     targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
     target_lengths = torch.tensor([len(seq) for seq in tokens], dtype=torch.long)
     return F.ctc_loss(log_probs.transpose(0, 1), targets.to(log_probs.device), lengths,

@@ -337,6 +337,21 @@ def test_waveform_batch(prepared, tokenizer):
     assert batch["texts"][batch["cut_ids"].index("a1")] == "HELLO WORLD"
 
 
+def test_transcripts_outside_the_tokenizer_are_reported(prepared, tokenizer, caplog):
+    _, out = prepared
+    dataset = make_dataloader(load_cuts(out / "toy_cuts_train.jsonl.gz"), input_type="waveform",
+                              max_duration=1000, shuffle=False, tokenizer=tokenizer).dataset
+    cuts = list(load_cuts(out / "toy_cuts_train.jsonl.gz"))
+    with caplog.at_level(logging.WARNING):
+        dataset[CutSet.from_cuts(cuts)]
+        assert "outside the tokenizer" not in caplog.text
+        cuts[0].supervisions[0].text = "hello world"
+        batch = dataset[CutSet.from_cuts(cuts)]
+    assert tokenizer.unk_id in batch["tokens"][0]
+    assert f"1 of {len(cuts)} transcripts have characters outside the tokenizer" in caplog.text
+    assert "'hello world'" in caplog.text
+
+
 def test_waveform_normalisation_and_unlabeled(prepared, tokenizer):
     _, out = prepared
     dl = make_dataloader(load_cuts(out / "toy_cuts_unlabeled.jsonl.gz"), input_type="waveform",

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from sslasr.bin import lm_perplexity
-from sslasr.data.text import TokenBatchSampler, read_sentences
+from sslasr.data.text import TokenBatchSampler, read_sentences, tokenize_sentences
 from sslasr.data.tokenizer import train_tokenizer
 from sslasr.models.lm import BLANK_ID, SOS_EOS_ID, build_lm, load_lm, teacher_forcing_batch
 from sslasr.train.distributed import init_distributed
@@ -151,6 +151,18 @@ def test_token_batch_sampler_is_a_deterministic_partition():
         list(TokenBatchSampler(lengths, 60, True, 3)))
     with pytest.raises(ValueError, match="below the longest sentence"):
         TokenBatchSampler(lengths, max_tokens=10, shuffle=False)
+
+
+def test_sentences_outside_the_tokenizer_are_dropped_and_counted(tmp_path, caplog):
+    tokenizer = train_tokenizer(["THE CAT SEES A DOG", "A RED FISH"], tmp_path / "lang", vocab_size=40,
+                                model_type="char")
+    with caplog.at_level(logging.WARNING):
+        ids = tokenize_sentences(["THE DOG", "the dog", "A CAT 3", "   ", "SEE A FISH"], tokenizer)
+    assert [tokenizer.decode(s) for s in ids] == ["THE DOG", "SEE A FISH"]
+    assert "dropped 1 sentences that tokenise to nothing" in caplog.text
+    assert "dropped 2 sentences with characters outside the tokenizer" in caplog.text and "'the dog'" in caplog.text
+    with pytest.raises(ValueError, match="no LM sentences left .* 2 with characters outside"):
+        tokenize_sentences(["lower case", "digits 42"], tokenizer)
 
 
 # ------------------------------------------------------------------ training through the trainer

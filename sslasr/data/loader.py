@@ -135,6 +135,10 @@ class SpeechDataset(Dataset):
                  "texts": texts, "durations": [c.duration for c in cuts]}
         if self.tokenizer is not None and all(t is not None for t in texts):
             batch["tokens"] = self.tokenizer.encode_batch(texts)
+            unknown = [t for t, ids in zip(texts, batch["tokens"]) if self.tokenizer.unk_id in ids]
+            if unknown:  # trained on as <unk>: say so, the text normalisation may be missing a step
+                log.warning("%d of %d transcripts have characters outside the tokenizer (%s), read as <unk>: "
+                            "e.g. %r", len(unknown), len(texts), self.tokenizer.model_path, unknown[0][:80])
         if self.targets_field:
             batch["targets"] = collate_targets(cuts, self.targets_field)
         if mixing is not None:

@@ -112,13 +112,23 @@ class TextDataset(Dataset):
 
 
 def tokenize_sentences(sentences: Iterable[str], tokenizer: Tokenizer) -> List[List[int]]:
-    """Token ids per sentence; sentences that tokenise to nothing are dropped (and counted)."""
-    ids = tokenizer.encode_batch(list(sentences))
-    kept = [s for s in ids if s]
-    if len(kept) < len(ids):
-        log.warning("dropped %d sentences that tokenise to nothing", len(ids) - len(kept))
+    """Token ids per sentence. Dropped and counted: sentences that tokenise to nothing, and those
+    with characters the tokenizer never saw (<unk>: an LM trained on them would learn to predict
+    <unk>, e.g. from lower-case or digit text beside upper-case letter tokens)."""
+    sentences = list(sentences)
+    ids = tokenizer.encode_batch(sentences)
+    empty = sum(1 for s in ids if not s)
+    unknown = [i for i, s in enumerate(ids) if tokenizer.unk_id in s]
+    if empty:
+        log.warning("dropped %d sentences that tokenise to nothing", empty)
+    if unknown:
+        example = sentences[unknown[0]]
+        log.warning("dropped %d sentences with characters outside the tokenizer (%s), e.g. %r", len(unknown),
+                    tokenizer.model_path, example if len(example) <= 80 else example[:77] + "...")
+    kept = [s for s in ids if s and tokenizer.unk_id not in s]
     if not kept:
-        raise ValueError("no LM sentences left after tokenisation")
+        raise ValueError(f"no LM sentences left after tokenisation ({empty} empty, {len(unknown)} with "
+                         f"characters outside the tokenizer {tokenizer.model_path})")
     return kept
 
 

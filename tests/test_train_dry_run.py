@@ -2,6 +2,9 @@
 runs them too), the summary of the built model on the minisynth configs, and the init checkpoint's
 encoder weights: every misfit named, nothing copied unless all fit."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +15,7 @@ from sslasr.models.asr import build_asr_model, load_encoder_weights
 from sslasr.models.state_dicts import state_dict_mismatches
 from sslasr.train.config_check import ConfigError, check_training_config, effective_batch
 from sslasr.utils.config import load_configs
+from sslasr.utils.io import DirectoryInUse, lock_directory
 
 MINISYNTH = REPO / "egs" / "minisynth" / "conf"
 
@@ -156,6 +160,47 @@ def test_training_refuses_a_config_the_check_rejects(tmp_path):
         main(["--config", str(MINISYNTH / "frontend_wav2vec2.yaml"), str(MINISYNTH / "finetune_ctc.yaml"),
               "--exp-dir", str(tmp_path / "exp"), "--set", "task=asr", "optim.bogus=1"])
     assert not (tmp_path / "exp").exists()
+
+
+def test_training_refuses_an_exp_dir_another_process_trains_in(tmp_path):
+    """A second trainer in the same exp dir stops before writing anything there (log, config);
+    the lock goes with its holder, also when that is killed."""
+    from sslasr.bin.train import main
+    exp = tmp_path / "exp"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sslasr.utils.io import lock_directory; "
+                               "lock = lock_directory(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+                               str(exp)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = ["--config", str(MINISYNTH / "frontend_wav2vec2.yaml"), str(MINISYNTH / "finetune_ctc.yaml"),
+                "--exp-dir", str(exp), "--set", "task=asr", f"data.tokenizer={tmp_path / 'missing'}"]
+        with pytest.raises(SystemExit, match=rf"{exp} is in use by another process \(pid {holder.pid}\)"):
+            main(args)
+        assert sorted(p.name for p in exp.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = lock_directory(exp)  # free again once the holder is gone
+    lock.close()
+
+
+def test_lock_of_an_exited_holder_waits_for_its_forked_children(tmp_path):
+    """A trainer killed with its data-loader workers still alive: they share its lock for the
+    second or so they take to notice; the next run waits for them instead of failing."""
+    code = ("import os, sys, time; from sslasr.utils.io import lock_directory; lock = lock_directory(sys.argv[1])\n"
+            "if os.fork() == 0:\n    time.sleep(float(sys.argv[2])); os._exit(0)\n"
+            "print('locked', flush=True)")
+    def exited_holder(directory, child_seconds):
+        holder = subprocess.Popen([sys.executable, "-c", code, str(directory), str(child_seconds)],
+                                  stdout=subprocess.PIPE, text=True, cwd=REPO)
+        assert holder.stdout.readline().strip() == "locked"
+        holder.wait()
+        return holder.pid
+    pid = exited_holder(tmp_path / "a", 5)
+    with pytest.raises(DirectoryInUse, match=rf"\(pid {pid}, exited; its children hold it\)"):
+        lock_directory(tmp_path / "a", wait_for_exited=0.5)
+    exited_holder(tmp_path / "b", 1.0)
+    lock_directory(tmp_path / "b").close()  # waited for the child
 
 
 def test_a_config_file_removes_sections_merged_before_it(tmp_path):

@@ -28,7 +28,7 @@ from sslasr.train.distributed import init_distributed
 from sslasr.train.tasks import build_task
 from sslasr.train.trainer import Trainer, seed_everything
 from sslasr.utils.config import load_configs
-from sslasr.utils.io import write_text_atomic
+from sslasr.utils.io import DirectoryInUse, lock_directory, write_text_atomic
 from sslasr.utils.logging import setup_logging
 from sslasr.utils.threads import configure_cpu_math
 
@@ -102,6 +102,11 @@ def main(argv=None) -> None:
     except ConfigError as e:
         raise SystemExit(f"invalid training config: {e}")
     dist = init_distributed()
+    if dist.is_main:  # before anything is written there; held until the process ends
+        try:
+            exp_dir_lock = lock_directory(args.exp_dir)  # noqa: F841
+        except DirectoryInUse as e:
+            raise SystemExit(str(e))
     setup_logging(args.exp_dir / f"train.rank{dist.rank}.log", rank=dist.rank)
     tcfg = cfg["trainer"]
     configure_cpu_math(tcfg.get("num_threads", 0), tcfg.get("flush_denormal", True))

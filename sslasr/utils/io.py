@@ -1,10 +1,12 @@
-"""Atomic file writing: a reader (or a resumed run) never sees a half-written file."""
+"""Atomic file writing: a reader (or a resumed run) never sees a half-written file. And an
+exclusive lock on a directory, so two processes never train into the same exp dir."""
 
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterator, Union
+from typing import IO, Iterator, Union
 
 PathLike = Union[str, Path]
 
@@ -53,3 +55,51 @@ def append_line(path: PathLike, line: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DirectoryInUse(RuntimeError):
+    pass
+
+
+def lock_directory(directory: PathLike, wait_for_exited: float = 30.0) -> IO:
+    """Hold an exclusive lock on DIRECTORY/.lock until the returned file is closed or the process
+    ends (the kernel releases it then, after a kill -9 too). Another holder is DirectoryInUse,
+    naming its pid. Why: a rerun while an earlier trainer still runs (its driver killed, not it)
+    would have two processes writing, and pruning, the same checkpoints. A holder that has exited
+    may have left forked children (data-loader workers share the lock) that end within seconds:
+    up to `wait_for_exited` seconds are given to them."""
+    import fcntl  # POSIX only, as the recipes
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / ".lock", "a+", encoding="utf-8")
+    deadline = time.monotonic() + wait_for_exited
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            if _running(holder) or time.monotonic() > deadline:
+                handle.close()
+                raise DirectoryInUse(f"{directory} is in use by another process (pid {holder}"
+                                     f"{'' if _running(holder) else ', exited; its children hold it'}): "
+                                     "stop it, or wait for it to finish") from None
+            time.sleep(0.2)
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _running(pid: str) -> bool:
+    """Whether process PID exists (an unreadable pid counts as running: the lock is real)."""
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -362,8 +362,21 @@ if run_stage 5; then
 fi
 
 lm_dir=$exp/lm_${token_type}_${vocab_size}
+lm_inputs() {  # lm_inputs CUTS: what an LM is trained from (text, --lm-text contents, --lm-opts, config)
+  local f
+  echo "text $1"
+  for f in $lm_text; do echo "lm_text $f $(sha256sum < "$f" | cut -c1-16)"; done
+  echo "lm_opts $lm_opts"
+  echo "config $(sha256sum < $conf_dir/lm.yaml | cut -c1-16)"
+}
 train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcripts + --lm-text, and its lexicon
   local dir=$1 text=$2 extra_text=null
+  if [ -f $dir/.done ] && [ -f $dir/inputs.txt ] && [ "$force" != true ] \
+      && [ "$(lm_inputs "$text")" != "$(cat $dir/inputs.txt)" ]; then
+    # e.g. `--stage 6 --lm-text more.txt` after a full run: trained again, and stages 7-8 redo what used it
+    log "$dir was trained on other inputs; training it again: $(diff <(cat $dir/inputs.txt) <(lm_inputs "$text") | grep '^[<>]' | tr '\n' ' ')"
+    rm -rf $dir/.done $dir/checkpoint_last.pt $dir/model_{final,best,valid_*}.pt $dir/tensorboard $dir/words.txt
+  fi
   if done_or_force $dir/.done; then log "LM ready ($dir)"; else
     log "training the token LM in $dir on the text of $text"
     fresh_training $dir
@@ -371,6 +384,7 @@ train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcri
     train $dir --config $conf_dir/lm.yaml --set task=lm data.tokenizer=$lang/bpe.model \
       data.train_text="$text" data.valid_text="$(cuts $valid_set)" "data.extra_text=$extra_text" $lm_opts
     "$python" -m sslasr.bin.lm_perplexity --lm $dir/model_final.pt --text "$(cuts $valid_set)" --out $dir/perplexity.json
+    lm_inputs "$text" > $dir/inputs.txt
     touch $dir/.done
   fi
   # the lexicon of lexicon-constrained decoding (ctc_lexicon): the words of the LM's text
@@ -414,7 +428,8 @@ decode_sets=$test_sets  # + the validation set, which the LM methods tune λ, β
 case " $test_sets " in *" $valid_set "*) ;; *) decode_sets="$valid_set $test_sets" ;; esac
 decode_system() {  # decode_system DIR: every set with every method of DIR's model, in one process
   local dir=$1 methods fusion="" overwrite=""
-  if done_or_force $dir/.decode.done; then log "$dir: decoded"; return; fi
+  # decoded, unless the LM or its lexicon changed since (decode redoes only what used them)
+  if done_or_force $dir/.decode.done && [ ! $lm_dir/.done -nt $dir/.decode.done ]; then log "$dir: decoded"; return; fi
   methods=$(decode_methods $dir)
   case " $methods " in *+lm" "*)  # λ, β tuned on the validation set, then used for every set
     [ -f $lm_dir/.done ] || { echo "$0: $methods: the LM methods need stage 6 ($lm_dir)" >&2; exit 1; }
@@ -437,7 +452,7 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
     [ "${method%+lm}" = "$method" ] || lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"
     for test_set in $test_sets; do
       out=$dir/decode_${test_set}_${method/+lm/_lm}
-      if done_or_force $out/.scored; then continue; fi
+      if done_or_force $out/.scored && [ ! $out/hyp.txt -nt $out/.scored ]; then continue; fi  # decoded again: rescored
       baseline=${baseline_dir:+$baseline_dir/decode_${test_set}_${method/+lm/_lm}}
       if [ -n "$baseline" ] && [ ! -f $baseline/hyp.txt ]; then  # e.g. decoded by other methods
         log "$out: no $baseline/hyp.txt to compare with; its row has no baseline"
@@ -547,7 +562,11 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
   for g in $(seq 1 "$generations"); do
     student=$noisy_student_dir/gen$g
     labels=$student/pseudo_labels
-    if done_or_force $labels/.done; then log "generation $g: pseudo-labels ready"; else
+    if done_or_force $labels/.done; then
+      log "generation $g: pseudo-labels ready"
+      [ ! $pseudo_label_lm_dir/.done -nt $labels/.done ] || log "WARNING: generation $g's pseudo-labels were made" \
+        "with an earlier $pseudo_label_lm_dir; --force true --stage 9 makes them (and the students) again"
+    else
       # decode keeps the sets it finished (resuming a kill): under --force, the old teacher's would stay
       [ "$force" != true ] || rm -rf $labels
       pseudo_label $teacher $labels

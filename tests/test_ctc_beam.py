@@ -365,6 +365,35 @@ def test_lm_methods_are_tuned_on_the_tuning_set_never_on_another(tiny_system, tm
         tmp_path / "decode_dev_ctc_beam_lm" / TUNING_FILE]
 
 
+def test_an_lm_retrained_in_place_is_decoded_and_tuned_again(tiny_system, tmp_path):
+    """Stage 6 retrained with more text writes the same path: the +lm decodings and their tuning
+    are redone with the new LM (they used to be kept, as the path had not changed); the decodings
+    without it are kept."""
+    from sslasr.bin import decode
+    from sslasr.bin.decode import TUNING_FILE
+    lm = tmp_path / "lm_model_final.pt"
+    shutil.copy(tiny_system["lm"], lm)
+    run = ["--model", tiny_system["model"], "--lm", str(lm), "--methods", "ctc_greedy", "ctc_beam+lm",
+           "--out-dir", str(tmp_path / "decode_{set}_{method}"), "--cuts", f"dev={tiny_system['dev']}",
+           f"test={tiny_system['test']}", "--tune-on", "dev", "--tune-lm-weights", "0.5", "1.0"]
+    decode.main(run)
+    files = sorted(tmp_path.glob("decode_*/*.json"))
+    written = {p: p.stat().st_mtime_ns for p in files}
+    first = json.loads((tmp_path / "decode_test_ctc_beam_lm/decode_info.json").read_text())["lm_sha256"]
+    saved = torch.load(lm, weights_only=False)
+    torch.manual_seed(1)
+    saved["model"] = {k: torch.randn_like(v) for k, v in saved["model"].items()}
+    torch.save(saved, lm)
+    decode.main(run)
+    again = {p: p.stat().st_mtime_ns for p in files}
+    redone = sorted(p.parent.name + "/" + p.name for p in files if again[p] != written[p])
+    assert redone == ["decode_dev_ctc_beam_lm/decode_info.json", f"decode_dev_ctc_beam_lm/{TUNING_FILE}",
+                      "decode_test_ctc_beam_lm/decode_info.json"]
+    info = json.loads((tmp_path / "decode_test_ctc_beam_lm/decode_info.json").read_text())
+    tuning = json.loads((tmp_path / f"decode_dev_ctc_beam_lm/{TUNING_FILE}").read_text())
+    assert info["lm_sha256"] == tuning["lm_sha256"] != first and len(first) == 64
+
+
 def test_plan_searches_tunes_nowhere_but_the_tuning_set():
     from sslasr.bin.decode import plan_searches
 
@@ -438,6 +467,28 @@ def test_recipe_lm_decode_score_stages(tmp_path: Path, prepared_minisynth: Path,
                  "--length-bonus", str(tuned["length_bonus"]), "--out-dir", str(tmp_path / "alone")])
     assert ((tmp_path / "alone/hyp.txt").read_text()
             == (system / "decode_dev_ctc_beam_lm/hyp.txt").read_text())
+
+    # stage 6 again with more LM text (the run.sh usage line): the LM is trained again, and only the
+    # decodings with it are redone and scored again; they used to be kept, the LM's path unchanged
+    extra = tmp_path / "more_text.txt"
+    extra.write_text("THE CAT SAT ON THE MAT\nA DOG RAN HOME\n")
+    lm_file = recipe / "exp/lm_char_40/model_final.pt"
+    lm_before = lm_file.read_bytes()
+    decoded = {p: p.stat().st_mtime_ns for p in system.glob("decode_*/decode_info.json")}
+    result = run_recipe(recipe, *SMOKE, "--stage", "6", "--stop-stage", "8", "--no-pretrain", "true",
+                        "--lm-text", str(extra), timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "exp/lm_char_40 was trained on other inputs; training it again" in result.stderr
+    assert lm_file.read_bytes() != lm_before and str(extra) in (recipe / "exp/lm_char_40/inputs.txt").read_text()
+    assert sorted(p.parent.name for p in decoded if p.stat().st_mtime_ns != decoded[p]) == [
+        "decode_dev_ctc_beam_lm", "decode_test_ctc_beam_lm"]
+    perplexity = json.loads((recipe / "exp/lm_char_40/perplexity.json").read_text())
+    rows = [json.loads(line) for line in (recipe / "exp/results.jsonl").read_text().splitlines()]
+    latest = [r for r in rows if r["decoding"] == "ctc_beam+lm" and r["test_set"] == "test"][-1]
+    assert latest["lm_perplexity"] == perplexity["perplexity"] and "--lm-text" in latest["command"]
+    result = run_recipe(recipe, *SMOKE, "--stage", "6", "--stop-stage", "8", "--no-pretrain", "true",
+                        "--lm-text", str(extra), timeout=900)
+    assert "LM ready" in result.stderr and "training it again" not in result.stderr
 
 
 class LetterTokenizer:

@@ -45,7 +45,7 @@ from sslasr.models.heads.ctc import CtcHead, ctc_frames_needed
 from sslasr.models.interfaces import DecodeOptions
 from sslasr.models.lm import load_lm
 from sslasr.utils.devices import resolve_device
-from sslasr.utils.io import write_text_atomic
+from sslasr.utils.io import file_sha256, write_text_atomic
 from sslasr.utils.logging import setup_logging
 
 LM_SUFFIX = "+lm"
@@ -257,7 +257,9 @@ def main(argv=None) -> None:
             out_dir = out_dir_of(args.out_dir, set_name, method)
             info = {"method": method.removesuffix(LM_SUFFIX), "set": set_name, "cuts": sets[set_name],
                     "lm": args.lm if method.endswith(LM_SUFFIX) else None,
+                    "lm_sha256": file_sha256(args.lm) if method.endswith(LM_SUFFIX) else None,
                     "lexicon": args.lexicon if uses_lexicon(method) else None,
+                    "lexicon_sha256": file_sha256(args.lexicon) if uses_lexicon(method) else None,
                     "model_parameters": model_parameters, "device": device.type}
             if method not in searches:
                 search = tune_on_set(method, searches, set_pass, out_dir, args.lm)
@@ -289,8 +291,8 @@ def known_fusion(args, fused: List[str], grid: Dict) -> Dict[str, Tuple[float, f
         tuning = out_dir_of(args.out_dir, args.tune_on, method) / TUNING_FILE
         if tuning.exists() and not args.overwrite:
             best = json.loads(tuning.read_text())
-            if best.get("lm", args.lm) != args.lm:  # tuned for another LM: tune again (older files name none)
-                continue
+            if (best.get("lm", args.lm), best.get("lm_sha256", file_sha256(args.lm))) != (args.lm, file_sha256(args.lm)):
+                continue  # tuned for another LM, or this one before it was retrained: tune again (older files name none)
             tuned = {(point["lm_weight"], point["length_bonus"]) for point in best["grid"]}
             if wanted and tuned != wanted:
                 raise SystemExit(f"{tuning} tuned λ, β over {_grid_text(tuned)}, this run asks for "
@@ -308,7 +310,9 @@ def already_decoded(out_dir: Path, method: str, fusion: Dict[str, Tuple[float, f
                     beam_size: int, lexicon: Optional[str]) -> bool:
     """Whether OUT_DIR holds a finished decoding of METHOD as this run would make it: with this
     run's beam size and lexicon, and for METHOD+lm its LM and λ, β (an earlier run's, say with
-    --lm-weight, is redone; while λ, β are still to be tuned nothing counts as decoded)."""
+    --lm-weight, is redone; while λ, β are still to be tuned nothing counts as decoded). The LM and
+    lexicon are their paths and contents: one retrained in place (stage 6 with more text) is
+    another (files from before contents were recorded are taken by path)."""
     info_file = out_dir / "decode_info.json"
     if not info_file.exists():
         return False
@@ -316,9 +320,11 @@ def already_decoded(out_dir: Path, method: str, fusion: Dict[str, Tuple[float, f
     searched_with_beam = not method.removesuffix(LM_SUFFIX).endswith("_greedy")
     if (searched_with_beam and info.get("beam_size") != beam_size) or info.get("lexicon") != lexicon:
         return False
+    if info.get("lexicon_sha256", file_sha256(lexicon)) != file_sha256(lexicon):
+        return False
     if not method.endswith(LM_SUFFIX):
         return True
-    if method not in fusion:
+    if method not in fusion or info.get("lm_sha256", file_sha256(lm)) != file_sha256(lm):
         return False
     return (info.get("lm"), info.get("lm_weight"), info.get("length_bonus")) == (lm, *fusion[method])
 
@@ -354,6 +360,7 @@ def tune_on_set(method: str, searches: Dict[object, Search], set_pass: SetPass, 
     length_bonuses = sorted({lb for _, lb in points}, key=[lb for _, lb in points].index)
     best = tune_fusion(lambda lw, lb: points[(lw, lb)].hyps, set_pass.refs, lm_weights, length_bonuses)
     write_text_atomic(out_dir / TUNING_FILE, json.dumps({**best, "method": method, "lm": lm,
+                                                         "lm_sha256": file_sha256(lm),
                                                          "num_utts": len(set_pass.refs)}, indent=2) + "\n")
     logging.info("%s: best λ=%g β=%g, WER %.2f %% on %s", method, best["lm_weight"], best["length_bonus"],
                  best["dev_wer"], out_dir)

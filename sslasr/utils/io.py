@@ -2,11 +2,13 @@
 exclusive lock on a directory, so two processes never train into the same exp dir."""
 
 import contextlib
+import functools
+import hashlib
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Iterator, Optional, Union
 
 PathLike = Union[str, Path]
 
@@ -37,6 +39,24 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_sha256(path: Optional[PathLike]) -> Optional[str]:
+    """The SHA-256 of a file's bytes (None for no path or a missing file): what a model or lexicon
+    file was when something was made from it. Read once per path, size and modification time."""
+    if path is None or not Path(path).is_file():
+        return None
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: the cache key
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:

@@ -352,6 +352,17 @@ def test_transcripts_outside_the_tokenizer_are_reported(prepared, tokenizer, cap
     assert "'hello world'" in caplog.text
 
 
+def test_asr_training_on_cuts_without_transcripts_is_a_named_error(prepared, tokenizer):
+    from sslasr.train.tasks import _transcripts
+    _, out = prepared
+    batch = next(iter(make_dataloader(load_cuts(out / "toy_cuts_unlabeled.jsonl.gz"), input_type="waveform",
+                                      max_duration=1000, shuffle=False, tokenizer=tokenizer)))
+    assert "tokens" not in batch
+    with pytest.raises(ValueError, match=rf"{len(batch['cut_ids'])} cut\(s\) of a batch have none, e.g. "
+                                         rf"\['{batch['cut_ids'][0]}'"):
+        _transcripts(batch)
+
+
 def test_waveform_normalisation_and_unlabeled(prepared, tokenizer):
     _, out = prepared
     dl = make_dataloader(load_cuts(out / "toy_cuts_unlabeled.jsonl.gz"), input_type="waveform",

@@ -1,7 +1,7 @@
 """Stage tasks for the trainer: SSL pretraining of a frontend, and ASR fine-tuning."""
 
 import logging
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -135,21 +135,32 @@ class AsrFinetuneTask(_DataMixin):
         model.freeze_encoder = num_updates < self.freeze_encoder_updates
 
     def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:
-        loss_sum = model(batch["inputs"], batch["input_lens"], batch["tokens"])
-        num_tokens = float(sum(len(t) for t in batch["tokens"]))
+        tokens = _transcripts(batch)
+        loss_sum = model(batch["inputs"], batch["input_lens"], tokens)
+        num_tokens = float(sum(len(t) for t in tokens))
         loss = loss_sum / max(1.0, num_tokens)
-        return loss, {"loss": loss.detach(), "utterances": float(len(batch["tokens"]))}, num_tokens
+        return loss, {"loss": loss.detach(), "utterances": float(len(tokens))}, num_tokens
 
     def validate(self, model: nn.Module, loader) -> Dict[str, float]:
         totals = {"loss": 0.0, "weight": 0.0, "errors": 0.0, "ref_words": 0.0}
         for batch in loader:
-            totals["loss"] += float(model(batch["inputs"], batch["input_lens"], batch["tokens"]))
-            totals["weight"] += float(sum(len(t) for t in batch["tokens"]))
+            tokens = _transcripts(batch)
+            totals["loss"] += float(model(batch["inputs"], batch["input_lens"], tokens))
+            totals["weight"] += float(sum(len(t) for t in tokens))
             for hyp, ref in zip(model.greedy(batch["inputs"], batch["input_lens"]), batch["texts"]):
                 counts = align_counts(ref.split(), self.tokenizer.decode(hyp).split())
                 totals["errors"] += counts.errors
                 totals["ref_words"] += counts.ref_words
         return totals
+
+
+def _transcripts(batch: Dict) -> List[List[int]]:
+    """The batch's token ids; the loader leaves them out when a cut has no transcript."""
+    if "tokens" not in batch:
+        missing = [cut for cut, text in zip(batch["cut_ids"], batch["texts"]) if text is None]
+        raise ValueError(f"ASR fine-tuning reads transcripts, but {len(missing)} cut(s) of a batch have none, "
+                         f"e.g. {missing[:3]}: data.train_cuts and data.valid_cuts must be transcribed sets")
+    return batch["tokens"]
 
 
 TASKS = {"pretrain": PretrainTask, "asr": AsrFinetuneTask, "lm": LmTask}

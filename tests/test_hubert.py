@@ -443,6 +443,31 @@ def test_labels_round_trip_through_cuts_and_loader(tmp_path):
     assert math.isfinite(loss.item()) and stats["masked_frames"] > 0
 
 
+def test_labelling_resumes_after_the_manifests_it_finished(tmp_path):
+    """A run killed while labelling the second manifest redoes only that one; the usage counts
+    all frames either way. Labels of another k-means (refitted) are made again."""
+    cuts = list(load_cuts(_audio_cuts(tmp_path)))
+    first, second = tmp_path / "first.jsonl.gz", tmp_path / "second.jsonl.gz"
+    CutSet.from_cuts(cuts[:2]).to_file(first)
+    CutSet.from_cuts(cuts[2:]).to_file(second)
+    cfg = {"kmeans": {"iterations": [{"features": "mfcc", "clusters": 6}], "frames_budget": 200,
+                      "batch_size": 64, "max_epochs": 3, "n_init": 2}}
+    kmeans_path = tmp_path / "km" / "kmeans.pt"
+    kmeans_cli.fit(cfg, 1, str(first), None, kmeans_path)
+    labels = tmp_path / "labels"
+    full = kmeans_cli.label(cfg, str(kmeans_path), [str(first), str(second)], labels)
+    assert full["frames"] == 317
+    (labels / "second.jsonl.gz").unlink()  # as if killed while writing it (atomic: not there yet)
+    (labels / "second.jsonl.gz.counts.json").unlink()
+    kept = (labels / "first.jsonl.gz").stat().st_mtime_ns
+    assert kmeans_cli.label(cfg, str(kmeans_path), [str(first), str(second)], labels) == full
+    assert (labels / "first.jsonl.gz").stat().st_mtime_ns == kept and (labels / "second.jsonl.gz").exists()
+    cfg["kmeans"]["seed"] = 1
+    kmeans_cli.fit(cfg, 1, str(first), None, kmeans_path)
+    kmeans_cli.label(cfg, str(kmeans_path), [str(first), str(second)], labels)
+    assert (labels / "first.jsonl.gz").stat().st_mtime_ns != kept
+
+
 def test_loader_names_cuts_without_labels(tmp_path):
     loader = make_dataloader(load_cuts(_audio_cuts(tmp_path)), input_type="waveform", max_duration=100,
                              shuffle=False, targets_field="kmeans_labels")

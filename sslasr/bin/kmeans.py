@@ -35,7 +35,7 @@ from sslasr.kmeans import (
 )
 from sslasr.utils.config import load_configs
 from sslasr.utils.devices import resolve_device
-from sslasr.utils.io import atomic_path, write_text_atomic
+from sslasr.utils.io import atomic_path, file_sha256, write_text_atomic
 from sslasr.utils.logging import setup_logging
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,9 @@ def fit(cfg: Dict, number: int, cuts_path: str, model: Optional[str], out: Path,
 
 def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, model: Optional[str] = None,
           num_jobs: int = 1, device: Union[str, torch.device] = "cpu") -> Dict:
-    """Labels with the features the k-means was fitted on (kind, layer and model from its file)."""
+    """Labels with the features the k-means was fitted on (kind, layer and model from its file).
+    Each manifest's label counts are kept beside it (<name>.counts.json, with the k-means file's
+    and the input manifest's digests): a run killed after some manifests redoes only the others."""
     kmeans = KMeansConfig.from_dict(cfg.get("kmeans"))
     state = torch.load(kmeans_path, map_location="cpu", weights_only=False)
     spec, centers = state["features"], state["centers"]
@@ -103,12 +105,20 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
     counts = np.zeros(len(centers), dtype=np.int64)
     start = time.monotonic()
     for path in cuts_paths:
+        out, done = out_dir / Path(path).name, out_dir / f"{Path(path).name}.counts.json"
+        made_from = {"kmeans_sha256": file_sha256(kmeans_path), "cuts_sha256": file_sha256(path), "model": model}
+        if out.exists() and done.exists() and json.loads(done.read_text())["made_from"] == made_from:
+            counts += np.asarray(json.loads(done.read_text())["counts"], dtype=np.int64)
+            log.info("%s: labelled already (%s)", path, out)
+            continue
+        before = counts.copy()
         pairs = cut_features(load_cuts(path), spec["kind"], model, spec["layer"], num_jobs, device)
-        with atomic_path(out_dir / Path(path).name) as tmp, CutSet.open_writer(tmp) as manifest:
+        with atomic_path(out) as tmp, CutSet.open_writer(tmp) as manifest:
             for cut in label_cuts(pairs, centers, writer, kmeans.targets_field, features.frame_rate,
                                   counts, kmeans.assign_block_frames):
                 manifest.write(cut)
-        log.info("labelled %s → %s", path, out_dir / Path(path).name)
+        write_text_atomic(done, json.dumps({"made_from": made_from, "counts": (counts - before).tolist()}) + "\n")
+        log.info("labelled %s → %s", path, out)
     usage = cluster_usage(counts)
     log_usage(f"labels of {len(cuts_paths)} manifests ({time.monotonic() - start:.0f} s)", usage)
     write_text_atomic(out_dir / "usage.json", json.dumps(usage, indent=1) + "\n")

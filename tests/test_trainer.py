@@ -518,6 +518,32 @@ def _ddp_nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
         torch.distributed.destroy_process_group()
 
 
+def _split_exp_dir_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Rank 0 finds a checkpoint (at update 2), rank 1 an empty exp dir, as a node whose exp dir
+    is not the shared one would."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist = init_distributed()
+    try:
+        task = _ToyTask(_toy_batches(6, seed=10 + rank), rank=rank)
+        trainer = Trainer(_toy_cfg(5), task, Path(out_dir) / f"exp{rank}", dist)
+        with pytest.raises(RuntimeError, match=r"different points \(update, epoch\) \[\(2, 0\), \(0, 0\)\]"):
+            trainer.fit()
+        (Path(out_dir) / f"rank{rank}.stopped").touch()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_that_would_resume_from_different_points_stop(tmp_path):
+    task = _ToyTask(_toy_batches(6, seed=10))
+    Trainer(_toy_cfg(2), task, tmp_path / "exp0", DistInfo()).fit()  # rank 0's exp dir: update 2
+    mp.spawn(_split_exp_dir_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0.stopped").exists() and (tmp_path / "rank1.stopped").exists()
+    assert _load(tmp_path / "exp0" / "checkpoint_last.pt")["num_updates"] == 2  # nothing trained on
+
+
 def test_non_finite_on_one_rank_is_skipped_on_all(tmp_path):
     mp.spawn(_ddp_nan_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (_load(tmp_path / f"rank{r}.pt") for r in (0, 1))

@@ -176,6 +176,17 @@ class Trainer:
                      self.num_updates, self.epoch, self.batches_done)
         return True
 
+    def _check_ranks_agree_on_the_start(self) -> None:
+        """Every rank reads checkpoint_last.pt itself: a node that sees another exp dir (a local
+        disk, a lagging network filesystem) would start elsewhere, and train on for hours with its
+        own weights. Stop at once instead."""
+        if self.dist.world_size == 1:
+            return
+        starts = all_gather_objects((self.num_updates, self.epoch))
+        if len(set(starts)) > 1:
+            raise RuntimeError(f"the ranks start from different points (update, epoch) {starts}: each rank "
+                               f"reads {self.checkpoint_path}, which must be one shared directory")
+
     def _batches_done_on_this_world_size(self, old_world_size: int, batches_done: int) -> int:
         """Each of the old ranks had consumed `batches_done` batches of the epoch: the new ranks
         share those out, rounded up so that no batch is trained on twice. Which cuts a batch holds
@@ -194,8 +205,11 @@ class Trainer:
         sampler = loader.sampler
         sampler.set_epoch(self.epoch)
         # Its own generator: creating a DataLoader iterator draws from the global RNG, which
-        # would make a resumed run's masks and dropout differ from an uninterrupted run's.
-        generator = torch.Generator().manual_seed(self.cfg["trainer"].get("seed", 0) * 100003 + self.epoch)
+        # would make a resumed run's masks and dropout differ from an uninterrupted run's. The
+        # rank is in it: workers seed their augmentation (SpecAugment) from it, and every rank
+        # drawing the same masks would be less augmentation than asked for.
+        seed = self.cfg["trainer"].get("seed", 0) * 100003 + self.epoch + self.dist.rank * 1_000_003
+        generator = torch.Generator().manual_seed(seed)
         resumed = DataLoader(loader.dataset, batch_size=None, sampler=SkipBatches(sampler, self.batches_done),
                              num_workers=loader.num_workers, persistent_workers=False, generator=generator)
         for batch in resumed:
@@ -206,6 +220,8 @@ class Trainer:
     def _next_batch(self, batches: Iterator[Optional[Dict]]) -> Optional[Dict]:
         """Next micro-batch, or None once any rank has run out (so all ranks stop together)."""
         batch = next(batches)
+        if self.dist.world_size == 1:  # no one to agree with: no device round trip
+            return batch
         exhausted = torch.tensor([0.0 if batch is not None else 1.0], device=self.dist.device)
         if all_reduce_sum(exhausted).item() > 0:
             return None
@@ -214,6 +230,7 @@ class Trainer:
     def fit(self) -> None:
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
+        self._check_ranks_agree_on_the_start()
         if self.dist.is_main:
             # an earlier run's, or a killed run's written after its last checkpoint: not this run's
             self._remove_unkept_models()

@@ -285,6 +285,22 @@ def test_loss_combination_by_hand():
     assert float(w2v_bert_loss(l_c, diversity, l_m, cfg)) == pytest.approx(float(by_hand), rel=1e-6)
 
 
+def test_pretrainer_trains_on_a_batch_shorter_than_a_mask_span():
+    """0.3 s cuts (the manifests' minimum) are 7 frames after the 4x subsampling, under a 10-frame
+    span: such a batch used to stop training ("no frame was masked"); now its longest utterance
+    gets one span of T - 1 frames, and the loss is finite with gradients."""
+    torch.manual_seed(3)
+    cfg = W2vBertPretrainConfig.from_dict(dict(contrastive_layers=1, quantizer_entries=8, quantizer_dim=8,
+                                               final_dim=8, num_negatives=4,
+                                               mask=dict(time_prob=0.65, time_length=10, time_min_masks=2)))
+    model = W2vBertPretrainer(W2vBertEncoderConfig.from_dict(_encoder_dict(layers=2)), cfg).train()
+    loss, stats = model(torch.randn(2, 30, 80), torch.tensor([30, 24]))
+    loss.backward()
+    frames = model.encoder.features(torch.randn(1, 30, 80), torch.tensor([30]))[1].item()
+    assert frames < 10 and float(stats["masked_frames"]) == frames - 1
+    assert torch.isfinite(loss) and model.final_proj.weight.grad.abs().sum() > 0
+
+
 def test_pretrainer_trains_every_part_and_reports_its_stats():
     torch.manual_seed(9)
     cfg = W2vBertPretrainConfig.from_dict(dict(contrastive_layers=1, quantizer_entries=8, quantizer_dim=8,

@@ -100,6 +100,24 @@ def test_span_mask_min_masks_on_short_utterances():
     assert all(len(_runs(row)) in (1, 2) for row in mask)
 
 
+def test_span_mask_for_pretraining_masks_something_in_a_batch_of_short_utterances():
+    """Pretraining's targets are the masked frames: a batch of utterances shorter than a span
+    (w2v-BERT's 40 ms frames make a 0.3 s cut 7 frames) used to end training. With at_least_one
+    the longest gets one span of min(L, T − 1) frames; batches that masked something are unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    for lengths, width in (([7, 9, 4], 8), ([2], 1)):
+        mask = span_mask(torch.tensor(lengths), 9, 0.65, 10, generator=gen, at_least_one=True)
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        assert int(mask.sum()) == int(mask[longest].sum()) == width and _runs(mask[longest]) == [width]
+        assert not mask[longest, lengths[longest]:].any()
+    assert not span_mask(torch.tensor([7, 9]), 9, 0.65, 10, at_least_one=False).any()
+    lengths = torch.tensor([300, 120])
+    assert torch.equal(span_mask(lengths, 300, 0.65, 10, generator=torch.Generator().manual_seed(5), at_least_one=True),
+                       span_mask(lengths, 300, 0.65, 10, generator=torch.Generator().manual_seed(5)))
+    with pytest.raises(ValueError, match="longest utterance has 1 frame"):
+        span_mask(torch.tensor([1, 1]), 1, 0.65, 10, at_least_one=True)
+
+
 def test_span_mask_seeded_generator_is_reproducible_and_leaves_global_rng_alone():
     lengths = torch.tensor([500, 260, 80])
     state = torch.get_rng_state()

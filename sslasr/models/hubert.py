@@ -116,6 +116,10 @@ class MaskedPredictionHead(nn.Module):
             loss = loss + self.unmasked_weight * unmasked_sum
             stats["unmasked_loss"] = unmasked_sum.detach() / max(len(unmasked), 1)
             stats["unmasked_accuracy"] = unmasked_correct / max(len(unmasked), 1)
+        # Normalised by the masked frames only. fairseq's criterion divides by |M| + |U| when the
+        # unmasked weight is on: with β = 1 (the CPU recipes) its prediction loss is about half of
+        # ours against the same feature penalty (Adam cancels the overall scale, not that ratio).
+        # The recipes' β = 1 results were measured with this normalisation, so it stays.
         return loss / max(num_masked, 1), stats
 
     def _cross_entropy(self, context: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +187,7 @@ class HubertPretrainer(nn.Module):
         feature_penalty = z.float().pow(2).mean()
         x = enc.dropout_input(enc.feature_projection(enc.feature_norm(z)))
         time_mask = span_mask(frame_lengths, x.shape[1], cfg.mask.time_prob, cfg.mask.time_length,
-                              cfg.mask.time_min_masks)
+                              cfg.mask.time_min_masks, at_least_one=True)
         context = enc.contextualize(x, padding_mask, time_mask)
         prediction, stats = self.head(context, targets, time_mask, padding_mask)
         loss = prediction + cfg.feature_penalty_weight * feature_penalty

@@ -177,11 +177,8 @@ class W2vBertPretrainer(nn.Module):
         z, frame_lengths, padding_mask = enc.features(fbank, lengths)
         z = enc.feature_projection.norm(z)
         time_mask = span_mask(frame_lengths, z.shape[1], cfg.mask.time_prob, cfg.mask.time_length,
-                              cfg.mask.time_min_masks)
+                              cfg.mask.time_min_masks, at_least_one=True)
         masked_frames = masked_frame_index(time_mask)
-        if len(masked_frames) == 0:
-            raise ValueError(f"no frame was masked: every utterance of the batch is shorter than a mask span "
-                             f"({cfg.mask.time_length} frames after subsampling)")
         # The paper replaces masked frames by random vectors: N(0, I), the statistics of a
         # LayerNorm output before its affine map.
         masked = torch.where(time_mask.unsqueeze(-1), torch.randn_like(z), z)

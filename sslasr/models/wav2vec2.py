@@ -246,7 +246,7 @@ class Wav2Vec2Pretrainer(nn.Module):
         z = enc.feature_norm(z)
         x = enc.dropout_input(enc.feature_projection(z))
         time_mask = span_mask(frame_lengths, x.shape[1], cfg.mask.time_prob, cfg.mask.time_length,
-                              cfg.mask.time_min_masks)
+                              cfg.mask.time_min_masks, at_least_one=True)
         context = enc.contextualize(x, padding_mask, time_mask)
 
         # The masked frames first, then (β > 0) the unmasked ones: one quantizer call for both,

@@ -17,13 +17,18 @@ def span_mask(
     span: int,
     min_masks: int = 0,
     generator: Optional[torch.Generator] = None,
+    at_least_one: bool = False,
 ) -> torch.Tensor:
-    """Boolean (B, max_len) mask; True = masked. Padding (≥ length) is never masked."""
+    """Boolean (B, max_len) mask; True = masked. Padding (≥ length) is never masked.
+    `at_least_one` (pretraining, where masked frames are the targets): a batch whose draws masked
+    nothing (all its utterances shorter than a span, or unlucky) gets one span of min(L, T − 1)
+    frames in its longest utterance, as fairseq gives an utterance whose spans came out empty."""
     batch = lengths.shape[0]
     mask = torch.zeros(batch, max_len, dtype=torch.bool)
     if prob <= 0.0:
         return mask.to(lengths.device)
-    for b, length in enumerate(lengths.tolist()):
+    sizes = lengths.tolist()
+    for b, length in enumerate(sizes):
         num_starts = length - span + 1  # starts whose span fits inside the utterance
         if num_starts <= 0:
             continue
@@ -33,6 +38,14 @@ def span_mask(
         starts = torch.randperm(num_starts, generator=generator)[:num_spans]
         frames = (starts[:, None] + torch.arange(span)[None, :]).reshape(-1)
         mask[b, frames] = True
+    if at_least_one and not mask.any():
+        longest = max(range(batch), key=sizes.__getitem__)
+        if sizes[longest] < 2:
+            raise ValueError(f"nothing to mask: the batch's longest utterance has {sizes[longest]} frame(s), "
+                             "and masked prediction needs at least 2 (one masked, one seen)")
+        width = min(span, sizes[longest] - 1)
+        start = int(torch.randint(sizes[longest] - width + 1, (), generator=generator))
+        mask[longest, start:start + width] = True
     return mask.to(lengths.device)
 
 

@@ -55,6 +55,8 @@ def test_every_problem_is_reported_at_once():
     ({"trainer.average_models": "0"}, "trainer.average_models must be a positive integer"),
     ({"trainer.best_metric": "5"}, "trainer.best_metric must name a validation metric"),
     ({"scheduler.final_lr_scale": "2.0"}, "learning-rate scales outside [0, 1]"),
+    ({"trainer.find_unused_parameter": "false"}, "trainer: unknown keys ['find_unused_parameter'] (the trainer reads"),
+    ({"trainer.find_unused_parameters": "1"}, "trainer.find_unused_parameters must be true or false, got 1"),
 ])
 def test_single_problems(overrides, expected):
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

@@ -691,13 +691,14 @@ def test_final_model_best_needs_a_known_metric_and_validation(tmp_path):
     cfg["trainer"].update(final_model="best")
     (tmp_path / "b").mkdir()
     torch.save({"stale": True}, tmp_path / "b/model_valid_9.pt")  # an earlier run's: removed, not used
-    with pytest.raises(RuntimeError, match="no validation ever ran"):
+    with pytest.raises(RuntimeError, match="final_model=best picks validated models, but the task has no validation"):
         Trainer(cfg, _ToyTask(_toy_batches(2, seed=1)), tmp_path / "b", DistInfo()).fit()
     assert not (tmp_path / "b/model_valid_9.pt").exists()
+    assert not (tmp_path / "b/checkpoint_last.pt").exists()  # stopped before the first update, not after the last
     with pytest.raises(ValueError, match="final_model"):
         Trainer(dict(cfg, trainer=dict(cfg["trainer"], final_model="mean")), _ToyTask([]), tmp_path / "c", DistInfo())
     cfg["trainer"].update(final_model="average")
-    with pytest.raises(RuntimeError, match="no validation ever ran"):
+    with pytest.raises(RuntimeError, match="final_model=average picks validated models"):
         Trainer(cfg, _ToyTask(_toy_batches(2, seed=1)), tmp_path / "d", DistInfo()).fit()
     with pytest.raises(ValueError, match="average_models must be at least 1"):
         Trainer(dict(cfg, trainer=dict(cfg["trainer"], average_models=0)), _ToyTask([]), tmp_path / "e", DistInfo())

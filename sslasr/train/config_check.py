@@ -90,19 +90,28 @@ def _check_scheduler(cfg: Dict, problems: List[str]) -> None:
         problems.append(f"scheduler gives learning-rate scales outside [0, 1]: {bad}")
 
 
+TRAINER_KEYS = ("max_updates", "accum_grad", "clip_grad_norm", "log_every", "valid_every", "checkpoint_every",
+                "amp", "final_model", "best_metric", "average_models", "find_unused_parameters", "seed",
+                "num_threads", "flush_denormal")
+
+
 def _check_trainer(cfg: Dict, problems: List[str]) -> None:
     trainer = cfg.get("trainer")
     if not isinstance(trainer, dict):
         problems.append("the trainer section is missing")
         return
+    unknown = sorted(set(trainer) - set(TRAINER_KEYS))
+    if unknown:  # a mistyped key would otherwise be ignored for the whole run
+        problems.append(f"trainer: unknown keys {unknown} (the trainer reads {', '.join(TRAINER_KEYS)})")
     _check_number(problems, trainer, "max_updates", "trainer", integer=True)
     _check_number(problems, trainer, "accum_grad", "trainer", required=False, integer=True)
     _check_number(problems, trainer, "clip_grad_norm", "trainer", required=False, allow_zero=True)
     for key in ("log_every", "checkpoint_every"):
         _check_number(problems, trainer, key, "trainer", required=False, integer=True)
     _check_number(problems, trainer, "valid_every", "trainer", required=False, allow_zero=True, integer=True)
-    if not isinstance(trainer.get("flush_denormal", True), bool):
-        problems.append(f"trainer.flush_denormal must be true or false, got {trainer['flush_denormal']!r}")
+    for key in ("flush_denormal", "find_unused_parameters"):
+        if not isinstance(trainer.get(key, True), bool):
+            problems.append(f"trainer.{key} must be true or false, got {trainer[key]!r}")
     if trainer.get("amp", "none") not in AMP_MODES:
         problems.append(f"trainer.amp must be one of {', '.join(AMP_MODES)}, got {trainer['amp']!r}")
     if trainer.get("final_model", "last") not in FINAL_MODELS:

@@ -238,6 +238,9 @@ class Trainer:
             self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.num_updates)
         train_loader = self.task.train_dataloader(self.dist)
         valid_loader = self.task.valid_dataloader(self.dist)
+        if self.models_kept and valid_loader is None:  # found now, not after the last update
+            raise RuntimeError(f"trainer.final_model={self.final_model} picks validated models, but the task "
+                               "has no validation data")
         self.task.on_update(self.model, self.num_updates)
         exit_after = int(os.environ.get(_EXIT_AFTER_ENV, "0"))
         bar = tqdm(total=self.max_updates, initial=self.num_updates, disable=not self.dist.is_main,

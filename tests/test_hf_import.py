@@ -2,7 +2,7 @@
 
 Random-initialised transformers models at small configs are saved with save_pretrained, imported,
 and must give the same hidden states as transformers layer by layer (eval mode, padded batches
-with attention masks). transformers' `hidden_states` are the input of layer 1 and each layer's
+with attention masks; for group-norm extractors, each utterance as transformers gives it alone). transformers' `hidden_states` are the input of layer 1 and each layer's
 output; the stable-layer-norm (pre-LN) variants apply the encoder's final LayerNorm only to
 `last_hidden_state`, where ours applies it to the last entry of `layers`.
 """
@@ -21,6 +21,7 @@ from lhotse import CutSet, Recording
 
 transformers = pytest.importorskip("transformers")
 
+from hf_reference import transformers_outputs  # noqa: E402
 from recipe_smoke import SMOKE, recipe_with_data, run_recipe  # noqa: E402
 from sslasr import cli  # noqa: E402
 from sslasr.models.asr import build_asr_model, load_encoder_weights  # noqa: E402
@@ -76,7 +77,7 @@ def _assert_hidden_states_match(base_model, encoder, pre_ln: bool) -> None:
     waveform, lengths, attention_mask = _batch()
     base_model.eval()
     with torch.no_grad():
-        ref = base_model(waveform, attention_mask=attention_mask, output_hidden_states=True)
+        ref = transformers_outputs(base_model, waveform, lengths, attention_mask)
         ours = encoder(waveform, lengths, return_all=True)
     layers = base_model.config.num_hidden_layers
     assert len(ours.layers) == len(ref.hidden_states) == layers + 1
@@ -260,7 +261,7 @@ def test_cli_import_then_build_and_load_matches_transformers(saved_wav2vec2, tmp
     reference = transformers.Wav2Vec2ForCTC.from_pretrained(saved_wav2vec2).wav2vec2.eval()
     waveform, lengths, attention_mask = _batch()
     with torch.no_grad():
-        expected = reference(waveform, attention_mask=attention_mask).last_hidden_state
+        expected = transformers_outputs(reference, waveform, lengths, attention_mask).last_hidden_state
         ours = model.encoder(waveform, lengths)
     valid = ~ours.padding_mask
     torch.testing.assert_close(ours.hidden[valid], expected[valid], atol=1e-4, rtol=0)

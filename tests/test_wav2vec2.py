@@ -184,6 +184,44 @@ def _extractor_by_modules(conv: ConvFeatureExtractor, waveform: torch.Tensor) ->
     return x
 
 
+@pytest.mark.parametrize("path", ["fused", "time_major", "modules"])
+def test_group_norm_extractor_gives_a_padded_utterance_what_it_gives_alone(path):
+    """With the lengths, the first GroupNorm's statistics skip the padding: each utterance of a
+    padded batch gets its unpadded output on its frames, on every path (the fused first block,
+    the general time-major one taken with a conv bias or a waveform gradient, and the modules'
+    one of GPUs), and the parameter gradients are those of the utterances run one by one."""
+    torch.manual_seed(0)
+    conv = ConvFeatureExtractor(TINY_CONV, norm="group", conv_bias=path == "time_major").double()
+    lengths = [4000, 2650, 1300]
+    utterances = [5.0 + 0.1 * torch.randn(n, dtype=torch.float64) for n in lengths]
+    batch = torch.zeros(3, 4000, dtype=torch.float64)
+    for b, utterance in enumerate(utterances):
+        batch[b, :len(utterance)] = utterance
+    forward = conv._forward_modules if path == "modules" else conv
+    if path == "modules":
+        valid = (torch.tensor(lengths) - conv.kernels[0]) // conv.strides[0] + 1
+        padded = forward(batch, valid)
+    else:
+        padded = forward(batch, torch.tensor(lengths))
+    frames = conv.output_lengths(torch.tensor(lengths)).tolist()
+    params = list(conv.parameters())
+    upstream = torch.randn_like(padded)
+    alone_total = 0.0
+    for b, utterance in enumerate(utterances):
+        alone = _extractor_by_modules(conv, utterance.unsqueeze(0))[0]
+        torch.testing.assert_close(padded[b, :, :frames[b]], alone[:, :frames[b]], msg=f"utterance {b}")
+        alone_total = alone_total + (alone[:, :frames[b]] * upstream[b, :, :frames[b]]).sum()
+    # the padded frames' outputs get no gradient from above, as in a model that masks them
+    keep = (torch.arange(padded.shape[2])[None, None, :] < torch.tensor(frames)[:, None, None]).double()
+    grads_masked = torch.autograd.grad((forward(batch, torch.tensor(lengths) if path != "modules" else valid)
+                                        * upstream * keep).sum(), params)
+    for name, a, b in zip([n for n, _ in conv.named_parameters()], grads_masked,
+                          torch.autograd.grad(alone_total, params)):
+        torch.testing.assert_close(a, b, msg=name)
+    # without the lengths the padding counts, as in fairseq and transformers
+    assert not torch.allclose(conv(batch)[2, :, :frames[2]], padded[2, :, :frames[2]], atol=1e-3)
+
+
 @pytest.mark.parametrize("norm", ["group", "layer"])
 @pytest.mark.parametrize("samples", [4000, 4321])
 def test_conv_extractor_matches_its_modules_forward_and_parameter_gradients(norm, samples):

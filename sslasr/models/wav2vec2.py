@@ -91,7 +91,7 @@ class Wav2Vec2Encoder(nn.Module):
 
     def features(self, waveform: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents z: (B, T, C) before LayerNorm, their lengths, and the padding mask."""
-        z = self.feature_extractor(waveform)
+        z = self.feature_extractor(waveform, lengths)
         z = scale_grad(z, self.cfg.feature_grad_mult).transpose(1, 2)
         frame_lengths = self.feature_extractor.output_lengths(lengths)
         return z, frame_lengths, lengths_to_padding_mask(frame_lengths, z.shape[1])

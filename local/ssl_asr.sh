@@ -108,13 +108,39 @@ done_or_force() {  # done_or_force MARKER: true (skip) when the work behind MARK
   if [ "$force" = true ]; then rm -f "$1"; return 1; fi
   [ -f "$1" ]
 }
-fresh_training() {  # fresh_training EXP_DIR...: with --force, train from update 0, not resume the old checkpoint
-  [ "$force" = true ] || return 0
+note_command() {  # note_command DIR WHAT: this invocation did WHAT in DIR (results rows name every command that made them)
+  mkdir -p "$1" && printf '%s\t%s\t%s\n' "$(date +%s)" "$2" "$command_line" >> "$1/commands.txt"
+}
+row_command() {  # row_command DIR...: the distinct commands of DIRs' commands.txt and this one (scoring), in time order
+  "$python" - "$command_line" "$@" <<'EOF'
+import sys
+import time
+from pathlib import Path
+notes = []  # (time, what, command)
+for directory in sys.argv[2:]:
+    path = Path(directory) / "commands.txt"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        when, what, command = line.split("\t", 2)
+        notes.append((int(when), what, command))
+notes.append((int(time.time()), "scored", sys.argv[1]))
+did = {}  # command → what it did, commands in the order they first did something
+for _, what, command in sorted(notes, key=lambda note: note[0]):
+    did.setdefault(command, {})[what] = None
+if len(did) == 1:  # one invocation did it all: the command alone, as it was typed
+    print(sys.argv[1])
+else:
+    print("\n".join(f"{command}  # {', '.join(whats)}" for command, whats in did.items()))
+EOF
+}
+reset_training() {  # reset_training EXP_DIR...: the next training there starts from update 0
   local dir
   for dir in "$@"; do  # the logs stay (appended to): the earlier run's remain readable
-    rm -rf $dir/checkpoint_last.pt $dir/model_{final,best,valid_*}.pt $dir/tensorboard \
+    rm -rf $dir/.done $dir/checkpoint_last.pt $dir/model_{final,best,valid_*}.pt $dir/tensorboard \
       $dir/.decode.done $dir/decode_*  # decodes of the old model
   done
+}
+fresh_training() {  # fresh_training EXP_DIR...: with --force, train from update 0, not resume the old checkpoint
+  [ "$force" != true ] || reset_training "$@"
 }
 train() {  # train EXP_DIR CONFIG... -- OVERRIDES...
   local exp_dir=$1; shift
@@ -226,6 +252,7 @@ fi
 import_init_from() {  # --init-from converted to our pretraining format, where stage 4 would write
   log "importing $init_from into $pretrain_dir (instead of pretraining)"
   "$python" -m sslasr.cli import-hf "$init_from" --out $pretrain_dir/model_final.pt
+  note_command $pretrain_dir imported
   touch $pretrain_dir/.done
 }
 if run_stage 4 && [ -n "$init_from" ]; then
@@ -283,6 +310,7 @@ if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
       train $pretrain_dir --config $pretrain_configs \
         --set task=pretrain data.train_cuts="$pretrain_cuts" data.valid_cuts="$(cuts $valid_set)" $pretrain_opts
     fi
+    note_command $pretrain_dir pretrained
     touch $pretrain_dir/.done
   fi
 fi
@@ -313,6 +341,7 @@ finetune_system() {  # finetune_system pretrained|scratch [KEY=VALUE...]: stage 
   train $dir --config $(finetune_configs $system) --set task=asr data.train_cuts="$train_cuts" \
     data.valid_cuts="$(cuts $valid_set)" data.tokenizer=$lang/bpe.model "$init" "$@" $finetune_opts
   "$python" -m sslasr.bin.cuts seconds "$labeled_cuts" > $dir/labeled_seconds
+  note_command $dir fine-tuned
   touch $dir/.done
 }
 finetune_together() {  # finetune_together SYSTEM...: one job each, the cores shared out, logs to files
@@ -375,7 +404,8 @@ train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcri
       && [ "$(lm_inputs "$text")" != "$(cat $dir/inputs.txt)" ]; then
     # e.g. `--stage 6 --lm-text more.txt` after a full run: trained again, and stages 7-8 redo what used it
     log "$dir was trained on other inputs; training it again: $(diff <(cat $dir/inputs.txt) <(lm_inputs "$text") | grep '^[<>]' | tr '\n' ' ')"
-    rm -rf $dir/.done $dir/checkpoint_last.pt $dir/model_{final,best,valid_*}.pt $dir/tensorboard $dir/words.txt
+    reset_training $dir
+    rm -f $dir/words.txt
   fi
   if done_or_force $dir/.done; then log "LM ready ($dir)"; else
     log "training the token LM in $dir on the text of $text"
@@ -385,6 +415,7 @@ train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcri
       data.train_text="$text" data.valid_text="$(cuts $valid_set)" "data.extra_text=$extra_text" $lm_opts
     "$python" -m sslasr.bin.lm_perplexity --lm $dir/model_final.pt --text "$(cuts $valid_set)" --out $dir/perplexity.json
     lm_inputs "$text" > $dir/inputs.txt
+    note_command $dir "LM trained"
     touch $dir/.done
   fi
   # the lexicon of lexicon-constrained decoding (ctc_lexicon): the words of the LM's text
@@ -440,16 +471,21 @@ decode_system() {  # decode_system DIR: every set with every method of DIR's mod
   "$python" -m sslasr.bin.decode --model $dir/model_final.pt \
     --cuts $(for s in $decode_sets; do printf '%s=%s ' "$s" "$(cuts "$s")"; done) \
     --methods $methods --out-dir "$dir/decode_{set}_{method}" $fusion $(lexicon_opts $lm_dir $methods) $overwrite $decode_opts
+  note_command $dir decoded
   touch $dir/.decode.done
 }
 score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY=VALUE...]: a results row per (set, method)
   # BASELINE: an exp dir whose decode of the same set and method each row is compared with, or ""
+  # $labels_dir (a noisy student's pseudo-labels): its command is one of the rows' too
   local dir=$1 pretrained=false row_frontend=none generation=$3 baseline_dir=$4 method lm_row test_set out baseline
+  local made_by command
   [ $2 != pretrained ] || { pretrained=true; row_frontend=$frontend; }
   shift 4
   for method in $(decode_methods $dir); do
-    lm_row=""
-    [ "${method%+lm}" = "$method" ] || lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"
+    lm_row="" made_by=""
+    [ $pretrained != true ] || made_by=$pretrain_dir
+    [ "${method%+lm}" = "$method" ] || { lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"; made_by="$made_by $lm_dir"; }
+    command=$(row_command $made_by ${labels_dir:-} $dir)
     for test_set in $test_sets; do
       out=$dir/decode_${test_set}_${method/+lm/_lm}
       if done_or_force $out/.scored && [ ! $out/hyp.txt -nt $out/.scored ]; then continue; fi  # decoded again: rescored
@@ -465,7 +501,7 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
         model_parameters=$(json_value $out/decode_info.json model_parameters null) \
         labeled_seconds="$(cat "$dir/labeled_seconds" 2>/dev/null || echo null)" \
         pretrained=$pretrained generation=$generation exp=$dir ${sp_tag:+speed_perturb=${speed_perturb// /,}} \
-        "$@" "command=$command_line"
+        "$@" "command=$command"
       touch $out/.scored
     done
   done
@@ -562,6 +598,12 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
   for g in $(seq 1 "$generations"); do
     student=$noisy_student_dir/gen$g
     labels=$student/pseudo_labels
+    if [ -f $labels/.done ] && [ $teacher/model_final.pt -nt $labels/.done ]; then
+      # e.g. the teacher fine-tuned again (--force): its pseudo-labels, and the student, are another's
+      log "generation $g: $teacher changed after its pseudo-labels were made: labelling and training the student again"
+      rm -rf $labels
+      reset_training $student
+    fi
     if done_or_force $labels/.done; then
       log "generation $g: pseudo-labels ready"
       [ ! $pseudo_label_lm_dir/.done -nt $labels/.done ] || log "WARNING: generation $g's pseudo-labels were made" \
@@ -571,6 +613,7 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
       [ "$force" != true ] || rm -rf $labels
       pseudo_label $teacher $labels
       "$python" -m sslasr.bin.cuts combine --out $labels/student_train.jsonl.gz "$train_cuts" $labels/pseudo_labeled.jsonl.gz
+      note_command $labels pseudo-labelled
       touch $labels/.done
     fi
     if done_or_force $student/.done; then log "generation $g: student ready"; else
@@ -580,10 +623,11 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
         data.train_cuts=$labels/student_train.jsonl.gz data.valid_cuts="$(cuts $valid_set)" \
         data.tokenizer=$lang/bpe.model finetune.init_from=$pretrain_dir/model_final.pt $finetune_opts
       "$python" -m sslasr.bin.cuts seconds "$labeled_cuts" > $student/labeled_seconds
+      note_command $student fine-tuned
       touch $student/.done
     fi
     decode_system $student
-    score_system $student pretrained $g $teacher \
+    labels_dir=$labels score_system $student pretrained $g $teacher \
       teacher=$teacher pseudo_label_seconds=$(json_value $labels/report.json kept_seconds) \
       pseudo_label_wer=$(json_value $labels/report.json wer_kept 2>/dev/null || echo null) \
       pseudo_label_${valid_set}_wer=$(json_value $labels/report_$valid_set.json wer_kept)

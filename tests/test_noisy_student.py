@@ -4,7 +4,9 @@ columns, and the recipe's stage 9 at smoke size."""
 
 import json
 import math
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -254,6 +256,19 @@ def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Pat
         assert row["baseline"].startswith("exp/ctc_wav2vec2_30/decode_")
         assert row["wer_delta"] == pytest.approx(row["wer"] - teacher["wer"], abs=1e-3)
     assert "pseudo-label WER %" in (recipe / "RESULTS.md").read_text()
+
+    # the teacher trained again (as --force would): stage 9 labels the pool and trains the student
+    # again instead of keeping the old teacher's (it used to keep them)
+    student = recipe / "exp/noisy_student_ctc_wav2vec2_30/gen1"
+    before = {p: p.stat().st_mtime_ns for p in (labels / ".done", student / "model_final.pt")}
+    teacher_model = recipe / "exp/ctc_wav2vec2_30/model_final.pt"
+    later = time.time() + 2
+    os.utime(teacher_model, (later, later))
+    result = run_recipe(recipe, *SMOKE, "--labeled", "30", "--compare-scratch", "false", "--generations", "1",
+                        "--stage", "9", "--stop-stage", "9", timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "exp/ctc_wav2vec2_30 changed after its pseudo-labels were made" in result.stderr
+    assert all(p.stat().st_mtime_ns > before[p] for p in before)
 
 
 def test_student_rows_read_against_the_teacher_run_that_taught_them(tmp_path: Path):

@@ -499,12 +499,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU: one GPU cannot hold two ranks
+def _join_gloo_group(rank: int, world_size: int, port: int) -> DistInfo:
+    """This spawned process as rank RANK of a CPU process group (gloo: one GPU cannot hold two ranks)."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist = init_distributed()
+    return init_distributed()
+
+
+def _ddp_nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    dist = _join_gloo_group(rank, world_size, port)
     try:
         assert dist.rank == rank and dist.world_size == world_size and dist.is_distributed
         torch.manual_seed(100 + rank)  # different init per rank: DDP must broadcast rank 0's
@@ -521,11 +526,7 @@ def _ddp_nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
 def _split_exp_dir_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     """Rank 0 finds a checkpoint (at update 2), rank 1 an empty exp dir, as a node whose exp dir
     is not the shared one would."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist = init_distributed()
+    dist = _join_gloo_group(rank, world_size, port)
     try:
         task = _ToyTask(_toy_batches(6, seed=10 + rank), rank=rank)
         trainer = Trainer(_toy_cfg(5), task, Path(out_dir) / f"exp{rank}", dist)
@@ -785,11 +786,7 @@ class _UnevenValidationTask(_ToyTask):
 
 
 def _uneven_validation_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist = init_distributed()
+    dist = _join_gloo_group(rank, world_size, port)
     try:
         task = _UnevenValidationTask([], rank=rank)
         trainer = Trainer(_toy_cfg(1), task, Path(out_dir) / "exp", dist)

@@ -269,6 +269,19 @@ kmeans_cli() {  # kmeans_cli COMMAND ARGS...: sslasr.bin.kmeans with the pretrai
   "$python" -m sslasr.bin.kmeans "$command" --config $pretrain_configs \
     "$@" --set $kmeans_opts
 }
+# A multi-node --launcher (torchrun --node_rank N) runs this driver on every node; the work of
+# stage 4 that is not training (k-means fits and labels, the final copy) is node 0's alone, the
+# others wait for its markers on the shared exp dir instead of writing the same files at once.
+node_rank=$(printf '%s\n' "$launcher" | sed -n 's/.*--node[_-]rank[= ]*\([0-9][0-9]*\).*/\1/p')
+node_rank=${node_rank:-0}
+wait_for_node_0() {  # wait_for_node_0 MARKER WHAT
+  local waited=0
+  until [ -f "$1" ]; do
+    [ $((waited % 600)) -ne 0 ] || log "node $node_rank: waiting for node 0's $2 ($1)"
+    sleep 10
+    waited=$((waited + 10))
+  done
+}
 kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT), features + fit → labels → pretrain
   local all_cuts=$1 valid_cuts iterations i it previous
   valid_cuts=$(cuts $valid_set)
@@ -276,12 +289,14 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
   for i in $(seq 1 "$iterations"); do
     it=$pretrain_dir/iter$i
     previous=""; [ "$i" -eq 1 ] || previous="--model $pretrain_dir/iter$((i - 1))/model_final.pt"
-    if [ -f $it/.kmeans.done ]; then log "iteration $i: k-means ready"; else
+    if [ -f $it/.kmeans.done ]; then log "iteration $i: k-means ready"
+    elif [ "$node_rank" != 0 ]; then wait_for_node_0 $it/.kmeans.done "iteration $i k-means"; else
       log "iteration $i: k-means on $(basename "$all_cuts")"
       kmeans_cli fit --iteration $i --cuts "$all_cuts" $previous --out $it/kmeans.pt --num-jobs "$nj"
       touch $it/.kmeans.done
     fi
-    if [ -f $it/.labels.done ]; then log "iteration $i: labels ready"; else
+    if [ -f $it/.labels.done ]; then log "iteration $i: labels ready"
+    elif [ "$node_rank" != 0 ]; then wait_for_node_0 $it/.labels.done "iteration $i labels"; else
       log "iteration $i: labelling every frame of $(basename "$all_cuts") and $(basename "$valid_cuts")"
       kmeans_cli label --kmeans $it/kmeans.pt --cuts "$all_cuts" "$valid_cuts" --out-dir $it/labels --num-jobs "$nj"
       touch $it/.labels.done
@@ -295,8 +310,12 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
     fi
   done
   # stage 5 fine-tunes $pretrain_dir/model_final.pt: the last iteration's model, copied atomically
-  cp $pretrain_dir/iter$iterations/model_final.pt $pretrain_dir/.model_final.pt.tmp
-  mv -f $pretrain_dir/.model_final.pt.tmp $pretrain_dir/model_final.pt
+  if [ "$node_rank" = 0 ]; then
+    cp $pretrain_dir/iter$iterations/model_final.pt $pretrain_dir/.model_final.pt.tmp
+    mv -f $pretrain_dir/.model_final.pt.tmp $pretrain_dir/model_final.pt
+  else
+    wait_for_node_0 $pretrain_dir/.done "copy of the last iteration's model"
+  fi
 }
 
 if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then

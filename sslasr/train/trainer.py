@@ -284,7 +284,8 @@ class Trainer:
         self.save_checkpoint()
         if self.dist.is_main:
             self._write_final_model()
-            log.info("finished %d updates (%d skipped as non-finite)", self.num_updates, self.skipped_updates)
+            log.info("finished %d updates (%d skipped: non-finite loss or gradient, fp16 overflows included)",
+                     self.num_updates, self.skipped_updates)
             self.writer.close()
 
     def _write_final_model(self) -> None:
@@ -312,7 +313,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # read from the device once per update (the skip decision): an accelerator runs ahead of
         # the host until then (bench/host_syncs.py counts a step's reads)
-        finite = torch.ones((), dtype=torch.bool, device=self.dist.device)
+        finite = torch.ones((), dtype=torch.bool, device=self.dist.device)  # every loss
         start = time.perf_counter()
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1 or not self.dist.is_distributed
@@ -326,15 +327,20 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm or float("inf"))
-        # Every rank must agree on skipping, or their weights would drift apart.
-        finite &= torch.isfinite(grad_norm).to(finite.device)
-        if all_reduce_sum((~finite).float().reshape(1)).item() > 0:
+        # Every rank must agree on skipping, or their weights would drift apart: one reduction of
+        # (ranks with a non-finite loss, ranks with a non-finite gradient), one read.
+        bad_loss, bad_grad = all_reduce_sum(torch.stack([
+            (~finite).float(), (~torch.isfinite(grad_norm)).float().to(finite.device)])).tolist()
+        if bad_loss or bad_grad:
             self.skipped_updates += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
-            if self.dist.is_main:
-                log.warning("update %d: non-finite loss or gradient, skipped (%d so far)",
-                            self.num_updates + 1, self.skipped_updates)
+            if self.dist.is_main and not bad_loss and self.amp == "fp16":  # the loss scaler's routine
+                log.info("update %d: fp16 gradients overflowed, skipped; loss scale now %g (%d skipped so far)",
+                         self.num_updates + 1, self.scaler.get_scale(), self.skipped_updates)
+            elif self.dist.is_main:
+                log.warning("update %d: non-finite %s, skipped (%d so far)", self.num_updates + 1,
+                            "loss" if bad_loss else "gradient", self.skipped_updates)
             interval.add({"skipped": 1.0}, 1.0)
         else:
             self.scaler.step(self.optimizer)

@@ -109,6 +109,7 @@ done_or_force() {  # done_or_force MARKER: true (skip) when the work behind MARK
   [ -f "$1" ]
 }
 note_command() {  # note_command DIR WHAT: this invocation did WHAT in DIR (results rows name every command that made them)
+  [ "${node_rank:-0}" = 0 ] || return 0  # one note per multi-node run
   mkdir -p "$1" && printf '%s\t%s\t%s\n' "$(date +%s)" "$2" "$command_line" >> "$1/commands.txt"
 }
 row_command() {  # row_command DIR...: the distinct commands of DIRs' commands.txt and this one (scoring), in time order
@@ -120,8 +121,9 @@ notes = []  # (time, what, command)
 for directory in sys.argv[2:]:
     path = Path(directory) / "commands.txt"
     for line in path.read_text().splitlines() if path.is_file() else []:
-        when, what, command = line.split("\t", 2)
-        notes.append((int(when), what, command))
+        fields = line.split("\t", 2)
+        if len(fields) == 3 and fields[0].isdigit():  # a line torn by concurrent appends is left out
+            notes.append((int(fields[0]), fields[1], fields[2]))
 notes.append((int(time.time()), "scored", sys.argv[1]))
 did = {}  # command → what it did, commands in the order they first did something
 for _, what, command in sorted(notes, key=lambda note: note[0]):
@@ -321,10 +323,14 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
 if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
   if done_or_force $pretrain_dir/.done; then log "pretrained $frontend ready ($pretrain_dir)"; else
     log "self-supervised pretraining of $frontend"
-    fresh_training $pretrain_dir $pretrain_dir/iter*
-    [ "$force" != true ] || rm -f $pretrain_dir/iter*/.*done  # each k-means iteration's k-means, labels, training
     pretrain_cuts=$manifests/${corpus}_cuts_pretrain$feats.jsonl.gz
-    "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $(for s in $pretrain_splits; do cuts "$s"; done)
+    if [ "$node_rank" = 0 ]; then  # on a multi-node run, the shared files are node 0's to reset and write
+      fresh_training $pretrain_dir $pretrain_dir/iter*
+      [ "$force" != true ] || rm -f $pretrain_dir/iter*/.*done  # each k-means iteration's k-means, labels, training
+      "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $(for s in $pretrain_splits; do cuts "$s"; done)
+    else
+      wait_for_node_0 "$pretrain_cuts" "pretraining manifest"
+    fi
     if [ "$(kmeans_cli plan --count)" -gt 0 ]; then kmeans_pretraining "$pretrain_cuts"; else
       train $pretrain_dir --config $pretrain_configs \
         --set task=pretrain data.train_cuts="$pretrain_cuts" data.valid_cuts="$(cuts $valid_set)" $pretrain_opts
@@ -412,7 +418,7 @@ fi
 lm_dir=$exp/lm_${token_type}_${vocab_size}
 lm_inputs() {  # lm_inputs CUTS: what an LM is trained from (text, --lm-text contents, --lm-opts, config)
   local f
-  echo "text $1"
+  echo "text ${1%$feats.jsonl.gz}.jsonl.gz"  # a fbank manifest's transcripts are its audio one's: one LM for both
   for f in $lm_text; do echo "lm_text $f $(sha256sum < "$f" | cut -c1-16)"; done
   echo "lm_opts $lm_opts"
   echo "config $(sha256sum < $conf_dir/lm.yaml | cut -c1-16)"

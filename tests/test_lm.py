@@ -163,6 +163,9 @@ def test_sentences_outside_the_tokenizer_are_dropped_and_counted(tmp_path, caplo
     assert "dropped 2 sentences with characters outside the tokenizer" in caplog.text and "'the dog'" in caplog.text
     with pytest.raises(ValueError, match="no LM sentences left .* 2 with characters outside"):
         tokenize_sentences(["lower case", "digits 42"], tokenizer)
+    # evaluation (validation, perplexity) keeps them: the perplexity covers the whole text
+    kept = tokenize_sentences(["THE DOG", "the dog"], tokenizer, drop_unknown=False)
+    assert len(kept) == 2 and tokenizer.unk_id in kept[1]
 
 
 # ------------------------------------------------------------------ training through the trainer

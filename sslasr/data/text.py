@@ -111,10 +111,11 @@ class TextDataset(Dataset):
         return {"inputs": inputs, "targets": targets, "num_targets": sum(len(s) + 1 for s in sequences)}
 
 
-def tokenize_sentences(sentences: Iterable[str], tokenizer: Tokenizer) -> List[List[int]]:
-    """Token ids per sentence. Dropped and counted: sentences that tokenise to nothing, and those
-    with characters the tokenizer never saw (<unk>: an LM trained on them would learn to predict
-    <unk>, e.g. from lower-case or digit text beside upper-case letter tokens)."""
+def tokenize_sentences(sentences: Iterable[str], tokenizer: Tokenizer, drop_unknown: bool = True) -> List[List[int]]:
+    """Token ids per sentence. Dropped and counted: sentences that tokenise to nothing, and (for
+    training, `drop_unknown`) those with characters the tokenizer never saw (<unk>: an LM trained on
+    them would learn to predict <unk>, e.g. from lower-case or digit text beside upper-case letter
+    tokens). Evaluation keeps them, counted, so a perplexity covers the whole text."""
     sentences = list(sentences)
     ids = tokenizer.encode_batch(sentences)
     empty = sum(1 for s in ids if not s)
@@ -123,9 +124,10 @@ def tokenize_sentences(sentences: Iterable[str], tokenizer: Tokenizer) -> List[L
         log.warning("dropped %d sentences that tokenise to nothing", empty)
     if unknown:
         example = sentences[unknown[0]]
-        log.warning("dropped %d sentences with characters outside the tokenizer (%s), e.g. %r", len(unknown),
-                    tokenizer.model_path, example if len(example) <= 80 else example[:77] + "...")
-    kept = [s for s in ids if s and tokenizer.unk_id not in s]
+        log.warning("%s %d sentences with characters outside the tokenizer (%s), e.g. %r",
+                    "dropped" if drop_unknown else "kept (as <unk>)", len(unknown), tokenizer.model_path,
+                    example if len(example) <= 80 else example[:77] + "...")
+    kept = [s for s in ids if s and not (drop_unknown and tokenizer.unk_id in s)]
     if not kept:
         raise ValueError(f"no LM sentences left after tokenisation ({empty} empty, {len(unknown)} with "
                          f"characters outside the tokenizer {tokenizer.model_path})")
@@ -133,8 +135,8 @@ def tokenize_sentences(sentences: Iterable[str], tokenizer: Tokenizer) -> List[L
 
 
 def make_text_dataloader(paths: PathOrPaths, tokenizer: Tokenizer, *, max_tokens: int, shuffle: bool,
-                         seed: int = 0, world_size: int = 1, rank: int = 0) -> DataLoader:
-    token_ids = tokenize_sentences(read_sentences(paths), tokenizer)
+                         seed: int = 0, world_size: int = 1, rank: int = 0, drop_unknown: bool = True) -> DataLoader:
+    token_ids = tokenize_sentences(read_sentences(paths), tokenizer, drop_unknown)
     sampler = TokenBatchSampler([len(s) for s in token_ids], max_tokens, shuffle, seed, world_size, rank)
     return DataLoader(TextDataset(token_ids, tokenizer.vocab_size), batch_size=None, sampler=sampler,
                       num_workers=0, persistent_workers=False)

@@ -31,7 +31,7 @@ class LmTask:
         data = self.cfg["data"]
         return make_text_dataloader(paths, self.tokenizer, shuffle=train, seed=self.cfg["trainer"].get("seed", 0),
                                     max_tokens=data["max_tokens"] if train else data.get("valid_max_tokens", data["max_tokens"]),
-                                    world_size=dist.world_size, rank=dist.rank)
+                                    world_size=dist.world_size, rank=dist.rank, drop_unknown=train)
 
     def train_dataloader(self, dist: DistInfo):
         data = self.cfg["data"]

@@ -600,3 +600,14 @@ def test_pretrain_config_keeps_the_objectives_mask_defaults():
     assert (partial.time_prob, partial.time_length) == (0.65, 5)
     assert HubertPretrainConfig.from_dict({}).mask.time_prob == 0.8
     assert W2vBertPretrainConfig.from_dict({"mask": {"time_min_masks": 1}}).mask.time_prob == 0.65
+
+
+def test_group_norm_statistics_are_float32_under_half_precision():
+    """Under fp16 autocast the conv output is fp16: its sums over a long utterance (and a frame
+    count past 65504) would overflow. The statistics are taken in float32, as autocast runs GroupNorm."""
+    from sslasr.models.blocks.conv_extractor import _group_norm_time_major
+    norm = torch.nn.GroupNorm(4, 4)
+    x = 10 * torch.randn(1, 70000, 4)
+    out = _group_norm_time_major(x.half(), norm, torch.tensor([70000]))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, _group_norm_time_major(x.half().float(), norm, torch.tensor([70000])))

@@ -226,7 +226,8 @@ def _group_norm_time_major(x: torch.Tensor, norm: nn.GroupNorm, valid: Optional[
     """GroupNorm(C, C) of a (B, T, C) tensor: each channel normalised over time, over the first
     valid[b] frames of utterance b when VALID (B,) is given. In float32, as autocast runs
     GroupNorm: fp16 sums over a long utterance overflow (and its frame count passes 65504)."""
-    x = x.float()
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     if valid is None:
         var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
     else:

@@ -17,8 +17,6 @@ The `kmeans` section of the config holds the iterations and sizes (sslasr.kmeans
 """
 
 import argparse
-import gzip
-import hashlib
 import json
 import logging
 import time
@@ -37,7 +35,7 @@ from sslasr.kmeans import (
 )
 from sslasr.utils.config import load_configs
 from sslasr.utils.devices import resolve_device
-from sslasr.utils.io import atomic_path, file_sha256, write_text_atomic
+from sslasr.utils.io import atomic_path, content_sha256, file_sha256, write_text_atomic
 from sslasr.utils.logging import setup_logging
 
 log = logging.getLogger(__name__)
@@ -108,9 +106,11 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
     start = time.monotonic()
     for path in cuts_paths:
         out, done = out_dir / Path(path).name, out_dir / f"{Path(path).name}.counts.json"
-        made_from = {"kmeans_sha256": file_sha256(kmeans_path), "cuts_sha256": _cuts_sha256(path), "model": model}
-        if out.exists() and done.exists() and json.loads(done.read_text())["made_from"] == made_from:
-            counts += np.asarray(json.loads(done.read_text())["counts"], dtype=np.int64)
+        # the manifest by content: stage 4 writes the pretraining manifest again on every entry
+        made_from = {"kmeans_sha256": file_sha256(kmeans_path), "cuts_sha256": content_sha256(path), "model": model}
+        earlier = json.loads(done.read_text()) if out.exists() and done.exists() else None
+        if earlier is not None and earlier["made_from"] == made_from:
+            counts += np.asarray(earlier["counts"], dtype=np.int64)
             log.info("%s: labelled already (%s)", path, out)
             continue
         before = counts.copy()
@@ -125,16 +125,6 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
     log_usage(f"labels of {len(cuts_paths)} manifests ({time.monotonic() - start:.0f} s)", usage)
     write_text_atomic(out_dir / "usage.json", json.dumps(usage, indent=1) + "\n")
     return usage
-
-
-def _cuts_sha256(path: str) -> str:
-    """The digest of a manifest's content: gzip's header holds a name and a time, so the same cuts
-    written again (stage 4 combines the pretraining manifest on every entry) differ as files."""
-    digest = hashlib.sha256()
-    with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def get_parser() -> argparse.ArgumentParser:

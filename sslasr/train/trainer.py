@@ -180,7 +180,7 @@ class Trainer:
         """Every rank reads checkpoint_last.pt itself: a node that sees another exp dir (a local
         disk, a lagging network filesystem) would start elsewhere, and train on for hours with its
         own weights. Stop at once instead."""
-        if self.dist.world_size == 1:
+        if not self.dist.is_distributed:
             return
         starts = all_gather_objects((self.num_updates, self.epoch))
         if len(set(starts)) > 1:
@@ -220,7 +220,7 @@ class Trainer:
     def _next_batch(self, batches: Iterator[Optional[Dict]]) -> Optional[Dict]:
         """Next micro-batch, or None once any rank has run out (so all ranks stop together)."""
         batch = next(batches)
-        if self.dist.world_size == 1:  # no one to agree with: no device round trip
+        if not self.dist.is_distributed:  # no one to agree with: no device round trip
             return batch
         exhausted = torch.tensor([0.0 if batch is not None else 1.0], device=self.dist.device)
         if all_reduce_sum(exhausted).item() > 0:

@@ -3,6 +3,7 @@ exclusive lock on a directory, so two processes never train into the same exp di
 
 import contextlib
 import functools
+import gzip
 import hashlib
 import os
 import tempfile
@@ -52,10 +53,21 @@ def file_sha256(path: Optional[PathLike]) -> Optional[str]:
 
 @functools.lru_cache(maxsize=64)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: the cache key
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        return _stream_sha256(f)
+
+
+def content_sha256(path: PathLike) -> str:
+    """The SHA-256 of a file's content, a .gz file's decompressed: gzip's header holds a name and a
+    time, so the same content written again would differ as a file."""
+    with gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb") as f:
+        return _stream_sha256(f)
+
+
+def _stream_sha256(f: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 

@@ -231,7 +231,7 @@ def _group_norm_time_major(x: torch.Tensor, norm: nn.GroupNorm, valid: Optional[
     if valid is None:
         var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
     else:
-        keep = (torch.arange(x.shape[1], device=x.device)[None, :] < valid[:, None]).unsqueeze(-1).to(x.dtype)
+        keep = (~lengths_to_padding_mask(valid, x.shape[1])).unsqueeze(-1).to(x.dtype)
         count = valid.to(x.dtype)[:, None, None]
         mean = (x * keep).sum(1, keepdim=True) / count
         var = ((x - mean) * keep).pow(2).sum(1, keepdim=True) / count
@@ -271,7 +271,7 @@ class _FirstConvGroupNormGELU(torch.autograd.Function):
         if valid is None:
             used_in, rest_in = used64, rest
         else:  # the statistics over each utterance's own frames: padding weighs 0
-            keep = (torch.arange(count, device=valid.device)[None, :] < valid[:, None]).double().unsqueeze(-1)
+            keep = (~lengths_to_padding_mask(valid, count)).double().unsqueeze(-1)
             used_in, rest_in = used64 * keep[:, :frames], rest * keep[:, frames:]
             count = valid.double().unsqueeze(1)                            # (B, 1)
         mean_frame = (used_in.sum(1) + rest_in.sum(1)) / count             # (B, k)

@@ -53,7 +53,8 @@ def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, tokens: List[List[i
     tokens need has no alignment: its loss would be +inf, so it counts 0 (zero_infinity) and a
     warning says how many (a subsampling encoder on short, fast speech can get there)."""
     frames = lengths.tolist()  # F.ctc_loss reads the lengths on the host as well
-    short = [(f, ctc_frames_needed(seq)) for f, seq in zip(frames, tokens) if ctc_frames_needed(seq) > f]
+    needed = [ctc_frames_needed(seq) for seq in tokens]
+    short = [(f, n) for f, n in zip(frames, needed) if n > f]
     if short:
         log.warning("%d of %d utterances have fewer frames than their transcripts need (e.g. %d, needing %d): "
                     "no CTC alignment, their loss counts 0", len(short), len(tokens), *short[0])

@@ -30,7 +30,7 @@ from sslasr.models.asr import build_asr_model
 from sslasr.scoring import align_counts
 from sslasr.train.distributed import DistInfo, init_distributed
 from sslasr.train.tasks import _init_encoder
-from sslasr.train.trainer import Trainer
+from sslasr.train.trainer import Trainer, _Interval
 from sslasr.utils.config import load_config
 from sslasr.utils.threads import configure_cpu_math
 
@@ -365,7 +365,7 @@ def test_asr_final_validation_reports_wer(runs, corpus):
     assert all("wer=" not in line for line in _log_lines(runs["pretrain"]["A"], "train"))
 
 
-def test_ddp_smoke_torchrun(runs):
+def test_ddp_smoke_torchrun(runs, corpus):
     exp = runs["ddp"]["exp"]
     _ok(runs["ddp"]["result"])
     final = _load(exp / "model_final.pt")
@@ -381,6 +381,9 @@ def test_ddp_smoke_torchrun(runs):
     assert len(valid) == 1 and " valid update 3: " in valid[0], valid
     loss = float(re.search(r" loss=([0-9.]+)", valid[0]).group(1))
     assert 0 < loss < 20
+    # every dev utterance once: the two shards neither overlap nor leave one out
+    validated = int(re.search(r" num_utterances=([0-9]+)", valid[0]).group(1))
+    assert validated == len(load_cuts(corpus["dev"])) > 2
 
 
 # ====================================================================== in-process trainer
@@ -443,7 +446,7 @@ class _ToyTask:
         if self.num_updates == self.bad_update and self.rank == self.bad_rank and self.mode == "nan":
             loss = loss + float("nan")  # NaN loss, but finite gradients
         self.losses[self.num_updates] = loss.item()
-        return loss, {"loss": loss.item()}, 1.0
+        return loss, {"loss": loss.item()}, float(len(batch["x"]))  # a mean over the rows
 
     def validate(self, model, loader):  # pragma: no cover - no valid loader
         return {}
@@ -582,6 +585,71 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
     assert max((a - s).abs().max().item() for a, s in zip(accumulated, start_a)) > 1e-3  # it moved
     assert max((a - b).abs().max().item() for a, b in zip(big_batch, first_micro_only)) > 1e-4
+
+
+def _rows(seed: int, *sizes: int) -> List[Dict]:
+    return [_toy_batches(1, seed=seed + i, rows=n)[0] for i, n in enumerate(sizes)]
+
+
+def _merged(batches: List[Dict]) -> Dict:
+    return {key: torch.cat([b[key] for b in batches]) for key in ("x", "y")}
+
+
+ADAM_PROPORTIONAL = {"lr": 0.5, "eps": 10.0, "weight_decay": 0.01}  # steps follow the gradient's size
+
+
+def test_accumulated_micro_batches_count_by_their_weight(tmp_path):
+    """Micro-batches of 1 and 7 rows make the update of one batch of 8: the mean over the rows,
+    not the mean of the two micro-batch means (which would count the lone row 7 times over)."""
+    micro = _rows(20, 1, 7, 5, 3)
+
+    def train(batches, accum, name):
+        torch.manual_seed(0)
+        task = _ToyTask(batches)
+        Trainer(_toy_cfg(2, accum, **ADAM_PROPORTIONAL), task, tmp_path / name, DistInfo()).fit()
+        return _params(task.model)
+
+    accumulated = train(micro, 2, "accum")
+    big_batch = train([_merged(micro[:2]), _merged(micro[2:])], 1, "big")
+    for a, b in zip(accumulated, big_batch):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+    # the mean of the two micro-batch means, what equal weighting trained on: a batch with
+    # each micro-batch repeated as many times as the other has rows
+    equal = [_merged([micro[i]] * len(micro[i + 1]["x"]) + [micro[i + 1]] * len(micro[i]["x"])) for i in (0, 2)]
+    equally_weighted = train(equal, 1, "equal")
+    assert max((a - b).abs().max().item() for a, b in zip(accumulated, equally_weighted)) > 1e-4
+
+
+def _ddp_weighted_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    dist = _join_gloo_group(rank, world_size, port)
+    try:
+        torch.manual_seed(0)
+        task = _ToyTask(_rows(30 + 10 * rank, *([2, 1, 2, 1] if rank == 0 else [6, 7, 5, 6])), rank=rank)
+        trainer = Trainer(_toy_cfg(2, 2, **ADAM_PROPORTIONAL), task, Path(out_dir) / "exp", dist)
+        trainer.fit()
+        interval = _Interval()  # rank 0: loss 1 over 2 rows, rank 1: loss 3 over 6 rows
+        interval.add({"loss": 1.0 + 2 * rank}, 2.0 + 4 * rank)
+        interval.add({"audio_seconds_per_second": 10.0 * (rank + 1)}, 1.0)
+        interval.add({"skipped": 1.0}, 1.0)
+        torch.save({"final": _params(task.model), "logged": interval.flush(dist)}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_with_unequal_batches_make_the_update_of_their_union(tmp_path):
+    """Two ranks, two micro-batches each, 1-2 rows on rank 0 and 5-7 on rank 1: the updates of
+    one process training on the four micro-batches of each update as one batch."""
+    mp.spawn(_ddp_weighted_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (_load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = _rows(30, 2, 1, 2, 1), _rows(40, 6, 7, 5, 6)
+    torch.manual_seed(0)
+    task = _ToyTask([_merged(rank0[:2] + rank1[:2]), _merged(rank0[2:] + rank1[2:])])
+    Trainer(_toy_cfg(2, 1, **ADAM_PROPORTIONAL), task, tmp_path / "one", DistInfo()).fit()
+    assert _equal(r0["final"], r1["final"])
+    for a, b in zip(r0["final"], _params(task.model)):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+    # the logged training means are over both ranks: (1·2 + 3·6) / 8; throughput summed; one skip
+    assert r0["logged"] == r1["logged"] == {"loss": 2.5, "audio_seconds_per_second": 30.0, "skipped": 1.0}
 
 
 class _ValidatedToyTask(_ToyTask):
@@ -815,7 +883,6 @@ def test_validation_stats_missing_on_one_rank_count_zero_there(tmp_path):
 def test_interval_averages_device_tensors_and_floats_by_weight():
     """Stats may be 0-dim tensors (kept on the device until the log line) or floats; the log
     line's value is the weighted mean either way."""
-    from sslasr.train.trainer import _Interval
     interval = _Interval()
     interval.add({"loss": torch.tensor(2.0), "masked_frames": 10.0}, 10.0)
     interval.add({"loss": torch.tensor(5.0), "masked_frames": 30.0}, 30.0)

@@ -52,9 +52,10 @@ class LmTask:
         return loss, {"loss": loss.detach()}, count
 
     def validate(self, model: nn.Module, loader) -> Dict[str, float]:
-        totals = {"loss": 0.0, "weight": 0.0}
+        totals = {"loss": 0.0, "weight": 0.0, "num_sentences": 0.0}
         for batch in loader:
             totals["loss"] += float(model(batch["inputs"], batch["targets"]))
+            totals["num_sentences"] += len(batch["inputs"])
             totals["weight"] += float(batch["num_targets"])
         return totals
 

@@ -112,6 +112,7 @@ class PretrainTask(_DataMixin):
                 if key not in ("masked_frames", "temperature"):
                     totals[key] = totals.get(key, 0.0) + float(value) * weight
             totals["weight"] += weight
+            totals["num_utterances"] = totals.get("num_utterances", 0.0) + float(len(batch["input_lens"]))
         return totals
 
 
@@ -142,9 +143,10 @@ class AsrFinetuneTask(_DataMixin):
         return loss, {"loss": loss.detach(), "utterances": float(len(tokens))}, num_tokens
 
     def validate(self, model: nn.Module, loader) -> Dict[str, float]:
-        totals = {"loss": 0.0, "weight": 0.0, "errors": 0.0, "ref_words": 0.0}
+        totals = {"loss": 0.0, "weight": 0.0, "errors": 0.0, "ref_words": 0.0, "num_utterances": 0.0}
         for batch in loader:
             tokens = _transcripts(batch)
+            totals["num_utterances"] += len(tokens)
             totals["loss"] += float(model(batch["inputs"], batch["input_lens"], tokens))
             totals["weight"] += float(sum(len(t) for t in tokens))
             for hyp, ref in zip(model.greedy(batch["inputs"], batch["input_lens"]), batch["texts"]):

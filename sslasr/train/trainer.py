@@ -3,6 +3,11 @@
 What it guarantees:
   * gradient accumulation (`accum_grad` micro-batches per update) to emulate large batches;
   * DDP under torchrun, each rank reading its own shard of the lhotse sampler;
+  * an update's gradient is the mean over everything the update saw, whatever the micro-batch
+    and rank it came from: each micro-batch's loss counts by its weight (tokens, masked frames)
+    as fairseq does, so a short micro-batch or a rank with little data does not count as much
+    as a full one;
+  * training means in the logs are over every rank's micro-batches, not rank 0's alone;
   * an update whose loss or gradient norm is NaN/Inf is skipped on every rank alike (the
     decision is all-reduced), counted and logged;
   * atomic checkpoints every `checkpoint_every` updates holding everything a resumed run
@@ -52,8 +57,9 @@ class Task(Protocol):
     def valid_dataloader(self, dist: DistInfo) -> Optional[DataLoader]: ...
 
     def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:
-        """Loss to back-propagate (already normalised), stats to log (floats, or 0-dim tensors
-        the trainer reads only when it logs them), and their weight."""
+        """Loss to back-propagate (a mean over the batch), stats to log (floats, or 0-dim tensors
+        the trainer reads only when it logs them), and their weight: what the mean is over (tokens,
+        masked frames), by which the loss counts among an update's micro-batches and ranks."""
 
     def on_update(self, model: nn.Module, num_updates: int) -> None: ...
 
@@ -122,6 +128,10 @@ class Trainer:
         self.epoch = 0
         self.batches_done = 0  # micro-batches of the current epoch already consumed
         self.skipped_updates = 0
+        # The ranks' common divisor of each micro-batch's weight in its backward (DDP sums the
+        # ranks' gradients before the update's total weight is known): the previous update's mean
+        # micro-batch weight, so that the accumulated gradient keeps its usual magnitude (fp16).
+        self.weight_scale: Optional[float] = None
         self.best_valid: Optional[float] = None
         self.kept_models: List[Tuple[float, int]] = []  # (metric, update) of the models_kept best
         self.writer = None
@@ -147,6 +157,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "num_updates": self.num_updates, "epoch": self.epoch,
                 "batches_done": self.batches_done, "skipped_updates": self.skipped_updates,
                 "best_valid": self.best_valid, "kept_models": self.kept_models, "rng": rng_states,
+                "weight_scale": self.weight_scale,
                 "world_size": self.dist.world_size, "config": self.cfg,
             }
             with atomic_path(self.checkpoint_path) as tmp:
@@ -165,6 +176,7 @@ class Trainer:
         self.num_updates, self.epoch = state["num_updates"], state["epoch"]
         self.batches_done, self.skipped_updates = state["batches_done"], state["skipped_updates"]
         self.best_valid = state["best_valid"]
+        self.weight_scale = state.get("weight_scale")
         self.kept_models = [tuple(entry) for entry in state.get("kept_models", [])]
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
@@ -266,7 +278,7 @@ class Trainer:
             self.batches_done += len(micro)
             bar.update(1)
             if self.num_updates % self.log_every == 0:
-                metrics = interval.flush()
+                metrics = interval.flush(self.dist)
                 bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", refresh=False)
                 if hasattr(self.task, "on_log"):
                     self.task.on_log(metrics)
@@ -307,35 +319,44 @@ class Trainer:
     def _update(self, micro, interval: "_Interval") -> None:
         self.model.train()
         self.task.on_update(self.model, self.num_updates)
-        scale = self.lr_scale(self.num_updates)
+        lr = self.peak_lr * self.lr_scale(self.num_updates)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.peak_lr * scale
+            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         # read from the device once per update (the skip decision): an accelerator runs ahead of
         # the host until then (bench/host_syncs.py counts a step's reads)
         finite = torch.ones((), dtype=torch.bool, device=self.dist.device)  # every loss
         start = time.perf_counter()
+        local_weight = 0.0
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1 or not self.dist.is_distributed
             context = self.wrapped.no_sync() if not sync else _null_context()
             with context:
                 with self._autocast():  # the forward only: backward runs in the forward's dtypes
                     loss, stats, weight = self.task.forward(self.wrapped, batch)
+                weight = float(weight)
                 finite &= torch.isfinite(loss.detach()).to(finite.device)
-                self.scaler.scale(loss / len(micro)).backward()
+                scale = self._weight_scale(weight)
+                # backward of weight·loss / scale; _normalise_gradients divides by Σ weight / scale
+                self.scaler.scale(loss * (weight / scale) if weight != scale else loss).backward()
+            local_weight += weight
             interval.add(stats, weight)
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm or float("inf"))
+        raw_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         # Every rank must agree on skipping, or their weights would drift apart: one reduction of
-        # (ranks with a non-finite loss, ranks with a non-finite gradient), one read.
-        bad_loss, bad_grad = all_reduce_sum(torch.stack([
-            (~finite).float(), (~torch.isfinite(grad_norm)).float().to(finite.device)])).tolist()
-        if bad_loss or bad_grad:
+        # (ranks with a non-finite loss, ranks with a non-finite gradient, the update's weight), one read.
+        bad_loss, bad_grad, total_weight = all_reduce_sum(torch.stack([
+            (~finite).double(), (~torch.isfinite(raw_norm)).double().to(finite.device),
+            torch.tensor(local_weight, dtype=torch.float64, device=finite.device)])).tolist()
+        if bad_loss or bad_grad or total_weight <= 0:
             self.skipped_updates += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
-            if self.dist.is_main and not bad_loss and self.amp == "fp16":  # the loss scaler's routine
+            if self.dist.is_main and not bad_loss and not bad_grad:
+                log.warning("update %d: its batches have no weight (no tokens or masked frames), skipped "
+                            "(%d so far)", self.num_updates + 1, self.skipped_updates)
+            elif self.dist.is_main and not bad_loss and self.amp == "fp16":  # the loss scaler's routine
                 log.info("update %d: fp16 gradients overflowed, skipped; loss scale now %g (%d skipped so far)",
                          self.num_updates + 1, self.scaler.get_scale(), self.skipped_updates)
             elif self.dist.is_main:
@@ -343,13 +364,45 @@ class Trainer:
                             "loss" if bad_loss else "gradient", self.skipped_updates)
             interval.add({"skipped": 1.0}, 1.0)
         else:
+            grad_norm = self._normalise_gradients(params, raw_norm, total_weight)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            interval.add({"grad_norm": grad_norm.detach(), "lr": self.peak_lr * scale}, 1.0)
+            interval.add({"grad_norm": grad_norm.detach(), "lr": lr}, 1.0)
+        if self.dist.is_distributed:
+            self.weight_scale = total_weight / (self.dist.world_size * len(micro)) or self.weight_scale
+        else:
+            self.weight_scale = None  # a single process divides by its update's first weight
         elapsed = time.perf_counter() - start
         audio_seconds = sum(sum(batch.get("durations", ())) for batch in micro)
         interval.add({"seconds_per_update": elapsed, "audio_seconds_per_second": audio_seconds / elapsed}, 1.0)
         self.num_updates += 1
+
+    def _weight_scale(self, weight: float) -> float:
+        """What a micro-batch's weight is divided by in its backward: any constant common to the
+        ranks gives the same update, since _normalise_gradients multiplies it back. One process
+        takes its update's first weight (1 with one micro-batch: the loss back-propagates as it
+        is); ranks take the previous update's mean, agreed once at the first update."""
+        if self.weight_scale is None:
+            if self.dist.is_distributed:
+                mean = all_reduce_sum(torch.tensor([weight], dtype=torch.float64, device=self.dist.device))
+                self.weight_scale = mean.item() / self.dist.world_size
+            else:
+                self.weight_scale = weight
+            self.weight_scale = self.weight_scale or 1.0
+        return self.weight_scale
+
+    def _normalise_gradients(self, params: List[torch.Tensor], raw_norm: torch.Tensor,
+                             total_weight: float) -> torch.Tensor:
+        """The accumulated gradients hold Σ w·∇loss / scale, averaged over the ranks by DDP:
+        times scale·ranks / Σ w makes them the weighted mean over the update's micro-batches, and
+        clipping to clip_grad_norm joins the same multiplication. Returns the norm before clipping."""
+        factor = self.weight_scale * self.dist.world_size / total_weight
+        norm = raw_norm * factor
+        if self.clip_grad_norm:
+            factor = factor * torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
+        if not (isinstance(factor, float) and factor == 1.0):
+            torch._foreach_mul_([p.grad for p in params], factor)
+        return norm
 
     def _autocast(self):
         if self.amp in ("bf16", "fp16"):
@@ -460,19 +513,23 @@ def _sum_over_ranks(stats: Dict[str, float], device: torch.device) -> Dict[str, 
 
 
 def _finalize_valid(totals: Dict[str, float]) -> Dict[str, float]:
-    """Validation stats arrive as sums plus a `weight` (and `ref_words` for WER)."""
+    """Validation stats arrive as sums plus a `weight` (and `ref_words` for WER); the means are
+    over the weight, counts (`num_*`: what was validated, over every rank) stay totals."""
     weight = totals.pop("weight", 1.0) or 1.0
     metrics = {}
     if "errors" in totals:
         metrics["wer"] = 100.0 * totals.pop("errors") / max(1.0, totals.pop("ref_words", 1.0))
     for key, value in totals.items():
-        metrics[key] = value / weight
+        metrics[key] = value if key.startswith("num_") else value / weight
     return metrics
 
 
 class _Interval:
     """Weighted running means of logged stats between two log lines. Stats given as tensors are
     summed where they are (on the device) and read in one go by flush()."""
+
+    # per-rank rates whose sum over the ranks is what a reader wants (the job's throughput)
+    SUMMED_OVER_RANKS = ("audio_seconds_per_second",)
 
     def __init__(self):
         self.sums: Dict[str, Union[float, torch.Tensor]] = defaultdict(float)
@@ -485,15 +542,29 @@ class _Interval:
             self.sums[key] = self.sums[key] + value * weight
             self.weights[key] += float(weight)
 
-    def flush(self) -> Dict[str, float]:
+    def flush(self, dist: Optional[DistInfo] = None) -> Dict[str, float]:
+        """The means since the last flush; with DIST (every rank calls it at the same update)
+        over every rank's micro-batches, in one reduction."""
         tensors = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
         if tensors:
             device = self.sums[tensors[0]].device  # one copy to the host for them all
             values = torch.stack([self.sums[k].reshape(()).to(device) for k in tensors]).tolist()
             self.sums.update(zip(tensors, values))
-        out = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
-        if "skipped" in self.sums:
-            out["skipped"] = self.sums["skipped"]
+        sums, weights = dict(self.sums), dict(self.weights)
+        ranks = 1
+        if dist is not None and dist.is_distributed:
+            ranks = dist.world_size
+            names = sorted(set().union(*all_gather_objects(sorted(sums))))  # a rank may lack one
+            both = torch.tensor([float(sums.get(k, 0.0)) for k in names] + [weights.get(k, 0.0) for k in names],
+                                dtype=torch.float64, device=dist.device)
+            both = all_reduce_sum(both).tolist()
+            sums, weights = dict(zip(names, both[:len(names)])), dict(zip(names, both[len(names):]))
+        out = {k: sums[k] / weights[k] for k in sums if weights.get(k, 0) > 0}
+        for key in self.SUMMED_OVER_RANKS:
+            if key in out:
+                out[key] *= ranks
+        if "skipped" in sums:
+            out["skipped"] = sums["skipped"] / ranks  # every rank skips the same updates
         self.sums.clear()
         self.weights.clear()
         return out

@@ -49,6 +49,7 @@ corpus_dir=""
 nj=2
 nproc=1                # processes per node for training (torchrun when > 1)
 launcher=""            # e.g. "torchrun --nnodes 2 --node_rank 0 --master_addr host --nproc_per_node 8"
+node_wait_hours=48     # multi-node: how long the other nodes wait for node 0's k-means work (stage 4)
 force=false
 vocab_size=${vocab_size:-200}
 token_type=${token_type:-unigram}  # sentencepiece model: unigram, bpe or char
@@ -274,11 +275,24 @@ kmeans_cli() {  # kmeans_cli COMMAND ARGS...: sslasr.bin.kmeans with the pretrai
 # A multi-node --launcher (torchrun --node_rank N) runs this driver on every node; the work of
 # stage 4 that is not training (k-means fits and labels, the final copy) is node 0's alone, the
 # others wait for its markers on the shared exp dir instead of writing the same files at once.
+# If that work fails on node 0, it leaves .node0_failed there, and the others stop too (after
+# --node-wait-hours at the latest) rather than wait for a marker that will never come.
 node_rank=$(printf '%s\n' "$launcher" | sed -n 's/.*--node[_-]rank[= ]*\([0-9][0-9]*\).*/\1/p')
 node_rank=${node_rank:-0}
+started_at=$(date +%s)
+on_node_0() {  # on_node_0 COMMAND...: node 0's share of stage 4; a failure is left for the other nodes to see
+  "$@" || { local rc=$?; touch "$pretrain_dir/.node0_failed"; return $rc; }
+}
 wait_for_node_0() {  # wait_for_node_0 MARKER WHAT
-  local waited=0
+  local waited=0 failed=$pretrain_dir/.node0_failed
   until [ -f "$1" ]; do
+    # a marker left by an earlier run (before this node started) is not this run's failure
+    if [ -f "$failed" ] && [ "$(stat -c %Y "$failed")" -ge "$started_at" ]; then
+      log "node $node_rank: node 0 failed in its $2 ($failed; see node 0's log)"; exit 1
+    fi
+    if [ $waited -ge $((node_wait_hours * 3600)) ]; then
+      log "node $node_rank: node 0's $2 ($1) not there after $node_wait_hours h (--node-wait-hours)"; exit 1
+    fi
     [ $((waited % 600)) -ne 0 ] || log "node $node_rank: waiting for node 0's $2 ($1)"
     sleep 10
     waited=$((waited + 10))
@@ -294,13 +308,13 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
     if [ -f $it/.kmeans.done ]; then log "iteration $i: k-means ready"
     elif [ "$node_rank" != 0 ]; then wait_for_node_0 $it/.kmeans.done "iteration $i k-means"; else
       log "iteration $i: k-means on $(basename "$all_cuts")"
-      kmeans_cli fit --iteration $i --cuts "$all_cuts" $previous --out $it/kmeans.pt --num-jobs "$nj"
+      on_node_0 kmeans_cli fit --iteration $i --cuts "$all_cuts" $previous --out $it/kmeans.pt --num-jobs "$nj"
       touch $it/.kmeans.done
     fi
     if [ -f $it/.labels.done ]; then log "iteration $i: labels ready"
     elif [ "$node_rank" != 0 ]; then wait_for_node_0 $it/.labels.done "iteration $i labels"; else
       log "iteration $i: labelling every frame of $(basename "$all_cuts") and $(basename "$valid_cuts")"
-      kmeans_cli label --kmeans $it/kmeans.pt --cuts "$all_cuts" "$valid_cuts" --out-dir $it/labels --num-jobs "$nj"
+      on_node_0 kmeans_cli label --kmeans $it/kmeans.pt --cuts "$all_cuts" "$valid_cuts" --out-dir $it/labels --num-jobs "$nj"
       touch $it/.labels.done
     fi
     if [ -f $it/.done ]; then log "iteration $i: pretrained"; else
@@ -325,9 +339,10 @@ if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
     log "self-supervised pretraining of $frontend"
     pretrain_cuts=$manifests/${corpus}_cuts_pretrain$feats.jsonl.gz
     if [ "$node_rank" = 0 ]; then  # on a multi-node run, the shared files are node 0's to reset and write
+      rm -f $pretrain_dir/.node0_failed
       fresh_training $pretrain_dir $pretrain_dir/iter*
       [ "$force" != true ] || rm -f $pretrain_dir/iter*/.*done  # each k-means iteration's k-means, labels, training
-      "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $(for s in $pretrain_splits; do cuts "$s"; done)
+      on_node_0 "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $(for s in $pretrain_splits; do cuts "$s"; done)
     else
       wait_for_node_0 "$pretrain_cuts" "pretraining manifest"
     fi

@@ -205,3 +205,30 @@ def test_frontend_all_runs_each_frontend_in_turn(tmp_path: Path, prepared_minisy
     for bad in (["--init-from", str(recipe)], ["--force", "true"]):
         refused = run_recipe(recipe, "--frontend", "all", *bad, timeout=60)
         assert refused.returncode == 2 and "--frontend all" in refused.stderr, refused.stderr[-2000:]
+
+
+NODE_1 = ["--launcher", "torchrun --nnodes 2 --node_rank 1 --master_addr 127.0.0.1 --nproc_per_node 1"]
+
+
+@pytest.mark.parametrize("marker_age_s, expected", [
+    (-60, "node 1: node 0 failed in its pretraining manifest"),  # written after node 1 started
+    (3600, "node 1: node 0's pretraining manifest (data/manifests/minisynth_cuts_pretrain.jsonl.gz) "
+           "not there after 0 h (--node-wait-hours)"),  # an earlier run's failure: waits, up to the limit
+])
+def test_other_nodes_stop_when_node_0_fails_its_stage_4_work(tmp_path: Path, prepared_minisynth: Path,
+                                                              marker_age_s: int, expected: str):
+    """A multi-node HuBERT stage 4 on node 1: the manifest and k-means are node 0's to write.
+    Node 0 failing leaves .node0_failed, and node 1 stops instead of waiting forever; a marker
+    from before node 1 started is an earlier run's, and node 1 waits (here 0 h) for the manifest."""
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
+    failed = recipe / "exp/pretrain_hubert/.node0_failed"
+    failed.parent.mkdir(parents=True)
+    failed.touch()
+    stamp = time.time() - marker_age_s
+    os.utime(failed, (stamp, stamp))
+    wait_hours = ["--node-wait-hours", "0"] if marker_age_s > 0 else []
+    result = run_recipe(recipe, *SMOKE, *NODE_1, *wait_hours, "--frontend", "hubert", "--stage", "4",
+                        "--stop-stage", "4", timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert expected in result.stderr, result.stderr[-3000:]
+    assert not (recipe / "exp/pretrain_hubert/.done").exists()

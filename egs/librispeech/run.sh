@@ -11,10 +11,13 @@
 # Multi-node: --launcher "torchrun --nnodes 4 --node_rank $NODE_RANK --master_addr HOST
 #   --master_port 29500 --nproc_per_node 8" on every node, NODE_RANK set to its index 0-3 in the shell
 #   that runs run.sh (stage 4; the stages before it on one). HuBERT's and WavLM's k-means fits and
-#   labels are node 0's work; the other nodes wait for them on the shared exp dir.
+#   labels are node 0's work; the other nodes wait for them on the shared exp dir, and stop if
+#   node 0's failed (or after --node-wait-hours, 48 by default).
 # Batches follow fairseq: pretraining 1.56 h per update = 87.5 s × accum 8 × 8 GPUs (HuBERT /
 # WavLM: pretrain_<frontend>.yaml, 0.78 h), fine-tuning 1600 s = 200 s × accum 4 × 2 GPUs; with
 # other GPU counts change accum_grad (--pretrain-opts / --finetune-opts trainer.accum_grad=N).
+# Each update's gradient is the mean over all its micro-batches' masked frames (or tokens), as
+# fairseq's sample-size normalisation: a short micro-batch counts for what it holds.
 # Check a config without data or GPUs:
 #   python -m sslasr.bin.train --dry-run --config conf/frontend_wav2vec2.yaml conf/pretrain.yaml --world-size 8
 #

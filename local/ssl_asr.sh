@@ -598,7 +598,7 @@ unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the 
 }
 pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool (+ valid set), filter
   local teacher=$1 out=$2 method beam fusion="" tuned reference=""
-  method=$(noisy_student_setting method "$(decode_methods $teacher | awk '{print $NF}')")  # else the teacher's last
+  method=$(pseudo_label_method $teacher)
   beam=$(noisy_student_setting beam_size "")
   if [ "${method%+lm}" = "$method" ]; then :
   elif [ "$pseudo_label_lm_dir" = "$lm_dir" ]; then  # the teacher's λ, β, as tuned on the validation set
@@ -621,6 +621,21 @@ pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool 
   "$python" -m sslasr.bin.pseudo_label --cuts "$(cuts $valid_set)" --decode-dir $out/decode_$valid_set \
     --labeled-cuts "$labeled_cuts" --config $noisy_student_configs --report $out/report_$valid_set.json
 }
+pseudo_label_method() {  # pseudo_label_method TEACHER: noisy_student.yaml's method, else the teacher's last
+  noisy_student_setting method "$(decode_methods $1 | awk '{print $NF}')"
+}
+pseudo_labels_outdated() {  # pseudo_labels_outdated TEACHER LABELS: why LABELS are not TEACHER's current ones
+  local teacher=$1 labels=$2 method
+  [ -f $labels/.done ] || return 1
+  if [ $teacher/model_final.pt -nt $labels/.done ]; then echo "$teacher changed"; return 0; fi
+  method=$(pseudo_label_method $teacher)
+  case "$method" in *+lm|*lexicon*)  # the search read the LM or its lexicon: trained again since?
+    if [ $pseudo_label_lm_dir/.done -nt $labels/.done ] || [ $pseudo_label_lm_dir/words.txt -nt $labels/.done ]; then
+      echo "$pseudo_label_lm_dir (the $method search's LM and lexicon) changed"; return 0
+    fi ;;
+  esac
+  return 1
+}
 if run_stage 9 && [ "$generations" -gt 0 ]; then
   [ -f $conf_dir/noisy_student.yaml ] || { echo "$0: --generations needs $conf_dir/noisy_student.yaml" >&2; exit 1; }
   [ "$no_pretrain" != true ] || { echo "$0: noisy student starts from the pretrained system" >&2; exit 2; }
@@ -642,17 +657,14 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
   for g in $(seq 1 "$generations"); do
     student=$noisy_student_dir/gen$g
     labels=$student/pseudo_labels
-    if [ -f $labels/.done ] && [ $teacher/model_final.pt -nt $labels/.done ]; then
-      # e.g. the teacher fine-tuned again (--force): its pseudo-labels, and the student, are another's
-      log "generation $g: $teacher changed after its pseudo-labels were made: labelling and training the student again"
+    if outdated=$(pseudo_labels_outdated $teacher $labels); then
+      # e.g. the teacher fine-tuned again (--force), or the LM trained on more text (--lm-text):
+      # the pseudo-labels, and the student, are another teacher's
+      log "generation $g: $outdated after its pseudo-labels were made: labelling and training the student again"
       rm -rf $labels
       reset_training $student
     fi
-    if done_or_force $labels/.done; then
-      log "generation $g: pseudo-labels ready"
-      [ ! $pseudo_label_lm_dir/.done -nt $labels/.done ] || log "WARNING: generation $g's pseudo-labels were made" \
-        "with an earlier $pseudo_label_lm_dir; --force true --stage 9 makes them (and the students) again"
-    else
+    if done_or_force $labels/.done; then log "generation $g: pseudo-labels ready"; else
       # decode keeps the sets it finished (resuming a kill): under --force, the old teacher's would stay
       [ "$force" != true ] || rm -rf $labels
       pseudo_label $teacher $labels

@@ -270,6 +270,17 @@ def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Pat
     assert "exp/ctc_wav2vec2_30 changed after its pseudo-labels were made" in result.stderr
     assert all(p.stat().st_mtime_ns > before[p] for p in before)
 
+    # the same when the search's LM was trained again (e.g. on more --lm-text): it used to warn only
+    before = {p: p.stat().st_mtime_ns for p in before}
+    later = time.time() + 2
+    os.utime(lm_dirs[0] / ".done", (later, later))
+    result = run_recipe(recipe, *SMOKE, "--labeled", "30", "--compare-scratch", "false", "--generations", "1",
+                        "--stage", "9", "--stop-stage", "9", timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"exp/{lm_dirs[0].name} (the ctc_beam+lm search's LM and lexicon) changed after its pseudo-labels " \
+           "were made: labelling and training the student again" in result.stderr
+    assert all(p.stat().st_mtime_ns > before[p] for p in before)
+
 
 def test_student_rows_read_against_the_teacher_run_that_taught_them(tmp_path: Path):
     """The teacher's exp is rerun after its student was scored: the table's teacher row shows the

@@ -561,18 +561,28 @@ def test_non_finite_on_one_rank_is_skipped_on_all(tmp_path):
     assert not _equal(r0["before"][2], r0["before"][1]) and not _equal(r0["before"][4], r0["before"][3])
 
 
+def _rows(seed: int, *sizes: int) -> List[Dict]:
+    return [_toy_batches(1, seed=seed + i, rows=n)[0] for i, n in enumerate(sizes)]
+
+
+def _merged(batches: List[Dict]) -> Dict:
+    return {key: torch.cat([b[key] for b in batches]) for key in ("x", "y")}
+
+
+# A large Adam eps makes the step proportional to the gradient (not just its sign), so a
+# wrongly scaled accumulated gradient would show.
+ADAM_PROPORTIONAL = {"lr": 0.5, "eps": 10.0, "weight_decay": 0.01}
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     micro = _toy_batches(4, seed=3)
-    merged = [{key: torch.cat([micro[i][key], micro[i + 1][key]]) for key in ("x", "y")} for i in (0, 2)]
-    # A large Adam eps makes the step proportional to the gradient (not just its sign), so a
-    # wrongly scaled accumulated gradient would show.
-    optim = {"lr": 0.5, "eps": 10.0, "weight_decay": 0.01}
+    merged = [_merged(micro[i:i + 2]) for i in (0, 2)]
 
     def train(batches, accum, name, updates=2):
         torch.manual_seed(0)
         task = _ToyTask(batches)
         start = _params(task.model)
-        trainer = Trainer(_toy_cfg(updates, accum, **optim), task, tmp_path / name, DistInfo())
+        trainer = Trainer(_toy_cfg(updates, accum, **ADAM_PROPORTIONAL), task, tmp_path / name, DistInfo())
         trainer.fit()
         return start, _params(task.model), trainer
 
@@ -585,17 +595,6 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
     assert max((a - s).abs().max().item() for a, s in zip(accumulated, start_a)) > 1e-3  # it moved
     assert max((a - b).abs().max().item() for a, b in zip(big_batch, first_micro_only)) > 1e-4
-
-
-def _rows(seed: int, *sizes: int) -> List[Dict]:
-    return [_toy_batches(1, seed=seed + i, rows=n)[0] for i, n in enumerate(sizes)]
-
-
-def _merged(batches: List[Dict]) -> Dict:
-    return {key: torch.cat([b[key] for b in batches]) for key in ("x", "y")}
-
-
-ADAM_PROPORTIONAL = {"lr": 0.5, "eps": 10.0, "weight_decay": 0.01}  # steps follow the gradient's size
 
 
 def test_accumulated_micro_batches_count_by_their_weight(tmp_path):

@@ -104,7 +104,7 @@ class PretrainTask(_DataMixin):
 
     def validate(self, model: nn.Module, loader) -> Dict[str, float]:
         """Every stat the objective reports, averaged over masked frames."""
-        totals: Dict[str, float] = {"weight": 0.0}
+        totals: Dict[str, float] = {"weight": 0.0, "num_utterances": 0.0}
         for batch in loader:
             _, stats = model(batch["inputs"], batch["input_lens"], batch.get("targets"))
             weight = stats["masked_frames"]
@@ -112,7 +112,7 @@ class PretrainTask(_DataMixin):
                 if key not in ("masked_frames", "temperature"):
                     totals[key] = totals.get(key, 0.0) + float(value) * weight
             totals["weight"] += weight
-            totals["num_utterances"] = totals.get("num_utterances", 0.0) + float(len(batch["input_lens"]))
+            totals["num_utterances"] += len(batch["input_lens"])
         return totals
 
 

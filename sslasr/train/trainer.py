@@ -128,9 +128,9 @@ class Trainer:
         self.epoch = 0
         self.batches_done = 0  # micro-batches of the current epoch already consumed
         self.skipped_updates = 0
-        # The ranks' common divisor of each micro-batch's weight in its backward (DDP sums the
-        # ranks' gradients before the update's total weight is known): the previous update's mean
-        # micro-batch weight, so that the accumulated gradient keeps its usual magnitude (fp16).
+        # Under DDP, the ranks' common divisor of each micro-batch's weight in its backward (DDP
+        # sums the ranks' gradients before the update's total weight is known): the previous
+        # update's mean micro-batch weight, so the accumulated gradient keeps its usual size (fp16).
         self.weight_scale: Optional[float] = None
         self.best_valid: Optional[float] = None
         self.kept_models: List[Tuple[float, int]] = []  # (metric, update) of the models_kept best
@@ -327,7 +327,7 @@ class Trainer:
         # the host until then (bench/host_syncs.py counts a step's reads)
         finite = torch.ones((), dtype=torch.bool, device=self.dist.device)  # every loss
         start = time.perf_counter()
-        local_weight = 0.0
+        local_weight, scale = 0.0, None
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1 or not self.dist.is_distributed
             context = self.wrapped.no_sync() if not sync else _null_context()
@@ -336,9 +336,10 @@ class Trainer:
                     loss, stats, weight = self.task.forward(self.wrapped, batch)
                 weight = float(weight)
                 finite &= torch.isfinite(loss.detach()).to(finite.device)
-                scale = self._weight_scale(weight)
-                # backward of weight·loss / scale; _normalise_gradients divides by Σ weight / scale
-                self.scaler.scale(loss * (weight / scale) if weight != scale else loss).backward()
+                scale = scale or self._weight_scale(weight)
+                # backward of weight·loss / scale (× 1.0 exactly for one process and micro-batch);
+                # _normalise_gradients divides by Σ weight / scale
+                self.scaler.scale(loss * (weight / scale)).backward()
             local_weight += weight
             interval.add(stats, weight)
         self.scaler.unscale_(self.optimizer)
@@ -364,39 +365,35 @@ class Trainer:
                             "loss" if bad_loss else "gradient", self.skipped_updates)
             interval.add({"skipped": 1.0}, 1.0)
         else:
-            grad_norm = self._normalise_gradients(params, raw_norm, total_weight)
+            grad_norm = self._normalise_gradients(params, raw_norm, scale / total_weight)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             interval.add({"grad_norm": grad_norm.detach(), "lr": lr}, 1.0)
         if self.dist.is_distributed:
             self.weight_scale = total_weight / (self.dist.world_size * len(micro)) or self.weight_scale
-        else:
-            self.weight_scale = None  # a single process divides by its update's first weight
         elapsed = time.perf_counter() - start
         audio_seconds = sum(sum(batch.get("durations", ())) for batch in micro)
         interval.add({"seconds_per_update": elapsed, "audio_seconds_per_second": audio_seconds / elapsed}, 1.0)
         self.num_updates += 1
 
-    def _weight_scale(self, weight: float) -> float:
-        """What a micro-batch's weight is divided by in its backward: any constant common to the
-        ranks gives the same update, since _normalise_gradients multiplies it back. One process
-        takes its update's first weight (1 with one micro-batch: the loss back-propagates as it
-        is); ranks take the previous update's mean, agreed once at the first update."""
+    def _weight_scale(self, first_weight: float) -> float:
+        """What the micro-batches' weights are divided by in their backward: any constant common to
+        the ranks gives the same update, since _normalise_gradients multiplies it back. One process
+        takes its update's first weight; ranks take the previous update's mean micro-batch weight,
+        agreed once at the first update."""
+        if not self.dist.is_distributed:
+            return first_weight or 1.0
         if self.weight_scale is None:
-            if self.dist.is_distributed:
-                mean = all_reduce_sum(torch.tensor([weight], dtype=torch.float64, device=self.dist.device))
-                self.weight_scale = mean.item() / self.dist.world_size
-            else:
-                self.weight_scale = weight
-            self.weight_scale = self.weight_scale or 1.0
+            mean = all_reduce_sum(torch.tensor([first_weight], dtype=torch.float64, device=self.dist.device))
+            self.weight_scale = mean.item() / self.dist.world_size or 1.0
         return self.weight_scale
 
     def _normalise_gradients(self, params: List[torch.Tensor], raw_norm: torch.Tensor,
-                             total_weight: float) -> torch.Tensor:
+                             scale_per_weight: float) -> torch.Tensor:
         """The accumulated gradients hold Σ w·∇loss / scale, averaged over the ranks by DDP:
-        times scale·ranks / Σ w makes them the weighted mean over the update's micro-batches, and
+        times ranks · scale / Σ w makes them the weighted mean over the update's micro-batches, and
         clipping to clip_grad_norm joins the same multiplication. Returns the norm before clipping."""
-        factor = self.weight_scale * self.dist.world_size / total_weight
+        factor = self.dist.world_size * scale_per_weight
         norm = raw_norm * factor
         if self.clip_grad_norm:
             factor = factor * torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
@@ -554,11 +551,10 @@ class _Interval:
         ranks = 1
         if dist is not None and dist.is_distributed:
             ranks = dist.world_size
-            names = sorted(set().union(*all_gather_objects(sorted(sums))))  # a rank may lack one
-            both = torch.tensor([float(sums.get(k, 0.0)) for k in names] + [weights.get(k, 0.0) for k in names],
-                                dtype=torch.float64, device=dist.device)
-            both = all_reduce_sum(both).tolist()
-            sums, weights = dict(zip(names, both[:len(names)])), dict(zip(names, both[len(names):]))
+            both = _sum_over_ranks({**{f"sum:{k}": v for k, v in sums.items()},
+                                    **{f"weight:{k}": v for k, v in weights.items()}}, dist.device)
+            sums = {k[4:]: v for k, v in both.items() if k.startswith("sum:")}
+            weights = {k[7:]: v for k, v in both.items() if k.startswith("weight:")}
         out = {k: sums[k] / weights[k] for k in sums if weights.get(k, 0) > 0}
         for key in self.SUMMED_OVER_RANKS:
             if key in out:

@@ -466,12 +466,14 @@ train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcri
 if run_stage 6; then
   if [ ! -f $conf_dir/lm.yaml ]; then log "no $conf_dir/lm.yaml: no LM"; else train_lm $lm_dir "$(cuts train)"; fi
 fi
+# what a decoding method reads of stage 6's output: METHOD+lm the LM, *lexicon* its words.txt
+uses_lm() { case " $* " in *"+lm "*) return 0 ;; esac; return 1; }        # uses_lm METHOD...: any of them
+uses_lexicon() { case " $* " in *lexicon*) return 0 ;; esac; return 1; }  # uses_lexicon METHOD...: any of them
 lexicon_opts() {  # lexicon_opts LM_DIR METHODS...: --lexicon for lexicon-constrained methods
   local dir=$1; shift
-  case " $* " in *lexicon*)
-    [ -f $dir/words.txt ] || { echo "$0: $*: the lexicon methods need stage 6 ($dir/words.txt)" >&2; exit 1; }
-    echo "--lexicon $dir/words.txt" ;;
-  esac
+  uses_lexicon "$@" || return 0
+  [ -f $dir/words.txt ] || { echo "$0: $*: the lexicon methods need stage 6 ($dir/words.txt)" >&2; exit 1; }
+  echo "--lexicon $dir/words.txt"
 }
 
 decode_methods() {  # decode_methods SYSTEM_DIR: the model config's decoding methods, METHOD+lm with the LM
@@ -502,10 +504,10 @@ decode_system() {  # decode_system DIR: every set with every method of DIR's mod
   # decoded, unless the LM or its lexicon changed since (decode redoes only what used them)
   if done_or_force $dir/.decode.done && [ ! $lm_dir/.done -nt $dir/.decode.done ]; then log "$dir: decoded"; return; fi
   methods=$(decode_methods $dir)
-  case " $methods " in *+lm" "*)  # λ, β tuned on the validation set, then used for every set
+  if uses_lm $methods; then  # λ, β tuned on the validation set, then used for every set
     [ -f $lm_dir/.done ] || { echo "$0: $methods: the LM methods need stage 6 ($lm_dir)" >&2; exit 1; }
-    fusion="--lm $lm_dir/model_final.pt --tune-on $valid_set" ;;
-  esac
+    fusion="--lm $lm_dir/model_final.pt --tune-on $valid_set"
+  fi
   [ "$force" != true ] || overwrite=--overwrite
   log "decoding $decode_sets with $dir: $methods"
   "$python" -m sslasr.bin.decode --model $dir/model_final.pt \
@@ -524,7 +526,7 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
   for method in $(decode_methods $dir); do
     lm_row="" made_by=""
     [ $pretrained != true ] || made_by=$pretrain_dir
-    [ "${method%+lm}" = "$method" ] || { lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"; made_by="$made_by $lm_dir"; }
+    ! uses_lm $method || { lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"; made_by="$made_by $lm_dir"; }
     command=$(row_command $made_by ${labels_dir:-} $dir)
     for test_set in $test_sets; do
       out=$dir/decode_${test_set}_${method/+lm/_lm}
@@ -600,7 +602,7 @@ pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool 
   local teacher=$1 out=$2 method beam fusion="" tuned reference=""
   method=$(pseudo_label_method $teacher)
   beam=$(noisy_student_setting beam_size "")
-  if [ "${method%+lm}" = "$method" ]; then :
+  if ! uses_lm $method; then :
   elif [ "$pseudo_label_lm_dir" = "$lm_dir" ]; then  # the teacher's λ, β, as tuned on the validation set
     tuned=$teacher/decode_${valid_set}_${method/+lm/_lm}/decode_info.json
     fusion="--lm $lm_dir/model_final.pt --lm-weight $(json_value $tuned lm_weight) --length-bonus $(json_value $tuned length_bonus)"
@@ -629,11 +631,11 @@ pseudo_labels_outdated() {  # pseudo_labels_outdated TEACHER LABELS: why LABELS 
   [ -f $labels/.done ] || return 1
   if [ $teacher/model_final.pt -nt $labels/.done ]; then echo "$teacher changed"; return 0; fi
   method=$(pseudo_label_method $teacher)
-  case "$method" in *+lm|*lexicon*)  # the search read the LM or its lexicon: trained again since?
+  if uses_lm $method || uses_lexicon $method; then  # the search read the LM or its lexicon: trained again since?
     if [ $pseudo_label_lm_dir/.done -nt $labels/.done ] || [ $pseudo_label_lm_dir/words.txt -nt $labels/.done ]; then
       echo "$pseudo_label_lm_dir (the $method search's LM and lexicon) changed"; return 0
-    fi ;;
-  esac
+    fi
+  fi
   return 1
 }
 if run_stage 9 && [ "$generations" -gt 0 ]; then

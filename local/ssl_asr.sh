@@ -283,17 +283,23 @@ started_at=$(date +%s)
 on_node_0() {  # on_node_0 COMMAND...: node 0's share of stage 4; a failure is left for the other nodes to see
   "$@" || { local rc=$?; touch "$pretrain_dir/.node0_failed"; return $rc; }
 }
-wait_for_node_0() {  # wait_for_node_0 MARKER WHAT
-  local waited=0 failed=$pretrain_dir/.node0_failed
-  until [ -f "$1" ]; do
+newer_input() {  # newer_input FILE INPUT...: true when an INPUT is newer than FILE (made from an older one)
+  local file=$1 input; shift
+  for input in "$@"; do [ ! "$input" -nt "$file" ] || return 0; done
+  return 1
+}
+wait_for_node_0() {  # wait_for_node_0 MARKER WHAT [INPUT...]: until MARKER exists and is newer than each INPUT
+  local marker=$1 what=$2 waited=0 failed=$pretrain_dir/.node0_failed; shift 2
+  until [ -f "$marker" ] && ! newer_input "$marker" "$@"; do
     # a marker left by an earlier run (before this node started) is not this run's failure
     if [ -f "$failed" ] && [ "$(stat -c %Y "$failed")" -ge "$started_at" ]; then
-      log "node $node_rank: node 0 failed in its $2 ($failed; see node 0's log)"; exit 1
+      log "node $node_rank: node 0 failed in its $what ($failed; see node 0's log)"; exit 1
     fi
     if [ $waited -ge $((node_wait_hours * 3600)) ]; then
-      log "node $node_rank: node 0's $2 ($1) not there after $node_wait_hours h (--node-wait-hours)"; exit 1
+      log "node $node_rank: node 0's $what ($marker) not there, or older than its inputs, after $node_wait_hours h (--node-wait-hours)"
+      exit 1
     fi
-    [ $((waited % 600)) -ne 0 ] || log "node $node_rank: waiting for node 0's $2 ($1)"
+    [ $((waited % 600)) -ne 0 ] || log "node $node_rank: waiting for node 0's $what ($marker)"
     sleep 10
     waited=$((waited + 10))
   done
@@ -338,13 +344,14 @@ if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
   if done_or_force $pretrain_dir/.done; then log "pretrained $frontend ready ($pretrain_dir)"; else
     log "self-supervised pretraining of $frontend"
     pretrain_cuts=$manifests/${corpus}_cuts_pretrain$feats.jsonl.gz
+    pretrain_inputs=$(for s in $pretrain_splits; do cuts "$s"; done)
     if [ "$node_rank" = 0 ]; then  # on a multi-node run, the shared files are node 0's to reset and write
       rm -f $pretrain_dir/.node0_failed
       fresh_training $pretrain_dir $pretrain_dir/iter*
       [ "$force" != true ] || rm -f $pretrain_dir/iter*/.*done  # each k-means iteration's k-means, labels, training
-      on_node_0 "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $(for s in $pretrain_splits; do cuts "$s"; done)
-    else
-      wait_for_node_0 "$pretrain_cuts" "pretraining manifest"
+      on_node_0 "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $pretrain_inputs
+    else  # one left by an earlier run counts only if no split was made again since
+      wait_for_node_0 "$pretrain_cuts" "pretraining manifest" $pretrain_inputs
     fi
     if [ "$(kmeans_cli plan --count)" -gt 0 ]; then kmeans_pretraining "$pretrain_cuts"; else
       train $pretrain_dir --config $pretrain_configs \

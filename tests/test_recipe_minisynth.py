@@ -213,7 +213,7 @@ NODE_1 = ["--launcher", "torchrun --nnodes 2 --node_rank 1 --master_addr 127.0.0
 @pytest.mark.parametrize("marker_age_s, expected", [
     (-60, "node 1: node 0 failed in its pretraining manifest"),  # written after node 1 started
     (3600, "node 1: node 0's pretraining manifest (data/manifests/minisynth_cuts_pretrain.jsonl.gz) "
-           "not there after 0 h (--node-wait-hours)"),  # an earlier run's failure: waits, up to the limit
+           "not there, or older than its inputs, after 0 h (--node-wait-hours)"),  # an earlier run's failure: waits, up to the limit
 ])
 def test_other_nodes_stop_when_node_0_fails_its_stage_4_work(tmp_path: Path, prepared_minisynth: Path,
                                                               marker_age_s: int, expected: str):
@@ -232,3 +232,25 @@ def test_other_nodes_stop_when_node_0_fails_its_stage_4_work(tmp_path: Path, pre
     assert result.returncode == 1, result.stderr[-3000:]
     assert expected in result.stderr, result.stderr[-3000:]
     assert not (recipe / "exp/pretrain_hubert/.done").exists()
+
+
+@pytest.mark.parametrize("manifest_age_s, waits_for", [
+    (-60, "iteration 1 k-means (exp/pretrain_hubert/iter1/.kmeans.done)"),  # newer than the splits: taken
+    (3600, "pretraining manifest (data/manifests/minisynth_cuts_pretrain.jsonl.gz)"),  # a split made again since
+])
+def test_other_nodes_take_a_pretraining_manifest_only_if_made_from_the_current_splits(
+        tmp_path: Path, prepared_minisynth: Path, manifest_age_s: int, waits_for: str):
+    """Node 1 of a HuBERT stage 4 finds a pretraining manifest left by an earlier run. Node 0
+    combines it again, so it is taken only if no split manifest is newer (the same content);
+    one older than a split would start node 1's training on other cuts than node 0's."""
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
+    manifests = recipe / "data/manifests"
+    pretrain = manifests / "minisynth_cuts_pretrain.jsonl.gz"
+    shutil.copy(manifests / "minisynth_cuts_train.jsonl.gz", pretrain)
+    stamp = (manifests / "minisynth_cuts_train.jsonl.gz").stat().st_mtime - manifest_age_s
+    os.utime(pretrain, (stamp, stamp))
+    result = run_recipe(recipe, *SMOKE, *NODE_1, "--node-wait-hours", "0", "--frontend", "hubert", "--stage", "4",
+                        "--stop-stage", "4", timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"node 1: node 0's {waits_for} not there, or older than its inputs, after 0 h" in result.stderr, \
+        result.stderr[-3000:]

@@ -276,7 +276,9 @@ kmeans_cli() {  # kmeans_cli COMMAND ARGS...: sslasr.bin.kmeans with the pretrai
 # stage 4 that is not training (k-means fits and labels, the final copy) is node 0's alone, the
 # others wait for its markers on the shared exp dir instead of writing the same files at once.
 # If that work fails on node 0, it leaves .node0_failed there, and the others stop too (after
-# --node-wait-hours at the latest) rather than wait for a marker that will never come.
+# --node-wait-hours at the latest) rather than wait for a marker that will never come. A pretraining
+# manifest left by an earlier run counts only if no split manifest is newer; k-means markers cannot
+# tell an earlier run's from this one's, so under --force node 0 (which removes them) starts first.
 node_rank=$(printf '%s\n' "$launcher" | sed -n 's/.*--node[_-]rank[= ]*\([0-9][0-9]*\).*/\1/p')
 node_rank=${node_rank:-0}
 started_at=$(date +%s)

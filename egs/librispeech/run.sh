@@ -12,7 +12,8 @@
 #   --master_port 29500 --nproc_per_node 8" on every node, NODE_RANK set to its index 0-3 in the shell
 #   that runs run.sh (stage 4; the stages before it on one). HuBERT's and WavLM's k-means fits and
 #   labels are node 0's work; the other nodes wait for them on the shared exp dir, and stop if
-#   node 0's failed (or after --node-wait-hours, 48 by default).
+#   node 0's failed (or after --node-wait-hours, 48 by default). With --force true, start node 0
+#   first: it removes the earlier run's markers, which another node starting before it would take.
 # Batches follow fairseq: pretraining 1.56 h per update = 87.5 s × accum 8 × 8 GPUs (HuBERT /
 # WavLM: pretrain_<frontend>.yaml, 0.78 h), fine-tuning 1600 s = 200 s × accum 4 × 2 GPUs; with
 # other GPU counts change accum_grad (--pretrain-opts / --finetune-opts trainer.accum_grad=N).

@@ -8,7 +8,6 @@ subprocesses of `python -m sslasr.bin.train` exactly like the recipes do.
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -496,23 +495,20 @@ def test_non_finite_update_is_skipped(tmp_path, caplog, mode):
     assert _load(tmp_path / "exp" / "checkpoint_last.pt")["skipped_updates"] == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join_gloo_group(rank: int, world_size: int, port: int) -> DistInfo:
-    """This spawned process as rank RANK of a CPU process group (gloo: one GPU cannot hold two ranks)."""
+def _join_gloo_group(rank: int, world_size: int, out_dir: str) -> DistInfo:
+    """This spawned process as rank RANK of a CPU process group (gloo: one GPU cannot hold two
+    ranks), met through a file in OUT_DIR: a TCP port found free beforehand can be taken by
+    another process before rank 0 binds it."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    return init_distributed()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{Path(out_dir) / 'rendezvous'}",
+                                         rank=rank, world_size=world_size)
+    return init_distributed()  # finds the group made
 
 
-def _ddp_nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    dist = _join_gloo_group(rank, world_size, port)
+def _ddp_nan_worker(rank: int, world_size: int, out_dir: str) -> None:
+    dist = _join_gloo_group(rank, world_size, out_dir)
     try:
         assert dist.rank == rank and dist.world_size == world_size and dist.is_distributed
         torch.manual_seed(100 + rank)  # different init per rank: DDP must broadcast rank 0's
@@ -526,10 +522,10 @@ def _ddp_nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
         torch.distributed.destroy_process_group()
 
 
-def _split_exp_dir_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _split_exp_dir_worker(rank: int, world_size: int, out_dir: str) -> None:
     """Rank 0 finds a checkpoint (at update 2), rank 1 an empty exp dir, as a node whose exp dir
     is not the shared one would."""
-    dist = _join_gloo_group(rank, world_size, port)
+    dist = _join_gloo_group(rank, world_size, out_dir)
     try:
         task = _ToyTask(_toy_batches(6, seed=10 + rank), rank=rank)
         trainer = Trainer(_toy_cfg(5), task, Path(out_dir) / f"exp{rank}", dist)
@@ -543,13 +539,13 @@ def _split_exp_dir_worker(rank: int, world_size: int, port: int, out_dir: str) -
 def test_ranks_that_would_resume_from_different_points_stop(tmp_path):
     task = _ToyTask(_toy_batches(6, seed=10))
     Trainer(_toy_cfg(2), task, tmp_path / "exp0", DistInfo()).fit()  # rank 0's exp dir: update 2
-    mp.spawn(_split_exp_dir_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_split_exp_dir_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "rank0.stopped").exists() and (tmp_path / "rank1.stopped").exists()
     assert _load(tmp_path / "exp0" / "checkpoint_last.pt")["num_updates"] == 2  # nothing trained on
 
 
 def test_non_finite_on_one_rank_is_skipped_on_all(tmp_path):
-    mp.spawn(_ddp_nan_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_nan_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (_load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert np.isfinite(r0["losses"][2]) and np.isnan(r1["losses"][2])  # only rank 1 saw the NaN
     assert r0["skipped"] == r1["skipped"] == 1
@@ -619,8 +615,8 @@ def test_accumulated_micro_batches_count_by_their_weight(tmp_path):
     assert max((a - b).abs().max().item() for a, b in zip(accumulated, equally_weighted)) > 1e-4
 
 
-def _ddp_weighted_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    dist = _join_gloo_group(rank, world_size, port)
+def _ddp_weighted_worker(rank: int, world_size: int, out_dir: str) -> None:
+    dist = _join_gloo_group(rank, world_size, out_dir)
     try:
         torch.manual_seed(0)
         task = _ToyTask(_rows(30 + 10 * rank, *([2, 1, 2, 1] if rank == 0 else [6, 7, 5, 6])), rank=rank)
@@ -638,7 +634,7 @@ def _ddp_weighted_worker(rank: int, world_size: int, port: int, out_dir: str) ->
 def test_ranks_with_unequal_batches_make_the_update_of_their_union(tmp_path):
     """Two ranks, two micro-batches each, 1-2 rows on rank 0 and 5-7 on rank 1: the updates of
     one process training on the four micro-batches of each update as one batch."""
-    mp.spawn(_ddp_weighted_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_weighted_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (_load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     rank0, rank1 = _rows(30, 2, 1, 2, 1), _rows(40, 6, 7, 5, 6)
     torch.manual_seed(0)
@@ -852,8 +848,8 @@ class _UnevenValidationTask(_ToyTask):
         return {"loss": 6.0, "weight": 3.0, "accuracy": 1.5}
 
 
-def _uneven_validation_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    dist = _join_gloo_group(rank, world_size, port)
+def _uneven_validation_worker(rank: int, world_size: int, out_dir: str) -> None:
+    dist = _join_gloo_group(rank, world_size, out_dir)
     try:
         task = _UnevenValidationTask([], rank=rank)
         trainer = Trainer(_toy_cfg(1), task, Path(out_dir) / "exp", dist)
@@ -868,7 +864,7 @@ def _uneven_validation_worker(rank: int, world_size: int, port: int, out_dir: st
 def test_validation_stats_missing_on_one_rank_count_zero_there(tmp_path):
     """Every rank must make the same reductions: with the stat names agreed first, a rank that
     lacks one adds 0 instead of leaving the others waiting on a reduction it never makes."""
-    context = mp.spawn(_uneven_validation_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    context = mp.spawn(_uneven_validation_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
     started = time.monotonic()
     while not context.join(timeout=5):  # False until every rank has exited
         if time.monotonic() - started > 120:

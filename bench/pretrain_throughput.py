@@ -24,7 +24,10 @@ prints per step: wall time, device busy time, kernel launches and host synchroni
 import argparse
 import dataclasses
 import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict
@@ -108,6 +111,43 @@ def make_steps(ours, theirs, hf_cfg, wav, lengths, optimizer: bool):
     return step_ours, step_theirs
 
 
+def repeat_in_fresh_processes(runs: int) -> None:
+    """--runs N: this command (less --runs) N times, each in a new process, then each frontend's
+    median ratio and range over the runs. Runs differ by more than the iterations within one
+    (±10 % on the 2-core machine: what the allocator and the caches hold is per process), so a
+    target is judged on the range over runs, not on one run's interval."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg == "--runs":
+            skip = not skip and arg == "--runs"
+            continue
+        if not arg.startswith("--runs="):
+            argv.append(arg)
+    by_frontend: Dict[str, list] = {}
+    for run in range(1, runs + 1):
+        done = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"run {run} failed:\n{done.stderr[-3000:]}")
+        ratios = run_ratios(done.stdout)
+        print(f"run {run}: " + "  ".join(f"{name}: {ratio:.2f}×" for name, ratio in ratios.items()), flush=True)
+        for name, ratio in ratios.items():
+            by_frontend.setdefault(name, []).append(ratio)
+    print(f"\nover {runs} runs (median, range): " + "  ".join(
+        f"{name}: {statistics.median(r):.2f}× ({min(r):.2f}-{max(r):.2f}×)" for name, r in by_frontend.items()))
+
+
+def run_ratios(stdout: str) -> Dict[str, float]:
+    """The frontend → ratio of one run's output: its `ratio (ours / transformers)` lines, in the
+    order of its `--frontend` list (the header lines name them)."""
+    names = re.findall(r"^(wav2vec2|hubert|wavlm|w2vbert): ours = ", stdout, flags=re.M)
+    ratios = [float(x) for x in re.findall(r"^ratio \(ours / transformers\): ([0-9.]+)×", stdout, flags=re.M)]
+    if len(ratios) == len(names) + 1:  # wav2vec 2.0 prints no "ours =" line; it always runs first
+        names = ["wav2vec2"] + names
+    if not ratios or len(ratios) != len(names):
+        raise SystemExit(f"cannot read the ratios of a run's output:\n{stdout[-2000:]}")
+    return dict(zip(names, ratios))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=CONFIGS, default="tiny")
@@ -124,7 +164,11 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None,
                         help="folder for a torch.profiler table of each model's step (after the timing)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps per model under the profiler")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat the whole measurement in this many fresh processes and summarise the ratios")
     args = parser.parse_args()
+    if args.runs > 1:
+        return repeat_in_fresh_processes(args.runs)
     args.device = torch.device(args.device)
 
     if args.frontend != "wav2vec2" and args.optimizer:
@@ -200,8 +244,20 @@ def time_steps(steps, args) -> float:
         med = statistics.median(ts)
         print(f"{name:<14}{med:>14.3f}{min(ts):>12.3f}{audio / med:>12.1f}")
     ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])
-    print(f"ratio (ours / transformers): {ratio:.2f}×")
+    low, high = ratio_interval(times["ours"], times["transformers"])
+    print(f"ratio (ours / transformers): {ratio:.2f}× (95 % bootstrap interval over the {len(times['ours'])} "
+          f"paired iterations: {low:.2f}-{high:.2f}×)")
     return ratio
+
+
+def ratio_interval(ours, theirs, resamples: int = 2000, seed: int = 0):
+    """95 % percentile-bootstrap interval of median(theirs) / median(ours). Iterations are resampled
+    as pairs: the two steps of an iteration run back to back, so load that slows one slows both."""
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    picks = np.random.default_rng(seed).integers(len(ours), size=(resamples, len(ours)))
+    ratios = np.median(theirs[picks], axis=1) / np.median(ours[picks], axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
 
 
 # Host-side events of the CUDA runtime (and driver) API under the profiler: kernel launches, and

@@ -35,7 +35,7 @@ command_line="./run.sh"; [ $# -eq 0 ] || command_line+=$(printf " %q" "$@")  # r
 # ---------------------------------------------------------------- options
 stage=0
 stop_stage=100
-frontend=wav2vec2      # wav2vec2, hubert, wavlm, w2vbert; `all`: each in turn over the stage range, one table
+frontend=${frontend:-wav2vec2}  # wav2vec2, hubert, wavlm, w2vbert (a corpus's run.sh may set its own); `all`: each in turn, one table
 model_size=""          # another size of the frontend: conf/frontend_<frontend>_<size>.yaml (exp dirs <frontend>_<size>)
 head=ctc
 labeled=all            # seconds of labeled audio (600, 1h, 10m) or "all"

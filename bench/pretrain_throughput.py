@@ -116,13 +116,7 @@ def repeat_in_fresh_processes(runs: int) -> None:
     median ratio and range over the runs. Runs differ by more than the iterations within one
     (±10 % on the 2-core machine: what the allocator and the caches hold is per process), so a
     target is judged on the range over runs, not on one run's interval."""
-    argv, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip or arg == "--runs":
-            skip = not skip and arg == "--runs"
-            continue
-        if not arg.startswith("--runs="):
-            argv.append(arg)
+    argv = [*sys.argv[1:], "--runs", "1"]  # argparse keeps the last --runs
     by_frontend: Dict[str, list] = {}
     for run in range(1, runs + 1):
         done = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)

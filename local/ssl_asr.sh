@@ -641,7 +641,7 @@ pseudo_labels_outdated() {  # pseudo_labels_outdated TEACHER LABELS: why LABELS 
   if [ $teacher/model_final.pt -nt $labels/.done ]; then echo "$teacher changed"; return 0; fi
   method=$(pseudo_label_method $teacher)
   if uses_lm $method || uses_lexicon $method; then  # the search read the LM or its lexicon: trained again since?
-    if [ $pseudo_label_lm_dir/.done -nt $labels/.done ] || [ $pseudo_label_lm_dir/words.txt -nt $labels/.done ]; then
+    if newer_input $labels/.done $pseudo_label_lm_dir/.done $pseudo_label_lm_dir/words.txt; then
       echo "$pseudo_label_lm_dir (the $method search's LM and lexicon) changed"; return 0
     fi
   fi

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 import torch
@@ -130,16 +130,21 @@ def repeat_in_fresh_processes(runs: int) -> None:
         f"{name}: {statistics.median(r):.2f}× ({min(r):.2f}-{max(r):.2f}×)" for name, r in by_frontend.items()))
 
 
+RATIO_LINE = re.compile(r"^ratio \(ours / transformers\), (\w+): ([0-9.]+)×", flags=re.M)
+
+
+def ratio_line(frontend: str, ratio: float, interval: Tuple[float, float], iterations: int) -> str:
+    """The line a run ends each frontend's measurement with (`run_ratios` reads it back)."""
+    return (f"ratio (ours / transformers), {frontend}: {ratio:.2f}× (95 % bootstrap interval over the "
+            f"{iterations} paired iterations: {interval[0]:.2f}-{interval[1]:.2f}×)")
+
+
 def run_ratios(stdout: str) -> Dict[str, float]:
-    """The frontend → ratio of one run's output: its `ratio (ours / transformers)` lines, in the
-    order of its `--frontend` list (the header lines name them)."""
-    names = re.findall(r"^(wav2vec2|hubert|wavlm|w2vbert): ours = ", stdout, flags=re.M)
-    ratios = [float(x) for x in re.findall(r"^ratio \(ours / transformers\): ([0-9.]+)×", stdout, flags=re.M)]
-    if len(ratios) == len(names) + 1:  # wav2vec 2.0 prints no "ours =" line; it always runs first
-        names = ["wav2vec2"] + names
-    if not ratios or len(ratios) != len(names):
+    """The frontend → ratio of one run's output, from its `ratio_line`s."""
+    ratios = {name: float(ratio) for name, ratio in RATIO_LINE.findall(stdout)}
+    if not ratios:
         raise SystemExit(f"cannot read the ratios of a run's output:\n{stdout[-2000:]}")
-    return dict(zip(names, ratios))
+    return ratios
 
 
 def main() -> None:
@@ -181,7 +186,7 @@ def main() -> None:
             print(f"encoder parameters: ours {case.encoder_params_ours:,}  transformers {case.encoder_params_theirs:,}")
             assert case.encoder_params_ours == case.encoder_params_theirs, "architectures do not match"
             steps = {"ours": case.step_ours, "transformers": case.step_theirs}
-        ratios[frontend] = time_steps(steps, args)
+        ratios[frontend] = time_steps(steps, args, frontend)
         if args.profile is not None:
             profile_steps(steps, args, frontend)
     if len(ratios) > 1:
@@ -214,7 +219,7 @@ def step_autocast(args) -> torch.autocast:
     return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
 
-def time_steps(steps, args) -> float:
+def time_steps(steps, args, frontend: str) -> float:
     """Alternating timed iterations; prints the table and returns the median-time ratio."""
     times = {name: [] for name in steps}
     cuda = args.device.type == "cuda"
@@ -239,8 +244,7 @@ def time_steps(steps, args) -> float:
         print(f"{name:<14}{med:>14.3f}{min(ts):>12.3f}{audio / med:>12.1f}")
     ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])
     low, high = ratio_interval(times["ours"], times["transformers"])
-    print(f"ratio (ours / transformers): {ratio:.2f}× (95 % bootstrap interval over the {len(times['ours'])} "
-          f"paired iterations: {low:.2f}-{high:.2f}×)")
+    print(ratio_line(frontend, ratio, (low, high), len(times["ours"])))
     return ratio
 
 

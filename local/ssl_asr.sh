@@ -59,6 +59,8 @@ kmeans_opts=""         # ... for the k-means of frontends with k-means targets (
 finetune_opts=""       # ... for stage 5 (and the noisy students of stage 9)
 tag=""                 # suffix of the fine-tuned systems' and noisy students' exp dirs, for variants side
                        #   by side, e.g. --tag _seed1 --finetune-opts trainer.seed=1 (pretraining and LM shared)
+pretrain_tag=""        # suffix of the pretraining's exp dir (and of the systems fine-tuned from it), for
+                       #   pretraining variants side by side, e.g. --pretrain-tag _12k --pretrain-opts trainer.max_updates=12000
 lm_text=""             # extra LM training text files (one sentence a line), space-separated
 lm_opts=""             # extra `key=value` config overrides for stage 6
 decode_opts=""         # extra options for sslasr.bin.decode, e.g. a wider λ grid for decoded systems:
@@ -169,7 +171,10 @@ lang=data/lang_${token_type}_${vocab_size}
 labeled_seconds=$(seconds_of "$labeled")
 labeled_tag=$labeled
 sp_tag=""; [ -z "$speed_perturb" ] || sp_tag=_sp$(echo $speed_perturb | tr ' ' '-')  # _sp0.9-1.1
-case "$tag" in *[!A-Za-z0-9._-]*) echo "$0: --tag '$tag': only letters, digits, '.', '_' and '-'" >&2; exit 2 ;; esac
+for suffix in tag pretrain_tag; do
+  case "${!suffix}" in *[!A-Za-z0-9._-]*)
+    echo "$0: --${suffix//_/-} '${!suffix}': only letters, digits, '.', '_' and '-'" >&2; exit 2 ;; esac
+done
 frontend_tag=$frontend${model_size:+_$model_size}  # names the exp dirs
 frontend_conf=$conf_dir/frontend_$frontend_tag.yaml
 if [ -n "$model_size" ] && [ -z "$init_from" ] && [ ! -f "$frontend_conf" ]; then
@@ -205,9 +210,10 @@ systems=""
 exp=exp
 conf_name=${conf_dir#./}; conf_name=${conf_name%/}
 [ "$conf_name" = conf ] || exp=exp/conf_$(printf %s "${conf_name#conf/}" | tr -c 'A-Za-z0-9._-' '_')
-pretrain_dir=$exp/pretrain_$frontend_tag
+pretrained_tag=$frontend_tag$pretrain_tag  # names the pretraining and what starts from it
+pretrain_dir=$exp/pretrain_$pretrained_tag
 system_dir() {  # system_dir pretrained|scratch
-  if [ "$1" = pretrained ]; then echo "$exp/${head}_${frontend_tag}_${labeled_tag}$sp_tag$tag"; else echo "$exp/${head}_scratch_${frontend_tag}_${labeled_tag}$sp_tag$tag"; fi
+  if [ "$1" = pretrained ]; then echo "$exp/${head}_${pretrained_tag}_${labeled_tag}$sp_tag$tag"; else echo "$exp/${head}_scratch_${frontend_tag}_${labeled_tag}$sp_tag$tag"; fi
 }
 
 if run_stage 0; then
@@ -291,14 +297,15 @@ newer_input() {  # newer_input FILE INPUT...: true when an INPUT is newer than F
   return 1
 }
 wait_for_node_0() {  # wait_for_node_0 MARKER WHAT [INPUT...]: until MARKER exists and is newer than each INPUT
-  local marker=$1 what=$2 waited=0 failed=$pretrain_dir/.node0_failed; shift 2
+  local marker=$1 what=$2 waited=0 failed=$pretrain_dir/.node0_failed stale=""; shift 2
+  [ $# -eq 0 ] || stale=", or older than its inputs"
   until [ -f "$marker" ] && ! newer_input "$marker" "$@"; do
     # a marker left by an earlier run (before this node started) is not this run's failure
     if [ -f "$failed" ] && [ "$(stat -c %Y "$failed")" -ge "$started_at" ]; then
       log "node $node_rank: node 0 failed in its $what ($failed; see node 0's log)"; exit 1
     fi
     if [ $waited -ge $((node_wait_hours * 3600)) ]; then
-      log "node $node_rank: node 0's $what ($marker) not there, or older than its inputs, after $node_wait_hours h (--node-wait-hours)"
+      log "node $node_rank: node 0's $what ($marker) not there$stale, after $node_wait_hours h (--node-wait-hours)"
       exit 1
     fi
     [ $((waited % 600)) -ne 0 ] || log "node $node_rank: waiting for node 0's $what ($marker)"
@@ -577,7 +584,7 @@ fi
 # The pool (pseudo_label.pool): `unlabeled`, the corpus's untranscribed audio, and/or
 # `rest_of_train`, the train utterances beyond the --labeled subset, their transcripts withheld
 # from the student and used to measure the pseudo-labels (empty at --labeled all).
-noisy_student_dir=$exp/noisy_student_${head}_${frontend_tag}_${labeled_tag}$sp_tag$tag
+noisy_student_dir=$exp/noisy_student_${head}_${pretrained_tag}_${labeled_tag}$sp_tag$tag
 # conf/noisy_student.yaml, then conf/noisy_student_<labeled>.yaml where one exists (as the
 # fine-tuning configs): a filter tuned for one amount of labels
 noisy_student_configs=$conf_dir/noisy_student.yaml

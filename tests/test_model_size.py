@@ -1,5 +1,6 @@
 """`run.sh --model-size SIZE`: another size of a frontend, from conf/frontend_<frontend>_<size>.yaml,
-with its own exp dirs; and the sizes speechocean762 ships."""
+with its own exp dirs; `--pretrain-tag`, a pretraining variant with its own; and the sizes
+speechocean762 ships."""
 
 import torch
 
@@ -33,19 +34,30 @@ def test_an_unknown_size_is_refused_naming_the_missing_file(tmp_path):
     assert result.returncode == 2 and "no conf/frontend_wav2vec2_huge.yaml" in result.stderr, result.stderr
 
 
-def test_a_size_pretrains_and_fine_tunes_its_own_architecture_into_its_own_exp_dirs(tmp_path, prepared_minisynth):
+def test_a_size_and_a_pretraining_tag_train_their_own_architecture_into_their_own_exp_dirs(tmp_path,
+                                                                                          prepared_minisynth):
     recipe = recipe_with_data(tmp_path, prepared_minisynth)
     (recipe / "conf/frontend_wav2vec2_narrow.yaml").write_text(
         "_base_: frontend_wav2vec2.yaml\nfrontend: {encoder: {transformer: {dim: 48, ffn_dim: 96}}}\n")
     (recipe / "conf/pretrain_wav2vec2_narrow.yaml").write_text("optim: {lr: 2.5e-4}\n")    # merged last
     (recipe / "conf/finetune_wav2vec2_narrow.yaml").write_text("optim: {lr: 1.234e-4}\n")  # merged last
-    result = run_recipe(recipe, *SMOKE, "--stage", "4", "--stop-stage", "5", "--model-size", "narrow", timeout=900)
+    result = run_recipe(recipe, *SMOKE, "--stage", "4", "--stop-stage", "5", "--model-size", "narrow",
+                        "--pretrain-tag", "_long", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert not (recipe / "exp/pretrain_wav2vec2").exists()
-    pretrained = torch.load(recipe / "exp/pretrain_wav2vec2_narrow/model_final.pt", weights_only=False)
+    assert sorted(path.name for path in (recipe / "exp").glob("pretrain_*")) == ["pretrain_wav2vec2_narrow_long"]
+    pretrained = torch.load(recipe / "exp/pretrain_wav2vec2_narrow_long/model_final.pt", weights_only=False)
     assert pretrained["config"]["optim"]["lr"] == 2.5e-4
-    for system in ("ctc_wav2vec2_narrow_all", "ctc_scratch_wav2vec2_narrow_all"):
+    # the pretrained system is named by the pretraining it starts from; scratch does not start from one
+    for system in ("ctc_wav2vec2_narrow_long_all", "ctc_scratch_wav2vec2_narrow_all"):
         checkpoint = torch.load(recipe / "exp" / system / "model_final.pt", weights_only=False)
         transformer = checkpoint["config"]["frontend"]["encoder"]["transformer"]
         assert (transformer["dim"], transformer["ffn_dim"]) == (48, 96), system
         assert checkpoint["config"]["optim"]["lr"] == 1.234e-4, system
+    init_from = torch.load(recipe / "exp/ctc_wav2vec2_narrow_long_all/model_final.pt",
+                           weights_only=False)["config"]["finetune"]["init_from"]
+    assert init_from.endswith("exp/pretrain_wav2vec2_narrow_long/model_final.pt"), init_from
+
+
+def test_a_pretraining_tag_outside_letters_digits_dot_underscore_dash_is_refused(tmp_path):
+    result = run_recipe(recipe_copy(tmp_path), "--stage", "5", "--pretrain-tag", "a/b", timeout=120)
+    assert result.returncode == 2 and "--pretrain-tag 'a/b'" in result.stderr, result.stderr

@@ -32,6 +32,17 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 command_line="./run.sh"; [ $# -eq 0 ] || command_line+=$(printf " %q" "$@")  # re-runnable: quoting kept
 
+# The options a corpus's run.sh may preset are read below as ${name:-default}. A variable of
+# the same name exported in the user's shell would pass for such a preset and change the recipe
+# unseen (a run.sh's own presets are plain, unexported shell variables), so it is refused.
+for preset in corpus frontend speed_perturb generations finetune_jobs vocab_size token_type data_opts \
+              conf_dir test_sets pretrain_splits valid_set; do
+  if [[ "$(declare -p "$preset" 2>/dev/null | cut -d' ' -f2)" == *x* ]]; then
+    echo "$0: '$preset' is exported in the environment, where it would silently set --${preset//_/-}; unset it and pass --${preset//_/-} instead" >&2
+    exit 2
+  fi
+done
+
 # ---------------------------------------------------------------- options
 stage=0
 stop_stage=100
@@ -584,7 +595,7 @@ fi
 # The pool (pseudo_label.pool): `unlabeled`, the corpus's untranscribed audio, and/or
 # `rest_of_train`, the train utterances beyond the --labeled subset, their transcripts withheld
 # from the student and used to measure the pseudo-labels (empty at --labeled all).
-noisy_student_dir=$exp/noisy_student_${head}_${pretrained_tag}_${labeled_tag}$sp_tag$tag
+noisy_student_dir=$exp/noisy_student_$(basename "$(system_dir pretrained)")
 # conf/noisy_student.yaml, then conf/noisy_student_<labeled>.yaml where one exists (as the
 # fine-tuning configs): a filter tuned for one amount of labels
 noisy_student_configs=$conf_dir/noisy_student.yaml

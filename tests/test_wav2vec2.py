@@ -19,7 +19,7 @@ from sslasr.models.blocks.quantizer import GumbelProductQuantizer, QuantizerOutp
 from sslasr.models.heads.ctc import CtcHead
 from sslasr.models.wav2vec2 import (
     BASE_CONV_LAYERS, Wav2Vec2Encoder, Wav2Vec2EncoderConfig, Wav2Vec2PretrainConfig, Wav2Vec2Pretrainer,
-    contrastive_logits, sample_negatives,
+    contrastive_logits, feature_penalty, sample_negatives,
 )
 from sslasr.train.schedules import build_lr_scale
 from sslasr.utils.config import load_config, load_configs, set_dotted
@@ -455,6 +455,40 @@ def test_unmasked_frame_term_adds_a_contrastive_loss_over_the_unmasked_frames():
         with_unmasked["contrastive"] + 0.1 * with_unmasked["diversity"] + 10.0 * with_unmasked["feature_penalty"]
         + 0.5 * with_unmasked["unmasked_contrastive"], rel=1e-5)
     assert with_unmasked["loss_tensor"] == pytest.approx(with_unmasked["loss"])
+
+
+def test_feature_penalty_is_the_mean_square_of_the_real_frames_only():
+    """A padded batch's penalty is that of its utterances' real frames, pooled: a batch-mate's
+    padding neither dilutes it nor (whatever the padded frames hold) adds to it."""
+    torch.manual_seed(0)
+    long_, short = torch.randn(7, 3), torch.randn(4, 3)
+    z = torch.full((2, 7, 3), 100.0)
+    z[0], z[1, :4] = long_, short
+    padding_mask = torch.tensor([[False] * 7, [False] * 4 + [True] * 3])
+    expected = torch.cat([long_, short]).pow(2).mean()
+    assert float(feature_penalty(z, padding_mask)) == pytest.approx(float(expected), rel=1e-6)
+    z.requires_grad_(True)
+    feature_penalty(z, padding_mask).backward()
+    assert z.grad[1, 4:].abs().max() == 0 and z.grad[1, :4].abs().min() > 0
+
+
+def test_fine_tuning_masks_zero_the_dropped_channels_of_time_masked_frames_too():
+    """As fairseq and transformers: the mask embedding goes in first, then the dropped channels
+    are zeroed in every frame, time-masked ones included."""
+    torch.manual_seed(0)
+    enc_dict = _tiny_encoder_dict()
+    enc_dict["mask"] = dict(time_prob=0.9, time_length=2, time_min_masks=1, channel_prob=0.5, channel_length=4)
+    encoder = Wav2Vec2Encoder(Wav2Vec2EncoderConfig.from_dict(enc_dict)).train()
+    torch.nn.init.normal_(encoder.mask_embedding)  # nonzero in every channel
+    seen = {}
+    encoder.transformer.register_forward_pre_hook(lambda module, args: seen.update(input=args[0].detach()))
+    encoder(torch.randn(2, 16000), torch.tensor([16000, 16000]))
+    x = seen["input"]
+    for utterance in x:
+        dropped = (utterance == 0).all(dim=0)  # channels zero in every frame
+        assert dropped.any()  # (were the mask embedding left whole, no channel would be)
+        masked_frames = (utterance[:, ~dropped] == encoder.mask_embedding[~dropped]).all(-1)
+        assert masked_frames.any()  # the time-masked frames, which lost the dropped channels too
 
 
 def test_encoder_padding_invariance_with_layer_norm_convs():

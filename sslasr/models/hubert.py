@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask
 from sslasr.models.blocks.masking import masked_frame_index, span_mask
 from sslasr.models.interfaces import Stats
-from sslasr.models.wav2vec2 import MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig
+from sslasr.models.wav2vec2 import MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig, feature_penalty
 
 IGNORE_LABEL = -100  # a frame without a target (padding, or past the end of its labels)
 # Labels and frames of one utterance come from different front ends (MFCC framing, conv
@@ -184,12 +184,12 @@ class HubertPretrainer(nn.Module):
         enc, cfg = self.encoder, self.cfg
         z, frame_lengths, padding_mask = enc.features(waveform, lengths)
         targets = align_targets(targets.to(z.device), frame_lengths, z.shape[1], self.labels_per_frame)
-        feature_penalty = z.float().pow(2).mean()
+        penalty = feature_penalty(z, padding_mask)
         x = enc.dropout_input(enc.feature_projection(enc.feature_norm(z)))
         time_mask = span_mask(frame_lengths, x.shape[1], cfg.mask.time_prob, cfg.mask.time_length,
                               cfg.mask.time_min_masks, at_least_one=True)
         context = enc.contextualize(x, padding_mask, time_mask)
         prediction, stats = self.head(context, targets, time_mask, padding_mask)
-        loss = prediction + cfg.feature_penalty_weight * feature_penalty
-        stats = {"loss": loss.detach(), **stats, "feature_penalty": feature_penalty.detach()}
+        loss = prediction + cfg.feature_penalty_weight * penalty
+        stats = {"loss": loss.detach(), **stats, "feature_penalty": penalty.detach()}
         return loss, stats

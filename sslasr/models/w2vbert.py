@@ -193,7 +193,9 @@ class W2vBertPretrainer(nn.Module):
         contrastive, contrastive_accuracy = contrastive_loss(
             self.final_proj(context.flatten(0, 1)[masked_frames]), self.project_q(q.quantized),
             time_mask.sum(1), cfg.num_negatives, cfg.logit_temperature)
-        # token ids: the quantizer's noise-free argmax codes, one per group
+        # token ids: the quantizer's noise-free argmax codes, one per group. fairseq's quantizer
+        # targets are the Gumbel-sampled codes instead; the argmax ones do not change with the
+        # sampling noise (large at τ ≈ 2, early on), so the MLM module gets steadier targets.
         mlm_logits = self.mlm_proj(mlm_states.flatten(0, 1)[masked_frames]).view(-1, cfg.quantizer_entries).float()
         token_ids = q.codes.reshape(-1)
         mlm = F.cross_entropy(mlm_logits, token_ids)

@@ -5,7 +5,7 @@
 For a masked frame t the context c_t must pick its quantized latent q_t among K distractors
 drawn from other masked frames of the same utterance:
     L_m = −log  exp(sim(c_t, q_t)/κ) / Σ_{q̃ ∈ {q_t} ∪ Q_t} exp(sim(c_t, q̃)/κ),   sim = cosine
-    L   = L_m + α·L_d + λ·mean(z²)          (α = 0.1 diversity, λ = 10 feature penalty)
+    L   = L_m + α·L_d + λ·mean(z²)          (α = 0.1 diversity, λ = 10 feature penalty; mean over real frames)
 Optionally (β > 0, not in the paper) unmasked frames play the same game, each c_t picking its own
 q_t among distractors from the other unmasked frames: L += β·L_u. It is HuBERT's unmasked-frame
 term carried over: L_m alone leaves free what the network makes of clean input, which is all
@@ -97,10 +97,15 @@ class Wav2Vec2Encoder(nn.Module):
         return z, frame_lengths, lengths_to_padding_mask(frame_lengths, z.shape[1])
 
     def contextualize(self, projected: torch.Tensor, padding_mask: torch.Tensor,
-                      time_mask: Optional[torch.Tensor], return_all: bool = False):
-        """Replace masked frames by the learned mask embedding, run the Transformer."""
+                      time_mask: Optional[torch.Tensor], return_all: bool = False,
+                      dropped_channels: Optional[torch.Tensor] = None):
+        """Replace masked frames by the learned mask embedding, zero the (B, C) dropped channels,
+        run the Transformer. Channels are zeroed after the embedding is put in, so a time-masked
+        frame loses them too (as in fairseq and transformers)."""
         if time_mask is not None:
             projected = torch.where(time_mask.unsqueeze(-1), self.mask_embedding.to(projected.dtype), projected)
+        if dropped_channels is not None:
+            projected = projected.masked_fill(dropped_channels.unsqueeze(1), 0.0)
         return self.transformer(projected, padding_mask, return_all=return_all)
 
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor, return_all: bool = False) -> EncoderOutput:
@@ -108,14 +113,13 @@ class Wav2Vec2Encoder(nn.Module):
         (time spans with the mask embedding, feature channels zeroed)."""
         z, frame_lengths, padding_mask = self.features(waveform, lengths)
         x = self.dropout_input(self.feature_projection(self.feature_norm(z)))
-        time_mask = None
+        time_mask = dropped = None
         mask = self.cfg.mask
         if self.training and mask.time_prob > 0:
             time_mask = span_mask(frame_lengths, x.shape[1], mask.time_prob, mask.time_length, mask.time_min_masks)
         if self.training and mask.channel_prob > 0:
             dropped = channel_mask(x.shape[0], x.shape[2], mask.channel_prob, mask.channel_length).to(x.device)
-            x = x.masked_fill(dropped.unsqueeze(1), 0.0)
-        out = self.contextualize(x, padding_mask, time_mask, return_all)
+        out = self.contextualize(x, padding_mask, time_mask, return_all, dropped)
         if return_all:
             return EncoderOutput(out[-1], frame_lengths, padding_mask, out)
         return EncoderOutput(out, frame_lengths, padding_mask)
@@ -166,6 +170,14 @@ def sample_negatives(counts: torch.Tensor, num_negatives: int, generator: Option
     return offsets[utt].unsqueeze(1) + draw
 
 
+def feature_penalty(z: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    """mean(z²) over the real frames of the (B, T, C) conv features: a mean over the padded
+    tensor would shrink the penalty with the batch's padding (fairseq crops its batches to the
+    shortest utterance, so its plain mean is one over real frames)."""
+    real = (~padding_mask).unsqueeze(-1).to(torch.float32)
+    return (z.float().pow(2) * real).sum() / (real.sum() * z.shape[-1]).clamp(min=1.0)
+
+
 def _unit(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """x / max(‖x‖, eps) along the last dim: the normalisation F.cosine_similarity applies to
     each input (the clamp outside autograd, as there)."""
@@ -185,17 +197,21 @@ def _rows_equal(targets: torch.Tensor, negative_idx: torch.Tensor) -> torch.Tens
     return same
 
 
+ALL_PAIRS_MAX_FRAMES = 8192  # 256 MB of float32 similarities; CPU-recipe batches stay far below
+
+
 def contrastive_logits(context: torch.Tensor, targets: torch.Tensor, negative_idx: torch.Tensor,
                        temperature: float) -> torch.Tensor:
     """context, targets (N, D); negative_idx (N, K) → logits (N, 1 + K), the positive first.
     A distractor identical to the positive (same code) cannot be told apart: its logit is −inf.
     Cosine similarity as F.cosine_similarity computes it, <c/‖c‖, q/‖q‖>, but each vector is
     normalised once, not once per candidate it appears in, and while N ≤ (1+K)·D all N×N
-    similarities come from one matmul, cheaper than gathering N·(1+K) candidate vectors."""
+    similarities come from one matmul, cheaper than gathering N·(1+K) candidate vectors (up to
+    ALL_PAIRS_MAX_FRAMES: beyond, the N×N matrix and its gradient would take gigabytes)."""
     index = torch.cat([torch.arange(len(targets), device=targets.device).unsqueeze(1), negative_idx], dim=1)
     unit_targets, unit_context = _unit(targets.float()), _unit(context.float())
     with torch.autocast(context.device.type, enabled=False):  # float32, as F.cosine_similarity
-        if len(targets) <= index.shape[1] * targets.shape[1]:
+        if len(targets) <= min(index.shape[1] * targets.shape[1], ALL_PAIRS_MAX_FRAMES):
             logits = (unit_context @ unit_targets.t()).gather(1, index)
         else:
             logits = torch.bmm(unit_targets[index], unit_context.unsqueeze(-1)).squeeze(-1)
@@ -242,7 +258,7 @@ class Wav2Vec2Pretrainer(nn.Module):
             raise ValueError("wav2vec 2.0 learns its own targets (the quantizer); got external targets")
         enc, cfg = self.encoder, self.cfg
         z, frame_lengths, padding_mask = enc.features(waveform, lengths)
-        feature_penalty = z.float().pow(2).mean()
+        penalty = feature_penalty(z, padding_mask)
         z = enc.feature_norm(z)
         x = enc.dropout_input(enc.feature_projection(z))
         time_mask = span_mask(frame_lengths, x.shape[1], cfg.mask.time_prob, cfg.mask.time_length,
@@ -263,11 +279,11 @@ class Wav2Vec2Pretrainer(nn.Module):
         (contrastive, accuracy), *unmasked_terms = [
             contrastive_loss(p, t, counts, cfg.num_negatives, cfg.logit_temperature)
             for p, t, (_, counts) in zip(predictions, targets, selections)]
-        loss = contrastive + cfg.diversity_weight * q.diversity_loss + cfg.feature_penalty_weight * feature_penalty
+        loss = contrastive + cfg.diversity_weight * q.diversity_loss + cfg.feature_penalty_weight * penalty
         stats = {
             "contrastive": contrastive.detach(),
             "diversity": q.diversity_loss.detach(),
-            "feature_penalty": feature_penalty.detach(),
+            "feature_penalty": penalty.detach(),
             "accuracy": accuracy,
             "code_perplexity": q.code_perplexity.detach(),
             "prob_perplexity": q.prob_perplexity.detach(),

@@ -227,29 +227,42 @@ system_dir() {  # system_dir pretrained|scratch
   if [ "$1" = pretrained ]; then echo "$exp/${head}_${pretrained_tag}_${labeled_tag}$sp_tag$tag"; else echo "$exp/${head}_scratch_${frontend_tag}_${labeled_tag}$sp_tag$tag"; fi
 }
 
+data_inputs() { printf 'corpus_dir %s\ndata_opts %s\n' "$corpus_dir" "$data_opts"; }  # what stage 0 made data/ from
 if run_stage 0; then
-  if done_or_force data/.data.done; then log "data ready (data/.data.done)"; else
+  # data/ made from other inputs (e.g. --data-opts "--max-utts 50" before) is refused, not reused;
+  # a marker without inputs predates their recording and is taken as it is
+  if [ -s data/.data.done ] && [ "$force" != true ] && [ "$(data_inputs)" != "$(cat data/.data.done)" ]; then
+    log "data/ was prepared from other inputs: $(diff data/.data.done <(data_inputs) | grep '^[<>]' | tr '\n' ' ')"
+    log "pass --force true to prepare it again from these (--stop-stage 0: stage 0 alone), or the inputs it was made with"
+    exit 2
+  fi
+  if done_or_force data/.data.done; then
+    log "data ready (data/.data.done$([ -s data/.data.done ] || echo ', made before inputs were recorded: not checked'))"
+  else
     log "preparing the corpus"
     ./local/data.sh --corpus-dir "$corpus_dir" --nj "$nj" $data_opts
-    mkdir -p data && touch data/.data.done
+    mkdir -p data && data_inputs > data/.data.done.tmp && mv data/.data.done.tmp data/.data.done
   fi
 fi
 # local/data.sh tells where the Kaldi-style folder it prepared is (--corpus-dir was its input)
 if [ -f data/corpus_dir ]; then corpus_dir=$(cat data/corpus_dir); fi
 
 if run_stage 1; then
-  if done_or_force $manifests/.done; then log "manifests ready"; else
+  if done_or_force $manifests/.done && [ ! data/.data.done -nt $manifests/.done ]; then log "manifests ready"; else
+    [ ! -f $manifests/.done ] || log "data/ was prepared again after the manifests: making them again"
     log "manifests from $corpus_dir"
     splits=$(for d in "$corpus_dir"/*/; do [ ! -f "$d/wav.scp" ] || printf '%s ' "$(basename "$d")"; done)
     "$python" -m sslasr.bin.prepare_manifests --corpus-dir "$corpus_dir" --corpus "$corpus" \
-      --splits $splits --out-dir $manifests --num-jobs "$nj"
+      --splits $splits --eval-splits $test_sets $valid_set --out-dir $manifests --num-jobs "$nj"
     touch $manifests/.done
   fi
 fi
 
 if run_stage 2; then
   if [ "$input_type" != fbank ]; then log "$frontend reads raw waveforms: no features to compute"
-  elif done_or_force $manifests/.fbank.done; then log "fbank ready"; else
+  elif done_or_force $manifests/.fbank.done && [ ! $manifests/.done -nt $manifests/.fbank.done ]; then log "fbank ready"
+  else
+    [ ! -f $manifests/.fbank.done ] || log "the manifests were made again after the fbank: computing it again"
     for f in $manifests/${corpus}_cuts_*.jsonl.gz; do
       # skip manifests with features: this stage's outputs and what stage 5 made of them
       # (the labeled subset *_fbank.jsonl.gz, its speed-perturbed copies *_fbank_sp0.9-1.1.jsonl.gz)

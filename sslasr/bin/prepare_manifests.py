@@ -1,7 +1,7 @@
 """Validate a Kaldi-style corpus folder and write lhotse manifests.
 
     python -m sslasr.bin.prepare_manifests --corpus-dir DIR --corpus NAME \
-        --splits train unlabeled dev test --out-dir data/manifests
+        --splits train unlabeled dev test --eval-splits dev test --out-dir data/manifests
 
 Writes, per existing split: {corpus}_{recordings,supervisions,cuts}_{split}.jsonl.gz,
 {corpus}_{split}_dropped.tsv and {corpus}_{split}_validation.json.
@@ -23,6 +23,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-rate", type=int, default=16000, help="other rates are resampled on the fly")
     p.add_argument("--min-duration", type=float, default=0.3, help="seconds; shorter is dropped")
     p.add_argument("--max-duration", type=float, default=30.0, help="seconds; longer is dropped")
+    p.add_argument("--eval-splits", nargs="*", default=[],
+                   help="test and validation splits: every utterance kept, whatever its duration "
+                        "(--min-duration and --max-duration apply to the other splits)")
     p.add_argument("--num-jobs", type=int, default=2, help="processes reading/checking audio")
     p.add_argument("--max-utts", type=int, default=None, help="first N wav.scp entries per split (quick runs)")
     p.add_argument("--dev-fraction", type=float, default=None,
@@ -41,7 +44,8 @@ def main(argv=None) -> None:
         raise SystemExit("--dev-fraction would overwrite the corpus' own dev split")
     reports = prepare_corpus(args.corpus_dir, args.corpus, args.splits, args.out_dir,
                              sample_rate=args.sample_rate, min_duration=args.min_duration,
-                             max_duration=args.max_duration, num_jobs=args.num_jobs, max_utts=args.max_utts)
+                             max_duration=args.max_duration, num_jobs=args.num_jobs, max_utts=args.max_utts,
+                             eval_splits=args.eval_splits)
     if args.dev_fraction or args.labeled:
         if "train" not in reports:
             raise SystemExit("--dev-fraction/--labeled need a train split")

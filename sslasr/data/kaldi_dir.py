@@ -8,8 +8,9 @@ names the corpus audio by absolute path: the audio itself is never copied.
 
 Checks here are structural (files present, ids consistent, audio paths pointing somewhere).
 Per-utterance problems -- an unreadable file, an empty transcript -- are stage 1's to drop
-and count (``sslasr.data.manifests``); the one exception is an id whose ``text`` lines disagree:
-only one transcript can be written, so it is dropped here (logged, and listed to the caller).
+and count (``sslasr.data.manifests``); the exceptions are what the written folder cannot carry:
+an id whose ``text`` lines disagree (only one transcript can be written) and a ``text`` line
+whose id has no audio. Both are dropped here (logged, and listed to the caller).
 """
 
 import logging
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 from sslasr.data.manifests import (
-    Dropped, Transcripts, conflicting_text, held_out_speakers, read_table, read_transcripts,
+    Dropped, Transcripts, conflicting_text, held_out_speakers, read_table, read_transcripts, unsupported_segments,
 )
 from sslasr.utils.io import write_text_atomic
 
@@ -54,17 +55,22 @@ def read_split(split_dir: Path, *, need_text: bool, need_speakers: bool, root: O
 
     An utterance whose ``text`` lines give different transcripts is left out, logged, and
     appended to `dropped` (when given) with reason ``conflicting_text``; identical repeated
-    lines are read once.
+    lines are read once. A ``text`` id absent from wav.scp is logged and appended to `dropped`
+    with reason ``text_without_audio``.
 
     Audio paths are read relative to `root` (default: the split folder itself). Raises
     LayoutError when a required file is missing, when an utterance lacks the speaker that a
-    by-speaker split needs, or when not one audio path exists (paths relative to the wrong
-    folder); a few missing files are only logged, stage 1 drops and counts them.
+    by-speaker split needs, when not one audio path exists (paths relative to the wrong
+    folder) or for a segments file (not supported); a few missing files are only logged,
+    stage 1 drops and counts them.
     """
     split_dir = Path(split_dir)
     root = Path(root) if root is not None else split_dir
     if not (split_dir / "wav.scp").is_file():
         raise LayoutError(f"{split_dir}: no wav.scp")
+    problem = unsupported_segments(split_dir)
+    if problem:  # the folder written would lose the segments: whole recordings as utterances
+        raise LayoutError(problem)
     wav = _table(split_dir / "wav.scp")
     if not wav:
         raise LayoutError(f"{split_dir}/wav.scp lists no utterances")
@@ -82,7 +88,7 @@ def read_split(split_dir: Path, *, need_text: bool, need_speakers: bool, root: O
         if unknown:
             raise LayoutError(f"{split_dir}/utt2spk: {len(unknown)} utterance(s) of wav.scp have no speaker, "
                               f"e.g. {unknown[:3]} (a by-speaker split needs every one)")
-    skipped = _drop_conflicting(split_dir, wav, conflicting)
+    skipped = _drop_conflicting(split_dir, wav, conflicting) + _drop_text_without_audio(split_dir, wav, transcripts)
     if dropped is not None:
         dropped.extend(skipped)
     utterances = [Utterance(u, os.path.abspath(os.path.join(root, entry)), (text or {}).get(u),
@@ -107,6 +113,16 @@ def _drop_conflicting(split_dir: Path, wav: Dict[str, str], conflicting: Dict[st
     return skipped
 
 
+def _drop_text_without_audio(split_dir: Path, wav: Dict[str, str], transcripts: Optional[Transcripts]) -> List[Dropped]:
+    """The text ids that wav.scp lacks, as drops (the written folder has no line for them)."""
+    ids = [*transcripts.text, *transcripts.conflicting] if transcripts is not None else []
+    skipped = [Dropped(u, "text_without_audio", "in text, not in wav.scp") for u in ids if u not in wav]
+    if skipped:
+        log.warning("%s/text: dropped %d line(s): text_without_audio (id not in wav.scp), e.g. %s", split_dir,
+                    len(skipped), [d.utt_id for d in skipped[:3]])
+    return skipped
+
+
 def _optional(path: Path, required: bool, read: Callable[[Path], T]) -> Optional[T]:
     """READ(path), or None for an absent file that is not required."""
     if path.is_file():
@@ -128,13 +144,16 @@ def _check_audio_paths(split_dir: Path, root: Path, utterances: Sequence[Utteran
 
 def write_split(split_dir: Path, utterances: Sequence[Utterance]) -> None:
     """wav.scp (absolute paths), and text / utt2spk when the utterances have them; sorted by
-    id as Kaldi expects. An empty split is an error: it would vanish from the corpus silently."""
+    id as Kaldi expects. An empty split is an error: it would vanish from the corpus silently.
+    An utterance without a transcript has no text line (an empty line would read as an empty
+    transcript: stage 1 then reports missing_text, not empty_text)."""
     if not utterances:
         raise ValueError(f"{split_dir}: no utterances to write")
     ordered = sorted(utterances, key=lambda u: u.utt_id)
     write_text_atomic(Path(split_dir) / "wav.scp", "".join(f"{u.utt_id} {u.path}\n" for u in ordered))
     if any(u.text is not None for u in ordered):
-        write_text_atomic(Path(split_dir) / "text", "".join(f"{u.utt_id} {u.text or ''}\n" for u in ordered))
+        write_text_atomic(Path(split_dir) / "text",
+                          "".join(f"{u.utt_id} {u.text}\n" for u in ordered if u.text is not None))
     if any(u.speaker is not None for u in ordered):
         write_text_atomic(Path(split_dir) / "utt2spk",
                           "".join(f"{u.utt_id} {u.speaker}\n" for u in ordered if u.speaker is not None))

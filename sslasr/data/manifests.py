@@ -8,9 +8,11 @@ utterance that cannot be trained on is dropped with a reason, counted, logged an
 
 import json
 import logging
+import math
 import multiprocessing
 import os
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,13 +63,31 @@ class AudioProbe:
 
 # ------------------------------------------------------------------ Kaldi files
 def read_table(path: Path) -> List[Tuple[str, str]]:
-    """`utt-id rest-of-line` pairs; the rest keeps inner spaces, blank lines are skipped."""
+    """`utt-id rest-of-line` pairs; the rest keeps inner spaces, blank lines are skipped.
+
+    Lines end at "\n" only (a "\r" before it is dropped): str.splitlines() would also end a
+    line at U+2028, \x0c, \x1c and others that can sit inside a transcript, making half of it
+    an utterance id. Fields are split at spaces and tabs, as Kaldi does. A UTF-8 byte-order
+    mark, which some editors write, is not part of the first id."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = f.read().split("\n")
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        parts = line.strip().split(maxsplit=1)
-        if parts:
-            rows.append((parts[0], parts[1].strip() if len(parts) > 1 else ""))
+    for line in lines:
+        parts = re.split(r"[ \t]+", line.strip(" \t\r"), maxsplit=1)
+        if parts[0]:
+            rows.append((parts[0], parts[1].strip(" \t") if len(parts) > 1 else ""))
     return rows
+
+
+def unsupported_segments(split_dir: Path) -> Optional[str]:
+    """The error for a split folder with a Kaldi ``segments`` file, None without one: every
+    wav.scp entry is read as one utterance, so segments would be ignored -- whole recordings
+    trained on under the first segment's transcript, or dropped as text without audio."""
+    path = Path(split_dir) / "segments"
+    if not path.exists():
+        return None
+    return (f"segments files are not supported: {path} (each wav.scp entry must be one utterance's "
+            f"audio; cut the recordings into one file per segment first)")
 
 
 @dataclass
@@ -101,41 +121,78 @@ def conflicting_text(utt_id: str, transcripts: Sequence[str]) -> Dropped:
     return Dropped(utt_id, "conflicting_text", f"{len(transcripts)} different transcripts in text: {shown}")
 
 
-def read_kaldi_split(split_dir: Path, max_utts: Optional[int] = None) -> KaldiSplit:
-    """Parse wav.scp/text/utt2spk; text-level problems are recorded as dropped utterances.
+def read_wav_scp(split_dir: Path, max_utts: Optional[int] = None) -> Tuple[Dict[str, str], List[str], List[Dropped]]:
+    """(usable id -> absolute path, every id listed, the dropped entries) of split_dir/wav.scp.
 
-    With `max_utts`, only the first N wav.scp entries are used (quick runs) and text lines of
-    the other utterances are ignored rather than reported as "text without audio".
+    An id on several lines keeps its path when the lines agree (each repeat listed as
+    duplicate_id); when the paths differ no line can be trusted over another, so the id is
+    dropped. With `max_utts`, only the first N ids of the file are read (quick runs).
     """
-    split_dir = Path(split_dir)
-    wav: Dict[str, str] = {}
+    rows = read_table(Path(split_dir) / "wav.scp")
+    listed = list(dict.fromkeys(utt_id for utt_id, _ in rows))[:max_utts]
+    paths: Dict[str, List[str]] = {utt_id: [] for utt_id in listed}
     dropped: List[Dropped] = []
-    for utt_id, entry in read_table(split_dir / "wav.scp"):
-        if utt_id in wav:
+    for utt_id, entry in rows:
+        if utt_id not in paths:
+            continue  # beyond max_utts
+        if entry in paths[utt_id]:
             dropped.append(Dropped(utt_id, "duplicate_id", "repeated in wav.scp"))
+        else:
+            paths[utt_id].append(entry)
+    wav: Dict[str, str] = {}
+    for utt_id, (entry, *others) in paths.items():
+        if others:
+            shown = " vs ".join(repr(e) for e in [entry, *others])
+            dropped.append(Dropped(utt_id, "conflicting_audio",
+                                   f"{1 + len(others)} different paths in wav.scp: {shown}"))
         elif entry.endswith("|") or not entry:
             dropped.append(Dropped(utt_id, "unsupported_entry", f"not a file path: {entry!r}"))
         else:
             # os.path.abspath, not resolve(): keep symlinked corpus paths as the user gave them.
             wav[utt_id] = os.path.abspath(os.path.join(split_dir, entry))
-    if max_utts is not None:
-        wav = dict(list(wav.items())[:max_utts])
-        dropped = [d for d in dropped if d.utt_id in wav]
+    return wav, listed, dropped
+
+
+def read_speakers(path: Path) -> Dict[str, str]:
+    """utt2spk; an id repeated with another speaker is an error (which one is right?)."""
+    speakers: Dict[str, str] = {}
+    conflicting = []
+    for utt_id, speaker in read_table(path):
+        if speakers.setdefault(utt_id, speaker) != speaker:
+            conflicting.append(utt_id)
+    if conflicting:
+        raise ValueError(f"{path}: {len(set(conflicting))} utterance id(s) repeated with different speakers, "
+                         f"e.g. {sorted(set(conflicting))[:3]}")
+    return speakers
+
+
+def read_kaldi_split(split_dir: Path, max_utts: Optional[int] = None) -> KaldiSplit:
+    """Parse wav.scp/text/utt2spk; text-level problems are recorded as dropped utterances.
+
+    With `max_utts`, only the first N wav.scp ids are used (quick runs) and text lines of
+    the other utterances are ignored rather than reported as "text without audio".
+    Raises ValueError for a segments file, which is not supported.
+    """
+    split_dir = Path(split_dir)
+    problem = unsupported_segments(split_dir)
+    if problem:
+        raise ValueError(problem)
+    wav, listed_ids, dropped = read_wav_scp(split_dir, max_utts)
 
     text, repeated = None, 0
     if (split_dir / "text").exists():
         transcripts = read_transcripts(split_dir / "text")
-        listed = set(wav)  # before conflicting ids leave wav
+        listed = set(listed_ids)  # every wav.scp id, dropped ones too: their text has audio
         text = {u: words for u, words in transcripts.text.items() if u in listed}
         for utt_id, variants in transcripts.conflicting.items():
-            if utt_id in listed:  # dropped here, so it is not counted again as missing_text
+            if utt_id in wav:  # dropped here, so it is not counted again as missing_text
                 del wav[utt_id]
                 dropped.append(conflicting_text(utt_id, variants))
         if max_utts is None:
             dropped.extend(Dropped(u, "text_without_audio", "in text, not in wav.scp")
                            for u in [*transcripts.text, *transcripts.conflicting] if u not in listed)
         repeated = transcripts.repeated_lines
-    speakers = dict(read_table(split_dir / "utt2spk")) if (split_dir / "utt2spk").exists() else {}
+    speakers = read_speakers(split_dir / "utt2spk") if (split_dir / "utt2spk").exists() else {}
     return KaldiSplit(wav=wav, text=text, speakers=speakers, dropped=dropped, repeated_text_lines=repeated)
 
 
@@ -315,15 +372,25 @@ def prepare_split(split_dir: Path, corpus: str, split: str, out_dir: Path, *, sa
     return report
 
 
-def prepare_corpus(corpus_dir: Path, corpus: str, splits: Sequence[str], out_dir: Path, **kwargs) -> Dict[str, Dict]:
-    """Every requested split that exists under corpus_dir; missing ones are logged and skipped."""
+def prepare_corpus(corpus_dir: Path, corpus: str, splits: Sequence[str], out_dir: Path, *,
+                   eval_splits: Sequence[str] = (), **kwargs) -> Dict[str, Dict]:
+    """Every requested split that exists under corpus_dir; missing ones are logged and skipped.
+
+    The duration limits (min_duration, max_duration) keep training batches in bounds; they do
+    not apply to `eval_splits` (test and validation sets), which are scored on every utterance
+    (LibriSpeech's test sets hold utterances of up to 35 s).
+    """
     reports = {}
     for split in splits:
         split_dir = Path(corpus_dir) / split
         if not (split_dir / "wav.scp").exists():
             log.info("%s: no %s/wav.scp, skipping split %s", corpus, split_dir, split)
             continue
-        reports[split] = prepare_split(split_dir, corpus, split, out_dir, **kwargs)
+        options = dict(kwargs)
+        if split in eval_splits:
+            log.info("%s/%s: an evaluation split, kept whatever the utterances' durations", corpus, split)
+            options.update(min_duration=0.0, max_duration=math.inf)
+        reports[split] = prepare_split(split_dir, corpus, split, out_dir, **options)
     if not reports:
         raise ValueError(f"none of the splits {list(splits)} exist under {corpus_dir}")
     return reports

@@ -83,6 +83,7 @@ def read_corpus(corpus_dir: Path) -> Tuple[Dict[str, List[Utterance]], Dict[str,
     root = corpus_dir if is_release_layout(corpus_dir) else None  # None: relative to each split folder
     if root is not None:
         log.info("%s: the OpenSLR release layout (wav.scp paths relative to the corpus root)", corpus_dir)
+    _warn_ignored_splits(corpus_dir)
     dropped: Dict[str, List[Dropped]] = {name: [] for name in ("train", "unlabeled", "test")}
     splits = {"train": read_split(corpus_dir / "train", need_text=True, need_speakers=True,
                                   root=root or corpus_dir / "train", dropped=dropped["train"])}
@@ -92,6 +93,16 @@ def read_corpus(corpus_dir: Path) -> Tuple[Dict[str, List[Utterance]], Dict[str,
             splits[name] = read_split(split_dir, need_text=need_text, need_speakers=False, root=root or split_dir,
                                       dropped=dropped[name])
     return splits, dropped
+
+
+def _warn_ignored_splits(corpus_dir: Path) -> None:
+    """Split folders other than train/, unlabeled/ and test/ are not read: dev is carved out of
+    train by speaker. Said, so that a corpus's own dev/ is not taken for the recipe's."""
+    ignored = sorted(d.name for d in corpus_dir.iterdir()
+                     if d.is_dir() and (d / "wav.scp").is_file() and d.name not in ("train", "unlabeled", "test"))
+    if ignored:
+        log.warning("%s: ignoring the split folder(s) %s: only train/, unlabeled/ and test/ are read "
+                    "(dev is carved out of train by speaker)", corpus_dir, ", ".join(f"{n}/" for n in ignored))
 
 
 def prepare(corpus_dir: Path, out_dir: Path, *, dev_speakers: int = 10, test_speakers: int = 20, seed: int = 0,

@@ -1,0 +1,104 @@
+"""Stages 0-2 of the stage driver (local/ssl_asr.sh) and their markers: data/ made from other
+inputs is refused, manifests older than data/ and fbank older than the manifests are made again.
+
+The driver runs for real, with a fake local/data.sh and a fake $SSLASR_PYTHON that records the
+programs it is asked to run: what is tested is the driver's decisions, in well under a second."""
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAKE_DATA_SH = """#!/usr/bin/env bash
+echo "$*" >> data_sh_calls
+mkdir -p data/kaldi/train && echo "$(cd data/kaldi && pwd)" > data/corpus_dir
+"""
+FAKE_PYTHON = """#!/usr/bin/env bash
+case "$1" in
+  -c) echo "${FAKE_INPUT_TYPE:-waveform}" ;;  # the frontend's input type
+  -m) echo "${*:2}" >> python_calls ;;
+  *) exit 3 ;;
+esac
+"""
+
+
+def _executable(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+def _recipe(tmp_path: Path) -> Path:
+    shutil.copytree(REPO / "local", tmp_path / "local")
+    recipe = tmp_path / "egs" / "toy"
+    _executable(recipe / "run.sh", '#!/usr/bin/env bash\ncd "$(dirname "$0")"\ncorpus=toy\n. ../../local/ssl_asr.sh\n')
+    _executable(recipe / "local" / "data.sh", FAKE_DATA_SH)
+    _executable(tmp_path / "python", FAKE_PYTHON)
+    return recipe
+
+
+def _run(recipe: Path, *args: str, input_type: str = "waveform") -> subprocess.CompletedProcess:
+    env = dict(os.environ, SSLASR_PYTHON=str(recipe.parents[1] / "python"), FAKE_INPUT_TYPE=input_type)
+    return subprocess.run(["./run.sh", *args], cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _lines(path: Path) -> list:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_stage_0_refuses_data_prepared_from_other_inputs(tmp_path: Path):
+    recipe = _recipe(tmp_path)
+    first = _run(recipe, "--stop-stage", "0", "--data-opts", "--max-utts 50")
+    assert first.returncode == 0, first.stderr
+    assert _lines(recipe / "data/.data.done") == ["corpus_dir ", "data_opts --max-utts 50"]
+
+    other = _run(recipe, "--stop-stage", "0")
+    assert other.returncode == 2, other.stderr
+    assert "data/ was prepared from other inputs: < data_opts --max-utts 50 > data_opts " in other.stderr
+    assert "pass --force true" in other.stderr
+    assert len(_lines(recipe / "data_sh_calls")) == 1  # not prepared again, not reused
+
+    forced = _run(recipe, "--stop-stage", "0", "--force", "true")
+    assert forced.returncode == 0, forced.stderr
+    assert _lines(recipe / "data/.data.done") == ["corpus_dir ", "data_opts "]
+    same = _run(recipe, "--stop-stage", "0")
+    assert same.returncode == 0 and "data ready (data/.data.done)" in same.stderr, same.stderr
+    assert len(_lines(recipe / "data_sh_calls")) == 2
+
+
+def test_stage_0_takes_a_marker_from_before_inputs_were_recorded_and_says_so(tmp_path: Path):
+    recipe = _recipe(tmp_path)
+    (recipe / "data").mkdir()
+    (recipe / "data/.data.done").touch()
+    result = _run(recipe, "--stop-stage", "0", "--data-opts", "--max-utts 50")
+    assert result.returncode == 0, result.stderr
+    assert "made before inputs were recorded: not checked" in result.stderr
+    assert not (recipe / "data_sh_calls").exists()
+
+
+def test_stages_1_and_2_redo_outputs_older_than_their_inputs(tmp_path: Path):
+    recipe = _recipe(tmp_path)
+    assert _run(recipe, "--stop-stage", "0").returncode == 0
+    manifests = recipe / "data/manifests"
+    manifests.mkdir()
+    (manifests / "toy_cuts_train.jsonl.gz").touch()
+    for age_s, marker in ((300, manifests / ".fbank.done"), (200, manifests / ".done")):
+        marker.touch()
+        stamp = time.time() - age_s  # an earlier run's: data/.data.done is newer than both
+        os.utime(marker, (stamp, stamp))
+
+    redone = _run(recipe, "--stage", "1", "--stop-stage", "2", input_type="fbank")
+    assert redone.returncode == 0, redone.stderr
+    assert "data/ was prepared again after the manifests: making them again" in redone.stderr
+    assert "the manifests were made again after the fbank: computing it again" in redone.stderr
+    calls = _lines(recipe / "python_calls")
+    assert [call.split()[0] for call in calls] == ["sslasr.bin.prepare_manifests", "sslasr.bin.compute_fbank"]
+    assert "--eval-splits dev test dev --out-dir" in calls[0]  # $test_sets and $valid_set
+
+    again = _run(recipe, "--stage", "1", "--stop-stage", "2", input_type="fbank")
+    assert again.returncode == 0, again.stderr
+    assert "manifests ready" in again.stderr and "fbank ready" in again.stderr
+    assert len(_lines(recipe / "python_calls")) == 2

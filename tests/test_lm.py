@@ -145,12 +145,27 @@ def test_token_batch_sampler_is_a_deterministic_partition():
     assert list(again) == epoch1  # what resuming relies on
     sampler.set_epoch(2)
     assert list(sampler) != epoch1
-    sampler.set_epoch(1)
-    shards = [list(TokenBatchSampler(lengths, 60, True, 3, world_size=2, rank=r)) for r in (0, 1)]
-    assert shards[0] and shards[1] and sorted(shards[0] + shards[1]) == sorted(
-        list(TokenBatchSampler(lengths, 60, True, 3)))
     with pytest.raises(ValueError, match="below the longest sentence"):
         TokenBatchSampler(lengths, max_tokens=10, shuffle=False)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_token_batch_sampler_gives_every_rank_as_many_batches(world_size):
+    """DDP ranks step together: an uneven shard would leave its peers' last batches untrained."""
+    lengths = [(7 * i) % 23 + 1 for i in range(200)]
+    whole = list(TokenBatchSampler(lengths, 70, True, 3))
+    assert len(whole) % world_size  # 43 batches: uneven shards unless padded
+    shards = [list(TokenBatchSampler(lengths, 70, True, 3, world_size, rank)) for rank in range(world_size)]
+    assert {len(shard) for shard in shards} == {-(-len(whole) // world_size)}
+    padding = whole[:world_size * len(shards[0]) - len(whole)]  # the epoch's first batches again
+    assert sorted(b for shard in shards for b in shard) == sorted(whole + padding)
+    # fewer batches (2) than ranks: each rank still trains
+    few = [list(TokenBatchSampler([3] * 4, 8, True, 0, world_size, rank)) for rank in range(world_size)]
+    assert [len(shard) for shard in few] == [1] * world_size
+    # evaluation: every sentence once over the ranks, nothing repeated
+    evaluated = [i for rank in range(world_size) for b in TokenBatchSampler(lengths, 70, False, 3, world_size, rank)
+                 for i in b]
+    assert sorted(evaluated) == list(range(200))
 
 
 def test_sentences_outside_the_tokenizer_are_dropped_and_counted(tmp_path, caplog):

@@ -807,6 +807,27 @@ def test_best_model_written_after_the_last_checkpoint_of_a_killed_run_is_not_use
     assert resumed.kept_models == [(4.0, 2)] and resumed.best_valid == 4.0
 
 
+def test_temporary_files_of_killed_saves_are_removed_at_the_start(tmp_path, caplog):
+    """What a SIGKILL inside atomic_path leaves (its finally never runs): reruns must not pile them up."""
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    leftovers = [".checkpoint_last.pt.a1b2.tmp.pt", ".model_valid_7.pt.c3.tmp.pt", ".model_final.pt.d4.tmp.pt"]
+    for name in leftovers + [".config.yaml.e5.tmp.yaml"]:  # the last one is not the trainer's to remove
+        (exp / name).write_bytes(b"half a checkpoint")
+    with caplog.at_level(logging.INFO, logger="sslasr.train.trainer"):
+        Trainer(_toy_cfg(1), _ToyTask(_toy_batches(2, seed=8)), exp, DistInfo()).fit()
+    assert sorted(p.name for p in exp.glob(".*.tmp*")) == [".config.yaml.e5.tmp.yaml"]
+    assert any("removed 3 temporary files" in r.getMessage() for r in caplog.records)
+
+
+def test_a_training_loader_without_batches_is_named_with_the_ranks(tmp_path):
+    trainer = Trainer(_toy_cfg(1), _ToyTask([]), tmp_path / "exp", DistInfo())
+    with pytest.raises(RuntimeError, match="yields no batches$"):
+        trainer.fit()
+    trainer.dist = DistInfo(world_size=3)  # what a rank of three would say: one empty shard stops all
+    assert "no batches on at least one of the 3 ranks" in trainer._no_batches_message()
+
+
 def test_resuming_on_fewer_ranks_skips_what_every_rank_had_consumed(tmp_path, caplog):
     """A checkpoint of 2 ranks after 3 batches each: one rank resumes after batch 6 of the epoch."""
     batches = _toy_batches(8, seed=6)

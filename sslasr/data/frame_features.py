@@ -8,9 +8,10 @@ float32 array and tells its `frame_rate` (frames per second) and `dim`; `cut_fea
 one over many cuts, in order, optionally in several processes.
 """
 
+import collections
 import multiprocessing
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional, Tuple, Union
+from typing import Deque, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -114,6 +115,10 @@ def build_features(kind: str, model: Optional[Union[str, Path]] = None, layer: O
     raise ValueError(f"unknown frame features {kind!r}: 'mfcc' or 'layer'")
 
 
+# Cuts in flight per worker process: enough to keep each busy while the consumer reads a result,
+# few enough that the features computed ahead stay a few utterances' worth.
+PENDING_PER_JOB = 2
+
 # One extractor per worker process, built by its initializer (a model is loaded once per worker).
 _worker_features = None
 
@@ -131,9 +136,9 @@ def _cut_and_features(cut) -> Tuple:
 def cut_features(cuts: Iterable, kind: str, model=None, layer: Optional[int] = None,
                  num_jobs: int = 1, device: Union[str, torch.device] = "cpu") -> Iterator[Tuple]:
     """(cut, (T, D) features) for every cut, in the input order. With num_jobs > 1 that many
-    single-threaded worker processes compute them (a few chunks of cuts in flight at a time);
-    the result is the same as num_jobs = 1. A model's layer on a GPU is computed in this process
-    (num_jobs is ignored: one process feeds the GPU, and CUDA does not survive a fork)."""
+    single-threaded worker processes compute them (at most PENDING_PER_JOB cuts per worker in
+    flight); the result is the same as num_jobs = 1. A model's layer on a GPU is computed in this
+    process (num_jobs is ignored: one process feeds the GPU, and CUDA does not survive a fork)."""
     on_gpu = kind == "layer" and torch.device(device).type != "cpu"
     if num_jobs <= 1 or on_gpu:
         features = build_features(kind, model, layer, device if on_gpu else "cpu")
@@ -141,4 +146,17 @@ def cut_features(cuts: Iterable, kind: str, model=None, layer: Optional[int] = N
             yield cut, features(cut)
         return
     with multiprocessing.get_context("fork").Pool(num_jobs, _start_worker, (kind, model, layer)) as pool:
-        yield from pool.imap(_cut_and_features, cuts, chunksize=8)
+        yield from _bounded_imap(pool, _cut_and_features, cuts, PENDING_PER_JOB * num_jobs)
+
+
+def _bounded_imap(pool, function, items: Iterable, max_pending: int) -> Iterator:
+    """pool.imap with at most MAX_PENDING results computed ahead of the consumer, in order.
+    pool.imap queues every item at once and keeps every finished result until it is read, so a
+    consumer slower than the workers (k-means, labelling) makes memory grow without bound."""
+    pending: Deque = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(function, (item,)))
+        if len(pending) >= max_pending:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()

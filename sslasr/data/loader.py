@@ -7,7 +7,10 @@ whose sampler runs ahead of the consumed batches -- call ``sampler.set_epoch(epo
 the number of batches the trainer actually consumed (what ``sslasr.train.trainer`` does).
 """
 
+import contextlib
+import hashlib
 import logging
+import random
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -91,13 +94,36 @@ def build_spec_augment(cfg: Optional[Dict]) -> Optional[SpecAugment]:
     return SpecAugment(**cfg)
 
 
-def spec_augment_batch(features: torch.Tensor, lens: torch.Tensor, transform: SpecAugment) -> torch.Tensor:
+def spec_augment_batch(features: torch.Tensor, lens: torch.Tensor, transform: SpecAugment,
+                       key: Optional[str] = None) -> torch.Tensor:
     """Augment each utterance over its own frames only: the warp, the mask widths (a fraction of
-    the utterance) and the mask value (its mean) never involve the batch's padding."""
+    the utterance) and the mask value (its mean) never involve the batch's padding. With a KEY
+    (the batch's identity) the masks are a function of it alone, see seeded_global_rngs."""
     features = features.clone()
-    for row, length in zip(features, lens.tolist()):
-        row[:length] = transform(row[None, :length])[0]
+    with seeded_global_rngs(key) if key is not None else contextlib.nullcontext():
+        for row, length in zip(features, lens.tolist()):
+            row[:length] = transform(row[None, :length])[0]
     return features
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(key: str):
+    """Python's, numpy's and torch's global RNGs seeded from KEY inside, restored after. lhotse's
+    SpecAugment draws from these: a worker's stream depends on which batches that worker made
+    before (and restarts at the epoch's start after a resume, while the sampler skips ahead), so
+    drawing from the batch's own seed is what makes a resumed run augment as an uninterrupted one.
+    Restoring keeps everything else drawing from those streams unaffected."""
+    digest = hashlib.sha256(key.encode()).digest()
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(int.from_bytes(digest[:8], "little"))
+            np.random.seed(int.from_bytes(digest[8:12], "little"))
+            torch.manual_seed(int.from_bytes(digest[12:20], "little") & (2 ** 63 - 1))
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 class SpeechDataset(Dataset):
@@ -109,11 +135,13 @@ class SpeechDataset(Dataset):
     ``targets_field`` the cuts' frame labels ``targets`` ((B, frames) LongTensor, TARGET_PAD-padded).
     With an ``utterance_mixing`` mixer (WavLM pretraining) the waveforms are mixed, the targets
     stay the clean cuts' labels, and ``mixing`` counts the mixed and noise utterances.
+    SpecAugment's masks depend on (seed, epoch, the batch's cut ids) only: call ``set_epoch``
+    before each epoch's loader iterator is made (workers copy the dataset then).
     """
 
     def __init__(self, input_type: str, tokenizer: Optional[Tokenizer] = None, normalize_waveform: bool = False,
                  targets_field: Optional[str] = None, spec_augment: Optional[SpecAugment] = None,
-                 utterance_mixing: Optional[UtteranceMixer] = None):
+                 utterance_mixing: Optional[UtteranceMixer] = None, seed: int = 0):
         if input_type not in INPUT_TYPES:
             raise ValueError(f"input_type must be one of {INPUT_TYPES}, got {input_type!r}")
         if utterance_mixing is not None and input_type != "waveform":
@@ -127,6 +155,14 @@ class SpeechDataset(Dataset):
         # wav2vec2 "base" was trained on raw samples, "large" on normalised ones: keep both.
         self.normalize_waveform = normalize_waveform
         self.targets_field = targets_field
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """In the augmentation's seed: a batch that recurs in a later epoch gets other masks."""
+        self.epoch = epoch
+
+    def augmentation_key(self, cuts: CutSet) -> str:
+        return f"{self.seed}|{self.epoch}|" + "|".join(c.id for c in cuts)
 
     def __getitem__(self, cuts: CutSet) -> Dict:
         inputs, input_lens, mixing = self._inputs(cuts)
@@ -153,7 +189,7 @@ class SpeechDataset(Dataset):
                 raise ValueError(f"cuts without stored features (run sslasr.bin.compute_fbank): {missing[:5]}")
             features, lens = collate_features(cuts)
             if self.spec_augment is not None:
-                features = spec_augment_batch(features, lens, self.spec_augment)
+                features = spec_augment_batch(features, lens, self.spec_augment, self.augmentation_key(cuts))
             return features, lens, None
         audio, lens = collate_waveforms(cuts)
         mixing = None
@@ -216,6 +252,6 @@ def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuff
                            rank=rank, max_cuts=max_cuts)
     dataset = SpeechDataset(input_type, tokenizer=tokenizer, normalize_waveform=normalize_waveform,
                             targets_field=targets_field, spec_augment=build_spec_augment(spec_augment),
-                            utterance_mixing=build_mixer(utterance_mixing, seed))
+                            utterance_mixing=build_mixer(utterance_mixing, seed), seed=seed)
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
                       persistent_workers=False)

@@ -53,7 +53,10 @@ class TokenBatchSampler(Sampler):
 
     Training (shuffle): each epoch a seeded permutation is cut into pools of ~100 batches, each
     pool sorted by length (little padding), and the batches' order shuffled; rank r of W takes
-    every W-th batch. Evaluation: corpus order."""
+    every W-th batch, the epoch's first batches repeated to make the count a multiple of W (as
+    lhotse's samplers pad): DDP ranks step together, so a rank with a batch fewer would end the
+    epoch for all, its peers' last batch never trained on, and with fewer batches than ranks no
+    rank could train at all. Evaluation: corpus order, every sentence once over the ranks."""
 
     def __init__(self, lengths: Sequence[int], max_tokens: int, shuffle: bool, seed: int = 0,
                  world_size: int = 1, rank: int = 0):
@@ -87,6 +90,7 @@ class TokenBatchSampler(Sampler):
             batches.append(current)
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
+            batches = padded_to_multiple(batches, self.world_size)
         return batches[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[List[int]]:
@@ -94,6 +98,13 @@ class TokenBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+def padded_to_multiple(batches: List[List[int]], world_size: int) -> List[List[int]]:
+    """BATCHES followed by as many of them again, from the first, cycling (fewer batches than
+    ranks), as make the count a multiple of WORLD_SIZE."""
+    missing = -len(batches) % world_size
+    return batches + [batches[i % len(batches)] for i in range(missing)]
 
 
 class TextDataset(Dataset):

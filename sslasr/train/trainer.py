@@ -39,7 +39,7 @@ from tqdm import tqdm
 from sslasr.train.config_check import FINAL_MODELS
 from sslasr.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from sslasr.train.schedules import build_lr_scale
-from sslasr.utils.io import atomic_path
+from sslasr.utils.io import atomic_path, remove_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -216,10 +216,13 @@ class Trainer:
         """This rank's batches for the current epoch, resuming mid-epoch; then None forever."""
         sampler = loader.sampler
         sampler.set_epoch(self.epoch)
+        if hasattr(loader.dataset, "set_epoch"):  # before the iterator: workers copy the dataset then
+            loader.dataset.set_epoch(self.epoch)
         # Its own generator: creating a DataLoader iterator draws from the global RNG, which
         # would make a resumed run's masks and dropout differ from an uninterrupted run's. The
-        # rank is in it: workers seed their augmentation (SpecAugment) from it, and every rank
-        # drawing the same masks would be less augmentation than asked for.
+        # workers' RNGs are seeded from it, but their streams restart at the epoch's start on a
+        # resume, while SkipBatches starts later: augmentation that must match an uninterrupted
+        # run seeds itself per batch (SpeechDataset's SpecAugment, utterance mixing).
         seed = self.cfg["trainer"].get("seed", 0) * 100003 + self.epoch + self.dist.rank * 1_000_003
         generator = torch.Generator().manual_seed(seed)
         resumed = DataLoader(loader.dataset, batch_size=None, sampler=SkipBatches(sampler, self.batches_done),
@@ -246,6 +249,7 @@ class Trainer:
         if self.dist.is_main:
             # an earlier run's, or a killed run's written after its last checkpoint: not this run's
             self._remove_unkept_models()
+            self._remove_temp_files()
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.num_updates)
         train_loader = self.task.train_dataloader(self.dist)
@@ -270,7 +274,7 @@ class Trainer:
             if not micro:  # epoch over on some rank: start the next one everywhere
                 empty_epochs = empty_epochs + 1 if self.batches_done == 0 else 0
                 if empty_epochs > 1:
-                    raise RuntimeError("the training data loader yields no batches")
+                    raise RuntimeError(self._no_batches_message())
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 batches = self._epoch_batches(train_loader)
                 continue
@@ -315,6 +319,14 @@ class Trainer:
                      self.num_updates, " ".join(f"{k}={v:.4g}" for k, v in final["valid"].items()))
         with atomic_path(self.exp_dir / "model_final.pt") as tmp:
             torch.save(final, tmp)
+
+    def _no_batches_message(self) -> str:
+        if not self.dist.is_distributed:
+            return "the training data loader yields no batches"
+        # an epoch ends on every rank when one runs out: one rank's empty shard stops them all
+        return (f"the training data loader yields no batches on at least one of the {self.dist.world_size} "
+                "ranks: every rank needs a batch per epoch (fewer batches than ranks, and a sampler that "
+                "does not pad its ranks' shards to equal counts?)")
 
     def _update(self, micro, interval: "_Interval") -> None:
         self.model.train()
@@ -448,6 +460,14 @@ class Trainer:
         for path in self.exp_dir.glob("model_valid_*.pt"):
             if path not in kept:
                 path.unlink()
+
+    def _remove_temp_files(self) -> None:
+        """A run killed while saving leaves its temporary file; reruns would pile them up. Only
+        this trainer writes these names here: bin/train.py holds the exp dir's lock by now."""
+        names = (self.checkpoint_path.name, "model_valid_*.pt", "model_final.pt")  # see _kept_model_path
+        removed = sum(remove_temp_files(self.exp_dir, name) for name in names)
+        if removed:
+            log.info("removed %d temporary files of killed saves from %s", removed, self.exp_dir)
 
     def _averaged_model_file(self) -> Dict:
         """The mean of the kept models' floating-point tensors (accumulated in float64); other

@@ -19,7 +19,10 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same directory; rename it onto `path` on success.
 
     The temporary name keeps the final suffix (e.g. ``.jsonl.gz``) so that libraries that
-    pick a format from the extension (lhotse, torch) still do the right thing.
+    pick a format from the extension (lhotse, torch) still do the right thing. The data reaches
+    the disk before the rename, and the rename before we return: otherwise a node crash can
+    leave `path` renamed but truncated (a checkpoint that blocks every restart). A process killed
+    inside leaves its temporary file behind: see remove_temp_files.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,10 +33,36 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fsync(path: Path) -> None:
+    """Flush PATH (a file, or a directory: its entries) to the disk. Some filesystems refuse a
+    directory's fsync (EINVAL, EBADF); nothing more can be done there."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def remove_temp_files(directory: PathLike, name_pattern: str) -> int:
+    """Removes the temporary files atomic_path left in DIRECTORY for names matching NAME_PATTERN
+    (a glob, e.g. ``model_valid_*.pt``) when killed; returns how many. Only for a directory no
+    other process writes those names into (its owner holds the directory's lock)."""
+    removed = 0
+    for tmp in Path(directory).glob(f".{name_pattern}.*.tmp*"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def _umask() -> int:

@@ -122,19 +122,26 @@ class UttResult:
 
 
 def score_corpus(
-    refs: dict[str, str], hyps: dict[str, str]
+    refs: dict[str, str], hyps: dict[str, str], skip_unreferenced: bool = False
 ) -> tuple[ErrorCounts, list[UttResult]]:
     """Score every reference utterance; words are whitespace-split, compared as given.
 
     A reference without a hypothesis is scored as all deletions and logged (a decoder that
-    silently drops utterances must not look better). A hypothesis without a reference is a
-    data error and raises. Per-utterance results are sorted by utterance id.
+    silently drops utterances must not look better). A hypothesis without a reference raises,
+    or with ``skip_unreferenced`` (a set whose cuts are only partly transcribed: the decoder
+    writes every cut's hypothesis) is left out of the score, counted in a warning.
+    Per-utterance results are sorted by utterance id.
     """
-    unknown = sorted(set(hyps) - set(refs))
-    if unknown:
+    unknown = unreferenced_ids(refs, hyps)
+    if unknown and not skip_unreferenced:
         raise ValueError(
             f"{len(unknown)} hypothesis utterance(s) have no reference, e.g. {unknown[:5]}"
         )
+    if unknown:
+        logger.warning(
+            "%d of %d hypotheses have no reference; not scored, e.g. %s",
+            len(unknown), len(hyps), unknown[:5],
+        )  # fmt: skip
     missing = sorted(set(refs) - set(hyps))
     if missing:
         logger.warning(
@@ -152,6 +159,11 @@ def score_corpus(
         per_utt.append(UttResult(utt_id, ref, hyp, alignment, counts, utt_id not in hyps))
         total = total + counts
     return total, per_utt
+
+
+def unreferenced_ids(refs: dict[str, str], hyps: dict[str, str]) -> list[str]:
+    """The hypotheses' utterance ids that have no reference, sorted."""
+    return sorted(set(hyps) - set(refs))
 
 
 # --------------------------------------------------------------------------- errors file
@@ -189,8 +201,9 @@ def _most_frequent_first(counter: Counter) -> list[str]:
     return [f"{count}\t{item}" for item, count in items]
 
 
-def write_errors_file(path: PathLike, per_utt: Sequence[UttResult]) -> ErrorCounts:
-    """Write an icefall-style per-utterance error report atomically; return the totals."""
+def write_errors_file(path: PathLike, per_utt: Sequence[UttResult], num_unreferenced: int = 0) -> ErrorCounts:
+    """Write an icefall-style per-utterance error report atomically; return the totals.
+    ``num_unreferenced``: hypotheses left out for want of a reference (score_corpus)."""
     total = sum((u.counts for u in per_utt), ErrorCounts())
     num_missing = sum(u.missing_hyp for u in per_utt)
     lines = [
@@ -199,6 +212,7 @@ def write_errors_file(path: PathLike, per_utt: Sequence[UttResult]) -> ErrorCoun
         f"over {total.ref_words} reference words ({total.corr} correct)",
         f"Utterances: {len(per_utt)}, of which {num_missing} had no hypothesis "
         "(scored as all deletions)",
+        *([f"Hypotheses without a reference (not scored): {num_unreferenced}"] if num_unreferenced else []),
         "Search below for sections starting with PER-UTT DETAILS:, SUBSTITUTIONS:, "
         "DELETIONS:, INSERTIONS:",
         "",
@@ -242,8 +256,9 @@ def append_result(results_jsonl: PathLike, row: dict[str, Any]) -> dict[str, Any
     if missing:
         raise ValueError(f"results row is missing required key(s): {', '.join(missing)}")
     wer = row["wer"]
-    if not isinstance(wer, (int, float)) or not math.isfinite(wer):
-        raise ValueError(f"results row has a non-finite or non-numeric wer: {wer!r}")
+    if not isinstance(wer, (int, float)) or not math.isfinite(wer):  # inf: insertions over 0 reference words
+        raise ValueError(f"results row of {row.get('corpus')}/{row.get('test_set')} ({row.get('decoding')}) has "
+                         f"a non-finite or non-numeric wer: {wer!r} over {row.get('num_words')} reference words")
     row = dict(row)
     row.setdefault(TIMESTAMP_KEY, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     line = json.dumps(row, ensure_ascii=False, allow_nan=False)

@@ -310,6 +310,20 @@ def test_batched_beam_search_equals_one_utterance_at_a_time():
         assert alone.score == pytest.approx(batched[b].score, abs=1e-4)
 
 
+def test_rows_without_encoder_frames_decode_to_empty_hypotheses():
+    """A cut shorter than one encoder frame: its row gets [] (joint CTC scoring would otherwise
+    reject the whole batch), and the other rows decode as they do without it."""
+    head = tiny_head(seed=4)
+    hidden = torch.randn(3, 6, 16, generator=torch.Generator().manual_seed(2))
+    lengths = torch.tensor([6, 0, 4])
+    for method, options in [("attention_greedy", DecodeOptions()),
+                            ("attention_beam", DecodeOptions(beam_size=3, ctc_weight=0.4))]:
+        batched = head.decode(hidden, lengths, method, options)
+        others = head.decode(hidden[[0, 2]], lengths[[0, 2]], method, options)
+        assert batched == [others[0], [], others[1]], method
+        assert head.decode(hidden[1:2], lengths[1:2], method, options) == [[]], method
+
+
 def test_pure_ctc_beam_agrees_with_ctc_prefix_beam_search():
     """ctc_weight 1 ranks hypotheses by CTC alone, as the CTC head's prefix beam search does."""
     from sslasr.decoding.ctc_prefix_beam import CtcBeamConfig, ctc_prefix_beam_search

@@ -263,15 +263,20 @@ def test_a_saved_tuning_is_reused_only_for_the_same_grid(tmp_path):
     it stops and says to --overwrite (the other sets were decoded with the old λ, β); made with
     another LM, it is tuned again (a file from before tunings named their LM is kept)."""
     from types import SimpleNamespace
-    from sslasr.bin.decode import TUNING_FILE, known_fusion
+    from sslasr.bin.decode import TUNING_FILE
+    from sslasr.bin.decode import known_fusion as decode_known_fusion
     saved = tmp_path / "decode_dev_ctc_beam_lm"
     saved.mkdir()
     points = [{"lm_weight": lw, "length_bonus": lb, "dev_wer": 50.0} for lw in (0.3, 1.0) for lb in (0.5, 1.5)]
     (saved / TUNING_FILE).write_text(json.dumps({"lm_weight": 1.0, "length_bonus": 0.5, "grid": points,
                                                  "lm": "lm_a.pt"}))
     args = SimpleNamespace(lm_weight=None, length_bonus=0.0, out_dir=str(tmp_path / "decode_{set}_{method}"),
-                           tune_on="dev", overwrite=False, lm="lm_a.pt")
+                           tune_on="dev", overwrite=False, lm="lm_a.pt", lexicon=None)
     same = {"lm_weight": [1.0, 0.3], "length_bonus": [0.5, 1.5]}
+
+    def known_fusion(args, fused, grid):
+        return decode_known_fusion(args, fused, grid, lambda method: 8)
+
     assert known_fusion(args, ["ctc_beam+lm"], same) == {"ctc_beam+lm": (1.0, 0.5)}
     wider = {"lm_weight": [0.3, 1.0, 1.5], "length_bonus": [0.5, 1.5]}
     with pytest.raises(SystemExit, match=r"λ \[0.3, 1.0\] × β \[0.5, 1.5\].*λ \[0.3, 1.0, 1.5\].*--overwrite"):
@@ -285,6 +290,34 @@ def test_a_saved_tuning_is_reused_only_for_the_same_grid(tmp_path):
     (saved / TUNING_FILE).write_text(json.dumps({"lm_weight": 1.0, "length_bonus": 0.5, "grid": points}))
     assert known_fusion(SimpleNamespace(**{**vars(args), "lm": "lm_b.pt"}), ["ctc_beam+lm"], same) == {
         "ctc_beam+lm": (1.0, 0.5)}
+
+
+def test_a_saved_tuning_is_tuned_again_for_another_beam_size_or_lexicon(tmp_path, caplog):
+    """λ, β tuned with beam 4 and one words.txt are not reused, but logged and tuned again, with
+    another --beam-size or after words.txt changed; a method without the lexicon ignores it."""
+    from types import SimpleNamespace
+    from sslasr.bin.decode import TUNING_FILE, known_fusion, tuning_settings
+    words = tmp_path / "words.txt"
+    words.write_text("AB\nBA\n")
+    args = SimpleNamespace(lm_weight=None, length_bonus=0.0, out_dir=str(tmp_path / "decode_{set}_{method}"),
+                           tune_on="dev", overwrite=False, lm="lm_a.pt", lexicon=str(words))
+    grid = {"lm_weight": [0.3], "length_bonus": [0.5]}
+    for method in ("ctc_lexicon+lm", "ctc_beam+lm"):
+        saved = tmp_path / f"decode_dev_{method.replace('+lm', '_lm')}"
+        saved.mkdir()
+        (saved / TUNING_FILE).write_text(json.dumps({
+            "lm_weight": 0.3, "length_bonus": 0.5, "grid": [{"lm_weight": 0.3, "length_bonus": 0.5, "dev_wer": 9.0}],
+            **tuning_settings(args, method, 4)}))
+    both = ["ctc_lexicon+lm", "ctc_beam+lm"]
+    assert known_fusion(args, both, grid, lambda method: 4) == {m: (0.3, 0.5) for m in both}
+    with caplog.at_level("WARNING"):
+        assert known_fusion(args, both, grid, lambda method: 8) == {}
+    assert "beam_size 4 (this run: 8): tuning ctc_beam+lm on dev again" in caplog.text
+    words.write_text("AB\nBA\nBAB\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert known_fusion(args, both, grid, lambda method: 4) == {"ctc_beam+lm": (0.3, 0.5)}
+    assert "lexicon_sha256" in caplog.text and "tuning ctc_lexicon+lm on dev again" in caplog.text
 
 
 # ------------------------------------------------------------------ decode.py on a tiny system
@@ -344,7 +377,7 @@ def test_lm_methods_are_tuned_on_the_tuning_set_never_on_another(tiny_system, tm
     decode.main(tune)
     tuning = json.loads((tmp_path / "decode_dev_ctc_beam_lm" / TUNING_FILE).read_text())
     assert [(p["lm_weight"], p["length_bonus"]) for p in tuning["grid"]] == [(0.5, 0.0), (1.0, 0.0)]
-    assert tuning["lm"] == tiny_system["lm"]
+    assert (tuning["lm"], tuning["beam_size"], tuning["lexicon"]) == (tiny_system["lm"], 4, None)
     assert not (tmp_path / "decode_test_ctc_beam_lm" / TUNING_FILE).exists()
     infos = {s: json.loads((tmp_path / f"decode_{s}_ctc_beam_lm/decode_info.json").read_text()) for s in ("dev", "test")}
     for info in infos.values():
@@ -392,6 +425,27 @@ def test_an_lm_retrained_in_place_is_decoded_and_tuned_again(tiny_system, tmp_pa
     info = json.loads((tmp_path / "decode_test_ctc_beam_lm/decode_info.json").read_text())
     tuning = json.loads((tmp_path / f"decode_dev_ctc_beam_lm/{TUNING_FILE}").read_text())
     assert info["lm_sha256"] == tuning["lm_sha256"] != first and len(first) == 64
+
+
+def test_a_partly_transcribed_set_is_decoded_and_scored(tiny_system, tmp_path):
+    """One of three cuts has no transcript: hyp.txt has all three, ref.txt two, decode_info.json
+    and the log count the third, and the folder scores over the two transcribed cuts."""
+    import dataclasses
+    from lhotse import CutSet, load_manifest
+    from sslasr.bin import decode, score
+    cuts = load_manifest(tiny_system["dev"])
+    untranscribed = cuts[1].id
+    CutSet.from_cuts(dataclasses.replace(cut, supervisions=[]) if cut.id == untranscribed else cut
+                     for cut in cuts).to_file(tmp_path / "part.jsonl.gz")
+    out = tmp_path / "decode"
+    decode.main(["--model", tiny_system["model"], "--methods", "ctc_greedy", "--cuts",
+                 f"part={tmp_path / 'part.jsonl.gz'}", "--out-dir", str(out)])
+    assert "1 of 3 cuts have no transcript" in (tmp_path / "decode.log").read_text()
+    assert json.loads((out / "decode_info.json").read_text())["num_unreferenced"] == 1
+    assert [line.split()[0] for line in (out / "ref.txt").read_text().splitlines()] == [cuts[0].id, cuts[2].id]
+    assert len((out / "hyp.txt").read_text().splitlines()) == 3
+    score.main(["--ref", str(out / "ref.txt"), "--hyp", str(out / "hyp.txt"), "--out-dir", str(out)])
+    assert "over 4 reference words" in (out / "errors.txt").read_text()  # "AB BA" and "AB AB"
 
 
 def test_plan_searches_tunes_nowhere_but_the_tuning_set():

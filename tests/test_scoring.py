@@ -12,6 +12,7 @@ ref and identical pairs); there they are compared exactly too.
 """
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -382,6 +383,39 @@ def test_score_cli_end_to_end(tmp_path, capsys):
     md = tmp_path / "RESULTS.md"
     assert render_results.main(["--results", str(results), "--out", str(md)]) == 0
     assert "71.43" in md.read_text() and "10 h" in md.read_text()
+
+
+def test_score_cli_scores_a_partly_transcribed_set(tmp_path, caplog):
+    """decode.py writes every cut's hypothesis but only the transcribed cuts' references: the
+    untranscribed cut is left out of the WER, with its count logged, in errors.txt and in the row."""
+    ref, hyp = write_texts(tmp_path)
+    hyp.write_text(hyp.read_text() + "u4 no transcript\n")
+    out, results = tmp_path / "out", tmp_path / "results.jsonl"
+    argv = ["--ref", str(ref), "--hyp", str(hyp), "--out-dir", str(out), "--results",
+            str(results)] + [a for s in SETS for a in ("--set", s)]  # fmt: skip
+    with caplog.at_level("WARNING"):
+        assert score.main(argv) == 0
+    assert "1 of 3 hypotheses have no reference; not scored, e.g. ['u4']" in caplog.text
+    (row,) = read_results(results)
+    assert (row["wer"], row["ins"], row["num_utts"], row["num_unreferenced_hyps"]) == (pytest.approx(71.4286), 0, 3, 1)
+    assert "Hypotheses without a reference (not scored): 1" in (out / "errors.txt").read_text()
+    with pytest.raises(ValueError, match="no reference"):  # the library's default stays strict
+        score_corpus({"u1": "a"}, {"u1": "a", "u4": "b"})
+
+
+def test_score_cli_names_a_set_without_reference_words(tmp_path):
+    """Insertions over 0 reference words would be a WER of inf: a clear error naming the set,
+    before anything is written."""
+    (tmp_path / "ref").write_text("u1\nu2\n")
+    (tmp_path / "hyp").write_text("u1 oh\nu2\n")
+    argv = ["--ref", str(tmp_path / "ref"), "--hyp", str(tmp_path / "hyp"), "--out-dir", str(tmp_path / "out"),
+            "--results", str(tmp_path / "r.jsonl")] + [a for s in SETS for a in ("--set", s)]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"ref \(test_set test-clean\): no reference words in its 2 utterance"):
+        score.main(argv)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r.jsonl").exists()
+    with pytest.raises(ValueError, match="librispeech/test-clean \\(beam\\) has a non-finite .* inf over 0 reference"):
+        append_result(tmp_path / "r.jsonl", {**score.parse_sets(SETS), "wer": math.inf, "sub": 0, "del": 0,
+                                             "ins": 1, "num_words": 0, "num_utts": 2})
 
 
 def test_score_cli_missing_set_fails_before_writing(tmp_path):

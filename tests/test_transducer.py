@@ -526,6 +526,19 @@ def test_shallow_fusion_conditions_the_lm_on_the_emitted_tokens_only(predictor):
     assert all_alignments - best_alignment < 0.1 < abs(lm_weight * lm_log_prob)  # the band is narrow
 
 
+def test_shallow_fusion_never_emits_sos_eos_as_a_token():
+    """Frames 2 1 3 make the joiner all but certain of token 1 (<sos/eos>) at the middle frame.
+    Without the LM it is an ordinary symbol there (as in the CTC search); with the LM it would
+    restart the LM's context mid-sentence, so the fused search must never emit it."""
+    head = rigged_head("stateless")
+    hidden, lengths = frames_of([2, 1, 3]).unsqueeze(0), torch.tensor([3])
+    lm = BigramLM(torch.zeros(V_RIG, V_RIG).log_softmax(-1))  # uniform: the LM prefers nothing
+    assert modified_beam_search(head, hidden, lengths, 4) == [[2, 1, 3]]
+    for beam_size in (1, 4):
+        fused = modified_beam_search(head, hidden, lengths, beam_size, lm=lm, lm_weight=0.3)
+        assert fused == [[2, 3]], beam_size
+
+
 # ---------------------------------------------------------------------------- training and the recipe
 def test_tiny_transducer_learns_to_transcribe_fixed_features():
     """Frame features that encode the token (with noise): 150 Adam steps of the pruned loss are

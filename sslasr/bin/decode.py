@@ -13,7 +13,9 @@ METHOD+lm is METHOD with shallow fusion, score log p_AM + λ·log p_LM + β·|y|
 edge without retraining). The grid's WERs go to fusion_tuning.json in SET's METHOD+lm folder, which
 a resumed run reuses if it covers the same grid (another grid is an error: --overwrite redoes the
 tuning and every set's decoding) and was made with the same --lm; SET's METHOD+lm hypotheses are the
-best point's, other sets are decoded with the tuned λ, β. λ and β are only ever tuned on SET: a
+best point's, other sets are decoded with the tuned λ, β. A tuning made with another beam size, or
+for a lexicon method with another --lexicon (path or contents), is not reused either: it is logged
+and tuned again. λ and β are only ever tuned on SET: a
 METHOD+lm without a reusable tuning is decoded and tuned there again, even where an earlier run
 (with --lm-weight) left a decoding of it.
 --lexicon words.txt gives the lexicon of lexicon-constrained methods (ctc_lexicon: the CTC prefix
@@ -74,9 +76,11 @@ class Search:
 
 @dataclass
 class SetPass:
-    """What one pass over a set's batches produced: references, audio and encoder time, searches."""
+    """What one pass over a set's batches produced: references, audio and encoder time, searches,
+    and how many cuts had no transcript (in hyp.txt but not ref.txt: scoring skips them)."""
     searches: Dict[object, Search]
     refs: Dict[str, str] = field(default_factory=dict)
+    unreferenced: int = 0
     audio_seconds: float = 0.0
     encode_seconds: float = 0.0
 
@@ -129,12 +133,17 @@ def run_searches(model: AsrModel, cfg: Dict, tokenizer: Tokenizer, cuts_path: st
                 search.scores.update(zip(batch["cut_ids"], hypothesis_scores(
                     model.head, encoded.hidden, encoded.lengths, token_ids)))
         result.refs.update((cut, text) for cut, text in zip(batch["cut_ids"], batch["texts"]) if text is not None)
+        result.unreferenced += sum(text is None for text in batch["texts"])
         result.audio_seconds += sum(batch["durations"])
+    if result.refs and result.unreferenced:  # a partly transcribed set: say what its WER leaves out
+        logging.warning("%s: %d of %d cuts have no transcript: decoded, but left out of ref.txt and its WER",
+                        cuts_path, result.unreferenced, result.unreferenced + len(result.refs))
     return result
 
 
 def write_decoding(out_dir: Path, search: Search, set_pass: SetPass, info: Dict) -> None:
-    """hyp.txt, ref.txt (when the set is transcribed), then decode_info.json: the folder's done mark."""
+    """hyp.txt (every cut), ref.txt (the cuts with a transcript, when any), then decode_info.json:
+    the folder's done mark."""
     write_text_atomic(out_dir / "hyp.txt", "".join(f"{k} {v}\n" for k, v in sorted(search.hyps.items())))
     if set_pass.refs:
         write_text_atomic(out_dir / "ref.txt", "".join(f"{k} {v}\n" for k, v in sorted(set_pass.refs.items())))
@@ -143,6 +152,7 @@ def write_decoding(out_dir: Path, search: Search, set_pass: SetPass, info: Dict)
     seconds = set_pass.encode_seconds + search.seconds  # the encoder's share counts in every method's RTF
     info = {**info, "beam_size": search.options.beam_size, "lm_weight": search.options.lm_weight,
             "length_bonus": search.options.length_bonus, "num_utts": len(search.hyps),
+            "num_unreferenced": set_pass.unreferenced,
             "audio_seconds": round(set_pass.audio_seconds, 2), "decode_seconds": round(seconds, 3),
             "real_time_factor": round(seconds / max(set_pass.audio_seconds, 1e-9), 5),
             "threads": torch.get_num_threads()}
@@ -238,7 +248,7 @@ def main(argv=None) -> None:
                               length_bonus=length_bonus, lexicon=lexicon)
 
     grid = tuning_grid(decode_cfg.get("tune", {}), args.tune_lm_weights, args.tune_length_bonuses)
-    fusion = known_fusion(args, fused, grid)
+    fusion = known_fusion(args, fused, grid, lambda method: options(method).beam_size)
     if len(fusion) < len(fused) and not grid["lm_weight"]:
         parser.error("tuning λ and β needs a grid: decode.tune.lm_weight (and length_bonus) in the model "
                      "config, or --tune-lm-weights (and --tune-length-bonuses)")
@@ -262,7 +272,8 @@ def main(argv=None) -> None:
                     "lexicon_sha256": file_sha256(args.lexicon) if uses_lexicon(method) else None,
                     "model_parameters": model_parameters, "device": device.type}
             if method not in searches:
-                search = tune_on_set(method, searches, set_pass, out_dir, args.lm)
+                settings = tuning_settings(args, method, options(method).beam_size)
+                search = tune_on_set(method, searches, set_pass, out_dir, settings)
                 fusion[method] = (search.options.lm_weight, search.options.length_bonus)
                 info["tuned_on"] = set_name
             else:
@@ -278,11 +289,22 @@ def tuning_grid(config_grid: Dict, lm_weights: Optional[List[float]], length_bon
             "length_bonus": [float(x) for x in (length_bonuses or config_grid.get("length_bonus") or [0.0])]}
 
 
-def known_fusion(args, fused: List[str], grid: Dict) -> Dict[str, Tuple[float, float]]:
+def tuning_settings(args, method: str, beam_size: int) -> Dict:
+    """What the λ, β of METHOD+lm were tuned with besides the grid, recorded in TUNING_FILE: the
+    LM, the beam size and, for a lexicon method, the lexicon (paths and contents: the best λ, β
+    move with each)."""
+    lexicon = args.lexicon if uses_lexicon(method) else None
+    return {"lm": args.lm, "lm_sha256": file_sha256(args.lm), "beam_size": beam_size,
+            "lexicon": lexicon, "lexicon_sha256": file_sha256(lexicon)}
+
+
+def known_fusion(args, fused: List[str], grid: Dict, beam_size_of: Callable[[str], int]
+                 ) -> Dict[str, Tuple[float, float]]:
     """METHOD+lm → (λ, β) known before decoding: given, or saved by an earlier run's tuning over
-    the same grid with the same LM (one for another LM is tuned again). A tuning over another grid
-    is an error rather than silently kept: the other sets were decoded with its λ, β, so only
-    --overwrite (all redone) makes them consistent."""
+    the same grid with the same settings (tuning_settings; BEAM_SIZE_OF gives this run's beam
+    size of a method). One made with other settings is logged and tuned again. A tuning over
+    another grid is an error rather than silently kept: the other sets were decoded with its λ, β,
+    so only --overwrite (all redone) makes them consistent."""
     if args.lm_weight is not None:
         return {method: (args.lm_weight, args.length_bonus) for method in fused}
     wanted = {(lw, lb) for lw in grid["lm_weight"] for lb in grid["length_bonus"]}
@@ -291,8 +313,13 @@ def known_fusion(args, fused: List[str], grid: Dict) -> Dict[str, Tuple[float, f
         tuning = out_dir_of(args.out_dir, args.tune_on, method) / TUNING_FILE
         if tuning.exists() and not args.overwrite:
             best = json.loads(tuning.read_text())
-            if (best.get("lm", args.lm), best.get("lm_sha256", file_sha256(args.lm))) != (args.lm, file_sha256(args.lm)):
-                continue  # tuned for another LM, or this one before it was retrained: tune again (older files name none)
+            settings = tuning_settings(args, method, beam_size_of(method))
+            # a setting the file does not name (older files) is taken as this run's
+            changed = sorted(key for key, value in settings.items() if best.get(key, value) != value)
+            if changed:
+                logging.warning("%s was tuned with %s: tuning %s on %s again", tuning, ", ".join(
+                    f"{key} {best[key]!r} (this run: {settings[key]!r})" for key in changed), method, args.tune_on)
+                continue
             tuned = {(point["lm_weight"], point["length_bonus"]) for point in best["grid"]}
             if wanted and tuned != wanted:
                 raise SystemExit(f"{tuning} tuned λ, β over {_grid_text(tuned)}, this run asks for "
@@ -350,17 +377,16 @@ def plan_searches(pending: List[str], fusion: Dict[str, Tuple[float, float]], gr
 
 
 def tune_on_set(method: str, searches: Dict[object, Search], set_pass: SetPass, out_dir: Path,
-                lm: Optional[str]) -> Search:
+                settings: Dict) -> Search:
     """The grid point of METHOD+lm with the lowest WER on this (transcribed) set; writes the grid
-    and the LM it was tuned for."""
+    and the SETTINGS (tuning_settings) it was tuned with."""
     if not set_pass.refs:
         raise SystemExit(f"cannot tune λ, β of {method} on a set without transcripts ({out_dir})")
     points = {key[1:]: search for key, search in searches.items() if isinstance(key, tuple) and key[0] == method}
     lm_weights = sorted({lw for lw, _ in points}, key=[lw for lw, _ in points].index)
     length_bonuses = sorted({lb for _, lb in points}, key=[lb for _, lb in points].index)
     best = tune_fusion(lambda lw, lb: points[(lw, lb)].hyps, set_pass.refs, lm_weights, length_bonuses)
-    write_text_atomic(out_dir / TUNING_FILE, json.dumps({**best, "method": method, "lm": lm,
-                                                         "lm_sha256": file_sha256(lm),
+    write_text_atomic(out_dir / TUNING_FILE, json.dumps({**best, "method": method, **settings,
                                                          "num_utts": len(set_pass.refs)}, indent=2) + "\n")
     logging.info("%s: best λ=%g β=%g, WER %.2f %% on %s", method, best["lm_weight"], best["length_bonus"],
                  best["dev_wer"], out_dir)

@@ -6,7 +6,10 @@
         --set command="python -m ..."
 
 REF and HYP are Kaldi-style text files: ``utt-id word word ...`` per line (an utterance
-id alone on its line means an empty transcript). Writes OUT_DIR/wer.txt (the ``%WER`` line)
+id alone on its line means an empty transcript). Hypotheses without a reference (a partly
+transcribed set: sslasr.bin.decode writes every cut's hypothesis, but only the transcribed cuts'
+references) are not scored; their count is logged and recorded (num_unreferenced_hyps). A REF
+without any reference word is an error: its WER is undefined. Writes OUT_DIR/wer.txt (the ``%WER`` line)
 and OUT_DIR/errors.txt (per-utterance details), prints the ``%WER`` line, and, with
 --results, appends one row made of the --set values plus the computed fields.
 """
@@ -29,12 +32,13 @@ from sslasr.scoring import (
     append_result,
     missing_result_keys,
     score_corpus,
+    unreferenced_ids,
     write_errors_file,
 )
 from sslasr.significance import compare_scored
 from sslasr.utils.io import write_text_atomic
 
-COMPUTED_KEYS = ("wer", "sub", "del", "ins", "num_words", "num_utts", "num_missing_hyps")
+COMPUTED_KEYS = ("wer", "sub", "del", "ins", "num_words", "num_utts", "num_missing_hyps", "num_unreferenced_hyps")
 # With --baseline: the decode directory compared with, and the paired bootstrap's fields
 BASELINE_KEYS = ("baseline", "wer_delta", "wer_delta_low", "wer_delta_high", "p_improvement")
 STRING_KEYS = ("command",)  # never type-converted, e.g. a command "true" stays a string
@@ -92,10 +96,20 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 def score_decode_dir(decode_dir: str | Path) -> list[UttResult]:
     """Per-utterance scoring of a decode directory's ref.txt and hyp.txt."""
     decode_dir = Path(decode_dir)
-    return score_corpus(read_kaldi_text(decode_dir / "ref.txt"), read_kaldi_text(decode_dir / "hyp.txt"))[1]
+    refs, hyps = read_kaldi_text(decode_dir / "ref.txt"), read_kaldi_text(decode_dir / "hyp.txt")
+    return score_corpus(refs, hyps, skip_unreferenced=True)[1]
 
 
-def computed_fields(total: ErrorCounts, num_utts: int, num_missing: int) -> dict[str, Any]:
+def check_has_reference_words(refs: dict[str, str], ref_path: str, test_set: Any) -> None:
+    """Raise, naming the set, when REFS hold no word: its WER (errors / 0 words) is undefined,
+    and a row of 0 or inf must not reach the results."""
+    if not any(text.split() for text in refs.values()):
+        name = f" (test_set {test_set})" if test_set is not None else ""
+        raise ValueError(f"{ref_path}{name}: no reference words in its {len(refs)} utterance(s), "
+                         "so its WER is undefined; is it the transcribed set?")
+
+
+def computed_fields(total: ErrorCounts, num_utts: int, num_missing: int, num_unreferenced: int = 0) -> dict[str, Any]:
     return {
         "wer": round(total.wer, 4),
         "sub": total.sub,
@@ -104,6 +118,7 @@ def computed_fields(total: ErrorCounts, num_utts: int, num_missing: int) -> dict
         "num_words": total.ref_words,
         "num_utts": num_utts,
         "num_missing_hyps": num_missing,
+        "num_unreferenced_hyps": num_unreferenced,
     }
 
 
@@ -131,11 +146,13 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError(f"missing --set for required key(s): {', '.join(missing)}")
 
     refs, hyps = read_kaldi_text(args.ref), read_kaldi_text(args.hyp)
-    total, per_utt = score_corpus(refs, hyps)
+    check_has_reference_words(refs, args.ref, row.get("test_set"))
+    num_unreferenced = len(unreferenced_ids(refs, hyps))
+    total, per_utt = score_corpus(refs, hyps, skip_unreferenced=True)
     out_dir = Path(args.out_dir)
     write_text_atomic(out_dir / "wer.txt", total.wer_line() + "\n")
-    write_errors_file(out_dir / "errors.txt", per_utt)
-    num_missing = sum(u.missing_hyp for u in per_utt)  # score_corpus already warned
+    write_errors_file(out_dir / "errors.txt", per_utt, num_unreferenced)
+    num_missing = sum(u.missing_hyp for u in per_utt)  # score_corpus already warned of both
     print(total.wer_line())
     compared = {}
     if args.baseline:
@@ -144,7 +161,8 @@ def run(args: argparse.Namespace) -> None:
         compared = {"baseline": str(args.baseline), **result.row_fields()}
 
     if args.results:
-        append_result(args.results, {**row, **computed_fields(total, len(refs), num_missing), **compared})
+        append_result(args.results, {**row, **computed_fields(total, len(refs), num_missing, num_unreferenced),
+                                     **compared})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -224,11 +224,28 @@ class AttentionHead(nn.Module):
     # ------------------------------------------------------------------ decoding
     def decode(self, hidden: torch.Tensor, lengths: torch.Tensor, method: str,
                options: DecodeOptions = DecodeOptions()) -> List[List[int]]:
+        """Rows without encoder frames (a cut shorter than the frontend's receptive field, which
+        a test set kept whole or made with a small --min-duration can hold) have nothing to attend
+        to (α_0 would be 0/0) and no CTC prefix scores: their hypothesis is empty, as in the CTC
+        and transducer searches, and the other rows are searched without them."""
+        if method not in self.methods:
+            raise ValueError(f"attention head cannot decode with {method!r}; available: {', '.join(self.methods)}")
+        searched = (lengths > 0).nonzero().flatten().tolist()
+        if len(searched) == len(lengths):
+            return self._search(hidden, lengths, method, options)
+        hyps: List[List[int]] = [[] for _ in range(len(lengths))]
+        if searched:
+            index = torch.tensor(searched, dtype=torch.long)
+            found = self._search(hidden[index.to(hidden.device)], lengths[index.to(lengths.device)], method, options)
+            for row, tokens in zip(searched, found):
+                hyps[row] = tokens
+        return hyps
+
+    def _search(self, hidden: torch.Tensor, lengths: torch.Tensor, method: str,
+                options: DecodeOptions) -> List[List[int]]:
         if method == "attention_greedy":
             return [h.tokens for h in self.greedy_search(hidden, lengths, options.max_len_ratio)]
-        if method == "attention_beam":
-            return [h.tokens for h in joint_beam_search(self, hidden, lengths, options)]
-        raise ValueError(f"attention head cannot decode with {method!r}; available: {', '.join(self.methods)}")
+        return [h.tokens for h in joint_beam_search(self, hidden, lengths, options)]
 
     @torch.no_grad()
     def greedy_search(self, hidden: torch.Tensor, lengths: torch.Tensor, max_len_ratio: float = 1.0

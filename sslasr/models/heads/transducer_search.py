@@ -125,13 +125,18 @@ class _Searcher:
 
     def extension_scores(self, beam: _Beam, encoder_t: torch.Tensor) -> torch.Tensor:
         """(N, V): each hypothesis's score after reading frame t with each symbol; blank adds
-        log p_AM(∅) only, a token also λ·log p_LM(token | y) + β."""
+        log p_AM(∅) only, a token also λ·log p_LM(token | y) + β. With the LM, <sos/eos> is no
+        token: emitted mid-sentence it would restart the LM's context (and the tokenizer drops it),
+        so it scores −inf, as in the CTC prefix beam search; without the LM it is left alone there too."""
         rows = torch.tensor(beam.utterance, dtype=torch.long, device=encoder_t.device)
         log_probs = self.head.joiner(encoder_t[rows], beam.predicted).float().log_softmax(-1)
         scores = beam.scores.unsqueeze(1) + log_probs
-        bonus = self.length_bonus if self.lm is None else self.lm_weight * beam.lm_log_probs + self.length_bonus
         is_blank = torch.arange(scores.shape[1], device=scores.device) == self.blank
-        return torch.where(is_blank, scores, scores + bonus)
+        if self.lm is None:
+            return torch.where(is_blank, scores, scores + self.length_bonus)
+        fused = scores + self.lm_weight * beam.lm_log_probs + self.length_bonus
+        fused[:, SOS_EOS_ID] = -math.inf
+        return torch.where(is_blank, scores, fused)
 
     def best_extensions(self, beam: _Beam, scores: torch.Tensor) -> List[Dict[Tuple[int, ...], List]]:
         """Per utterance, its K best extensions merged by token sequence: tokens → [score, parent,

@@ -275,7 +275,8 @@ if run_stage 2; then
 fi
 
 if run_stage 3; then
-  if done_or_force $lang/.done; then log "tokenizer ready ($lang)"; else
+  if done_or_force $lang/.done && [ ! $manifests/.done -nt $lang/.done ]; then log "tokenizer ready ($lang)"; else
+    [ ! -f $lang/.done ] || log "the manifests were made again after the tokenizer: training it again"
     "$python" -m sslasr.bin.train_tokenizer --cuts "$(cuts train)" --out-dir $lang --vocab-size "$vocab_size" \
       --model-type "$token_type"
     touch $lang/.done

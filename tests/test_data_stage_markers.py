@@ -1,5 +1,6 @@
-"""Stages 0-2 of the stage driver (local/ssl_asr.sh) and their markers: data/ made from other
-inputs is refused, manifests older than data/ and fbank older than the manifests are made again.
+"""Stages 0-3 of the stage driver (local/ssl_asr.sh) and their markers: data/ made from other
+inputs is refused, manifests older than data/, and fbank or a tokenizer older than the
+manifests, are made again.
 
 The driver runs for real, with a fake local/data.sh and a fake $SSLASR_PYTHON that records the
 programs it is asked to run: what is tested is the driver's decisions, in well under a second."""
@@ -79,26 +80,30 @@ def test_stage_0_takes_a_marker_from_before_inputs_were_recorded_and_says_so(tmp
     assert not (recipe / "data_sh_calls").exists()
 
 
-def test_stages_1_and_2_redo_outputs_older_than_their_inputs(tmp_path: Path):
+def test_stages_1_to_3_redo_outputs_older_than_their_inputs(tmp_path: Path):
     recipe = _recipe(tmp_path)
     assert _run(recipe, "--stop-stage", "0").returncode == 0
     manifests = recipe / "data/manifests"
     manifests.mkdir()
     (manifests / "toy_cuts_train.jsonl.gz").touch()
-    for age_s, marker in ((300, manifests / ".fbank.done"), (200, manifests / ".done")):
+    lang = recipe / "data/lang_unigram_200"
+    lang.mkdir()
+    for age_s, marker in ((300, manifests / ".fbank.done"), (200, manifests / ".done"), (100, lang / ".done")):
         marker.touch()
         stamp = time.time() - age_s  # an earlier run's: data/.data.done is newer than both
         os.utime(marker, (stamp, stamp))
 
-    redone = _run(recipe, "--stage", "1", "--stop-stage", "2", input_type="fbank")
+    redone = _run(recipe, "--stage", "1", "--stop-stage", "3", input_type="fbank")
     assert redone.returncode == 0, redone.stderr
     assert "data/ was prepared again after the manifests: making them again" in redone.stderr
     assert "the manifests were made again after the fbank: computing it again" in redone.stderr
+    assert "the manifests were made again after the tokenizer: training it again" in redone.stderr
     calls = _lines(recipe / "python_calls")
-    assert [call.split()[0] for call in calls] == ["sslasr.bin.prepare_manifests", "sslasr.bin.compute_fbank"]
+    assert [call.split()[0] for call in calls] == [
+        "sslasr.bin.prepare_manifests", "sslasr.bin.compute_fbank", "sslasr.bin.train_tokenizer"]
     assert "--eval-splits dev test dev --out-dir" in calls[0]  # $test_sets and $valid_set
 
-    again = _run(recipe, "--stage", "1", "--stop-stage", "2", input_type="fbank")
+    again = _run(recipe, "--stage", "1", "--stop-stage", "3", input_type="fbank")
     assert again.returncode == 0, again.stderr
-    assert "manifests ready" in again.stderr and "fbank ready" in again.stderr
-    assert len(_lines(recipe / "python_calls")) == 2
+    assert "manifests ready" in again.stderr and "fbank ready" in again.stderr and "tokenizer ready" in again.stderr
+    assert len(_lines(recipe / "python_calls")) == 3

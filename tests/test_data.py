@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
+from lhotse import CutSet, Fbank, FbankConfig, MonoCut, Recording, SupervisionSegment
 from lhotse.audio import AudioSource
 from shared_data import shared_data_dir
 
@@ -558,3 +558,32 @@ def test_real_corpus_few_utterances(tmp_path, caplog):
     assert cut.supervisions[0].text and cut.supervisions[0].text == cut.supervisions[0].text.upper()
     assert cut.supervisions[0].speaker and Path(cut.recording.sources[0].source).is_absolute()
     assert cut.load_audio().shape[-1] == cut.num_samples
+
+
+def test_fbank_is_w2v_bert_2s_front_end_at_lhotses_frame_count():
+    """An imported w2v-BERT 2.0 sees the features it was trained on: after per-bin normalisation
+    (the model's, as the checkpoint's extractor's) ours equal transformers' SeamlessM4T ones,
+    frame i of ours being its frame i − 1, the edge frames repeated to lhotse's frame count."""
+    transformers = pytest.importorskip("transformers")
+    rng = np.random.default_rng(0)
+    t = np.arange(int(16000 * 1.234)) / 16000
+    audio = (0.1 * np.sin(2 * np.pi * 440 * t * (1 + t)) + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+    padded = transformers.SeamlessM4TFeatureExtractor(feature_size=80, stride=1)(
+        audio, sampling_rate=16000, do_normalize_per_mel_bins=False, return_tensors="np")["input_features"][0]
+    frames = 1 + (len(audio) - 400) // 160  # the 25 ms windows that fit, 10 ms apart
+    assert frames == 121 and not padded[frames:].any()  # (zero frames pad it to an even count)
+    theirs = padded[:frames]
+    ours = compute_fbank_cli.SeamlessFbank(FbankConfig(num_mel_bins=80)).extract(audio, 16000)
+    assert len(ours) == 123  # round(1.234 s / 10 ms), lhotse's count
+
+    def normalised(features):
+        return (features - features.mean(0)) / np.sqrt(features.var(0) + 1e-7)
+
+    inner = ours[1:1 + len(theirs)]
+    assert np.abs(normalised(inner) - normalised(theirs)).max() < 1e-3
+    assert np.array_equal(ours[0], ours[1]) and np.array_equal(ours[-1], ours[-2])
+    # Kaldi's default (filters up to 7.6 kHz, frames centred on the shift) is far from them
+    kaldi = Fbank(FbankConfig(num_mel_bins=80)).extract(audio, 16000)[1:1 + len(theirs)]
+    assert np.abs(normalised(kaldi) - normalised(theirs)).max() > 1.0
+    # audio shorter than one window still gets its frame (Kaldi's edge handling)
+    assert compute_fbank_cli.SeamlessFbank().extract(audio[:300], 16000).shape == (2, 80)

@@ -1,4 +1,5 @@
-"""Compute 80-dim log-mel fbank features for a cut manifest into lilcom storage.
+"""Compute 80-dim log-mel fbank features (w2v-BERT 2.0's: SeamlessFbank) for a cut manifest
+into lilcom storage.
 
     python -m sslasr.bin.compute_fbank --cuts IN.jsonl.gz --out-cuts OUT.jsonl.gz --storage DIR
 
@@ -6,11 +7,16 @@ Only fbank frontends need this; waveform frontends read audio directly in the lo
 """
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 from lhotse import CutSet, Fbank, FbankConfig, LilcomChunkyWriter
+from lhotse.features.base import register_extractor
+from lhotse.utils import compute_num_frames
 
 from sslasr.data.loader import load_cuts
 from sslasr.data.manifests import write_cuts
@@ -35,6 +41,43 @@ def compute_fbank(cuts_path, out_cuts_path, storage_dir, num_mel_bins: int = 80,
     return with_feats
 
 
+@register_extractor
+class SeamlessFbank(Fbank):
+    """Kaldi-style log-mel fbank as w2v-BERT 2.0 was trained on (transformers'
+    SeamlessM4TFeatureExtractor), so that an imported checkpoint is fine-tuned on the features it
+    learnt from: mel filters up to the Nyquist frequency (Kaldi's default stops 400 Hz short,
+    which moves every filter) and frames wholly inside the audio, the first one at sample 0
+    (Kaldi's snip_edges; its center=False). lhotse counts frames as round(duration / shift), one
+    or two more than fit: the edge frames are repeated to make up the count, one before (frame
+    i then starts 40 samples after lhotse's nominal frame i), the rest after. After per-bin
+    normalisation the features agree with transformers' to about 1e-4."""
+
+    name = "sslasr-seamless-fbank"
+
+    def __init__(self, config: Optional[FbankConfig] = None):
+        config = config or FbankConfig()
+        super().__init__(dataclasses.replace(config, high_freq=0.0, snip_edges=True))
+
+    def extract(self, samples, sampling_rate: int):
+        num_samples = samples.shape[-1]
+        wanted = compute_num_frames(num_samples / sampling_rate, self.frame_shift, sampling_rate)
+        if num_samples < self.config.frame_length * sampling_rate:  # no whole frame: Kaldi's edges
+            unsnipped = Fbank(dataclasses.replace(self.config, snip_edges=False))
+            return unsnipped.extract(samples, sampling_rate)
+        feats = super().extract(samples, sampling_rate)
+        missing = wanted - feats.shape[0]
+        before = min(1, missing)
+        index = np.clip(np.arange(wanted) - before, 0, feats.shape[0] - 1)
+        if isinstance(feats, torch.Tensor):
+            index = torch.from_numpy(index).to(feats.device)
+        return feats[index]
+
+    def extract_batch(self, samples, sampling_rate: int, lengths=None):
+        if lengths is not None:
+            samples = [row[:int(length)] for row, length in zip(samples, lengths)]
+        return [self.extract(row, sampling_rate) for row in samples]
+
+
 def fbank_cuts(cuts: CutSet, storage_path: Path, num_mel_bins: int = 80, num_jobs: int = 2) -> CutSet:
     """The cuts with fbank features computed into the lilcom archive(s) at storage_path, in
     input order; cuts whose audio fails to load are left out with a warning."""
@@ -44,7 +87,7 @@ def fbank_cuts(cuts: CutSet, storage_path: Path, num_mel_bins: int = 80, num_job
         torch.set_num_threads(1)
     Path(storage_path).parent.mkdir(parents=True, exist_ok=True)
     with_feats = cuts.compute_and_store_features(
-        extractor=Fbank(FbankConfig(num_mel_bins=num_mel_bins)),
+        extractor=SeamlessFbank(FbankConfig(num_mel_bins=num_mel_bins)),
         storage_path=storage_path,
         num_jobs=num_jobs, storage_type=LilcomChunkyWriter, progress_bar=False)
     # Parallel jobs return their shards one after another: restore the input order.

@@ -18,7 +18,7 @@ from sslasr.bin.kmeans import training_overrides
 from sslasr.bin.train import dry_run
 from sslasr.data.pseudo_labels import filter_config
 from sslasr.data.kaldi_dir import LayoutError
-from sslasr.data.librispeech import prepare as prepare_librispeech_splits
+from sslasr.data.librispeech import finetuning_folds, prepare as prepare_librispeech_splits
 from sslasr.data.minisynth import resample, run_espeak
 from sslasr.data.tokenizer import Tokenizer
 from sslasr.train.config_check import ConfigError
@@ -102,6 +102,23 @@ def prepared(tmp_path_factory) -> Path:
                         "--stop-stage", "3", timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return recipe
+
+
+def test_incomplete_librilight_folds_are_named_in_warnings(tmp_path: Path, caplog):
+    """Folds other than 1h/0-5, or no 9h/, still give splits (a fixture has two folds), said."""
+    for fold in ("1h/0", "1h/1"):
+        (tmp_path / fold).mkdir(parents=True)
+    with caplog.at_level("WARNING"):
+        splits = finetuning_folds(tmp_path)
+    assert sorted(splits) == ["train_10m", "train_1h"]
+    assert "holds the folds ['0', '1'], Libri-Light's six are 0-5" in caplog.text
+    assert "has no 9h/: --labeled 10h will be a random subset" in caplog.text
+    for fold in ("1h/2", "1h/3", "1h/4", "1h/5", "9h"):
+        (tmp_path / fold).mkdir(parents=True)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert len(finetuning_folds(tmp_path)["train_10h"]) == 7
+    assert caplog.text == ""
 
 
 def _kaldi_ids(recipe: Path, split: str) -> set:

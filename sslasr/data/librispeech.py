@@ -83,8 +83,14 @@ def finetuning_folds(finetuning_dir: Path) -> Dict[str, List[Path]]:
     if not (finetuning_dir / "1h" / "0").is_dir():
         raise LayoutError(f"{finetuning_dir}: no 1h/0 fold (expected 1h/{{0..5}}/{{clean,other}}/ and 9h/)")
     splits = {"train_10m": [finetuning_dir / "1h" / "0"], "train_1h": folds}
+    if [p.name for p in folds] != [str(i) for i in range(6)]:  # an incomplete (or altered) download
+        log.warning("%s/1h holds the folds %s, Libri-Light's six are 0-5: train_1h is those, not its 1 h split",
+                    finetuning_dir, [p.name for p in folds])
     if (finetuning_dir / "9h").is_dir():
         splits["train_10h"] = folds + [finetuning_dir / "9h"]
+    else:
+        log.warning("%s has no 9h/: --labeled 10h will be a random subset of train, not Libri-Light's split",
+                    finetuning_dir)
     return splits
 
 

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask
 from sslasr.models.blocks.masking import masked_frame_index, span_mask
 from sslasr.models.interfaces import Stats
-from sslasr.models.wav2vec2 import MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig, feature_penalty
+from sslasr.models.wav2vec2 import (
+    MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig, correct_predictions, feature_penalty,
+)
 
 IGNORE_LABEL = -100  # a frame without a target (padding, or past the end of its labels)
 # Labels and frames of one utterance come from different front ends (MFCC framing, conv
@@ -127,7 +129,7 @@ class MaskedPredictionHead(nn.Module):
         logits = self.logits(context)
         total = F.cross_entropy(logits, targets, reduction="sum")
         with torch.no_grad():
-            correct = (logits.argmax(-1) == targets).sum().float()
+            correct = correct_predictions(logits, targets).sum().float()
         return total, correct
 
 

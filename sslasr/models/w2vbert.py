@@ -32,7 +32,7 @@ from sslasr.models.blocks.subsampling import (
     FeatureProjection, SubsamplingConfig, build_subsampling, normalize_fbank_bins,
 )
 from sslasr.models.interfaces import EncoderOutput, Stats
-from sslasr.models.wav2vec2 import MaskConfig, contrastive_loss
+from sslasr.models.wav2vec2 import MaskConfig, contrastive_loss, correct_predictions
 
 
 INPUT_NORMS = ("utterance", "none")
@@ -202,7 +202,7 @@ class W2vBertPretrainer(nn.Module):
         loss = w2v_bert_loss(contrastive, q.diversity_loss, mlm, cfg)
 
         with torch.no_grad():
-            mlm_accuracy = (mlm_logits.argmax(-1) == token_ids).float().mean()
+            mlm_accuracy = correct_predictions(mlm_logits, token_ids).float().mean()
         stats = {
             "loss": loss.detach(),
             "contrastive": contrastive.detach(),

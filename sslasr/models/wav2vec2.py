@@ -222,6 +222,15 @@ def contrastive_logits(context: torch.Tensor, targets: torch.Tensor, negative_id
     return logits
 
 
+def correct_predictions(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the target's logit above every other one. A tie for the top counts as wrong
+    (as fairseq's accuracy): argmax would call it right whenever the target comes first, so a
+    collapsed model with equal logits would report perfect accuracy."""
+    target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    others = logits.scatter(1, targets.unsqueeze(1), float("-inf"))
+    return target_logits > others.max(-1).values
+
+
 def contrastive_loss(predictions: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor,
                      num_negatives: int, temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """L_m over N frames (utterances laid out consecutively, `counts` frames each): the mean
@@ -231,7 +240,7 @@ def contrastive_loss(predictions: torch.Tensor, targets: torch.Tensor, counts: t
     logits = contrastive_logits(predictions, targets, negative_idx, temperature)
     target_idx = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
     with torch.no_grad():
-        accuracy = (logits.argmax(-1) == 0).float().mean()
+        accuracy = correct_predictions(logits, target_idx).float().mean()
     return F.cross_entropy(logits, target_idx), accuracy
 
 

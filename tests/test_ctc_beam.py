@@ -618,6 +618,7 @@ def test_ctc_head_lexicon_method_needs_a_lexicon_and_ctc_beam_ignores_it():
     with pytest.raises(ValueError, match="ctc_lexicon needs a lexicon"):
         head.decode(hidden, lengths, "ctc_lexicon", DecodeOptions(beam_size=4))
     constrained = head.decode(hidden, lengths, "ctc_lexicon", DecodeOptions(beam_size=4, lexicon=lexicon))
+    assert any(constrained)  # (an empty hypothesis would pass the check below vacuously)
     assert all(lexicon_words(t) is not None and set(lexicon_words(t)) <= {"AB", "BA", "B"}
                for t in constrained if t)
     assert (head.decode(hidden, lengths, "ctc_beam", DecodeOptions(beam_size=4, lexicon=lexicon))
@@ -687,3 +688,27 @@ def test_ctc_loss_counts_utterances_without_an_alignment(caplog):
     caplog.clear()
     ctc_loss(log_probs[:2], lengths[:2], tokens[:2])
     assert not caplog.text
+
+
+def test_ctc_head_learns_to_transcribe_fixed_features():
+    """A frame whose features encode the token (with noise) per token, a blank-like frame between:
+    300 Adam steps of the CTC loss are enough for greedy decoding to transcribe every utterance."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, dim = 7, 12
+    codebook = torch.randn(vocab, dim, generator=gen)
+    transcripts = [[2, 3, 4], [5, 6, 2, 3], [4, 4, 6], [6, 5]]
+    rows = [torch.stack([codebook[k] if k else torch.zeros(dim) for k in [0] + sum(([k, 0] for k in t), [])])
+            for t in transcripts]
+    lengths = torch.tensor([len(r) for r in rows])
+    hidden = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    torch.manual_seed(0)
+    head = CtcHead(input_dim=dim, vocab_size=vocab).train()
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
+    assert head.eval().greedy(hidden, lengths) != transcripts
+    for _ in range(300):
+        noisy = hidden + 0.1 * torch.randn(hidden.shape, generator=gen)
+        loss = head.train().loss(noisy, lengths, transcripts) / sum(map(len, transcripts))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert head.eval().greedy(hidden, lengths) == transcripts

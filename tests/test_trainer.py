@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -28,7 +29,7 @@ from sslasr.data.tokenizer import Tokenizer, train_tokenizer
 from sslasr.models.asr import build_asr_model
 from sslasr.scoring import align_counts
 from sslasr.train.distributed import DistInfo, init_distributed
-from sslasr.train.tasks import _init_encoder
+from sslasr.train.tasks import AsrFinetuneTask, _init_encoder
 from sslasr.train.trainer import Trainer, _Interval
 from sslasr.utils.config import load_config
 from sslasr.utils.threads import configure_cpu_math
@@ -281,6 +282,23 @@ def test_asr_initialised_from_pretrained_encoder(runs):
     assert frozen
     for key in frozen:
         assert torch.equal(asr_killed[key], pre[key]), key
+
+
+def test_the_encoder_is_frozen_for_the_first_updates_then_trains_with_the_head():
+    """finetune.freeze_encoder_updates = 2: updates 0 and 1 give the encoder no gradient (the
+    head alone learns), update 2 on gives it one; the trainer calls on_update before each."""
+    torch.manual_seed(0)
+    model = build_asr_model({"frontend": FRONTEND["frontend"], "head": {"name": "ctc"}}, vocab_size=8).train()
+    schedule = types.SimpleNamespace(freeze_encoder_updates=2)
+    waveform, lengths, tokens = torch.randn(2, 8000), torch.tensor([8000, 6000]), [[4, 5, 6], [7, 4]]
+    for update, frozen in ((0, True), (1, True), (2, False), (5, False)):
+        model.zero_grad(set_to_none=True)
+        AsrFinetuneTask.on_update(schedule, model, update)
+        model(waveform, lengths, tokens).backward()
+        encoder_grads = [p.grad for p in model.encoder.parameters() if p.requires_grad]
+        assert all(g is None for g in encoder_grads) == frozen, update
+        assert frozen or all(g is not None and g.abs().sum() > 0 for g in encoder_grads[-4:]), update
+        assert all(p.grad is not None for p in model.head.parameters()), update
 
 
 @pytest.mark.parametrize("frontend", ["wav2vec2", "w2vbert"])

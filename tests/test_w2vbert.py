@@ -264,14 +264,17 @@ def test_loss_combination_by_hand():
         negatives = sample_negatives(mask.sum(1), 3)
         predictions, targets = model.final_proj(context[mask]), model.project_q(q.quantized)
         codes = model.quantizer.weight_proj(z[mask]).argmax(-1)
-        contrastive, mlm = [], []
+        contrastive, mlm, contrastive_hits, mlm_hits = [], [], [], []
         for n in range(len(predictions)):
             candidates = [targets[n]] + [targets[i] for i in negatives[n]]
             sims = [F.cosine_similarity(predictions[n], c, dim=0) / 0.5 for c in candidates]
             sims = [s if i == 0 or not torch.equal(codes[negatives[n, i - 1]], codes[n]) else torch.tensor(-math.inf)
                     for i, s in enumerate(sims)]
             contrastive.append(-(sims[0] - torch.logsumexp(torch.stack(sims), 0)))
-            mlm.append(-torch.log_softmax(model.mlm_proj(top[mask][n]), -1)[codes[n]])
+            contrastive_hits.append(all(sims[0] > s for s in sims[1:]))
+            mlm_logits = model.mlm_proj(top[mask][n])
+            mlm.append(-torch.log_softmax(mlm_logits, -1)[codes[n]])
+            mlm_hits.append(all(mlm_logits[codes[n]] > v for i, v in enumerate(mlm_logits) if i != codes[n]))
         probs = torch.softmax(model.quantizer.weight_proj(z[mask]), -1).mean(0)
         diversity = (6 - torch.exp(-(probs * torch.log(probs + 1e-7)).sum())) / 6
         l_c, l_m = torch.stack(contrastive).mean(), torch.stack(mlm).mean()
@@ -281,6 +284,8 @@ def test_loss_combination_by_hand():
     assert stats["contrastive"] == pytest.approx(float(l_c), rel=1e-5)
     assert stats["mlm"] == pytest.approx(float(l_m), rel=1e-5)
     assert stats["diversity"] == pytest.approx(float(diversity), rel=1e-5)
+    assert stats["contrastive_accuracy"] == pytest.approx(sum(contrastive_hits) / len(contrastive_hits))
+    assert stats["mlm_accuracy"] == pytest.approx(sum(mlm_hits) / len(mlm_hits))
     assert float(loss) == pytest.approx(float(by_hand), rel=1e-5)
     assert float(w2v_bert_loss(l_c, diversity, l_m, cfg)) == pytest.approx(float(by_hand), rel=1e-6)
 

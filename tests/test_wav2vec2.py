@@ -19,7 +19,7 @@ from sslasr.models.blocks.quantizer import GumbelProductQuantizer, QuantizerOutp
 from sslasr.models.heads.ctc import CtcHead
 from sslasr.models.wav2vec2 import (
     BASE_CONV_LAYERS, Wav2Vec2Encoder, Wav2Vec2EncoderConfig, Wav2Vec2PretrainConfig, Wav2Vec2Pretrainer,
-    contrastive_logits, feature_penalty, sample_negatives,
+    contrastive_logits, correct_predictions, feature_penalty, sample_negatives,
 )
 from sslasr.train.schedules import build_lr_scale
 from sslasr.utils.config import load_config, load_configs, set_dotted
@@ -152,6 +152,24 @@ def test_conv_output_lengths_match_real_convolutions(layers):
     batched = conv.output_lengths(torch.tensor(lengths))
     assert batched.tolist() == [int(conv.output_lengths(torch.tensor([n]))) for n in lengths]
     assert conv.output_lengths(torch.tensor([rf - 1, 0, 10])).tolist() == [0, 0, 0]
+
+
+def test_feature_grad_mult_scales_the_gradient_into_the_extractor_only():
+    """feature_grad_mult (0.1 in base pretraining): the conv extractor's parameter gradients are
+    exactly that fraction of the unscaled ones; the forward pass is unchanged."""
+    waveform = torch.randn(2, 4000)
+    grads, outputs = {}, {}
+    for mult in (1.0, 0.1):
+        torch.manual_seed(0)
+        encoder = Wav2Vec2Encoder(Wav2Vec2EncoderConfig.from_dict(dict(_tiny_encoder_dict(), feature_grad_mult=mult)))
+        out = encoder.eval()(waveform, torch.tensor([4000, 4000])).hidden
+        out.pow(2).sum().backward()
+        outputs[mult] = out.detach()
+        grads[mult] = {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
+    assert torch.equal(outputs[1.0], outputs[0.1])
+    for name, grad in grads[1.0].items():
+        expected = 0.1 * grad if name.startswith("feature_extractor.") else grad
+        assert torch.allclose(grads[0.1][name], expected, rtol=1e-5, atol=1e-9), name
 
 
 @pytest.mark.parametrize("layers", [TINY_CONV, BASE_GEOMETRY], ids=["tiny", "base"])
@@ -359,6 +377,15 @@ def test_contrastive_logits_against_hand_computation():
     assert loss0.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_tie_for_the_top_logit_is_not_a_correct_prediction():
+    """As fairseq's accuracy: a collapsed model (equal logits) scores 0, not 1 as argmax would
+    have it whenever the target is the first candidate."""
+    logits = torch.tensor([[2.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 3.0, float("-inf")]])
+    targets = torch.tensor([0, 0, 0, 1])
+    assert correct_predictions(logits, targets).tolist() == [True, False, False, True]
+    assert correct_predictions(logits, torch.tensor([1, 1, 2, 0])).tolist() == [False, False, False, False]
+
+
 # ---------------------------------------------------------------------- negatives
 @pytest.mark.parametrize("counts", [[3, 5, 2], [3, 0, 4, 2], [2, 2]])
 def test_sample_negatives_stay_in_block_and_skip_positive(counts):
@@ -428,6 +455,36 @@ def test_pretrainer_loss_grads_and_stats():
         assert grad.abs().sum() > 0, name
     for name, p in named.items():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def tone_steps(num_samples: int = 16000, step: int = 1600, flip: bool = False) -> torch.Tensor:
+    """A waveform that changes tone every STEP samples (200-1100 Hz): its frames differ, so a
+    context vector can learn to tell its own frame's latent from the others'."""
+    freqs = 200 + 150 * (torch.arange(num_samples // step).repeat_interleave(step) % 7)
+    freqs = freqs.flip(0) if flip else freqs
+    return torch.sin(2 * math.pi * freqs * torch.arange(num_samples) / 16000)
+
+
+def test_pretraining_learns_to_pick_the_true_latent():
+    """200 Adam steps on one batch: the contrastive loss falls from ln(1 + K) (chance) and the
+    accuracy of picking the true quantized latent among K = 5 distractors rises well above 1/6."""
+    torch.manual_seed(0)
+    cfg = Wav2Vec2PretrainConfig.from_dict(dict(
+        mask=dict(time_prob=0.5, time_length=5, time_min_masks=2), quantizer_groups=2, quantizer_entries=8,
+        quantizer_dim=16, final_dim=16, num_negatives=5))
+    model = Wav2Vec2Pretrainer(Wav2Vec2EncoderConfig.from_dict(_tiny_encoder_dict()), cfg).train()
+    waveform, lengths = torch.stack([tone_steps(), tone_steps(flip=True)]), torch.tensor([16000, 16000])
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    history = []
+    for _ in range(200):
+        loss, stats = model(waveform, lengths)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append((float(stats["contrastive"]), float(stats["accuracy"])))
+    first, last = np.mean(history[:20], axis=0), np.mean(history[-20:], axis=0)
+    assert first[0] > 0.9 * math.log(6) and first[1] < 0.3  # near chance at the start
+    assert last[0] < 0.75 * first[0] and last[1] > 0.45
 
 
 def test_unmasked_frame_term_adds_a_contrastive_loss_over_the_unmasked_frames():

@@ -926,3 +926,33 @@ def test_interval_averages_device_tensors_and_floats_by_weight():
                                      "grad_norm": 1.5, "lr": 0.1})
     assert all(isinstance(value, float) for value in metrics.values())
     assert interval.flush() == {}
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_training_on_the_cpu_resumes_exactly(tmp_path, amp):
+    """trainer.amp on the CPU (autocast; fp16 with a loss scaler, whose state the checkpoint
+    keeps): 3 updates, then a resumed run to 5, end with the weights of 5 straight ones."""
+    from test_cuda import _DeviceCheckingTask
+    g = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(8, 4, generator=g), "y": torch.randn(8, 2, generator=g)} for _ in range(4)]
+
+    def run(exp_dir: Path, max_updates: int) -> Trainer:
+        cfg = {"trainer": {"max_updates": max_updates, "log_every": 1, "valid_every": 0, "checkpoint_every": 1,
+                           "amp": amp}, "optim": {"lr": 0.05}, "scheduler": {"name": "constant"}}
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, _DeviceCheckingTask(batches), exp_dir, DistInfo(device=torch.device("cpu")))
+        trainer.fit()
+        return trainer
+
+    straight = run(tmp_path / "straight", 5)
+    run(tmp_path / "resumed", 3)
+    checkpoint = torch.load(tmp_path / "resumed/checkpoint_last.pt", weights_only=False)
+    assert checkpoint["num_updates"] == 3
+    assert bool(checkpoint["scaler"]) == (amp == "fp16")  # the scaler's scale and growth tracker
+    resumed = run(tmp_path / "resumed", 5)
+    assert resumed.num_updates == 5
+    for a, b in zip(straight.task.model.parameters(), resumed.task.model.parameters()):
+        assert torch.equal(a, b)
+    torch.manual_seed(0)
+    start = torch.nn.Linear(4, 2)  # the trainers' init (seed 0): training moved it
+    assert not torch.equal(start.weight, straight.task.model.weight)

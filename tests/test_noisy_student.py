@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+import kaldialign
 import pytest
 import torch
 import torch.nn.functional as F
@@ -223,7 +224,21 @@ def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Pat
     assert report["num_cuts"] == 40 + len(rest) and report["kept"] + sum(report["dropped"].values()) == 40 + len(rest)
     assert report["filter"]["keep_fraction"] == 1.0 and report["dropped"]["below_top_fraction"] == 0
     # the truth of every pool cut is known: minisynth keeps the unlabeled text aside, the rest carries its own
-    assert report["num_references"] == 40 + len(rest) and 0 <= report["wer_all"]
+    assert report["num_references"] == 40 + len(rest)
+    corpus_dir = Path((recipe / "data/corpus_dir").read_text().strip())
+    references = {c.id: c.supervisions[0].text for c in rest}
+    references.update(read_kaldi_text(corpus_dir / "unlabeled/text.reference"))
+    pool_hyps = read_kaldi_text(labels / "decode_unlabeled/hyp.txt")
+
+
+    def wer(cuts) -> float:  # by kaldialign itself, not through sslasr.scoring
+        errors = sum(kaldialign.edit_distance(references[c].split(), pool_hyps.get(c, "").split())["total"]
+                     for c in cuts)
+        return 100 * errors / sum(len(references[c].split()) for c in cuts)
+
+    assert report["wer_all"] == pytest.approx(wer(references), abs=0.01)
+    kept = set(CutSet.from_file(labels / "student_train.jsonl.gz").ids) - set(labeled.ids)
+    assert len(kept) == report["kept"] and report["wer_kept"] == pytest.approx(wer(kept), abs=0.01)
     student_cuts = CutSet.from_file(labels / "student_train.jsonl.gz")
     assert len(student_cuts) == len(labeled) + report["kept"]
     hyps = read_kaldi_text(labels / "decode_unlabeled/hyp.txt")

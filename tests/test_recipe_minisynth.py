@@ -65,6 +65,9 @@ def test_results_rows_and_table(finished_recipe: Path):
             assert row["wer_delta"] == pytest.approx(row["wer"] - scratch["wer"], abs=1e-3)
             assert row["wer_delta_low"] <= row["wer_delta"] <= row["wer_delta_high"]
             assert 0 <= row["p_improvement"] <= 1
+            # the share of resamples with B < A agrees with the 95 % interval's side of 0
+            assert row["wer_delta_high"] >= 0 or row["p_improvement"] >= 0.97
+            assert row["wer_delta_low"] <= 0 or row["p_improvement"] <= 0.03
         else:
             assert "baseline" not in row
     table = (finished_recipe / "RESULTS.md").read_text()

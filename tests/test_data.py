@@ -263,6 +263,10 @@ def test_exclude_keeps_the_cuts_beyond_a_subset_and_refuses_foreign_ids(tmp_path
         cuts_cli.main(["exclude", "--cuts", str(labeled), "--ids-of", str(train), "--out", str(tmp_path / "x.jsonl.gz")])
 
 
+def _peak_hz(audio: np.ndarray, sr: int = SR) -> float:
+    return float(np.argmax(np.abs(np.fft.rfft(audio)))) * sr / len(audio)
+
+
 def test_speed_perturbed_copies_resample_audio_and_rescale_supervisions(prepared):
     originals = load_cuts(prepared[1] / "toy_cuts_train.jsonl.gz").to_eager()
     copies = speed_perturbed_copies(originals, [0.9, 1.1])
@@ -276,6 +280,8 @@ def test_speed_perturbed_copies_resample_audio_and_rescale_supervisions(prepared
             audio = copy_.load_audio()  # resampled on load: slower speech, more samples
             assert audio.shape[-1] == copy_.num_samples
             assert abs(audio.shape[-1] - cut.num_samples / factor) <= 2
+            # speed, not tempo: the tone's pitch moves by the factor (the fixtures are pure tones)
+            assert _peak_hz(audio[0]) == pytest.approx(factor * _peak_hz(cut.load_audio()[0]), rel=0.02)
     for bad in ([1.0], [0.9, 0.9], [0.2], [3.0]):
         with pytest.raises(ValueError, match="speed factors"):
             speed_perturbed_copies(originals, bad)

@@ -30,7 +30,7 @@ from sslasr.models.asr import build_asr_model
 from sslasr.scoring import align_counts
 from sslasr.train.distributed import DistInfo, init_distributed
 from sslasr.train.tasks import AsrFinetuneTask, _init_encoder
-from sslasr.train.trainer import Trainer, _Interval
+from sslasr.train.trainer import Trainer, _finalize_valid, _Interval
 from sslasr.utils.config import load_config
 from sslasr.utils.threads import configure_cpu_math
 
@@ -380,6 +380,28 @@ def test_asr_final_validation_reports_wer(runs, corpus):
     assert wer == pytest.approx(100.0 * errors / words, abs=1e-3 * max(1.0, wer))
     # the pretraining run has no 'wer', only its training lines
     assert all("wer=" not in line for line in _log_lines(runs["pretrain"]["A"], "train"))
+
+
+def test_asr_validation_wer_is_the_word_error_count_over_the_reference_words():
+    """A model with fixed greedy output, scored by hand: 'THE CAT SAT' → 'THE BAT SAT ON' (1 sub,
+    1 ins) and 'A DOG' → 'DOG' (1 del), 3 errors over 5 reference words = 60 %; the loss is the
+    mean per token."""
+    hyps = {"u1": "THE BAT SAT ON", "u2": "DOG"}
+
+    class FixedModel(nn.Module):
+        def forward(self, inputs, input_lens, tokens):
+            return torch.tensor(6.0)  # summed over the batch's 6 tokens
+
+        def greedy(self, inputs, input_lens):
+            return [hyps[cut] for cut in batch["cut_ids"]]
+
+    task = types.SimpleNamespace(tokenizer=types.SimpleNamespace(decode=lambda hyp: hyp))
+    batch = {"inputs": torch.zeros(2, 10), "input_lens": torch.tensor([10, 8]), "cut_ids": ["u1", "u2"],
+             "texts": ["THE CAT SAT", "A DOG"], "tokens": [[1, 2, 3], [4, 5, 6]]}
+    totals = AsrFinetuneTask.validate(task, FixedModel(), [batch])
+    metrics = _finalize_valid(dict(totals))
+    assert metrics["wer"] == pytest.approx(60.0) and metrics["loss"] == pytest.approx(1.0)
+    assert metrics["num_utterances"] == 2
 
 
 def test_ddp_smoke_torchrun(runs, corpus):

@@ -26,7 +26,8 @@
 # Outputs of stages 4-10 go under exp/, or exp/conf_<name>/ for another --conf-dir (see $exp).
 # Every stage leaves a .done marker and is skipped when it exists (--force true redoes it:
 # training from update 0, its logs appended to); training stages resume from their last
-# checkpoint after a kill.
+# checkpoint after a kill. A training dir (stages 4, 5, 9) records what it is made from in
+# inputs.txt; reused or resumed from other inputs, it is refused (see made_from).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -105,7 +106,8 @@ if [ "$frontend" = all ]; then
       *) one_frontend_args+=("$1"); shift ;;
     esac
   done
-  for one in $("$python" -c "from sslasr.models.frontends import FRONTENDS; print(*FRONTENDS)"); do
+  frontends=$("$python" -c "from sslasr.models.frontends import FRONTENDS; print(*FRONTENDS)")  # a failure stops here
+  for one in $frontends; do
     one_command=("./$(basename "$0")" ${one_frontend_args[@]+"${one_frontend_args[@]}"} --frontend "$one")
     echo "$(date '+%F %T') --frontend all:$(printf " %q" "${one_command[@]}")" >&2
     "${one_command[@]}"
@@ -227,6 +229,18 @@ system_dir() {  # system_dir pretrained|scratch
   if [ "$1" = pretrained ]; then echo "$exp/${head}_${pretrained_tag}_${labeled_tag}$sp_tag$tag"; else echo "$exp/${head}_scratch_${frontend_tag}_${labeled_tag}$sp_tag$tag"; fi
 }
 
+# A multi-node --launcher (torchrun --nnodes 2 --node_rank N) runs this driver on every node:
+# stages 4-6 train on all of them; stages 7-10 (decoding into shared folders, results rows) are
+# node 0's alone. Stage 9's students would train with --launcher on node 0 alone, waiting for the
+# other nodes forever: refused up front.
+node_rank=$(printf '%s\n' "$launcher" | sed -n 's/.*--node[_-]rank[= ]*\([0-9][0-9]*\).*/\1/p')
+node_rank=${node_rank:-0}
+nnodes=$(printf '%s\n' "$launcher" | sed -n 's/.*--nnodes[= ]*\([0-9:][0-9:]*\).*/\1/p')
+if [ "${nnodes:-1}" != 1 ] && [ "$generations" -gt 0 ] && [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
+  echo "$0: --generations with a multi-node --launcher: stage 9 runs on node 0 alone; run it (--stage 9) with a one-node --launcher or none" >&2
+  exit 2
+fi
+
 data_inputs() { printf 'corpus_dir %s\ndata_opts %s\n' "$corpus_dir" "$data_opts"; }  # what stage 0 made data/ from
 if run_stage 0; then
   # data/ made from other inputs (e.g. --data-opts "--max-utts 50" before) is refused, not reused;
@@ -283,15 +297,55 @@ if run_stage 3; then
   fi
 fi
 
+content_hash() {  # content_hash FILE...: of the files' contents together (.gz ones uncompressed: gzip stamps the time)
+  local f
+  for f in "$@"; do [ -f "$f" ] || { echo "missing:$f"; return 0; }; done
+  for f in "$@"; do case $f in *.gz) gzip -dc "$f" ;; *) cat "$f" ;; esac; done | sha256sum | cut -c1-16
+}
+# A training dir records what it is made from (inputs.txt) when its training starts. Its model or
+# checkpoint made from other inputs (options, configs, tokenizer, cuts, pretrained model) is refused,
+# as stage 0 refuses data/: --force true trains it again, --tag / --pretrain-tag a variant beside it.
+made_from() {  # made_from DIR INPUTS: refuse DIR's model or checkpoint if made from other INPUTS, else record INPUTS
+  local dir=$1 inputs=$2
+  if [ "$force" != true ] && { [ -e $dir/.done ] || [ -e $dir/checkpoint_last.pt ] || [ -e $dir/model_final.pt ] \
+      || [ -e $dir/iter1 ]; }; then  # trained (iter1: a k-means pretraining's first iteration), or resumable
+    if [ ! -f $dir/inputs.txt ]; then log "$dir: made before its inputs were recorded: not checked"; return 0; fi
+    [ "$inputs" != "$(cat $dir/inputs.txt)" ] || return 0
+    log "$dir was made from other inputs: $(diff $dir/inputs.txt <(printf '%s\n' "$inputs") | grep '^[<>]' | tr '\n' ' ')"
+    log "pass --force true to train it again from these, or --tag (--pretrain-tag: pretraining) for a variant beside it"
+    exit 2
+  fi
+  [ "$node_rank" = 0 ] || return 0  # shared files are node 0's to write
+  mkdir -p $dir && printf '%s\n' "$inputs" > $dir/inputs.txt.tmp && mv -f $dir/inputs.txt.tmp $dir/inputs.txt
+}
+pretraining_inputs() {  # what $pretrain_dir is made from: --init-from's source, or configs, options and audio
+  local split
+  if [ -n "$init_from" ]; then echo "init_from $init_from"; return; fi  # the dir is named by its basename only
+  echo "configs $pretrain_configs $(content_hash $pretrain_configs)"
+  echo "pretrain_opts $pretrain_opts"
+  echo "kmeans_opts $kmeans_opts"
+  for split in $pretrain_splits; do echo "cuts $(cuts $split) $(content_hash "$(cuts $split)")"; done
+}
+finetuning_inputs() {  # finetuning_inputs pretrained|scratch TRAIN_CUTS CONFIG...: what a fine-tuned system is made from
+  local system=$1 train=$2; shift 2
+  echo "configs $* $(content_hash "$@")"
+  echo "finetune_opts $finetune_opts"
+  echo "tokenizer $lang $(content_hash $lang/bpe.model)"
+  echo "train_cuts $train $(content_hash "$train")"
+  [ $system = scratch ] || echo "pretrained $pretrain_dir/model_final.pt $(content_hash $pretrain_dir/model_final.pt)"
+}
+
 import_init_from() {  # --init-from converted to our pretraining format, where stage 4 would write
+  local inputs
+  inputs=$(pretraining_inputs)
+  made_from $pretrain_dir "$inputs"  # another source of the same basename is refused
+  if done_or_force $pretrain_dir/.done; then log "imported $frontend ready ($pretrain_dir)"; return; fi
   log "importing $init_from into $pretrain_dir (instead of pretraining)"
   "$python" -m sslasr.cli import-hf "$init_from" --out $pretrain_dir/model_final.pt
   note_command $pretrain_dir imported
   touch $pretrain_dir/.done
 }
-if run_stage 4 && [ -n "$init_from" ]; then
-  if done_or_force $pretrain_dir/.done; then log "imported $frontend ready ($pretrain_dir)"; else import_init_from; fi
-fi
+if run_stage 4 && [ -n "$init_from" ]; then import_init_from; fi
 
 # pretraining configs; pretrain_<frontend>.yaml, where present, holds that frontend's own batch/schedule
 pretrain_configs="$frontend_conf $conf_dir/pretrain.yaml"
@@ -310,8 +364,6 @@ kmeans_cli() {  # kmeans_cli COMMAND ARGS...: sslasr.bin.kmeans with the pretrai
 # --node-wait-hours at the latest) rather than wait for a marker that will never come. A pretraining
 # manifest left by an earlier run counts only if no split manifest is newer; k-means markers cannot
 # tell an earlier run's from this one's, so under --force node 0 (which removes them) starts first.
-node_rank=$(printf '%s\n' "$launcher" | sed -n 's/.*--node[_-]rank[= ]*\([0-9][0-9]*\).*/\1/p')
-node_rank=${node_rank:-0}
 started_at=$(date +%s)
 on_node_0() {  # on_node_0 COMMAND...: node 0's share of stage 4; a failure is left for the other nodes to see
   "$@" || { local rc=$?; touch "$pretrain_dir/.node0_failed"; return $rc; }
@@ -339,7 +391,7 @@ wait_for_node_0() {  # wait_for_node_0 MARKER WHAT [INPUT...]: until MARKER exis
   done
 }
 kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT), features + fit → labels → pretrain
-  local all_cuts=$1 valid_cuts iterations i it previous
+  local all_cuts=$1 valid_cuts iterations i it previous plan
   valid_cuts=$(cuts $valid_set)
   iterations=$(kmeans_cli plan --count)
   for i in $(seq 1 "$iterations"); do
@@ -359,9 +411,10 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
     fi
     if [ -f $it/.done ]; then log "iteration $i: pretrained"; else
       log "iteration $i: pretraining on its labels"
+      plan=$(kmeans_cli plan --iteration $i $previous)  # the iteration's settings; a failure stops here
       train $it --config $pretrain_configs --set task=pretrain \
         data.train_cuts=$it/labels/$(basename "$all_cuts") data.valid_cuts=$it/labels/$(basename "$valid_cuts") \
-        $(kmeans_cli plan --iteration $i $previous) $pretrain_opts
+        $plan $pretrain_opts
       touch $it/.done
     fi
   done
@@ -375,6 +428,8 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
 }
 
 if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
+  inputs=$(pretraining_inputs)
+  made_from $pretrain_dir "$inputs"
   if done_or_force $pretrain_dir/.done; then log "pretrained $frontend ready ($pretrain_dir)"; else
     log "self-supervised pretraining of $frontend"
     pretrain_cuts=$manifests/${corpus}_cuts_pretrain$feats.jsonl.gz
@@ -387,7 +442,8 @@ if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
     else  # one left by an earlier run counts only if no split was made again since
       wait_for_node_0 "$pretrain_cuts" "pretraining manifest" $pretrain_inputs
     fi
-    if [ "$(kmeans_cli plan --count)" -gt 0 ]; then kmeans_pretraining "$pretrain_cuts"; else
+    kmeans_iterations=$(kmeans_cli plan --count)  # a failure stops here
+    if [ "$kmeans_iterations" -gt 0 ]; then kmeans_pretraining "$pretrain_cuts"; else
       train $pretrain_dir --config $pretrain_configs \
         --set task=pretrain data.train_cuts="$pretrain_cuts" data.valid_cuts="$(cuts $valid_set)" $pretrain_opts
     fi
@@ -428,21 +484,28 @@ finetune_system() {  # finetune_system pretrained|scratch [KEY=VALUE...]: stage 
 finetune_together() {  # finetune_together SYSTEM...: one job each, the cores shared out, logs to files
   local system pids=() threads=$(( $(getconf _NPROCESSORS_ONLN) / $# )) failed=""
   [ "$threads" -ge 1 ] || threads=1
+  # A script's background jobs ignore SIGINT and outlive it: on Ctrl-C or a kill of the driver, end
+  # each job's process group (set -m: one per job), the trainer and its loader workers included
+  trap 'kill -TERM -- "${pids[@]/#/-}" 2>/dev/null; exit 130' INT
+  trap 'kill -TERM -- "${pids[@]/#/-}" 2>/dev/null; exit 143' TERM
   for system in "$@"; do
     mkdir -p $(system_dir $system)
     log "fine-tuning $(system_dir $system) ($threads threads; log: $(system_dir $system)/finetune.log)"
+    set -m
     finetune_system $system trainer.num_threads=$threads >> $(system_dir $system)/finetune.log 2>&1 &
+    set +m
     pids+=($!)
   done
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || failed="$failed $(system_dir ${@:$((i + 1)):1})"
   done
   for dir in $failed; do tail -n 20 $dir/finetune.log >&2; done
+  trap - INT TERM
   [ -z "$failed" ] || { echo "$0: fine-tuning failed:$failed" >&2; exit 1; }
 }
 
 if run_stage 5; then
-  [ -z "$init_from" ] || [ -f $pretrain_dir/.done ] || import_init_from
+  [ -z "$init_from" ] || [ "$stage" -le 4 ] || import_init_from  # stage 4's import, which did not run
   if [ "$labeled_seconds" = all ]; then :
   elif [ -f "$corpus_dir/train_$labeled_tag/wav.scp" ]; then
     # the corpus's own split (Libri-Light's train_10m / 1h / 10h): stage 1's manifest, never a draw
@@ -459,6 +522,8 @@ if run_stage 5; then
   fi
   pending=()
   for system in $systems; do
+    inputs=$(finetuning_inputs $system "$train_cuts" $(finetune_configs $system))
+    made_from $(system_dir $system) "$inputs"
     if done_or_force $(system_dir $system)/.done; then log "$(system_dir $system) ready"; else
       fresh_training $(system_dir $system)
       pending+=($system)
@@ -507,6 +572,10 @@ train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcri
 if run_stage 6; then
   if [ ! -f $conf_dir/lm.yaml ]; then log "no $conf_dir/lm.yaml: no LM"; else train_lm $lm_dir "$(cuts train)"; fi
 fi
+if [ "$node_rank" != 0 ]; then  # see $node_rank: decoding, scoring and results are node 0's
+  [ "$stop_stage" -lt 7 ] || log "node $node_rank: stages 7-10 run on node 0 alone: done here"
+  exit 0
+fi
 # what a decoding method reads of stage 6's output: METHOD+lm the LM, *lexicon* its words.txt
 uses_lm() { case " $* " in *"+lm "*) return 0 ;; esac; return 1; }        # uses_lm METHOD...: any of them
 uses_lexicon() { case " $* " in *lexicon*) return 0 ;; esac; return 1; }  # uses_lexicon METHOD...: any of them
@@ -541,7 +610,7 @@ print("null" if v is None else v)' "$@"
 decode_sets=$test_sets  # + the validation set, which the LM methods tune λ, β on
 case " $test_sets " in *" $valid_set "*) ;; *) decode_sets="$valid_set $test_sets" ;; esac
 decode_system() {  # decode_system DIR: every set with every method of DIR's model, in one process
-  local dir=$1 methods fusion="" overwrite=""
+  local dir=$1 methods fusion="" overwrite="" lexicon
   # decoded, unless the LM or its lexicon changed since (decode redoes only what used them)
   if done_or_force $dir/.decode.done && [ ! $lm_dir/.done -nt $dir/.decode.done ]; then log "$dir: decoded"; return; fi
   methods=$(decode_methods $dir)
@@ -550,25 +619,27 @@ decode_system() {  # decode_system DIR: every set with every method of DIR's mod
     fusion="--lm $lm_dir/model_final.pt --tune-on $valid_set"
   fi
   [ "$force" != true ] || overwrite=--overwrite
+  lexicon=$(lexicon_opts $lm_dir $methods)  # its error stops here
   log "decoding $decode_sets with $dir: $methods"
   "$python" -m sslasr.bin.decode --model $dir/model_final.pt \
     --cuts $(for s in $decode_sets; do printf '%s=%s ' "$s" "$(cuts "$s")"; done) \
-    --methods $methods --out-dir "$dir/decode_{set}_{method}" $fusion $(lexicon_opts $lm_dir $methods) $overwrite $decode_opts
+    --methods $methods --out-dir "$dir/decode_{set}_{method}" $fusion $lexicon $overwrite $decode_opts
   note_command $dir decoded
   touch $dir/.decode.done
 }
 score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY=VALUE...]: a results row per (set, method)
   # BASELINE: an exp dir whose decode of the same set and method each row is compared with, or ""
-  # $labels_dir (a noisy student's pseudo-labels): its command is one of the rows' too
+  # $upstream (a noisy student's teachers and pseudo-labels): their commands are the rows' too
   local dir=$1 pretrained=false row_frontend=none generation=$3 baseline_dir=$4 method lm_row test_set out baseline
-  local made_by command
+  local made_by command methods lm_weight length_bonus parameters
   [ $2 != pretrained ] || { pretrained=true; row_frontend=$frontend; }
   shift 4
-  for method in $(decode_methods $dir); do
+  methods=$(decode_methods $dir)  # a failure stops here
+  for method in $methods; do
     lm_row="" made_by=""
     [ $pretrained != true ] || made_by=$pretrain_dir
     ! uses_lm $method || { lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"; made_by="$made_by $lm_dir"; }
-    command=$(row_command $made_by ${labels_dir:-} $dir)
+    command=$(row_command $made_by ${upstream:-} $dir)
     for test_set in $test_sets; do
       out=$dir/decode_${test_set}_${method/+lm/_lm}
       if done_or_force $out/.scored && [ ! $out/hyp.txt -nt $out/.scored ]; then continue; fi  # decoded again: rescored
@@ -577,11 +648,12 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
         log "$out: no $baseline/hyp.txt to compare with; its row has no baseline"
         baseline=""
       fi
+      lm_weight=$(json_value $out/decode_info.json lm_weight)
+      length_bonus=$(json_value $out/decode_info.json length_bonus)
+      parameters=$(json_value $out/decode_info.json model_parameters null)
       "$python" -m sslasr.bin.score --ref $out/ref.txt --hyp $out/hyp.txt --out-dir $out ${baseline:+--baseline $baseline} \
         --results $exp/results.jsonl --set corpus=$corpus test_set=$test_set frontend=$row_frontend \
-        head=$head decoding=$method lm_weight=$(json_value $out/decode_info.json lm_weight) \
-        length_bonus=$(json_value $out/decode_info.json length_bonus) $lm_row \
-        model_parameters=$(json_value $out/decode_info.json model_parameters null) \
+        head=$head decoding=$method lm_weight=$lm_weight length_bonus=$length_bonus $lm_row model_parameters=$parameters \
         labeled_seconds="$(cat "$dir/labeled_seconds" 2>/dev/null || echo null)" \
         pretrained=$pretrained generation=$generation exp=$dir ${sp_tag:+speed_perturb=${speed_perturb// /,}} \
         "$@" "command=$command"
@@ -640,40 +712,46 @@ unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the 
   "$python" -m sslasr.bin.cuts combine --out $out/pool.jsonl.gz $parts
 }
 pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool (+ valid set), filter
-  local teacher=$1 out=$2 method beam fusion="" tuned reference=""
+  local teacher=$1 out=$2 method beam fusion="" tuned weight bonus lexicon reference=()
   method=$(pseudo_label_method $teacher)
   beam=$(noisy_student_setting beam_size "")
   if ! uses_lm $method; then :
   elif [ "$pseudo_label_lm_dir" = "$lm_dir" ]; then  # the teacher's λ, β, as tuned on the validation set
     tuned=$teacher/decode_${valid_set}_${method/+lm/_lm}/decode_info.json
-    fusion="--lm $lm_dir/model_final.pt --lm-weight $(json_value $tuned lm_weight) --length-bonus $(json_value $tuned length_bonus)"
+    weight=$(json_value $tuned lm_weight); bonus=$(json_value $tuned length_bonus)
+    fusion="--lm $lm_dir/model_final.pt --lm-weight $weight --length-bonus $bonus"
   else  # another LM: λ, β tuned with it on the validation set, decoded here anyway
     fusion="--lm $pseudo_label_lm_dir/model_final.pt --tune-on $valid_set"
   fi
+  lexicon=$(lexicon_opts $pseudo_label_lm_dir $method)  # its error stops here
   mkdir -p $out
   unlabeled_pool $out
   log "pseudo-labelling the pool and $valid_set with $teacher ($method)"
   "$python" -m sslasr.bin.decode --model $teacher/model_final.pt --confidence --methods $method \
     --cuts unlabeled=$out/pool.jsonl.gz $valid_set="$(cuts $valid_set)" --out-dir "$out/decode_{set}" \
-    ${beam:+--beam-size $beam} $fusion $(lexicon_opts $pseudo_label_lm_dir $method) $decode_opts
-  [ ! -f "$corpus_dir/unlabeled/text.reference" ] || reference="--reference $corpus_dir/unlabeled/text.reference"
+    ${beam:+--beam-size $beam} $fusion $lexicon $decode_opts
+  [ ! -f "$corpus_dir/unlabeled/text.reference" ] || reference=(--reference "$corpus_dir/unlabeled/text.reference")
   "$python" -m sslasr.bin.pseudo_label --cuts $out/pool.jsonl.gz --decode-dir $out/decode_unlabeled \
-    --labeled-cuts "$labeled_cuts" --config $noisy_student_configs $reference \
+    --labeled-cuts "$labeled_cuts" --config $noisy_student_configs ${reference[@]+"${reference[@]}"} \
     --out-cuts $out/pseudo_labeled.jsonl.gz --report $out/report.json
   # the same filter on transcribed audio: how good the kept pseudo-labels are where the truth is known
   "$python" -m sslasr.bin.pseudo_label --cuts "$(cuts $valid_set)" --decode-dir $out/decode_$valid_set \
     --labeled-cuts "$labeled_cuts" --config $noisy_student_configs --report $out/report_$valid_set.json
 }
 pseudo_label_method() {  # pseudo_label_method TEACHER: noisy_student.yaml's method, else the teacher's last
-  noisy_student_setting method "$(decode_methods $1 | awk '{print $NF}')"
+  local methods
+  methods=$(decode_methods $1)  # a failure stops here
+  noisy_student_setting method "${methods##* }"
 }
 pseudo_labels_outdated() {  # pseudo_labels_outdated TEACHER LABELS: why LABELS are not TEACHER's current ones
-  local teacher=$1 labels=$2 method
-  [ -f $labels/.done ] || return 1
-  if [ $teacher/model_final.pt -nt $labels/.done ]; then echo "$teacher changed"; return 0; fi
+  local teacher=$1 labels=$2 method made=$2/.done
+  [ -d $labels ] || return 1
+  # a killed labelling's folder (its time: when it was last written to): decode would resume its sets
+  [ -f $made ] || made=$labels
+  if [ $teacher/model_final.pt -nt $made ]; then echo "$teacher changed"; return 0; fi
   method=$(pseudo_label_method $teacher)
   if uses_lm $method || uses_lexicon $method; then  # the search read the LM or its lexicon: trained again since?
-    if newer_input $labels/.done $pseudo_label_lm_dir/.done $pseudo_label_lm_dir/words.txt; then
+    if newer_input $made $pseudo_label_lm_dir/.done $pseudo_label_lm_dir/words.txt; then
       echo "$pseudo_label_lm_dir (the $method search's LM and lexicon) changed"; return 0
     fi
   fi
@@ -697,6 +775,7 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
       "($lang) was trained on all of train, the rest_of_train transcripts withheld here included" ;;
   esac
   teacher=$(system_dir pretrained)
+  taught_by=$teacher  # dirs whose commands made the student (teachers, pseudo-labels, their LM): named in its rows
   for g in $(seq 1 "$generations"); do
     student=$noisy_student_dir/gen$g
     labels=$student/pseudo_labels
@@ -715,6 +794,11 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
       note_command $labels pseudo-labelled
       touch $labels/.done
     fi
+    method=$(pseudo_label_method $teacher)
+    if uses_lm $method || uses_lexicon $method; then taught_by="$taught_by $pseudo_label_lm_dir"; fi
+    taught_by="$taught_by $labels"
+    inputs=$(finetuning_inputs pretrained $labels/student_train.jsonl.gz $(finetune_configs pretrained) $noisy_student_configs)
+    made_from $student "$inputs"
     if done_or_force $student/.done; then log "generation $g: student ready"; else
       log "generation $g: training the noisy student $student"
       fresh_training $student
@@ -726,10 +810,12 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
       touch $student/.done
     fi
     decode_system $student
-    labels_dir=$labels score_system $student pretrained $g $teacher \
-      teacher=$teacher pseudo_label_seconds=$(json_value $labels/report.json kept_seconds) \
-      pseudo_label_wer=$(json_value $labels/report.json wer_kept 2>/dev/null || echo null) \
-      pseudo_label_${valid_set}_wer=$(json_value $labels/report_$valid_set.json wer_kept)
+    kept=$(json_value $labels/report.json kept_seconds)
+    kept_wer=$(json_value $labels/report.json wer_kept null)  # null: no reference for the pool
+    valid_wer=$(json_value $labels/report_$valid_set.json wer_kept)
+    upstream=$taught_by score_system $student pretrained $g $teacher teacher=$teacher pseudo_label_seconds=$kept \
+      pseudo_label_wer=$kept_wer pseudo_label_${valid_set}_wer=$valid_wer
+    taught_by="$taught_by $student"
     teacher=$student
   done
 fi

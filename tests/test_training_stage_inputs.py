@@ -1,0 +1,331 @@
+"""Stages 4-10 of the stage driver (local/ssl_asr.sh): a training dir made from other inputs is
+refused, a killed pseudo-labelling of another teacher is not resumed, students' rows name every
+command that made them, other nodes leave decoding and scoring to node 0, fine-tunings run
+together end with the driver, and failures inside $(...) stop it.
+
+As in test_data_stage_markers, the driver runs for real with a fake $SSLASR_PYTHON: it records
+the programs it is asked to run and makes what they would (a model file holding the training's
+options, decode folders); the small Python scripts of the driver itself run for real."""
+
+import gzip
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_data_stage_markers import REPO, _executable, _lines
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+real=@REAL@
+case "$1" in
+  -c) case "$2" in
+        *FRONTENDS*) [ "${FAKE_FAIL:-}" != frontends ] || exit 1; echo wav2vec2 ;;
+        *frontend_name*) echo wav2vec2 ;;  # --init-from's family
+        *sslasr.models*) echo waveform ;;  # the frontend's input type
+        *"import json"*) echo null ;;  # json_value
+        *) exec "$real" "$@" ;;
+      esac ;;
+  -) exec "$real" "$@" ;;  # the driver's scripts: row_command, decode_methods, noisy_student_setting
+  -m) printf '%q ' "${@:2}" >> python_calls; echo >> python_calls
+      case "${*:2}" in ${FAKE_FAIL:-none}) exit 1 ;; esac
+      out=""; previous=""
+      for a in "$@"; do [ "$previous" != --out ] || out=$a; previous=$a; done
+      [ -z "$out" ] || mkdir -p "$(dirname "$out")"
+      case "$2 $3" in
+        "sslasr.bin.kmeans plan") case " $* " in *" --count "*) echo "${FAKE_KMEANS:-0}" ;; *) echo kmeans.iteration=1 ;; esac ;;
+        "sslasr.bin.cuts seconds") echo 30 ;;
+        "sslasr.bin.cuts combine") echo "$*" | gzip > "$out" ;;
+        "sslasr.cli import-hf") echo "$4" > "$out" ;;
+        "sslasr.bin.train --exp-dir")
+          mkdir -p "$4"; echo "${*:5}" > "$4/model_final.pt"
+          printf 'decode:\n  methods: [%s]\n' "${FAKE_METHOD:-ctc_greedy}" > "$4/config.yaml"
+          if [ -n "${FAKE_TRAIN_SLEEP:-}" ]; then sleep 30 & echo $! > "$4/sleeper.pid"; wait; fi ;;
+        "sslasr.bin.decode "*)  # a folder with hyp.txt per (set, method)
+          sets=() methods=() template="" mode=""
+          for a in "${@:3}"; do
+            case $a in
+              --cuts|--methods|--out-dir) mode=$a ;;
+              --*) mode="" ;;
+              *) case $mode in --cuts) sets+=("${a%%=*}") ;; --methods) methods+=("$a") ;; --out-dir) template=$a ;; esac ;;
+            esac
+          done
+          for s in "${sets[@]}"; do for m in "${methods[@]}"; do
+            d=${template//\{set\}/$s}; d=${d//\{method\}/${m/+lm/_lm}}; mkdir -p "$d"; echo hyp > "$d/hyp.txt"
+          done; done ;;
+        "sslasr.bin.score "*)
+          for a in "$@"; do case $a in command=*) printf '%s\n----\n' "${a#command=}" >> score_commands ;; esac; done ;;
+      esac ;;
+  *) exit 3 ;;
+esac
+"""
+
+
+def _gz(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+
+
+def _recipe(tmp_path: Path) -> Path:
+    """A toy recipe past stage 3: conf files, split manifests, a tokenizer, a corpus folder (with a space)."""
+    shutil.copytree(REPO / "local", tmp_path / "local")
+    recipe = tmp_path / "egs" / "toy"
+    _executable(recipe / "run.sh", '#!/usr/bin/env bash\ncd "$(dirname "$0")"\ncorpus=toy\n. ../../local/ssl_asr.sh\n')
+    _executable(tmp_path / "python", FAKE_PYTHON.replace("@REAL@", shlex.quote(sys.executable)))
+    conf = recipe / "conf"
+    conf.mkdir()
+    for name in ("frontend_wav2vec2", "pretrain", "finetune_ctc", "scratch"):
+        (conf / f"{name}.yaml").write_text(f"# {name}\n")
+    (conf / "noisy_student.yaml").write_text("pseudo_label:\n  method: ctc_greedy\n")
+    for split in ("train", "unlabeled", "dev", "test"):
+        _gz(recipe / f"data/manifests/toy_cuts_{split}.jsonl.gz", f"{split} cuts\n")
+    (recipe / "data/lang_unigram_200").mkdir()
+    (recipe / "data/lang_unigram_200/bpe.model").write_text("tokenizer\n")
+    corpus = tmp_path / "my corpus"
+    (corpus / "unlabeled").mkdir(parents=True)
+    (recipe / "data/corpus_dir").write_text(f"{corpus}\n")
+    return recipe
+
+
+def _env(recipe: Path, **fake: str) -> dict:
+    env = dict(os.environ, SSLASR_PYTHON=str(recipe.parents[1] / "python"))
+    env.update({f"FAKE_{key.upper()}": value for key, value in fake.items()})
+    return env
+
+
+def _run(recipe: Path, *args: str, **fake: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["./run.sh", *args], cwd=recipe, env=_env(recipe, **fake), capture_output=True, text=True,
+                          timeout=60)
+
+
+def _calls(recipe: Path, program: str) -> list:
+    return [shlex.split(line) for line in _lines(recipe / "python_calls") if line.startswith(program + " ")]
+
+
+def _trained(tmp_path: Path, *args: str, **fake: str) -> Path:
+    recipe = _recipe(tmp_path)
+    result = _run(recipe, "--stage", "4", "--stop-stage", "5", *args, **fake)
+    assert result.returncode == 0, result.stderr
+    return recipe
+
+
+def test_finetuned_systems_made_from_other_inputs_are_refused(tmp_path: Path):
+    recipe = _trained(tmp_path, "--finetune-opts", "optim.lr=1")
+    system, scratch = recipe / "exp/ctc_wav2vec2_all", recipe / "exp/ctc_scratch_wav2vec2_all"
+    inputs = _lines(system / "inputs.txt")
+    assert "finetune_opts optim.lr=1" in inputs and any(line.startswith("pretrained ") for line in inputs)
+    assert not any(line.startswith("pretrained ") for line in _lines(scratch / "inputs.txt"))
+    trainings = len(_calls(recipe, "sslasr.bin.train"))
+    assert trainings == 3
+
+    other = _run(recipe, "--stage", "5", "--stop-stage", "5", "--finetune-opts", "optim.lr=2")
+    assert other.returncode == 2, other.stderr
+    assert f"exp/ctc_wav2vec2_all was made from other inputs: < finetune_opts optim.lr=1 > finetune_opts optim.lr=2" \
+        in other.stderr and "pass --force true" in other.stderr and "--tag" in other.stderr
+    # a tokenizer trained again, an edited config, a pretraining redone: each refused, named
+    (recipe / "data/lang_unigram_200/bpe.model").write_text("another tokenizer\n")
+    assert "< tokenizer data/lang_unigram_200 " in _run(recipe, "--stage", "5", "--stop-stage", "5",
+                                                         "--finetune-opts", "optim.lr=1").stderr
+    (recipe / "data/lang_unigram_200/bpe.model").write_text("tokenizer\n")
+    (recipe / "conf/finetune_ctc.yaml").write_text("optim: {lr: 3}\n")
+    assert "< configs conf/frontend_wav2vec2.yaml conf/finetune_ctc.yaml " in _run(
+        recipe, "--stage", "5", "--stop-stage", "5", "--finetune-opts", "optim.lr=1").stderr
+    (recipe / "conf/finetune_ctc.yaml").write_text("# finetune_ctc\n")
+    (recipe / "exp/pretrain_wav2vec2/model_final.pt").write_text("pretrained again\n")
+    refused = _run(recipe, "--stage", "5", "--stop-stage", "5", "--finetune-opts", "optim.lr=1")
+    assert refused.returncode == 2 and "< pretrained exp/pretrain_wav2vec2/model_final.pt " in refused.stderr
+    assert len(_calls(recipe, "sslasr.bin.train")) == trainings
+
+    tagged = _run(recipe, "--stage", "5", "--stop-stage", "5", "--finetune-opts", "optim.lr=2", "--tag", "_lr2",
+                  "--compare-scratch", "false")
+    assert tagged.returncode == 0, tagged.stderr
+    forced = _run(recipe, "--stage", "5", "--stop-stage", "5", "--finetune-opts", "optim.lr=2", "--force", "true")
+    assert forced.returncode == 0, forced.stderr
+    assert "finetune_opts optim.lr=2" in _lines(system / "inputs.txt")
+    assert len(_calls(recipe, "sslasr.bin.train")) == trainings + 3
+    same = _run(recipe, "--stage", "5", "--stop-stage", "5", "--finetune-opts", "optim.lr=2")
+    assert same.returncode == 0 and "exp/ctc_wav2vec2_all ready" in same.stderr, same.stderr
+
+
+def test_a_dir_from_before_inputs_were_recorded_is_taken_and_a_failed_start_is_not_refused(tmp_path: Path):
+    recipe = _trained(tmp_path)
+    system = recipe / "exp/ctc_wav2vec2_all"
+    (system / "inputs.txt").unlink()
+    old = _run(recipe, "--stage", "5", "--stop-stage", "5", "--finetune-opts", "optim.lr=2", "--compare-scratch", "false")
+    assert old.returncode == 0, old.stderr
+    assert "exp/ctc_wav2vec2_all: made before its inputs were recorded: not checked" in old.stderr
+    assert not (system / "inputs.txt").exists() and len(_calls(recipe, "sslasr.bin.train")) == 3
+    # inputs recorded, but the training failed before any checkpoint: nothing to protect
+    for name in (".done", "model_final.pt"):
+        (system / name).unlink()
+    (system / "inputs.txt").write_text("finetune_opts optim.lr=9\n")
+    again = _run(recipe, "--stage", "5", "--stop-stage", "5", "--finetune-opts", "optim.lr=2", "--compare-scratch", "false")
+    assert again.returncode == 0, again.stderr
+    assert "finetune_opts optim.lr=2" in _lines(system / "inputs.txt")
+
+
+def test_a_pretraining_made_from_other_inputs_is_refused(tmp_path: Path):
+    recipe = _trained(tmp_path)
+    pretrain = recipe / "exp/pretrain_wav2vec2"
+    assert [line.split()[0] for line in _lines(pretrain / "inputs.txt")] == [
+        "configs", "pretrain_opts", "kmeans_opts", "cuts", "cuts"]
+    other = _run(recipe, "--stage", "4", "--stop-stage", "4", "--pretrain-opts", "trainer.max_updates=9")
+    assert other.returncode == 2 and "< pretrain_opts  > pretrain_opts trainer.max_updates=9" in other.stderr, \
+        other.stderr
+    assert "--pretrain-tag" in other.stderr
+    (recipe / "conf/pretrain.yaml").write_text("trainer: {max_updates: 9}\n")
+    assert _run(recipe, "--stage", "4", "--stop-stage", "4").returncode == 2
+    (recipe / "conf/pretrain.yaml").write_text("# pretrain\n")
+    _gz(recipe / "data/manifests/toy_cuts_unlabeled.jsonl.gz", "more unlabeled cuts\n")
+    other = _run(recipe, "--stage", "4", "--stop-stage", "4")
+    assert other.returncode == 2 and "< cuts data/manifests/toy_cuts_unlabeled.jsonl.gz" in other.stderr
+    _gz(recipe / "data/manifests/toy_cuts_unlabeled.jsonl.gz", "unlabeled cuts\n")  # same text, another gzip time
+    assert _run(recipe, "--stage", "4", "--stop-stage", "4").returncode == 0
+
+
+def test_an_import_of_another_checkpoint_of_the_same_name_is_refused(tmp_path: Path):
+    recipe = _recipe(tmp_path)
+    for parent in ("a", "b"):
+        (tmp_path / parent / "w2v").mkdir(parents=True)
+        (tmp_path / parent / "w2v/config.json").write_text("{}")
+    first = _run(recipe, "--stage", "4", "--stop-stage", "5", "--init-from", str(tmp_path / "a/w2v"))
+    assert first.returncode == 0, first.stderr
+    other = _run(recipe, "--stage", "5", "--stop-stage", "5", "--init-from", str(tmp_path / "b/w2v"))
+    assert other.returncode == 2, other.stderr
+    assert f"exp/pretrain_wav2vec2_imported_w2v was made from other inputs: < init_from {tmp_path}/a/w2v" in other.stderr
+    assert len(_calls(recipe, "sslasr.cli")) == 1
+
+
+def _labelled(recipe: Path, *args: str, **fake: str) -> subprocess.CompletedProcess:
+    return _run(recipe, "--stage", "9", "--stop-stage", "9", *args, **fake)
+
+
+@pytest.mark.parametrize("teacher_newer", [True, False])
+def test_a_killed_pseudo_labelling_is_resumed_only_with_the_same_teacher(tmp_path: Path, teacher_newer: bool):
+    recipe = _trained(tmp_path)
+    labels = recipe / "exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels"
+    (labels / "decode_unlabeled").mkdir(parents=True)
+    (labels / "decode_unlabeled/the_old_teachers").touch()
+    stamp = time.time() - 100
+    os.utime(labels, (stamp, stamp))
+    teacher = recipe / "exp/ctc_wav2vec2_all/model_final.pt"
+    stamp += 50 if teacher_newer else -50
+    os.utime(teacher, (stamp, stamp))
+    result = _labelled(recipe, "--generations", "1")
+    assert result.returncode == 0, result.stderr
+    said = "exp/ctc_wav2vec2_all changed after its pseudo-labels were made" in result.stderr
+    assert said == teacher_newer, result.stderr
+    assert (labels / "decode_unlabeled/the_old_teachers").exists() != teacher_newer
+
+
+def test_the_pool_reference_in_a_folder_with_a_space_is_one_argument(tmp_path: Path):
+    recipe = _trained(tmp_path)
+    (tmp_path / "my corpus/unlabeled/text.reference").write_text("u1 a b\n")
+    result = _labelled(recipe, "--generations", "1")
+    assert result.returncode == 0, result.stderr
+    calls = [call for call in _calls(recipe, "sslasr.bin.pseudo_label") if "--out-cuts" in call]
+    assert len(calls) == 1
+    assert calls[0][calls[0].index("--reference") + 1] == f"{tmp_path}/my corpus/unlabeled/text.reference"
+
+
+def test_student_rows_name_the_commands_of_their_teachers(tmp_path: Path):
+    recipe = _recipe(tmp_path)
+    commands = [("--stage", "4", "--stop-stage", "4"), ("--stage", "5", "--stop-stage", "5"),
+                ("--stage", "9", "--stop-stage", "9", "--generations", "1"),
+                ("--stage", "9", "--stop-stage", "9", "--generations", "2")]
+    for command in commands:
+        result = _run(recipe, *command)
+        assert result.returncode == 0, result.stderr
+        time.sleep(1.05)  # commands.txt notes are in seconds
+    rows = (recipe / "score_commands").read_text().split("----\n")
+    last = rows[-2]  # generation 2's (one set, one method: one row per test set)
+    for command in commands:
+        assert "./run.sh " + " ".join(command) in last, (command, last)
+    for bad in (("--stage", "9", "--stop-stage", "9", "--generations", "2", "--finetune-opts", "x=1"),):
+        refused = _run(recipe, *bad)  # the students too are refused when made from other inputs
+        assert refused.returncode == 2 and "noisy_student_ctc_wav2vec2_all/gen1 was made from other" in refused.stderr
+
+
+NODES = "torchrun --nnodes 2 --node_rank {} --master_addr 127.0.0.1 --nproc_per_node 1"
+
+
+def test_other_nodes_leave_stages_7_to_10_to_node_0(tmp_path: Path):
+    recipe = _trained(tmp_path)
+    calls = len(_lines(recipe / "python_calls"))
+    other = _run(recipe, "--stage", "7", "--launcher", NODES.format(1))
+    assert other.returncode == 0, other.stderr
+    assert "node 1: stages 7-10 run on node 0 alone: done here" in other.stderr
+    assert len(_lines(recipe / "python_calls")) == calls and not (recipe / "score_commands").exists()
+    # stage 9's students would train with --launcher on node 0 alone: refused before any work
+    students = _run(recipe, "--stage", "4", "--generations", "1", "--launcher", NODES.format(0))
+    assert students.returncode == 2 and "--generations with a multi-node --launcher" in students.stderr
+    assert len(_lines(recipe / "python_calls")) == calls
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupting_fine_tunings_run_together_ends_them(tmp_path: Path, signum: int, code: int):
+    recipe = _trained(tmp_path)
+    env = _env(recipe, train_sleep="1")
+    driver = subprocess.Popen(["./run.sh", "--stage", "5", "--stop-stage", "5", "--force", "true",
+                               "--finetune-jobs", "2"], cwd=recipe, env=env, stderr=subprocess.PIPE, text=True)
+    pid_files = [recipe / "exp/ctc_wav2vec2_all/sleeper.pid", recipe / "exp/ctc_scratch_wav2vec2_all/sleeper.pid"]
+    sleepers = []
+    try:
+        deadline = time.monotonic() + 10
+        while not all(p.exists() and p.read_text().strip() for p in pid_files) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sleepers = [int(p.read_text()) for p in pid_files]
+        driver.send_signal(signum)
+        assert driver.wait(timeout=10) == code
+        deadline = time.monotonic() + 3
+        while not all(_gone(pid) for pid in sleepers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(_gone(pid) for pid in sleepers)  # a trainer's own children too
+    finally:
+        driver.kill()
+        for pid in sleepers:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("args, fake", [
+    (("--stage", "4", "--stop-stage", "4", "--force", "true"), {"fail": "sslasr.bin.kmeans plan *--count*"}),
+    (("--stage", "4", "--stop-stage", "4", "--force", "true"),
+     {"kmeans": "1", "fail": "sslasr.bin.kmeans plan *--iteration*"}),
+    (("--frontend", "all", "--stage", "4", "--stop-stage", "4"), {"fail": "frontends"}),
+])
+def test_a_failing_helper_inside_a_substitution_stops_the_driver(tmp_path: Path, args, fake):
+    recipe = _trained(tmp_path)
+    trainings = len(_calls(recipe, "sslasr.bin.train"))
+    result = _run(recipe, *args, **fake)
+    assert result.returncode != 0, result.stderr
+    assert len(_calls(recipe, "sslasr.bin.train")) == trainings
+
+
+def test_a_system_without_its_config_is_not_scored_as_nothing(tmp_path: Path):
+    recipe = _trained(tmp_path)
+    assert _run(recipe, "--stage", "7", "--stop-stage", "7").returncode == 0
+    (recipe / "exp/ctc_wav2vec2_all/config.yaml").unlink()
+    result = _run(recipe, "--stage", "8", "--stop-stage", "8")
+    assert result.returncode != 0, result.stderr
+    assert not (recipe / "score_commands").exists()  # the scratch system's rows neither
+
+
+def test_a_lexicon_method_without_the_lexicon_does_not_decode(tmp_path: Path):
+    recipe = _trained(tmp_path, method="ctc_lexicon")
+    result = _run(recipe, "--stage", "7", "--stop-stage", "7")
+    assert result.returncode == 1 and "the lexicon methods need stage 6" in result.stderr, result.stderr
+    assert not _calls(recipe, "sslasr.bin.decode")

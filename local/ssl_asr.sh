@@ -86,6 +86,10 @@ valid_set=${valid_set:-dev}  # validation during training and LM/fusion tuning
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d'; sed -n '/^# -* options/,/^usage()/p' "${BASH_SOURCE[0]}" | sed '1d;$d'; }
 . "$root/local/parse_options.sh" "$@"
+for option in stage stop_stage generations finetune_jobs nj nproc vocab_size node_wait_hours; do
+  # a word where a count belongs would only make bash's [ -gt ] complain, and the stages go on
+  [[ "${!option}" =~ ^[0-9]+$ ]] || { echo "$0: --${option//_/-} ${!option}: not a whole number" >&2; exit 2; }
+done
 
 [ -x "$python" ] || "$root/tools/install.sh"
 export PYTHONUNBUFFERED=1 SSLASR_PYTHON="$python"

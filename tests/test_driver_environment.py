@@ -1,5 +1,6 @@
-"""The stage driver reads a corpus's presets (frontend, vocab_size, ...) as ${name:-default}; the
-same names exported in the user's shell are refused rather than taken as presets unseen."""
+"""The stage driver's own checks of its options: a corpus's presets (frontend, vocab_size, ...) are
+read as ${name:-default}, so the same names exported in the user's shell are refused rather than
+taken as presets unseen; counts must be whole numbers."""
 
 import os
 import subprocess
@@ -21,3 +22,15 @@ def test_an_exported_preset_is_refused_naming_the_option_to_use(tmp_path):
         refused = run_with_environment(recipe, **{name: "hubert"})
         assert refused.returncode == 2, (name, refused.stderr)
         assert f"'{name}' is exported in the environment" in refused.stderr and f"pass {option} instead" in refused.stderr
+
+
+def test_a_count_option_that_is_not_a_whole_number_is_refused(tmp_path):
+    """--generations x used to reach `[ x -gt 0 ]`: bash printed an error and the stages went on."""
+    recipe = recipe_copy(tmp_path)
+    env = dict(os.environ, SSLASR_PYTHON=sys.executable)
+    for option, value in [("--generations", "x"), ("--stop-stage", "5.5"), ("--nproc", "-1"), ("--nj", "")]:
+        refused = subprocess.run(["./run.sh", "--stage", "100", option, value], cwd=recipe, env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2, (option, refused.stderr)
+        assert f"{option} {value}: not a whole number" in refused.stderr
+    assert run_with_environment(recipe).returncode == 0

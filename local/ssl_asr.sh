@@ -328,7 +328,13 @@ pretraining_inputs() {  # what $pretrain_dir is made from: --init-from's source,
   echo "configs $pretrain_configs $(content_hash $pretrain_configs)"
   echo "pretrain_opts $pretrain_opts"
   echo "kmeans_opts $kmeans_opts"
-  for split in $pretrain_splits; do echo "cuts $(cuts $split) $(content_hash "$(cuts $split)")"; done
+  for split in $pretraining_splits; do echo "cuts $(cuts $split) $(content_hash "$(cuts $split)")"; done
+}
+present_splits() {  # present_splits SPLIT...: those stage 1 made manifests of, the others named (e.g. the
+  local split       # OpenSLR release of speechocean762 has no unlabeled/)
+  for split in "$@"; do
+    if [ -f "$(cuts $split)" ]; then printf '%s ' $split; else log "no $split split ($(cuts $split)): left out"; fi
+  done
 }
 finetuning_inputs() {  # finetuning_inputs pretrained|scratch TRAIN_CUTS CONFIG...: what a fine-tuned system is made from
   local system=$1 train=$2; shift 2
@@ -432,12 +438,14 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
 }
 
 if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
+  pretraining_splits=$(present_splits $pretrain_splits)
+  [ -n "$pretraining_splits" ] || { echo "$0: none of the pretraining splits ($pretrain_splits) has a manifest: run stage 1" >&2; exit 1; }
   inputs=$(pretraining_inputs)
   made_from $pretrain_dir "$inputs"
   if done_or_force $pretrain_dir/.done; then log "pretrained $frontend ready ($pretrain_dir)"; else
     log "self-supervised pretraining of $frontend"
     pretrain_cuts=$manifests/${corpus}_cuts_pretrain$feats.jsonl.gz
-    pretrain_inputs=$(for s in $pretrain_splits; do cuts "$s"; done)
+    pretrain_inputs=$(for s in $pretraining_splits; do cuts "$s"; done)
     if [ "$node_rank" = 0 ]; then  # on a multi-node run, the shared files are node 0's to reset and write
       rm -f $pretrain_dir/.node0_failed
       fresh_training $pretrain_dir $pretrain_dir/iter*
@@ -703,7 +711,7 @@ unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the 
   for source in $pool_sources; do
     case $source in
       unlabeled)
-        [ -f "$(cuts unlabeled)" ] || { echo "$0: pseudo_label.pool: no unlabeled split ($(cuts unlabeled))" >&2; exit 1; }
+        if [ -z "$(present_splits unlabeled)" ]; then continue; fi  # the pool is what the corpus has
         parts="$parts $(cuts unlabeled)" ;;
       rest_of_train)
         if [ "$labeled_seconds" = all ]; then log "pseudo_label.pool: rest_of_train is empty at --labeled all"; continue; fi
@@ -712,7 +720,7 @@ unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the 
       *) echo "$0: pseudo_label.pool: unknown source '$source' (known: unlabeled, rest_of_train)" >&2; exit 2 ;;
     esac
   done
-  [ -n "$parts" ] || { echo "$0: pseudo_label.pool ($pool_sources) holds no audio at --labeled $labeled" >&2; exit 1; }
+  [ -n "$parts" ] || { echo "$0: pseudo_label.pool ($pool_sources) holds no audio at --labeled $labeled (--generations 0: no noisy student)" >&2; exit 1; }
   "$python" -m sslasr.bin.cuts combine --out $out/pool.jsonl.gz $parts
 }
 pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool (+ valid set), filter

@@ -329,3 +329,20 @@ def test_a_lexicon_method_without_the_lexicon_does_not_decode(tmp_path: Path):
     result = _run(recipe, "--stage", "7", "--stop-stage", "7")
     assert result.returncode == 1 and "the lexicon methods need stage 6" in result.stderr, result.stderr
     assert not _calls(recipe, "sslasr.bin.decode")
+
+
+def test_pretraining_leaves_out_a_split_the_corpus_does_not_have(tmp_path: Path):
+    """The OpenSLR release of speechocean762 has no unlabeled/: pretraining takes train alone,
+    saying so, where the combine of the missing manifest used to stop stage 4."""
+    recipe = _recipe(tmp_path)
+    (recipe / "data/manifests/toy_cuts_unlabeled.jsonl.gz").unlink()
+    result = _run(recipe, "--stage", "4", "--stop-stage", "4")
+    assert result.returncode == 0, result.stderr
+    assert "no unlabeled split (data/manifests/toy_cuts_unlabeled.jsonl.gz): left out" in result.stderr
+    [combine] = _calls(recipe, "sslasr.bin.cuts")
+    assert combine[-1] == "data/manifests/toy_cuts_train.jsonl.gz" and combine[:3] == ["sslasr.bin.cuts", "combine", "--out"]
+    assert [line.split()[1] for line in _lines(recipe / "exp/pretrain_wav2vec2/inputs.txt") if line.startswith("cuts ")] \
+        == ["data/manifests/toy_cuts_train.jsonl.gz"]
+    (recipe / "data/manifests/toy_cuts_train.jsonl.gz").unlink()
+    none = _run(recipe, "--stage", "4", "--stop-stage", "4", "--force", "true")
+    assert none.returncode == 1 and "none of the pretraining splits (train unlabeled) has a manifest" in none.stderr

@@ -287,3 +287,29 @@ def test_noisy_student_filter_at_one_hour_merges_over_the_corpus_settings():
     merged = load_configs([CONF / "noisy_student.yaml", CONF / "noisy_student_1h.yaml"])["pseudo_label"]
     assert filter_config(merged).keep_fraction == 0.3 and filter_config(base).keep_fraction == 0.9
     assert {k: v for k, v in merged.items() if k != "keep_fraction"} == {k: v for k, v in base.items() if k != "keep_fraction"}
+
+
+def test_download_makes_its_folder_unpacks_and_names_a_broken_archive(tmp_path: Path, monkeypatch):
+    """Stage 0's download, the network replaced by a local archive: the target folder is made
+    (the download does not make it), the release unpacks to a root marked complete, and an
+    archive that does not unpack is a LayoutError saying to remove it."""
+    import io
+    import tarfile
+    from sslasr.data import speechocean762 as so762
+    release = io.BytesIO()
+    with tarfile.open(fileobj=release, mode="w:gz") as tar:
+        data = b"utt1 WAVE/utt1.WAV\n"
+        info = tarfile.TarInfo("speechocean762/train/wav.scp")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    payload = {"bytes": release.getvalue()}
+
+    def fake_download(url, filename):
+        Path(filename).write_bytes(payload["bytes"])  # fails if the folder is missing, as lhotse's
+    monkeypatch.setattr(so762, "resumable_download", fake_download)
+    root = so762.download(tmp_path / "downloads" / "new")
+    assert root == tmp_path / "downloads/new/speechocean762" and (root / ".completed").is_file()
+    assert (root / "train/wav.scp").read_bytes() == data
+    payload["bytes"] = payload["bytes"][:40]  # cut short
+    with pytest.raises(LayoutError, match="does not unpack .*remove it"):
+        so762.download(tmp_path / "other")

@@ -50,6 +50,7 @@ def download(target_dir: Path) -> Path:
     if (root / ".completed").is_file():
         log.info("%s already downloaded", root)
         return root
+    target_dir.mkdir(parents=True, exist_ok=True)  # the download opens its file there, makes no folder
     archive = target_dir / ARCHIVE
     errors = []
     for mirror in MIRRORS:
@@ -61,8 +62,12 @@ def download(target_dir: Path) -> Path:
             log.warning("download from %s failed: %s", mirror, e)
     else:
         raise RuntimeError("could not download speechocean762 from any mirror:\n" + "\n".join(errors))
-    with tarfile.open(archive) as tar:
-        safe_extract(tar, path=target_dir)
+    try:
+        with tarfile.open(archive) as tar:
+            safe_extract(tar, path=target_dir)
+    except (tarfile.TarError, EOFError, OSError) as e:  # a cut-short or corrupt download
+        raise LayoutError(f"{archive} does not unpack ({type(e).__name__}: {e}): remove it and run stage 0 "
+                          "again to download it afresh") from e
     if not (root / "train" / "wav.scp").is_file():
         raise LayoutError(f"{archive} did not unpack to {root}/train/wav.scp")
     (root / ".completed").touch()

@@ -9,16 +9,27 @@ cd "$root"
 need_apt=()
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
 command -v sox >/dev/null 2>&1 || need_apt+=(sox)
-if [ ${#need_apt[@]} -gt 0 ]; then
+python=${PYTHON:-python3}
+"$python" -c "import ensurepip" >/dev/null 2>&1 || [ -x .venv/bin/python ] || need_apt+=(python3-venv)
+sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+if [ ${#need_apt[@]} -gt 0 ] && [ -n "$sudo_cmd" ] && ! sudo -n true 2>/dev/null; then
+  # not root, and no password-less sudo: the Python side installs anyway (the tests that need
+  # espeak-ng skip; the minisynth recipe says what it lacks)
+  echo "install.sh: cannot install ${need_apt[*]} (not root, no password-less sudo): install them yourself" >&2
+elif [ ${#need_apt[@]} -gt 0 ]; then
   echo "install.sh: installing ${need_apt[*]} with apt-get"
-  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-python=${PYTHON:-python3}
+# A .venv left without pip (venv killed during ensurepip, or made without python3-venv) gets it
+# now; one of another Python than $python is kept (it may hold a user's own torch), but said.
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 py=.venv/bin/python
+$py -m pip --version >/dev/null 2>&1 || $py -m ensurepip --upgrade >/dev/null
+venv_version=$($py -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+wanted_version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo "$venv_version")
+[ "$venv_version" = "$wanted_version" ] || echo "install.sh: .venv is Python $venv_version, $python is $wanted_version: keeping .venv (remove it to rebuild)" >&2
 pip_install() {  # this machine's pip.conf names local wheel folders that may be absent: hide that noise
   "$py" -m pip --disable-pip-version-check -q install "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }

@@ -245,12 +245,15 @@ if [ "${nnodes:-1}" != 1 ] && [ "$generations" -gt 0 ] && [ "$stage" -le 9 ] && 
   exit 2
 fi
 
+# Work that records its inputs (data/.data.done, a training dir's or an LM's inputs.txt) says
+# what changed when they differ: the recorded lines (<) against these (>), on one line.
+changed_inputs() { diff "$1" <(printf '%s\n' "$2") | grep '^[<>]' | tr '\n' ' '; }  # changed_inputs RECORD INPUTS
 data_inputs() { printf 'corpus_dir %s\ndata_opts %s\n' "$corpus_dir" "$data_opts"; }  # what stage 0 made data/ from
 if run_stage 0; then
   # data/ made from other inputs (e.g. --data-opts "--max-utts 50" before) is refused, not reused;
   # a marker without inputs predates their recording and is taken as it is
   if [ -s data/.data.done ] && [ "$force" != true ] && [ "$(data_inputs)" != "$(cat data/.data.done)" ]; then
-    log "data/ was prepared from other inputs: $(diff data/.data.done <(data_inputs) | grep '^[<>]' | tr '\n' ' ')"
+    log "data/ was prepared from other inputs: $(changed_inputs data/.data.done "$(data_inputs)")"
     log "pass --force true to prepare it again from these (--stop-stage 0: stage 0 alone), or the inputs it was made with"
     exit 2
   fi
@@ -315,7 +318,7 @@ made_from() {  # made_from DIR INPUTS: refuse DIR's model or checkpoint if made 
       || [ -e $dir/iter1 ]; }; then  # trained (iter1: a k-means pretraining's first iteration), or resumable
     if [ ! -f $dir/inputs.txt ]; then log "$dir: made before its inputs were recorded: not checked"; return 0; fi
     [ "$inputs" != "$(cat $dir/inputs.txt)" ] || return 0
-    log "$dir was made from other inputs: $(diff $dir/inputs.txt <(printf '%s\n' "$inputs") | grep '^[<>]' | tr '\n' ' ')"
+    log "$dir was made from other inputs: $(changed_inputs $dir/inputs.txt "$inputs")"
     log "pass --force true to train it again from these, or --tag (--pretrain-tag: pretraining) for a variant beside it"
     exit 2
   fi
@@ -561,7 +564,7 @@ train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcri
   if [ -f $dir/.done ] && [ -f $dir/inputs.txt ] && [ "$force" != true ] \
       && [ "$(lm_inputs "$text")" != "$(cat $dir/inputs.txt)" ]; then
     # e.g. `--stage 6 --lm-text more.txt` after a full run: trained again, and stages 7-8 redo what used it
-    log "$dir was trained on other inputs; training it again: $(diff <(cat $dir/inputs.txt) <(lm_inputs "$text") | grep '^[<>]' | tr '\n' ' ')"
+    log "$dir was trained on other inputs; training it again: $(changed_inputs $dir/inputs.txt "$(lm_inputs "$text")")"
     reset_training $dir
     rm -f $dir/words.txt
   fi

@@ -61,7 +61,7 @@ corpus_dir=""
 nj=2
 nproc=1                # processes per node for training (torchrun when > 1)
 launcher=""            # e.g. "torchrun --nnodes 2 --node_rank 0 --master_addr host --nproc_per_node 8"
-node_wait_hours=48     # multi-node: how long the other nodes wait for node 0's k-means work (stage 4)
+node_wait_hours=48     # multi-node: how long the other nodes wait for node 0's k-means work (stage 4) or pseudo-labels (9)
 force=false
 vocab_size=${vocab_size:-200}
 token_type=${token_type:-unigram}  # sentencepiece model: unigram, bpe or char
@@ -234,16 +234,12 @@ system_dir() {  # system_dir pretrained|scratch
 }
 
 # A multi-node --launcher (torchrun --nnodes 2 --node_rank N) runs this driver on every node:
-# stages 4-6 train on all of them; stages 7-10 (decoding into shared folders, results rows) are
-# node 0's alone. Stage 9's students would train with --launcher on node 0 alone, waiting for the
-# other nodes forever: refused up front.
+# stages 4-6 train on all of them; stages 7, 8 and 10 (decoding into shared folders, results
+# rows) are node 0's alone. In stage 9 node 0 decodes and pseudo-labels, and every node trains
+# the students (the other nodes wait for each generation's pseudo-labels on the shared exp dir).
 node_rank=$(printf '%s\n' "$launcher" | sed -n 's/.*--node[_-]rank[= ]*\([0-9][0-9]*\).*/\1/p')
 node_rank=${node_rank:-0}
 nnodes=$(printf '%s\n' "$launcher" | sed -n 's/.*--nnodes[= ]*\([0-9:][0-9:]*\).*/\1/p')
-if [ "${nnodes:-1}" != 1 ] && [ "$generations" -gt 0 ] && [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
-  echo "$0: --generations with a multi-node --launcher: stage 9 runs on node 0 alone; run it (--stage 9) with a one-node --launcher or none" >&2
-  exit 2
-fi
 
 # Work that records its inputs (data/.data.done, a training dir's or an LM's inputs.txt) says
 # what changed when they differ: the recorded lines (<) against these (>), on one line.
@@ -378,8 +374,9 @@ kmeans_cli() {  # kmeans_cli COMMAND ARGS...: sslasr.bin.kmeans with the pretrai
 # manifest left by an earlier run counts only if no split manifest is newer; k-means markers cannot
 # tell an earlier run's from this one's, so under --force node 0 (which removes them) starts first.
 started_at=$(date +%s)
+node0_failed=$pretrain_dir/.node0_failed  # node 0's failure, for the others to see (stage 9 has its own)
 on_node_0() {  # on_node_0 COMMAND...: node 0's share of stage 4; a failure is left for the other nodes to see
-  "$@" || { local rc=$?; touch "$pretrain_dir/.node0_failed"; return $rc; }
+  "$@" || { local rc=$?; touch "$node0_failed"; return $rc; }
 }
 newer_input() {  # newer_input FILE INPUT...: true when an INPUT is newer than FILE (made from an older one)
   local file=$1 input; shift
@@ -387,7 +384,7 @@ newer_input() {  # newer_input FILE INPUT...: true when an INPUT is newer than F
   return 1
 }
 wait_for_node_0() {  # wait_for_node_0 MARKER WHAT [INPUT...]: until MARKER exists and is newer than each INPUT
-  local marker=$1 what=$2 waited=0 failed=$pretrain_dir/.node0_failed stale=""; shift 2
+  local marker=$1 what=$2 waited=0 failed=$node0_failed stale=""; shift 2
   [ $# -eq 0 ] || stale=", or older than its inputs"
   until [ -f "$marker" ] && ! newer_input "$marker" "$@"; do
     # a marker left by an earlier run (before this node started) is not this run's failure
@@ -450,7 +447,7 @@ if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
     pretrain_cuts=$manifests/${corpus}_cuts_pretrain$feats.jsonl.gz
     pretrain_inputs=$(for s in $pretraining_splits; do cuts "$s"; done)
     if [ "$node_rank" = 0 ]; then  # on a multi-node run, the shared files are node 0's to reset and write
-      rm -f $pretrain_dir/.node0_failed
+      rm -f $node0_failed
       fresh_training $pretrain_dir $pretrain_dir/iter*
       [ "$force" != true ] || rm -f $pretrain_dir/iter*/.*done  # each k-means iteration's k-means, labels, training
       on_node_0 "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $pretrain_inputs
@@ -587,9 +584,23 @@ train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcri
 if run_stage 6; then
   if [ ! -f $conf_dir/lm.yaml ]; then log "no $conf_dir/lm.yaml: no LM"; else train_lm $lm_dir "$(cuts train)"; fi
 fi
+noisy_student_dir=$exp/noisy_student_$(basename "$(system_dir pretrained)")  # stage 9's (below)
+if [ "${nnodes:-1}" != 1 ] && [ "$generations" -gt 0 ] && [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
+  # the other nodes wait in stage 9 for node 0's pseudo-labels: from here on, a failure of node 0
+  # (in stages 7-9: the teacher's decodes, the labelling, a student) is marked for them to see
+  node0_failed=$noisy_student_dir/.node0_failed
+  if [ "$node_rank" = 0 ]; then
+    rm -f $node0_failed
+    trap '[ $? -eq 0 ] || { mkdir -p $noisy_student_dir && touch $node0_failed; }' EXIT
+  fi
+fi
 if [ "$node_rank" != 0 ]; then  # see $node_rank: decoding, scoring and results are node 0's
-  [ "$stop_stage" -lt 7 ] || log "node $node_rank: stages 7-10 run on node 0 alone: done here"
-  exit 0
+  if [ "$generations" -gt 0 ] && [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
+    log "node $node_rank: stages 7, 8 and 10 run on node 0 alone; stage 9's students train here too"
+  else
+    [ "$stop_stage" -lt 7 ] || log "node $node_rank: stages 7-10 run on node 0 alone: done here"
+    exit 0
+  fi
 fi
 # what a decoding method reads of stage 6's output: METHOD+lm the LM, *lexicon* its words.txt
 uses_lm() { case " $* " in *"+lm "*) return 0 ;; esac; return 1; }        # uses_lm METHOD...: any of them
@@ -677,11 +688,11 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
   done
 }
 
-if run_stage 7; then
+if run_stage 7 && [ "$node_rank" = 0 ]; then
   for system in $systems; do decode_system $(system_dir $system); done
 fi
 
-if run_stage 8; then
+if run_stage 8 && [ "$node_rank" = 0 ]; then
   for system in $systems; do
     baseline=""  # the pretrained system against the scratch one, where both were trained
     [ $system != pretrained ] || [ "${systems% scratch}" = "$systems" ] || baseline=$(system_dir scratch)
@@ -696,7 +707,7 @@ fi
 # The pool (pseudo_label.pool): `unlabeled`, the corpus's untranscribed audio, and/or
 # `rest_of_train`, the train utterances beyond the --labeled subset, their transcripts withheld
 # from the student and used to measure the pseudo-labels (empty at --labeled all).
-noisy_student_dir=$exp/noisy_student_$(basename "$(system_dir pretrained)")
+# On a multi-node run node 0 decodes and labels; every node trains the students.
 # conf/noisy_student.yaml, then conf/noisy_student_<labeled>.yaml where one exists (as the
 # fine-tuning configs): a filter tuned for one amount of labels
 noisy_student_configs=$conf_dir/noisy_student.yaml
@@ -772,6 +783,34 @@ pseudo_labels_outdated() {  # pseudo_labels_outdated TEACHER LABELS: why LABELS 
   fi
   return 1
 }
+student_inputs() {  # student_inputs LABELS: what a noisy student is made from (made_from)
+  finetuning_inputs pretrained $1/student_train.jsonl.gz $(finetune_configs pretrained) $noisy_student_configs
+}
+train_student() {  # train_student STUDENT LABELS: from the pretrained encoder, on the labels + LABELS' pseudo-labels
+  train $1 --config $(finetune_configs pretrained) $noisy_student_configs --set task=asr \
+    data.train_cuts=$2/student_train.jsonl.gz data.valid_cuts="$(cuts $valid_set)" \
+    data.tokenizer=$lang/bpe.model finetune.init_from=$pretrain_dir/model_final.pt $finetune_opts
+}
+join_student_training() {  # join_student_training G TEACHER STUDENT: another node's share of generation G
+  local g=$1 teacher=$2 student=$3 labels=$3/pseudo_labels method started inputs made_of
+  # pseudo-labels older than the teacher (or the search's LM) are an earlier teacher's: node 0 makes them again
+  inputs=($teacher/model_final.pt)
+  method=$(pseudo_label_method $teacher)
+  if uses_lm $method || uses_lexicon $method; then inputs+=($pseudo_label_lm_dir/.done $pseudo_label_lm_dir/words.txt); fi
+  if [ "$force" = true ]; then  # node 0 labels again: only pseudo-labels made since this node started are this run's
+    started=$noisy_student_dir/.node${node_rank}_started
+    mkdir -p $noisy_student_dir && touch -d "@$started_at" $started
+    inputs+=($started)
+  fi
+  wait_for_node_0 $labels/.done "generation $g pseudo-labels" "${inputs[@]}"
+  made_of=$(student_inputs $labels)  # a failure stops here
+  made_from $student "$made_of"
+  if [ "$force" != true ] && [ -f $student/.done ] && [ ! $labels/.done -nt $student/.done ]; then
+    log "node $node_rank: generation $g: student ready"; return
+  fi
+  log "node $node_rank: generation $g: training the noisy student $student with the other nodes"
+  train_student $student $labels
+}
 if run_stage 9 && [ "$generations" -gt 0 ]; then
   [ -f $conf_dir/noisy_student.yaml ] || { echo "$0: --generations needs $conf_dir/noisy_student.yaml" >&2; exit 1; }
   [ "$no_pretrain" != true ] || { echo "$0: noisy student starts from the pretrained system" >&2; exit 2; }
@@ -790,6 +829,13 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
       "($lang) was trained on all of train, the rest_of_train transcripts withheld here included" ;;
   esac
   teacher=$(system_dir pretrained)
+  if [ "$node_rank" != 0 ]; then
+    for g in $(seq 1 "$generations"); do
+      join_student_training $g $teacher $noisy_student_dir/gen$g
+      teacher=$noisy_student_dir/gen$g
+    done
+    exit 0
+  fi
   taught_by=$teacher  # dirs whose commands made the student (teachers, pseudo-labels, their LM): named in its rows
   for g in $(seq 1 "$generations"); do
     student=$noisy_student_dir/gen$g
@@ -812,14 +858,12 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
     method=$(pseudo_label_method $teacher)
     if uses_lm $method || uses_lexicon $method; then taught_by="$taught_by $pseudo_label_lm_dir"; fi
     taught_by="$taught_by $labels"
-    inputs=$(finetuning_inputs pretrained $labels/student_train.jsonl.gz $(finetune_configs pretrained) $noisy_student_configs)
+    inputs=$(student_inputs $labels)  # a failure stops here
     made_from $student "$inputs"
     if done_or_force $student/.done; then log "generation $g: student ready"; else
       log "generation $g: training the noisy student $student"
       fresh_training $student
-      train $student --config $(finetune_configs pretrained) $noisy_student_configs --set task=asr \
-        data.train_cuts=$labels/student_train.jsonl.gz data.valid_cuts="$(cuts $valid_set)" \
-        data.tokenizer=$lang/bpe.model finetune.init_from=$pretrain_dir/model_final.pt $finetune_opts
+      train_student $student $labels
       "$python" -m sslasr.bin.cuts seconds "$labeled_cuts" > $student/labeled_seconds
       note_command $student fine-tuned
       touch $student/.done
@@ -835,7 +879,7 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
   done
 fi
 
-if run_stage 10; then
+if run_stage 10 && [ "$node_rank" = 0 ]; then
   "$python" -m sslasr.bin.render_results --results $exp/results.jsonl --archive RESULTS.jsonl \
     --out RESULTS.md --title "$corpus results"
   log "wrote RESULTS.md"

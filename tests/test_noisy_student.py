@@ -6,6 +6,9 @@ import json
 import math
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -317,3 +320,36 @@ def test_student_rows_read_against_the_teacher_run_that_taught_them(tmp_path: Pa
     assert any("| ctc_beam | 0 | 10 min | 1 | 20.00 | 19.00 |" in line for line in table)
     assert any("| ctc_greedy | 0 | 10 min | 1 | 30.00 | 28.00 |" in line for line in table)
     assert any("| ctc_beam | 0 | 10 min | 0 | - | 15.00 |" in line for line in table)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_the_noisy_student_together(tmp_path: Path, prepared_minisynth: Path):
+    """Stage 9 with a two-node --launcher (both "nodes" on this machine, torchrun's c10d
+    rendezvous): node 0 decodes the teacher and labels the pool while node 1 waits; both ranks
+    train the student (rank 1's log in its exp dir); node 0 alone decodes and scores it."""
+    recipe = recipe_with_data(tmp_path, prepared_minisynth)
+    opts = [*SMOKE, "--labeled", "30", "--compare-scratch", "false"]
+    trained = run_recipe(recipe, *opts, "--stage", "4", "--stop-stage", "6", timeout=600)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    env = dict(os.environ, SSLASR_PYTHON=sys.executable, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    launcher = f"torchrun --nnodes 2 --master_addr 127.0.0.1 --master_port {_free_port()} --nproc_per_node 1 --node_rank"
+    nodes = [subprocess.Popen(["./run.sh", *opts, "--stage", "7", "--generations", "1", "--launcher", f"{launcher} {rank}"],
+                              cwd=recipe, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for rank in (1, 0)]
+    try:
+        logs = [node.communicate(timeout=600)[1] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], logs[1][-3000:] + logs[0][-3000:]
+    assert "node 1: generation 1: training the noisy student" in logs[0]
+    student = recipe / "exp/noisy_student_ctc_wav2vec2_30/gen1"
+    assert (student / "train.rank0.log").exists() and (student / "train.rank1.log").exists()  # a world of two
+    rows = [json.loads(line) for line in (recipe / "exp/results.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if r["generation"] == 1]) == 6  # {dev, test} x 3 methods, once (node 0's)
+    assert not (recipe / "exp/noisy_student_ctc_wav2vec2_30/.node0_failed").exists()

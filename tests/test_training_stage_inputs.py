@@ -262,10 +262,97 @@ def test_other_nodes_leave_stages_7_to_10_to_node_0(tmp_path: Path):
     assert other.returncode == 0, other.stderr
     assert "node 1: stages 7-10 run on node 0 alone: done here" in other.stderr
     assert len(_lines(recipe / "python_calls")) == calls and not (recipe / "score_commands").exists()
-    # stage 9's students would train with --launcher on node 0 alone: refused before any work
-    students = _run(recipe, "--stage", "4", "--generations", "1", "--launcher", NODES.format(0))
-    assert students.returncode == 2 and "--generations with a multi-node --launcher" in students.stderr
-    assert len(_lines(recipe / "python_calls")) == calls
+
+
+FAKE_TORCHRUN = r"""#!/usr/bin/env bash
+# node 0's trainer runs (the fake python); another node's records its call, as a joining rank
+rank=0 previous=""
+while [ $# -gt 0 ] && [ "$1" != -m ]; do [ "$previous" != --node_rank ] || rank=$1; previous=$1; shift; done
+[ "$rank" != 0 ] || exec "$SSLASR_PYTHON" "$@"
+shift; printf 'node%s %s\n' "$rank" "$(printf '%q ' "$@")" >> python_calls
+"""
+
+
+def _node(recipe: Path, rank: int, *args: str, **fake: str) -> list:
+    """The command and environment of node RANK of a two-node run (torchrun faked on PATH)."""
+    _executable(recipe.parents[1] / "bin/torchrun", FAKE_TORCHRUN)
+    env = _env(recipe, **fake)
+    env["PATH"] = f"{recipe.parents[1] / 'bin'}:{env['PATH']}"
+    return [["./run.sh", *args, "--launcher", NODES.format(rank)], env]
+
+
+def test_other_nodes_train_the_students_with_node_0(tmp_path: Path):
+    """Node 1 of a two-node --generations 2 run: stages 7, 8 and 10 are node 0's; in stage 9 it
+    waits for each generation's pseudo-labels, takes a student node 0 finished, and joins the
+    training of one node 0 has not: the same trainer command, launched on node 1."""
+    recipe = _trained(tmp_path)
+    calls = len(_lines(recipe / "python_calls"))
+    noisy = recipe / "exp/noisy_student_ctc_wav2vec2_all"
+    command, env = _node(recipe, 1, "--stage", "7", "--generations", "2")
+    node_1 = subprocess.Popen(command, cwd=recipe, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # node 1 is waiting for generation 1's pseudo-labels
+        assert not (noisy / "gen1/pseudo_labels/.done").exists() and node_1.poll() is None
+        assert len(_lines(recipe / "python_calls")) == calls  # nothing run yet
+        # node 0: decodes, labels, trains generation 1, labels generation 2, then fails in its training
+        command, env = _node(recipe, 0, "--stage", "7", "--generations", "2",
+                             fail="sslasr.bin.train --exp-dir exp/noisy_student_*/gen2 *")
+        node_0 = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+        assert node_0.returncode == 1, node_0.stderr
+        assert (noisy / ".node0_failed").exists()  # for the other nodes to see
+        _, stderr = node_1.communicate(timeout=40)
+    finally:
+        node_1.kill()
+    assert node_1.returncode == 0, stderr
+    assert "node 1: stages 7, 8 and 10 run on node 0 alone; stage 9's students train here too" in stderr
+    assert "node 1: generation 1: student ready" in stderr
+    assert "node 1: generation 2: training the noisy student" in stderr
+    trainings = [call for call in _calls(recipe, "sslasr.bin.train") if "noisy_student" in call[2]]
+    joined = [call[1:] for call in _calls(recipe, "node1")]
+    assert [call[2] for call in trainings] == ["exp/noisy_student_ctc_wav2vec2_all/gen1",
+                                               "exp/noisy_student_ctc_wav2vec2_all/gen2"]
+    assert joined == [trainings[1]]  # generation 2's, with the same options
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("node 0 failed", "node 1: node 0 failed in its generation 1 pseudo-labels"),
+    ("none yet", "node 1: node 0's generation 1 pseudo-labels (exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels/"
+                 ".done) not there, or older than its inputs, after 0 h"),
+    ("older than the teacher", "generation 1 pseudo-labels (exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels/"
+                               ".done) not there, or older than its inputs"),
+    ("made before --force", "generation 1 pseudo-labels (exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels/"
+                            ".done) not there, or older than its inputs"),
+])
+def test_other_nodes_take_only_this_teachers_pseudo_labels(tmp_path: Path, case: str, expected: str):
+    """Node 1 stops when node 0 failed since it started, and does not train on pseudo-labels of an
+    earlier teacher or, under --force (node 0 makes them again), of an earlier run."""
+    recipe = _trained(tmp_path)
+    noisy = recipe / "exp/noisy_student_ctc_wav2vec2_all"
+    labels = noisy / "gen1/pseudo_labels"
+    teacher_made = time.time() - 120
+    os.utime(recipe / "exp/ctc_wav2vec2_all/model_final.pt", (teacher_made, teacher_made))
+    force = []
+    if case == "node 0 failed":
+        (noisy / ".node0_failed").parent.mkdir(parents=True)
+        (noisy / ".node0_failed").touch()
+        os.utime(noisy / ".node0_failed", (time.time() + 60,) * 2)  # after node 1 started
+    elif case != "none yet":
+        labels.mkdir(parents=True)
+        _gz(labels / "student_train.jsonl.gz", "labels\n")
+        (labels / ".done").touch()
+        stamp = teacher_made - 10 if case == "older than the teacher" else teacher_made + 60
+        os.utime(labels / ".done", (stamp, stamp))
+        force = ["--force", "true"] if case == "made before --force" else []
+    command, env = _node(recipe, 1, "--stage", "9", "--generations", "1", "--node-wait-hours", "0", *force)
+    result = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and expected in result.stderr, result.stderr
+    assert not _calls(recipe, "node1")
+    assert labels.exists() == (case not in ("node 0 failed", "none yet"))  # node 0's to remove
+    if case == "made before --force":  # without it, this teacher's pseudo-labels are taken
+        command, env = _node(recipe, 1, "--stage", "9", "--generations", "1", "--node-wait-hours", "0")
+        taken = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+        assert taken.returncode == 0, taken.stderr
+        assert [call[3] for call in _calls(recipe, "node1")] == ["exp/noisy_student_ctc_wav2vec2_all/gen1"]
 
 
 def _gone(pid: int) -> bool:

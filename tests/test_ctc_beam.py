@@ -296,7 +296,7 @@ def test_a_saved_tuning_is_tuned_again_for_another_beam_size_or_lexicon(tmp_path
     """λ, β tuned with beam 4 and one words.txt are not reused, but logged and tuned again, with
     another --beam-size or after words.txt changed; a method without the lexicon ignores it."""
     from types import SimpleNamespace
-    from sslasr.bin.decode import TUNING_FILE, known_fusion, tuning_settings
+    from sslasr.bin.decode import TUNING_FILE, known_fusion, search_inputs, tuning_settings
     words = tmp_path / "words.txt"
     words.write_text("AB\nBA\n")
     args = SimpleNamespace(lm_weight=None, length_bonus=0.0, out_dir=str(tmp_path / "decode_{set}_{method}"),
@@ -307,7 +307,7 @@ def test_a_saved_tuning_is_tuned_again_for_another_beam_size_or_lexicon(tmp_path
         saved.mkdir()
         (saved / TUNING_FILE).write_text(json.dumps({
             "lm_weight": 0.3, "length_bonus": 0.5, "grid": [{"lm_weight": 0.3, "length_bonus": 0.5, "dev_wer": 9.0}],
-            **tuning_settings(args, method, 4)}))
+            **tuning_settings(search_inputs(args, method), 4)}))
     both = ["ctc_lexicon+lm", "ctc_beam+lm"]
     assert known_fusion(args, both, grid, lambda method: 4) == {m: (0.3, 0.5) for m in both}
     with caplog.at_level("WARNING"):

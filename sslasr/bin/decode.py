@@ -253,11 +253,11 @@ def main(argv=None) -> None:
         parser.error("tuning λ and β needs a grid: decode.tune.lm_weight (and length_bonus) in the model "
                      "config, or --tune-lm-weights (and --tune-length-bonuses)")
 
+    inputs = {method: search_inputs(args, method) for method in methods}  # each file hashed once
     # the tuning set first: the other sets' fused searches use its λ, β
     for set_name in sorted(sets, key=lambda name: name != args.tune_on):
         pending = [m for m in methods if args.overwrite or not already_decoded(
-            out_dir_of(args.out_dir, set_name, m), m, fusion, args.lm,
-            options(m, *fusion.get(m, (0.0, 0.0))).beam_size, args.lexicon if uses_lexicon(m) else None)]
+            out_dir_of(args.out_dir, set_name, m), m, fusion, inputs[m], options(m, *fusion.get(m, (0.0, 0.0))).beam_size)]
         if not pending:
             logging.info("%s: every method already decoded", set_name)
             continue
@@ -266,13 +266,9 @@ def main(argv=None) -> None:
         for method in pending:
             out_dir = out_dir_of(args.out_dir, set_name, method)
             info = {"method": method.removesuffix(LM_SUFFIX), "set": set_name, "cuts": sets[set_name],
-                    "lm": args.lm if method.endswith(LM_SUFFIX) else None,
-                    "lm_sha256": file_sha256(args.lm) if method.endswith(LM_SUFFIX) else None,
-                    "lexicon": args.lexicon if uses_lexicon(method) else None,
-                    "lexicon_sha256": file_sha256(args.lexicon) if uses_lexicon(method) else None,
-                    "model_parameters": model_parameters, "device": device.type}
+                    **inputs[method], "model_parameters": model_parameters, "device": device.type}
             if method not in searches:
-                settings = tuning_settings(args, method, options(method).beam_size)
+                settings = tuning_settings(inputs[method], options(method).beam_size)
                 search = tune_on_set(method, searches, set_pass, out_dir, settings)
                 fusion[method] = (search.options.lm_weight, search.options.length_bonus)
                 info["tuned_on"] = set_name
@@ -289,13 +285,19 @@ def tuning_grid(config_grid: Dict, lm_weights: Optional[List[float]], length_bon
             "length_bonus": [float(x) for x in (length_bonuses or config_grid.get("length_bonus") or [0.0])]}
 
 
-def tuning_settings(args, method: str, beam_size: int) -> Dict:
-    """What the λ, β of METHOD+lm were tuned with besides the grid, recorded in TUNING_FILE: the
-    LM, the beam size and, for a lexicon method, the lexicon (paths and contents: the best λ, β
-    move with each)."""
+def search_inputs(args, method: str) -> Dict:
+    """The files METHOD's search reads besides the model, by path and contents (recorded in
+    decode_info.json): the LM of METHOD+lm, the lexicon of a lexicon-constrained method."""
+    lm = args.lm if method.endswith(LM_SUFFIX) else None
     lexicon = args.lexicon if uses_lexicon(method) else None
-    return {"lm": args.lm, "lm_sha256": file_sha256(args.lm), "beam_size": beam_size,
-            "lexicon": lexicon, "lexicon_sha256": file_sha256(lexicon)}
+    return {"lm": lm, "lm_sha256": file_sha256(lm), "lexicon": lexicon, "lexicon_sha256": file_sha256(lexicon)}
+
+
+def tuning_settings(inputs: Dict, beam_size: int) -> Dict:
+    """What the λ, β of a METHOD+lm were tuned with besides the grid, recorded in TUNING_FILE: its
+    search's INPUTS (search_inputs: the LM and, for a lexicon method, the lexicon) and the beam
+    size; the best λ, β move with each."""
+    return {**inputs, "beam_size": beam_size}
 
 
 def known_fusion(args, fused: List[str], grid: Dict, beam_size_of: Callable[[str], int]
@@ -313,7 +315,7 @@ def known_fusion(args, fused: List[str], grid: Dict, beam_size_of: Callable[[str
         tuning = out_dir_of(args.out_dir, args.tune_on, method) / TUNING_FILE
         if tuning.exists() and not args.overwrite:
             best = json.loads(tuning.read_text())
-            settings = tuning_settings(args, method, beam_size_of(method))
+            settings = tuning_settings(search_inputs(args, method), beam_size_of(method))
             # a setting the file does not name (older files) is taken as this run's
             changed = sorted(key for key, value in settings.items() if best.get(key, value) != value)
             if changed:
@@ -333,27 +335,27 @@ def _grid_text(points) -> str:
     return f"λ {lm_weights} × β {length_bonuses}"
 
 
-def already_decoded(out_dir: Path, method: str, fusion: Dict[str, Tuple[float, float]], lm: Optional[str],
-                    beam_size: int, lexicon: Optional[str]) -> bool:
+def already_decoded(out_dir: Path, method: str, fusion: Dict[str, Tuple[float, float]], inputs: Dict,
+                    beam_size: int) -> bool:
     """Whether OUT_DIR holds a finished decoding of METHOD as this run would make it: with this
     run's beam size and lexicon, and for METHOD+lm its LM and λ, β (an earlier run's, say with
     --lm-weight, is redone; while λ, β are still to be tuned nothing counts as decoded). The LM and
-    lexicon are their paths and contents: one retrained in place (stage 6 with more text) is
-    another (files from before contents were recorded are taken by path)."""
+    lexicon are their paths and contents (INPUTS, search_inputs): one retrained in place (stage 6
+    with more text) is another (files from before contents were recorded are taken by path)."""
     info_file = out_dir / "decode_info.json"
     if not info_file.exists():
         return False
     info = json.loads(info_file.read_text())
     searched_with_beam = not method.removesuffix(LM_SUFFIX).endswith("_greedy")
-    if (searched_with_beam and info.get("beam_size") != beam_size) or info.get("lexicon") != lexicon:
+    if (searched_with_beam and info.get("beam_size") != beam_size) or info.get("lexicon") != inputs["lexicon"]:
         return False
-    if info.get("lexicon_sha256", file_sha256(lexicon)) != file_sha256(lexicon):
+    if info.get("lexicon_sha256", inputs["lexicon_sha256"]) != inputs["lexicon_sha256"]:
         return False
     if not method.endswith(LM_SUFFIX):
         return True
-    if method not in fusion or info.get("lm_sha256", file_sha256(lm)) != file_sha256(lm):
+    if method not in fusion or info.get("lm_sha256", inputs["lm_sha256"]) != inputs["lm_sha256"]:
         return False
-    return (info.get("lm"), info.get("lm_weight"), info.get("length_bonus")) == (lm, *fusion[method])
+    return (info.get("lm"), info.get("lm_weight"), info.get("length_bonus")) == (inputs["lm"], *fusion[method])
 
 
 def plan_searches(pending: List[str], fusion: Dict[str, Tuple[float, float]], grid: Optional[Dict],

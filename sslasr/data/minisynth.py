@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 import soundfile as sf
 
-from sslasr.utils.io import atomic_path, write_text_atomic
+from sslasr.utils.io import atomic_path, remove_temp_files, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -422,8 +422,8 @@ def write_split(split_dir: Path, split: str, specs: List[UttSpec], pool, version
         shutil.rmtree(split_dir / "audio", ignore_errors=True)
         done_marker.unlink(missing_ok=True)
     write_text_atomic(spec_file, digest)
-    for stale in (split_dir / "audio").glob("*/.*.tmp*"):  # left by a killed run
-        stale.unlink()
+    for speaker_dir in (split_dir / "audio").glob("*/"):  # temporary files of a killed run
+        remove_temp_files(speaker_dir, "*")
 
     jobs = [(s, str(split_dir / "audio" / s.speaker / f"{s.utt_id}.flac")) for s in specs]
     for spk in {s.speaker for s in specs}:

@@ -14,6 +14,13 @@ from typing import IO, Iterator, Optional, Union
 PathLike = Union[str, Path]
 
 
+TEMP_MARK = ".tmp"  # atomic_path's temporary names: .<name>.<random>.tmp<the name's suffixes>
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}."
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same directory; rename it onto `path` on success.
@@ -27,7 +34,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=f"{TEMP_MARK}{suffix}")
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
     os.close(fd)
     tmp = Path(tmp)
@@ -59,7 +66,7 @@ def remove_temp_files(directory: PathLike, name_pattern: str) -> int:
     (a glob, e.g. ``model_valid_*.pt``) when killed; returns how many. Only for a directory no
     other process writes those names into (its owner holds the directory's lock)."""
     removed = 0
-    for tmp in Path(directory).glob(f".{name_pattern}.*.tmp*"):
+    for tmp in Path(directory).glob(f"{_temp_prefix(name_pattern)}*{TEMP_MARK}*"):
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed

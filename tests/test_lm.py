@@ -300,3 +300,9 @@ def test_lm_training_resumes_exactly_after_kill(text_corpus, caplog):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     last = torch.load(text_corpus / "killed/checkpoint_last.pt", weights_only=False)
     assert last["num_updates"] == 10 and last["epoch"] >= 2
+
+
+def test_lm_text_lines_end_at_newline_only_and_a_bom_is_dropped(tmp_path: Path):
+    text = tmp_path / "more.txt"
+    text.write_text("\ufeffHELLO WORLD\r\nONE\u2028TWO\n\nTHREE\n", encoding="utf-8")
+    assert read_sentences(text) == ["HELLO WORLD", "ONE\u2028TWO", "THREE"]

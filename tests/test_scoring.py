@@ -464,3 +464,17 @@ def test_required_keys_are_the_documented_ones():
         "pretrained", "generation", "wer", "sub", "del", "ins", "num_words", "num_utts",
         "command",
     }  # fmt: skip
+
+
+def test_kaldi_text_lines_end_at_newline_only_and_a_bom_is_dropped(tmp_path: Path):
+    """ref.txt / hyp.txt as Kaldi reads them: an editor's BOM is not part of the first id (it
+    made u1 an id without a hypothesis: WER 66.7 % for identical files), and U+2028 or \\x85
+    inside a transcript do not end its line (str.splitlines made them utterances)."""
+    ref, hyp = tmp_path / "ref.txt", tmp_path / "hyp.txt"
+    ref.write_text("\ufeffu1 HELLO WORLD\r\nu2 A\u2028B C\x85D\n", encoding="utf-8")
+    hyp.write_text("u1 HELLO WORLD\nu2 A\u2028B C\x85D\n", encoding="utf-8")
+    assert score.read_kaldi_text(ref) == {"u1": "HELLO WORLD", "u2": "A\u2028B C\x85D"}
+    result = subprocess.run([sys.executable, "-m", "sslasr.bin.score", "--ref", str(ref), "--hyp", str(hyp),
+                             "--out-dir", str(tmp_path / "scored")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "%WER 0.00 [ 0 / 6," in (tmp_path / "scored/wer.txt").read_text()  # words split at any space

@@ -37,6 +37,7 @@ from sslasr.scoring import (
 )
 from sslasr.significance import compare_scored
 from sslasr.utils.io import write_text_atomic
+from sslasr.utils.kaldi_table import read_table
 
 COMPUTED_KEYS = ("wer", "sub", "del", "ins", "num_words", "num_utts", "num_missing_hyps", "num_unreferenced_hyps")
 # With --baseline: the decode directory compared with, and the paired bootstrap's fields
@@ -48,15 +49,13 @@ _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 def read_kaldi_text(path: str | Path) -> dict[str, str]:
-    """``utt-id transcript`` lines -> {utt_id: transcript}; duplicate ids raise."""
+    """``utt-id transcript`` lines (read_table: lines end at \\n only, a BOM dropped) ->
+    {utt_id: transcript}; duplicate ids raise."""
     texts: dict[str, str] = {}
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        utt_id, *rest = line.split(maxsplit=1)
+    for utt_id, transcript in read_table(Path(path)):
         if utt_id in texts:
-            raise ValueError(f"{path}:{lineno}: duplicate utterance id {utt_id!r}")
-        texts[utt_id] = rest[0].strip() if rest else ""
+            raise ValueError(f"{path}: duplicate utterance id {utt_id!r}")
+        texts[utt_id] = transcript
     return texts
 
 

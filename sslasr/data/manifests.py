@@ -12,7 +12,6 @@ import math
 import multiprocessing
 import os
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from lhotse import CutSet, MonoCut, Recording, RecordingSet, SupervisionSegment,
 from lhotse.audio import AudioSource
 
 from sslasr.utils.io import atomic_path, write_text_atomic
+from sslasr.utils.kaldi_table import read_table  # noqa: F401  (also this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +62,6 @@ class AudioProbe:
 
 
 # ------------------------------------------------------------------ Kaldi files
-def read_table(path: Path) -> List[Tuple[str, str]]:
-    """`utt-id rest-of-line` pairs; the rest keeps inner spaces, blank lines are skipped.
-
-    Lines end at "\n" only (a "\r" before it is dropped): str.splitlines() would also end a
-    line at U+2028, \x0c, \x1c and others that can sit inside a transcript, making half of it
-    an utterance id. Fields are split at spaces and tabs, as Kaldi does. A UTF-8 byte-order
-    mark, which some editors write, is not part of the first id."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = f.read().split("\n")
-    rows = []
-    for line in lines:
-        parts = re.split(r"[ \t]+", line.strip(" \t\r"), maxsplit=1)
-        if parts[0]:
-            rows.append((parts[0], parts[1].strip(" \t") if len(parts) > 1 else ""))
-    return rows
-
-
 def unsupported_segments(split_dir: Path) -> Optional[str]:
     """The error for a split folder with a Kaldi ``segments`` file, None without one: every
     wav.scp entry is read as one utterance, so segments would be ignored -- whole recordings

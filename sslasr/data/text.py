@@ -40,7 +40,8 @@ def read_sentences(paths: PathOrPaths) -> List[str]:
             from sslasr.data.loader import load_cuts
             texts = (s.text for cut in load_cuts(path) for s in cut.supervisions)
         else:
-            texts = path.read_text(encoding="utf-8").splitlines()
+            # lines end at \n only (U+2028 and kin can sit inside a sentence); an editor's BOM is dropped
+            texts = path.read_text(encoding="utf-8-sig").split("\n")
         before = len(sentences)
         sentences.extend(t.strip() for t in texts if t and t.strip())
         if len(sentences) == before:

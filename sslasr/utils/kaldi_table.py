@@ -1,0 +1,22 @@
+"""Kaldi-style tables: `utt-id rest-of-line` text files (text, wav.scp, utt2spk, hyp.txt)."""
+
+import re
+from pathlib import Path
+from typing import List, Tuple
+
+
+def read_table(path: Path) -> List[Tuple[str, str]]:
+    """`utt-id rest-of-line` pairs; the rest keeps inner spaces, blank lines are skipped.
+
+    Lines end at "\n" only (a "\r" before it is dropped): str.splitlines() would also end a
+    line at U+2028, \x0c, \x1c and others that can sit inside a transcript, making half of it
+    an utterance id. Fields are split at spaces and tabs, as Kaldi does. A UTF-8 byte-order
+    mark, which some editors write, is not part of the first id."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = f.read().split("\n")
+    rows = []
+    for line in lines:
+        parts = re.split(r"[ \t]+", line.strip(" \t\r"), maxsplit=1)
+        if parts[0]:
+            rows.append((parts[0], parts[1].strip(" \t") if len(parts) > 1 else ""))
+    return rows

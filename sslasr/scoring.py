@@ -319,6 +319,20 @@ def read_results(results_jsonl: PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def in_run_order(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ROWS sorted by their timestamps (stable: rows of one second, and rows without one, first,
+    keep their order). One machine's results file is in run order already; an archive merged
+    with another machine's older rows is not, and dedup_latest and with_teacher_wer read file
+    order as run order."""
+    def recorded_at(row: dict[str, Any]) -> datetime:
+        try:
+            stamp = datetime.fromisoformat(str(row[TIMESTAMP_KEY]))
+        except (KeyError, ValueError):
+            return datetime.min.replace(tzinfo=timezone.utc)
+        return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+    return sorted(rows, key=recorded_at)
+
+
 def dedup_latest(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Keep one row per experiment key; a later row replaces an earlier one."""
     latest: dict[str, dict[str, Any]] = {}
@@ -337,8 +351,8 @@ def archive_results(results_jsonl: PathLike, archive_jsonl: PathLike) -> int:
     kept = read_results(archive) if archive.exists() else []
     seen = {json.dumps(row, sort_keys=True) for row in kept}
     new = [row for row in read_results(results_jsonl) if json.dumps(row, sort_keys=True) not in seen]
-    if new:
-        lines = [json.dumps(row, ensure_ascii=False, allow_nan=False) for row in kept + new]
+    if new:  # in run order: results of an out-of-date exp/ (say, rendered after a pull) are not the latest
+        lines = [json.dumps(row, ensure_ascii=False, allow_nan=False) for row in in_run_order(kept + new)]
         write_text_atomic(archive, "\n".join(lines) + "\n")
     return len(new)
 
@@ -594,7 +608,7 @@ def render_results_md(
     system and decoding method) and the full table, latest row per experiment, a noisy student's
     with the WER of the teacher run that taught it (with_teacher_wer). Written atomically; the
     markdown is also returned."""
-    rows = dedup_latest(with_teacher_wer(read_results(results_jsonl)))
+    rows = dedup_latest(with_teacher_wer(in_run_order(read_results(results_jsonl))))
     lines = [
         f"# {title}",
         "",

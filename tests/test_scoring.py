@@ -307,6 +307,26 @@ def test_archive_keeps_earlier_runs_rows_once(tmp_path):
     assert len(read_results(archive)) == 2  # nothing written on failure
 
 
+def test_an_out_of_date_results_file_merged_later_does_not_replace_a_newer_row(tmp_path):
+    """Machine B's exp/results.jsonl holds a January result; the archive pulled from machine A has
+    the same experiment's March one. Rendering on B merges B's row after A's: the March row must
+    stay the system's result (file order made the older row the latest), and a noisy student
+    reads against the teacher run before it in time."""
+    archive, stale = tmp_path / "RESULTS.jsonl", tmp_path / "results.jsonl"
+    append_result(archive, make_row(exp="exp/ctc_1h", wer=5.0, timestamp="2025-03-01T10:00:00+00:00"))
+    append_result(archive, make_row(exp="exp/noisy_student/gen1", wer=4.0, teacher="exp/ctc_1h",
+                                    timestamp="2025-03-02T10:00:00+00:00"))
+    append_result(stale, make_row(exp="exp/ctc_1h", wer=20.0, timestamp="2025-01-01T10:00:00+00:00"))
+    assert archive_results(stale, archive) == 1
+    rows = read_results(archive)
+    assert [row["wer"] for row in rows] == [20.0, 5.0, 4.0]  # in run order
+    text = render_results_md(archive, tmp_path / "RESULTS.md")
+    summary = next(line for line in text.splitlines() if "| exp/ctc_1h |" in line)
+    assert "5.00" in summary and "20.00" not in summary
+    student = next(line for line in text.splitlines() if "exp/noisy_student/gen1" in line and "| 4.00 |" in line)
+    assert "| 5.00 |" in student  # its teacher's WER: the March run's
+
+
 def test_render_exp_column_is_part_of_the_key(tmp_path):
     path = tmp_path / "results.jsonl"
     append_result(path, make_row(exp="exp/a", wer=10.0))

@@ -322,6 +322,15 @@ def test_tokenizer_vocab_too_large_is_softened(tmp_path):
     assert tok.decode(tok.encode("GOOD WORLD")) == "GOOD WORLD"
 
 
+def test_tokenizer_gives_back_the_transcripts_as_written(tmp_path):
+    """Hypotheses are scored against the transcripts themselves: a decoded encoding is the text,
+    not its NFKC form (sentencepiece's default made a perfect model score substitutions)."""
+    texts = ["CAFE\u0301 AU LAIT", "\uff21\uff22\uff23 ONE TWO", "\u00bd OF THE \ufb01LE"]
+    for model_type in ("char", "unigram"):
+        tok = train_tokenizer(texts * 3, tmp_path / model_type, vocab_size=30, model_type=model_type)
+        assert [tok.decode(tok.encode(text)) for text in texts] == texts
+
+
 # ------------------------------------------------------------------ loader
 def test_waveform_batch(prepared, tokenizer):
     _, out = prepared

@@ -60,7 +60,11 @@ def _train(text_file: Path, model_prefix: Path, vocab_size: int, model_type: str
         input=str(text_file), model_prefix=str(model_prefix), vocab_size=vocab_size,
         model_type=model_type, character_coverage=1.0, input_sentence_size=100_000_000,
         user_defined_symbols=[BLANK, SOS_EOS], unk_id=2, bos_id=-1, eos_id=-1,
-        hard_vocab_limit=hard_limit, minloglevel=1)
+        hard_vocab_limit=hard_limit, minloglevel=1,
+        # the transcripts as they are: sentencepiece's default NFKC would decode "½" as "1⁄2",
+        # "ＡＢＣ" as "ABC", a combining accent as the composed letter, so the hypotheses would
+        # differ from references holding the very same text (scored as errors)
+        normalization_rule_name="identity")
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: Union[str, Path], vocab_size: int,

@@ -43,12 +43,14 @@ class PairedBootstrap:
     samples: int
     utterances: int
     groups: Optional[int] = None  # resampled groups (speakers), None: utterances were resampled
+    wordless: int = 0  # resamples left out: they drew only utterances without reference words
 
     def summary(self) -> str:
         by_group = "" if self.groups is None else f" in {self.groups} resampled groups"
+        left_out = f", {self.wordless} without reference words left out" if self.wordless else ""
         return (f"WER {self.wer_a:.2f} -> {self.wer_b:.2f} %: delta {self.delta:+.2f} points, "
                 f"95 % CI [{self.ci_low:+.2f}, {self.ci_high:+.2f}], P(improvement) {self.p_improvement:.3f} "
-                f"({self.utterances} utterances{by_group}, {self.samples} resamples)")
+                f"({self.utterances} utterances{by_group}, {self.samples} resamples{left_out})")
 
     def row_fields(self) -> dict:
         """The results-row fields (sslasr.bin.score --baseline)."""
@@ -80,15 +82,20 @@ def paired_bootstrap(errors_a: Sequence[int], errors_b: Sequence[int], ref_words
     for start in range(0, samples, chunk):  # (chunk, U) draws at a time: memory stays bounded
         draws = rng.integers(0, len(n), size=(min(chunk, samples - start), len(n)))
         words = n[draws].sum(1)
-        deltas.append(100.0 * diff[draws].sum(1) / np.maximum(words, 1))
+        # a resample of utterances without reference words has no WER, so no difference: left
+        # out (dividing by 1 instead made its insertions a difference of hundreds of points)
+        deltas.append(100.0 * diff[draws].sum(1)[words > 0] / words[words > 0])
     delta_b = np.concatenate(deltas)
+    wordless = samples - len(delta_b)
+    if not len(delta_b):
+        raise ValueError("no resample drew a reference word: a WER difference is undefined")
     low, high = np.percentile(delta_b, [2.5, 97.5])
     total = n.sum()
     return PairedBootstrap(
         wer_a=100.0 * e_a.sum() / total, wer_b=100.0 * e_b.sum() / total,
         delta=100.0 * diff.sum() / total, ci_low=float(low), ci_high=float(high),
         p_improvement=float((delta_b < 0).mean()), samples=samples, utterances=utterances,
-        groups=None if groups is None else len(n))
+        groups=None if groups is None else len(n), wordless=wordless)
 
 
 def compare_scored(baseline: Sequence[UttResult], system: Sequence[UttResult], samples: int = 10000,

@@ -29,6 +29,17 @@ def test_better_on_every_utterance_is_certain_improvement():
     assert -20.0 <= result.ci_low < result.delta < result.ci_high <= -10.0
 
 
+def test_resamples_without_reference_words_are_left_out_and_counted():
+    """Two of three utterances have no reference words and B inserts 5 words in each. A resample
+    of those two alone has no WER: it used to count as a difference of up to +1500 points."""
+    result = paired_bootstrap([0, 0, 0], [0, 5, 5], [10, 0, 0], samples=3000)
+    draws_without_words = (2 / 3) ** 3
+    assert result.wordless == pytest.approx(3000 * draws_without_words, rel=0.2)
+    assert 0 <= result.ci_low <= result.ci_high <= 100.0  # 10 insertions over u1's 10 words at most
+    assert result.delta == pytest.approx(100.0)
+    assert f"{result.wordless} without reference words left out" in result.summary()
+
+
 def test_interval_matches_the_normal_approximation():
     # Equal-length utterances: Δ_b is the mean of U resampled per-utterance differences, so its
     # spread is the differences' standard deviation / √U, and the 95 % interval ±1.96 of it.

@@ -452,6 +452,9 @@ def test_parse_sets_types_values():
                             "command=true", "f=false"])  # fmt: skip
     assert row == {"a": 1, "b": 0.001, "c": None, "d": "off-the-shelf", "e": "2024-01-01",
                    "command": "true", "f": False}  # fmt: skip
+    # names stay names: Norwegian's corpus "no", a set "on", a system dir "1e3"
+    assert score.parse_sets(["corpus=no", "test_set=on", "exp=1e3", "frontend=null", "generation=1"]) == {
+        "corpus": "no", "test_set": "on", "exp": "1e3", "frontend": "null", "generation": 1}
     with pytest.raises(ValueError, match="computed"):
         score.parse_sets(["wer=1"])
     with pytest.raises(ValueError, match="twice"):

@@ -42,7 +42,9 @@ from sslasr.utils.kaldi_table import read_table
 COMPUTED_KEYS = ("wer", "sub", "del", "ins", "num_words", "num_utts", "num_missing_hyps", "num_unreferenced_hyps")
 # With --baseline: the decode directory compared with, and the paired bootstrap's fields
 BASELINE_KEYS = ("baseline", "wer_delta", "wer_delta_low", "wer_delta_high", "p_improvement")
-STRING_KEYS = ("command",)  # never type-converted, e.g. a command "true" stays a string
+# never type-converted: a command "true", or a corpus, set or system named "no", "on", "1e3" (YAML
+# would read booleans and numbers) stays the string it is
+STRING_KEYS = ("command", "corpus", "test_set", "exp", "decoding", "frontend", "head", "teacher")
 
 # YAML 1.1 reads "1e-3" as a string (it needs "1.0e-3"); people will type the former.
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")

@@ -7,8 +7,9 @@
 #   1 manifests   lhotse recordings/supervisions/cuts, validated (bad audio dropped, counted)
 #   2 features    fbank for fbank frontends; waveform frontends read audio on the fly
 #   3 tokenizer   sentencepiece (--token-type, --vocab-size) on the training transcripts
-#   4 pretrain    self-supervised pretraining of --frontend on all audio; a frontend with
-#                 k-means targets (HuBERT) runs per iteration: k-means, labels, pretraining
+#   4 pretrain    self-supervised pretraining of --frontend on --pretrain-splits (train +
+#                 unlabeled); a frontend with k-means targets (HuBERT) runs per iteration:
+#                 k-means, labels, pretraining
 #   5 finetune    --head on --labeled seconds of transcribed audio, from the pretrained
 #                 encoder and (unless --compare-scratch false) from scratch
 #   6 lm          token LM (conf/lm.yaml) on the training transcripts (+ --lm-text files)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # minisynth: a synthetic English corpus made offline with espeak-ng (see local/data.sh).
-# Pretrains a frontend on all audio, fine-tunes on the labeled split, trains a letter LM,
+# Pretrains a frontend on train + unlabeled audio, fine-tunes on the labeled split, trains a letter LM,
 # decodes dev and test (greedy, beam, beam + LM with λ, β tuned on dev) and scores them.
 #   ./run.sh                                   # everything: wav2vec 2.0 + CTC, pretrained vs scratch
 #   ./run.sh --stage 5 --stop-stage 10 --labeled 10m

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # speechocean762 (OpenSLR 101): non-native English read speech of Mandarin-L1 children and
 # adults, 16 kHz. Pretrains a frontend on train + unlabeled audio, fine-tunes on --labeled
-# seconds of train, trains a letter LM, decodes (greedy, beam, beam + LM) and scores dev and
-# test, then one noisy-student generation over the unlabeled recordings (and, below --labeled all,
-# the rest of train, its transcripts withheld). The release has no unlabeled/: pretraining then
-# uses train alone and the noisy student needs --labeled below all (or --generations 0).
+# seconds of train, trains a letter LM, decodes (greedy, beam, the lexicon-constrained beam, both
+# beams also with the LM) and scores dev and test, then one noisy-student generation over the
+# unlabeled recordings (and, below --labeled all, the rest of train, its transcripts withheld).
+# The release has no unlabeled/: pretraining then uses train alone and the noisy student needs
+# --labeled below all (or --generations 0).
 # RESULTS.md rows before 2026-12-07 were made with Kaldi's default fbank (filters to 7.6 kHz,
 # frames centred on the shift); stage 2 now computes w2v-BERT 2.0's (compute_fbank.SeamlessFbank).
 #   ./run.sh --corpus-dir ../../../shared/data/speechocean762     # a Kaldi-style copy (this machine's):
 #       w2v-BERT on all of train, pretrained and scratch, and its noisy student; on 2 cores about
 #       10 min of pretraining, 46 min per fine-tuned system (conf/finetune_ctc.yaml), ~7 min
 #       decoding each, and the student's own pseudo-labelling, fine-tuning and decoding
-#   ./run.sh                                                     # downloads the release (520 MB)
+#   ./run.sh --generations 0                                     # downloads the release (520 MB; no
+#       unlabeled/ in it, so at --labeled all no pool for a noisy student)
 #   ./run.sh --stage 5 --stop-stage 10 --labeled 10m              # 10 min / 1h / all of train
 #   ./run.sh --labeled 1h --compare-scratch false                # noisy student on unlabeled/ + the rest of train
 #   ./run.sh --frontend all --labeled 1h                         # the four frontends in turn, pretrained and

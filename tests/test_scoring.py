@@ -501,3 +501,17 @@ def test_kaldi_text_lines_end_at_newline_only_and_a_bom_is_dropped(tmp_path: Pat
                              "--out-dir", str(tmp_path / "scored")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "%WER 0.00 [ 0 / 6," in (tmp_path / "scored/wer.txt").read_text()  # words split at any space
+
+
+def test_a_row_appended_after_a_cut_short_line_stays_whole(tmp_path: Path):
+    """A results file whose last write was cut short (no newline): the next row goes on a line
+    of its own, and reading names the fragment's line instead of losing the new row in it."""
+    path = tmp_path / "results.jsonl"
+    append_result(path, make_row(exp="exp/a", wer=10.0))
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"corpus": "librispeech", "test_')  # a write cut short by a full disk
+    append_result(path, make_row(exp="exp/b", wer=9.0))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["exp"] == "exp/b"
+    with pytest.raises(ValueError, match=r"results.jsonl:2: malformed JSON line"):
+        read_results(path)

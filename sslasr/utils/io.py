@@ -113,13 +113,20 @@ def write_text_atomic(path: PathLike, text: str) -> None:
 
 
 def append_line(path: PathLike, line: str) -> None:
-    """Append one line with a single write+fsync, so concurrent appenders never interleave."""
+    """Append one line with a single write+fsync, so concurrent appenders never interleave. A
+    last line left unfinished (a write cut short, say by a full disk) is ended first, so the new
+    line stays whole rather than glued onto the fragment (which readers then report, named)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (line.rstrip("\n") + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, data)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        written = 0
+        while written < len(data):  # os.write may write part of it
+            written += os.write(fd, data[written:])
         os.fsync(fd)
     finally:
         os.close(fd)

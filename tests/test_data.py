@@ -438,6 +438,8 @@ def test_speed_perturbed_fbank_manifests_keep_their_own_features(prepared, tmp_p
                         "0.95": {str(tmp_path / "feats/toy_cuts_train_fbank_sp0.95-1.05.lca")}}
     for cut in load_cuts(outputs["0.9"]):
         assert cut.load_features().shape == (cut.num_frames, 80)
+    with pytest.raises(SystemExit, match="perturb-speed: speed factors must be"):  # named, not a traceback
+        cuts_cli.main(["perturb-speed", "--cuts", str(fbank), "--factors", "1.0", "--out", str(tmp_path / "x.jsonl.gz")])
 
 
 # ------------------------------------------------------------------ sampler

@@ -276,6 +276,11 @@ def test_perplexity_cli_matches_the_validation(trained, text_corpus, capsys):
     valid = [line for line in log.splitlines() if "valid update 150" in line][-1]
     assert result["perplexity"] == pytest.approx(float(valid.split("perplexity=")[1].split()[0]), rel=1e-3)
     assert result["num_sentences"] == len(read_sentences(text_corpus / "valid.txt")) == 4
+    (trained / "blank.txt").write_text("\n \n")
+    for text, said in ((trained / "missing.txt", "does not exist"), (trained / "blank.txt", "holds no sentences")):
+        with pytest.raises(SystemExit):  # a usage error naming the file, not a traceback
+            lm_perplexity.main(["--lm", str(trained / "model_final.pt"), "--text", str(text)])
+        assert said in capsys.readouterr().err
 
 
 def test_load_lm_rejects_other_checkpoints(tmp_path):

@@ -100,7 +100,10 @@ def cuts_excluding(cuts: CutSet, excluded: CutSet) -> CutSet:
 
 def perturb_speed(args) -> CutSet:
     originals = load_cuts(args.cuts).to_eager()
-    copies = speed_perturbed_copies(originals, args.factors)
+    try:
+        copies = speed_perturbed_copies(originals, args.factors)
+    except ValueError as err:  # the factors
+        raise SystemExit(f"perturb-speed: {err}") from err
     if args.fbank_storage:
         if not all(c.has_features for c in originals):
             raise SystemExit(f"perturb-speed --fbank-storage: {args.cuts} has cuts without features")

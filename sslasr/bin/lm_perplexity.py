@@ -42,7 +42,11 @@ def main(argv: Sequence[str] = None) -> None:
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size != lm.vocab_size:
         parser.error(f"the tokenizer has {tokenizer.vocab_size} tokens, the LM {lm.vocab_size}")
-    result = perplexity(lm, tokenize_sentences(read_sentences(args.text), tokenizer, drop_unknown=False))
+    try:
+        sentences = read_sentences(args.text)
+    except (FileNotFoundError, ValueError) as err:  # a missing file, or one without sentences
+        parser.error(str(err))
+    result = perplexity(lm, tokenize_sentences(sentences, tokenizer, drop_unknown=False))
     result = {"perplexity": round(result["perplexity"], 4), **{k: v for k, v in result.items() if k != "perplexity"},
               "text": args.text, "lm": args.lm}
     text = json.dumps(result, indent=2) + "\n"

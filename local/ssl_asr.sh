@@ -276,9 +276,29 @@ if run_stage 1; then
   fi
 fi
 
+other_extractors_fbank() {  # other_extractors_fbank: manifests whose features another extractor computed
+  "$python" - $manifests/${corpus}_cuts_*_fbank*.jsonl.gz <<'EOF'
+import os, sys
+from sslasr.bin.compute_fbank import SeamlessFbank
+from sslasr.data.loader import feature_type
+for path in filter(os.path.exists, sys.argv[1:]):
+    found = feature_type(path)
+    if found not in (None, SeamlessFbank.name):
+        print(f"{path} ({found})")
+EOF
+}
 if run_stage 2; then
   if [ "$input_type" != fbank ]; then log "$frontend reads raw waveforms: no features to compute"
-  elif done_or_force $manifests/.fbank.done && [ ! $manifests/.done -nt $manifests/.fbank.done ]; then log "fbank ready"
+  elif done_or_force $manifests/.fbank.done && [ ! $manifests/.done -nt $manifests/.fbank.done ]; then
+    # e.g. Kaldi's default fbank, computed before stage 2 computed w2v-BERT 2.0's: kept, models
+    # would mix the two (an imported w2v-BERT 2.0 would read features it never saw)
+    other=$(other_extractors_fbank)
+    if [ -n "$other" ]; then
+      log "fbank computed by another extractor than this version's: $(printf '%s' "$other" | tr '\n' ' ')"
+      log "compute it again: --stage 2 --stop-stage 2 --force true (systems trained on the old features then need --force true or --tag)"
+      exit 2
+    fi
+    log "fbank ready"
   else
     [ ! -f $manifests/.fbank.done ] || log "the manifests were made again after the fbank: computing it again"
     for f in $manifests/${corpus}_cuts_*.jsonl.gz; do

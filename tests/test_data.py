@@ -1,6 +1,7 @@
 """Data pipeline: manifest validation, subsets, tokenizer, loader batches, sampler resumption/sharding."""
 
 import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -604,3 +605,47 @@ def test_fbank_is_w2v_bert_2s_front_end_at_lhotses_frame_count():
     assert np.abs(normalised(kaldi) - normalised(theirs)).max() > 1.0
     # audio shorter than one window still gets its frame (Kaldi's edge handling)
     assert compute_fbank_cli.SeamlessFbank().extract(audio[:300], 16000).shape == (2, 80)
+
+
+def test_fbank_models_read_only_the_features_they_were_trained_on(prepared, tokenizer, tmp_path):
+    """data.feature_type: a fine-tuning records its cuts' extractor, refuses valid cuts or a
+    pretrained checkpoint of another one, and decoding refuses cuts of another one (Kaldi's
+    default fbank, which stage 2 computed before w2v-BERT 2.0's, would decode as nonsense)."""
+    from sslasr.bin import decode
+    from sslasr.data.loader import check_feature_type
+    from sslasr.train.tasks import AsrFinetuneTask
+    from sslasr.utils.config import load_config
+    seamless = tmp_path / "toy_cuts_train_fbank.jsonl.gz"
+    compute_fbank_cli.main(["--cuts", str(prepared[1] / "toy_cuts_train.jsonl.gz"), "--out-cuts", str(seamless),
+                            "--storage", str(tmp_path / "feats"), "--num-jobs", "1"])
+    kaldi = tmp_path / "toy_cuts_kaldi_fbank.jsonl.gz"
+    CutSet.from_cuts(dataclasses.replace(c, features=dataclasses.replace(c.features, type="kaldi-fbank"))
+                     for c in load_cuts(seamless)).to_file(kaldi)  # as stage 2 computed them before
+    check_feature_type(seamless, "sslasr-seamless-fbank", "m")
+    with pytest.raises(ValueError, match="holds kaldi-fbank features, but m reads sslasr-seamless-fbank"):
+        check_feature_type(kaldi, "sslasr-seamless-fbank", "m")
+    check_feature_type(kaldi, None, "m")  # a model from before the record: not checked
+
+    frontend = load_config(Path(__file__).resolve().parents[1] / "conf/frontend/w2vbert_tiny.yaml")["frontend"]
+    cfg = {"task": "asr", "frontend": frontend, "head": {"name": "ctc"}, "trainer": {},
+           "data": {"tokenizer": str(tokenizer.model_path), "train_cuts": str(seamless), "valid_cuts": str(seamless),
+                    "max_duration": 100}}
+    task = AsrFinetuneTask(copy.deepcopy(cfg))
+    assert task.cfg["data"]["feature_type"] == "sslasr-seamless-fbank"
+    with pytest.raises(ValueError, match="toy_cuts_kaldi_fbank.jsonl.gz holds kaldi-fbank features"):
+        AsrFinetuneTask({**cfg, "data": {**cfg["data"], "valid_cuts": str(kaldi)}})
+    pretrained = tmp_path / "pretrained.pt"
+    torch.save({"model": {f"encoder.{k}": v for k, v in task.model.encoder.state_dict().items()},
+                "config": {"data": {"feature_type": "kaldi-fbank"}}}, pretrained)
+    with pytest.raises(ValueError, match="pretrained.pt was trained on kaldi-fbank features"):
+        AsrFinetuneTask({**cfg, "finetune": {"init_from": str(pretrained)}})
+
+    model = tmp_path / "model.pt"
+    torch.save({"model": task.model.state_dict(), "config": task.cfg}, model)
+    out = str(tmp_path / "decode_{set}_{method}")
+    decode.main(["--model", str(model), "--cuts", f"train={seamless}", "--methods", "ctc_greedy", "--out-dir", out])
+    assert (tmp_path / "decode_train_ctc_greedy/hyp.txt").exists()
+    with pytest.raises(SystemExit):
+        decode.main(["--model", str(model), "--cuts", f"other={kaldi}", "--methods", "ctc_greedy", "--out-dir", out])
+    assert not (tmp_path / "decode_other_ctc_greedy").exists()
+

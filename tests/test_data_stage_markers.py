@@ -21,6 +21,7 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 case "$1" in
   -c) echo "${FAKE_INPUT_TYPE:-waveform}" ;;  # the frontend's input type
   -m) echo "${*:2}" >> python_calls ;;
+  -) [ -z "${FAKE_OTHER_FBANK:-}" ] || echo "$FAKE_OTHER_FBANK" ;;  # other_extractors_fbank's answer
   *) exit 3 ;;
 esac
 """
@@ -41,8 +42,9 @@ def _recipe(tmp_path: Path) -> Path:
     return recipe
 
 
-def _run(recipe: Path, *args: str, input_type: str = "waveform") -> subprocess.CompletedProcess:
-    env = dict(os.environ, SSLASR_PYTHON=str(recipe.parents[1] / "python"), FAKE_INPUT_TYPE=input_type)
+def _run(recipe: Path, *args: str, input_type: str = "waveform", other_fbank: str = "") -> subprocess.CompletedProcess:
+    env = dict(os.environ, SSLASR_PYTHON=str(recipe.parents[1] / "python"), FAKE_INPUT_TYPE=input_type,
+               FAKE_OTHER_FBANK=other_fbank)
     return subprocess.run(["./run.sh", *args], cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -107,3 +109,9 @@ def test_stages_1_to_3_redo_outputs_older_than_their_inputs(tmp_path: Path):
     assert again.returncode == 0, again.stderr
     assert "manifests ready" in again.stderr and "fbank ready" in again.stderr and "tokenizer ready" in again.stderr
     assert len(_lines(recipe / "python_calls")) == 3
+    # fbank an earlier version computed with another extractor (Kaldi's defaults) is not taken as ready
+    old = "data/manifests/toy_cuts_train_fbank.jsonl.gz (kaldi-fbank)"
+    refused = _run(recipe, "--stage", "2", "--stop-stage", "3", input_type="fbank", other_fbank=old)
+    assert refused.returncode == 2, refused.stderr
+    assert f"fbank computed by another extractor than this version's: {old}" in refused.stderr
+    assert "--stage 2 --stop-stage 2 --force true" in refused.stderr and "tokenizer ready" not in refused.stderr

@@ -1,6 +1,7 @@
 """The minisynth recipe end to end at smoke size: every stage, results rows, RESULTS.md,
 skipping of finished stages, and resumption of pretraining after a SIGKILL."""
 
+import gzip
 import json
 import os
 import shlex
@@ -187,6 +188,18 @@ def test_fbank_stage_skips_manifests_with_features(tmp_path: Path, prepared_mini
     assert result.returncode == 0, result.stderr[-4000:]
     for split in ("train", "unlabeled", "dev", "test"):
         assert (manifests / f"minisynth_cuts_{split}_fbank.jsonl.gz").exists(), split
+    # an earlier version's Kaldi-default fbank is refused, not taken as ready
+    dev = manifests / "minisynth_cuts_dev_fbank.jsonl.gz"
+    with gzip.open(dev, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    for row in rows:
+        row["features"]["type"] = "kaldi-fbank"
+    with gzip.open(dev, "wt") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    refused = run_recipe(recipe, *SMOKE, "--frontend", "w2vbert", "--stage", "2", "--stop-stage", "2", timeout=600)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert ("fbank computed by another extractor than this version's: "
+            "data/manifests/minisynth_cuts_dev_fbank.jsonl.gz (kaldi-fbank)") in refused.stderr
     assert not list(manifests.glob("*_fbank_*_fbank.jsonl.gz"))
 
 

@@ -366,7 +366,9 @@ def test_from_hf_matches_transformers_layer_by_layer(tmp_path, position, task):
     model, directory = _hf_model(tmp_path, position, task)
     frontend, state = from_hf(*_read_hf(directory))
     assert frontend["name"] == "w2vbert"
-    assert hf_import.import_hf(directory).frontend == frontend  # by model_type
+    imported = hf_import.import_hf(directory)
+    assert imported.frontend == frontend  # by model_type
+    assert imported.data["feature_type"] == "sslasr-seamless-fbank"  # fine-tuned on the features it learnt from
     encoder = W2vBertEncoder(W2vBertEncoderConfig.from_dict(frontend["encoder"])).eval()
     encoder.load_state_dict(state)  # strict: every tensor placed, none missing
 

@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from sslasr.data.loader import load_cuts, make_dataloader
+from sslasr.data.loader import check_feature_type, load_cuts, make_dataloader
 from sslasr.data.tokenizer import Tokenizer
 from sslasr.decoding.fusion import decode_options, tune_fusion
 from sslasr.decoding.lexicon import Lexicon
@@ -218,6 +218,11 @@ def main(argv=None) -> None:
     model, cfg, tokenizer = load_trained_asr(args.model)
     model.to(device)
     model_parameters = sum(p.numel() for p in model.parameters())  # recorded in every decode_info.json
+    for cuts_path in sets.values():  # an fbank model on another extractor's features decodes nonsense
+        try:
+            check_feature_type(cuts_path, cfg.get("data", {}).get("feature_type"), args.model)
+        except ValueError as error:
+            parser.error(str(error))
     decode_cfg = cfg.get("decode", {})
     methods = args.methods or (decode_cfg.get("methods", [model.head.greedy_method])
                                + [m + LM_SUFFIX for m in decode_cfg.get("lm_methods", [])])

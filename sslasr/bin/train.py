@@ -112,10 +112,10 @@ def main(argv=None) -> None:
     configure_cpu_math(tcfg.get("num_threads", 0), tcfg.get("flush_denormal", True))
     seed_everything(tcfg.get("seed", 0) + dist.rank)
     if dist.is_main:
-        write_text_atomic(args.exp_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
         logging.info("command: %s", " ".join(sys.argv))
-    task = build_task(cfg)
+    task = build_task(cfg)  # it may complete the config (data.feature_type of fbank models)
     if dist.is_main:
+        write_text_atomic(args.exp_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
         params = sum(p.numel() for p in task.model.parameters())
         logging.info("model: %s with %.2fM parameters", type(task.model).__name__, params / 1e6)
     Trainer(cfg, task, args.exp_dir, dist).fit()

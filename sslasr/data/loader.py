@@ -42,6 +42,23 @@ def load_cuts(path: Union[str, Path]) -> CutSet:
     return cuts
 
 
+def feature_type(cuts_path: Union[str, Path]) -> Optional[str]:
+    """The extractor of a manifest's stored features (lhotse's features.type of its first cut; one
+    stage-2 run computes a whole manifest), None for a manifest without features."""
+    first = next(iter(load_cuts(cuts_path)))
+    return first.features.type if first.has_features else None
+
+
+def check_feature_type(cuts_path: Union[str, Path], expected: Optional[str], model: str) -> None:
+    """An fbank model reads the features it was trained on: another extractor's (say Kaldi's
+    default fbank, which stage 2 computed before w2v-BERT 2.0's) shifts every filter and frame,
+    and the model would run on them without a word. EXPECTED None: not recorded, not checked."""
+    found = feature_type(cuts_path)
+    if expected is not None and found is not None and found != expected:
+        raise ValueError(f"{cuts_path} holds {found} features, but {model} reads {expected} features: compute "
+                         f"them again (stage 2 with --force true) or use a model trained on {found}")
+
+
 def normalize_waveforms(audio: torch.Tensor, lens: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Zero mean / unit variance over each utterance's real samples; padding stays 0."""
     mask = torch.arange(audio.shape[1]).unsqueeze(0) < lens.unsqueeze(1)

@@ -138,7 +138,12 @@ def import_hf(model_dir: Union[str, Path]) -> ImportedCheckpoint:
     frontend, encoder_state = converter(config, read_state_dict(model_dir))
     source = {"path": str(Path(model_dir).resolve()), "model_type": config["model_type"],
               "architectures": config.get("architectures") or []}
-    return ImportedCheckpoint(frontend, encoder_state, read_data_options(model_dir), source)
+    data = read_data_options(model_dir)
+    from sslasr.models.frontends import get_frontend  # here: the frontends import the converters
+    if get_frontend(frontend).input_type == "fbank":  # w2v-BERT 2.0: the features it learnt from
+        from sslasr.bin.compute_fbank import SeamlessFbank
+        data["feature_type"] = SeamlessFbank.name
+    return ImportedCheckpoint(frontend, encoder_state, data, source)
 
 
 def save_imported(imported: ImportedCheckpoint, out: Union[str, Path]) -> Path:

@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from sslasr.data.loader import load_cuts, make_dataloader
+from sslasr.data.loader import check_feature_type, feature_type, load_cuts, make_dataloader
 from sslasr.data.tokenizer import Tokenizer
 from sslasr.models.asr import build_asr_model, load_encoder_weights
 from sslasr.models.frontends import get_frontend
@@ -38,6 +38,12 @@ def _init_encoder(model: nn.Module, checkpoint: Optional[str], reinit_top_layers
              count, checkpoint, reinit_top_layers, len(blocks))
 
 
+def checkpoint_feature_type(checkpoint: str) -> Optional[str]:
+    """The features a checkpoint's model was trained on (data.feature_type), None where unrecorded."""
+    config = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("config") or {}
+    return (config.get("data") or {}).get("feature_type")
+
+
 class _DataMixin:
     """Train/valid loaders from the `data` section of the config."""
 
@@ -45,6 +51,25 @@ class _DataMixin:
     input_type: str
     tokenizer: Optional[Tokenizer] = None
     utterance_mixing: Optional[Dict] = None  # mixes training batches (WavLM pretraining)
+
+    def _agree_on_features(self, init_checkpoint: Optional[str]) -> None:
+        """An fbank model records the extractor of its features in data.feature_type (given by the
+        config, as an imported w2v-BERT 2.0's frontend.yaml does, else the training cuts'), which
+        decoding checks; cuts or a checkpoint to start from of another extractor are an error."""
+        data = self.cfg.get("data") or {}
+        if self.input_type != "fbank" or not data.get("train_cuts"):
+            return
+        expected = data.get("feature_type") or feature_type(data["train_cuts"])
+        for key in ("train_cuts", "valid_cuts"):
+            if data.get(key):
+                check_feature_type(data[key], expected, f"this training (data.feature_type {expected})")
+        if init_checkpoint:
+            started = checkpoint_feature_type(init_checkpoint)
+            if None not in (started, expected) and started != expected:
+                raise ValueError(f"{init_checkpoint} was trained on {started} features, but this training reads "
+                                 f"{expected} features: compute the fbank again (stage 2 with --force true), or "
+                                 f"start from a model of these features")
+        data["feature_type"] = expected
 
     def _loader(self, cuts_path: str, dist: DistInfo, train: bool):
         data = self.cfg["data"]
@@ -82,6 +107,7 @@ class PretrainTask(_DataMixin):
         # A k-means iteration with `init: previous` trains the previous iteration's encoder on
         # (its prediction head is new: the classes changed)
         _init_encoder(self.model, cfg.get("init", {}).get("encoder_from"))
+        self._agree_on_features(cfg.get("init", {}).get("encoder_from"))
         self._collapse_warned = False
 
     def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:
@@ -127,6 +153,7 @@ class AsrFinetuneTask(_DataMixin):
         self.model = build_asr_model(cfg, self.tokenizer.vocab_size)
         ft = cfg.get("finetune", {})
         _init_encoder(self.model, ft.get("init_from"), ft.get("reinit_top_layers", 0))
+        self._agree_on_features(ft.get("init_from"))
         if ft.get("freeze_feature_extractor", False):
             for p in self.model.encoder.feature_extractor.parameters():
                 p.requires_grad_(False)

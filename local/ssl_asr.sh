@@ -395,21 +395,24 @@ kmeans_cli() {  # kmeans_cli COMMAND ARGS...: sslasr.bin.kmeans with the pretrai
 # manifest left by an earlier run counts only if no split manifest is newer; k-means markers cannot
 # tell an earlier run's from this one's, so under --force node 0 (which removes them) starts first.
 started_at=$(date +%s)
+started_stamp=""  # stage 9 of the other nodes: see wait_for_node_0
 node0_failed=$pretrain_dir/.node0_failed  # node 0's failure, for the others to see (stage 9 has its own)
 on_node_0() {  # on_node_0 COMMAND...: node 0's share of stage 4; a failure is left for the other nodes to see
   "$@" || { local rc=$?; touch "$node0_failed"; return $rc; }
 }
 newer_input() {  # newer_input FILE INPUT...: true when an INPUT is newer than FILE (made from an older one)
-  local file=$1 input; shift
-  for input in "$@"; do [ ! "$input" -nt "$file" ] || return 0; done
+  local file=$1 input; shift  # or missing (not made yet, or gone): FILE was not made from it
+  for input in "$@"; do [ -e "$input" ] && [ ! "$input" -nt "$file" ] || return 0; done
   return 1
 }
 wait_for_node_0() {  # wait_for_node_0 MARKER WHAT [INPUT...]: until MARKER exists and is newer than each INPUT
   local marker=$1 what=$2 waited=0 failed=$node0_failed stale=""; shift 2
   [ $# -eq 0 ] || stale=", or older than its inputs"
   until [ -f "$marker" ] && ! newer_input "$marker" "$@"; do
-    # a marker left by an earlier run (before this node started) is not this run's failure
-    if [ -f "$failed" ] && [ "$(stat -c %Y "$failed")" -ge "$started_at" ]; then
+    # a marker left by an earlier run (before this node started) is not this run's failure; with
+    # $started_stamp, a file this node touched on the shared filesystem, both times are its server's
+    if [ -f "$failed" ] && if [ -n "$started_stamp" ]; then [ ! "$started_stamp" -nt "$failed" ]
+                           else [ "$(stat -c %Y "$failed")" -ge "$started_at" ]; fi; then
       log "node $node_rank: node 0 failed in its $what ($failed; see node 0's log)"; exit 1
     fi
     if [ $waited -ge $((node_wait_hours * 3600)) ]; then
@@ -592,18 +595,50 @@ train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcri
     [ -z "$lm_text" ] || extra_text="[$(printf '%s,' $lm_text | sed 's/,$//')]"
     train $dir --config $conf_dir/lm.yaml --set task=lm data.tokenizer=$lang/bpe.model \
       data.train_text="$text" data.valid_text="$(cuts $valid_set)" "data.extra_text=$extra_text" $lm_opts
+    [ "$node_rank" = 0 ] || return 0  # the files beside the model are node 0's to write
     "$python" -m sslasr.bin.lm_perplexity --lm $dir/model_final.pt --text "$(cuts $valid_set)" --out $dir/perplexity.json
     lm_inputs "$text" > $dir/inputs.txt
     note_command $dir "LM trained"
     touch $dir/.done
   fi
   # the lexicon of lexicon-constrained decoding (ctc_lexicon): the words of the LM's text
-  if [ ! -f $dir/words.txt ] || [ "$force" = true ]; then
+  if [ "$node_rank" = 0 ] && { [ ! -f $dir/words.txt ] || [ "$force" = true ]; }; then
     "$python" -m sslasr.bin.lexicon --text "$text" $lm_text --out $dir/words.txt
   fi
 }
 if run_stage 6; then
   if [ ! -f $conf_dir/lm.yaml ]; then log "no $conf_dir/lm.yaml: no LM"; else train_lm $lm_dir "$(cuts train)"; fi
+fi
+# conf/noisy_student.yaml, then conf/noisy_student_<labeled>.yaml where one exists (as the
+# fine-tuning configs): a filter tuned for one amount of labels
+noisy_student_configs=$conf_dir/noisy_student.yaml
+[ ! -f $conf_dir/noisy_student_${labeled_tag}.yaml ] || noisy_student_configs="$noisy_student_configs $conf_dir/noisy_student_${labeled_tag}.yaml"
+noisy_student_setting() {  # noisy_student_setting KEY DEFAULT: pseudo_label.KEY of $noisy_student_configs
+  "$python" - "$1" "$2" $noisy_student_configs <<'EOF'
+import sys
+from sslasr.utils.config import load_configs
+value = (load_configs(sys.argv[3:]).get("pseudo_label") or {}).get(sys.argv[1])
+print(" ".join(map(str, value)) if isinstance(value, list) else sys.argv[2] if value is None else value)
+EOF
+}
+if run_stage 9 && [ "$generations" -gt 0 ]; then
+  # before stage 7: on a multi-node run every node is here at once (node 0 alone decodes in 7-8)
+  [ -f $conf_dir/noisy_student.yaml ] || { echo "$0: --generations needs $conf_dir/noisy_student.yaml" >&2; exit 1; }
+  [ "$no_pretrain" != true ] || { echo "$0: noisy student starts from the pretrained system" >&2; exit 2; }
+  # The LM (and lexicon) of the pseudo-labelling search must not have read the pool's transcripts:
+  # with rest_of_train in the pool, one trained on the text of the --labeled cuts (+ --lm-text).
+  pseudo_label_lm_dir=$lm_dir
+  pool_sources=$(noisy_student_setting pool unlabeled)  # read once, for every generation
+  case " $pool_sources " in *" rest_of_train "*)
+    if [ "$labeled_seconds" != all ] && [ -f $conf_dir/lm.yaml ]; then
+      pseudo_label_lm_dir=${lm_dir}_labeled_$labeled_tag
+      train_lm $pseudo_label_lm_dir "$labeled_cuts"
+    fi
+    # Stage 3's tokenizer read all of train. Letters leak nothing; a subword inventory is shaped
+    # by the withheld transcripts, so say so (the pseudo-label WER is then slightly optimistic).
+    [ "$labeled_seconds" = all ] || [ "$token_type" = char ] || log "WARNING: the $token_type tokenizer" \
+      "($lang) was trained on all of train, the rest_of_train transcripts withheld here included" ;;
+  esac
 fi
 noisy_student_dir=$exp/noisy_student_$(basename "$(system_dir pretrained)")  # stage 9's (below)
 if [ "${nnodes:-1}" != 1 ] && [ "$generations" -gt 0 ] && [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
@@ -729,18 +764,6 @@ fi
 # `rest_of_train`, the train utterances beyond the --labeled subset, their transcripts withheld
 # from the student and used to measure the pseudo-labels (empty at --labeled all).
 # On a multi-node run node 0 decodes and labels; every node trains the students.
-# conf/noisy_student.yaml, then conf/noisy_student_<labeled>.yaml where one exists (as the
-# fine-tuning configs): a filter tuned for one amount of labels
-noisy_student_configs=$conf_dir/noisy_student.yaml
-[ ! -f $conf_dir/noisy_student_${labeled_tag}.yaml ] || noisy_student_configs="$noisy_student_configs $conf_dir/noisy_student_${labeled_tag}.yaml"
-noisy_student_setting() {  # noisy_student_setting KEY DEFAULT: pseudo_label.KEY of $noisy_student_configs
-  "$python" - "$1" "$2" $noisy_student_configs <<'EOF'
-import sys
-from sslasr.utils.config import load_configs
-value = (load_configs(sys.argv[3:]).get("pseudo_label") or {}).get(sys.argv[1])
-print(" ".join(map(str, value)) if isinstance(value, list) else sys.argv[2] if value is None else value)
-EOF
-}
 unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the audio of $pool_sources
   local out=$1 source parts=""
   for source in $pool_sources; do
@@ -812,45 +835,33 @@ train_student() {  # train_student STUDENT LABELS: from the pretrained encoder, 
     data.train_cuts=$2/student_train.jsonl.gz data.valid_cuts="$(cuts $valid_set)" \
     data.tokenizer=$lang/bpe.model finetune.init_from=$pretrain_dir/model_final.pt $finetune_opts
 }
+student_ready() {  # student_ready STUDENT: trained on its current pseudo-labels (every node decides alike)
+  [ "$force" != true ] && [ -f $1/.done ] && [ ! $1/pseudo_labels/.done -nt $1/.done ]
+}
 join_student_training() {  # join_student_training G TEACHER STUDENT: another node's share of generation G
-  local g=$1 teacher=$2 student=$3 labels=$3/pseudo_labels method started inputs made_of
-  # pseudo-labels older than the teacher (or the search's LM) are an earlier teacher's: node 0 makes them again
-  inputs=($teacher/model_final.pt)
+  local g=$1 teacher=$2 student=$3 labels=$3/pseudo_labels method inputs made_of
+  # pseudo-labels older than the teacher (its model, or its .done, which node 0 touches before it
+  # labels with it) or the search's LM are an earlier teacher's: node 0 makes them again
+  wait_for_node_0 $teacher/.done "generation $((g - 1)) model ($teacher)"
+  inputs=($teacher/model_final.pt $teacher/.done)
   method=$(pseudo_label_method $teacher)
   if uses_lm $method || uses_lexicon $method; then inputs+=($pseudo_label_lm_dir/.done $pseudo_label_lm_dir/words.txt); fi
-  if [ "$force" = true ]; then  # node 0 labels again: only pseudo-labels made since this node started are this run's
-    started=$noisy_student_dir/.node${node_rank}_started
-    mkdir -p $noisy_student_dir && touch -d "@$started_at" $started
-    inputs+=($started)
-  fi
+  # under --force node 0 labels again: only pseudo-labels made since this node came here are this run's
+  [ "$force" != true ] || inputs+=($started_stamp)
   wait_for_node_0 $labels/.done "generation $g pseudo-labels" "${inputs[@]}"
   made_of=$(student_inputs $labels)  # a failure stops here
   made_from $student "$made_of"
-  if [ "$force" != true ] && [ -f $student/.done ] && [ ! $labels/.done -nt $student/.done ]; then
-    log "node $node_rank: generation $g: student ready"; return
-  fi
+  if student_ready $student; then log "node $node_rank: generation $g: student ready"; return; fi
   log "node $node_rank: generation $g: training the noisy student $student with the other nodes"
   train_student $student $labels
 }
 if run_stage 9 && [ "$generations" -gt 0 ]; then
-  [ -f $conf_dir/noisy_student.yaml ] || { echo "$0: --generations needs $conf_dir/noisy_student.yaml" >&2; exit 1; }
-  [ "$no_pretrain" != true ] || { echo "$0: noisy student starts from the pretrained system" >&2; exit 2; }
-  # The LM (and lexicon) of the pseudo-labelling search must not have read the pool's transcripts:
-  # with rest_of_train in the pool, one trained on the text of the --labeled cuts (+ --lm-text).
-  pseudo_label_lm_dir=$lm_dir
-  pool_sources=$(noisy_student_setting pool unlabeled)  # read once, for every generation
-  case " $pool_sources " in *" rest_of_train "*)
-    if [ "$labeled_seconds" != all ] && [ -f $conf_dir/lm.yaml ]; then
-      pseudo_label_lm_dir=${lm_dir}_labeled_$labeled_tag
-      train_lm $pseudo_label_lm_dir "$labeled_cuts"
-    fi
-    # Stage 3's tokenizer read all of train. Letters leak nothing; a subword inventory is shaped
-    # by the withheld transcripts, so say so (the pseudo-label WER is then slightly optimistic).
-    [ "$labeled_seconds" = all ] || [ "$token_type" = char ] || log "WARNING: the $token_type tokenizer" \
-      "($lang) was trained on all of train, the rest_of_train transcripts withheld here included" ;;
-  esac
   teacher=$(system_dir pretrained)
   if [ "$node_rank" != 0 ]; then
+    # on the shared filesystem, by its clock: node 0's failure marker and (under --force) its
+    # pseudo-labels are this run's when newer
+    started_stamp=$noisy_student_dir/.node${node_rank}_started
+    mkdir -p $noisy_student_dir && touch $started_stamp
     for g in $(seq 1 "$generations"); do
       join_student_training $g $teacher $noisy_student_dir/gen$g
       teacher=$noisy_student_dir/gen$g
@@ -881,7 +892,11 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
     taught_by="$taught_by $labels"
     inputs=$(student_inputs $labels)  # a failure stops here
     made_from $student "$inputs"
-    if done_or_force $student/.done; then log "generation $g: student ready"; else
+    if student_ready $student; then log "generation $g: student ready"; else
+      if [ "$force" != true ] && [ -f $student/.done ]; then  # e.g. its pseudo-labels were removed and made again
+        log "generation $g: its pseudo-labels were made after the student: training it again"
+        reset_training $student
+      fi
       log "generation $g: training the noisy student $student"
       fresh_training $student
       train_student $student $labels

@@ -322,6 +322,8 @@ def test_other_nodes_train_the_students_with_node_0(tmp_path: Path):
                                ".done) not there, or older than its inputs"),
     ("made before --force", "generation 1 pseudo-labels (exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels/"
                             ".done) not there, or older than its inputs"),
+    ("teacher model missing", "generation 1 pseudo-labels (exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels/"
+                              ".done) not there, or older than its inputs"),  # being written: not older than it
 ])
 def test_other_nodes_take_only_this_teachers_pseudo_labels(tmp_path: Path, case: str, expected: str):
     """Node 1 stops when node 0 failed since it started, and does not train on pseudo-labels of an
@@ -330,7 +332,8 @@ def test_other_nodes_take_only_this_teachers_pseudo_labels(tmp_path: Path, case:
     noisy = recipe / "exp/noisy_student_ctc_wav2vec2_all"
     labels = noisy / "gen1/pseudo_labels"
     teacher_made = time.time() - 120
-    os.utime(recipe / "exp/ctc_wav2vec2_all/model_final.pt", (teacher_made, teacher_made))
+    for name in ("model_final.pt", ".done"):
+        os.utime(recipe / "exp/ctc_wav2vec2_all" / name, (teacher_made, teacher_made))
     force = []
     if case == "node 0 failed":
         (noisy / ".node0_failed").parent.mkdir(parents=True)
@@ -343,6 +346,8 @@ def test_other_nodes_take_only_this_teachers_pseudo_labels(tmp_path: Path, case:
         stamp = teacher_made - 10 if case == "older than the teacher" else teacher_made + 60
         os.utime(labels / ".done", (stamp, stamp))
         force = ["--force", "true"] if case == "made before --force" else []
+        if case == "teacher model missing":
+            (recipe / "exp/ctc_wav2vec2_all/model_final.pt").unlink()
     command, env = _node(recipe, 1, "--stage", "9", "--generations", "1", "--node-wait-hours", "0", *force)
     result = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and expected in result.stderr, result.stderr
@@ -433,3 +438,49 @@ def test_pretraining_leaves_out_a_split_the_corpus_does_not_have(tmp_path: Path)
     (recipe / "data/manifests/toy_cuts_train.jsonl.gz").unlink()
     none = _run(recipe, "--stage", "4", "--stop-stage", "4", "--force", "true")
     assert none.returncode == 1 and "none of the pretraining splits (train unlabeled) has a manifest" in none.stderr
+
+
+def _lm_and_rest_of_train(recipe: Path) -> None:
+    (recipe / "conf/lm.yaml").write_text("# lm\n")
+    (recipe / "conf/noisy_student.yaml").write_text("pseudo_label:\n  method: ctc_greedy\n  pool: [rest_of_train]\n")
+
+
+def test_the_pseudo_labelling_lm_trains_before_stage_7_on_every_node(tmp_path: Path):
+    """With rest_of_train in the pool, stage 9's LM (of the labeled transcripts only) trains
+    before stage 7: node 1 skips stages 7-8, so in stage 9 it reached that training while node 0
+    was still decoding (a rendezvous that times out). Only node 0 writes the files beside it."""
+    recipe = _recipe(tmp_path)
+    _lm_and_rest_of_train(recipe)
+    assert _run(recipe, "--stage", "4", "--stop-stage", "6", "--labeled", "30").returncode == 0
+    calls = len(_lines(recipe / "python_calls"))
+    command, env = _node(recipe, 1, "--stage", "7", "--generations", "1", "--labeled", "30", "--node-wait-hours", "0")
+    node_1 = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert node_1.returncode == 1 and "generation 1 pseudo-labels" in node_1.stderr, node_1.stderr
+    assert [call[3] for call in _calls(recipe, "node1")] == ["exp/lm_unigram_200_labeled_30"]
+    assert len(_lines(recipe / "python_calls")) == calls + 1  # its trainer; no perplexity, no lexicon
+    command, env = _node(recipe, 0, "--stage", "7", "--generations", "1", "--labeled", "30")
+    node_0 = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert node_0.returncode == 0, node_0.stderr
+    programs = [" ".join(call[:3]) for call in (shlex.split(line) for line in _lines(recipe / "python_calls")[calls + 1:])]
+    lm = programs.index("sslasr.bin.train --exp-dir exp/lm_unigram_200_labeled_30")
+    assert lm < min(i for i, p in enumerate(programs) if p.startswith("sslasr.bin.decode"))
+
+
+def test_every_node_retrains_a_student_whose_pseudo_labels_were_made_again(tmp_path: Path):
+    """Pseudo-labels made again after their student (say, removed by hand: node 0 labels the pool
+    again) make the student stale on every node: node 0 used to keep it while node 1 trained, alone."""
+    recipe = _trained(tmp_path)
+    assert _labelled(recipe, "--generations", "1").returncode == 0
+    student = recipe / "exp/noisy_student_ctc_wav2vec2_all/gen1"
+    later = time.time() + 5
+    os.utime(student / "pseudo_labels/.done", (later, later))
+    command, env = _node(recipe, 1, "--stage", "9", "--generations", "1", "--node-wait-hours", "0")
+    node_1 = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert node_1.returncode == 0, node_1.stderr
+    assert [call[3] for call in _calls(recipe, "node1")] == [str(student.relative_to(recipe))]
+    trainings = len(_calls(recipe, "sslasr.bin.train"))
+    command, env = _node(recipe, 0, "--stage", "9", "--generations", "1")
+    node_0 = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert node_0.returncode == 0, node_0.stderr
+    assert "generation 1: its pseudo-labels were made after the student: training it again" in node_0.stderr
+    assert len(_calls(recipe, "sslasr.bin.train")) == trainings + 1

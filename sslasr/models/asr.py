@@ -1,5 +1,6 @@
 """An ASR model = a frontend encoder (pretrained or not) + a head (CTC, attention, transducer)."""
 
+import logging
 from typing import Dict, List
 
 import torch
@@ -9,6 +10,8 @@ from sslasr.models.frontends import get_frontend
 from sslasr.models.heads import build_head
 from sslasr.models.interfaces import DecodeOptions
 from sslasr.models.state_dicts import state_dict_mismatches
+
+log = logging.getLogger(__name__)
 
 
 class AsrModel(nn.Module):
@@ -25,9 +28,21 @@ class AsrModel(nn.Module):
         return self.encoder(inputs, input_lens)
 
     def forward(self, inputs: torch.Tensor, input_lens: torch.Tensor, tokens: List[List[int]]) -> torch.Tensor:
-        """The head's loss summed over the batch."""
+        """The head's loss summed over the batch. An utterance shorter than the frontend's receptive
+        field has no encoder frames (evaluation splits keep every utterance): it is left out of the
+        loss, logged; the attention loss of such a row was NaN (softmax over no frames) and the
+        transducer's an error."""
         out = self.encode(inputs, input_lens)
-        return self.head.loss(out.hidden, out.lengths, tokens)
+        hidden, lengths = out.hidden, out.lengths
+        keep = [i for i, frames in enumerate(lengths.tolist()) if frames > 0]
+        if len(keep) < len(tokens):
+            log.warning("%d of %d utterances have no encoder frames (shorter than the frontend's receptive "
+                        "field): left out of the loss", len(tokens) - len(keep), len(tokens))
+            if not keep:
+                return hidden.sum() * 0.0  # a zero loss that still reaches every parameter (DDP)
+            index = torch.tensor(keep, device=hidden.device)
+            hidden, lengths, tokens = hidden.index_select(0, index), lengths.index_select(0, index), [tokens[i] for i in keep]
+        return self.head.loss(hidden, lengths, tokens)
 
     @torch.no_grad()
     def decode(self, inputs: torch.Tensor, input_lens: torch.Tensor, method: str,

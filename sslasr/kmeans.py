@@ -154,6 +154,14 @@ class FrameReservoir:
         return self.buffer[:self.filled]
 
 
+def chosen_cuts(cuts: Iterable, fraction: float, seed: int = 0) -> Iterator:
+    """Each cut kept with probability FRACTION (fairseq's --percent), drawn from a stream of its
+    own: drawn from the reservoir's (sample_frames with the same seed), which frames the sample
+    kept depended on which cuts were chosen (some frames 15 times likelier than others)."""
+    rng = np.random.default_rng([seed, 1])
+    return (cut for cut in cuts if rng.random() < fraction)
+
+
 def sample_frames(blocks: Iterable[np.ndarray], budget: int, seed: int = 0) -> Tuple[np.ndarray, int]:
     """A uniform sample of at most `budget` frames of the stream, and how many frames it had."""
     reservoir = FrameReservoir(budget, seed)

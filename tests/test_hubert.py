@@ -21,7 +21,8 @@ from sslasr.bin import kmeans as kmeans_cli
 from sslasr.data.frame_features import HiddenLayerFeatures, MfccFeatures, deltas
 from sslasr.data.loader import load_cuts, make_dataloader
 from sslasr.kmeans import (
-    FrameReservoir, KMeansConfig, assign_labels, cluster_usage, fit_kmeans, kmeans_plus_plus, sample_frames,
+    FrameReservoir, KMeansConfig, assign_labels, chosen_cuts, cluster_usage, fit_kmeans, kmeans_plus_plus,
+    sample_frames,
 )
 from sslasr.models.frontends import get_frontend
 from sslasr.models.hubert import (
@@ -338,6 +339,31 @@ def test_reservoir_is_a_uniform_sample_of_fixed_size():
     assert np.mean(first_half) == pytest.approx(0.5, abs=0.02)
 
 
+def test_which_frames_are_sampled_does_not_depend_on_which_cuts_were_chosen():
+    """kmeans fit keeps a cuts_fraction of the cuts, then a reservoir sample of their frames,
+    both from kmeans.seed. From one random stream, numpy's 32-bit halves of one 64-bit draw tied
+    the keep decision of stream frame budget + 2k + 1 to whether cut k was chosen (kept 19 % of
+    the time after a chosen cut, 1 % after another, for a uniform 10 %)."""
+    cuts, frames_per_cut, budget = 2000, 10, 1000
+    kept = {True: [], False: []}
+    for seed in range(40):
+        chosen = np.zeros(cuts, bool)
+        chosen[list(chosen_cuts(range(cuts), 0.5, seed))] = True
+        reservoir = FrameReservoir(budget, seed)
+        total = frames_per_cut * int(chosen.sum())
+        for start in range(0, total, frames_per_cut):
+            reservoir.add(np.arange(start, start + frames_per_cut, dtype=np.float32)[:, None])
+        taken = np.zeros(total, bool)
+        taken[reservoir.sample[:, 0].astype(int)] = True
+        k = np.arange(0, (total - budget - 1) // 2)
+        k = k[k < cuts]
+        for was_chosen in (True, False):
+            kept[was_chosen].append(taken[budget + 2 * k + 1][chosen[k] == was_chosen].mean())
+    uniform = budget / (frames_per_cut * cuts / 2)
+    assert np.mean(kept[True]) == pytest.approx(uniform, rel=0.25)
+    assert np.mean(kept[False]) == pytest.approx(uniform, rel=0.25)
+
+
 def test_fit_memory_does_not_grow_with_the_data():
     """Peak traced memory (numpy's allocations, which tracemalloc sees) of sampling + fitting a
     stream of 40k frames and of 160k frames, at the same 4000-frame budget: equal within 20 %.
@@ -570,3 +596,22 @@ def test_recipe_pretrains_hubert_over_kmeans_iterations(tmp_path, prepared_minis
                  "resumed from exp/pretrain_hubert/iter2/checkpoint_last.pt at update 4"):
         assert step in rerun.stderr, step
     assert final.read_bytes() == (pretrain / "iter2" / "model_final.pt").read_bytes()
+
+
+def test_mfcc_frame_t_covers_the_samples_its_label_is_for(tmp_path):
+    """MFCC frame t covers [160t, 160t + 400) at 16 kHz (fairseq's Kaldi MFCC with snip_edges),
+    so frames 2t and 2t + 1 lie inside encoder frame t; lhotse's default frames start 120 samples
+    earlier (a click at sample 290 missed frame 0). The count stays lhotse's (the labels' storage)."""
+    audio = np.zeros(16000, dtype=np.float32)
+    audio[290] = 1.0
+    path = tmp_path / "click.wav"
+    sf.write(path, audio, 16000)
+    cut = CutSet.from_manifests(recordings=RecordingSet.from_recordings([Recording.from_file(path)]))[0]
+    c0 = MfccFeatures()(cut)[:, 0]
+    assert len(c0) == 100
+    silent = c0[10:].max()
+    assert c0[0] > silent + 20 and c0[1] > silent + 20 and c0[2] < silent + 1  # [0, 400), [160, 560), [320, 720)
+    short = tmp_path / "short.wav"
+    sf.write(short, audio[:300], 16000)  # under one window: Kaldi's edge frames, not none
+    assert MfccFeatures()(CutSet.from_manifests(recordings=RecordingSet.from_recordings(
+        [Recording.from_file(short)]))[0]).shape == (2, 39)

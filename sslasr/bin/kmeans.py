@@ -31,7 +31,7 @@ from lhotse import CutSet, NumpyFilesWriter
 from sslasr.data.frame_features import MfccFeatures, build_features, cut_features, encoder_frame_rate
 from sslasr.data.loader import load_cuts
 from sslasr.kmeans import (
-    KMeansConfig, assign_labels, cluster_usage, fit_kmeans, label_cuts, log_usage, sample_frames,
+    KMeansConfig, assign_labels, chosen_cuts, cluster_usage, fit_kmeans, label_cuts, log_usage, sample_frames,
 )
 from sslasr.utils.config import load_configs
 from sslasr.utils.devices import resolve_device
@@ -68,8 +68,7 @@ def fit(cfg: Dict, number: int, cuts_path: str, model: Optional[str], out: Path,
     iteration = kmeans.iteration(number)
     features = build_features(iteration.features, model, iteration.layer)
     start = time.monotonic()
-    chosen = np.random.default_rng(kmeans.seed)
-    cuts = (cut for cut in load_cuts(cuts_path) if chosen.random() < kmeans.cuts_fraction)
+    cuts = chosen_cuts(load_cuts(cuts_path), kmeans.cuts_fraction, kmeans.seed)
     frames = (f for _, f in cut_features(cuts, iteration.features, model, iteration.layer, num_jobs, device))
     sample, seen = sample_frames(frames, kmeans.frames_budget, kmeans.seed)
     log.info("iteration %d: %s features (dim %d, %g Hz), sampled %d of %d frames in %.0f s", number,

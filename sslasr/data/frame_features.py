@@ -10,12 +10,14 @@ one over many cuts, in order, optionally in several processes.
 
 import collections
 import multiprocessing
+import warnings
 from pathlib import Path
 from typing import Deque, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from lhotse import Mfcc, MfccConfig
+from lhotse.utils import compute_num_frames
 
 from sslasr.data.loader import normalize_waveforms
 from sslasr.models.frontends import get_frontend
@@ -50,13 +52,26 @@ class MfccFeatures:
     def __init__(self):
         self._extractors: Dict[int, Mfcc] = {}
 
-    def _extractor(self, sampling_rate: int) -> Mfcc:
-        if sampling_rate not in self._extractors:
-            self._extractors[sampling_rate] = Mfcc(MfccConfig(num_ceps=MFCC_CEPSTRA, sampling_rate=sampling_rate))
-        return self._extractors[sampling_rate]
+    def _extractor(self, sampling_rate: int, snip_edges: bool) -> Mfcc:
+        if (sampling_rate, snip_edges) not in self._extractors:
+            config = MfccConfig(num_ceps=MFCC_CEPSTRA, sampling_rate=sampling_rate, snip_edges=snip_edges)
+            self._extractors[sampling_rate, snip_edges] = Mfcc(config)
+        return self._extractors[sampling_rate, snip_edges]
 
     def __call__(self, cut) -> np.ndarray:
-        mfcc = self._extractor(cut.sampling_rate).extract(mono_samples(cut), cut.sampling_rate)
+        """Frame t covers samples [160t, 160t + 400) at 16 kHz, as fairseq's dump (torchaudio's
+        Kaldi MFCC, snip_edges): frames 2t and 2t + 1 lie inside encoder frame t's [320t, 320t + 400).
+        lhotse's default centres frames on the shift, 7.5 ms before the encoder frame they label.
+        The last frame is repeated up to lhotse's count (round(duration / 10 ms), one or two
+        more), which the labels' storage assumes; audio shorter than one window gets Kaldi's
+        edge frames instead of none."""
+        samples = mono_samples(cut)
+        wanted = compute_num_frames(len(samples) / cut.sampling_rate, 1 / self.frame_rate, cut.sampling_rate)
+        whole_window = len(samples) >= round(MfccConfig().frame_length * cut.sampling_rate)
+        with warnings.catch_warnings():  # lhotse's note that its frame counts assume snip_edges=False
+            warnings.simplefilter("ignore", UserWarning)
+            mfcc = self._extractor(cut.sampling_rate, snip_edges=whole_window).extract(samples, cut.sampling_rate)
+        mfcc = mfcc[np.minimum(np.arange(wanted), len(mfcc) - 1)]
         delta = deltas(mfcc)
         return np.concatenate([mfcc, delta, deltas(delta)], axis=1).astype(np.float32)
 

@@ -241,6 +241,23 @@ system_dir() {  # system_dir pretrained|scratch
 node_rank=$(printf '%s\n' "$launcher" | sed -n 's/.*--node[_-]rank[= ]*\([0-9][0-9]*\).*/\1/p')
 node_rank=${node_rank:-0}
 nnodes=$(printf '%s\n' "$launcher" | sed -n 's/.*--nnodes[= ]*\([0-9:][0-9:]*\).*/\1/p')
+noisy_student_dir=$exp/noisy_student_$(basename "$(system_dir pretrained)")  # stage 9's
+noisy_student_multinode=""
+started_stamp=""  # on the shared filesystem, by its clock (see wait_for_node_0)
+if [ "${nnodes:-1}" != 1 ] && [ "$generations" -gt 0 ] && [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
+  # From the start: node 0 marks any failure of its (the other nodes wait in stage 9 for work of
+  # node 0 alone: the teacher's decodes, the labelling), and the others stamp when they started.
+  # Under --force, start the nodes together: node 0's pseudo-labels count when newer than a stamp.
+  noisy_student_multinode=1
+  mkdir -p $noisy_student_dir
+  if [ "$node_rank" = 0 ]; then
+    rm -f $noisy_student_dir/.node0_failed
+    trap '[ $? -eq 0 ] || touch $noisy_student_dir/.node0_failed' EXIT
+  else
+    started_stamp=$noisy_student_dir/.node${node_rank}_started
+    touch $started_stamp
+  fi
+fi
 
 # Work that records its inputs (data/.data.done, a training dir's or an LM's inputs.txt) says
 # what changed when they differ: the recorded lines (<) against these (>), on one line.
@@ -276,8 +293,17 @@ if run_stage 1; then
   fi
 fi
 
-other_extractors_fbank() {  # other_extractors_fbank: manifests whose features another extractor computed
-  "$python" - $manifests/${corpus}_cuts_*_fbank*.jsonl.gz <<'EOF'
+fbank_outputs() {  # fbank_outputs: stage 2's manifests, an fbank copy of each manifest without features
+  local f
+  for f in $manifests/${corpus}_cuts_*.jsonl.gz; do
+    # skip manifests with features: this stage's outputs and what stages 4-5 made of them (the
+    # pretraining manifest, a labeled subset *_fbank.jsonl.gz, its copies *_fbank_sp0.9-1.1.jsonl.gz)
+    case "$f" in *_fbank.jsonl.gz|*_fbank_*.jsonl.gz) continue ;; esac
+    printf '%s\n' "${f%.jsonl.gz}_fbank.jsonl.gz"
+  done
+}
+other_extractors_fbank() {  # other_extractors_fbank: stage 2's manifests whose features another extractor computed
+  "$python" - $(fbank_outputs) <<'EOF'
 import os, sys
 from sslasr.bin.compute_fbank import SeamlessFbank
 from sslasr.data.loader import feature_type
@@ -301,12 +327,19 @@ if run_stage 2; then
     log "fbank ready"
   else
     [ ! -f $manifests/.fbank.done ] || log "the manifests were made again after the fbank: computing it again"
-    for f in $manifests/${corpus}_cuts_*.jsonl.gz; do
-      # skip manifests with features: this stage's outputs and what stage 5 made of them
-      # (the labeled subset *_fbank.jsonl.gz, its speed-perturbed copies *_fbank_sp0.9-1.1.jsonl.gz)
-      case "$f" in *_fbank.jsonl.gz|*_fbank_*.jsonl.gz) continue ;; esac
-      "$python" -m sslasr.bin.compute_fbank --cuts "$f" --out-cuts "${f%.jsonl.gz}_fbank.jsonl.gz" \
+    outputs=$(fbank_outputs)
+    for f in $outputs; do
+      "$python" -m sslasr.bin.compute_fbank --cuts "${f%_fbank.jsonl.gz}.jsonl.gz" --out-cuts "$f" \
         --storage data/fbank --num-jobs "$nj"
+    done
+    # what stages 4-5 made of the earlier fbank (the pretraining manifest, a labeled subset, its
+    # speed-perturbed copies) holds the earlier features, or points into archives just rewritten:
+    # removed, those stages make it again
+    for f in $manifests/${corpus}_cuts_*_fbank*.jsonl.gz; do
+      [ -e "$f" ] || continue
+      case $'\n'"$outputs"$'\n' in *$'\n'"$f"$'\n'*) continue ;; esac
+      log "removing $f: made from the earlier fbank (stages 4-5 make it again)"
+      rm -f "$f"
     done
     touch $manifests/.fbank.done
   fi
@@ -395,7 +428,6 @@ kmeans_cli() {  # kmeans_cli COMMAND ARGS...: sslasr.bin.kmeans with the pretrai
 # manifest left by an earlier run counts only if no split manifest is newer; k-means markers cannot
 # tell an earlier run's from this one's, so under --force node 0 (which removes them) starts first.
 started_at=$(date +%s)
-started_stamp=""  # stage 9 of the other nodes: see wait_for_node_0
 node0_failed=$pretrain_dir/.node0_failed  # node 0's failure, for the others to see (stage 9 has its own)
 on_node_0() {  # on_node_0 COMMAND...: node 0's share of stage 4; a failure is left for the other nodes to see
   "$@" || { local rc=$?; touch "$node0_failed"; return $rc; }
@@ -640,16 +672,8 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
       "($lang) was trained on all of train, the rest_of_train transcripts withheld here included" ;;
   esac
 fi
-noisy_student_dir=$exp/noisy_student_$(basename "$(system_dir pretrained)")  # stage 9's (below)
-if [ "${nnodes:-1}" != 1 ] && [ "$generations" -gt 0 ] && [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
-  # the other nodes wait in stage 9 for node 0's pseudo-labels: from here on, a failure of node 0
-  # (in stages 7-9: the teacher's decodes, the labelling, a student) is marked for them to see
-  node0_failed=$noisy_student_dir/.node0_failed
-  if [ "$node_rank" = 0 ]; then
-    rm -f $node0_failed
-    trap '[ $? -eq 0 ] || { mkdir -p $noisy_student_dir && touch $node0_failed; }' EXIT
-  fi
-fi
+# the other nodes wait in stage 9 for node 0's pseudo-labels; a failure of node 0 is marked for them
+[ -z "$noisy_student_multinode" ] || node0_failed=$noisy_student_dir/.node0_failed
 if [ "$node_rank" != 0 ]; then  # see $node_rank: decoding, scoring and results are node 0's
   if [ "$generations" -gt 0 ] && [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
     log "node $node_rank: stages 7, 8 and 10 run on node 0 alone; stage 9's students train here too"
@@ -820,12 +844,15 @@ pseudo_labels_outdated() {  # pseudo_labels_outdated TEACHER LABELS: why LABELS 
   [ -f $made ] || made=$labels
   if [ $teacher/model_final.pt -nt $made ]; then echo "$teacher changed"; return 0; fi
   method=$(pseudo_label_method $teacher)
-  if uses_lm $method || uses_lexicon $method; then  # the search read the LM or its lexicon: trained again since?
-    if newer_input $made $pseudo_label_lm_dir/.done $pseudo_label_lm_dir/words.txt; then
-      echo "$pseudo_label_lm_dir (the $method search's LM and lexicon) changed"; return 0
-    fi
+  # the search read the LM or its lexicon: trained again since?
+  if newer_input $made $(search_lm_files $method); then
+    echo "$pseudo_label_lm_dir (the $method search's LM and lexicon) changed"; return 0
   fi
   return 1
+}
+search_lm_files() {  # search_lm_files METHOD: the files of stage 9's LM dir that METHOD's search reads
+  ! uses_lm $1 || echo $pseudo_label_lm_dir/.done
+  ! uses_lexicon $1 || echo $pseudo_label_lm_dir/words.txt
 }
 student_inputs() {  # student_inputs LABELS: what a noisy student is made from (made_from)
   finetuning_inputs pretrained $1/student_train.jsonl.gz $(finetune_configs pretrained) $noisy_student_configs
@@ -843,25 +870,22 @@ join_student_training() {  # join_student_training G TEACHER STUDENT: another no
   # pseudo-labels older than the teacher (its model, or its .done, which node 0 touches before it
   # labels with it) or the search's LM are an earlier teacher's: node 0 makes them again
   wait_for_node_0 $teacher/.done "generation $((g - 1)) model ($teacher)"
-  inputs=($teacher/model_final.pt $teacher/.done)
   method=$(pseudo_label_method $teacher)
-  if uses_lm $method || uses_lexicon $method; then inputs+=($pseudo_label_lm_dir/.done $pseudo_label_lm_dir/words.txt); fi
-  # under --force node 0 labels again: only pseudo-labels made since this node came here are this run's
+  inputs=($teacher/model_final.pt $teacher/.done $(search_lm_files $method))
+  # under --force node 0 labels again: only pseudo-labels made since this node started are this run's
   [ "$force" != true ] || inputs+=($started_stamp)
   wait_for_node_0 $labels/.done "generation $g pseudo-labels" "${inputs[@]}"
-  made_of=$(student_inputs $labels)  # a failure stops here
-  made_from $student "$made_of"
   if student_ready $student; then log "node $node_rank: generation $g: student ready"; return; fi
+  if [ "$force" = true ] || [ ! -f $student/.done ]; then  # else node 0 resets a student older than its labels
+    made_of=$(student_inputs $labels)  # a failure stops here
+    made_from $student "$made_of"
+  fi
   log "node $node_rank: generation $g: training the noisy student $student with the other nodes"
   train_student $student $labels
 }
 if run_stage 9 && [ "$generations" -gt 0 ]; then
   teacher=$(system_dir pretrained)
   if [ "$node_rank" != 0 ]; then
-    # on the shared filesystem, by its clock: node 0's failure marker and (under --force) its
-    # pseudo-labels are this run's when newer
-    started_stamp=$noisy_student_dir/.node${node_rank}_started
-    mkdir -p $noisy_student_dir && touch $started_stamp
     for g in $(seq 1 "$generations"); do
       join_student_training $g $teacher $noisy_student_dir/gen$g
       teacher=$noisy_student_dir/gen$g
@@ -890,13 +914,15 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
     method=$(pseudo_label_method $teacher)
     if uses_lm $method || uses_lexicon $method; then taught_by="$taught_by $pseudo_label_lm_dir"; fi
     taught_by="$taught_by $labels"
+    if ! student_ready $student && [ "$force" != true ] && [ -f $student/.done ]; then
+      # e.g. its pseudo-labels were removed and made again: another student's (before made_from,
+      # which would refuse its inputs.txt of the earlier labels)
+      log "generation $g: its pseudo-labels were made after the student: training it again"
+      reset_training $student
+    fi
     inputs=$(student_inputs $labels)  # a failure stops here
     made_from $student "$inputs"
     if student_ready $student; then log "generation $g: student ready"; else
-      if [ "$force" != true ] && [ -f $student/.done ]; then  # e.g. its pseudo-labels were removed and made again
-        log "generation $g: its pseudo-labels were made after the student: training it again"
-        reset_training $student
-      fi
       log "generation $g: training the noisy student $student"
       fresh_training $student
       train_student $student $labels

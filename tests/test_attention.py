@@ -440,5 +440,7 @@ def test_an_utterance_without_encoder_frames_is_left_out_of_the_loss(head, caplo
         alone = model(audio[:1], torch.tensor([8000]), tokens[:1])
     assert torch.isfinite(batch) and batch.item() == pytest.approx(alone.item(), rel=1e-4)
     assert "1 of 2 utterances have no encoder frames" in caplog.text
+    model.freeze_encoder = True  # the first updates of fine-tuning: the encoder runs without a graph
     empty = model(audio[1:], torch.tensor([200]), tokens[1:])
-    assert empty.item() == 0.0 and empty.requires_grad
+    assert empty.item() == 0.0
+    empty.backward()  # a batch of such rows still steps (zero gradients), not an error

@@ -21,7 +21,7 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 case "$1" in
   -c) echo "${FAKE_INPUT_TYPE:-waveform}" ;;  # the frontend's input type
   -m) echo "${*:2}" >> python_calls ;;
-  -) [ -z "${FAKE_OTHER_FBANK:-}" ] || echo "$FAKE_OTHER_FBANK" ;;  # other_extractors_fbank's answer
+  -) echo "${*:2}" > checked_fbank; [ -z "${FAKE_OTHER_FBANK:-}" ] || echo "$FAKE_OTHER_FBANK" ;;  # other_extractors_fbank
   *) exit 3 ;;
 esac
 """
@@ -115,3 +115,17 @@ def test_stages_1_to_3_redo_outputs_older_than_their_inputs(tmp_path: Path):
     assert refused.returncode == 2, refused.stderr
     assert f"fbank computed by another extractor than this version's: {old}" in refused.stderr
     assert "--stage 2 --stop-stage 2 --force true" in refused.stderr and "tokenizer ready" not in refused.stderr
+    # what stages 4-5 made of the fbank is not stage 2's to check; computing it again removes it
+    derived = [manifests / f"toy_cuts_{name}_fbank.jsonl.gz" for name in ("pretrain", "train_1h")]
+    derived.append(manifests / "toy_cuts_train_1h_fbank_sp0.9-1.1.jsonl.gz")
+    for path in derived + [manifests / "toy_cuts_train_fbank.jsonl.gz"]:
+        path.touch()
+    assert _run(recipe, "--stage", "2", "--stop-stage", "2", input_type="fbank").returncode == 0
+    assert (recipe / "checked_fbank").read_text().split() == ["data/manifests/toy_cuts_train_fbank.jsonl.gz"]
+    forced = _run(recipe, "--stage", "2", "--stop-stage", "2", "--force", "true", input_type="fbank")
+    assert forced.returncode == 0, forced.stderr
+    assert _lines(recipe / "python_calls")[-1].split()[:5] == [
+        "sslasr.bin.compute_fbank", "--cuts", "data/manifests/toy_cuts_train.jsonl.gz", "--out-cuts",
+        "data/manifests/toy_cuts_train_fbank.jsonl.gz"]
+    assert not any(path.exists() for path in derived) and (manifests / "toy_cuts_train_fbank.jsonl.gz").exists()
+    assert f"removing {derived[0].relative_to(recipe)}: made from the earlier fbank" in forced.stderr

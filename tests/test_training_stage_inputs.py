@@ -472,6 +472,7 @@ def test_every_node_retrains_a_student_whose_pseudo_labels_were_made_again(tmp_p
     recipe = _trained(tmp_path)
     assert _labelled(recipe, "--generations", "1").returncode == 0
     student = recipe / "exp/noisy_student_ctc_wav2vec2_all/gen1"
+    _gz(student / "pseudo_labels/student_train.jsonl.gz", "other pseudo-labels\n")  # the pool labelled again
     later = time.time() + 5
     os.utime(student / "pseudo_labels/.done", (later, later))
     command, env = _node(recipe, 1, "--stage", "9", "--generations", "1", "--node-wait-hours", "0")

@@ -258,7 +258,7 @@ def main(argv=None) -> None:
         parser.error("tuning λ and β needs a grid: decode.tune.lm_weight (and length_bonus) in the model "
                      "config, or --tune-lm-weights (and --tune-length-bonuses)")
 
-    inputs = {method: search_inputs(args, method) for method in methods}  # each file hashed once
+    inputs = {method: search_inputs(args, method) for method in methods}  # once per method, not per set
     # the tuning set first: the other sets' fused searches use its λ, β
     for set_name in sorted(sets, key=lambda name: name != args.tune_on):
         pending = [m for m in methods if args.overwrite or not already_decoded(

@@ -38,8 +38,8 @@ class AsrModel(nn.Module):
         if len(keep) < len(tokens):
             log.warning("%d of %d utterances have no encoder frames (shorter than the frontend's receptive "
                         "field): left out of the loss", len(tokens) - len(keep), len(tokens))
-            if not keep:
-                return hidden.sum() * 0.0  # a zero loss that still reaches every parameter (DDP)
+            if not keep:  # a zero loss with a graph, through the head (the encoder may be frozen)
+                return sum(p.sum() for p in self.head.parameters()) * 0.0
             index = torch.tensor(keep, device=hidden.device)
             hidden, lengths, tokens = hidden.index_select(0, index), lengths.index_select(0, index), [tokens[i] for i in keep]
         return self.head.loss(hidden, lengths, tokens)

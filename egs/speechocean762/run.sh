@@ -8,6 +8,12 @@
 # --labeled below all (or --generations 0).
 # RESULTS.md rows before 2026-12-07 were made with Kaldi's default fbank (filters to 7.6 kHz,
 # frames centred on the shift); stage 2 now computes w2v-BERT 2.0's (compute_fbank.SeamlessFbank).
+# The same system on the new fbank (2026-12-07, pretraining + 24000-update fine-tuning, `--frontend
+# w2vbert --labeled all --compare-scratch false --generations 0 --pretrain-tag _sfbank`, after
+# `--stage 2 --stop-stage 2 --force true`): test WER greedy / beam / lexicon / beam + LM /
+# lexicon + LM 75.1 / 74.5 / 64.6 / 54.3 / 55.3 % against 73.3 / 72.1 / 63.5 / 54.0 / 53.5 % on
+# the old (dev 74.4 / 73.1 / 64.2 / 52.7 / 52.6 against 72.6 / 72.6 / 62.1 / 51.9 / 51.5): level
+# within 1-2 points, one run each (exp/ctc_w2vbert_sfbank_all in RESULTS.md).
 #   ./run.sh --corpus-dir ../../../shared/data/speechocean762     # a Kaldi-style copy (this machine's):
 #       w2v-BERT on all of train, pretrained and scratch, and its noisy student; on 2 cores about
 #       10 min of pretraining, 46 min per fine-tuned system (conf/finetune_ctc.yaml), ~7 min

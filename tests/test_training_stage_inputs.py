@@ -372,7 +372,10 @@ def test_interrupting_fine_tunings_run_together_ends_them(tmp_path: Path, signum
     recipe = _trained(tmp_path)
     env = _env(recipe, train_sleep="1")
     driver = subprocess.Popen(["./run.sh", "--stage", "5", "--stop-stage", "5", "--force", "true",
-                               "--finetune-jobs", "2"], cwd=recipe, env=env, stderr=subprocess.PIPE, text=True)
+                               "--finetune-jobs", "2"], cwd=recipe, env=env, stderr=subprocess.PIPE, text=True,
+                              # as a shell starts it: a SIGINT ignored in this process (an earlier test's
+                              # library) would be inherited, and bash cannot trap a signal ignored at entry
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pid_files = [recipe / "exp/ctc_wav2vec2_all/sleeper.pid", recipe / "exp/ctc_scratch_wav2vec2_all/sleeper.pid"]
     sleepers = []
     try:
@@ -380,9 +383,6 @@ def test_interrupting_fine_tunings_run_together_ends_them(tmp_path: Path, signum
         while not all(p.exists() and p.read_text().strip() for p in pid_files) and time.monotonic() < deadline:
             time.sleep(0.05)
         sleepers = [int(p.read_text()) for p in pid_files]
-        # the driver waits on its jobs by now: a signal during the instant it starts the second
-        # one (under set -m) was once left unhandled in a loaded CI run
-        time.sleep(0.5)
         driver.send_signal(signum)
         assert driver.wait(timeout=10) == code
         deadline = time.monotonic() + 3

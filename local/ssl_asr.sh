@@ -675,7 +675,7 @@ fi
 # the other nodes wait in stage 9 for node 0's pseudo-labels; a failure of node 0 is marked for them
 [ -z "$noisy_student_multinode" ] || node0_failed=$noisy_student_dir/.node0_failed
 if [ "$node_rank" != 0 ]; then  # see $node_rank: decoding, scoring and results are node 0's
-  if [ "$generations" -gt 0 ] && [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
+  if [ -n "$noisy_student_multinode" ]; then
     log "node $node_rank: stages 7, 8 and 10 run on node 0 alone; stage 9's students train here too"
   else
     [ "$stop_stage" -lt 7 ] || log "node $node_rank: stages 7-10 run on node 0 alone: done here"
@@ -865,6 +865,9 @@ train_student() {  # train_student STUDENT LABELS: from the pretrained encoder, 
 student_ready() {  # student_ready STUDENT: trained on its current pseudo-labels (every node decides alike)
   [ "$force" != true ] && [ -f $1/.done ] && [ ! $1/pseudo_labels/.done -nt $1/.done ]
 }
+student_stale() {  # student_stale STUDENT: trained, but on earlier pseudo-labels (node 0 resets it)
+  [ "$force" != true ] && [ -f $1/.done ] && [ $1/pseudo_labels/.done -nt $1/.done ]
+}
 join_student_training() {  # join_student_training G TEACHER STUDENT: another node's share of generation G
   local g=$1 teacher=$2 student=$3 labels=$3/pseudo_labels method inputs made_of
   # pseudo-labels older than the teacher (its model, or its .done, which node 0 touches before it
@@ -876,7 +879,7 @@ join_student_training() {  # join_student_training G TEACHER STUDENT: another no
   [ "$force" != true ] || inputs+=($started_stamp)
   wait_for_node_0 $labels/.done "generation $g pseudo-labels" "${inputs[@]}"
   if student_ready $student; then log "node $node_rank: generation $g: student ready"; return; fi
-  if [ "$force" = true ] || [ ! -f $student/.done ]; then  # else node 0 resets a student older than its labels
+  if ! student_stale $student; then  # a stale one node 0 resets, its inputs.txt with it
     made_of=$(student_inputs $labels)  # a failure stops here
     made_from $student "$made_of"
   fi
@@ -914,7 +917,7 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
     method=$(pseudo_label_method $teacher)
     if uses_lm $method || uses_lexicon $method; then taught_by="$taught_by $pseudo_label_lm_dir"; fi
     taught_by="$taught_by $labels"
-    if ! student_ready $student && [ "$force" != true ] && [ -f $student/.done ]; then
+    if student_stale $student; then
       # e.g. its pseudo-labels were removed and made again: another student's (before made_from,
       # which would refuse its inputs.txt of the earlier labels)
       log "generation $g: its pseudo-labels were made after the student: training it again"

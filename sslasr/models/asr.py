@@ -29,20 +29,26 @@ class AsrModel(nn.Module):
 
     def forward(self, inputs: torch.Tensor, input_lens: torch.Tensor, tokens: List[List[int]]) -> torch.Tensor:
         """The head's loss summed over the batch. An utterance shorter than the frontend's receptive
-        field has no encoder frames (evaluation splits keep every utterance): it is left out of the
-        loss, logged; the attention loss of such a row was NaN (softmax over no frames) and the
-        transducer's an error."""
-        out = self.encode(inputs, input_lens)
-        hidden, lengths = out.hidden, out.lengths
-        keep = [i for i, frames in enumerate(lengths.tolist()) if frames > 0]
+        field has no encoder frames (evaluation splits keep every utterance): it is left out before
+        the encoder, logged. Beside the others its row's attention has no keys, whose NaN reached
+        every weight's gradient (WavLM, w2v-BERT); its attention loss was NaN and the transducer's
+        an error."""
+        keep = self.rows_with_frames(input_lens)
         if len(keep) < len(tokens):
             log.warning("%d of %d utterances have no encoder frames (shorter than the frontend's receptive "
                         "field): left out of the loss", len(tokens) - len(keep), len(tokens))
             if not keep:  # a zero loss with a graph, through the head (the encoder may be frozen)
                 return sum(p.sum() for p in self.head.parameters()) * 0.0
-            index = torch.tensor(keep, device=hidden.device)
-            hidden, lengths, tokens = hidden.index_select(0, index), lengths.index_select(0, index), [tokens[i] for i in keep]
-        return self.head.loss(hidden, lengths, tokens)
+            index = torch.tensor(keep, device=inputs.device)
+            inputs, input_lens = inputs.index_select(0, index), input_lens.index_select(0, index.to(input_lens.device))
+            tokens = [tokens[i] for i in keep]
+        out = self.encode(inputs, input_lens)
+        return self.head.loss(out.hidden, out.lengths, tokens)
+
+    def rows_with_frames(self, input_lens: torch.Tensor) -> List[int]:
+        """The batch rows the encoder gives at least one frame: those the loss scores."""
+        frames = self.encoder.feature_extractor.output_lengths(input_lens)
+        return [i for i, count in enumerate(frames.tolist()) if count > 0]
 
     @torch.no_grad()
     def decode(self, inputs: torch.Tensor, input_lens: torch.Tensor, method: str,

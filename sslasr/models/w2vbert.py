@@ -24,7 +24,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from sslasr.models.blocks.conformer import ConformerConfig, ConformerEncoder
-from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask, scale_grad
+from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask, padded_to_receptive_field, scale_grad
 from sslasr.models.blocks.dropout import Dropout
 from sslasr.models.blocks.masking import channel_mask, masked_frame_index, span_mask
 from sslasr.models.blocks.quantizer import GumbelProductQuantizer
@@ -90,15 +90,12 @@ class W2vBertEncoder(nn.Module):
             fbank = normalize_fbank_bins(fbank, lengths)
         z = scale_grad(self.feature_extractor(fbank), self.cfg.feature_grad_mult)
         frame_lengths = self.feature_extractor.output_lengths(lengths)
-        if bool((frame_lengths < 1).any()):
-            shortest = int(lengths.min())
-            raise ValueError(f"an utterance of {shortest} frames is shorter than the feature encoder's "
-                             f"receptive field ({self.feature_extractor.receptive_field} frames)")
         return z, frame_lengths, lengths_to_padding_mask(frame_lengths, z.shape[1])
 
     def forward(self, fbank: torch.Tensor, lengths: torch.Tensor, return_all: bool = False) -> EncoderOutput:
         """Encode for downstream heads. In training, applies the configured fine-tuning masks
         (time spans by the mask embedding, feature channels zeroed) after the projection."""
+        fbank = padded_to_receptive_field(fbank, self.feature_extractor.receptive_field)
         z, frame_lengths, padding_mask = self.features(fbank, lengths)
         x = self.feature_projection(z)
         mask = self.cfg.mask
@@ -175,6 +172,10 @@ class W2vBertPretrainer(nn.Module):
             raise ValueError("w2v-BERT learns its own targets (the quantizer); got external targets")
         enc, cfg = self.encoder, self.cfg
         z, frame_lengths, padding_mask = enc.features(fbank, lengths)
+        if bool((frame_lengths < 1).any()):  # span masks and contrastive targets need frames
+            shortest = int(lengths.min())
+            raise ValueError(f"an utterance of {shortest} frames is shorter than the feature encoder's "
+                             f"receptive field ({enc.feature_extractor.receptive_field} frames)")
         z = enc.feature_projection.norm(z)
         time_mask = span_mask(frame_lengths, z.shape[1], cfg.mask.time_prob, cfg.mask.time_length,
                               cfg.mask.time_min_masks, at_least_one=True)

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from sslasr.models.blocks.conv_extractor import ConvFeatureExtractor, lengths_to_padding_mask, scale_grad
+from sslasr.models.blocks.conv_extractor import (
+    ConvFeatureExtractor, lengths_to_padding_mask, padded_to_receptive_field, scale_grad)
 from sslasr.models.blocks.dropout import Dropout
 from sslasr.models.blocks.masking import channel_mask, masked_frame_index, span_mask
 from sslasr.models.blocks.quantizer import GumbelProductQuantizer
@@ -111,6 +112,7 @@ class Wav2Vec2Encoder(nn.Module):
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor, return_all: bool = False) -> EncoderOutput:
         """Encode for downstream heads. In training, applies the configured fine-tuning masks
         (time spans with the mask embedding, feature channels zeroed)."""
+        waveform = padded_to_receptive_field(waveform, self.feature_extractor.receptive_field)
         z, frame_lengths, padding_mask = self.features(waveform, lengths)
         x = self.dropout_input(self.feature_projection(self.feature_norm(z)))
         time_mask = dropped = None

@@ -171,12 +171,15 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
         """As nn.BatchNorm1d: momentum (or, with momentum None, a cumulative average) towards the
-        batch mean and the unbiased batch variance."""
-        self.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        batch mean and the unbiased batch variance. A batch without real frames (utterances
+        shorter than the subsampling's receptive field) has no statistics (0/0): it leaves the
+        averages as they are, where they would have become NaN for good."""
+        has_frames = count > 0
+        self.num_batches_tracked.add_(has_frames.to(self.num_batches_tracked.dtype))
+        momentum = 1.0 / float(self.num_batches_tracked.clamp(min=1)) if self.momentum is None else self.momentum
         unbiased = var * count / (count - 1).clamp(min=1)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        for average, batch_value in ((self.running_mean, mean), (self.running_var, unbiased)):
+            average.copy_(torch.where(has_frames, average.lerp(batch_value.to(average.dtype), momentum), average))
 
 
 class ConvolutionModule(nn.Module):

@@ -326,10 +326,23 @@ def lengths_to_padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor
     return torch.arange(max_len, device=lengths.device)[None, :] >= lengths[:, None]
 
 
+def padded_to_receptive_field(inputs: torch.Tensor, receptive_field: int, time_dim: int = 1) -> torch.Tensor:
+    """INPUTS zero-padded along TIME_DIM to at least RECEPTIVE_FIELD steps. An encoder runs a batch
+    shorter than its feature extractor's receptive field this way: the extractor makes one frame
+    that belongs to no utterance (every length is 0), so the utterances come out with no frames,
+    as a short one does beside longer ones, instead of the convolution failing. Evaluation splits
+    keep such utterances; heads give them empty hypotheses."""
+    missing = receptive_field - inputs.shape[time_dim]
+    if missing <= 0:
+        return inputs
+    padding = [0, 0] * (inputs.dim() - 1 - time_dim % inputs.dim()) + [0, missing]
+    return F.pad(inputs, padding)
+
+
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     if scale == 1.0 or not x.requires_grad:
         return x
     return GradMultiply.apply(x, scale)
 
 
-__all__ = ["ConvFeatureExtractor", "lengths_to_padding_mask", "scale_grad"]
+__all__ = ["ConvFeatureExtractor", "lengths_to_padding_mask", "padded_to_receptive_field", "scale_grad"]

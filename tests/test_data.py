@@ -603,8 +603,28 @@ def test_fbank_is_w2v_bert_2s_front_end_at_lhotses_frame_count():
     # Kaldi's default (filters up to 7.6 kHz, frames centred on the shift) is far from them
     kaldi = Fbank(FbankConfig(num_mel_bins=80)).extract(audio, 16000)[1:1 + len(theirs)]
     assert np.abs(normalised(kaldi) - normalised(theirs)).max() > 1.0
-    # audio shorter than one window still gets its frame (Kaldi's edge handling)
-    assert compute_fbank_cli.SeamlessFbank().extract(audio[:300], 16000).shape == (2, 80)
+    # audio shorter than one window is zero-padded to one (lhotse's extractor failed under 10 ms)
+    for samples, frames in ((300, 2), (100, 1)):
+        window = np.zeros(400, dtype=np.float32)
+        window[:samples] = audio[:samples]
+        short = compute_fbank_cli.SeamlessFbank().extract(audio[:samples], 16000)
+        assert short.shape == (frames, 80)
+        assert np.allclose(short, compute_fbank_cli.SeamlessFbank().extract(window, 16000)[:1])
+
+
+def test_fbank_leaves_out_cuts_too_short_for_a_frame_and_says_so(tmp_path, caplog):
+    """lhotse counts round(duration / 10 ms) frames and refuses features without any: a 3 ms cut
+    (an evaluation split keeps every utterance) stopped the whole split's extraction."""
+    cuts = []
+    for samples in (50, 100, 16000):
+        path = tmp_path / f"a{samples}.wav"
+        sf.write(path, (0.1 * np.random.default_rng(samples).standard_normal(samples)).astype(np.float32), 16000)
+        cuts.append(Recording.from_file(path, recording_id=f"a{samples}").to_cut())
+    with caplog.at_level("WARNING"):
+        kept = compute_fbank_cli.fbank_cuts(CutSet.from_cuts(cuts), tmp_path / "feats", num_jobs=1)
+    assert [cut.id for cut in kept] == ["a100", "a16000"]
+    assert [cut.load_features().shape for cut in kept] == [(1, 80), (100, 80)]
+    assert "1 of 3 cuts are shorter than half the 10 ms frame shift" in caplog.text and "a50" in caplog.text
 
 
 def test_fbank_models_read_only_the_features_they_were_trained_on(prepared, tokenizer, tmp_path):

@@ -18,6 +18,7 @@ from lhotse import CutSet, Fbank, FbankConfig, LilcomChunkyWriter
 from lhotse.features.base import register_extractor
 from lhotse.utils import compute_num_frames
 
+from sslasr.data.frame_features import pad_to_one_window
 from sslasr.data.loader import load_cuts
 from sslasr.data.manifests import write_cuts
 
@@ -50,7 +51,9 @@ class SeamlessFbank(Fbank):
     (Kaldi's snip_edges; its center=False). lhotse counts frames as round(duration / shift), one
     or two more than fit: the edge frames are repeated to make up the count, one before (frame
     i then starts 40 samples after lhotse's nominal frame i), the rest after. After per-bin
-    normalisation the features agree with transformers' to about 1e-4."""
+    normalisation the features agree with transformers' to about 1e-4. Audio shorter than one
+    window (25 ms; evaluation splits keep every utterance) is zero-padded to one: Kaldi's edge
+    frames need 10 ms or more and lhotse's extractor fails below that."""
 
     name = "sslasr-seamless-fbank"
 
@@ -61,10 +64,7 @@ class SeamlessFbank(Fbank):
     def extract(self, samples, sampling_rate: int):
         num_samples = samples.shape[-1]
         wanted = compute_num_frames(num_samples / sampling_rate, self.frame_shift, sampling_rate)
-        if num_samples < self.config.frame_length * sampling_rate:  # no whole frame: Kaldi's edges
-            unsnipped = Fbank(dataclasses.replace(self.config, snip_edges=False))
-            return unsnipped.extract(samples, sampling_rate)
-        feats = super().extract(samples, sampling_rate)
+        feats = super().extract(pad_to_one_window(samples, self.config.frame_length, sampling_rate), sampling_rate)
         missing = wanted - feats.shape[0]
         before = min(1, missing)
         index = np.clip(np.arange(wanted) - before, 0, feats.shape[0] - 1)
@@ -82,6 +82,7 @@ def fbank_cuts(cuts: CutSet, storage_path: Path, num_mel_bins: int = 80, num_job
     """The cuts with fbank features computed into the lilcom archive(s) at storage_path, in
     input order; cuts whose audio fails to load are left out with a warning."""
     num_in = len(cuts)
+    cuts = _with_frames(cuts)
     # Several worker processes each running multi-threaded torch can deadlock (lhotse warns).
     if num_jobs > 1:
         torch.set_num_threads(1)
@@ -94,9 +95,23 @@ def fbank_cuts(cuts: CutSet, storage_path: Path, num_mel_bins: int = 80, num_job
     by_id = {cut.id: cut for cut in with_feats}
     with_feats = CutSet.from_cuts(by_id[cut.id] for cut in cuts if cut.id in by_id)
     # lhotse skips cuts whose audio fails to load: say so instead of losing them quietly.
-    if len(with_feats) != num_in:
-        log.warning("%d of %d cuts failed audio loading and have no features", num_in - len(with_feats), num_in)
+    if len(with_feats) != len(cuts):
+        log.warning("%d of %d cuts failed audio loading and have no features", len(cuts) - len(with_feats), num_in)
     return with_feats
+
+
+def _with_frames(cuts: CutSet) -> CutSet:
+    """The cuts long enough for one feature frame. lhotse counts round(duration / 10 ms) frames
+    and refuses features without any, so a cut under 5 ms (evaluation splits keep every
+    utterance) would stop the whole split's extraction: it is left out, counted and named."""
+    shift = FbankConfig().frame_shift
+    too_short = [cut.id for cut in cuts if compute_num_frames(cut.duration, shift, cut.sampling_rate) == 0]
+    if not too_short:
+        return cuts
+    log.warning("%d of %d cuts are shorter than half the %g ms frame shift and get no features, left out: %s",
+                len(too_short), len(cuts), 1000 * shift, ", ".join(too_short[:5]) + (" ..." if len(too_short) > 5 else ""))
+    dropped = set(too_short)
+    return cuts.filter(lambda cut: cut.id not in dropped).to_eager()
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,16 @@ def deltas(features: np.ndarray, window: int = DELTA_WINDOW) -> np.ndarray:
     return (numerator / (2 * sum(n * n for n in range(1, window + 1)))).astype(features.dtype)
 
 
+def pad_to_one_window(samples, window_seconds: float, sampling_rate: int):
+    """SAMPLES (numpy or torch, time last) zero-padded at the end to at least one analysis window."""
+    missing = round(window_seconds * sampling_rate) - samples.shape[-1]
+    if missing <= 0:
+        return samples
+    if isinstance(samples, torch.Tensor):
+        return torch.nn.functional.pad(samples, (0, missing))
+    return np.pad(samples, [(0, 0)] * (samples.ndim - 1) + [(0, missing)])
+
+
 def mono_samples(cut) -> np.ndarray:
     """The cut's audio as one channel (channels averaged, as the training data loader does)."""
     audio = cut.load_audio()
@@ -52,25 +62,27 @@ class MfccFeatures:
     def __init__(self):
         self._extractors: Dict[int, Mfcc] = {}
 
-    def _extractor(self, sampling_rate: int, snip_edges: bool) -> Mfcc:
-        if (sampling_rate, snip_edges) not in self._extractors:
-            config = MfccConfig(num_ceps=MFCC_CEPSTRA, sampling_rate=sampling_rate, snip_edges=snip_edges)
-            self._extractors[sampling_rate, snip_edges] = Mfcc(config)
-        return self._extractors[sampling_rate, snip_edges]
+    def _extractor(self, sampling_rate: int) -> Mfcc:
+        if sampling_rate not in self._extractors:
+            config = MfccConfig(num_ceps=MFCC_CEPSTRA, sampling_rate=sampling_rate, snip_edges=True)
+            self._extractors[sampling_rate] = Mfcc(config)
+        return self._extractors[sampling_rate]
 
     def __call__(self, cut) -> np.ndarray:
         """Frame t covers samples [160t, 160t + 400) at 16 kHz, as fairseq's dump (torchaudio's
         Kaldi MFCC, snip_edges): frames 2t and 2t + 1 lie inside encoder frame t's [320t, 320t + 400).
         lhotse's default centres frames on the shift, 7.5 ms before the encoder frame they label.
         The last frame is repeated up to lhotse's count (round(duration / 10 ms), one or two
-        more), which the labels' storage assumes; audio shorter than one window gets Kaldi's
-        edge frames instead of none."""
+        more), which the labels' storage assumes; audio shorter than one window is zero-padded
+        to one (lhotse's extractor fails under 10 ms), and under 5 ms has no frames."""
         samples = mono_samples(cut)
         wanted = compute_num_frames(len(samples) / cut.sampling_rate, 1 / self.frame_rate, cut.sampling_rate)
-        whole_window = len(samples) >= round(MfccConfig().frame_length * cut.sampling_rate)
+        if wanted == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        samples = pad_to_one_window(samples, MfccConfig().frame_length, cut.sampling_rate)
         with warnings.catch_warnings():  # lhotse's note that its frame counts assume snip_edges=False
             warnings.simplefilter("ignore", UserWarning)
-            mfcc = self._extractor(cut.sampling_rate, snip_edges=whole_window).extract(samples, cut.sampling_rate)
+            mfcc = self._extractor(cut.sampling_rate).extract(samples, cut.sampling_rate)
         mfcc = mfcc[np.minimum(np.arange(wanted), len(mfcc) - 1)]
         delta = deltas(mfcc)
         return np.concatenate([mfcc, delta, deltas(delta)], axis=1).astype(np.float32)

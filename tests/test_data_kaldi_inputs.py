@@ -82,7 +82,9 @@ def test_wav_scp_id_with_different_paths_is_dropped_and_identical_repeats_are_re
                                    f"c {audio}/c.wav\n")
     report = prepare_split(split, "c", "train", tmp_path / "out", num_jobs=1)
     assert [c.id for c in CutSet.from_file(tmp_path / "out" / "c_cuts_train.jsonl.gz")] == ["b", "c"]
-    assert report["dropped_per_reason"] == {"conflicting_audio": 1, "duplicate_id": 1}
+    # b's identical repeat is read once and counted, not listed as dropped: b is kept
+    assert report["dropped_per_reason"] == {"conflicting_audio": 1} and report["repeated_wav_lines"] == 1
+    assert report["kept"] + report["dropped"] == report["total"] == 3
     rows = (tmp_path / "out" / "c_train_dropped.tsv").read_text()
     assert f"a\tconflicting_audio\t2 different paths in wav.scp: '{audio}/a.wav' vs '{audio}/c.wav'" in rows
 

@@ -46,6 +46,7 @@ class KaldiSplit:
     speakers: Dict[str, str]
     dropped: List[Dropped] = field(default_factory=list)
     repeated_text_lines: int = 0  # identical repeats of a text line, read once
+    repeated_wav_lines: int = 0   # identical repeats of a wav.scp line, read once
 
 
 @dataclass
@@ -104,22 +105,25 @@ def conflicting_text(utt_id: str, transcripts: Sequence[str]) -> Dropped:
     return Dropped(utt_id, "conflicting_text", f"{len(transcripts)} different transcripts in text: {shown}")
 
 
-def read_wav_scp(split_dir: Path, max_utts: Optional[int] = None) -> Tuple[Dict[str, str], List[str], List[Dropped]]:
-    """(usable id -> absolute path, every id listed, the dropped entries) of split_dir/wav.scp.
+def read_wav_scp(split_dir: Path, max_utts: Optional[int] = None
+                 ) -> Tuple[Dict[str, str], List[str], List[Dropped], int]:
+    """(usable id -> absolute path, every id listed, the dropped entries, the number of identical
+    repeated lines) of split_dir/wav.scp.
 
-    An id on several lines keeps its path when the lines agree (each repeat listed as
-    duplicate_id); when the paths differ no line can be trusted over another, so the id is
-    dropped. With `max_utts`, only the first N ids of the file are read (quick runs).
+    An id on several lines keeps its path when the lines agree (the repeats are counted, not
+    dropped: the utterance is kept); when the paths differ no line can be trusted over another,
+    so the id is dropped. With `max_utts`, only the first N ids of the file are read (quick runs).
     """
     rows = read_table(Path(split_dir) / "wav.scp")
     listed = list(dict.fromkeys(utt_id for utt_id, _ in rows))[:max_utts]
     paths: Dict[str, List[str]] = {utt_id: [] for utt_id in listed}
     dropped: List[Dropped] = []
+    repeated = 0
     for utt_id, entry in rows:
         if utt_id not in paths:
             continue  # beyond max_utts
         if entry in paths[utt_id]:
-            dropped.append(Dropped(utt_id, "duplicate_id", "repeated in wav.scp"))
+            repeated += 1
         else:
             paths[utt_id].append(entry)
     wav: Dict[str, str] = {}
@@ -133,7 +137,7 @@ def read_wav_scp(split_dir: Path, max_utts: Optional[int] = None) -> Tuple[Dict[
         else:
             # os.path.abspath, not resolve(): keep symlinked corpus paths as the user gave them.
             wav[utt_id] = os.path.abspath(os.path.join(split_dir, entry))
-    return wav, listed, dropped
+    return wav, listed, dropped, repeated
 
 
 def read_speakers(path: Path) -> Dict[str, str]:
@@ -160,7 +164,7 @@ def read_kaldi_split(split_dir: Path, max_utts: Optional[int] = None) -> KaldiSp
     problem = unsupported_segments(split_dir)
     if problem:
         raise ValueError(problem)
-    wav, listed_ids, dropped = read_wav_scp(split_dir, max_utts)
+    wav, listed_ids, dropped, repeated_wav = read_wav_scp(split_dir, max_utts)
 
     text, repeated = None, 0
     if (split_dir / "text").exists():
@@ -176,7 +180,8 @@ def read_kaldi_split(split_dir: Path, max_utts: Optional[int] = None) -> KaldiSp
                            for u in [*transcripts.text, *transcripts.conflicting] if u not in listed)
         repeated = transcripts.repeated_lines
     speakers = read_speakers(split_dir / "utt2spk") if (split_dir / "utt2spk").exists() else {}
-    return KaldiSplit(wav=wav, text=text, speakers=speakers, dropped=dropped, repeated_text_lines=repeated)
+    return KaldiSplit(wav=wav, text=text, speakers=speakers, dropped=dropped, repeated_text_lines=repeated,
+                      repeated_wav_lines=repeated_wav)
 
 
 def _text_problem(utt_id: str, text: Optional[Dict[str, str]]) -> Optional[Dropped]:
@@ -268,7 +273,7 @@ def _write_dropped(dropped: List[Dropped], path: Path) -> None:
 
 
 def _report(split: str, total: int, cuts: List[MonoCut], dropped: List[Dropped], probes: List[AudioProbe],
-            sample_rate: int, repeated_text_lines: int) -> Dict:
+            sample_rate: int, repeated_text_lines: int, repeated_wav_lines: int) -> Dict:
     kept_ids = {c.id for c in cuts}
     kept_probes = [p for p in probes if p.utt_id in kept_ids]
     return {
@@ -281,6 +286,7 @@ def _report(split: str, total: int, cuts: List[MonoCut], dropped: List[Dropped],
         "resampled": sum(p.sampling_rate != sample_rate for p in kept_probes),
         "multichannel_kept_channel0": sum(p.num_channels > 1 for p in kept_probes),
         "repeated_text_lines": repeated_text_lines,
+        "repeated_wav_lines": repeated_wav_lines,
         "sample_rate": sample_rate,
     }
 
@@ -290,9 +296,10 @@ def _log_report(corpus: str, report: Dict) -> None:
              report["total"], report["kept_duration_s"] / 60)
     for reason, count in report["dropped_per_reason"].items():
         log.warning("%s/%s: dropped %d utterance(s): %s", corpus, report["split"], count, reason)
-    if report["repeated_text_lines"]:
-        log.warning("%s/%s: %d identical repeated line(s) in text, each read once", corpus, report["split"],
-                    report["repeated_text_lines"])
+    for name in ("text", "wav"):
+        if report[f"repeated_{name}_lines"]:
+            log.warning("%s/%s: %d identical repeated line(s) in %s, each read once", corpus, report["split"],
+                        report[f"repeated_{name}_lines"], "text" if name == "text" else "wav.scp")
     if report["resampled"]:
         log.info("%s/%s: %d utterance(s) resampled on the fly to %d Hz", corpus, report["split"],
                  report["resampled"], report["sample_rate"])
@@ -339,7 +346,8 @@ def prepare_split(split_dir: Path, corpus: str, split: str, out_dir: Path, *, sa
         cuts.append(make_cut(probe, text, parsed.speakers.get(probe.utt_id), sample_rate))
 
     total = len({d.utt_id for d in dropped} | {c.id for c in cuts})
-    report = _report(split, total, cuts, dropped, probes, sample_rate, parsed.repeated_text_lines)
+    report = _report(split, total, cuts, dropped, probes, sample_rate, parsed.repeated_text_lines,
+                     parsed.repeated_wav_lines)
     _write_dropped(dropped, out_dir / f"{corpus}_{split}_dropped.tsv")
     write_text_atomic(out_dir / f"{corpus}_{split}_validation.json", json.dumps(report, indent=2) + "\n")
     _log_report(corpus, report)

@@ -51,6 +51,16 @@ def test_select_counts_every_reason_and_keeps_the_best_scores():
     assert sum(dropped.values()) + len(kept) == len(durations)
 
 
+@pytest.mark.parametrize("fraction,candidates,kept", [(0.55, 100, 55), (0.55, 180, 99), (0.3, 10, 3), (0.3, 11, 4)])
+def test_the_top_fraction_is_rounded_up_from_its_exact_value(fraction, candidates, kept):
+    """0.55 × 100 is 55.000000000000007 in floating point: ceil kept 56."""
+    durations = {f"u{i:03d}": 1.0 for i in range(candidates)}
+    scores = {cut_id: -i / candidates for i, cut_id in enumerate(durations)}
+    chosen, dropped = select(durations, {cut_id: "abcdefghij" for cut_id in durations}, scores,
+                             labeled_rate=10.0, cfg=FilterConfig(keep_fraction=fraction))
+    assert len(chosen) == kept and dropped == {"below_top_fraction": candidates - kept}
+
+
 def test_select_without_thresholds_keeps_every_sane_hypothesis():
     durations = {"a": 2.0, "b": 2.0}
     kept, dropped = select(durations, {"a": "ab cd", "b": "abcd"}, {"a": -1.0, "b": float("-inf")},

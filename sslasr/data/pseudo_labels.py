@@ -93,7 +93,8 @@ def select(durations: Mapping[str, float], hyps: Mapping[str, str], scores: Mapp
             continue
         dropped[reason] += 1
     ranked = sorted(candidates, key=lambda cut_id: (-scores[cut_id], cut_id))
-    keep = math.ceil(cfg.keep_fraction * len(ranked))
+    # the top fraction, rounded up; 0.55 × 100 is 55.000000000000007 in floating point, not 56
+    keep = math.ceil(round(cfg.keep_fraction * len(ranked), 9))
     dropped["below_top_fraction"] += len(ranked) - keep
     return {cut_id: candidates[cut_id] for cut_id in ranked[:keep]}, dropped
 

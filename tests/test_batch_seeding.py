@@ -41,6 +41,16 @@ def test_a_batch_gets_the_same_masks_wherever_the_random_streams_are():
     assert not torch.equal(_augment(features, lens, "0|0|a|c"), first)
 
 
+def test_a_batch_seed_leaves_the_accelerators_generators_alone(monkeypatch):
+    """With 0 loader workers the batch is augmented in the training process: reseeding the GPU's
+    generator there (torch.manual_seed does) made its dropout follow the batch key."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    _augment(torch.randn(2, 50, 40), torch.tensor([50, 37]), "0|0|a|b")
+    assert reseeded == []
+
+
 def test_the_batch_key_holds_the_seed_the_epoch_and_the_cut_ids():
     dataset = SpeechDataset("fbank", spec_augment=build_spec_augment(SPEC), seed=3)
     cuts = [SimpleNamespace(id="a"), SimpleNamespace(id="b")]

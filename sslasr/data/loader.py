@@ -136,7 +136,10 @@ def seeded_global_rngs(key: str):
         with torch.random.fork_rng(devices=[]):
             random.seed(int.from_bytes(digest[:8], "little"))
             np.random.seed(int.from_bytes(digest[8:12], "little"))
-            torch.manual_seed(int.from_bytes(digest[12:20], "little") & (2 ** 63 - 1))
+            # the CPU generator only (SpecAugment's): torch.manual_seed would also reseed every
+            # accelerator's, which fork_rng(devices=[]) does not restore, so with 0 loader workers
+            # the training process's GPU dropout would follow the batch key
+            torch.default_generator.manual_seed(int.from_bytes(digest[12:20], "little") & (2 ** 63 - 1))
             yield
     finally:
         random.setstate(python_state)

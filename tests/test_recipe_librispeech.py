@@ -18,7 +18,7 @@ from sslasr.bin.kmeans import training_overrides
 from sslasr.bin.train import dry_run
 from sslasr.data.pseudo_labels import filter_config
 from sslasr.data.kaldi_dir import LayoutError
-from sslasr.data.librispeech import finetuning_folds, prepare as prepare_librispeech_splits
+from sslasr.data.librispeech import finetuning_folds, prepare as prepare_librispeech_splits, prepare_noise
 from sslasr.data.minisynth import resample, run_espeak
 from sslasr.data.tokenizer import Tokenizer
 from sslasr.train.config_check import ConfigError
@@ -191,6 +191,17 @@ def test_tokenizer_is_letters(prepared: Path):
 def test_musan_noise_is_cut_into_windows(prepared: Path):
     cuts = CutSet.from_file(prepared / "data/noise/musan_cuts.jsonl.gz")
     assert sorted(round(c.duration, 3) for c in cuts) == [5.0, 10.0, 10.0]  # 25 s in 10 s windows
+
+
+def test_noise_pieces_under_a_second_are_left_out_and_counted(tmp_path: Path, caplog):
+    noise = tmp_path / "musan" / "noise" / "free-sound"
+    noise.mkdir(parents=True)
+    for name, seconds in (("noise-free-sound-0000", 20.4), ("noise-free-sound-0001", 0.5)):
+        sf.write(noise / f"{name}.wav", 0.1 * np.ones(int(seconds * SR), dtype=np.float32), SR)
+    with caplog.at_level("INFO"):
+        kept = prepare_noise(tmp_path / "musan", tmp_path / "noise.jsonl.gz")
+    assert kept == 2 and sorted(c.duration for c in CutSet.from_file(tmp_path / "noise.jsonl.gz")) == [10.0, 10.0]
+    assert "2 of 4 pieces under 1 s" in caplog.text
 
 
 def test_missing_parts_and_folders_are_clear_errors(tmp_path: Path):

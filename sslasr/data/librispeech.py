@@ -135,6 +135,9 @@ def prepare(root: Path, out_dir: Path, parts: Sequence[str] = PARTS, num_jobs: i
     return {name: len(utterances) for name, utterances in splits.items()}
 
 
+MIN_NOISE_SECONDS = 1.0  # shorter noise pieces are left out of the mixing pool
+
+
 def prepare_noise(musan_dir: Path, out_path: Path, parts: Sequence[str] = ("noise",), window: float = 10.0) -> int:
     """MUSAN recordings of `parts` as a cut manifest of `window`-second pieces (WavLM's mixing
     loads a whole noise cut per use, so pieces keep that cheap); returns the number of cuts."""
@@ -146,7 +149,11 @@ def prepare_noise(musan_dir: Path, out_path: Path, parts: Sequence[str] = ("nois
     cuts = CutSet.from_cuts(
         cut for part in parts
         for cut in CutSet.from_manifests(recordings=manifests[part]["recordings"]).cut_into_windows(window))
-    cuts = cuts.filter(lambda c: c.duration >= 1.0)  # the last window of a file may be a sliver
+    pieces = len(cuts)
+    cuts = cuts.filter(lambda c: c.duration >= MIN_NOISE_SECONDS).to_eager()  # a file's last window may be a sliver
+    if len(cuts) < pieces:
+        log.info("noise: %d of %d pieces under %g s (ends of files, short files) left out",
+                 pieces - len(cuts), pieces, MIN_NOISE_SECONDS)
     write_cuts(cuts, out_path)
     return len(cuts)
 

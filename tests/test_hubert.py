@@ -510,6 +510,11 @@ def test_labelling_resumes_after_the_manifests_it_finished(tmp_path):
     CutSet.from_cuts(cuts[:2]).to_file(first)  # written again, as stage 4 does: same cuts, another gzip header
     assert kmeans_cli.label(cfg, str(kmeans_path), [str(first), str(second)], labels) == full
     assert (labels / "first.jsonl.gz").stat().st_mtime_ns == kept and (labels / "second.jsonl.gz").exists()
+    # labels under another field name (the training reads them from it) are made again
+    cfg["kmeans"]["targets_field"] = "units"
+    kmeans_cli.label(cfg, str(kmeans_path), [str(first), str(second)], labels)
+    assert all("units" in cut.custom for cut in load_cuts(labels / "first.jsonl.gz"))
+    kept = (labels / "first.jsonl.gz").stat().st_mtime_ns
     cfg["kmeans"]["seed"] = 1
     kmeans_cli.fit(cfg, 1, str(first), None, kmeans_path)
     kmeans_cli.label(cfg, str(kmeans_path), [str(first), str(second)], labels)

@@ -106,7 +106,8 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
     for path in cuts_paths:
         out, done = out_dir / Path(path).name, out_dir / f"{Path(path).name}.counts.json"
         # the manifest by content: stage 4 writes the pretraining manifest again on every entry
-        made_from = {"kmeans_sha256": file_sha256(kmeans_path), "cuts_sha256": content_sha256(path), "model": model}
+        made_from = {"kmeans_sha256": file_sha256(kmeans_path), "cuts_sha256": content_sha256(path), "model": model,
+                     "targets_field": kmeans.targets_field}
         earlier = json.loads(done.read_text()) if out.exists() and done.exists() else None
         if earlier is not None and earlier["made_from"] == made_from:
             counts += np.asarray(earlier["counts"], dtype=np.int64)

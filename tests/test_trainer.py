@@ -395,6 +395,9 @@ def test_asr_validation_wer_is_the_word_error_count_over_the_reference_words():
         def greedy(self, inputs, input_lens):
             return [hyps[cut] for cut in batch["cut_ids"]]
 
+        def rows_with_frames(self, input_lens):
+            return list(range(len(input_lens)))
+
     task = types.SimpleNamespace(tokenizer=types.SimpleNamespace(decode=lambda hyp: hyp))
     batch = {"inputs": torch.zeros(2, 10), "input_lens": torch.tensor([10, 8]), "cut_ids": ["u1", "u2"],
              "texts": ["THE CAT SAT", "A DOG"], "tokens": [[1, 2, 3], [4, 5, 6]]}
@@ -978,3 +981,58 @@ def test_mixed_precision_training_on_the_cpu_resumes_exactly(tmp_path, amp):
     torch.manual_seed(0)
     start = torch.nn.Linear(4, 2)  # the trainers' init (seed 0): training moved it
     assert not torch.equal(start.weight, straight.task.model.weight)
+
+
+class _AccuracyToyTask(_ValidatedToyTask):
+    """Validation reports a scripted accuracy (higher is better) beside a constant loss."""
+
+    def validate(self, model, loader):
+        return {"loss": 1.0, "accuracy": self.valid_losses[self.num_updates + 1], "weight": 1.0}
+
+
+def test_the_best_accuracy_is_the_highest(tmp_path):
+    """best_metric: accuracy (pretraining reports masked_accuracy) kept the lowest, the worst model."""
+    cfg = _toy_cfg(4)
+    cfg["trainer"].update(valid_every=1, final_model="average", average_models=2, best_metric="accuracy")
+    trainer = Trainer(cfg, _AccuracyToyTask(_toy_batches(4, seed=3), {1: 0.2, 2: 0.9, 3: 0.5, 4: 0.4}),
+                      tmp_path / "exp", DistInfo())
+    trainer.fit()
+    assert trainer.best_valid == 0.9 and trainer.kept_models == [(0.9, 2), (0.5, 3)]
+    assert _load(tmp_path / "exp" / "model_final.pt")["averaged_updates"] == [2, 3]
+
+
+def test_a_rerun_that_keeps_fewer_models_averages_fewer(tmp_path):
+    losses = {1: 5.0, 2: 4.0, 3: 3.0, 4: 2.0}
+    cfg = _toy_cfg(4)
+    cfg["trainer"].update(valid_every=1, final_model="average", average_models=4)
+    Trainer(cfg, _ValidatedToyTask(_toy_batches(4, seed=4), losses), tmp_path / "exp", DistInfo()).fit()
+    assert _load(tmp_path / "exp" / "model_final.pt")["averaged_updates"] == [4, 3, 2, 1]
+    cfg["trainer"]["average_models"] = 2
+    Trainer(cfg, _ValidatedToyTask(_toy_batches(4, seed=4), losses), tmp_path / "exp", DistInfo()).fit()
+    assert _load(tmp_path / "exp" / "model_final.pt")["averaged_updates"] == [4, 3]
+    assert sorted(p.name for p in (tmp_path / "exp").glob("model_valid_*.pt")) == ["model_valid_3.pt", "model_valid_4.pt"]
+
+
+def test_a_best_metric_the_task_lacks_fails_after_the_updates_are_saved(tmp_path):
+    """With validation only after the last update, a wrong best_metric failed there: the updates
+    since the last checkpoint were lost, and every rerun trained them again."""
+    cfg = _toy_cfg(4)
+    cfg["trainer"].update(checkpoint_every=3, best_metric="wer")
+    trainer = Trainer(cfg, _ValidatedToyTask(_toy_batches(4, seed=6), {4: 1.0}), tmp_path / "exp", DistInfo())
+    with pytest.raises(KeyError, match="'wer' is not a validation metric"):
+        trainer.fit()
+    assert _load(tmp_path / "exp" / "checkpoint_last.pt")["num_updates"] == 4
+
+
+def test_a_skipped_update_leaves_the_logged_means_alone(tmp_path):
+    logged = []
+
+    class Logged(_ToyTask):
+        def on_log(self, metrics):
+            logged.append(metrics)
+
+    cfg = _toy_cfg(4)
+    cfg["trainer"]["log_every"] = 4
+    Trainer(cfg, Logged(_toy_batches(4, seed=7), bad_update=1, mode="nan"), tmp_path / "exp", DistInfo()).fit()
+    assert len(logged) == 1 and logged[0]["skipped"] == 1.0
+    assert np.isfinite(logged[0]["loss"])  # the mean of the three updates taken, not NaN

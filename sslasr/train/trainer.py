@@ -138,16 +138,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _rng_state(self) -> Dict:
+        """This rank's streams; on a GPU its own device's only (the rank that resumes it may see
+        the GPUs under other indices: another CUDA_VISIBLE_DEVICES or node layout)."""
+        on_gpu = self.dist.device.type == "cuda"
         return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+                "cuda_device": torch.cuda.get_rng_state(self.dist.device) if on_gpu else None}
 
-    @staticmethod
-    def _set_rng_state(state: Dict) -> None:
+    def _set_rng_state(self, state: Dict) -> None:
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
-        if state.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if state.get("cuda_device") is not None and self.dist.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_device"], self.dist.device)
+        elif state.get("cuda") is not None and self.dist.device.type == "cuda":  # before 2026-12-07: every GPU's
+            log.warning("this checkpoint holds the random states of every GPU its ranks saw: this rank's "
+                        "GPU stream starts afresh")
 
     def save_checkpoint(self) -> None:
         rng_states = all_gather_objects(self._rng_state())
@@ -177,7 +182,8 @@ class Trainer:
         self.batches_done, self.skipped_updates = state["batches_done"], state["skipped_updates"]
         self.best_valid = state["best_valid"]
         self.weight_scale = state.get("weight_scale")
-        self.kept_models = [tuple(entry) for entry in state.get("kept_models", [])]
+        # a rerun may keep fewer (average_models lowered, final_model best): the best of them
+        self.kept_models = [tuple(entry) for entry in state.get("kept_models", [])][:self.models_kept]
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
             self._set_rng_state(rng[self.dist.rank])
@@ -296,6 +302,7 @@ class Trainer:
         bar.close()
         validated_last_update = bool(self.valid_every) and self.num_updates % self.valid_every == 0
         if valid_loader is not None and not validated_last_update:
+            self.save_checkpoint()  # the updates are safe whatever the validation does (a wrong best_metric)
             self._validate(valid_loader)
         self.save_checkpoint()
         if self.dist.is_main:
@@ -340,6 +347,7 @@ class Trainer:
         finite = torch.ones((), dtype=torch.bool, device=self.dist.device)  # every loss
         start = time.perf_counter()
         local_weight, scale = 0.0, None
+        batch_stats = _Interval()  # logged only if the update is taken: one NaN would make the log line's mean NaN
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1 or not self.dist.is_distributed
             context = self.wrapped.no_sync() if not sync else _null_context()
@@ -353,7 +361,7 @@ class Trainer:
                 # _normalise_gradients divides by Σ weight / scale
                 self.scaler.scale(loss * (weight / scale)).backward()
             local_weight += weight
-            interval.add(stats, weight)
+            batch_stats.add(stats, weight)
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         raw_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
@@ -377,6 +385,7 @@ class Trainer:
                             "loss" if bad_loss else "gradient", self.skipped_updates)
             interval.add({"skipped": 1.0}, 1.0)
         else:
+            interval.absorb(batch_stats)
             grad_norm = self._normalise_gradients(params, raw_norm, scale / total_weight)
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -433,21 +442,23 @@ class Trainer:
         if name not in metrics and self.best_metric:
             raise KeyError(f"trainer.best_metric {name!r} is not a validation metric of this task "
                            f"(it reports {', '.join(sorted(metrics))})")
-        if name in metrics and (self.best_valid is None or metrics[name] < self.best_valid):
+        if name in metrics and (self.best_valid is None or _rank_key(name, metrics[name]) < _rank_key(name, self.best_valid)):
             self.best_valid = metrics[name]
         if name in metrics and self.models_kept:
-            self._keep_if_among_best(metrics[name], {name: metrics[name]})
+            self._keep_if_among_best(name, metrics[name])
         self.model.train()
 
     # ------------------------------------------------------------------ the best validated models
     def _kept_model_path(self, update: int) -> Path:
         return self.exp_dir / f"model_valid_{update}.pt"
 
-    def _keep_if_among_best(self, value: float, valid: Dict[str, float]) -> None:
-        """Adds this update's model to the N best (ties: the earlier model stays). A model that
-        drops out keeps its file until the next checkpoint, which no longer lists it."""
+    def _keep_if_among_best(self, name: str, value: float) -> None:
+        """Adds this update's model to the N best by metric NAME (ties: the earlier model stays).
+        A model that drops out keeps its file until the next checkpoint, which no longer lists it."""
+        valid = {name: value}
         others = [entry for entry in self.kept_models if entry[1] != self.num_updates]  # a rerun's revalidation
-        ranked = sorted(others + [(value, self.num_updates)])[:self.models_kept]
+        ranked = sorted(others + [(value, self.num_updates)],
+                        key=lambda entry: (_rank_key(name, entry[0]), entry[1]))[:self.models_kept]
         if (value, self.num_updates) not in ranked:
             return
         self.kept_models = ranked
@@ -529,6 +540,12 @@ def _sum_over_ranks(stats: Dict[str, float], device: torch.device) -> Dict[str, 
     return dict(zip(names, all_reduce_sum(values).tolist()))
 
 
+def _rank_key(metric: str, value: float) -> float:
+    """Sorts validation values best first: losses, error rates and perplexities are best low,
+    accuracies (pretraining's masked_accuracy, ...) high."""
+    return -value if metric.endswith("accuracy") else value
+
+
 def _finalize_valid(totals: Dict[str, float]) -> Dict[str, float]:
     """Validation stats arrive as sums plus a `weight` (and `ref_words` for WER); the means are
     over the weight, counts (`num_*`: what was validated, over every rank) stay totals."""
@@ -551,6 +568,12 @@ class _Interval:
     def __init__(self):
         self.sums: Dict[str, Union[float, torch.Tensor]] = defaultdict(float)
         self.weights: Dict[str, float] = defaultdict(float)
+
+    def absorb(self, other: "_Interval") -> None:
+        """Adds another interval's sums and weights to this one's."""
+        for key, value in other.sums.items():
+            self.sums[key] = self.sums[key] + value
+            self.weights[key] += other.weights[key]
 
     def add(self, stats: Dict[str, Union[float, torch.Tensor]], weight: float) -> None:
         for key, value in stats.items():

@@ -57,10 +57,21 @@ def test_every_problem_is_reported_at_once():
     ({"scheduler.final_lr_scale": "2.0"}, "learning-rate scales outside [0, 1]"),
     ({"trainer.find_unused_parameter": "false"}, "trainer: unknown keys ['find_unused_parameter'] (the trainer reads"),
     ({"trainer.find_unused_parameters": "1"}, "trainer.find_unused_parameters must be true or false, got 1"),
+    # mistyped keys that were ignored: unnormalised waveforms, a "pretrained" system from scratch
+    ({"data.normalise_waveform": "true"}, "data: unknown keys ['normalise_waveform'] (read: train_cuts"),
+    ({"finetune.init_form": "exp/pretrain/model_final.pt"}, "finetune: unknown keys ['init_form']"),
+    ({"init.encoder": "exp/pretrain/model_final.pt"}, "init: unknown keys ['encoder'] (read: encoder_from)"),
+    ({"scheduler.final_lr_scale": "0"}, "scheduler.final_lr_scale must be a positive number, got 0"),
 ])
 def test_single_problems(overrides, expected):
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         check_training_config(_finetune_cfg(**overrides))
+
+
+def test_an_lm_config_reads_text_keys_only():
+    cfg = load_configs([MINISYNTH / "lm.yaml"], ["data.train_txt=x.txt", "data.max_duration=10"])
+    with pytest.raises(ConfigError, match=r"data: unknown keys \['max_duration', 'train_txt'\]"):
+        check_training_config(cfg)
 
 
 def test_effective_batch_multiplies_accumulation_and_processes():

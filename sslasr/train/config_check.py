@@ -1,4 +1,4 @@
-"""Checks of a merged training config's data / optim / scheduler / trainer sections, so a
+"""Checks of a merged training config's data / finetune / init / optim / scheduler / trainer sections, so a
 typo or an impossible value fails at once (`sslasr.bin.train --dry-run`) rather than hours
 into a run -- or never, as an ignored key would."""
 
@@ -11,6 +11,12 @@ from sslasr.train.schedules import SCHEDULER_KEYS, build_lr_scale
 OPTIM_KEYS = ("lr", "betas", "eps", "weight_decay")  # what the Trainer's AdamW reads
 AMP_MODES = ("none", "bf16", "fp16")
 FINAL_MODELS = ("last", "best", "average")  # trainer.final_model: what model_final.pt holds
+# what the tasks and their loaders read (sslasr/train/tasks.py, lm_task.py)
+AUDIO_DATA_KEYS = ("train_cuts", "valid_cuts", "tokenizer", "max_duration", "valid_max_duration", "num_buckets",
+                   "num_workers", "normalize_waveform", "targets_field", "spec_augment", "feature_type")
+TEXT_DATA_KEYS = ("tokenizer", "train_text", "extra_text", "valid_text", "max_tokens", "valid_max_tokens")
+FINETUNE_KEYS = ("init_from", "reinit_top_layers", "freeze_feature_extractor", "freeze_encoder_updates")
+INIT_KEYS = ("encoder_from",)  # pretraining: the encoder to start from (a k-means iteration's previous model)
 
 
 class ConfigError(ValueError):
@@ -39,6 +45,8 @@ def _check_data(cfg: Dict, problems: List[str]) -> None:
     if not isinstance(data, dict):
         problems.append("the data section is missing")
         return
+    known = TEXT_DATA_KEYS if cfg.get("task") == "lm" else AUDIO_DATA_KEYS
+    _check_known(problems, data, known, "data")
     if cfg.get("task") == "lm":
         _check_number(problems, data, "max_tokens", "data", integer=True)
         _check_number(problems, data, "valid_max_tokens", "data", required=False, integer=True)
@@ -47,6 +55,25 @@ def _check_data(cfg: Dict, problems: List[str]) -> None:
     _check_number(problems, data, "valid_max_duration", "data", required=False)
     _check_number(problems, data, "num_buckets", "data", required=False, integer=True)
     _check_number(problems, data, "num_workers", "data", required=False, allow_zero=True, integer=True)
+
+
+def _check_known(problems: List[str], section: Dict, known, name: str) -> None:
+    """A mistyped key would otherwise be ignored for the whole run (finetune.init_form: a
+    'pretrained' system trained from scratch)."""
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        problems.append(f"{name}: unknown keys {unknown} (read: {', '.join(known)})")
+
+
+def _check_model_start(cfg: Dict, problems: List[str]) -> None:
+    for name, known in (("finetune", FINETUNE_KEYS), ("init", INIT_KEYS)):
+        section = cfg.get(name)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            problems.append(f"{name} must be a section of keys, got {section!r}")
+            continue
+        _check_known(problems, section, known, name)
 
 
 def _check_optim(cfg: Dict, problems: List[str]) -> None:
@@ -79,6 +106,11 @@ def _check_scheduler(cfg: Dict, problems: List[str]) -> None:
         if not (isinstance(phases, (list, tuple)) and len(phases) == 3 and all(_number(p) and p >= 0 for p in phases)
                 and abs(sum(phases) - 1.0) < 1e-6):
             problems.append(f"scheduler.phase_ratio must be three non-negative fractions summing to 1, got {phases!r}")
+            return
+        found = len(problems)  # the decay is exponential towards final_lr_scale: log(0) has no value
+        _check_number(problems, scheduler, "final_lr_scale", "scheduler", required=False)
+        _check_number(problems, scheduler, "init_lr_scale", "scheduler", required=False, allow_zero=True)
+        if len(problems) > found:
             return
     max_updates = cfg.get("trainer", {}).get("max_updates")
     if not (_number(max_updates) and max_updates > 0):
@@ -123,9 +155,10 @@ def _check_trainer(cfg: Dict, problems: List[str]) -> None:
 
 
 def check_training_config(cfg: Dict) -> None:
-    """Raise ConfigError listing every problem in the data, optim, scheduler and trainer sections."""
+    """Raise ConfigError listing every problem in the data, finetune, init, optim, scheduler and
+    trainer sections."""
     problems: List[str] = []
-    for check in (_check_data, _check_optim, _check_scheduler, _check_trainer):
+    for check in (_check_data, _check_model_start, _check_optim, _check_scheduler, _check_trainer):
         check(cfg, problems)
     if problems:
         raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))

@@ -165,14 +165,9 @@ class AsrFinetuneTask(_DataMixin):
     def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:
         tokens = _transcripts(batch)
         loss_sum = model(batch["inputs"], batch["input_lens"], tokens)
-        num_tokens = self._scored_tokens(batch, tokens)
+        num_tokens = _scored_tokens(model, batch, tokens)
         loss = loss_sum / max(1.0, num_tokens)
         return loss, {"loss": loss.detach(), "utterances": float(len(tokens))}, num_tokens
-
-    def _scored_tokens(self, batch: Dict, tokens: List[List[int]]) -> float:
-        """Tokens of the utterances the loss scores (not those without encoder frames), the
-        weight that makes the loss a per-token mean."""
-        return float(sum(len(tokens[i]) for i in self.model.rows_with_frames(batch["input_lens"])))
 
     def validate(self, model: nn.Module, loader) -> Dict[str, float]:
         totals = {"loss": 0.0, "weight": 0.0, "errors": 0.0, "ref_words": 0.0, "num_utterances": 0.0}
@@ -180,12 +175,19 @@ class AsrFinetuneTask(_DataMixin):
             tokens = _transcripts(batch)
             totals["num_utterances"] += len(tokens)
             totals["loss"] += float(model(batch["inputs"], batch["input_lens"], tokens))
-            totals["weight"] += self._scored_tokens(batch, tokens)
+            totals["weight"] += _scored_tokens(model, batch, tokens)
             for hyp, ref in zip(model.greedy(batch["inputs"], batch["input_lens"]), batch["texts"]):
                 counts = align_counts(ref.split(), self.tokenizer.decode(hyp).split())
                 totals["errors"] += counts.errors
                 totals["ref_words"] += counts.ref_words
         return totals
+
+
+def _scored_tokens(model: nn.Module, batch: Dict, tokens: List[List[int]]) -> float:
+    """Tokens of the utterances the loss scores (not those without encoder frames), the weight
+    that makes the loss a per-token mean. MODEL: the AsrModel, or DistributedDataParallel's wrap."""
+    rows = getattr(model, "module", model).rows_with_frames(batch["input_lens"])
+    return float(sum(len(tokens[i]) for i in rows))
 
 
 def _transcripts(batch: Dict) -> List[List[int]]:

@@ -712,3 +712,56 @@ def test_ctc_head_learns_to_transcribe_fixed_features():
         loss.backward()
         optimizer.step()
     assert head.eval().greedy(hidden, lengths) == transcripts
+
+
+def test_greedy_with_an_lm_is_refused(tiny_system, tmp_path):
+    """Greedy search never reads the LM: ctc_greedy+lm decoded and tuned plain greedy output,
+    recorded as fused."""
+    from sslasr.bin import decode
+    with pytest.raises(SystemExit):
+        decode.main(["--model", tiny_system["model"], "--lm", tiny_system["lm"], "--methods", "ctc_greedy+lm", "--lm-weight", "0.5",
+                     "--cuts", f"dev={tiny_system['dev']}", "--out-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lexicon_without_a_spellable_word_is_an_error():
+    """Lower-case words and an upper-case tokenizer: every ctc_lexicon hypothesis came out empty."""
+    with pytest.raises(ValueError, match="no word of the lexicon can be spelt"):
+        Lexicon(["ab", "ba"], LetterTokenizer())
+    assert Lexicon(["ab", "AB"], LetterTokenizer()).words == ["AB"]
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.5])
+def test_a_blank_skip_threshold_at_or_below_zero_is_an_error(threshold):
+    """0 skipped every frame (every hypothesis empty); a negative one never skipped, silently."""
+    with pytest.raises(ValueError, match="ctc_blank_skip_threshold must be above 0"):
+        CtcBeamConfig.from_options(DecodeOptions(extra={"ctc_blank_skip_threshold": threshold}))
+
+
+def test_scores_of_an_earlier_decoding_never_sit_beside_new_hypotheses(tiny_system, tmp_path):
+    """pseudo_label ranks hyp.txt by scores.txt: a redo without --confidence removes the old
+    scores, and a folder decoded without them is decoded again when they are asked for."""
+    from sslasr.bin import decode
+    out = tmp_path / "out"
+
+    def run(*extra):
+        decode.main(["--model", tiny_system["model"], "--methods", "ctc_beam", "--cuts", f"dev={tiny_system['dev']}",
+                     "--out-dir", str(out), *extra])
+
+    run()
+    assert not (out / "scores.txt").exists()
+    run("--confidence")
+    assert len((out / "scores.txt").read_text().splitlines()) == 3
+    run("--beam-size", "2")  # redone without --confidence
+    assert not (out / "scores.txt").exists()
+
+
+def test_a_lexicon_search_ending_inside_a_word_says_so(caplog):
+    """Two frames cannot spell "▁AB" (3 tokens): the one hypothesis kept stops inside the word, is
+    returned, and the log says so (it used to go out silently as a non-word)."""
+    log_probs = torch.full((2, 6), -30.0)
+    log_probs[0, 3] = log_probs[1, 4] = 0.0  # '▁' then 'A'
+    config = dataclasses.replace(EXACT, beam_size=1, lexicon=Lexicon(["AB"], LetterTokenizer()))
+    with caplog.at_level("WARNING"):
+        hyps = ctc_prefix_beam_search(log_probs, config, nbest=1)
+    assert hyps[0].tokens == [3, 4] and "no hypothesis in the beam ends on a whole word" in caplog.text

@@ -149,13 +149,15 @@ def write_decoding(out_dir: Path, search: Search, set_pass: SetPass, info: Dict)
         write_text_atomic(out_dir / "ref.txt", "".join(f"{k} {v}\n" for k, v in sorted(set_pass.refs.items())))
     if search.scores:
         write_text_atomic(out_dir / "scores.txt", "".join(f"{k} {v:.6g}\n" for k, v in sorted(search.scores.items())))
+    else:  # an earlier decoding's scores would rank these hypotheses (pseudo_label reads them)
+        (out_dir / "scores.txt").unlink(missing_ok=True)
     seconds = set_pass.encode_seconds + search.seconds  # the encoder's share counts in every method's RTF
     info = {**info, "beam_size": search.options.beam_size, "lm_weight": search.options.lm_weight,
             "length_bonus": search.options.length_bonus, "num_utts": len(search.hyps),
             "num_unreferenced": set_pass.unreferenced,
             "audio_seconds": round(set_pass.audio_seconds, 2), "decode_seconds": round(seconds, 3),
             "real_time_factor": round(seconds / max(set_pass.audio_seconds, 1e-9), 5),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "confidence": bool(search.scores)}
     write_text_atomic(out_dir / "decode_info.json", json.dumps(info, indent=2) + "\n")
     logging.info("%s: %d utterances, %s, RTF %.4f", out_dir, len(search.hyps), info["method"] +
                  (LM_SUFFIX if info["lm"] else ""), info["real_time_factor"])
@@ -230,7 +232,9 @@ def main(argv=None) -> None:
     for method in methods:
         if method.removesuffix(LM_SUFFIX) not in model.head.methods:
             parser.error(f"method {method}: the {cfg.get('head', {}).get('name', 'ctc')} head decodes with "
-                         f"{', '.join(model.head.methods)} (each also as METHOD{LM_SUFFIX})")
+                         f"{', '.join(model.head.methods)} (the searches also as METHOD{LM_SUFFIX})")
+        if method == model.head.greedy_method + LM_SUFFIX:  # its output would be greedy's, reported as fused
+            parser.error(f"method {method}: greedy search takes no LM; fuse one with a beam search")
     if (len(sets) > 1 and "{set}" not in args.out_dir) or (len(methods) > 1 and "{method}" not in args.out_dir):
         parser.error("--out-dir needs {set} and {method} in it to tell several sets and methods apart")
     lm = load_lm(args.lm).to(device) if fused and args.lm else None
@@ -262,7 +266,8 @@ def main(argv=None) -> None:
     # the tuning set first: the other sets' fused searches use its λ, β
     for set_name in sorted(sets, key=lambda name: name != args.tune_on):
         pending = [m for m in methods if args.overwrite or not already_decoded(
-            out_dir_of(args.out_dir, set_name, m), m, fusion, inputs[m], options(m, *fusion.get(m, (0.0, 0.0))).beam_size)]
+            out_dir_of(args.out_dir, set_name, m), m, fusion, inputs[m], options(m, *fusion.get(m, (0.0, 0.0))).beam_size,
+            args.confidence)]
         if not pending:
             logging.info("%s: every method already decoded", set_name)
             continue
@@ -341,16 +346,19 @@ def _grid_text(points) -> str:
 
 
 def already_decoded(out_dir: Path, method: str, fusion: Dict[str, Tuple[float, float]], inputs: Dict,
-                    beam_size: int) -> bool:
+                    beam_size: int, confidence: bool = False) -> bool:
     """Whether OUT_DIR holds a finished decoding of METHOD as this run would make it: with this
     run's beam size and lexicon, and for METHOD+lm its LM and λ, β (an earlier run's, say with
     --lm-weight, is redone; while λ, β are still to be tuned nothing counts as decoded). The LM and
     lexicon are their paths and contents (INPUTS, search_inputs): one retrained in place (stage 6
-    with more text) is another (files from before contents were recorded are taken by path)."""
+    with more text) is another (files from before contents were recorded are taken by path).
+    With CONFIDENCE, the folder must hold scores.txt as well."""
     info_file = out_dir / "decode_info.json"
     if not info_file.exists():
         return False
     info = json.loads(info_file.read_text())
+    if confidence and not (out_dir / "scores.txt").exists():
+        return False
     searched_with_beam = not method.removesuffix(LM_SUFFIX).endswith("_greedy")
     if (searched_with_beam and info.get("beam_size") != beam_size) or info.get("lexicon") != inputs["lexicon"]:
         return False

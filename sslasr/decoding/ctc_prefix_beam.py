@@ -23,6 +23,7 @@ prefixes only by its `token_topk` most probable tokens, and a frame whose blank 
 above `blank_skip_threshold` extends nothing (its blank / repeat updates are still exact).
 """
 
+import logging
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -32,6 +33,8 @@ import torch
 from sslasr.decoding.lexicon import NOT_ALLOWED, Lexicon
 from sslasr.models.interfaces import DecodeOptions
 from sslasr.utils.threads import one_thread
+
+log = logging.getLogger(__name__)
 
 SOS_EOS_ID = 1
 NEG_INF = -np.inf
@@ -53,6 +56,15 @@ class CtcBeamConfig:
         return cls(beam_size=options.beam_size, token_topk=int(extra.get("ctc_token_topk", cls.token_topk)),
                    blank_skip_threshold=float(extra.get("ctc_blank_skip_threshold", cls.blank_skip_threshold)),
                    lm_weight=options.lm_weight, length_bonus=options.length_bonus, lexicon=options.lexicon)
+
+    def __post_init__(self):
+        # 0 would skip every frame (p(blank) > 0 always holds): every hypothesis empty, silently
+        if not self.blank_skip_threshold > 0:
+            raise ValueError(f"ctc_blank_skip_threshold must be above 0 (1 or more: never skip frames), "
+                             f"got {self.blank_skip_threshold}")
+        if self.token_topk < 0 or self.beam_size < 1:
+            raise ValueError(f"ctc_token_topk must be ≥ 0 (0: every token) and beam_size ≥ 1, "
+                             f"got {self.token_topk} and {self.beam_size}")
 
 
 @dataclass
@@ -241,6 +253,9 @@ def _finish(beam: _Beam, lm_rows: Optional[_LmRows], cfg: CtcBeamConfig, use_lm:
         complete = np.flatnonzero(cfg.lexicon.is_complete(beam.nodes))
         if len(complete):  # not those that stop inside a word
             candidates = complete
+        else:
+            log.warning("ctc_lexicon: no hypothesis in the beam ends on a whole word; the best one, ending "
+                        "inside a word, is returned (a larger beam_size keeps more)")
     order = candidates[np.argsort(-scores[candidates], kind="stable")[:nbest]]
     return [Hypothesis(list(beam.prefixes[i]), float(ctc[i]), float(lm_total[i]) if use_lm else 0.0,
                        float(scores[i])) for i in order]

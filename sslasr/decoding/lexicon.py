@@ -51,6 +51,9 @@ class Lexicon:
                     word_end.append(False)
                 node = edges[node][token]
             word_end[node] = True
+        if not self.words:  # every hypothesis would be empty: 100 % deletions, as if decoded
+            raise ValueError(f"no word of the lexicon can be spelt with the tokenizer (e.g. {given[0]!r} has "
+                             f"tokens outside its vocabulary: another case or alphabet?)")
         if len(self.words) < len(given):
             log.warning("lexicon: %d of %d words have tokens outside the tokenizer's vocabulary; left out",
                         len(given) - len(self.words), len(given))

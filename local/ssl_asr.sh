@@ -530,6 +530,7 @@ finetune_configs() {  # finetune_configs pretrained|scratch: the YAML files of a
   # ... and of its --model-size (e.g. a lower learning rate for a wider model)
   [ -z "$model_size" ] || [ ! -f $conf_dir/finetune_${frontend_tag}.yaml ] \
     || configs="$configs $conf_dir/finetune_${frontend_tag}.yaml"
+  [ -z "$init_from" ] || configs="$configs $root/conf/finetune/imported.yaml"  # its top blocks kept
   [ "$1" != scratch ] || configs="$configs $conf_dir/scratch.yaml"
   echo "$configs"
 }

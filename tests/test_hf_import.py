@@ -299,6 +299,8 @@ def test_recipe_fine_tunes_from_an_imported_checkpoint(tmp_path, prepared_minisy
         do_stable_layer_norm=True)
     model_dir = _save(transformers.Wav2Vec2ForPreTraining(config), tmp_path / "tiny-w2v", do_normalize=True)
     recipe = recipe_with_data(tmp_path / "recipe", prepared_minisynth)
+    # a recipe that re-initialises its own encoders' top block (as speechocean762's does)
+    (recipe / "conf/finetune_wav2vec2.yaml").write_text("finetune: {reinit_top_layers: 1}\n")
     result = run_recipe(recipe, *SMOKE, "--stage", "5", "--init-from", str(model_dir),
                         "--compare-scratch", "false", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -315,7 +317,9 @@ def test_recipe_fine_tunes_from_an_imported_checkpoint(tmp_path, prepared_minisy
     recipe_ft = yaml.safe_load((recipe / "conf/finetune_ctc.yaml").read_text())
     assert encoder_cfg["mask"] == recipe_ft["frontend"]["encoder"]["mask"]
     assert finetuned["config"]["data"]["normalize_waveform"] is True
-    assert "initialised" in (system / "train.rank0.log").read_text()
+    # ... keeps every block of a published model (conf/finetune/imported.yaml)
+    assert finetuned["config"]["finetune"]["reinit_top_layers"] == 0
+    assert "top 0 of 2 blocks left at random init" in (system / "train.rank0.log").read_text()
 
     rows = [json.loads(line) for line in (recipe / "exp/results.jsonl").read_text().splitlines()]
     assert {(r["test_set"], r["frontend"], r["pretrained"]) for r in rows} == {

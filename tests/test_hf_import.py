@@ -25,7 +25,8 @@ from hf_reference import transformers_outputs  # noqa: E402
 from recipe_smoke import SMOKE, recipe_with_data, run_recipe  # noqa: E402
 from sslasr import cli  # noqa: E402
 from sslasr.models.asr import build_asr_model, load_encoder_weights  # noqa: E402
-from sslasr.models.hf_import import fill_mask_embedding, import_hf, read_state_dict, wav2vec2_from_hf  # noqa: E402
+from sslasr.models.hf_import import (  # noqa: E402
+    fill_mask_embedding, import_hf, read_state_dict, wav2vec2_from_hf, weight_norm_pos_conv)
 from sslasr.models.wav2vec2 import Wav2Vec2Encoder, Wav2Vec2EncoderConfig  # noqa: E402
 from sslasr.train.distributed import DistInfo  # noqa: E402
 from sslasr.train.tasks import _DataMixin  # noqa: E402
@@ -125,8 +126,31 @@ def test_wav2vec2_for_pretraining_skips_its_heads_and_logs_them(tmp_path, caplog
     skipped = " ".join(r.getMessage() for r in caplog.records)
     for head in ["quantizer.codevectors", "quantizer.weight_proj.weight", "project_hid.weight", "project_q.bias"]:
         assert head in skipped
-    assert imported.data == {}  # no preprocessor_config.json: nothing stated, loader default
+    # no preprocessor_config.json: transformers' feature-extractor default, said in the log
+    assert imported.data == {"normalize_waveform": True} and "states no do_normalize" in caplog.text
     _assert_hidden_states_match(model.wav2vec2, encoder, pre_ln=False)
+
+
+def test_a_model_of_another_sample_rate_is_refused(tmp_path):
+    model_dir = _save(transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**SMALL)), tmp_path / "w2v8k")
+    transformers.Wav2Vec2FeatureExtractor(sampling_rate=8000).save_pretrained(model_dir)
+    with pytest.raises(ValueError, match="expects 8000 Hz audio; the recipes feed 16 kHz"):
+        import_hf(model_dir)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_plain_positional_weight_in_half_precision_keeps_its_value(dtype):
+    """g = ‖w‖ taken in fp16 / bf16 scaled every tap by up to 1e-3 once g·v/‖v‖ ran in float32."""
+    weight = torch.randn(8, 2, 5).to(dtype)
+    state = weight_norm_pos_conv({"conv.weight": weight}, "conv.")
+    g, v = state["conv.parametrizations.weight.original0"], state["conv.parametrizations.weight.original1"]
+    rebuilt = g * v.float() / torch.linalg.vector_norm(v.float(), dim=(0, 1), keepdim=True)
+    assert torch.allclose(rebuilt, weight.float(), rtol=1e-6, atol=0)
+
+
+def test_half_a_weight_norm_pair_is_named():
+    with pytest.raises(ValueError, match="needs both conv.weight_g and conv.weight_v; the checkpoint lacks conv.weight_v"):
+        weight_norm_pos_conv({"conv.weight_g": torch.ones(1, 1, 5)}, "conv.")
 
 
 @pytest.mark.parametrize("feat_proj_layer_norm", [True, False])

@@ -88,19 +88,28 @@ def _load_torch_bin(path: Path) -> StateDict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_data_options(model_dir: Union[str, Path]) -> Dict:
-    """Our `data` options implied by preprocessor_config.json (only what it states)."""
+# transformers' Wav2Vec2FeatureExtractor normalises unless its preprocessor_config.json says not
+DEFAULT_DO_NORMALIZE = True
+
+
+def read_data_options(model_dir: Union[str, Path], waveform: bool = True) -> Dict:
+    """Our `data` options from preprocessor_config.json. A waveform model's normalize_waveform
+    is always written: where the file states no do_normalize (some published directories have
+    no such file), transformers' feature-extractor default, said in the log; left unset, the
+    model would read audio ~20× smaller than it learnt from without a word. Audio at another rate
+    than the recipes' 16 kHz is refused."""
     path = Path(model_dir) / "preprocessor_config.json"
-    if not path.is_file():
+    preprocessor = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    rate = preprocessor.get("sampling_rate", 16000)
+    if rate != 16000:
+        raise ValueError(f"{path}: the model expects {rate} Hz audio; the recipes feed 16 kHz")
+    if not waveform:
         return {}
-    preprocessor = json.loads(path.read_text(encoding="utf-8"))
-    data = {}
-    if "do_normalize" in preprocessor:  # zero mean, unit variance per utterance ("large" models)
-        data["normalize_waveform"] = bool(preprocessor["do_normalize"])
-    rate = preprocessor.get("sampling_rate")
-    if rate is not None and rate != 16000:
-        log.warning("%s: the model expects %s Hz audio; the recipes feed the corpus's own rate", path, rate)
-    return data
+    if "do_normalize" not in preprocessor:
+        log.warning("%s states no do_normalize: normalising each utterance, as transformers' "
+                    "Wav2Vec2FeatureExtractor does by default (set data.normalize_waveform to change it)",
+                    path if path.is_file() else f"{model_dir} has no preprocessor_config.json, which")
+    return {"normalize_waveform": bool(preprocessor.get("do_normalize", DEFAULT_DO_NORMALIZE))}
 
 
 def frontend_name(model_dir: Union[str, Path]) -> str:
@@ -138,8 +147,8 @@ def import_hf(model_dir: Union[str, Path]) -> ImportedCheckpoint:
     frontend, encoder_state = converter(config, read_state_dict(model_dir))
     source = {"path": str(Path(model_dir).resolve()), "model_type": config["model_type"],
               "architectures": config.get("architectures") or []}
-    data = read_data_options(model_dir)
     from sslasr.models.frontends import get_frontend  # here: the frontends import the converters
+    data = read_data_options(model_dir, waveform=get_frontend(frontend).input_type == "waveform")
     if get_frontend(frontend).input_type == "fbank":  # w2v-BERT 2.0: the features it learnt from
         from sslasr.bin.compute_fbank import SeamlessFbank
         data["feature_type"] = SeamlessFbank.name
@@ -287,11 +296,16 @@ def weight_norm_pos_conv(state: StateDict, prefix: str) -> StateDict:
     over all but the kernel axis, v = w, so that g·v/‖v‖ = w)."""
     state = dict(state)
     g_name, v_name = prefix + "parametrizations.weight.original0", prefix + "parametrizations.weight.original1"
-    if prefix + "weight_g" in state or prefix + "weight_v" in state:
-        state[g_name] = state.pop(prefix + "weight_g")
-        state[v_name] = state.pop(prefix + "weight_v")
+    pair = [prefix + "weight_g", prefix + "weight_v"]
+    if any(name in state for name in pair):
+        missing = [name for name in pair if name not in state]
+        if missing:
+            raise ValueError(f"the positional convolution's weight norm needs both {pair[0]} and {pair[1]}; "
+                             f"the checkpoint lacks {missing[0]}")
+        state[g_name], state[v_name] = state.pop(pair[0]), state.pop(pair[1])
     elif prefix + "weight" in state:
-        weight = state.pop(prefix + "weight")
+        # in float32: g rounded to fp16 / bf16 would scale every tap by up to 1e-3 (g·v/‖v‖ ≠ w)
+        weight = state.pop(prefix + "weight").float()
         state[g_name] = torch.linalg.vector_norm(weight, dim=(0, 1), keepdim=True)
         state[v_name] = weight
     return state

@@ -63,6 +63,7 @@ nj=2
 nproc=1                # processes per node for training (torchrun when > 1)
 launcher=""            # e.g. "torchrun --nnodes 2 --node_rank 0 --master_addr host --nproc_per_node 8"
 node_wait_hours=48     # multi-node: how long the other nodes wait for node 0's k-means work (stage 4) or pseudo-labels (9)
+node_silence_seconds=600  # multi-node: the others stop when node 0's driver has not beaten for this long
 force=false
 vocab_size=${vocab_size:-200}
 token_type=${token_type:-unigram}  # sentencepiece model: unigram, bpe or char
@@ -87,7 +88,7 @@ valid_set=${valid_set:-dev}  # validation during training and LM/fusion tuning
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d'; sed -n '/^# -* options/,/^usage()/p' "${BASH_SOURCE[0]}" | sed '1d;$d'; }
 . "$root/local/parse_options.sh" "$@"
-for option in stage stop_stage generations finetune_jobs nj nproc vocab_size node_wait_hours; do
+for option in stage stop_stage generations finetune_jobs nj nproc vocab_size node_wait_hours node_silence_seconds; do
   # a word where a count belongs would only make bash's [ -gt ] complain, and the stages go on
   [[ "${!option}" =~ ^[0-9]+$ ]] || { echo "$0: --${option//_/-} ${!option}: not a whole number" >&2; exit 2; }
 done
@@ -242,6 +243,22 @@ node_rank=$(printf '%s\n' "$launcher" | sed -n 's/.*--node[_-]rank[= ]*\([0-9][0
 node_rank=${node_rank:-0}
 nnodes=$(printf '%s\n' "$launcher" | sed -n 's/.*--nnodes[= ]*\([0-9:][0-9:]*\).*/\1/p')
 noisy_student_dir=$exp/noisy_student_$(basename "$(system_dir pretrained)")  # stage 9's
+# Node 0 beats (touches $node0_alive every 30 s) while its driver runs: killed outright (SIGKILL, a
+# lost machine) it leaves no .node0_failed, and the waiting nodes would wait --node-wait-hours.
+# They compare the beat with a file they touch ($node_probe): both times are the shared
+# filesystem's clock; a beat from before a node started (an earlier run's) is not this run's.
+node0_alive=$exp/.node0_alive
+node_probe=$exp/.node${node_rank}_probe
+node_started=""
+if [ "${nnodes:-1}" != 1 ]; then
+  mkdir -p $exp
+  if [ "$node_rank" = 0 ]; then  # the loop ends with the driver ($$), whatever ends it
+    ( while kill -0 $$ 2>/dev/null; do touch "$node0_alive"; sleep 30; done ) </dev/null >/dev/null 2>&1 &
+  else
+    touch "$node_probe"
+    node_started=$(stat -c %Y "$node_probe")
+  fi
+fi
 noisy_student_multinode=""
 started_stamp=""  # on the shared filesystem, by its clock (see wait_for_node_0)
 if [ "${nnodes:-1}" != 1 ] && [ "$generations" -gt 0 ] && [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
@@ -432,6 +449,13 @@ node0_failed=$pretrain_dir/.node0_failed  # node 0's failure, for the others to 
 on_node_0() {  # on_node_0 COMMAND...: node 0's share of stage 4; a failure is left for the other nodes to see
   "$@" || { local rc=$?; touch "$node0_failed"; return $rc; }
 }
+node_0_silent() {  # true when node 0 beat after this node started, then stopped --node-silence-seconds ago
+  [ -n "$node_started" ] && [ -f "$node0_alive" ] || return 1
+  touch "$node_probe"
+  local beat now
+  beat=$(stat -c %Y "$node0_alive"); now=$(stat -c %Y "$node_probe")
+  [ "$beat" -ge "$node_started" ] && [ $((now - beat)) -gt "$node_silence_seconds" ]
+}
 newer_input() {  # newer_input FILE INPUT...: true when an INPUT is newer than FILE (made from an older one)
   local file=$1 input; shift  # or missing (not made yet, or gone): FILE was not made from it
   for input in "$@"; do [ -e "$input" ] && [ ! "$input" -nt "$file" ] || return 0; done
@@ -446,6 +470,10 @@ wait_for_node_0() {  # wait_for_node_0 MARKER WHAT [INPUT...]: until MARKER exis
     if [ -f "$failed" ] && if [ -n "$started_stamp" ]; then [ ! "$started_stamp" -nt "$failed" ]
                            else [ "$(stat -c %Y "$failed")" -ge "$started_at" ]; fi; then
       log "node $node_rank: node 0 failed in its $what ($failed; see node 0's log)"; exit 1
+    fi
+    if node_0_silent; then
+      log "node $node_rank: node 0's driver has not run for over $node_silence_seconds s ($node0_alive): it ended, " \
+          "was killed or its machine is down, before its $what ($marker)"; exit 1
     fi
     if [ $waited -ge $((node_wait_hours * 3600)) ]; then
       log "node $node_rank: node 0's $what ($marker) not there$stale, after $node_wait_hours h (--node-wait-hours)"

@@ -488,3 +488,29 @@ def test_every_node_retrains_a_student_whose_pseudo_labels_were_made_again(tmp_p
     assert node_0.returncode == 0, node_0.stderr
     assert "generation 1: its pseudo-labels were made after the student: training it again" in node_0.stderr
     assert len(_calls(recipe, "sslasr.bin.train")) == trainings + 1
+
+
+def test_other_nodes_stop_when_node_0_stops_beating(tmp_path: Path):
+    """A node 0 killed outright leaves no .node0_failed: node 1 stops once node 0's heartbeat,
+    begun after node 1 started, has been silent --node-silence-seconds (not --node-wait-hours later)."""
+    recipe = _trained(tmp_path)
+    command, env = _node(recipe, 1, "--stage", "9", "--generations", "1", "--node-silence-seconds", "1")
+    node_1 = subprocess.Popen(command, cwd=recipe, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # node 1 waits for the pseudo-labels; node 0 beats once, then is killed
+        (recipe / "exp/.node0_alive").touch()
+        _, stderr = node_1.communicate(timeout=40)
+    finally:
+        node_1.kill()
+    assert node_1.returncode == 1
+    assert "node 1: node 0's driver has not run for over 1 s (exp/.node0_alive)" in stderr, stderr
+    assert not _calls(recipe, "node1")
+
+
+def test_node_0_beats_while_its_driver_runs(tmp_path: Path):
+    recipe = _trained(tmp_path)
+    beat = recipe / "exp/.node0_alive"
+    command, env = _node(recipe, 0, "--stage", "3", "--stop-stage", "3")
+    result = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert beat.exists() and time.time() - beat.stat().st_mtime < 30

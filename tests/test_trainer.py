@@ -389,7 +389,7 @@ def test_asr_validation_wer_is_the_word_error_count_over_the_reference_words():
     hyps = {"u1": "THE BAT SAT ON", "u2": "DOG"}
 
     class FixedModel(nn.Module):
-        def forward(self, inputs, input_lens, tokens):
+        def forward(self, inputs, input_lens, tokens, rows=None):
             return torch.tensor(6.0)  # summed over the batch's 6 tokens
 
         def greedy(self, inputs, input_lens):

@@ -1,7 +1,7 @@
 """An ASR model = a frontend encoder (pretrained or not) + a head (CTC, attention, transducer)."""
 
 import logging
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -27,13 +27,15 @@ class AsrModel(nn.Module):
                 return self.encoder(inputs, input_lens)
         return self.encoder(inputs, input_lens)
 
-    def forward(self, inputs: torch.Tensor, input_lens: torch.Tensor, tokens: List[List[int]]) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, input_lens: torch.Tensor, tokens: List[List[int]],
+                rows: Optional[List[int]] = None) -> torch.Tensor:
         """The head's loss summed over the batch. An utterance shorter than the frontend's receptive
         field has no encoder frames (evaluation splits keep every utterance): it is left out before
         the encoder, logged. Beside the others its row's attention has no keys, whose NaN reached
         every weight's gradient (WavLM, w2v-BERT); its attention loss was NaN and the transducer's
-        an error."""
-        keep = self.rows_with_frames(input_lens)
+        an error. ROWS: rows_with_frames(input_lens) where the caller has it (one read of the
+        device fewer)."""
+        keep = self.rows_with_frames(input_lens) if rows is None else rows
         if len(keep) < len(tokens):
             log.warning("%d of %d utterances have no encoder frames (shorter than the frontend's receptive "
                         "field): left out of the loss", len(tokens) - len(keep), len(tokens))

@@ -164,8 +164,9 @@ class AsrFinetuneTask(_DataMixin):
 
     def forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, Dict[str, float], float]:
         tokens = _transcripts(batch)
-        loss_sum = model(batch["inputs"], batch["input_lens"], tokens)
-        num_tokens = _scored_tokens(model, batch, tokens)
+        rows = _rows_with_frames(model, batch)
+        loss_sum = model(batch["inputs"], batch["input_lens"], tokens, rows=rows)
+        num_tokens = float(sum(len(tokens[i]) for i in rows))  # the loss is a mean over the tokens it scores
         loss = loss_sum / max(1.0, num_tokens)
         return loss, {"loss": loss.detach(), "utterances": float(len(tokens))}, num_tokens
 
@@ -174,8 +175,9 @@ class AsrFinetuneTask(_DataMixin):
         for batch in loader:
             tokens = _transcripts(batch)
             totals["num_utterances"] += len(tokens)
-            totals["loss"] += float(model(batch["inputs"], batch["input_lens"], tokens))
-            totals["weight"] += _scored_tokens(model, batch, tokens)
+            rows = _rows_with_frames(model, batch)
+            totals["loss"] += float(model(batch["inputs"], batch["input_lens"], tokens, rows=rows))
+            totals["weight"] += float(sum(len(tokens[i]) for i in rows))
             for hyp, ref in zip(model.greedy(batch["inputs"], batch["input_lens"]), batch["texts"]):
                 counts = align_counts(ref.split(), self.tokenizer.decode(hyp).split())
                 totals["errors"] += counts.errors
@@ -183,11 +185,10 @@ class AsrFinetuneTask(_DataMixin):
         return totals
 
 
-def _scored_tokens(model: nn.Module, batch: Dict, tokens: List[List[int]]) -> float:
-    """Tokens of the utterances the loss scores (not those without encoder frames), the weight
-    that makes the loss a per-token mean. MODEL: the AsrModel, or DistributedDataParallel's wrap."""
-    rows = getattr(model, "module", model).rows_with_frames(batch["input_lens"])
-    return float(sum(len(tokens[i]) for i in rows))
+def _rows_with_frames(model: nn.Module, batch: Dict) -> List[int]:
+    """The rows the loss scores (not utterances without encoder frames), whose tokens weigh the
+    loss. MODEL: the AsrModel, or DistributedDataParallel's wrap."""
+    return getattr(model, "module", model).rows_with_frames(batch["input_lens"])
 
 
 def _transcripts(batch: Dict) -> List[List[int]]:

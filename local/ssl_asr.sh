@@ -608,11 +608,12 @@ if run_stage 5; then
     # the corpus's own split (Libri-Light's train_10m / 1h / 10h): stage 1's manifest, never a draw
     [ -f "$labeled_cuts" ] || { echo "$0: --labeled $labeled: the corpus's split train_$labeled_tag has no manifest ($labeled_cuts): run stages 1-2" >&2; exit 1; }
     log "--labeled $labeled: the corpus's split train_$labeled_tag"
-  elif [ "$force" = true ] || [ ! -f "$labeled_cuts" ]; then
-    # a seeded subset of train, made again under --force (stage 1 may have remade train)
+  elif [ "$force" = true ] || [ ! -f "$labeled_cuts" ] || [ "$(cuts train)" -nt "$labeled_cuts" ]; then
+    # a seeded subset of train, drawn again from a train manifest remade since (stage 1 under
+    # --force: other speakers may be held out now) and under --force
     "$python" -m sslasr.bin.cuts subset --cuts "$(cuts train)" --seconds "$labeled_seconds" --out "$labeled_cuts"
   fi
-  if [ -n "$speed_perturb" ] && { [ "$force" = true ] || [ ! -f "$train_cuts" ]; }; then
+  if [ -n "$speed_perturb" ] && { [ "$force" = true ] || [ ! -f "$train_cuts" ] || [ "$labeled_cuts" -nt "$train_cuts" ]; }; then
     log "speed perturbation $speed_perturb of $labeled_cuts"  # fbank frontends: the copies' features too
     "$python" -m sslasr.bin.cuts perturb-speed --cuts "$labeled_cuts" --factors $speed_perturb \
       ${feats:+--fbank-storage data/fbank} --num-jobs "$nj" --out "$train_cuts"

@@ -40,7 +40,7 @@ case "$1" in
       case "$2 $3" in
         "sslasr.bin.kmeans plan") case " $* " in *" --count "*) echo "${FAKE_KMEANS:-0}" ;; *) echo kmeans.iteration=1 ;; esac ;;
         "sslasr.bin.cuts seconds") echo 30 ;;
-        "sslasr.bin.cuts combine") echo "$*" | gzip > "$out" ;;
+        "sslasr.bin.cuts combine"|"sslasr.bin.cuts subset"|"sslasr.bin.cuts perturb-speed") echo "$*" | gzip > "$out" ;;
         "sslasr.cli import-hf") echo "$4" > "$out" ;;
         "sslasr.bin.train --exp-dir")
           mkdir -p "$4"; echo "${*:5}" > "$4/model_final.pt"
@@ -514,3 +514,19 @@ def test_node_0_beats_while_its_driver_runs(tmp_path: Path):
     result = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert beat.exists() and time.time() - beat.stat().st_mtime < 30
+
+
+def test_a_labeled_subset_is_drawn_again_from_a_remade_train_manifest(tmp_path: Path):
+    """Stage 1 under --force (other speakers held out) remakes train: the --labeled subset and its
+    speed-perturbed copy were kept, and the systems fine-tuned on the old draw."""
+    recipe = _recipe(tmp_path)
+    args = ("--stage", "5", "--stop-stage", "5", "--no-pretrain", "true", "--labeled", "1h",
+            "--speed-perturb", "0.9 1.1")
+    for _ in range(2):
+        assert _run(recipe, *args).returncode == 0
+    assert len(_calls(recipe, "sslasr.bin.cuts subset")) == len(_calls(recipe, "sslasr.bin.cuts perturb-speed")) == 1
+    later = time.time() + 60
+    os.utime(recipe / "data/manifests/toy_cuts_train.jsonl.gz", (later, later))
+    result = _run(recipe, *args)
+    assert result.returncode == 0, result.stderr
+    assert len(_calls(recipe, "sslasr.bin.cuts subset")) == len(_calls(recipe, "sslasr.bin.cuts perturb-speed")) == 2

@@ -635,9 +635,11 @@ if run_stage 5; then
 fi
 
 lm_dir=$exp/lm_${token_type}_${vocab_size}
-lm_inputs() {  # lm_inputs CUTS: what an LM is trained from (text, --lm-text contents, --lm-opts, config)
-  local f
-  echo "text ${1%$feats.jsonl.gz}.jsonl.gz"  # a fbank manifest's transcripts are its audio one's: one LM for both
+lm_inputs() {  # lm_inputs CUTS: what an LM is trained from (text, tokenizer, --lm-text contents, --lm-opts, config)
+  local f text=${1%$feats.jsonl.gz}.jsonl.gz  # a fbank manifest's transcripts are its audio one's: one LM for both
+  # by content: a remade manifest or tokenizer (its token ids) makes another LM under the same path
+  echo "text $text $(content_hash "$text")"
+  echo "tokenizer $lang $(content_hash $lang/bpe.model)"
   for f in $lm_text; do echo "lm_text $f $(sha256sum < "$f" | cut -c1-16)"; done
   echo "lm_opts $lm_opts"
   echo "config $(sha256sum < $conf_dir/lm.yaml | cut -c1-16)"

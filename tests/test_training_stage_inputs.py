@@ -530,3 +530,24 @@ def test_a_labeled_subset_is_drawn_again_from_a_remade_train_manifest(tmp_path: 
     result = _run(recipe, *args)
     assert result.returncode == 0, result.stderr
     assert len(_calls(recipe, "sslasr.bin.cuts subset")) == len(_calls(recipe, "sslasr.bin.cuts perturb-speed")) == 2
+
+
+def test_the_lm_is_trained_again_on_a_remade_manifest_or_tokenizer(tmp_path: Path):
+    """The LM's inputs were the text manifest's path alone: a tokenizer trained again (other token
+    ids) or a remade train manifest kept the old LM for shallow fusion and the lexicon."""
+    recipe = _recipe(tmp_path)
+    (recipe / "conf/lm.yaml").write_text("# lm\n")
+
+    def lm_trainings() -> int:
+        return sum("task=lm" in call for call in _calls(recipe, "sslasr.bin.train"))
+
+    for _ in range(2):
+        result = _run(recipe, "--stage", "6", "--stop-stage", "6")
+        assert result.returncode == 0, result.stderr
+    assert lm_trainings() == 1 and "LM ready" in result.stderr
+    (recipe / "data/lang_unigram_200/bpe.model").write_text("another tokenizer\n")
+    result = _run(recipe, "--stage", "6", "--stop-stage", "6")
+    assert lm_trainings() == 2 and "was trained on other inputs" in result.stderr and "tokenizer" in result.stderr
+    _gz(recipe / "data/manifests/toy_cuts_train.jsonl.gz", "other train cuts\n")
+    assert _run(recipe, "--stage", "6", "--stop-stage", "6").returncode == 0
+    assert lm_trainings() == 3

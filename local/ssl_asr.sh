@@ -449,6 +449,12 @@ node0_failed=$pretrain_dir/.node0_failed  # node 0's failure, for the others to 
 on_node_0() {  # on_node_0 COMMAND...: node 0's share of stage 4; a failure is left for the other nodes to see
   "$@" || { local rc=$?; touch "$node0_failed"; return $rc; }
 }
+train_together() {  # train_together EXP_DIR ...: a training of every node; node 0's failure is left for the others
+  if [ "$node_rank" = 0 ]; then on_node_0 train "$@"; else train "$@"; fi
+}
+mark_trained() {  # mark_trained MARKER: node 0's to touch. Another node's torchrun returns 0 even when node 0,
+  [ "$node_rank" != 0 ] || touch "$1"  # which alone writes model_final.pt, failed after the last barrier
+}
 node_0_silent() {  # true when node 0 beat after this node started, then stopped --node-silence-seconds ago
   [ -n "$node_started" ] && [ -f "$node0_alive" ] || return 1
   touch "$node_probe"
@@ -506,10 +512,10 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
     if [ -f $it/.done ]; then log "iteration $i: pretrained"; else
       log "iteration $i: pretraining on its labels"
       plan=$(kmeans_cli plan --iteration $i $previous)  # the iteration's settings; a failure stops here
-      train $it --config $pretrain_configs --set task=pretrain \
+      train_together $it --config $pretrain_configs --set task=pretrain \
         data.train_cuts=$it/labels/$(basename "$all_cuts") data.valid_cuts=$it/labels/$(basename "$valid_cuts") \
         $plan $pretrain_opts
-      touch $it/.done
+      mark_trained $it/.done
     fi
   done
   # stage 5 fine-tunes $pretrain_dir/model_final.pt: the last iteration's model, copied atomically
@@ -544,7 +550,7 @@ if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
         --set task=pretrain data.train_cuts="$pretrain_cuts" data.valid_cuts="$(cuts $valid_set)" $pretrain_opts
     fi
     note_command $pretrain_dir pretrained
-    touch $pretrain_dir/.done
+    mark_trained $pretrain_dir/.done
   fi
 fi
 
@@ -571,12 +577,13 @@ finetune_system() {  # finetune_system pretrained|scratch [KEY=VALUE...]: stage 
   local system=$1 dir init="finetune.init_from=$pretrain_dir/model_final.pt"
   shift
   dir=$(system_dir $system)
+  mkdir -p $dir
   [ $system != scratch ] || init="finetune.init_from=null"
   train $dir --config $(finetune_configs $system) --set task=asr data.train_cuts="$train_cuts" \
     data.valid_cuts="$(cuts $valid_set)" data.tokenizer=$lang/bpe.model "$init" "$@" $finetune_opts
   "$python" -m sslasr.bin.cuts seconds "$labeled_cuts" > $dir/labeled_seconds
   note_command $dir fine-tuned
-  touch $dir/.done
+  mark_trained $dir/.done
 }
 finetune_together() {  # finetune_together SYSTEM...: one job each, the cores shared out, logs to files
   local system pids=() threads=$(( $(getconf _NPROCESSORS_ONLN) / $# )) failed=""

@@ -551,3 +551,18 @@ def test_the_lm_is_trained_again_on_a_remade_manifest_or_tokenizer(tmp_path: Pat
     _gz(recipe / "data/manifests/toy_cuts_train.jsonl.gz", "other train cuts\n")
     assert _run(recipe, "--stage", "6", "--stop-stage", "6").returncode == 0
     assert lm_trainings() == 3
+
+
+def test_only_node_0_marks_a_training_done(tmp_path: Path):
+    """Another node's torchrun returns 0 even when node 0, which alone writes model_final.pt,
+    failed after the last barrier: that node's .done would have stood for a model never written."""
+    recipe = _recipe(tmp_path)
+    system = recipe / "exp/ctc_scratch_wav2vec2_all"
+    command, env = _node(recipe, 1, "--stage", "5", "--stop-stage", "5", "--no-pretrain", "true")
+    result = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert _calls(recipe, "node1") and not (system / ".done").exists()
+    command, env = _node(recipe, 0, "--stage", "5", "--stop-stage", "5", "--no-pretrain", "true")
+    result = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (system / ".done").exists() and (system / "model_final.pt").exists()

@@ -310,13 +310,15 @@ if run_stage 1; then
   fi
 fi
 
-fbank_outputs() {  # fbank_outputs: stage 2's manifests, an fbank copy of each manifest without features
-  local f
-  for f in $manifests/${corpus}_cuts_*.jsonl.gz; do
-    # skip manifests with features: this stage's outputs and what stages 4-5 made of them (the
-    # pretraining manifest, a labeled subset *_fbank.jsonl.gz, its copies *_fbank_sp0.9-1.1.jsonl.gz)
-    case "$f" in *_fbank.jsonl.gz|*_fbank_*.jsonl.gz) continue ;; esac
-    printf '%s\n' "${f%.jsonl.gz}_fbank.jsonl.gz"
+fbank_outputs() {  # fbank_outputs: stage 2's manifests, an fbank copy of each of stage 1's splits
+  # (named by its recordings manifest). Not of what stages 4-5 made of them for waveform frontends
+  # (the pretraining manifest, a labeled subset, its speed-perturbed copies): fbank frontends make
+  # theirs from these copies
+  local f split
+  for f in $manifests/${corpus}_recordings_*.jsonl.gz; do
+    split=${f#$manifests/${corpus}_recordings_}; split=${split%.jsonl.gz}
+    [ -e "$manifests/${corpus}_cuts_$split.jsonl.gz" ] || continue
+    printf '%s\n' "$manifests/${corpus}_cuts_${split}_fbank.jsonl.gz"
   done
 }
 other_extractors_fbank() {  # other_extractors_fbank: stage 2's manifests whose features another extractor computed

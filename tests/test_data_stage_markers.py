@@ -87,7 +87,8 @@ def test_stages_1_to_3_redo_outputs_older_than_their_inputs(tmp_path: Path):
     assert _run(recipe, "--stop-stage", "0").returncode == 0
     manifests = recipe / "data/manifests"
     manifests.mkdir()
-    (manifests / "toy_cuts_train.jsonl.gz").touch()
+    for name in ("toy_recordings_train", "toy_cuts_train", "toy_cuts_pretrain", "toy_cuts_train_1h"):
+        (manifests / f"{name}.jsonl.gz").touch()  # the last two: what waveform frontends made of train
     lang = recipe / "data/lang_unigram_200"
     lang.mkdir()
     for age_s, marker in ((300, manifests / ".fbank.done"), (200, manifests / ".done"), (100, lang / ".done")):
@@ -101,8 +102,9 @@ def test_stages_1_to_3_redo_outputs_older_than_their_inputs(tmp_path: Path):
     assert "the manifests were made again after the fbank: computing it again" in redone.stderr
     assert "the manifests were made again after the tokenizer: training it again" in redone.stderr
     calls = _lines(recipe / "python_calls")
-    assert [call.split()[0] for call in calls] == [
+    assert [call.split()[0] for call in calls] == [  # fbank for stage 1's split only
         "sslasr.bin.prepare_manifests", "sslasr.bin.compute_fbank", "sslasr.bin.train_tokenizer"]
+    assert calls[1].split()[1:3] == ["--cuts", "data/manifests/toy_cuts_train.jsonl.gz"]
     assert "--eval-splits dev test dev --out-dir" in calls[0]  # $test_sets and $valid_set
 
     again = _run(recipe, "--stage", "1", "--stop-stage", "3", input_type="fbank")

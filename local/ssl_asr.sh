@@ -756,10 +756,18 @@ print("null" if v is None else v)' "$@"
 
 decode_sets=$test_sets  # + the validation set, which the LM methods tune λ, β on
 case " $test_sets " in *" $valid_set "*) ;; *) decode_sets="$valid_set $test_sets" ;; esac
+decode_request() {  # decode_request DIR: what stage 7 asks of DIR's model (its .decode.done holds it)
+  echo "sets $decode_sets"
+  echo "methods $(decode_methods $1)"
+  echo "decode_opts $decode_opts"
+}
 decode_system() {  # decode_system DIR: every set with every method of DIR's model, in one process
-  local dir=$1 methods fusion="" overwrite="" lexicon
-  # decoded, unless the LM or its lexicon changed since (decode redoes only what used them)
-  if done_or_force $dir/.decode.done && [ ! $lm_dir/.done -nt $dir/.decode.done ]; then log "$dir: decoded"; return; fi
+  local dir=$1 methods fusion="" overwrite="" lexicon request
+  request=$(decode_request $dir)  # a failure stops here
+  # decoded, unless the request (another --test-sets, --decode-opts), the LM or its lexicon
+  # changed since: decode.py then redoes only the folders they change
+  if done_or_force $dir/.decode.done && [ ! $lm_dir/.done -nt $dir/.decode.done ] \
+      && [ "$request" = "$(cat $dir/.decode.done)" ]; then log "$dir: decoded"; return; fi
   methods=$(decode_methods $dir)
   if uses_lm $methods; then  # λ, β tuned on the validation set, then used for every set
     [ -f $lm_dir/.done ] || { echo "$0: $methods: the LM methods need stage 6 ($lm_dir)" >&2; exit 1; }
@@ -772,7 +780,7 @@ decode_system() {  # decode_system DIR: every set with every method of DIR's mod
     --cuts $(for s in $decode_sets; do printf '%s=%s ' "$s" "$(cuts "$s")"; done) \
     --methods $methods --out-dir "$dir/decode_{set}_{method}" $fusion $lexicon $overwrite $decode_opts
   note_command $dir decoded
-  touch $dir/.decode.done
+  printf '%s\n' "$request" > $dir/.decode.done
 }
 score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY=VALUE...]: a results row per (set, method)
   # BASELINE: an exp dir whose decode of the same set and method each row is compared with, or ""

@@ -566,3 +566,18 @@ def test_only_node_0_marks_a_training_done(tmp_path: Path):
     result = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert (system / ".done").exists() and (system / "model_final.pt").exists()
+
+
+def test_stage_7_decodes_again_for_other_sets_or_options(tmp_path: Path):
+    """.decode.done stood for any request: another --decode-opts or --test-sets was 'decoded'."""
+    recipe = _trained(tmp_path)
+
+    def decodes(*args: str) -> int:
+        result = _run(recipe, "--stage", "7", "--stop-stage", "7", *args)
+        assert result.returncode == 0, result.stderr
+        return len([call for call in _calls(recipe, "sslasr.bin.decode") if "exp/ctc_wav2vec2_all/model_final.pt" in call])
+
+    assert decodes() == decodes() == 1
+    assert decodes("--decode-opts", "--beam-size 50") == 2
+    assert decodes("--decode-opts", "--beam-size 50", "--test-sets", "test unlabeled") == 3
+    assert decodes("--decode-opts", "--beam-size 50", "--test-sets", "test unlabeled") == 3

@@ -594,6 +594,7 @@ finetune_together() {  # finetune_together SYSTEM...: one job each, the cores sh
   # each job's process group (set -m: one per job), the trainer and its loader workers included
   trap 'kill -TERM -- "${pids[@]/#/-}" 2>/dev/null; exit 130' INT
   trap 'kill -TERM -- "${pids[@]/#/-}" 2>/dev/null; exit 143' TERM
+  trap 'kill -TERM -- "${pids[@]/#/-}" 2>/dev/null; exit 129' HUP  # a closed terminal (ssh dropped)
   for system in "$@"; do
     mkdir -p $(system_dir $system)
     log "fine-tuning $(system_dir $system) ($threads threads; log: $(system_dir $system)/finetune.log)"
@@ -606,7 +607,7 @@ finetune_together() {  # finetune_together SYSTEM...: one job each, the cores sh
     wait "${pids[$i]}" || failed="$failed $(system_dir ${@:$((i + 1)):1})"
   done
   for dir in $failed; do tail -n 20 $dir/finetune.log >&2; done
-  trap - INT TERM
+  trap - INT TERM HUP
   [ -z "$failed" ] || { echo "$0: fine-tuning failed:$failed" >&2; exit 1; }
 }
 

@@ -367,15 +367,16 @@ def _gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_interrupting_fine_tunings_run_together_ends_them(tmp_path: Path, signum: int, code: int):
     recipe = _trained(tmp_path)
     env = _env(recipe, train_sleep="1")
     driver = subprocess.Popen(["./run.sh", "--stage", "5", "--stop-stage", "5", "--force", "true",
                                "--finetune-jobs", "2"], cwd=recipe, env=env, stderr=subprocess.PIPE, text=True,
                               # as a shell starts it: a SIGINT ignored in this process (an earlier test's
-                              # library) would be inherited, and bash cannot trap a signal ignored at entry
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                              # library), or a SIGHUP (nohup), would be inherited, and bash cannot trap
+                              # a signal ignored at entry
+                              preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGHUP)])
     pid_files = [recipe / "exp/ctc_wav2vec2_all/sleeper.pid", recipe / "exp/ctc_scratch_wav2vec2_all/sleeper.pid"]
     sleepers = []
     try:

@@ -117,6 +117,7 @@ if [ "$frontend" = all ]; then
     one_command=("./$(basename "$0")" ${one_frontend_args[@]+"${one_frontend_args[@]}"} --frontend "$one")
     echo "$(date '+%F %T') --frontend all:$(printf " %q" "${one_command[@]}")" >&2
     "${one_command[@]}"
+    export SSLASR_SHARED_MADE=1  # the LMs are the first frontend's: reused, not trained again under --force
   done
   exit 0
 fi
@@ -655,7 +656,8 @@ lm_inputs() {  # lm_inputs CUTS: what an LM is trained from (text, tokenizer, --
   echo "config $(sha256sum < $conf_dir/lm.yaml | cut -c1-16)"
 }
 train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcripts + --lm-text, and its lexicon
-  local dir=$1 text=$2 extra_text=null
+  local dir=$1 text=$2 extra_text=null force=$force  # (for done_or_force and the rest of this call)
+  [ -z "${SSLASR_SHARED_MADE:-}" ] || force=false  # --frontend all: made by the first frontend's run
   if [ -f $dir/.done ] && [ -f $dir/inputs.txt ] && [ "$force" != true ] \
       && [ "$(lm_inputs "$text")" != "$(cat $dir/inputs.txt)" ]; then
     # e.g. `--stage 6 --lm-text more.txt` after a full run: trained again, and stages 7-8 redo what used it

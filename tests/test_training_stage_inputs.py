@@ -25,7 +25,7 @@ FAKE_PYTHON = r"""#!/usr/bin/env bash
 real=@REAL@
 case "$1" in
   -c) case "$2" in
-        *FRONTENDS*) [ "${FAKE_FAIL:-}" != frontends ] || exit 1; echo wav2vec2 ;;
+        *FRONTENDS*) [ "${FAKE_FAIL:-}" != frontends ] || exit 1; echo "${FAKE_FRONTENDS:-wav2vec2}" ;;
         *frontend_name*) echo wav2vec2 ;;  # --init-from's family
         *sslasr.models*) echo waveform ;;  # the frontend's input type
         *"import json"*) echo null ;;  # json_value
@@ -582,3 +582,16 @@ def test_stage_7_decodes_again_for_other_sets_or_options(tmp_path: Path):
     assert decodes("--decode-opts", "--beam-size 50") == 2
     assert decodes("--decode-opts", "--beam-size 50", "--test-sets", "test unlabeled") == 3
     assert decodes("--decode-opts", "--beam-size 50", "--test-sets", "test unlabeled") == 3
+
+
+def test_frontend_all_under_force_trains_the_shared_lm_once(tmp_path: Path):
+    """The LM is every frontend's: --frontend all --force true trained it again for each one, and
+    the earlier frontends' rows named an LM replaced since."""
+    recipe = _recipe(tmp_path)
+    (recipe / "conf/lm.yaml").write_text("# lm\n")
+    (recipe / "conf/frontend_hubert.yaml").write_text("# frontend_hubert\n")
+    result = _run(recipe, "--frontend", "all", "--stage", "4", "--stop-stage", "6", "--force", "true",
+                  frontends="wav2vec2 hubert")
+    assert result.returncode == 0, result.stderr
+    trainings = [call[2] for call in _calls(recipe, "sslasr.bin.train")]
+    assert sum(d.startswith("exp/pretrain_") for d in trainings) == 2 and trainings.count("exp/lm_unigram_200") == 1

@@ -300,6 +300,17 @@ fi
 # local/data.sh tells where the Kaldi-style folder it prepared is (--corpus-dir was its input)
 if [ -f data/corpus_dir ]; then corpus_dir=$(cat data/corpus_dir); fi
 
+# A stage left out of --stage..--stop-stage is taken as done: one whose input was made again since
+# (stage 0 alone under --force, then --stage 4) would hand its stale outputs on to the next stages
+stale_before() {  # stale_before STAGE NEWER OLDER WHAT: stop when STAGE is left out but OLDER predates NEWER
+  [ "$stage" -gt "$1" ] && [ -f "$3" ] && [ "$2" -nt "$3" ] || return 0
+  echo "$0: $4: include stage $1 (--stage $1)" >&2
+  exit 2
+}
+stale_before 1 data/.data.done $manifests/.done "data/ was prepared again after the manifests"
+[ "$input_type" != fbank ] || stale_before 2 $manifests/.done $manifests/.fbank.done "the manifests were made again after the fbank"
+stale_before 3 $manifests/.done $lang/.done "the manifests were made again after the tokenizer"
+
 if run_stage 1; then
   if done_or_force $manifests/.done && [ ! data/.data.done -nt $manifests/.done ]; then log "manifests ready"; else
     [ ! -f $manifests/.done ] || log "data/ was prepared again after the manifests: making them again"
@@ -864,6 +875,10 @@ pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool 
   if ! uses_lm $method; then :
   elif [ "$pseudo_label_lm_dir" = "$lm_dir" ]; then  # the teacher's λ, β, as tuned on the validation set
     tuned=$teacher/decode_${valid_set}_${method/+lm/_lm}/decode_info.json
+    if [ $lm_dir/.done -nt $tuned ]; then  # stage 6 alone (--lm-text) since: λ, β are another LM's
+      echo "$0: $lm_dir was trained again after $teacher's decoding tuned λ, β with it ($tuned): include stage 7 (--stage 7)" >&2
+      exit 2
+    fi
     weight=$(json_value $tuned lm_weight); bonus=$(json_value $tuned length_bonus)
     fusion="--lm $lm_dir/model_final.pt --lm-weight $weight --length-bonus $bonus"
   else  # another LM: λ, β tuned with it on the validation set, decoded here anyway

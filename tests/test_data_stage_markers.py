@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 FAKE_DATA_SH = """#!/usr/bin/env bash
@@ -131,3 +133,26 @@ def test_stages_1_to_3_redo_outputs_older_than_their_inputs(tmp_path: Path):
         "data/manifests/toy_cuts_train_fbank.jsonl.gz"]
     assert not any(path.exists() for path in derived) and (manifests / "toy_cuts_train_fbank.jsonl.gz").exists()
     assert f"removing {derived[0].relative_to(recipe)}: made from the earlier fbank" in forced.stderr
+
+
+@pytest.mark.parametrize("remade, first_stage, input_type, expected", [
+    ("data/.data.done", 2, "waveform", "data/ was prepared again after the manifests: include stage 1"),
+    ("data/manifests/.done", 3, "fbank", "the manifests were made again after the fbank: include stage 2"),
+    ("data/manifests/.done", 4, "waveform", "the manifests were made again after the tokenizer: include stage 3"),
+])
+def test_a_left_out_stage_whose_input_was_made_again_stops_the_run(tmp_path: Path, remade, first_stage,
+                                                                   input_type, expected):
+    """Stage 0 alone under --force, then --stage 4: stages 4-10 took the old manifests as done."""
+    recipe = _recipe(tmp_path)
+    earlier = time.time() - 100
+    for marker in ("data/.data.done", "data/manifests/.done", "data/manifests/.fbank.done",
+                   "data/lang_unigram_200/.done"):
+        (recipe / marker).parent.mkdir(parents=True, exist_ok=True)
+        (recipe / marker).touch()
+        os.utime(recipe / marker, (earlier, earlier))
+    (recipe / remade).touch()
+    result = _run(recipe, "--stage", str(first_stage), "--stop-stage", str(first_stage), input_type=input_type)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    os.utime(recipe / remade, (earlier, earlier))  # as old as the rest again: nothing stale
+    result = _run(recipe, "--stage", str(first_stage), "--stop-stage", str(first_stage), input_type=input_type)
+    assert "include stage" not in result.stderr

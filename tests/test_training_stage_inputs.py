@@ -595,3 +595,26 @@ def test_frontend_all_under_force_trains_the_shared_lm_once(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     trainings = [call[2] for call in _calls(recipe, "sslasr.bin.train")]
     assert sum(d.startswith("exp/pretrain_") for d in trainings) == 2 and trainings.count("exp/lm_unigram_200") == 1
+
+
+def test_pseudo_labels_are_not_made_with_lm_weights_tuned_for_an_earlier_lm(tmp_path: Path):
+    """Stage 6 alone (more --lm-text) after stage 7, then --stage 9: the teacher's λ, β, tuned with
+    the earlier LM, were used with the new one."""
+    recipe = _trained(tmp_path)
+    (recipe / "conf/noisy_student.yaml").write_text("pseudo_label:\n  method: ctc_beam+lm\n")
+    lm = recipe / "exp/lm_unigram_200"
+    lm.mkdir(parents=True)
+    (lm / "model_final.pt").write_text("lm\n")
+    tuned = recipe / "exp/ctc_wav2vec2_all/decode_dev_ctc_beam_lm/decode_info.json"
+    tuned.parent.mkdir(parents=True)
+    tuned.write_text('{"lm_weight": 0.5, "length_bonus": 1.0}\n')
+    os.utime(tuned, (time.time() - 60,) * 2)
+    (lm / ".done").touch()  # trained again since
+    result = _labelled(recipe, "--generations", "1")
+    assert result.returncode == 2, result.stderr
+    assert "exp/lm_unigram_200 was trained again after exp/ctc_wav2vec2_all's decoding tuned λ, β" in result.stderr
+    assert not _calls(recipe, "sslasr.bin.decode")
+    os.utime(lm / ".done", (time.time() - 120,) * 2)
+    result = _labelled(recipe, "--generations", "1")
+    assert "include stage 7" not in result.stderr
+    assert any("--lm-weight" in call for call in _calls(recipe, "sslasr.bin.decode"))

@@ -2,6 +2,7 @@
 runs them too), the summary of the built model on the minisynth configs, and the init checkpoint's
 encoder weights: every misfit named, nothing copied unless all fit."""
 
+import re
 import subprocess
 import sys
 
@@ -234,3 +235,37 @@ def test_a_config_file_removes_sections_merged_before_it(tmp_path):
     assert load_configs([tmp_path / "base.yaml", tmp_path / "shared.yaml"]) == cfg
     family = load_configs([tmp_path / "family.yaml"])
     assert load_configs([tmp_path / "child.yaml"]) == {"frontend": family["frontend"]} and "optim" in family
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.seed=08", "trainer.seed must be a non-negative integer, got '08'"),  # YAML 1.1: not octal, a string
+    ("trainer.num_threads=on", "trainer.num_threads must be a non-negative integer, got True"),
+    ("trainer.max_updates=1e5", "trainer.max_updates must be a positive integer, got 100000.0"),
+])
+def test_integers_are_integers(override, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        check_training_config(_finetune_cfg(**dict([override.split("=")])))
+
+
+def test_every_set_adds_its_overrides(tmp_path, capsys):
+    """A second --set replaced the first one's overrides, silently."""
+    from sslasr.bin import train
+    train.main(["--dry-run", "--config", str(MINISYNTH / "frontend_wav2vec2.yaml"), str(MINISYNTH / "pretrain.yaml"),
+                "--set", "trainer.max_updates=7", "--set", "optim.lr=5e-4"])
+    summary = capsys.readouterr().out
+    assert "updates: 7" in summary and "peak lr 0.0005" in summary
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("trainer:\n  max_updates: 5\ntrainer:\n  seed: 1\n", "key 'trainer' given twice"),
+    ("- a\n- b\n", "a config is a mapping of sections, not a list"),
+    ("_base_: self.yaml\n", "_base_ includes form a cycle"),
+])
+def test_config_files_that_would_lose_settings_are_errors(tmp_path, text, expected):
+    path = tmp_path / "self.yaml"
+    path.write_text(text)
+    with pytest.raises(Exception, match=expected):
+        load_configs([path])
+    result = subprocess.run([sys.executable, "-m", "sslasr.bin.train", "--dry-run", "--config", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr

@@ -132,7 +132,8 @@ def get_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", required=True, nargs="+", help="YAML files, merged in order")
-    common.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    common.add_argument("--set", action="extend", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides (--set may be given more than once)")
     common.add_argument("--num-jobs", type=int, default=1,
                         help="processes computing features, one thread each (small per-cut ops scale "
                              "better over processes than over threads)")

@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     parser.add_argument("--decode-dir", required=True, type=Path, help="hyp.txt and scores.txt of the teacher")
     parser.add_argument("--labeled-cuts", required=True, help="transcribed cuts: the reference speaking rate")
     parser.add_argument("--config", nargs="+", default=[], help="YAML with a pseudo_label section")
-    parser.add_argument("--set", nargs="*", default=[], help="key=value overrides, e.g. pseudo_label.keep_fraction=0.8")
+    parser.add_argument("--set", action="extend", nargs="*", default=[], help="key=value overrides, e.g. pseudo_label.keep_fraction=0.8")
     parser.add_argument("--reference", help="Kaldi text of the true transcripts, to measure the pseudo-labels")
     parser.add_argument("--out-cuts", help="the kept cuts with their pseudo-labels (omit to only report)")
     parser.add_argument("--report", required=True, type=Path, help="JSON counts and WERs")

@@ -80,7 +80,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, nargs="+", help="YAML files, merged in order")
     parser.add_argument("--exp-dir", type=Path, help="where checkpoints and logs go (not for --dry-run)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--set", action="extend", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides (--set may be given more than once: each adds)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config, build the model, print a summary and exit (no data, no training)")
     parser.add_argument("--vocab-size", type=int, help="--dry-run: vocabulary when data.tokenizer does not exist yet")
@@ -88,7 +89,10 @@ def main(argv=None) -> None:
                         help="--dry-run: training processes, for the effective batch (default $WORLD_SIZE or 1)")
     args = parser.parse_args(argv)
 
-    cfg = load_configs(args.config, args.set)
+    try:
+        cfg = load_configs(args.config, args.set)
+    except (ValueError, OSError, yaml.YAMLError) as e:  # a missing file, a bad override, a YAML error
+        parser.error(str(e))
     if args.dry_run:
         try:
             print(dry_run(cfg, args.vocab_size, args.world_size))
@@ -99,8 +103,8 @@ def main(argv=None) -> None:
         parser.error("--exp-dir is required (unless --dry-run)")
     try:  # a mistyped override must stop the run, not be ignored for hours
         check_training_config(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"invalid training config: {e}")
+    except ConfigError as e:  # its message begins "invalid training config:"
+        raise SystemExit(str(e))
     dist = init_distributed()
     if dist.is_main:  # before anything is written there; held until the process ends
         try:

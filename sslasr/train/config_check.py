@@ -34,7 +34,7 @@ def _check_number(problems: List[str], section: Dict, key: str, name: str, *, re
             problems.append(f"{name}.{key} is missing")
         return
     value = section[key]
-    ok = _number(value) and (value >= 0 if allow_zero else value > 0) and (not integer or float(value).is_integer())
+    ok = _number(value) and (value >= 0 if allow_zero else value > 0) and (not integer or isinstance(value, int))
     if not ok:
         kind = "integer" if integer else "number"
         problems.append(f"{name}.{key} must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}")
@@ -141,6 +141,9 @@ def _check_trainer(cfg: Dict, problems: List[str]) -> None:
     for key in ("log_every", "checkpoint_every"):
         _check_number(problems, trainer, key, "trainer", required=False, integer=True)
     _check_number(problems, trainer, "valid_every", "trainer", required=False, allow_zero=True, integer=True)
+    # (YAML reads 08 as the string '08' and on as true: the run would crash, or use 1 thread)
+    for key in ("seed", "num_threads"):
+        _check_number(problems, trainer, key, "trainer", required=False, allow_zero=True, integer=True)
     for key in ("flush_denormal", "find_unused_parameters"):
         if not isinstance(trainer.get(key, True), bool):
             problems.append(f"trainer.{key} must be true or false, got {trainer[key]!r}")

@@ -18,7 +18,18 @@ import yaml
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
+    """SafeLoader that reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`) and refuses a key given
+    twice in one mapping (PyYAML keeps the last: an earlier section's keys were lost silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -56,10 +67,15 @@ def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Dict[s
     return merged
 
 
-def _load_layer(path: Path) -> Tuple[List[str], Dict[str, Any]]:
-    """A file merged over its bases, and the `_remove_` lists of both for the files before it."""
+def _load_layer(path: Path, including: Tuple[Path, ...] = ()) -> Tuple[List[str], Dict[str, Any]]:
+    """A file merged over its bases, and the `_remove_` lists of both for the files before it.
+    INCLUDING: the files whose `_base_` led here (a file among them is a cycle)."""
+    if path.resolve() in including:
+        raise ValueError(f"{path}: _base_ includes form a cycle: {' -> '.join(map(str, including + (path.resolve(),)))}")
     with open(path, encoding="utf-8") as f:
         cfg = yaml.load(f, Loader=_Loader) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: a config is a mapping of sections, not a {type(cfg).__name__}")
     bases = cfg.pop("_base_", [])
     removed = cfg.pop("_remove_", [])
     if isinstance(bases, str):
@@ -69,7 +85,7 @@ def _load_layer(path: Path) -> Tuple[List[str], Dict[str, Any]]:
     merged: Dict[str, Any] = {}
     inherited: List[str] = []
     for base in bases:
-        base_removed, base_cfg = _load_layer(path.parent / base)
+        base_removed, base_cfg = _load_layer(path.parent / base, including + (path.resolve(),))
         merged = deep_merge(_without(merged, base_removed), base_cfg)
         inherited += base_removed
     return inherited + removed, deep_merge(_without(merged, removed), cfg)

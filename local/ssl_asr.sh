@@ -254,7 +254,7 @@ node_started=""
 if [ "${nnodes:-1}" != 1 ]; then
   mkdir -p $exp
   if [ "$node_rank" = 0 ]; then  # the loop ends with the driver ($$), whatever ends it
-    ( while kill -0 $$ 2>/dev/null; do touch "$node0_alive"; sleep 30; done ) </dev/null >/dev/null 2>&1 &
+    ( while kill -0 $$ 2>/dev/null; do touch "$node0_alive" || :; sleep 30; done ) </dev/null >/dev/null 2>&1 &
   else
     touch "$node_probe"
     node_started=$(stat -c %Y "$node_probe")
@@ -578,7 +578,8 @@ finetune_configs() {  # finetune_configs pretrained|scratch: the YAML files of a
   # ... and of its --model-size (e.g. a lower learning rate for a wider model)
   [ -z "$model_size" ] || [ ! -f $conf_dir/finetune_${frontend_tag}.yaml ] \
     || configs="$configs $conf_dir/finetune_${frontend_tag}.yaml"
-  [ -z "$init_from" ] || configs="$configs $root/conf/finetune/imported.yaml"  # its top blocks kept
+  # its top blocks kept (relative: the list is split on spaces, which the checkout's path may hold)
+  [ -z "$init_from" ] || configs="$configs $(realpath -m --relative-to=. "$root/conf/finetune/imported.yaml")"
   [ "$1" != scratch ] || configs="$configs $conf_dir/scratch.yaml"
   echo "$configs"
 }
@@ -666,11 +667,20 @@ lm_inputs() {  # lm_inputs CUTS: what an LM is trained from (text, tokenizer, --
   echo "lm_opts $lm_opts"
   echo "config $(sha256sum < $conf_dir/lm.yaml | cut -c1-16)"
 }
+lm_record_matches() {  # lm_record_matches DIR CUTS: DIR's LM was trained on lm_inputs CUTS
+  local now
+  now=$(lm_inputs "$2")
+  [ "$now" != "$(cat $1/inputs.txt)" ] || return 0
+  # a record from before the text's and tokenizer's contents were: its lines compared, then completed
+  ! grep -q '^tokenizer ' $1/inputs.txt || return 1
+  [ "$(printf '%s\n' "$now" | sed -e '/^tokenizer /d' -e 's/^\(text [^ ]*\) .*/\1/')" = "$(cat $1/inputs.txt)" ] || return 1
+  log "$1: inputs recorded before their contents were: taken, recorded with them now"
+  [ "$node_rank" != 0 ] || printf '%s\n' "$now" > $1/inputs.txt
+}
 train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcripts + --lm-text, and its lexicon
   local dir=$1 text=$2 extra_text=null force=$force  # (for done_or_force and the rest of this call)
   [ -z "${SSLASR_SHARED_MADE:-}" ] || force=false  # --frontend all: made by the first frontend's run
-  if [ -f $dir/.done ] && [ -f $dir/inputs.txt ] && [ "$force" != true ] \
-      && [ "$(lm_inputs "$text")" != "$(cat $dir/inputs.txt)" ]; then
+  if [ -f $dir/.done ] && [ -f $dir/inputs.txt ] && [ "$force" != true ] && ! lm_record_matches $dir "$text"; then
     # e.g. `--stage 6 --lm-text more.txt` after a full run: trained again, and stages 7-8 redo what used it
     log "$dir was trained on other inputs; training it again: $(changed_inputs $dir/inputs.txt "$(lm_inputs "$text")")"
     reset_training $dir
@@ -770,19 +780,14 @@ print("null" if v is None else v)' "$@"
 
 decode_sets=$test_sets  # + the validation set, which the LM methods tune λ, β on
 case " $test_sets " in *" $valid_set "*) ;; *) decode_sets="$valid_set $test_sets" ;; esac
-decode_request() {  # decode_request DIR: what stage 7 asks of DIR's model (its .decode.done holds it)
-  echo "sets $decode_sets"
-  echo "methods $(decode_methods $1)"
-  echo "decode_opts $decode_opts"
-}
 decode_system() {  # decode_system DIR: every set with every method of DIR's model, in one process
   local dir=$1 methods fusion="" overwrite="" lexicon request
-  request=$(decode_request $dir)  # a failure stops here
-  # decoded, unless the request (another --test-sets, --decode-opts), the LM or its lexicon
-  # changed since: decode.py then redoes only the folders they change
+  methods=$(decode_methods $dir)  # a failure stops here
+  request=$(printf 'sets %s\nmethods %s\ndecode_opts %s' "$decode_sets" "$methods" "$decode_opts")
+  # decoded (.decode.done holds the request), unless the request (another --test-sets,
+  # --decode-opts), the LM or its lexicon changed since: decode.py redoes only what they change
   if done_or_force $dir/.decode.done && [ ! $lm_dir/.done -nt $dir/.decode.done ] \
       && [ "$request" = "$(cat $dir/.decode.done)" ]; then log "$dir: decoded"; return; fi
-  methods=$(decode_methods $dir)
   if uses_lm $methods; then  # λ, β tuned on the validation set, then used for every set
     [ -f $lm_dir/.done ] || { echo "$0: $methods: the LM methods need stage 6 ($lm_dir)" >&2; exit 1; }
     fusion="--lm $lm_dir/model_final.pt --tune-on $valid_set"
@@ -868,17 +873,24 @@ unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the 
   [ -n "$parts" ] || { echo "$0: pseudo_label.pool ($pool_sources) holds no audio at --labeled $labeled (--generations 0: no noisy student)" >&2; exit 1; }
   "$python" -m sslasr.bin.cuts combine --out $out/pool.jsonl.gz $parts
 }
+tuned_fusion() {  # tuned_fusion TEACHER METHOD: the decode_info.json of TEACHER's METHOD search, λ and β
+  # tuned on the validation set with $lm_dir; an LM of other contents since (stage 6 alone, more
+  # --lm-text) stops the run: λ, β are another LM's (a record without the LM's hash is taken)
+  local tuned=$1/decode_${valid_set}_${2/+lm/_lm}/decode_info.json recorded
+  recorded=$(json_value $tuned lm_sha256 null)
+  if [ "$recorded" != null ] && [ "$recorded" != "$(sha256sum < $lm_dir/model_final.pt | cut -d' ' -f1)" ]; then
+    echo "$0: $lm_dir was trained again after $1's decoding tuned λ, β with it ($tuned): include stage 7 (--stage 7)" >&2
+    exit 2
+  fi
+  echo $tuned
+}
 pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool (+ valid set), filter
   local teacher=$1 out=$2 method beam fusion="" tuned weight bonus lexicon reference=()
   method=$(pseudo_label_method $teacher)
   beam=$(noisy_student_setting beam_size "")
   if ! uses_lm $method; then :
   elif [ "$pseudo_label_lm_dir" = "$lm_dir" ]; then  # the teacher's λ, β, as tuned on the validation set
-    tuned=$teacher/decode_${valid_set}_${method/+lm/_lm}/decode_info.json
-    if [ $lm_dir/.done -nt $tuned ]; then  # stage 6 alone (--lm-text) since: λ, β are another LM's
-      echo "$0: $lm_dir was trained again after $teacher's decoding tuned λ, β with it ($tuned): include stage 7 (--stage 7)" >&2
-      exit 2
-    fi
+    tuned=$(tuned_fusion $teacher $method)
     weight=$(json_value $tuned lm_weight); bonus=$(json_value $tuned length_bonus)
     fusion="--lm $lm_dir/model_final.pt --lm-weight $weight --length-bonus $bonus"
   else  # another LM: λ, β tuned with it on the validation set, decoded here anyway
@@ -966,6 +978,10 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
   for g in $(seq 1 "$generations"); do
     student=$noisy_student_dir/gen$g
     labels=$student/pseudo_labels
+    method=$(pseudo_label_method $teacher)  # a failure stops here
+    if uses_lm $method && [ "$pseudo_label_lm_dir" = "$lm_dir" ]; then
+      tuned_fusion $teacher $method > /dev/null  # before anything is reset: a refusal loses nothing
+    fi
     if outdated=$(pseudo_labels_outdated $teacher $labels); then
       # e.g. the teacher fine-tuned again (--force), or the LM trained on more text (--lm-text):
       # the pseudo-labels, and the student, are another teacher's

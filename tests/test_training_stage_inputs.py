@@ -8,6 +8,7 @@ the programs it is asked to run and makes what they would (a model file holding 
 options, decode folders); the small Python scripts of the driver itself run for real."""
 
 import gzip
+import json
 import os
 import shlex
 import shutil
@@ -28,7 +29,7 @@ case "$1" in
         *FRONTENDS*) [ "${FAKE_FAIL:-}" != frontends ] || exit 1; echo "${FAKE_FRONTENDS:-wav2vec2}" ;;
         *frontend_name*) echo wav2vec2 ;;  # --init-from's family
         *sslasr.models*) echo waveform ;;  # the frontend's input type
-        *"import json"*) echo null ;;  # json_value
+        *"import json"*) if [ -n "${FAKE_REAL_JSON:-}" ] && [ -f "$3" ]; then exec "$real" "$@"; else echo null; fi ;;  # json_value
         *) exec "$real" "$@" ;;
       esac ;;
   -) exec "$real" "$@" ;;  # the driver's scripts: row_command, decode_methods, noisy_student_setting
@@ -546,6 +547,15 @@ def test_the_lm_is_trained_again_on_a_remade_manifest_or_tokenizer(tmp_path: Pat
         result = _run(recipe, "--stage", "6", "--stop-stage", "6")
         assert result.returncode == 0, result.stderr
     assert lm_trainings() == 1 and "LM ready" in result.stderr
+    # a record from before the contents were: taken (not trained again), completed
+    record = recipe / "exp/lm_unigram_200/inputs.txt"
+    recorded = record.read_text()
+    old = [line.split()[0] + " " + line.split()[1] if line.startswith("text ") else line
+           for line in recorded.splitlines() if not line.startswith("tokenizer ")]
+    record.write_text("\n".join(old) + "\n")
+    result = _run(recipe, "--stage", "6", "--stop-stage", "6")
+    assert lm_trainings() == 1 and "inputs recorded before their contents were: taken" in result.stderr
+    assert record.read_text() == recorded
     (recipe / "data/lang_unigram_200/bpe.model").write_text("another tokenizer\n")
     result = _run(recipe, "--stage", "6", "--stop-stage", "6")
     assert lm_trainings() == 2 and "was trained on other inputs" in result.stderr and "tokenizer" in result.stderr
@@ -599,22 +609,26 @@ def test_frontend_all_under_force_trains_the_shared_lm_once(tmp_path: Path):
 
 def test_pseudo_labels_are_not_made_with_lm_weights_tuned_for_an_earlier_lm(tmp_path: Path):
     """Stage 6 alone (more --lm-text) after stage 7, then --stage 9: the teacher's λ, β, tuned with
-    the earlier LM, were used with the new one."""
+    the earlier LM, were used with the new one. Judged by the LM's contents (the hash decode.py
+    records), before anything is reset; a record without the hash is taken."""
+    import hashlib
     recipe = _trained(tmp_path)
     (recipe / "conf/noisy_student.yaml").write_text("pseudo_label:\n  method: ctc_beam+lm\n")
     lm = recipe / "exp/lm_unigram_200"
     lm.mkdir(parents=True)
     (lm / "model_final.pt").write_text("lm\n")
+    (lm / ".done").touch()
     tuned = recipe / "exp/ctc_wav2vec2_all/decode_dev_ctc_beam_lm/decode_info.json"
     tuned.parent.mkdir(parents=True)
-    tuned.write_text('{"lm_weight": 0.5, "length_bonus": 1.0}\n')
-    os.utime(tuned, (time.time() - 60,) * 2)
-    (lm / ".done").touch()  # trained again since
-    result = _labelled(recipe, "--generations", "1")
-    assert result.returncode == 2, result.stderr
-    assert "exp/lm_unigram_200 was trained again after exp/ctc_wav2vec2_all's decoding tuned λ, β" in result.stderr
-    assert not _calls(recipe, "sslasr.bin.decode")
-    os.utime(lm / ".done", (time.time() - 120,) * 2)
-    result = _labelled(recipe, "--generations", "1")
-    assert "include stage 7" not in result.stderr
+    earlier_labels = recipe / "exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels"
+    earlier_labels.mkdir(parents=True)
+    for recorded, refused in ((hashlib.sha256(b"an earlier lm\n").hexdigest(), True),
+                              (hashlib.sha256(b"lm\n").hexdigest(), False), (None, False)):
+        info = {"lm_weight": 0.5, "length_bonus": 1.0, **({"lm_sha256": recorded} if recorded else {})}
+        tuned.write_text(json.dumps(info) + "\n")
+        result = _labelled(recipe, "--generations", "1", real_json="1")
+        assert ("exp/lm_unigram_200 was trained again after exp/ctc_wav2vec2_all's decoding tuned λ, β"
+                in result.stderr) == refused, result.stderr
+        if refused:
+            assert result.returncode == 2 and earlier_labels.exists() and not _calls(recipe, "sslasr.bin.decode")
     assert any("--lm-weight" in call for call in _calls(recipe, "sslasr.bin.decode"))

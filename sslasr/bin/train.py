@@ -6,7 +6,7 @@ Multi-GPU / multi-node: `torchrun --nproc_per_node N -m sslasr.bin.train ...`.
 
     python -m sslasr.bin.train --dry-run --config conf/frontend_wav2vec2.yaml conf/finetune_ctc.yaml \
         --vocab-size 32 --world-size 8
-checks the merged config (data, optim, scheduler, trainer sections), builds the model, prints
+checks the merged config (data, finetune, init, optim, scheduler, trainer sections), builds the model, prints
 a summary with its parameter count and effective batch, and exits: no data, no exp dir.
 """
 

@@ -857,7 +857,7 @@ fi
 # from the student and used to measure the pseudo-labels (empty at --labeled all).
 # On a multi-node run node 0 decodes and labels; every node trains the students.
 unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the audio of $pool_sources
-  local out=$1 source parts=""
+  local out=$1 source parts="" status
   for source in $pool_sources; do
     case $source in
       unlabeled)
@@ -865,7 +865,10 @@ unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the 
         parts="$parts $(cuts unlabeled)" ;;
       rest_of_train)
         if [ "$labeled_seconds" = all ]; then log "pseudo_label.pool: rest_of_train is empty at --labeled all"; continue; fi
-        "$python" -m sslasr.bin.cuts exclude --cuts "$(cuts train)" --ids-of "$labeled_cuts" --out $out/rest_of_train.jsonl.gz
+        status=0
+        "$python" -m sslasr.bin.cuts exclude --cuts "$(cuts train)" --ids-of "$labeled_cuts" --out $out/rest_of_train.jsonl.gz || status=$?
+        if [ $status -eq 3 ]; then log "pseudo_label.pool: rest_of_train is empty (--labeled $labeled holds all of train)"; continue; fi
+        [ $status -eq 0 ] || exit $status
         parts="$parts $out/rest_of_train.jsonl.gz" ;;
       *) echo "$0: pseudo_label.pool: unknown source '$source' (known: unlabeled, rest_of_train)" >&2; exit 2 ;;
     esac

@@ -264,6 +264,20 @@ def test_exclude_keeps_the_cuts_beyond_a_subset_and_refuses_foreign_ids(tmp_path
         cuts_cli.main(["exclude", "--cuts", str(labeled), "--ids-of", str(train), "--out", str(tmp_path / "x.jsonl.gz")])
 
 
+def test_nothing_left_and_no_seconds_are_said_not_written(tmp_path):
+    """An empty manifest, which every reader refuses, was written with exit status 0 (exclude of
+    every cut, subset --seconds 0); --seconds nan returned everything."""
+    train, out = tmp_path / "train.jsonl.gz", tmp_path / "out.jsonl.gz"
+    _dummy_cuts(3, train)
+    with pytest.raises(SystemExit) as nothing_left:
+        cuts_cli.main(["exclude", "--cuts", str(train), "--ids-of", str(train), "--out", str(out)])
+    assert nothing_left.value.code == cuts_cli.NOTHING_LEFT == 3 and not out.exists()
+    for seconds in ("0", "nan", "-5"):
+        with pytest.raises(SystemExit) as refused:
+            cuts_cli.main(["subset", "--cuts", str(train), "--seconds", seconds, "--out", str(out)])
+        assert refused.value.code == 2 and not out.exists()
+
+
 def _peak_hz(audio: np.ndarray, sr: int = SR) -> float:
     return float(np.argmax(np.abs(np.fft.rfft(audio)))) * sr / len(audio)
 

@@ -35,6 +35,7 @@ case "$1" in
   -) exec "$real" "$@" ;;  # the driver's scripts: row_command, decode_methods, noisy_student_setting
   -m) printf '%q ' "${@:2}" >> python_calls; echo >> python_calls
       case "${*:2}" in ${FAKE_FAIL:-none}) exit 1 ;; esac
+      case "${*:2}" in ${FAKE_NOTHING_LEFT:-none}) exit 3 ;; esac  # sslasr.bin.cuts exclude's
       out=""; previous=""
       for a in "$@"; do [ "$previous" != --out ] || out=$a; previous=$a; done
       [ -z "$out" ] || mkdir -p "$(dirname "$out")"
@@ -632,3 +633,15 @@ def test_pseudo_labels_are_not_made_with_lm_weights_tuned_for_an_earlier_lm(tmp_
         if refused:
             assert result.returncode == 2 and earlier_labels.exists() and not _calls(recipe, "sslasr.bin.decode")
     assert any("--lm-weight" in call for call in _calls(recipe, "sslasr.bin.decode"))
+
+
+def test_an_empty_rest_of_train_leaves_the_pool_to_the_unlabeled_audio(tmp_path: Path):
+    """--labeled beyond the corpus's train takes all of it: rest_of_train had no cuts, and the
+    pool's combine failed with a traceback although the unlabeled audio made a pool."""
+    recipe = _trained(tmp_path, "--labeled", "10h")
+    (recipe / "conf/noisy_student.yaml").write_text("pseudo_label:\n  method: ctc_greedy\n  pool: [unlabeled, rest_of_train]\n")
+    result = _labelled(recipe, "--generations", "1", "--labeled", "10h", nothing_left="sslasr.bin.cuts exclude *")
+    assert result.returncode == 0, result.stderr
+    assert "pseudo_label.pool: rest_of_train is empty (--labeled 10h holds all of train)" in result.stderr
+    combined = [call for call in _calls(recipe, "sslasr.bin.cuts combine") if "pool.jsonl.gz" in call[3]]
+    assert combined and combined[0][4:] == ["data/manifests/toy_cuts_unlabeled.jsonl.gz"]

@@ -10,6 +10,7 @@
 
 import argparse
 import logging
+import math
 from collections import defaultdict
 from typing import Sequence
 
@@ -21,13 +22,17 @@ from sslasr.data.manifests import speed_perturbed_copies, subset_by_duration, wr
 from sslasr.utils.logging import setup_logging
 
 
+NOTHING_LEFT = 3  # exclude's exit status when no cut is left
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     combine = commands.add_parser("combine", help="concatenate cut manifests")
     combine.add_argument("--out", required=True)
     combine.add_argument("inputs", nargs="+")
-    subset = commands.add_parser("subset", help="whole utterances up to a total duration")
+    subset = commands.add_parser("subset", help="whole utterances, in a seeded order, until their total reaches "
+                                 "--seconds (the last one may pass it)")
     subset.add_argument("--cuts", required=True)
     subset.add_argument("--seconds", type=float, required=True)
     subset.add_argument("--seed", type=int, default=0)
@@ -39,7 +44,8 @@ def main(argv=None) -> None:
                          "(for fbank frontends; the originals keep theirs)")
     perturb.add_argument("--num-jobs", type=int, default=2)
     perturb.add_argument("--out", required=True)
-    exclude = commands.add_parser("exclude", help="the cuts whose ids are not in another manifest")
+    exclude = commands.add_parser("exclude", help="the cuts whose ids are not in another manifest; exit "
+                                  f"status {NOTHING_LEFT}, nothing written, when none is left")
     exclude.add_argument("--cuts", required=True)
     exclude.add_argument("--ids-of", required=True, help="a manifest whose cut ids are left out")
     exclude.add_argument("--out", required=True)
@@ -53,9 +59,15 @@ def main(argv=None) -> None:
         write_cuts(cuts, args.out)
         logging.info("combined %d manifests into %s (%d cuts)", len(args.inputs), args.out, len(cuts))
     elif args.command == "subset":
+        if not (math.isfinite(args.seconds) and args.seconds > 0):
+            parser.error(f"subset --seconds must be a positive number of seconds, got {args.seconds}")
         write_and_log(subset_by_duration(load_cuts(args.cuts), args.seconds, args.seed), args.out)
     elif args.command == "exclude":
-        write_and_log(cuts_excluding(load_cuts(args.cuts), load_cuts(args.ids_of)), args.out)
+        kept = cuts_excluding(load_cuts(args.cuts), load_cuts(args.ids_of))
+        if not kept:  # an empty manifest is refused by every reader: say so instead
+            logging.warning("exclude: every cut of %s is in %s: none left, %s not written", args.cuts, args.ids_of, args.out)
+            raise SystemExit(NOTHING_LEFT)
+        write_and_log(kept, args.out)
     elif args.command == "perturb-speed":
         write_cuts(perturb_speed(args), args.out)
     else:

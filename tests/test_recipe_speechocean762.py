@@ -196,6 +196,25 @@ def test_carve_is_seeded_and_stale_splits_are_removed(tmp_path: Path):
     assert not (tmp_path / "k1" / "unlabeled").exists()
 
 
+def test_dev_is_never_drawn_from_speakers_of_the_unlabeled_audio_and_test_shares_none_with_train(tmp_path: Path):
+    """Dev speakers were drawn from train alone: one also in unlabeled/ (trained on) made dev
+    optimistic, and a corpus test/ sharing speakers with train/ went through unsaid."""
+    speakers = tuple(f"{i:04d}" for i in range(11, 19))  # test/'s is 0002
+    root = _release(tmp_path / "so", speakers=speakers)
+    free = prepare(root, tmp_path / "k0", dev_speakers=2, seed=0)["dev"]["speakers"]
+    unlabeled = root / "unlabeled"
+    unlabeled.mkdir()
+    (unlabeled / "wav.scp").write_text(f"u1\tWAVE/SPEAKER{free[0]}/{free[0]}00000.WAV\n")
+    (unlabeled / "utt2spk").write_text(f"u1\t{free[0]}\n")
+    dev = prepare(root, tmp_path / "k1", dev_speakers=2, seed=0)["dev"]["speakers"]
+    assert free[0] not in dev and len(dev) == 2
+    with open(root / "test/utt2spk", "a") as utt2spk, open(root / "test/wav.scp", "a") as wav, \
+            open(root / "test/text", "a") as text:  # a test utterance of a train speaker
+        utt2spk.write("t9\t0011\n"), wav.write("t9\tWAVE/SPEAKER0011/001100000.WAV\n"), text.write("t9\tBEAR\n")
+    with pytest.raises(LayoutError, match="test/ and train/ share 1 speaker"):
+        prepare(root, tmp_path / "k2", dev_speakers=2, seed=0)
+
+
 @pytest.mark.parametrize("breakage, message", [
     ("no_utt2spk", "utt2spk is missing"),
     ("speakerless", "have no speaker"),

@@ -18,7 +18,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, TypeVar
 
 from sslasr.data.manifests import (
     Dropped, Transcripts, conflicting_text, held_out_speakers, read_table, read_transcripts, unsupported_segments,
@@ -160,15 +160,20 @@ def write_split(split_dir: Path, utterances: Sequence[Utterance]) -> None:
 
 
 def carve_by_speaker(utterances: Sequence[Utterance], sizes: Dict[str, int], seed: int,
-                     rest_name: str = "train") -> Dict[str, List[Utterance]]:
+                     rest_name: str = "train", stay: Iterable[str] = ()) -> Dict[str, List[Utterance]]:
     """Split off `sizes[name]` whole speakers per named split (e.g. {"dev": 10, "test": 20}),
-    drawn by `seed`; the remaining speakers form `rest_name`. No speaker is in two splits."""
+    drawn by `seed` among those not in STAY (speakers of other splits, such as unlabeled audio
+    that is trained on); the remaining speakers form `rest_name`. No speaker is in two splits."""
     if any(n < 1 for n in sizes.values()):
         raise ValueError(f"speaker counts must be >= 1, got {sizes}")
     speakers = {u.speaker for u in utterances}
     if None in speakers:
         raise ValueError("every utterance needs a speaker to split by speaker")
-    drawn = held_out_speakers(speakers, sum(sizes.values()), seed)
+    eligible = speakers - set(stay)
+    if len(eligible) <= sum(sizes.values()) and eligible != speakers:
+        raise ValueError(f"cannot hold out {sum(sizes.values())} speakers: {len(speakers) - len(eligible)} of the "
+                         f"{len(speakers)} are in other splits too, {len(eligible)} are not")
+    drawn = held_out_speakers(eligible, sum(sizes.values()), seed)
     owner, start = {}, 0
     for name, count in sizes.items():
         owner.update({speaker: name for speaker in drawn[start:start + count]})

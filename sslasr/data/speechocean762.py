@@ -110,6 +110,19 @@ def _warn_ignored_splits(corpus_dir: Path) -> None:
                     "(dev is carved out of train by speaker)", corpus_dir, ", ".join(f"{n}/" for n in ignored))
 
 
+def _speakers_elsewhere(splits: Dict[str, List]) -> set:
+    """Train's speakers that test/ or unlabeled/ also name (their utt2spk, where given): none may
+    be held out in dev (unlabeled audio is trained on), and test/ sharing any with train/ is an
+    error (its utterances would be scored on speakers the model trained on)."""
+    train = {u.speaker for u in splits["train"]}
+    named = {name: {u.speaker for u in splits.get(name, ()) if u.speaker is not None} & train
+             for name in ("test", "unlabeled")}
+    if named["test"]:
+        raise LayoutError(f"test/ and train/ share {len(named['test'])} speaker(s), e.g. "
+                          f"{', '.join(sorted(named['test'])[:5])}: a test set must hold other speakers")
+    return named["unlabeled"]
+
+
 def prepare(corpus_dir: Path, out_dir: Path, *, dev_speakers: int = 10, test_speakers: int = 20, seed: int = 0,
             max_utts: Optional[int] = None) -> Dict[str, Dict]:
     """Write out_dir/{train,dev,test[,unlabeled]}; returns per split its utterance and speaker
@@ -122,7 +135,7 @@ def prepare(corpus_dir: Path, out_dir: Path, *, dev_speakers: int = 10, test_spe
     sizes = {"dev": dev_speakers}
     if "test" not in splits:  # the corpus's own test speakers are missing: hold out others
         sizes["test"] = test_speakers
-    carved = carve_by_speaker(splits["train"], sizes, seed)
+    carved = carve_by_speaker(splits["train"], sizes, seed, stay=_speakers_elsewhere(splits))
     if "test" in splits:
         carved["test"] = splits["test"]
     if "unlabeled" in splits:

@@ -318,6 +318,14 @@ if run_stage 1; then
     splits=$(for d in "$corpus_dir"/*/; do [ ! -f "$d/wav.scp" ] || printf '%s ' "$(basename "$d")"; done)
     "$python" -m sslasr.bin.prepare_manifests --corpus-dir "$corpus_dir" --corpus "$corpus" \
       --splits $splits --eval-splits $test_sets $valid_set --out-dir $manifests --num-jobs "$nj"
+    for f in $manifests/${corpus}_recordings_*.jsonl.gz; do  # a split of an earlier corpus (e.g. its unlabeled/)
+      [ -e "$f" ] || continue  # would go on into pretraining and the noisy-student pool
+      split=${f#$manifests/${corpus}_recordings_}; split=${split%.jsonl.gz}
+      case " $splits " in *" $split "*) continue ;; esac
+      log "removing the manifests of split $split: $corpus_dir has no $split/ now"
+      rm -f $manifests/${corpus}_{recordings,supervisions,cuts}_$split.jsonl.gz $manifests/${corpus}_cuts_${split}_fbank.jsonl.gz \
+        $manifests/${corpus}_${split}_validation.json $manifests/${corpus}_${split}_dropped.tsv
+    done
     touch $manifests/.done
   fi
 fi

@@ -87,6 +87,7 @@ def test_stage_0_takes_a_marker_from_before_inputs_were_recorded_and_says_so(tmp
 def test_stages_1_to_3_redo_outputs_older_than_their_inputs(tmp_path: Path):
     recipe = _recipe(tmp_path)
     assert _run(recipe, "--stop-stage", "0").returncode == 0
+    (recipe / "data/kaldi/train/wav.scp").write_text("u1 a.wav\n")
     manifests = recipe / "data/manifests"
     manifests.mkdir()
     for name in ("toy_recordings_train", "toy_cuts_train", "toy_cuts_pretrain", "toy_cuts_train_1h"):
@@ -156,3 +157,24 @@ def test_a_left_out_stage_whose_input_was_made_again_stops_the_run(tmp_path: Pat
     os.utime(recipe / remade, (earlier, earlier))  # as old as the rest again: nothing stale
     result = _run(recipe, "--stage", str(first_stage), "--stop-stage", str(first_stage), input_type=input_type)
     assert "include stage" not in result.stderr
+
+
+def test_stage_1_removes_the_manifests_of_a_split_the_corpus_no_longer_has(tmp_path: Path):
+    """A corpus prepared again without its unlabeled/ kept the old unlabeled manifests, which
+    pretraining and the noisy-student pool went on reading."""
+    recipe = _recipe(tmp_path)
+    assert _run(recipe, "--stop-stage", "0").returncode == 0
+    (recipe / "data/kaldi/train/wav.scp").write_text("u1 a.wav\n")
+    manifests = recipe / "data/manifests"
+    manifests.mkdir()
+    names = [f"toy_{kind}_{split}.jsonl.gz" for split in ("train", "unlabeled")
+             for kind in ("recordings", "supervisions", "cuts")]
+    names += ["toy_cuts_unlabeled_fbank.jsonl.gz", "toy_unlabeled_validation.json", "toy_cuts_pretrain.jsonl.gz"]
+    for name in names:
+        (manifests / name).touch()
+    result = _run(recipe, "--stage", "1", "--stop-stage", "1")
+    assert result.returncode == 0, result.stderr
+    assert "removing the manifests of split unlabeled" in result.stderr
+    assert sorted(p.name for p in manifests.iterdir() if not p.name.startswith(".")) == [
+        "toy_cuts_pretrain.jsonl.gz", "toy_cuts_train.jsonl.gz", "toy_recordings_train.jsonl.gz",
+        "toy_supervisions_train.jsonl.gz"]

@@ -159,6 +159,14 @@ def test_cli_carves_dev_by_speaker_then_labeled_subset(prepared, tmp_path):
     assert {c.id for c in train} | {c.id for c in dev} == set(KEPT)
     assert {c.id for c in labeled} <= {c.id for c in train}
     assert sum(c.duration for c in labeled) >= 3
+    # again without the carve: the earlier dev (speakers of the whole train now) goes
+    prepare_cli.main(["--corpus-dir", str(root), "--corpus", "toy", "--splits", "train", "--out-dir",
+                      str(tmp_path), "--max-duration", "3", "--num-jobs", "1"])
+    assert not (tmp_path / "toy_cuts_dev.jsonl.gz").exists() and not (tmp_path / "toy_cuts_train_full.jsonl.gz").exists()
+    for fraction in ("0", "1.5", "-0.5"):
+        with pytest.raises(SystemExit, match="--dev-fraction must be between 0 and 1"):
+            prepare_cli.main(["--corpus-dir", str(root), "--corpus", "toy", "--splits", "train", "--out-dir",
+                              str(tmp_path), "--dev-fraction", fraction])
 
 
 def test_conflicting_transcripts_drop_the_utterance_and_identical_repeats_are_read_once(tmp_path, caplog):

@@ -466,13 +466,13 @@ def derive_subsets(out_dir: Path, corpus: str, *, dev_fraction: Optional[float] 
         full_path = out_dir / f"{corpus}_cuts_train_full.jsonl.gz"
         write_cuts(CutSet.from_file(train_path), full_path)
         rest, dev = split_by_speaker(CutSet.from_file(full_path), dev_fraction, seed)
+        write_cuts(rest, train_path)  # first: killed in between, no dev shares speakers with train
         write_cuts(dev, out_dir / f"{corpus}_cuts_dev.jsonl.gz")
-        write_cuts(rest, train_path)
         log.info("%s: carved dev from train by speaker: %d dev / %d train cuts", corpus, len(dev), len(rest))
         written.update(dev=out_dir / f"{corpus}_cuts_dev.jsonl.gz", train=train_path, train_full=full_path)
     if labeled_seconds:
         subset = subset_by_duration(CutSet.from_file(train_path), labeled_seconds, seed)
-        path = out_dir / f"{corpus}_cuts_train_labeled{int(labeled_seconds)}s.jsonl.gz"
+        path = out_dir / f"{corpus}_cuts_train_labeled{labeled_seconds:g}s.jsonl.gz"  # 0.3 and 90.7 named apart
         write_cuts(subset, path)
         log.info("%s: labeled subset of %.1fs (%d cuts) -> %s", corpus,
                  sum(c.duration for c in subset), len(subset), path)

@@ -96,14 +96,24 @@ done
 [ -x "$python" ] || "$root/tools/install.sh"
 export PYTHONUNBUFFERED=1 SSLASR_PYTHON="$python"
 
+manifests=data/manifests
 if [ "$frontend" = all ]; then
   # The same command once per frontend (data, tokenizer and LM are made by the first and reused),
   # each result row recording the single-frontend command that reproduces it.
   [ -z "$init_from" ] || { echo "$0: --frontend all and --init-from contradict (the checkpoint has one frontend)" >&2; exit 2; }
   if [ "$force" = true ] && [ "$stage" -le 3 ]; then
-    echo "$0: --frontend all --force true would redo stages 0-3 once per frontend; run them alone first, then --stage 4" >&2
+    echo "$0: --frontend all --force true would redo stages 0-3 once per frontend; run them alone first" \
+      "(stage 2 with an fbank frontend, e.g. --frontend w2vbert), then --stage 4" >&2
     exit 2
   fi
+  # an fbank frontend's stage 2 left out (see stale_before) would stop the run at that frontend,
+  # after the ones before it trained: said now
+  if [ "$stage" -gt 2 ] && [ -f $manifests/.fbank.done ] && [ $manifests/.done -nt $manifests/.fbank.done ]; then
+    echo "$0: the manifests were made again after the fbank: include stage 2 with an fbank frontend" \
+      "(--frontend w2vbert --stage 2 --stop-stage 2) first" >&2
+    exit 2
+  fi
+  unset SSLASR_SHARED_MADE  # set below, for the frontends after the first
   one_frontend_args=()
   while [ $# -gt 0 ]; do
     case "$1" in
@@ -186,7 +196,6 @@ seconds_of() {  # 10m → 600, 1h → 3600, 90 → 90, all → all
   esac
 }
 
-manifests=data/manifests
 lang=data/lang_${token_type}_${vocab_size}
 labeled_seconds=$(seconds_of "$labeled")
 labeled_tag=$labeled
@@ -668,6 +677,7 @@ fi
 lm_dir=$exp/lm_${token_type}_${vocab_size}
 lm_inputs() {  # lm_inputs CUTS: what an LM is trained from (text, tokenizer, --lm-text contents, --lm-opts, config)
   local f text=${1%$feats.jsonl.gz}.jsonl.gz  # a fbank manifest's transcripts are its audio one's: one LM for both
+  [ -e "$text" ] || text=$1  # (an fbank-only run's labeled subset has no audio manifest: its own)
   # by content: a remade manifest or tokenizer (its token ids) makes another LM under the same path
   echo "text $text $(content_hash "$text")"
   echo "tokenizer $lang $(content_hash $lang/bpe.model)"
@@ -687,7 +697,10 @@ lm_record_matches() {  # lm_record_matches DIR CUTS: DIR's LM was trained on lm_
 }
 train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcripts + --lm-text, and its lexicon
   local dir=$1 text=$2 extra_text=null force=$force  # (for done_or_force and the rest of this call)
-  [ -z "${SSLASR_SHARED_MADE:-}" ] || force=false  # --frontend all: made by the first frontend's run
+  if [ -n "${SSLASR_SHARED_MADE:-}" ] && [ "$force" = true ]; then  # --frontend all: the first frontend's run made it
+    log "$dir: trained by the first frontend's run of --frontend all: not again (--force)"
+    force=false
+  fi
   if [ -f $dir/.done ] && [ -f $dir/inputs.txt ] && [ "$force" != true ] && ! lm_record_matches $dir "$text"; then
     # e.g. `--stage 6 --lm-text more.txt` after a full run: trained again, and stages 7-8 redo what used it
     log "$dir was trained on other inputs; training it again: $(changed_inputs $dir/inputs.txt "$(lm_inputs "$text")")"

@@ -50,8 +50,8 @@ class KMeansIteration:
             raise ValueError(f"k-means clusters must be an integer ≥ 2, got {self.clusters!r}")
         if self.features == "layer" and (not isinstance(self.layer, int) or self.layer < 1):
             raise ValueError(f"features: layer needs `layer`, a 1-based Transformer layer, got {self.layer!r}")
-        if self.updates is not None and self.updates < 1:
-            raise ValueError(f"iteration updates must be ≥ 1, got {self.updates}")
+        if self.updates is not None and (not isinstance(self.updates, int) or self.updates < 1):
+            raise ValueError(f"iteration updates must be an integer ≥ 1, got {self.updates!r}")
         if self.init not in INIT_KINDS:
             raise ValueError(f"iteration init must be one of {INIT_KINDS}, got {self.init!r}")
 

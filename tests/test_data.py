@@ -159,6 +159,10 @@ def test_cli_carves_dev_by_speaker_then_labeled_subset(prepared, tmp_path):
     assert {c.id for c in train} | {c.id for c in dev} == set(KEPT)
     assert {c.id for c in labeled} <= {c.id for c in train}
     assert sum(c.duration for c in labeled) >= 3
+    # a run that prepares no train keeps the carve (it failed here: no such split)
+    with pytest.raises(ValueError, match="none of the splits"):
+        prepare_cli.main(["--corpus-dir", str(root), "--corpus", "toy", "--splits", "nope", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "toy_cuts_dev.jsonl.gz").exists()
     # again without the carve: the earlier dev (speakers of the whole train now) goes
     prepare_cli.main(["--corpus-dir", str(root), "--corpus", "toy", "--splits", "train", "--out-dir",
                       str(tmp_path), "--max-duration", "3", "--num-jobs", "1"])

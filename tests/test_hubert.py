@@ -298,6 +298,9 @@ def test_kmeans_config_errors_name_the_problem():
         KMeansConfig.from_dict({"iterations": [{"features": "mfcc", "clusters": 10, "init": "best"}]})
     with pytest.raises(ValueError, match="iteration 1 has no previous"):
         KMeansConfig.from_dict({"iterations": [{"features": "mfcc", "clusters": 10, "init": "previous"}]})
+    # refused here, not by the trainer's config check after the k-means fit and labels
+    with pytest.raises(ValueError, match="iteration updates must be an integer ≥ 1, got 20000.0"):
+        KMeansConfig.from_dict({"iterations": [{"features": "mfcc", "clusters": 10, "updates": 2e4}]})
 
 
 def test_iteration_from_the_previous_model_gets_its_encoder(tmp_path):

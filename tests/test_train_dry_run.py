@@ -262,6 +262,9 @@ def test_every_set_adds_its_overrides(tmp_path, capsys):
     ("_base_: self.yaml\n", "_base_ includes form a cycle"),
 ])
 def test_config_files_that_would_lose_settings_are_errors(tmp_path, text, expected):
+    merged = tmp_path / "merge.yaml"  # YAML merge keys are not keys given twice
+    merged.write_text("base: &base {lr: 1.0, eps: 2.0}\noptim:\n  <<: *base\n  lr: 3.0\n")
+    assert load_configs([merged])["optim"] == {"lr": 3.0, "eps": 2.0}
     path = tmp_path / "self.yaml"
     path.write_text(text)
     with pytest.raises(Exception, match=expected):

@@ -645,3 +645,15 @@ def test_an_empty_rest_of_train_leaves_the_pool_to_the_unlabeled_audio(tmp_path:
     assert "pseudo_label.pool: rest_of_train is empty (--labeled 10h holds all of train)" in result.stderr
     combined = [call for call in _calls(recipe, "sslasr.bin.cuts combine") if "pool.jsonl.gz" in call[3]]
     assert combined and combined[0][4:] == ["data/manifests/toy_cuts_unlabeled.jsonl.gz"]
+
+
+def test_frontend_all_says_at_once_that_the_fbank_is_older_than_the_manifests(tmp_path: Path):
+    """Only the fbank frontend's run (the last) stopped on it, after the others had trained."""
+    recipe = _recipe(tmp_path)
+    manifests = recipe / "data/manifests"
+    (manifests / ".fbank.done").touch()
+    os.utime(manifests / ".fbank.done", (time.time() - 60,) * 2)
+    (manifests / ".done").touch()
+    result = _run(recipe, "--frontend", "all", "--stage", "4", frontends="wav2vec2 hubert")
+    assert result.returncode == 2 and "include stage 2 with an fbank frontend" in result.stderr, result.stderr
+    assert not _calls(recipe, "sslasr.bin.train")

@@ -45,16 +45,16 @@ def main(argv=None) -> None:
     own_dev = (Path(args.corpus_dir) / "dev" / "wav.scp").exists()
     if args.dev_fraction and "dev" in args.splits and own_dev:
         raise SystemExit("--dev-fraction would overwrite the corpus' own dev split")
-    carved = [Path(args.out_dir) / f"{args.corpus}_cuts_{name}.jsonl.gz" for name in ("train_full", "dev")]
-    if not args.dev_fraction and carved[0].exists() and not own_dev:
-        # an earlier run's carve: its dev holds speakers of the whole train prepared now
-        logging.info("removing the dev carved by an earlier run (--dev-fraction): %s", ", ".join(map(str, carved)))
-        for path in carved:
-            path.unlink(missing_ok=True)
     reports = prepare_corpus(args.corpus_dir, args.corpus, args.splits, args.out_dir,
                              sample_rate=args.sample_rate, min_duration=args.min_duration,
                              max_duration=args.max_duration, num_jobs=args.num_jobs, max_utts=args.max_utts,
                              eval_splits=args.eval_splits)
+    carved = [Path(args.out_dir) / f"{args.corpus}_cuts_{name}.jsonl.gz" for name in ("train_full", "dev")]
+    if not args.dev_fraction and "train" in reports and carved[0].exists() and not own_dev:
+        # an earlier run's carve: its dev holds speakers of the whole train prepared now
+        logging.info("removing the dev carved by an earlier run (--dev-fraction): %s", ", ".join(map(str, carved)))
+        for path in carved:
+            path.unlink(missing_ok=True)
     if args.dev_fraction or args.labeled:
         if "train" not in reports:
             raise SystemExit("--dev-fraction/--labeled need a train split")

@@ -472,7 +472,8 @@ def derive_subsets(out_dir: Path, corpus: str, *, dev_fraction: Optional[float] 
         written.update(dev=out_dir / f"{corpus}_cuts_dev.jsonl.gz", train=train_path, train_full=full_path)
     if labeled_seconds:
         subset = subset_by_duration(CutSet.from_file(train_path), labeled_seconds, seed)
-        path = out_dir / f"{corpus}_cuts_train_labeled{labeled_seconds:g}s.jsonl.gz"  # 0.3 and 90.7 named apart
+        seconds = int(labeled_seconds) if float(labeled_seconds).is_integer() else repr(float(labeled_seconds))
+        path = out_dir / f"{corpus}_cuts_train_labeled{seconds}s.jsonl.gz"  # 0.3 and 90.7 named apart
         write_cuts(subset, path)
         log.info("%s: labeled subset of %.1fs (%d cuts) -> %s", corpus,
                  sum(c.duration for c in subset), len(subset), path)

@@ -467,6 +467,9 @@ def test_speed_perturbed_fbank_manifests_keep_their_own_features(prepared, tmp_p
         assert cut.load_features().shape == (cut.num_frames, 80)
     with pytest.raises(SystemExit, match="perturb-speed: speed factors must be"):  # named, not a traceback
         cuts_cli.main(["perturb-speed", "--cuts", str(fbank), "--factors", "1.0", "--out", str(tmp_path / "x.jsonl.gz")])
+    # perturbed again at a factor it has: copies of the same ids (combine refuses those; this kept both)
+    with pytest.raises(SystemExit, match=r"perturb-speed: \d+ copies would take ids .* already has"):
+        cuts_cli.main(["perturb-speed", "--cuts", str(outputs["0.9"]), "--factors", "0.9", "--out", str(tmp_path / "y.jsonl.gz")])
 
 
 # ------------------------------------------------------------------ sampler

@@ -116,6 +116,10 @@ def perturb_speed(args) -> CutSet:
         copies = speed_perturbed_copies(originals, args.factors)
     except ValueError as err:  # the factors
         raise SystemExit(f"perturb-speed: {err}") from err
+    taken = sorted({c.id for c in originals} & {c.id for c in copies})
+    if taken:  # e.g. a manifest perturbed already: the copies would repeat its cuts' ids
+        raise SystemExit(f"perturb-speed: {len(taken)} copies would take ids {args.cuts} already has, e.g. "
+                         f"{', '.join(taken[:3])} (is it speed-perturbed already?)")
     if args.fbank_storage:
         if not all(c.has_features for c in originals):
             raise SystemExit(f"perturb-speed --fbank-storage: {args.cuts} has cuts without features")

@@ -3,8 +3,10 @@ runs them too), the summary of the built model on the minisynth configs, and the
 encoder weights: every misfit named, nothing copied unless all fit."""
 
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -215,6 +217,25 @@ def test_lock_of_an_exited_holder_waits_for_its_forked_children(tmp_path):
         lock_directory(tmp_path / "a", wait_for_exited=0.5)
     exited_holder(tmp_path / "b", 1.0)
     lock_directory(tmp_path / "b").close()  # waited for the child
+
+
+def test_a_lock_held_on_another_host_names_that_host(tmp_path):
+    """The exp dir is shared by the nodes: a holder's pid was looked up on this host (and blamed on
+    exited children, or on an unrelated local process of that pid)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sslasr.utils.io import lock_directory; "
+                               "lock = lock_directory(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert (tmp_path / ".lock").read_text().split() == [str(holder.pid), socket.gethostname()]
+        (tmp_path / ".lock").write_text("4242 node7\n")  # as a trainer on node7 leaves it
+        started = time.monotonic()
+        with pytest.raises(DirectoryInUse, match=r"\(pid 4242 on host node7\): stop it"):
+            lock_directory(tmp_path, wait_for_exited=30)
+        assert time.monotonic() - started < 5  # not waited for as exited
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_config_file_removes_sections_merged_before_it(tmp_path):

@@ -6,6 +6,7 @@ import functools
 import gzip
 import hashlib
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -154,15 +155,18 @@ def lock_directory(directory: PathLike, wait_for_exited: float = 30.0) -> IO:
             break
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            if _running(holder) or time.monotonic() > deadline:
+            pid, _, host = (handle.read().strip() or "unknown").partition(" ")
+            here = host in ("", socket.gethostname())  # a pid of another host cannot be looked up here
+            running = not here or _running(pid)
+            if running or time.monotonic() > deadline:
                 handle.close()
-                raise DirectoryInUse(f"{directory} is in use by another process (pid {holder}"
-                                     f"{'' if _running(holder) else ', exited; its children hold it'}): "
+                raise DirectoryInUse(f"{directory} is in use by another process (pid {pid}"
+                                     f"{'' if here else f' on host {host}'}"
+                                     f"{'' if running else ', exited; its children hold it'}): "
                                      "stop it, or wait for it to finish") from None
             time.sleep(0.2)
     handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")
+    handle.write(f"{os.getpid()} {socket.gethostname()}\n")  # the exp dir may be shared by several hosts
     handle.flush()
     return handle
 

@@ -311,6 +311,14 @@ if [ -f data/corpus_dir ]; then corpus_dir=$(cat data/corpus_dir); fi
 
 # A stage left out of --stage..--stop-stage is taken as done: one whose input was made again since
 # (stage 0 alone under --force, then --stage 4) would hand its stale outputs on to the next stages
+recorded_splits() {  # recorded_splits: the splits stage 1 made manifests of (named by their recordings manifests)
+  local f split
+  for f in $manifests/${corpus}_recordings_*.jsonl.gz; do
+    [ -e "$f" ] || continue
+    split=${f#$manifests/${corpus}_recordings_}
+    echo "${split%.jsonl.gz}"
+  done
+}
 stale_before() {  # stale_before STAGE NEWER OLDER WHAT: stop when STAGE is left out but OLDER predates NEWER
   [ "$stage" -gt "$1" ] && [ -f "$3" ] && [ "$2" -nt "$3" ] || return 0
   echo "$0: $4: include stage $1 (--stage $1)" >&2
@@ -327,10 +335,8 @@ if run_stage 1; then
     splits=$(for d in "$corpus_dir"/*/; do [ ! -f "$d/wav.scp" ] || printf '%s ' "$(basename "$d")"; done)
     "$python" -m sslasr.bin.prepare_manifests --corpus-dir "$corpus_dir" --corpus "$corpus" \
       --splits $splits --eval-splits $test_sets $valid_set --out-dir $manifests --num-jobs "$nj"
-    for f in $manifests/${corpus}_recordings_*.jsonl.gz; do  # a split of an earlier corpus (e.g. its unlabeled/)
-      [ -e "$f" ] || continue  # would go on into pretraining and the noisy-student pool
-      split=${f#$manifests/${corpus}_recordings_}; split=${split%.jsonl.gz}
-      case " $splits " in *" $split "*) continue ;; esac
+    for split in $(recorded_splits); do  # a split of an earlier corpus (e.g. its unlabeled/) would
+      case " $splits " in *" $split "*) continue ;; esac  # go on into pretraining and the noisy-student pool
       log "removing the manifests of split $split: $corpus_dir has no $split/ now"
       rm -f $manifests/${corpus}_{recordings,supervisions,cuts}_$split.jsonl.gz $manifests/${corpus}_cuts_${split}_fbank.jsonl.gz \
         $manifests/${corpus}_${split}_validation.json $manifests/${corpus}_${split}_dropped.tsv
@@ -339,13 +345,11 @@ if run_stage 1; then
   fi
 fi
 
-fbank_outputs() {  # fbank_outputs: stage 2's manifests, an fbank copy of each of stage 1's splits
-  # (named by its recordings manifest). Not of what stages 4-5 made of them for waveform frontends
-  # (the pretraining manifest, a labeled subset, its speed-perturbed copies): fbank frontends make
-  # theirs from these copies
-  local f split
-  for f in $manifests/${corpus}_recordings_*.jsonl.gz; do
-    split=${f#$manifests/${corpus}_recordings_}; split=${split%.jsonl.gz}
+fbank_outputs() {  # fbank_outputs: stage 2's manifests, an fbank copy of each of stage 1's splits.
+  # Not of what stages 4-5 made of them for waveform frontends (the pretraining manifest, a labeled
+  # subset, its speed-perturbed copies): fbank frontends make theirs from these copies
+  local split
+  for split in $(recorded_splits); do
     [ -e "$manifests/${corpus}_cuts_$split.jsonl.gz" ] || continue
     printf '%s\n' "$manifests/${corpus}_cuts_${split}_fbank.jsonl.gz"
   done

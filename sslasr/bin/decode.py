@@ -157,7 +157,7 @@ def write_decoding(out_dir: Path, search: Search, set_pass: SetPass, info: Dict)
             "num_unreferenced": set_pass.unreferenced,
             "audio_seconds": round(set_pass.audio_seconds, 2), "decode_seconds": round(seconds, 3),
             "real_time_factor": round(seconds / max(set_pass.audio_seconds, 1e-9), 5),
-            "threads": torch.get_num_threads(), "confidence": bool(search.scores)}
+            "threads": torch.get_num_threads()}
     write_text_atomic(out_dir / "decode_info.json", json.dumps(info, indent=2) + "\n")
     logging.info("%s: %d utterances, %s, RTF %.4f", out_dir, len(search.hyps), info["method"] +
                  (LM_SUFFIX if info["lm"] else ""), info["real_time_factor"])

@@ -296,10 +296,10 @@ def _log_report(corpus: str, report: Dict) -> None:
              report["total"], report["kept_duration_s"] / 60)
     for reason, count in report["dropped_per_reason"].items():
         log.warning("%s/%s: dropped %d utterance(s): %s", corpus, report["split"], count, reason)
-    for name in ("text", "wav"):
-        if report[f"repeated_{name}_lines"]:
+    for key, file in (("repeated_text_lines", "text"), ("repeated_wav_lines", "wav.scp")):
+        if report[key]:
             log.warning("%s/%s: %d identical repeated line(s) in %s, each read once", corpus, report["split"],
-                        report[f"repeated_{name}_lines"], "text" if name == "text" else "wav.scp")
+                        report[key], file)
     if report["resampled"]:
         log.info("%s/%s: %d utterance(s) resampled on the fly to %d Hz", corpus, report["split"],
                  report["resampled"], report["sample_rate"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from lhotse import CutSet, Fbank, FbankConfig, MonoCut, Recording, SupervisionSegment
+from lhotse import CutSet, Fbank, FbankConfig, MonoCut, Recording, RecordingSet, SupervisionSegment, SupervisionSet
 from lhotse.audio import AudioSource
 from shared_data import shared_data_dir
 
@@ -159,6 +159,11 @@ def test_cli_carves_dev_by_speaker_then_labeled_subset(prepared, tmp_path):
     assert {c.id for c in train} | {c.id for c in dev} == set(KEPT)
     assert {c.id for c in labeled} <= {c.id for c in train}
     assert sum(c.duration for c in labeled) >= 3
+    for name, cuts in (("train_full", full), ("train", train), ("dev", dev)):  # the split's every manifest
+        recordings = RecordingSet.from_file(tmp_path / f"toy_recordings_{name}.jsonl.gz")
+        supervisions = SupervisionSet.from_file(tmp_path / f"toy_supervisions_{name}.jsonl.gz")
+        assert sorted(r.id for r in recordings) == sorted(c.recording.id for c in cuts)
+        assert sorted(s.id for s in supervisions) == sorted(c.supervisions[0].id for c in cuts)
     # a run that prepares no train keeps the carve (it failed here: no such split)
     with pytest.raises(ValueError, match="none of the splits"):
         prepare_cli.main(["--corpus-dir", str(root), "--corpus", "toy", "--splits", "nope", "--out-dir", str(tmp_path)])
@@ -166,7 +171,8 @@ def test_cli_carves_dev_by_speaker_then_labeled_subset(prepared, tmp_path):
     # again without the carve: the earlier dev (speakers of the whole train now) goes
     prepare_cli.main(["--corpus-dir", str(root), "--corpus", "toy", "--splits", "train", "--out-dir",
                       str(tmp_path), "--max-duration", "3", "--num-jobs", "1"])
-    assert not (tmp_path / "toy_cuts_dev.jsonl.gz").exists() and not (tmp_path / "toy_cuts_train_full.jsonl.gz").exists()
+    assert not [p.name for p in tmp_path.glob("toy_*_dev.jsonl.gz")] + [p.name for p in tmp_path.glob("toy_*_train_full.jsonl.gz")]
+    assert len(RecordingSet.from_file(tmp_path / "toy_recordings_train.jsonl.gz")) == len(KEPT)
     for fraction in ("0", "1.5", "-0.5"):
         with pytest.raises(SystemExit, match="--dev-fraction must be between 0 and 1"):
             prepare_cli.main(["--corpus-dir", str(root), "--corpus", "toy", "--splits", "train", "--out-dir",

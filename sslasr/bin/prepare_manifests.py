@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from sslasr.data.manifests import derive_subsets, prepare_corpus
+from sslasr.data.manifests import derive_subsets, prepare_corpus, split_manifest_paths
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -29,8 +29,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-jobs", type=int, default=2, help="processes reading/checking audio")
     p.add_argument("--max-utts", type=int, default=None, help="first N wav.scp entries per split (quick runs)")
     p.add_argument("--dev-fraction", type=float, default=None,
-                   help="carve this fraction of train speakers into {corpus}_cuts_dev (full train kept "
-                        "as {corpus}_cuts_train_full)")
+                   help="carve this fraction of train speakers into the dev split (recordings, "
+                        "supervisions and cuts manifests; the full train kept as split train_full)")
     p.add_argument("--labeled", type=float, default=None, metavar="SECONDS",
                    help="also write {corpus}_cuts_train_labeled{SECONDS}s: a seeded subset of train")
     p.add_argument("--seed", type=int, default=0)
@@ -49,12 +49,13 @@ def main(argv=None) -> None:
                              sample_rate=args.sample_rate, min_duration=args.min_duration,
                              max_duration=args.max_duration, num_jobs=args.num_jobs, max_utts=args.max_utts,
                              eval_splits=args.eval_splits)
-    carved = [Path(args.out_dir) / f"{args.corpus}_cuts_{name}.jsonl.gz" for name in ("train_full", "dev")]
-    if not args.dev_fraction and "train" in reports and carved[0].exists() and not own_dev:
+    carved = [path for name in ("train_full", "dev") for path in split_manifest_paths(args.out_dir, args.corpus, name)]
+    if not args.dev_fraction and "train" in reports and carved[2].exists() and not own_dev:
         # an earlier run's carve: its dev holds speakers of the whole train prepared now
+        carved = [path for path in carved if path.exists()]
         logging.info("removing the dev carved by an earlier run (--dev-fraction): %s", ", ".join(map(str, carved)))
         for path in carved:
-            path.unlink(missing_ok=True)
+            path.unlink()
     if args.dev_fraction or args.labeled:
         if "train" not in reports:
             raise SystemExit("--dev-fraction/--labeled need a train split")

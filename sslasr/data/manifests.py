@@ -355,12 +355,24 @@ def prepare_split(split_dir: Path, corpus: str, split: str, out_dir: Path, *, sa
         raise ValueError(f"{corpus}/{split}: all {total} utterances were dropped "
                          f"({report['dropped_per_reason']}); see {out_dir}/{corpus}_{split}_dropped.tsv")
 
-    write_manifest(RecordingSet.from_recordings(c.recording for c in cuts),
-                   out_dir / f"{corpus}_recordings_{split}.jsonl.gz")
-    write_manifest(SupervisionSet.from_segments(c.supervisions[0] for c in cuts),
-                   out_dir / f"{corpus}_supervisions_{split}.jsonl.gz")
-    write_cuts(CutSet.from_cuts(cuts), out_dir / f"{corpus}_cuts_{split}.jsonl.gz")
+    write_split_manifests(cuts, out_dir, corpus, split)
     return report
+
+
+def split_manifest_paths(out_dir: Path, corpus: str, split: str) -> List[Path]:
+    """The recordings, supervisions and cuts manifests of one split."""
+    return [Path(out_dir) / f"{corpus}_{kind}_{split}.jsonl.gz" for kind in ("recordings", "supervisions", "cuts")]
+
+
+def write_split_manifests(cuts: Iterable, out_dir: Path, corpus: str, split: str) -> Path:
+    """A split's recordings, supervisions and cuts manifests, all three from the same cuts (one
+    recording and one supervision per cut); returns the cuts manifest's path."""
+    cuts = list(cuts)
+    recordings, supervisions, cuts_path = split_manifest_paths(out_dir, corpus, split)
+    write_manifest(RecordingSet.from_recordings(c.recording for c in cuts), recordings)
+    write_manifest(SupervisionSet.from_segments(s for c in cuts for s in c.supervisions), supervisions)
+    write_cuts(CutSet.from_cuts(cuts), cuts_path)
+    return cuts_path
 
 
 def prepare_corpus(corpus_dir: Path, corpus: str, splits: Sequence[str], out_dir: Path, *,
@@ -463,13 +475,14 @@ def derive_subsets(out_dir: Path, corpus: str, *, dev_fraction: Optional[float] 
     train_path = out_dir / f"{corpus}_cuts_train.jsonl.gz"
     written = {}
     if dev_fraction:
-        full_path = out_dir / f"{corpus}_cuts_train_full.jsonl.gz"
-        write_cuts(CutSet.from_file(train_path), full_path)
+        # each of train_full, train and dev gets all three manifests, so whatever reads train's
+        # recordings (a feature extraction) sees the remainder, not the dev speakers too
+        full_path = write_split_manifests(CutSet.from_file(train_path), out_dir, corpus, "train_full")
         rest, dev = split_by_speaker(CutSet.from_file(full_path), dev_fraction, seed)
-        write_cuts(rest, train_path)  # first: killed in between, no dev shares speakers with train
-        write_cuts(dev, out_dir / f"{corpus}_cuts_dev.jsonl.gz")
+        write_split_manifests(rest, out_dir, corpus, "train")  # first: killed in between, no dev shares speakers with train
+        dev_path = write_split_manifests(dev, out_dir, corpus, "dev")
         log.info("%s: carved dev from train by speaker: %d dev / %d train cuts", corpus, len(dev), len(rest))
-        written.update(dev=out_dir / f"{corpus}_cuts_dev.jsonl.gz", train=train_path, train_full=full_path)
+        written.update(dev=dev_path, train=train_path, train_full=full_path)
     if labeled_seconds:
         subset = subset_by_duration(CutSet.from_file(train_path), labeled_seconds, seed)
         seconds = int(labeled_seconds) if float(labeled_seconds).is_integer() else repr(float(labeled_seconds))

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "import-hf", help="import a transformers checkpoint (wav2vec2, hubert, wavlm, wav2vec2-bert)",
         description="Convert a transformers model directory (config.json + model.safetensors or "
                     "pytorch_model.bin) into our pretraining checkpoint format; frontend.yaml next to "
-                    "--out holds its architecture (and data.normalize_waveform: the directory's "
+                    "--out holds its architecture (and data.normalize_waveform, normalize_eps: the directory's "
                     "preprocessor_config.json do_normalize, else transformers' default, true).")
     hf.add_argument("dir", type=Path, help="transformers model directory")
     hf.add_argument("--out", type=Path, required=True, help="checkpoint to write (e.g. .../model_final.pt)")

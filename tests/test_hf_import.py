@@ -114,7 +114,7 @@ def test_wav2vec2_stable_layer_norm_with_layer_norm_extractor_matches_transforme
     imported, encoder = _our_encoder(_save(model, tmp_path / "w2v_large", do_normalize=True))
     enc = imported.frontend["encoder"]
     assert enc["conv_norm"] == "layer" and enc["conv_bias"] and enc["transformer"]["layer_norm_first"]
-    assert imported.data == {"normalize_waveform": True}
+    assert imported.data == {"normalize_waveform": True, "normalize_eps": 1e-7}
     _assert_hidden_states_match(model, encoder, pre_ln=True)
 
 
@@ -127,7 +127,7 @@ def test_wav2vec2_for_pretraining_skips_its_heads_and_logs_them(tmp_path, caplog
     for head in ["quantizer.codevectors", "quantizer.weight_proj.weight", "project_hid.weight", "project_q.bias"]:
         assert head in skipped
     # no preprocessor_config.json: transformers' feature-extractor default, said in the log
-    assert imported.data == {"normalize_waveform": True} and "states no do_normalize" in caplog.text
+    assert imported.data == {"normalize_waveform": True, "normalize_eps": 1e-7} and "states no do_normalize" in caplog.text
     _assert_hidden_states_match(model.wav2vec2, encoder, pre_ln=False)
 
 
@@ -311,6 +311,27 @@ def test_loader_honours_normalize_waveform_from_yaml(tmp_path):
             assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
         else:
             assert abs(x.mean().item() - 0.3) < 1e-3 and abs(x.std().item() - 0.2 / 2 ** 0.5) < 1e-3
+
+
+def test_an_imported_model_reads_quiet_audio_as_transformers_feature_extractor_gives_it(tmp_path):
+    """A recording at RMS 0.003 (-50 dBFS): with fairseq's variance offset 1e-5 it would reach the
+    model 1.4x quieter than through Wav2Vec2FeatureExtractor (1e-7), which the import carries."""
+    samples = (0.003 * 2 ** 0.5 * np.sin(np.arange(8000) / 7.0)).astype(np.float32)
+    sf.write(tmp_path / "quiet.wav", samples, 16000, subtype="FLOAT")
+    CutSet.from_manifests(recordings=[Recording.from_file(tmp_path / "quiet.wav")]).to_file(tmp_path / "cuts.jsonl.gz")
+    model_dir = _save(transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**SMALL)), tmp_path / "w2v",
+                      do_normalize=True)
+    data = import_hf(model_dir).data
+
+    class Task(_DataMixin):
+        input_type = "waveform"
+
+    task = Task()
+    task.cfg = {"data": {"max_duration": 10, **data}, "trainer": {"seed": 0}}
+    ours = next(iter(task._loader(str(tmp_path / "cuts.jsonl.gz"), DistInfo(), train=False)))["inputs"][0]
+    extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=True)
+    expected = extractor(samples, sampling_rate=16000, return_tensors="pt").input_values[0]
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------- the recipe with --init-from

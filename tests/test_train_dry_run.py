@@ -262,8 +262,9 @@ def test_a_config_file_removes_sections_merged_before_it(tmp_path):
     ("trainer.seed=08", "trainer.seed must be a non-negative integer, got '08'"),  # YAML 1.1: not octal, a string
     ("trainer.num_threads=on", "trainer.num_threads must be a non-negative integer, got True"),
     ("trainer.max_updates=1e5", "trainer.max_updates must be a positive integer, got 100000.0"),
+    ("data.normalize_eps=0", "data.normalize_eps must be a positive number, got 0"),  # silence would be NaN
 ])
-def test_integers_are_integers(override, expected):
+def test_numeric_settings_are_checked(override, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         check_training_config(_finetune_cfg(**dict([override.split("=")])))
 

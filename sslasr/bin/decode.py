@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from sslasr.data.loader import check_feature_type, load_cuts, make_dataloader
+from sslasr.data.loader import check_feature_type, load_cuts, make_dataloader, waveform_normalization
 from sslasr.data.tokenizer import Tokenizer
 from sslasr.decoding.fusion import decode_options, tune_fusion
 from sslasr.decoding.lexicon import Lexicon
@@ -115,7 +115,7 @@ def run_searches(model: AsrModel, cfg: Dict, tokenizer: Tokenizer, cuts_path: st
     """Encode each batch of CUTS_PATH once and run every search on the encoder output."""
     loader = make_dataloader(load_cuts(cuts_path), input_type=get_frontend(cfg["frontend"]).input_type,
                              max_duration=max_duration, shuffle=False,
-                             normalize_waveform=cfg.get("data", {}).get("normalize_waveform", False))
+                             **waveform_normalization(cfg.get("data", {})))
     result = SetPass(searches)
     device = next(model.parameters()).device
     for batch in loader:

@@ -19,7 +19,7 @@ import torch
 from lhotse import Mfcc, MfccConfig
 from lhotse.utils import compute_num_frames
 
-from sslasr.data.loader import normalize_waveforms
+from sslasr.data.loader import normalize_waveforms, waveform_normalization
 from sslasr.models.frontends import get_frontend
 
 MFCC_CEPSTRA = 13
@@ -106,7 +106,7 @@ class HiddenLayerFeatures:
         if not 1 <= layer <= num_layers:
             raise ValueError(f"layer {layer} does not exist: the model in {checkpoint} has {num_layers} layers")
         self.layer = layer
-        self.normalize_waveform = bool(cfg.get("data", {}).get("normalize_waveform", False))  # as in training
+        self.normalization = waveform_normalization(cfg.get("data", {}))  # as in training
         self.sample_rate = int(cfg.get("pretrain", {}).get("sample_rate", 16000))
         self.frame_rate = self.sample_rate / self.encoder.frame_shift_samples
         self.dim = self.encoder.output_dim
@@ -117,8 +117,8 @@ class HiddenLayerFeatures:
             raise ValueError(f"cut {cut.id} is sampled at {cut.sampling_rate} Hz, the model at {self.sample_rate} Hz")
         samples = torch.from_numpy(np.ascontiguousarray(mono_samples(cut), dtype=np.float32)).unsqueeze(0)
         lengths = torch.tensor([samples.shape[1]])
-        if self.normalize_waveform:
-            samples = normalize_waveforms(samples, lengths)
+        if self.normalization["normalize_waveform"]:
+            samples = normalize_waveforms(samples, lengths, self.normalization["normalize_eps"])
         out = self.encoder(samples.to(self.device), lengths.to(self.device), return_all=True)
         return out.layers[self.layer][0, : int(out.lengths[0])].float().cpu().numpy()
 

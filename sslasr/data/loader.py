@@ -59,8 +59,20 @@ def check_feature_type(cuts_path: Union[str, Path], expected: Optional[str], mod
                          f"them again (stage 2 with --force true) or use a model trained on {found}")
 
 
-def normalize_waveforms(audio: torch.Tensor, lens: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Zero mean / unit variance over each utterance's real samples; padding stays 0."""
+# fairseq normalises with F.layer_norm (eps 1e-5); transformers' Wav2Vec2FeatureExtractor adds
+# 1e-7 to the variance, which an imported model's config says (data.normalize_eps)
+NORMALIZE_EPS = 1e-5
+
+
+def waveform_normalization(data: Dict) -> Dict:
+    """make_dataloader's normalisation arguments from a config's data section."""
+    return {"normalize_waveform": bool(data.get("normalize_waveform", False)),
+            "normalize_eps": float(data.get("normalize_eps", NORMALIZE_EPS))}
+
+
+def normalize_waveforms(audio: torch.Tensor, lens: torch.Tensor, eps: float = NORMALIZE_EPS) -> torch.Tensor:
+    """Zero mean / unit variance over each utterance's real samples; padding stays 0. EPS is
+    added to the variance: it decides how much a near-silent recording is amplified."""
     mask = torch.arange(audio.shape[1]).unsqueeze(0) < lens.unsqueeze(1)
     count = lens.clamp(min=1).unsqueeze(1).to(audio.dtype)
     mean = (audio * mask).sum(1, keepdim=True) / count
@@ -160,7 +172,7 @@ class SpeechDataset(Dataset):
     """
 
     def __init__(self, input_type: str, tokenizer: Optional[Tokenizer] = None, normalize_waveform: bool = False,
-                 targets_field: Optional[str] = None, spec_augment: Optional[SpecAugment] = None,
+                 normalize_eps: float = NORMALIZE_EPS, targets_field: Optional[str] = None, spec_augment: Optional[SpecAugment] = None,
                  utterance_mixing: Optional[UtteranceMixer] = None, seed: int = 0):
         if input_type not in INPUT_TYPES:
             raise ValueError(f"input_type must be one of {INPUT_TYPES}, got {input_type!r}")
@@ -173,7 +185,7 @@ class SpeechDataset(Dataset):
         self.input_type = input_type
         self.tokenizer = tokenizer
         # wav2vec2 "base" was trained on raw samples, "large" on normalised ones: keep both.
-        self.normalize_waveform = normalize_waveform
+        self.normalize_waveform, self.normalize_eps = normalize_waveform, normalize_eps
         self.targets_field = targets_field
         self.seed, self.epoch = seed, 0
 
@@ -217,7 +229,7 @@ class SpeechDataset(Dataset):
             audio, mixes = self.utterance_mixing(audio, lens, cuts[0].sampling_rate, key="|".join(c.id for c in cuts))
             mixing = mixing_stats(mixes)
         if self.normalize_waveform:
-            audio = normalize_waveforms(audio, lens)
+            audio = normalize_waveforms(audio, lens, self.normalize_eps)
         return audio, lens, mixing
 
 
@@ -257,7 +269,7 @@ def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuff
                     num_buckets: int = 10, num_workers: int = 0, tokenizer: Optional[Tokenizer] = None,
                     drop_last: bool = False, world_size: Optional[int] = None, rank: Optional[int] = None,
                     max_cuts: Optional[int] = None, normalize_waveform: bool = False,
-                    targets_field: Optional[str] = None, spec_augment: Optional[Dict] = None,
+                    normalize_eps: float = NORMALIZE_EPS, targets_field: Optional[str] = None, spec_augment: Optional[Dict] = None,
                     utterance_mixing: Optional[Dict] = None) -> DataLoader:
     """DataLoader yielding SpeechDataset dicts; the sampler (``loader.sampler``) makes the batches.
 
@@ -271,7 +283,7 @@ def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuff
                            num_buckets=num_buckets, drop_last=drop_last, world_size=world_size,
                            rank=rank, max_cuts=max_cuts)
     dataset = SpeechDataset(input_type, tokenizer=tokenizer, normalize_waveform=normalize_waveform,
-                            targets_field=targets_field, spec_augment=build_spec_augment(spec_augment),
+                            normalize_eps=normalize_eps, targets_field=targets_field, spec_augment=build_spec_augment(spec_augment),
                             utterance_mixing=build_mixer(utterance_mixing, seed), seed=seed)
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
                       persistent_workers=False)

@@ -90,6 +90,7 @@ def _load_torch_bin(path: Path) -> StateDict:
 
 # transformers' Wav2Vec2FeatureExtractor normalises unless its preprocessor_config.json says not
 DEFAULT_DO_NORMALIZE = True
+TRANSFORMERS_NORMALIZE_EPS = 1e-7
 
 
 def read_data_options(model_dir: Union[str, Path], waveform: bool = True) -> Dict:
@@ -109,7 +110,11 @@ def read_data_options(model_dir: Union[str, Path], waveform: bool = True) -> Dic
         log.warning("%s states no do_normalize: normalising each utterance, as transformers' "
                     "Wav2Vec2FeatureExtractor does by default (set data.normalize_waveform to change it)",
                     path if path.is_file() else f"{model_dir} has no preprocessor_config.json, which")
-    return {"normalize_waveform": bool(preprocessor.get("do_normalize", DEFAULT_DO_NORMALIZE))}
+    if not preprocessor.get("do_normalize", DEFAULT_DO_NORMALIZE):
+        return {"normalize_waveform": False}
+    # the variance offset of transformers' zero_mean_unit_var_norm, not fairseq's 1e-5: a quiet
+    # recording (RMS 0.003) would otherwise reach the model ~1.4x quieter than through transformers
+    return {"normalize_waveform": True, "normalize_eps": TRANSFORMERS_NORMALIZE_EPS}
 
 
 def frontend_name(model_dir: Union[str, Path]) -> str:

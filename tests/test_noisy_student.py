@@ -152,6 +152,48 @@ def test_transducer_scores_hypotheses_longer_than_their_frames():
     assert hypothesis_scores(head, hidden, lengths, [tokens]) == [pytest.approx(float(path.detach()) / 3, rel=1e-5)]
 
 
+def test_a_pruned_transducer_scores_by_its_full_lattice_likelihood():
+    """The pruned objective (0.5·simple + pruned) scored hypotheses before: one repeating a token
+    more often than 2 frames × (prune_range − 1) hold got a pruned term of 0 and jumped to the top
+    of the pseudo-label ranking. The score is log p(y|x) over the full lattice."""
+    torch.manual_seed(0)
+    options = dict(joiner_dim=6, predictor={"type": "stateless", "embed_dim": 4, "context_size": 1})
+    pruned = TransducerHead(4, 5, loss={"variant": "pruned", "prune_range": 5}, **options).eval()
+    full = TransducerHead(4, 5, loss={"variant": "full"}, **options).eval()
+    full.load_state_dict(pruned.state_dict(), strict=False)  # the same joiner and predictor
+    hidden, lengths = torch.randn(1, 2, 4), torch.tensor([2])
+    hyps = [[3] * n for n in (8, 9, 10)]
+    scores = [hypothesis_scores(pruned, hidden, lengths, [tokens])[0] for tokens in hyps]
+    for tokens, score in zip(hyps, scores):
+        nll = float(full.loss(hidden, lengths, [tokens]))
+        assert score == pytest.approx(-nll / (len(tokens) + 1), rel=1e-5)
+    training_loss_score = -float(pruned.loss(hidden, lengths, [hyps[1]])) / 10  # what ranked it before
+    assert training_loss_score > scores[1] + 0.1
+
+
+def test_an_utterance_without_frames_scores_minus_infinity():
+    """Shorter than the encoder's receptive field: no frames, an empty hypothesis; the transducer's
+    loss refused it and stopped the whole decode with --confidence."""
+    torch.manual_seed(0)
+    hidden, lengths = torch.randn(2, 3, 4), torch.tensor([3, 0])
+    transducer = TransducerHead(4, 5, joiner_dim=6, predictor={"type": "stateless", "embed_dim": 4, "context_size": 1}).eval()
+    for head in (transducer, CtcHead(input_dim=4, vocab_size=5).eval()):
+        scores = hypothesis_scores(head, hidden, lengths, [[1], []])
+        assert math.isfinite(scores[0]) and scores[1] == -math.inf
+
+
+def test_attention_scores_are_the_joint_decoding_score_without_label_smoothing():
+    torch.manual_seed(0)
+    small = {"embedding_dim": 4, "decoder_dim": 4, "decoder_layers": 1, "attention_dim": 4, "location_kernel": 3,
+             "dropout": 0.0, "label_smoothing": 0.1}
+    head = AttentionHead(4, 5, ctc_weight=0.3, **small).eval()
+    hidden, lengths, tokens = torch.randn(1, 6, 4), torch.tensor([6]), [2, 3, 4]
+    att = float(head.sequence_log_probs(hidden, lengths, [tokens])[0])
+    ctc = -float(F.ctc_loss(head.ctc_log_probs(hidden).transpose(0, 1), torch.tensor([tokens]), lengths,
+                            torch.tensor([3]), reduction="sum"))
+    assert hypothesis_scores(head, hidden, lengths, [tokens]) == [pytest.approx((0.7 * att + 0.3 * ctc) / 4, rel=1e-5)]
+
+
 def test_pseudo_label_cli_writes_cuts_and_a_report(tmp_path: Path):
     """The pool's first cut carries its true transcript (train beyond the labeled subset), the
     others' truth is in --reference: the WERs use both, and the written cuts carry only hypotheses."""

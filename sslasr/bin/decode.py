@@ -43,7 +43,6 @@ from sslasr.decoding.fusion import decode_options, tune_fusion
 from sslasr.decoding.lexicon import Lexicon
 from sslasr.models.asr import AsrModel, build_asr_model
 from sslasr.models.frontends import get_frontend
-from sslasr.models.heads.ctc import CtcHead, ctc_frames_needed
 from sslasr.models.interfaces import DecodeOptions
 from sslasr.models.lm import load_lm
 from sslasr.utils.devices import resolve_device
@@ -85,27 +84,21 @@ class SetPass:
     encode_seconds: float = 0.0
 
 
-def loss_has_ctc(head) -> bool:
-    """Whether the head's training loss has a CTC term: a CTC head, or an attention head with its
-    joint CTC layer (it has none when trained with ctc_weight 0). A transducer has none: it may
-    emit several tokens a frame, so no hypothesis is too long for its frames."""
-    return isinstance(head, CtcHead) or isinstance(getattr(head, "ctc", None), CtcHead)
-
-
 @torch.no_grad()
 def hypothesis_scores(head, hidden: torch.Tensor, lengths: torch.Tensor, token_ids: List[List[int]]) -> List[float]:
-    """−loss(hyp) / (|hyp| + 1) per utterance: the head's training loss of its own hypothesis,
-    per output token (+1 for the end of the sentence, so empty hypotheses get a finite score).
-    A hypothesis that CTC cannot align to its frames scores −inf."""
-    ctc = loss_has_ctc(head)
+    """log p(hyp | audio) / (|hyp| + 1) per utterance: the head's probability of its own
+    hypothesis (`head.log_likelihood`, not the training loss: a pruned transducer's loss ranked
+    looping hypotheses first), per output token (+1 for the end of the sentence, so empty
+    hypotheses get a finite score). A hypothesis the head cannot produce from its frames (CTC
+    without an alignment) and an utterance with no frames score −inf."""
     scores = []
     for i, tokens in enumerate(token_ids):
         frames = int(lengths[i])
-        if ctc and ctc_frames_needed(tokens) > frames:  # CTC's zero_infinity would make its loss 0
+        if frames == 0:  # shorter than the encoder's receptive field: nothing was heard
             scores.append(float("-inf"))
             continue
-        loss = float(head.loss(hidden[i:i + 1, :frames], lengths[i:i + 1], [tokens]))
-        scores.append(-loss / (len(tokens) + 1) if loss == loss else float("-inf"))
+        log_p = float(head.log_likelihood(hidden[i:i + 1, :frames], lengths[i:i + 1], [tokens])[0])
+        scores.append(log_p / (len(tokens) + 1) if log_p == log_p else float("-inf"))
     return scores
 
 

@@ -15,6 +15,9 @@ Pretrainer:
     the host: bench/host_syncs.py); optional `set_num_updates(n)`.
 Head (registry in `sslasr/models/heads/__init__.py`):
     head.loss(hidden, lengths, tokens) -> summed loss over the batch
+    head.log_likelihood(hidden, lengths, tokens) -> (B,) log p(tokens | hidden): the model's
+        probability, without the training loss's regularisers (label smoothing, a pruned
+        transducer's simple loss); −inf where the head cannot produce the tokens from the frames
     head.decode(hidden, lengths, method, options) -> list of token-id lists
     `head.methods` names the decoding methods; `head.greedy_method` is used in validation.
 """

@@ -206,6 +206,15 @@ class AttentionHead(nn.Module):
         picked = log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
         return picked.masked_fill(targets < 0, 0.0).sum(-1)
 
+    def log_likelihood(self, hidden: torch.Tensor, lengths: torch.Tensor, tokens: List[List[int]]) -> torch.Tensor:
+        """(B,) (1−λ)·log p_att + λ·log p_ctc, the joint score of decoding (λ = ctc_weight; no
+        label smoothing): −inf for tokens the CTC layer cannot align to the frames."""
+        weight = self.cfg.ctc_weight
+        score = (1.0 - weight) * self.sequence_log_probs(hidden, lengths, tokens)
+        if self.ctc is not None and weight > 0:
+            score = score + weight * self.ctc.log_likelihood(hidden, lengths, tokens)
+        return score
+
     def ctc_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.ctc is None:
             raise ValueError("this attention head was trained with ctc_weight 0 and has no CTC layer; "

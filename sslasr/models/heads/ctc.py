@@ -31,6 +31,14 @@ class CtcHead(nn.Module):
         """Summed CTC loss over the batch; an utterance without an alignment counts 0, logged."""
         return ctc_loss(self.log_probs(hidden), lengths, tokens, self.blank_id)
 
+    def log_likelihood(self, hidden: torch.Tensor, lengths: torch.Tensor, tokens: List[List[int]]) -> torch.Tensor:
+        """(B,) log p(tokens | hidden) summed over alignments; −inf without one (no zero_infinity)."""
+        log_probs = self.log_probs(hidden)
+        targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long, device=log_probs.device)
+        target_lengths = torch.tensor([len(seq) for seq in tokens], dtype=torch.long, device=log_probs.device)
+        return -F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=self.blank_id,
+                           reduction="none", zero_infinity=False)
+
     def decode(self, hidden: torch.Tensor, lengths: torch.Tensor, method: str,
                options: DecodeOptions = DecodeOptions()) -> List[List[int]]:
         if method == "ctc_greedy":

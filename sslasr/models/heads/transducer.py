@@ -224,6 +224,14 @@ class TransducerHead(nn.Module):
             return rnnt_loss(logits, targets, lengths, target_lengths, BLANK_ID, reduction="sum")
         return self._pruned_loss(hidden, lengths, targets, target_lengths, predicted, encoder, predictor)
 
+    def log_likelihood(self, hidden: torch.Tensor, lengths: torch.Tensor, tokens: List[List[int]]) -> torch.Tensor:
+        """(B,) log p(tokens | hidden) over the full lattice, whichever loss trained the head (the
+        pruned objective adds the simple loss, and counts 0 for more tokens than its windows hold)."""
+        targets, target_lengths = self._targets(tokens, hidden.device)
+        predictor = self.joiner.predictor_proj(self.predictor(F.pad(targets, (1, 0), value=BLANK_ID)))
+        logits = self.joiner(self.joiner.encoder_proj(hidden).unsqueeze(2), predictor.unsqueeze(1))
+        return -rnnt_loss(logits, targets, lengths, target_lengths, BLANK_ID, reduction="none")
+
     def _pruned_loss(self, hidden, lengths, targets, target_lengths, predicted, encoder, predictor) -> torch.Tensor:
         blank, emit = simple_lattice(self.simple_am_proj(hidden), self.simple_lm_proj(predicted), targets,
                                      target_lengths, BLANK_ID)

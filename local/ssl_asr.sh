@@ -96,6 +96,14 @@ done
 [ -x "$python" ] || "$root/tools/install.sh"
 export PYTHONUNBUFFERED=1 SSLASR_PYTHON="$python"
 
+# A stage left out of --stage..--stop-stage is taken as done: one whose input was made again since
+# (stage 0 alone under --force, then --stage 4) would hand its stale outputs on to the next stages
+stale_before() {  # stale_before STAGE NEWER OLDER WHAT [HOW]: stop when STAGE is left out but OLDER predates NEWER
+  [ "$stage" -gt "$1" ] && [ -f "$3" ] && [ "$2" -nt "$3" ] || return 0
+  echo "$0: $4: include stage $1 ${5:-(--stage $1)}" >&2
+  exit 2
+}
+
 manifests=data/manifests
 if [ "$frontend" = all ]; then
   # The same command once per frontend (data, tokenizer and LM are made by the first and reused),
@@ -106,13 +114,10 @@ if [ "$frontend" = all ]; then
       "(stage 2 with an fbank frontend, e.g. --frontend w2vbert), then --stage 4" >&2
     exit 2
   fi
-  # an fbank frontend's stage 2 left out (see stale_before) would stop the run at that frontend,
-  # after the ones before it trained: said now
-  if [ "$stage" -gt 2 ] && [ -f $manifests/.fbank.done ] && [ $manifests/.done -nt $manifests/.fbank.done ]; then
-    echo "$0: the manifests were made again after the fbank: include stage 2 with an fbank frontend" \
-      "(--frontend w2vbert --stage 2 --stop-stage 2) first" >&2
-    exit 2
-  fi
+  # an fbank frontend's own check (below) would stop the run at that frontend, after the ones
+  # before it trained: said now
+  stale_before 2 $manifests/.done $manifests/.fbank.done "the manifests were made again after the fbank" \
+    "with an fbank frontend first (--frontend w2vbert --stage 2 --stop-stage 2)"
   unset SSLASR_SHARED_MADE  # set below, for the frontends after the first
   one_frontend_args=()
   while [ $# -gt 0 ]; do
@@ -309,8 +314,6 @@ fi
 # local/data.sh tells where the Kaldi-style folder it prepared is (--corpus-dir was its input)
 if [ -f data/corpus_dir ]; then corpus_dir=$(cat data/corpus_dir); fi
 
-# A stage left out of --stage..--stop-stage is taken as done: one whose input was made again since
-# (stage 0 alone under --force, then --stage 4) would hand its stale outputs on to the next stages
 recorded_splits() {  # recorded_splits: the splits stage 1 made manifests of (named by their recordings manifests)
   local f split
   for f in $manifests/${corpus}_recordings_*.jsonl.gz; do
@@ -318,11 +321,6 @@ recorded_splits() {  # recorded_splits: the splits stage 1 made manifests of (na
     split=${f#$manifests/${corpus}_recordings_}
     echo "${split%.jsonl.gz}"
   done
-}
-stale_before() {  # stale_before STAGE NEWER OLDER WHAT: stop when STAGE is left out but OLDER predates NEWER
-  [ "$stage" -gt "$1" ] && [ -f "$3" ] && [ "$2" -nt "$3" ] || return 0
-  echo "$0: $4: include stage $1 (--stage $1)" >&2
-  exit 2
 }
 stale_before 1 data/.data.done $manifests/.done "data/ was prepared again after the manifests"
 [ "$input_type" != fbank ] || stale_before 2 $manifests/.done $manifests/.fbank.done "the manifests were made again after the fbank"
@@ -689,9 +687,8 @@ lm_inputs() {  # lm_inputs CUTS: what an LM is trained from (text, tokenizer, --
   echo "lm_opts $lm_opts"
   echo "config $(sha256sum < $conf_dir/lm.yaml | cut -c1-16)"
 }
-lm_record_matches() {  # lm_record_matches DIR CUTS: DIR's LM was trained on lm_inputs CUTS
-  local now
-  now=$(lm_inputs "$2")
+lm_record_matches() {  # lm_record_matches DIR INPUTS: DIR's LM was trained on INPUTS (lm_inputs' lines)
+  local now=$2
   [ "$now" != "$(cat $1/inputs.txt)" ] || return 0
   # a record from before the text's and tokenizer's contents were: its lines compared, then completed
   ! grep -q '^tokenizer ' $1/inputs.txt || return 1
@@ -700,14 +697,15 @@ lm_record_matches() {  # lm_record_matches DIR CUTS: DIR's LM was trained on lm_
   [ "$node_rank" != 0 ] || printf '%s\n' "$now" > $1/inputs.txt
 }
 train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcripts + --lm-text, and its lexicon
-  local dir=$1 text=$2 extra_text=null force=$force  # (for done_or_force and the rest of this call)
+  local dir=$1 text=$2 extra_text=null force=$force inputs  # (force: for done_or_force and the rest of this call)
+  inputs=$(lm_inputs "$text")  # read once: what is recorded is what the training read
   if [ -n "${SSLASR_SHARED_MADE:-}" ] && [ "$force" = true ]; then  # --frontend all: the first frontend's run made it
     log "$dir: trained by the first frontend's run of --frontend all: not again (--force)"
     force=false
   fi
-  if [ -f $dir/.done ] && [ -f $dir/inputs.txt ] && [ "$force" != true ] && ! lm_record_matches $dir "$text"; then
+  if [ -f $dir/.done ] && [ -f $dir/inputs.txt ] && [ "$force" != true ] && ! lm_record_matches $dir "$inputs"; then
     # e.g. `--stage 6 --lm-text more.txt` after a full run: trained again, and stages 7-8 redo what used it
-    log "$dir was trained on other inputs; training it again: $(changed_inputs $dir/inputs.txt "$(lm_inputs "$text")")"
+    log "$dir was trained on other inputs; training it again: $(changed_inputs $dir/inputs.txt "$inputs")"
     reset_training $dir
     rm -f $dir/words.txt
   fi
@@ -719,7 +717,7 @@ train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcri
       data.train_text="$text" data.valid_text="$(cuts $valid_set)" "data.extra_text=$extra_text" $lm_opts
     [ "$node_rank" = 0 ] || return 0  # the files beside the model are node 0's to write
     "$python" -m sslasr.bin.lm_perplexity --lm $dir/model_final.pt --text "$(cuts $valid_set)" --out $dir/perplexity.json
-    lm_inputs "$text" > $dir/inputs.txt
+    printf '%s\n' "$inputs" > $dir/inputs.txt
     note_command $dir "LM trained"
     touch $dir/.done
   fi

@@ -27,7 +27,7 @@ from sslasr.utils.config import load_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 BLANK, EOS = 0, 1
-NO_END_DETECTION = {"end_detect_window": 1000}  # for exhaustive comparisons: only the exact stop
+NO_END_DETECTION = {"end_detect_window": 0}  # for exhaustive comparisons: only the exact stop
 
 torch.set_num_threads(1)
 
@@ -322,6 +322,70 @@ def test_rows_without_encoder_frames_decode_to_empty_hypotheses():
         others = head.decode(hidden[[0, 2]], lengths[[0, 2]], method, options)
         assert batched == [others[0], [], others[1]], method
         assert head.decode(hidden[1:2], lengths[1:2], method, options) == [[]], method
+
+
+class _PeakedDecoder:
+    """A trained character decoder's shape: the next token of TARGET at log p −0.05, <eos> −3 after
+    2 tokens (a word end), −0.01 after all 8, −40 inside a word; CTC spikes on TARGET's tokens."""
+    TARGET, EOS_LOG_P, FRAMES = [2, 3, 2, 3, 2, 3, 2, 3], {2: -3.0, 8: -0.01}, 12
+    vocab_size, blank_id, sos_eos_id = 5, BLANK, EOS
+
+    class _Memory:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def repeat_interleave(self, k):
+            return _PeakedDecoder._Memory(self.rows * k)
+
+    class _Emitted:  # tokens emitted so far, per row
+        def __init__(self, count):
+            self.count = count
+
+        def select(self, index):
+            return _PeakedDecoder._Emitted(self.count[index])
+
+    def prepare(self, hidden, lengths):
+        return self._Memory(hidden.shape[0])
+
+    def initial_state(self, memory):
+        return self._Emitted(torch.zeros(memory.rows, dtype=torch.long))
+
+    def step(self, memory, previous, state):
+        log_p = torch.full((state.count.shape[0], self.vocab_size), -20.0)
+        for row, emitted in enumerate(state.count.tolist()):
+            log_p[row, EOS] = self.EOS_LOG_P.get(emitted, -40.0)
+            if emitted < len(self.TARGET):
+                log_p[row, self.TARGET[emitted]] = -0.05
+        return log_p, self._Emitted(state.count + 1)
+
+    def ctc_log_probs(self, hidden):
+        log_p = torch.full((1, self.FRAMES, self.vocab_size), -9.0)
+        log_p[0, :, BLANK] = -0.001
+        for t, token in enumerate(self.TARGET):
+            log_p[0, 1 + t, token], log_p[0, 1 + t, BLANK] = -0.01, -6.0
+        return log_p.log_softmax(-1)
+
+
+@pytest.mark.parametrize("length_bonus", [0.0, 0.5])
+def test_end_detection_does_not_stop_inside_a_word(length_bonus):
+    """Every <eos> extension counted as an ended hypothesis, so eq. 50 fired three tokens after a
+    plausible word end (the mid-word <eos> extensions far below it) and returned the 2-token prefix,
+    9.7 below the full hypothesis; it also ran at β = 0, where the exact stop needs no heuristic."""
+    decoder, frames = _PeakedDecoder(), _PeakedDecoder.FRAMES
+    best = joint_beam_search(decoder, torch.zeros(1, frames, 1), torch.tensor([frames]),
+                             DecodeOptions(beam_size=4, ctc_weight=0.3, length_bonus=length_bonus))[0]
+    assert best.tokens == _PeakedDecoder.TARGET
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"end_detect_window": -1}, "end_detect_window must be a whole number"),
+    ({"end_detect_window": 2.5}, "end_detect_window must be a whole number"),
+    ({"end_detect_threshold": 10}, "end_detect_threshold must be negative"),  # held for every length
+])
+def test_end_detection_settings_are_checked(extra, message):
+    with pytest.raises(ValueError, match=message):
+        joint_beam_search(_PeakedDecoder(), torch.zeros(1, 12, 1), torch.tensor([12]),
+                          DecodeOptions(beam_size=2, length_bonus=0.5, extra=extra))
 
 
 def test_pure_ctc_beam_agrees_with_ctc_prefix_beam_search():

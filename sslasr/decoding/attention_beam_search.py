@@ -10,8 +10,13 @@ exact). CTC prefix scores (sslasr/decoding/ctc_prefix_score.py) rescore the exte
 <eos> extension is a finished hypothesis, and the best `beam` others keep running. An utterance
 stops at its maximum length (max_len_ratio × frames, where only <eos> is allowed), when no
 running hypothesis can still beat the best finished one (every term but β·|h| only falls as h
-grows, so this is exact for β ≤ 0), or by the paper's end detection (eq. 50): the best finished
-hypotheses of each of the last M lengths are more than |D_end| below the best overall.
+grows, so this is exact for β ≤ 0), or, for β > 0, where there is no exact stop, by the paper's
+end detection (eq. 50): hypotheses ended at each of the last M lengths, and the best of each is
+more than |D_end| below the best overall. As in ESPnet, a hypothesis counts as ended there only
+if its <eos> extension ranks among the utterance's best `beam` extensions: every <eos> extension
+is kept as a candidate answer, but a mid-word one (very unlikely) must not say "the ended
+hypotheses stopped improving", which stopped the search inside the word that followed a
+plausible stopping point and returned the truncated prefix.
 
 The decoder is anything with `prepare(hidden, lengths)` → memory (with `repeat_interleave(k)`),
 `initial_state(memory)` → state (with `select(index)`), `step(memory, previous_tokens, state)`
@@ -22,7 +27,7 @@ The LM: `initial_state(n)`, `step(previous_tokens, state)` → (log_probs (N, V)
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -80,11 +85,13 @@ class _Finished:
         self.by_length = torch.full((batch, max_len + 1), NEG_INF, device=device)
         self.best: List[ScoredHypothesis] = [ScoredHypothesis([], NEG_INF) for _ in range(batch)]
 
-    def add(self, length: int, scores: torch.Tensor, prefixes: torch.Tensor, components: List[torch.Tensor]) -> None:
-        """scores (B, beam) of the hypotheses ending now; prefixes (B·beam, length) their tokens."""
+    def add(self, length: int, scores: torch.Tensor, in_beam: torch.Tensor, prefixes: torch.Tensor,
+            components: List[torch.Tensor]) -> None:
+        """scores (B, beam) of the hypotheses ending now, in_beam (B, beam) whether each ranks among
+        its utterance's best `beam` extensions (end detection's "ended"); prefixes (B·beam, length)."""
         beam = scores.shape[1]
         best, slot = scores.max(-1)
-        self.by_length[:, length] = best
+        self.by_length[:, length] = scores.masked_fill(~in_beam, NEG_INF).max(-1).values
         for row in (best > self.best_score).nonzero().flatten().tolist():
             index = row * beam + int(slot[row])
             attention, ctc, lm = (float(c[index]) for c in components)
@@ -130,8 +137,7 @@ def joint_beam_search(decoder, hidden: torch.Tensor, lengths: torch.Tensor,
     prefixes = torch.zeros(count, 0, dtype=torch.long, device=device)
     previous = torch.full((count,), eos, dtype=torch.long, device=device)
     finished = _Finished(batch, int(max_len.max()), device)
-    window = int(options.extra.get("end_detect_window", END_DETECT_WINDOW))
-    threshold = float(options.extra.get("end_detect_threshold", END_DETECT_THRESHOLD))
+    window, threshold = _end_detection(options)
 
     for i in range(int(max_len.max()) + 1):
         logits, state = decoder.step(memory, previous, state)
@@ -167,7 +173,9 @@ def joint_beam_search(decoder, hidden: torch.Tensor, lengths: torch.Tensor,
         at_max_len = (i >= max_len)[utterance]
         total[:, 1:] = total[:, 1:].masked_fill(at_max_len[:, None], NEG_INF)
 
-        finished.add(i, total[:, 0].view(batch, beam), prefixes,
+        eos_scores = total[:, 0].view(batch, beam)
+        kth_best = total.view(batch, -1).topk(beam, dim=-1).values[:, -1:]
+        finished.add(i, eos_scores, eos_scores >= kth_best, prefixes,
                      [new_attention[:, 0], new_ctc[:, 0], new_lm[:, 0]])
 
         running = total.clone()
@@ -187,13 +195,27 @@ def joint_beam_search(decoder, hidden: torch.Tensor, lengths: torch.Tensor,
             lm_state = weights.lm_module.select_state(lm_state, parent)
         previous = chosen
 
-        done = finished.end_detected(i, window, threshold)
         if weights.length_bonus <= 0:
-            done |= best[:, 0] <= finished.best_score  # nothing running can still win
+            done = best[:, 0] <= finished.best_score  # nothing running can still win: exact
+        elif window:
+            done = finished.end_detected(i, window, threshold)
+        else:
+            done = torch.zeros_like(best[:, 0], dtype=torch.bool)  # to the maximum length
         alive &= ~done[utterance]
         if not bool(alive.any()):
             break
     return finished.best
+
+
+def _end_detection(options: DecodeOptions) -> Tuple[int, float]:
+    """(M, D_end) of eq. 50 from options.extra; M = 0 turns end detection off."""
+    window = options.extra.get("end_detect_window", END_DETECT_WINDOW)
+    threshold = options.extra.get("end_detect_threshold", END_DETECT_THRESHOLD)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"end_detect_window must be a whole number of lengths (0: no end detection), got {window!r}")
+    if not float(threshold) < 0:  # a score difference, below the best: ≥ 0 would hold for every length
+        raise ValueError(f"end_detect_threshold must be negative (D_end of eq. 50), got {threshold!r}")
+    return window, float(threshold)
 
 
 def _pre_beam_size(options: DecodeOptions, ctc_weight: float, real_tokens: int) -> int:

@@ -3,7 +3,9 @@ Libri-Light's on-disk layouts (plus a MUSAN noise file) through stages 0-3, and 
 every config in egs/librispeech/conf checked against the published batch sizes."""
 
 import json
+import random
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from lhotse import CutSet
+from lhotse import CutSet, MonoCut, Recording
 
 from recipe_smoke import REPO, dry_run_parameters, run_recipe
 from sslasr.bin.kmeans import training_overrides
 from sslasr.bin.train import dry_run
 from sslasr.data.pseudo_labels import filter_config
 from sslasr.data.kaldi_dir import LayoutError
+from sslasr.data.loader import make_sampler
 from sslasr.data.librispeech import finetuning_folds, prepare as prepare_librispeech_splits, prepare_noise
 from sslasr.data.minisynth import resample, run_espeak
 from sslasr.data.tokenizer import Tokenizer
@@ -249,6 +252,26 @@ def test_dry_run_finetuning_configs(labeled: str):
     published = {"10m": (13000, 5e-05), "1h": (13000, 5e-05), "10h": (20000, 5e-05), "100h": (80000, 3e-05),
                  "all": (320000, 1e-05)}[labeled]
     assert f"updates: {published[0]}, peak lr {published[1]}" in summary
+
+
+@pytest.mark.parametrize("labeled, seconds", [("10m", 600), ("1h", 3600), ("10h", 36000)])
+def test_small_labeled_splits_fill_their_batches(labeled: str, seconds: int):
+    """Each batch comes from one duration bucket: 10 minutes in 30 buckets made batches of one or
+    two utterances (28 s where max_duration is 200), an update a third of fairseq's audio."""
+    cfg = load_configs([CONF / "frontend_wav2vec2.yaml", CONF / "finetune_ctc.yaml", CONF / f"finetune_ctc_{labeled}.yaml"])
+    data, rng = cfg["data"], random.Random(0)
+    durations = []
+    while sum(durations) < seconds:  # Libri-Light's segments: 1-35 s, about 12 s on average
+        durations.append(round(min(35.0, max(1.0, rng.gauss(12.5, 5.0))), 2))
+    cuts = CutSet.from_cuts(MonoCut(f"u{i}", 0.0, d, 0, recording=Recording(f"u{i}", [], 16000, int(d * 16000), d))
+                            for i, d in enumerate(durations))
+    for rank in range(2):  # the configs' two GPUs
+        sampler = make_sampler(cuts, max_duration=data["max_duration"], shuffle=True, num_buckets=data["num_buckets"],
+                               world_size=2, rank=rank)
+        batches = [sum(c.duration for c in batch) for batch in sampler]
+        per_update = statistics.mean(batches) * cfg["trainer"]["accum_grad"] * 2
+        # fairseq: 1600 s (all of 10m); lhotse's buckets fill 65-85 % of max_duration at 1 h and up
+        assert per_update > 0.5 * min(seconds, 1600), (labeled, batches)
 
 
 @pytest.mark.parametrize("frontend", _frontends())

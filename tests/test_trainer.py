@@ -939,6 +939,40 @@ def test_validation_stats_missing_on_one_rank_count_zero_there(tmp_path):
         assert _load(tmp_path / f"rank{rank}.pt") == [{"loss": 2.0, "accuracy": 0.5}]
 
 
+class _RunningStatsTask(_UnevenValidationTask):
+    """A BatchNorm-like buffer each rank's own batches moved; validation reports what it sees."""
+
+    def __init__(self, rank):
+        super().__init__([], rank=rank)
+        self.model.register_buffer("running_mean", torch.zeros(3))
+
+    def validate(self, model, loader):
+        return {"loss": float(model.running_mean.sum()), "weight": 1.0}
+
+
+def _running_stats_worker(rank: int, world_size: int, out_dir: str) -> None:
+    dist = _join_gloo_group(rank, world_size, out_dir)
+    try:
+        task = _RunningStatsTask(rank)
+        trainer = Trainer(_toy_cfg(1), task, Path(out_dir) / "exp", dist)  # DDP sends rank 0's buffers
+        task.model.running_mean.fill_(rank + 1.0)  # as a training forward on the rank's own batch
+        logged = []
+        trainer._log = lambda metrics, split: logged.append(metrics)
+        trainer._validate("dev")
+        torch.save(logged, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_validates_rank_0s_running_statistics(tmp_path):
+    """DDP sends rank 0's buffers before each training forward, which then moves each rank's copy
+    by its own batch: validation mixed the ranks' BatchNorm statistics, where rank 0's model is
+    the one saved. Rank 0's buffer sums to 3, rank 1's to 6: the loss over both is 3, not 4.5."""
+    mp.spawn(_running_stats_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert _load(tmp_path / f"rank{rank}.pt") == [{"loss": 3.0}]
+
+
 def test_interval_averages_device_tensors_and_floats_by_weight():
     """Stats may be 0-dim tensors (kept on the device until the log line) or floats; the log
     line's value is the weighted mean either way."""

@@ -48,6 +48,14 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Every rank takes rank SRC's buffers (BatchNorm running statistics): DDP sends them before
+    each training forward, which then updates each rank's copy from its own batch."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

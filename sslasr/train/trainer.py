@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from sslasr.train.config_check import FINAL_MODELS
-from sslasr.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
+from sslasr.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers
 from sslasr.train.schedules import build_lr_scale
 from sslasr.utils.io import atomic_path, remove_temp_files
 
@@ -429,6 +429,8 @@ class Trainer:
         return _null_context()
 
     def _validate(self, loader: DataLoader) -> None:
+        # rank 0's model is the one saved: every rank validates it, BatchNorm statistics included
+        broadcast_buffers(self.model)
         self.model.eval()
         with torch.no_grad():
             stats = self.task.validate(self.model, OnDevice(loader, self.dist.device))

@@ -228,6 +228,17 @@ def _pretrain_configs(frontend: str):
     return configs
 
 
+def test_wavlm_without_its_noise_manifest_stops_at_the_kmeans_plan(tmp_path: Path, monkeypatch, capsys):
+    """The manifest was first read when pretraining started, after the k-means fits and labels."""
+    from sslasr.bin import kmeans
+    monkeypatch.chdir(tmp_path)  # the recipe's dir, without data/noise/
+    args = ["plan", "--count", "--config", *map(str, _pretrain_configs("wavlm"))]
+    with pytest.raises(SystemExit, match="noise_cuts: data/noise/musan_cuts.jsonl.gz does not exist"):
+        kmeans.main(args)
+    kmeans.main([*args, "--set", "pretrain.utterance_mixing.noise_cuts=null"])  # synthetic noise
+    assert capsys.readouterr().out.strip() == "2"
+
+
 @pytest.mark.parametrize("frontend", _frontends())
 def test_dry_run_pretraining_configs(frontend: str):
     configs = _pretrain_configs(frontend)

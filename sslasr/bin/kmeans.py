@@ -157,9 +157,20 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_noise_manifest(cfg: Dict) -> None:
+    """WavLM's noise manifest is first read when its pretraining starts: missing, it would stop
+    the run after the k-means fits and labels (hours at LibriSpeech's size). Said at the plan."""
+    noise = ((cfg.get("pretrain") or {}).get("utterance_mixing") or {}).get("noise_cuts")
+    if noise and not Path(noise).is_file():
+        raise SystemExit(f"pretrain.utterance_mixing.noise_cuts: {noise} does not exist; the corpus's data "
+                         f"preparation makes it (egs/librispeech: --data-opts \"--musan true\"), or set it "
+                         f"to null for synthetic noise")
+
+
 def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
     cfg = load_configs(args.config, args.set)
+    check_noise_manifest(cfg)
     if args.command == "plan":
         if args.count:
             print(len(KMeansConfig.from_dict(cfg.get("kmeans")).iterations))

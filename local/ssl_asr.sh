@@ -827,7 +827,7 @@ decode_system() {  # decode_system DIR: every set with every method of DIR's mod
 score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY=VALUE...]: a results row per (set, method)
   # BASELINE: an exp dir whose decode of the same set and method each row is compared with, or ""
   # $upstream (a noisy student's teachers and pseudo-labels): their commands are the rows' too
-  local dir=$1 pretrained=false row_frontend=none generation=$3 baseline_dir=$4 method lm_row test_set out baseline
+  local dir=$1 pretrained=false row_frontend=none generation=$3 baseline_dir=$4 method lm_row test_set out baseline missing
   local made_by command methods lm_weight length_bonus parameters
   [ $2 != pretrained ] || { pretrained=true; row_frontend=$frontend; }
   shift 4
@@ -839,12 +839,13 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
     command=$(row_command $made_by ${upstream:-} $dir)
     for test_set in $test_sets; do
       out=$dir/decode_${test_set}_${method/+lm/_lm}
-      if done_or_force $out/.scored && [ ! $out/hyp.txt -nt $out/.scored ]; then continue; fi  # decoded again: rescored
-      baseline=${baseline_dir:+$baseline_dir/decode_${test_set}_${method/+lm/_lm}}
-      if [ -n "$baseline" ] && [ ! -f $baseline/hyp.txt ]; then  # e.g. decoded by other methods
-        log "$out: no $baseline/hyp.txt to compare with; its row has no baseline"
-        baseline=""
-      fi
+      baseline=${baseline_dir:+$baseline_dir/decode_${test_set}_${method/+lm/_lm}} missing=""
+      if [ -n "$baseline" ] && [ ! -f $baseline/hyp.txt ]; then missing=$baseline; baseline=""; fi  # e.g. decoded by other methods
+      # rescored when decoded again, or when its baseline was, or is another (e.g. none then, one now):
+      # its Δ, confidence interval and teacher WER would describe a decode the tables no longer show
+      if done_or_force $out/.scored && [ ! $out/hyp.txt -nt $out/.scored ] && [ "$(cat $out/.scored)" = "$baseline" ] \
+         && { [ -z "$baseline" ] || [ ! $baseline/hyp.txt -nt $out/.scored ]; }; then continue; fi
+      [ -z "$missing" ] || log "$out: no $missing/hyp.txt to compare with; its row has no baseline"
       lm_weight=$(json_value $out/decode_info.json lm_weight)
       length_bonus=$(json_value $out/decode_info.json length_bonus)
       parameters=$(json_value $out/decode_info.json model_parameters null)
@@ -854,7 +855,7 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
         labeled_seconds="$(cat "$dir/labeled_seconds" 2>/dev/null || echo null)" \
         pretrained=$pretrained generation=$generation exp=$dir ${sp_tag:+speed_perturb=${speed_perturb// /,}} \
         "$@" "command=$command"
-      touch $out/.scored
+      printf '%s\n' "$baseline" > $out/.scored  # the baseline compared with ("" for none)
     done
   done
 }

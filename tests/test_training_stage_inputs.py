@@ -422,6 +422,36 @@ def test_a_system_without_its_config_is_not_scored_as_nothing(tmp_path: Path):
     assert not (recipe / "score_commands").exists()  # the scratch system's rows neither
 
 
+def test_a_row_is_scored_again_when_its_baseline_is_decoded_again_or_appears(tmp_path: Path):
+    """Only the system's own hyp.txt was compared with its .scored: a scratch system decoded again
+    (or first decoded after the pretrained one was scored) left the pretrained rows' Δ and
+    confidence interval describing a scratch decode the tables no longer showed."""
+    recipe = _trained(tmp_path)
+    assert _run(recipe, "--stage", "7", "--stop-stage", "7").returncode == 0
+    scratch = [recipe / f"exp/ctc_scratch_wav2vec2_all/decode_{s}_ctc_greedy" for s in ("dev", "test")]
+    for folder in scratch:
+        (folder / "hyp.txt").rename(folder / "hyp.txt.later")
+
+    def scored() -> list:  # (system, baseline or None) per score call since the last look
+        calls = _calls(recipe, "sslasr.bin.score")
+        (recipe / "python_calls").write_text("")
+        return sorted((c[c.index("--out-dir") + 1].split("/")[1], "--baseline" in c) for c in calls)
+
+    result = _run(recipe, "--stage", "8", "--stop-stage", "8")
+    assert result.returncode == 0 and "hyp.txt to compare with; its row has no baseline" in result.stderr
+    assert scored() == [("ctc_scratch_wav2vec2_all", False)] * 2 + [("ctc_wav2vec2_all", False)] * 2
+    for folder in scratch:  # there now (with their old times: the scratch rows stay as they are)
+        (folder / "hyp.txt.later").rename(folder / "hyp.txt")
+    assert _run(recipe, "--stage", "8", "--stop-stage", "8").returncode == 0
+    assert scored() == [("ctc_wav2vec2_all", True)] * 2
+    assert _run(recipe, "--stage", "8", "--stop-stage", "8").returncode == 0
+    assert scored() == []  # nothing new
+    later = time.time() + 5
+    os.utime(scratch[1] / "hyp.txt", (later, later))  # the scratch system's test set decoded again
+    assert _run(recipe, "--stage", "8", "--stop-stage", "8").returncode == 0
+    assert scored() == [("ctc_scratch_wav2vec2_all", False), ("ctc_wav2vec2_all", True)]
+
+
 def test_a_lexicon_method_without_the_lexicon_does_not_decode(tmp_path: Path):
     recipe = _trained(tmp_path, method="ctc_lexicon")
     result = _run(recipe, "--stage", "7", "--stop-stage", "7")

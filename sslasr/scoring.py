@@ -30,12 +30,16 @@ REQUIRED_RESULT_KEYS = (
     "pretrained", "generation", "wer", "sub", "del", "ins", "num_words", "num_utts", "command",
 )  # fmt: skip
 
-# Two result rows with equal values for these (plus "exp" when present) describe the same
-# experiment; in RESULTS.md the later line of the jsonl replaces the earlier one. λ is not a key:
-# the recipes tune it per run, and a rerun whose tuned λ moved must replace the old model's row.
+# Two result rows with equal values for these describe the same experiment; in RESULTS.md the
+# later line of the jsonl replaces the earlier one. A row naming its exp directory is keyed by
+# that (EXP_DEDUP_KEYS): the directory names the system, and a rerun in it on a redrawn labeled
+# subset (another measured labeled_seconds) replaces the old row rather than standing beside it.
+# λ is not a key: the recipes tune it per run, and a rerun whose tuned λ moved must replace the
+# old model's row.
 DEDUP_KEYS = (
     "corpus", "test_set", "frontend", "head", "decoding", "labeled_seconds", "pretrained", "generation",
 )  # fmt: skip
+EXP_DEDUP_KEYS = ("corpus", "test_set", "decoding", "exp")
 
 
 # --------------------------------------------------------------------------- counting
@@ -273,7 +277,8 @@ def append_result(results_jsonl: PathLike, row: dict[str, Any]) -> dict[str, Any
 
 def experiment_key(row: dict[str, Any]) -> str:
     """What makes two rows the same experiment (see DEDUP_KEYS), as a comparable string."""
-    return json.dumps([row.get(k) for k in DEDUP_KEYS] + [row.get("exp")], sort_keys=True)
+    keys = EXP_DEDUP_KEYS if row.get("exp") is not None else DEDUP_KEYS
+    return json.dumps([row.get(k) for k in keys], sort_keys=True)
 
 
 def latest_row_of(results_jsonl: PathLike, key: str) -> Optional[dict[str, Any]]:

@@ -250,6 +250,18 @@ def test_render_dedups_latest_wins_and_shows_commands(tmp_path):
     assert "```bash" in clean
 
 
+def test_a_rerun_in_the_same_exp_dir_on_a_redrawn_subset_replaces_its_row(tmp_path):
+    """labeled_seconds is measured: a system retrained in its exp dir on a redrawn subset of about
+    the same size got another key, both rows stayed in the table, and the summary (one row per exp
+    dir) showed whichever sorted last by labeled_seconds, here the stale one."""
+    path = tmp_path / "results.jsonl"
+    append_result(path, make_row(exp="exp/ctc_1h", labeled_seconds=3601.57, wer=90.0, timestamp="2026-01-01T00:00:00"))
+    append_result(path, make_row(exp="exp/ctc_1h", labeled_seconds=3598.2, wer=70.0, timestamp="2026-02-01T00:00:00"))
+    text = render_results_md(path, tmp_path / "RESULTS.md")
+    assert "70.00" in text and "90.00" not in text
+    assert "**70.00**" in text  # the summary's
+
+
 def test_summary_has_one_row_per_system_and_one_column_per_method(tmp_path):
     path = tmp_path / "results.jsonl"
     rows = [("exp/scratch", False, "ctc_greedy", 40.0), ("exp/scratch", False, "ctc_beam+lm", 30.0),
@@ -305,6 +317,12 @@ def test_archive_keeps_earlier_runs_rows_once(tmp_path):
     with pytest.raises(ValueError, match="missing required key"):
         archive_results(tmp_path / "bad.jsonl", archive)
     assert len(read_results(archive)) == 2  # nothing written on failure
+
+    # stage 10 on a checkout with the archive but a fresh exp/: rendered from the archive alone
+    (tmp_path / "RESULTS.md").unlink()
+    render_results.main(["--results", str(tmp_path / "exp/results.jsonl"), "--archive", str(archive),
+                         "--out", str(tmp_path / "RESULTS.md")])
+    assert "12.00" in (tmp_path / "RESULTS.md").read_text() and len(read_results(archive)) == 2
 
 
 def test_an_out_of_date_results_file_merged_later_does_not_replace_a_newer_row(tmp_path):

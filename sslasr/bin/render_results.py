@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from sslasr.scoring import archive_results, render_results_md
@@ -31,8 +32,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         source = args.results
         if args.archive:
-            added = archive_results(args.results, args.archive)
-            print(f"{args.archive}: {added} new row(s) from {args.results}")
+            if Path(args.results).exists():
+                added = archive_results(args.results, args.archive)
+                print(f"{args.archive}: {added} new row(s) from {args.results}")
+            else:  # e.g. a fresh exp/ beside a pulled archive: the archive's rows alone
+                print(f"{args.archive}: no {args.results} to add rows from")
             source = args.archive
         render_results_md(source, args.out, title=args.title)
     except (OSError, ValueError) as err:

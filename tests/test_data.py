@@ -17,7 +17,7 @@ from shared_data import shared_data_dir
 from sslasr.bin import compute_fbank as compute_fbank_cli
 from sslasr.bin import cuts as cuts_cli
 from sslasr.bin import prepare_manifests as prepare_cli
-from sslasr.data.loader import load_cuts, make_dataloader, normalize_waveforms
+from sslasr.data.loader import load_cuts, make_dataloader, make_sampler, normalize_waveforms
 from sslasr.data.manifests import (
     derive_subsets, prepare_split, speed_perturbed_copies, split_by_speaker, subset_by_duration, write_cuts,
 )
@@ -228,6 +228,30 @@ def test_subset_by_duration_total_and_determinism():
     assert [c.id for c in subset] == [c.id for c in subset_by_duration(cuts, 20.0, seed=3)]
     assert [c.id for c in subset] != [c.id for c in subset_by_duration(cuts, 20.0, seed=4)]
     assert len(subset_by_duration(cuts, 1e6, seed=0)) == 50
+
+
+def test_data_buffer_size_decides_how_far_training_batches_reach_into_the_manifest(tmp_path):
+    """lhotse's sampler draws from the cuts it holds: a speaker-sorted manifest larger than the
+    buffer is visited window by window, in manifest order (LibriSpeech's 960 h against lhotse's
+    20,000). A buffer covering the manifest draws the first batches from all of it."""
+    path = tmp_path / "cuts.jsonl.gz"
+    _dummy_cuts(600, path)
+    position = {c.id: i for i, c in enumerate(load_cuts(path))}
+
+    def reach(buffer_size: int) -> int:  # the furthest manifest position among the first 5 batches
+        sampler = make_sampler(load_cuts(path), max_duration=8.0, shuffle=True, num_buckets=2, buffer_size=buffer_size)
+        return max(position[c.id] for _, batch in zip(range(5), sampler) for c in batch)
+
+    assert reach(60) < 150 and reach(600) > 300
+    from sslasr.train.distributed import DistInfo
+    from sslasr.train.tasks import _DataMixin
+
+    class Task(_DataMixin):
+        input_type = "waveform"
+
+    task = Task()
+    task.cfg = {"data": {"max_duration": 8.0, "buffer_size": 600}, "trainer": {"seed": 0}}
+    assert task._loader(str(path), DistInfo(), train=True).sampler.buffer_size == 600  # the YAML's
 
 
 def test_labeled_subset_rule_is_pinned(tmp_path, capsys):

@@ -265,6 +265,15 @@ def test_dry_run_finetuning_configs(labeled: str):
     assert f"updates: {published[0]}, peak lr {published[1]}" in summary
 
 
+@pytest.mark.parametrize("frontend", _frontends())
+def test_training_shuffles_all_of_960_hours(frontend: str):
+    """lhotse's default buffer (20,000 cuts) would shuffle the speaker-sorted 960 h only within a
+    window (tests/test_data.py): pretraining and --labeled all hold every one of its 281,241 cuts."""
+    for configs in (_pretrain_configs(frontend), [CONF / f"frontend_{frontend}.yaml", CONF / "finetune_ctc.yaml",
+                                                  CONF / "finetune_ctc_all.yaml"]):
+        assert load_configs(configs)["data"]["buffer_size"] >= 281241
+
+
 @pytest.mark.parametrize("labeled, seconds", [("10m", 600), ("1h", 3600), ("10h", 36000)])
 def test_small_labeled_splits_fill_their_batches(labeled: str, seconds: int):
     """Each batch comes from one duration bucket: 10 minutes in 30 buckets made batches of one or

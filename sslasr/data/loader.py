@@ -233,10 +233,17 @@ class SpeechDataset(Dataset):
         return audio, lens, mixing
 
 
+SHUFFLE_BUFFER = 20000  # lhotse's default buffer_size
+
+
 def make_sampler(cuts: CutSet, *, max_duration: float, shuffle: bool, seed: int = 0, num_buckets: int = 10,
                  drop_last: bool = False, world_size: Optional[int] = None, rank: Optional[int] = None,
-                 max_cuts: Optional[int] = None):
-    """Training: bucketed + shuffled. Evaluation (shuffle=False): manifest order, every cut kept --
+                 max_cuts: Optional[int] = None, buffer_size: int = SHUFFLE_BUFFER):
+    """Training: bucketed + shuffled. The sampler reads the manifest in order and draws batches at
+    random from the `buffer_size` cuts it holds, so a manifest sorted by speaker is shuffled only
+    within that window: a corpus of more cuts than the buffer is visited in manifest order, each
+    epoch alike (data.buffer_size covering the corpus shuffles all of it, at ~2 KB a cut).
+    Evaluation (shuffle=False): manifest order, every cut kept --
     over DDP ranks every cut exactly once: rank r of W takes the cuts at indices i % W == r.
 
     lhotse's own rank split pads the ranks to equal batch counts with copies of cuts (ids ending
@@ -246,7 +253,7 @@ def make_sampler(cuts: CutSet, *, max_duration: float, shuffle: bool, seed: int 
     if shuffle:
         return DynamicBucketingSampler(cuts, max_duration=max_duration, max_cuts=max_cuts, shuffle=True,
                                        seed=seed, num_buckets=num_buckets, drop_last=drop_last,
-                                       world_size=world_size, rank=rank)
+                                       world_size=world_size, rank=rank, buffer_size=buffer_size)
     world_size, rank = _ddp_position(world_size, rank)
     share = cuts if world_size == 1 else CutSet(LazySlicer(cuts, k=rank, n=world_size))
     return SimpleCutSampler(share, max_duration=max_duration, max_cuts=max_cuts, shuffle=False,
@@ -266,7 +273,8 @@ def _ddp_position(world_size: Optional[int], rank: Optional[int]) -> Tuple[int, 
 
 
 def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuffle: bool, seed: int = 0,
-                    num_buckets: int = 10, num_workers: int = 0, tokenizer: Optional[Tokenizer] = None,
+                    num_buckets: int = 10, buffer_size: int = SHUFFLE_BUFFER, num_workers: int = 0,
+                    tokenizer: Optional[Tokenizer] = None,
                     drop_last: bool = False, world_size: Optional[int] = None, rank: Optional[int] = None,
                     max_cuts: Optional[int] = None, normalize_waveform: bool = False,
                     normalize_eps: float = NORMALIZE_EPS, targets_field: Optional[str] = None, spec_augment: Optional[Dict] = None,
@@ -281,7 +289,7 @@ def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuff
     """
     sampler = make_sampler(cuts, max_duration=max_duration, shuffle=shuffle, seed=seed,
                            num_buckets=num_buckets, drop_last=drop_last, world_size=world_size,
-                           rank=rank, max_cuts=max_cuts)
+                           rank=rank, max_cuts=max_cuts, buffer_size=buffer_size)
     dataset = SpeechDataset(input_type, tokenizer=tokenizer, normalize_waveform=normalize_waveform,
                             normalize_eps=normalize_eps, targets_field=targets_field, spec_augment=build_spec_augment(spec_augment),
                             utterance_mixing=build_mixer(utterance_mixing, seed), seed=seed)

@@ -6,7 +6,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from sslasr.data.loader import check_feature_type, feature_type, load_cuts, make_dataloader, waveform_normalization
+from sslasr.data.loader import (SHUFFLE_BUFFER, check_feature_type, feature_type, load_cuts, make_dataloader,
+                                waveform_normalization)
 from sslasr.data.tokenizer import Tokenizer
 from sslasr.models.asr import build_asr_model, load_encoder_weights
 from sslasr.models.frontends import get_frontend
@@ -77,6 +78,7 @@ class _DataMixin:
             load_cuts(cuts_path), input_type=self.input_type,
             max_duration=data["max_duration"] if train else data.get("valid_max_duration", data["max_duration"]),
             shuffle=train, seed=self.cfg["trainer"].get("seed", 0), num_buckets=data.get("num_buckets", 10),
+            buffer_size=data.get("buffer_size", SHUFFLE_BUFFER),
             num_workers=data.get("num_workers", 0), tokenizer=self.tokenizer, drop_last=False,
             world_size=dist.world_size, rank=dist.rank, **waveform_normalization(data),
             targets_field=data.get("targets_field"),  # frame labels for objectives that predict them (HuBERT)

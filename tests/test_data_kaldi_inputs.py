@@ -99,16 +99,18 @@ def test_utt2spk_id_repeated_with_another_speaker_is_an_error(tmp_path: Path):
 
 def test_stage_0_lists_text_without_audio_and_writes_no_text_line_for_an_utterance_without_one(
         tmp_path: Path, caplog):
-    split = _split(tmp_path / "in" / "train", {"a": 1.0, "b": 1.0, "e": 1.0}, text="a HELLO\ne\nx NO AUDIO\n")
+    split = _split(tmp_path / "in" / "train", {"a": 1.0, "b": 1.0, "e": 1.0, "r": 1.0},
+                   text="a HELLO\ne\nx NO AUDIO\nr HELLO <blk> THERE\n")
     dropped = []
     caplog.set_level(logging.WARNING)
     utterances = read_split(split, need_text=True, need_speakers=False, dropped=dropped)
     assert [(d.utt_id, d.reason) for d in dropped] == [("x", "text_without_audio")]
     assert "dropped 1 line(s): text_without_audio" in caplog.text
     write_split(tmp_path / "out" / "train", utterances)
-    assert (tmp_path / "out" / "train" / "text").read_text() == "a HELLO\ne \n"  # e's transcript is empty
+    assert (tmp_path / "out" / "train" / "text").read_text() == "a HELLO\ne \nr HELLO <blk> THERE\n"  # e's is empty
     report = prepare_split(tmp_path / "out" / "train", "c", "train", tmp_path / "manifests", num_jobs=1)
-    assert _reasons(tmp_path / "manifests", "c_train") == {"b": "missing_text", "e": "empty_text"}
+    # r's <blk> would be a CTC blank among its targets
+    assert _reasons(tmp_path / "manifests", "c_train") == {"b": "missing_text", "e": "empty_text", "r": "reserved_symbol"}
     assert report["kept"] == 1
 
 

@@ -181,6 +181,12 @@ def test_sentences_outside_the_tokenizer_are_dropped_and_counted(tmp_path, caplo
     # evaluation (validation, perplexity) keeps them: the perplexity covers the whole text
     kept = tokenize_sentences(["THE DOG", "the dog"], tokenizer, drop_unknown=False)
     assert len(kept) == 2 and tokenizer.unk_id in kept[1]
+    # the reserved symbols written out: a blank or an <eos> inside a sentence, which stopped the
+    # LM's training at the batch that held it (and a perplexity with a traceback)
+    for drop_unknown in (True, False):
+        ids = tokenize_sentences(["THE CAT", "THE <sos/eos> CAT", "A <blk> DOG"], tokenizer, drop_unknown=drop_unknown)
+        assert [tokenizer.decode(s) for s in ids] == ["THE CAT"]
+    assert "dropped 2 sentences that spell the tokenizer's reserved symbols" in caplog.text
 
 
 # ------------------------------------------------------------------ training through the trainer

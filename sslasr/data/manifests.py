@@ -22,6 +22,7 @@ import soundfile as sf
 from lhotse import CutSet, MonoCut, Recording, RecordingSet, SupervisionSegment, SupervisionSet
 from lhotse.audio import AudioSource
 
+from sslasr.data.tokenizer import RESERVED_SYMBOLS
 from sslasr.utils.io import atomic_path, write_text_atomic
 from sslasr.utils.kaldi_table import read_table  # noqa: F401  (also this module's API)
 
@@ -192,6 +193,9 @@ def _text_problem(utt_id: str, text: Optional[Dict[str, str]]) -> Optional[Dropp
         return Dropped(utt_id, "missing_text", "in wav.scp, not in text")
     if not text[utt_id]:
         return Dropped(utt_id, "empty_text", "empty transcript line")
+    reserved = [symbol for symbol in RESERVED_SYMBOLS if symbol in text[utt_id]]
+    if reserved:  # the tokenizer reads them as its own symbols: a blank in CTC targets, an <eos> mid-sentence
+        return Dropped(utt_id, "reserved_symbol", f"the transcript spells the tokenizer's {' '.join(reserved)}")
     return None
 
 

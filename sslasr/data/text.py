@@ -13,7 +13,7 @@ from typing import Dict, Iterable, Iterator, List, Sequence, Union
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sslasr.data.tokenizer import Tokenizer
+from sslasr.data.tokenizer import RESERVED_SYMBOLS, Tokenizer
 from sslasr.models.lm import teacher_forcing_batch
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,17 @@ def tokenize_sentences(sentences: Iterable[str], tokenizer: Tokenizer, drop_unkn
     """Token ids per sentence. Dropped and counted: sentences that tokenise to nothing, and (for
     training, `drop_unknown`) those with characters the tokenizer never saw (<unk>: an LM trained on
     them would learn to predict <unk>, e.g. from lower-case or digit text beside upper-case letter
-    tokens). Evaluation keeps them, counted, so a perplexity covers the whole text."""
+    tokens). Evaluation keeps them, counted, so a perplexity covers the whole text. Always dropped:
+    sentences that spell <blk> or <sos/eos>, which the tokenizer reads as its own symbols."""
     sentences = list(sentences)
     ids = tokenizer.encode_batch(sentences)
     empty = sum(1 for s in ids if not s)
+    reserved = {tokenizer.blank_id, tokenizer.sos_eos_id}
+    marked = [i for i, s in enumerate(ids) if reserved.intersection(s)]
+    if marked:  # no LM can be trained or scored on a blank or an <eos> inside a sentence
+        log.warning("dropped %d sentences that spell the tokenizer's reserved symbols (%s), e.g. %r", len(marked),
+                    " ".join(RESERVED_SYMBOLS), sentences[marked[0]][:80])
+        ids = [[] if reserved.intersection(s) else s for s in ids]
     unknown = [i for i, s in enumerate(ids) if tokenizer.unk_id in s]
     if empty:
         log.warning("dropped %d sentences that tokenise to nothing", empty)
@@ -141,8 +148,8 @@ def tokenize_sentences(sentences: Iterable[str], tokenizer: Tokenizer, drop_unkn
                     example if len(example) <= 80 else example[:77] + "...")
     kept = [s for s in ids if s and not (drop_unknown and tokenizer.unk_id in s)]
     if not kept:
-        raise ValueError(f"no LM sentences left after tokenisation ({empty} empty, {len(unknown)} with "
-                         f"characters outside the tokenizer {tokenizer.model_path})")
+        raise ValueError(f"no LM sentences left after tokenisation ({empty} empty, {len(marked)} with reserved "
+                         f"symbols, {len(unknown)} with characters outside the tokenizer {tokenizer.model_path})")
     return kept
 
 

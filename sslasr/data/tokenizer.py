@@ -12,6 +12,7 @@ from sslasr.utils.io import atomic_path, write_text_atomic
 log = logging.getLogger(__name__)
 
 BLANK, SOS_EOS, UNK = "<blk>", "<sos/eos>", "<unk>"
+RESERVED_SYMBOLS = (BLANK, SOS_EOS)  # user-defined pieces: written in a text, sentencepiece returns their ids
 MODEL_NAME = "bpe.model"
 
 

@@ -50,6 +50,14 @@ def test_read_table_ends_lines_at_newline_only_and_drops_the_bom(tmp_path: Path)
                                 ("d", "LAST  WORDS")]
 
 
+def test_transcript_words_end_one_space_apart(tmp_path: Path):
+    """A tab or no-break space inside a transcript is a word boundary to scoring, not to sentencepiece."""
+    split = _split(tmp_path / "c" / "train", {"a": 1.0}, text="a HELLO\u00a0WORLD\t AGAIN  NOW\n")
+    prepare_split(split, "c", "train", tmp_path / "out", num_jobs=1)
+    cuts = CutSet.from_file(tmp_path / "out" / "c_cuts_train.jsonl.gz")
+    assert [c.supervisions[0].text for c in cuts] == ["HELLO WORLD AGAIN NOW"]
+
+
 def test_eval_splits_keep_every_utterance_whatever_its_duration(tmp_path: Path):
     """--max-duration / --min-duration drop training utterances only: a test set is scored whole."""
     seconds = {"short": 0.1, "normal": 1.0, "long": 4.0}

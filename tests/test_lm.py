@@ -314,6 +314,8 @@ def test_lm_training_resumes_exactly_after_kill(text_corpus, caplog):
 
 
 def test_lm_text_lines_end_at_newline_only_and_a_bom_is_dropped(tmp_path: Path):
+    """Words end one space apart: sentencepiece splits words at spaces only, the lexicon and
+    scoring at any whitespace (a no-break space made one sentencepiece word of two lexicon words)."""
     text = tmp_path / "more.txt"
-    text.write_text("\ufeffHELLO WORLD\r\nONE\u2028TWO\n\nTHREE\n", encoding="utf-8")
-    assert read_sentences(text) == ["HELLO WORLD", "ONE\u2028TWO", "THREE"]
+    text.write_text("\ufeffHELLO WORLD\r\nONE\u2028TWO\n\nTHREE\u00a0FOUR\tFIVE  SIX\n", encoding="utf-8")
+    assert read_sentences(text) == ["HELLO WORLD", "ONE TWO", "THREE FOUR FIVE SIX"]

@@ -171,7 +171,9 @@ def read_kaldi_split(split_dir: Path, max_utts: Optional[int] = None) -> KaldiSp
     if (split_dir / "text").exists():
         transcripts = read_transcripts(split_dir / "text")
         listed = set(listed_ids)  # every wav.scp id, dropped ones too: their text has audio
-        text = {u: words for u, words in transcripts.text.items() if u in listed}
+        # words as scoring splits them, one space apart: a tab or no-break space inside a transcript
+        # is no word boundary to sentencepiece, which splits at spaces only
+        text = {u: " ".join(words.split()) for u, words in transcripts.text.items() if u in listed}
         for utt_id, variants in transcripts.conflicting.items():
             if utt_id in wav:  # dropped here, so it is not counted again as missing_text
                 del wav[utt_id]

@@ -43,7 +43,9 @@ def read_sentences(paths: PathOrPaths) -> List[str]:
             # lines end at \n only (U+2028 and kin can sit inside a sentence); an editor's BOM is dropped
             texts = path.read_text(encoding="utf-8-sig").split("\n")
         before = len(sentences)
-        sentences.extend(t.strip() for t in texts if t and t.strip())
+        # words one space apart, as in the manifests: sentencepiece's word boundary is a space, the
+        # lexicon's and scoring's any whitespace
+        sentences.extend(" ".join(t.split()) for t in texts if t and t.strip())
         if len(sentences) == before:
             raise ValueError(f"LM text {path} holds no sentences")
     return sentences

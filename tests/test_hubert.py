@@ -524,6 +524,27 @@ def test_labelling_resumes_after_the_manifests_it_finished(tmp_path):
     assert (labels / "first.jsonl.gz").stat().st_mtime_ns != kept
 
 
+def test_layer_labels_refuse_a_model_changed_since_the_fit(tmp_path):
+    """The previous iteration's model was recorded by path: trained again in place, its new
+    features were labelled by centres fitted on the old ones (and labels were reused as made)."""
+    _tiny_checkpoint(tmp_path / "model.pt")
+    cuts_path = _audio_cuts(tmp_path)
+    cfg = {"kmeans": {"iterations": [{"features": "mfcc", "clusters": 4},
+                                     {"features": "layer", "layer": 1, "clusters": 4}],
+                      "frames_budget": 200, "batch_size": 64, "max_epochs": 2, "n_init": 1}}
+    kmeans_path, labels = tmp_path / "km.pt", tmp_path / "labels"
+    kmeans_cli.fit(cfg, 2, str(cuts_path), str(tmp_path / "model.pt"), kmeans_path)
+    kmeans_cli.label(cfg, str(kmeans_path), [str(cuts_path)], labels)
+    torch.manual_seed(1)
+    _tiny_checkpoint(tmp_path / "model.pt")  # trained again: other weights at the same path
+    with pytest.raises(ValueError, match="is not the model .* was fitted on"):
+        kmeans_cli.label(cfg, str(kmeans_path), [str(cuts_path)], labels)
+    # on purpose, with --model: labelled again, not taken as made
+    kept = (labels / cuts_path.name).stat().st_mtime_ns
+    kmeans_cli.label(cfg, str(kmeans_path), [str(cuts_path)], labels, model=str(tmp_path / "model.pt"))
+    assert (labels / cuts_path.name).stat().st_mtime_ns != kept
+
+
 def test_loader_names_cuts_without_labels(tmp_path):
     loader = make_dataloader(load_cuts(_audio_cuts(tmp_path)), input_type="waveform", max_duration=100,
                              shuffle=False, targets_field="kmeans_labels")

@@ -81,6 +81,7 @@ def fit(cfg: Dict, number: int, cuts_path: str, model: Optional[str], out: Path,
     log_usage("k-means sample", usage)
     state = {"centers": centers, "iteration": asdict(iteration), "frames_seen": seen, "frames_sampled": len(sample),
              "features": {"kind": iteration.features, "layer": iteration.layer, "model": model,
+                          "model_sha256": file_sha256(model) if model else None,
                           "frame_rate": features.frame_rate, "dim": int(sample.shape[1])},
              "sample_usage": usage}
     with atomic_path(out) as tmp:
@@ -96,6 +97,11 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
     kmeans = KMeansConfig.from_dict(cfg.get("kmeans"))
     state = torch.load(kmeans_path, map_location="cpu", weights_only=False)
     spec, centers = state["features"], state["centers"]
+    model_sha256 = file_sha256(model or spec["model"]) if model or spec["model"] else None
+    if not model and spec.get("model_sha256") and model_sha256 != spec["model_sha256"]:
+        # e.g. the earlier iteration trained again: labels of its new features by the old centres
+        raise ValueError(f"{spec['model']} is not the model {kmeans_path} was fitted on (it changed since): "
+                         f"fit the k-means again, or label with another model on purpose (--model)")
     model = model or spec["model"]
     features = build_features(spec["kind"], model, spec["layer"])
     if features.frame_rate != spec["frame_rate"]:
@@ -107,7 +113,7 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
         out, done = out_dir / Path(path).name, out_dir / f"{Path(path).name}.counts.json"
         # the manifest by content: stage 4 writes the pretraining manifest again on every entry
         made_from = {"kmeans_sha256": file_sha256(kmeans_path), "cuts_sha256": content_sha256(path), "model": model,
-                     "targets_field": kmeans.targets_field}
+                     "model_sha256": model_sha256, "targets_field": kmeans.targets_field}
         earlier = json.loads(done.read_text()) if out.exists() and done.exists() else None
         if earlier is not None and earlier["made_from"] == made_from:
             counts += np.asarray(earlier["counts"], dtype=np.int64)

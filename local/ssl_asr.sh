@@ -523,6 +523,24 @@ wait_for_node_0() {  # wait_for_node_0 MARKER WHAT [INPUT...]: until MARKER exis
     waited=$((waited + 10))
   done
 }
+undo_stale_iteration() {  # undo_stale_iteration I VALID_CUTS: node 0 undoes what iteration I made from inputs made again
+  local i=$1 it=$pretrain_dir/iter$1 valid_labels=$pretrain_dir/iter$1/labels/$(basename "$2")
+  # an earlier iteration trained again (its .done removed by hand, say): new features, new centres
+  if [ "$i" -gt 1 ] && [ -f $it/.kmeans.done ] && [ $pretrain_dir/iter$((i - 1))/model_final.pt -nt $it/.kmeans.done ]; then
+    log "iteration $i: iteration $((i - 1))'s model is newer than this k-means: fitting, labelling and pretraining again"
+    rm -f $it/.kmeans.done $it/.labels.done
+    reset_training $it
+  fi
+  if [ -f $it/.labels.done ] && [ $it/.kmeans.done -nt $it/.labels.done ]; then
+    log "iteration $i: its k-means is newer than its labels: labelling and pretraining again"
+    rm -f $it/.labels.done
+    reset_training $it
+  fi
+  if [ -f $it/.labels.done ] && [ ! -f "$valid_labels" ]; then  # another --valid-set: its labels only
+    log "iteration $i: no labels of $(basename "$2") yet: labelling it"
+    rm -f $it/.labels.done
+  fi
+}
 kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT), features + fit → labels → pretrain
   local all_cuts=$1 valid_cuts iterations i it previous plan
   valid_cuts=$(cuts $valid_set)
@@ -530,6 +548,7 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
   for i in $(seq 1 "$iterations"); do
     it=$pretrain_dir/iter$i
     previous=""; [ "$i" -eq 1 ] || previous="--model $pretrain_dir/iter$((i - 1))/model_final.pt"
+    [ "$node_rank" != 0 ] || undo_stale_iteration $i "$valid_cuts"
     if [ -f $it/.kmeans.done ]; then log "iteration $i: k-means ready"
     elif [ "$node_rank" != 0 ]; then wait_for_node_0 $it/.kmeans.done "iteration $i k-means"; else
       log "iteration $i: k-means on $(basename "$all_cuts")"

@@ -452,6 +452,36 @@ def test_a_row_is_scored_again_when_its_baseline_is_decoded_again_or_appears(tmp
     assert scored() == [("ctc_scratch_wav2vec2_all", False), ("ctc_wav2vec2_all", True)]
 
 
+def test_a_kmeans_iteration_made_from_an_earlier_model_is_made_again_after_it(tmp_path: Path):
+    """Iteration 2's markers only said its files existed: after iteration 1 trained again, its
+    k-means (fitted on the old model's features), labels and model were taken as they were."""
+    recipe = _trained(tmp_path, kmeans="2")
+    pretrain = recipe / "exp/pretrain_wav2vec2"
+    for i in (1, 2):  # what the real labelling leaves (the fake writes nothing)
+        _gz(pretrain / f"iter{i}/labels/toy_cuts_dev.jsonl.gz", "labels\n")
+
+    def calls() -> list:
+        made = [shlex.split(line) for line in _lines(recipe / "python_calls")]
+        (recipe / "python_calls").write_text("")
+        return [" ".join(c[:3] if c[0] == "sslasr.bin.train" else c[:2]) for c in made
+                if c[0] == "sslasr.bin.train" or c[:2] in (["sslasr.bin.kmeans", "fit"], ["sslasr.bin.kmeans", "label"])]
+
+    calls()
+    (pretrain / ".done").unlink()
+    (pretrain / "iter1/.done").unlink()  # iteration 1 trained again
+    result = _run(recipe, "--stage", "4", "--stop-stage", "4", kmeans="2")
+    assert result.returncode == 0, result.stderr
+    assert "iteration 2: iteration 1's model is newer than this k-means" in result.stderr
+    assert calls() == [f"sslasr.bin.train --exp-dir {pretrain.relative_to(recipe)}/iter1",
+                       "sslasr.bin.kmeans fit", "sslasr.bin.kmeans label",
+                       f"sslasr.bin.train --exp-dir {pretrain.relative_to(recipe)}/iter2"]
+    # another validation set's labels are missing: labelled, the model kept
+    (pretrain / ".done").unlink()
+    (pretrain / "iter1/labels/toy_cuts_dev.jsonl.gz").unlink()
+    assert _run(recipe, "--stage", "4", "--stop-stage", "4", kmeans="2").returncode == 0
+    assert calls() == ["sslasr.bin.kmeans label"]
+
+
 def test_a_lexicon_method_without_the_lexicon_does_not_decode(tmp_path: Path):
     recipe = _trained(tmp_path, method="ctc_lexicon")
     result = _run(recipe, "--stage", "7", "--stop-stage", "7")

@@ -962,9 +962,28 @@ pseudo_label_method() {  # pseudo_label_method TEACHER: noisy_student.yaml's met
   methods=$(decode_methods $1)  # a failure stops here
   noisy_student_setting method "${methods##* }"
 }
-pseudo_labels_outdated() {  # pseudo_labels_outdated TEACHER LABELS: why LABELS are not TEACHER's current ones
+pseudo_label_inputs() {  # pseudo_label_inputs TEACHER: what its pseudo-labels are made from, beside its model and LM
+  local method tuned
+  method=$(pseudo_label_method $1)
+  "$python" - $noisy_student_configs <<'EOF'
+import json, sys
+from sslasr.utils.config import load_configs
+print("settings", json.dumps(load_configs(sys.argv[1:]).get("pseudo_label") or {}, sort_keys=True))
+EOF
+  echo "labeled $labeled_cuts $(content_hash "$labeled_cuts")"
+  if uses_lm $method && [ "$pseudo_label_lm_dir" = "$lm_dir" ]; then
+    tuned=$(tuned_fusion $1 $method)
+    echo "fusion $(json_value $tuned lm_weight) $(json_value $tuned length_bonus)"  # the teacher's, as tuned
+  fi
+  echo "decode_opts $decode_opts"
+}
+pseudo_labels_outdated() {  # pseudo_labels_outdated TEACHER LABELS INPUTS: why LABELS are not TEACHER's current ones
   local teacher=$1 labels=$2 method made=$2/.done
   [ -d $labels ] || return 1
+  # the filter, the pool's search or the labeled cuts changed (a record from before: not checked)
+  if [ -f $labels/inputs.txt ] && [ "$(cat $labels/inputs.txt)" != "$3" ]; then
+    echo "its inputs changed ($(changed_inputs $labels/inputs.txt "$3"))"; return 0
+  fi
   # a killed labelling's folder (its time: when it was last written to): decode would resume its sets
   [ -f $made ] || made=$labels
   if [ $teacher/model_final.pt -nt $made ]; then echo "$teacher changed"; return 0; fi
@@ -1028,9 +1047,10 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
     if uses_lm $method && [ "$pseudo_label_lm_dir" = "$lm_dir" ]; then
       tuned_fusion $teacher $method > /dev/null  # before anything is reset: a refusal loses nothing
     fi
-    if outdated=$(pseudo_labels_outdated $teacher $labels); then
-      # e.g. the teacher fine-tuned again (--force), or the LM trained on more text (--lm-text):
-      # the pseudo-labels, and the student, are another teacher's
+    label_inputs=$(pseudo_label_inputs $teacher)  # a failure stops here
+    if outdated=$(pseudo_labels_outdated $teacher $labels "$label_inputs"); then
+      # e.g. the teacher fine-tuned again (--force), the LM trained on more text (--lm-text), another
+      # keep_fraction: the pseudo-labels, and the student, are another teacher's or filter's
       log "generation $g: $outdated after its pseudo-labels were made: labelling and training the student again"
       rm -rf $labels
       reset_training $student
@@ -1038,6 +1058,7 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
     if done_or_force $labels/.done; then log "generation $g: pseudo-labels ready"; else
       # decode keeps the sets it finished (resuming a kill): under --force, the old teacher's would stay
       [ "$force" != true ] || rm -rf $labels
+      mkdir -p $labels && printf '%s\n' "$label_inputs" > $labels/inputs.txt  # a killed labelling's too
       pseudo_label $teacher $labels
       "$python" -m sslasr.bin.cuts combine --out $labels/student_train.jsonl.gz "$train_cuts" $labels/pseudo_labeled.jsonl.gz
       note_command $labels pseudo-labelled

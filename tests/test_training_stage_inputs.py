@@ -226,6 +226,24 @@ def test_a_killed_pseudo_labelling_is_resumed_only_with_the_same_teacher(tmp_pat
     assert (labels / "decode_unlabeled/the_old_teachers").exists() != teacher_newer
 
 
+def test_pseudo_labels_of_another_filter_are_made_again(tmp_path: Path):
+    """Only the teacher and the LM were checked: killed before the student's first checkpoint,
+    a rerun with another keep_fraction trained the student on the labels of the old filter."""
+    recipe = _trained(tmp_path)
+    assert _labelled(recipe, "--generations", "1").returncode == 0
+    labels = recipe / "exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels"
+    assert '"keep_fraction"' not in (labels / "inputs.txt").read_text()
+    filters = len([c for c in _calls(recipe, "sslasr.bin.pseudo_label") if "--out-cuts" in c])
+    assert _labelled(recipe, "--generations", "1").returncode == 0  # unchanged: kept
+    assert len([c for c in _calls(recipe, "sslasr.bin.pseudo_label") if "--out-cuts" in c]) == filters
+    (recipe / "conf/noisy_student.yaml").write_text("pseudo_label:\n  method: ctc_greedy\n  keep_fraction: 0.3\n")
+    result = _labelled(recipe, "--generations", "1")
+    assert result.returncode == 0, result.stderr
+    assert "generation 1: its inputs changed" in result.stderr and "keep_fraction" in result.stderr
+    assert len([c for c in _calls(recipe, "sslasr.bin.pseudo_label") if "--out-cuts" in c]) == filters + 1
+    assert '"keep_fraction": 0.3' in (labels / "inputs.txt").read_text()
+
+
 def test_the_pool_reference_in_a_folder_with_a_space_is_one_argument(tmp_path: Path):
     recipe = _trained(tmp_path)
     (tmp_path / "my corpus/unlabeled/text.reference").write_text("u1 a b\n")

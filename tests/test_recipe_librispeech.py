@@ -325,6 +325,9 @@ def test_dry_run_noisy_student_configs(frontend: str):
     assert student["frontend"]["encoder"] == teacher["frontend"]["encoder"]
     assert student["pseudo_label"]["pool"] == ["rest_of_train"]
     filter_config(student["pseudo_label"])
+    # a 10-minute teacher's batching (2 buckets) is not the ~960 h student's
+    small_teacher = [CONF / f"frontend_{frontend}.yaml", CONF / "finetune_ctc.yaml", CONF / "finetune_ctc_10m.yaml", *own]
+    assert load_configs([*small_teacher, CONF / "noisy_student.yaml"])["data"]["num_buckets"] == 30
 
 
 def test_dry_run_command_line_needs_no_exp_dir_or_data():

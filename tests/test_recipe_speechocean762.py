@@ -306,6 +306,9 @@ def test_noisy_student_filter_at_one_hour_merges_over_the_corpus_settings():
     merged = load_configs([CONF / "noisy_student.yaml", CONF / "noisy_student_1h.yaml"])["pseudo_label"]
     assert filter_config(merged).keep_fraction == 0.3 and filter_config(base).keep_fraction == 0.9
     assert {k: v for k, v in merged.items() if k != "keep_fraction"} == {k: v for k, v in base.items() if k != "keep_fraction"}
+    # conf/gpu (--conf-dir), where the driver looks for noisy_student_1h.yaml: the same filter
+    gpu = load_configs([CONF / "gpu/noisy_student.yaml", CONF / "gpu/noisy_student_1h.yaml"])["pseudo_label"]
+    assert gpu == merged
 
 
 def test_download_makes_its_folder_unpacks_and_names_a_broken_archive(tmp_path: Path, monkeypatch):

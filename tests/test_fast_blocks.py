@@ -116,6 +116,9 @@ def test_dropout_identity_cases_and_module():
     x = torch.randn(10, 20)
     assert dropout(x, 0.0) is x and dropout(x, 0.5, training=False) is x
     assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    # p within 2⁻¹⁷ of 1 rounds to a threshold of 2¹⁵, which wrapped in int16: everything kept × 10⁶
+    nearly_all = dropout(torch.ones(100_000), 0.999999)
+    assert nearly_all.count_nonzero() < 10
     module = Dropout(0.2)
     assert isinstance(module, torch.nn.Dropout) and module.p == 0.2
     assert torch.equal(module.eval()(x), x)
@@ -294,3 +297,16 @@ def test_time_major_feature_extractor_equals_its_modules(norm, bias):
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
     for fast, modules in zip(*gradients):
         torch.testing.assert_close(fast, modules, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_time_major_feature_extractor_under_cpu_autocast(norm):
+    """A layer with kernel = stride (a plain matmul: bf16 out under autocast) before one with
+    kernel ≠ stride (the shifted block matmul, run with autocast off) multiplied bf16 activations
+    by a float32 weight: an error, where the modules run."""
+    torch.manual_seed(0)
+    extractor = ConvFeatureExtractor([[4, 10, 5], [4, 2, 2], [4, 3, 2]], norm=norm)
+    waveform = torch.randn(2, 3000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, modules = extractor(waveform), extractor._forward_modules(waveform)
+    torch.testing.assert_close(fast.float(), modules.float(), atol=0.1, rtol=0.05)

@@ -154,6 +154,9 @@ def _conv_time_major(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if slices == 1 and kernel == stride:
         out = xb @ w[:, 0]
     else:
+        if torch.is_autocast_enabled(x.device.type):  # the Function runs with autocast off: cast as it would
+            dtype = torch.get_autocast_dtype(x.device.type)
+            xb, w = xb.to(dtype), w.to(dtype)
         out = _ShiftedBlockMatmul.apply(xb, w, frames, (kernel - (slices - 1) * stride) * channels)
     return out if bias is None else out + bias
 

@@ -78,7 +78,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool = Fa
         if x.is_contiguous() and base.is_contiguous() and x.numel() == base.numel():
             return dropout(base, p, training, inplace=True).view(x.shape)
         inplace = False
-    if x.device.type != "cpu" or p >= 1.0:
+    if x.device.type != "cpu" or round(p * 2**16) >= 2**16:  # p ≥ 1 − 2⁻¹⁷: the int16 threshold would wrap
         return F.dropout(x, p, training, inplace)
     return _Dropout.apply(x, p, inplace)
 

@@ -57,6 +57,23 @@ def test_short_rows_have_no_frames_and_change_nothing_else(frontend):
     assert torch.isfinite(alone.hidden).all()  # BatchNorm's averages did not take 0/0
 
 
+@pytest.mark.parametrize("frontend, dropout", [("wavlm", "transformer.attention_dropout"),
+                                               ("w2vbert", "conformer.attention_dropout")])
+def test_an_encoder_trained_beside_a_frameless_row_keeps_finite_gradients(frontend, dropout):
+    """The model leaves such rows out before the encoder; the encoder itself must not turn one
+    into NaN either (WavLM pretraining on a manifest made with --min-duration 0): its padded
+    keys were −inf, and CPU training attention's softmax over a row of only those was NaN."""
+    cfg = load_configs([CONF / f"frontend_{frontend}.yaml", CONF / "finetune_ctc.yaml"],
+                       [f"frontend.encoder.{dropout}=0.1"])
+    torch.manual_seed(0)
+    encoder = build_asr_model(cfg, VOCAB).encoder.train()
+    (both, both_lens), _ = _batches(frontend)
+    out = encoder(both, both_lens)
+    out.hidden[0, : int(out.lengths[0])].pow(2).mean().backward()
+    bad = [name for name, p in encoder.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, bad
+
+
 @pytest.mark.parametrize("frontend", ["wavlm", "w2vbert"])
 def test_a_short_row_leaves_the_gradient_as_without_it(frontend, caplog):
     """Beside a longer one, a frameless row's attention had no keys: NaN reached every gradient."""

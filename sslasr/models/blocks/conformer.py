@@ -108,7 +108,9 @@ class RelativePositionSelfAttention(MultiHeadSelfAttention):
             bias = _gather_offsets(scores, clipped + self.left)
         if padding_mask is not None:  # None for a batch without padding (ConformerEncoder.blocks_mask)
             pad = torch.zeros(batch, 1, 1, time, dtype=q.dtype, device=x.device)
-            pad = pad.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+            # the lowest finite value, not −inf: a row of only padded keys (a frameless utterance) then
+            # gets finite weights, where −inf made the training softmax NaN and every gradient with it
+            pad = pad.masked_fill(padding_mask[:, None, None, :], torch.finfo(q.dtype).min)
             bias = pad if bias is None else bias + pad
         y = attention(q, k, v, bias, self.dropout if self.training else 0.0, scale=1.0)
         return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))

@@ -133,8 +133,8 @@ def scaled_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"alpha must be positive, got {alpha}")
     logits = (q * (1.0 / (alpha * math.sqrt(q.shape[-1])))) @ k.transpose(-2, -1)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) * alpha
-    if mask is not None and mask.dtype == torch.bool:
-        logits = logits.masked_fill(~mask, float("-inf"))
+    if mask is not None and mask.dtype == torch.bool:  # finite: a row of only masked keys stays finite
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
     elif mask is not None:
         logits = logits + mask.to(logits.dtype)
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)

@@ -128,8 +128,8 @@ class TransformerLayer(nn.Module):
         if position_bias is None:
             return self.attention(h, attn_mask)
         bias = self.position_gate(h, position_bias) if self.position_gate is not None else position_bias
-        if attn_mask is not None:  # padded keys: −inf on top of the bias
-            bias = bias.masked_fill(~attn_mask, float("-inf"))
+        if attn_mask is not None:  # padded keys: the lowest finite value (−inf: NaN for a frameless row)
+            bias = bias.masked_fill(~attn_mask, torch.finfo(bias.dtype).min)
         return self.attention(h, bias)
 
     def forward_step(self, x: torch.Tensor, cache: Tuple[torch.Tensor, torch.Tensor],

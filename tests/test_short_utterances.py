@@ -57,19 +57,23 @@ def test_short_rows_have_no_frames_and_change_nothing_else(frontend):
     assert torch.isfinite(alone.hidden).all()  # BatchNorm's averages did not take 0/0
 
 
-@pytest.mark.parametrize("frontend, dropout", [("wavlm", "transformer.attention_dropout"),
-                                               ("w2vbert", "conformer.attention_dropout")])
-def test_an_encoder_trained_beside_a_frameless_row_keeps_finite_gradients(frontend, dropout):
+@pytest.mark.parametrize("frontend, dropout, amp", [("wavlm", "transformer.attention_dropout", None),
+                                                    ("wavlm", "transformer.attention_dropout", torch.bfloat16),
+                                                    ("w2vbert", "conformer.attention_dropout", None),
+                                                    ("w2vbert", "conformer.attention_dropout", torch.bfloat16)])
+def test_an_encoder_trained_beside_a_frameless_row_keeps_finite_gradients(frontend, dropout, amp):
     """The model leaves such rows out before the encoder; the encoder itself must not turn one
     into NaN either (WavLM pretraining on a manifest made with --min-duration 0): its padded
-    keys were −inf, and CPU training attention's softmax over a row of only those was NaN."""
+    keys were −inf, and CPU training attention's softmax over a row of only those was NaN; under
+    autocast, float32's lowest value cast to bf16 was −inf again."""
     cfg = load_configs([CONF / f"frontend_{frontend}.yaml", CONF / "finetune_ctc.yaml"],
                        [f"frontend.encoder.{dropout}=0.1"])
     torch.manual_seed(0)
     encoder = build_asr_model(cfg, VOCAB).encoder.train()
     (both, both_lens), _ = _batches(frontend)
-    out = encoder(both, both_lens)
-    out.hidden[0, : int(out.lengths[0])].pow(2).mean().backward()
+    with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        out = encoder(both, both_lens)
+    out.hidden[0, : int(out.lengths[0])].float().pow(2).mean().backward()
     bad = [name for name, p in encoder.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
     assert not bad, bad
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from sslasr.models.blocks.dropout import Dropout, attention
+from sslasr.models.blocks.dropout import Dropout, attention, masked_key_bias
 from sslasr.models.blocks.positional import SinusoidalPositionalEncoding
 from sslasr.models.blocks.time_conv import conv_over_time
 from sslasr.models.blocks.transformer import FeedForward, MultiHeadSelfAttention
@@ -108,9 +108,7 @@ class RelativePositionSelfAttention(MultiHeadSelfAttention):
             bias = _gather_offsets(scores, clipped + self.left)
         if padding_mask is not None:  # None for a batch without padding (ConformerEncoder.blocks_mask)
             pad = torch.zeros(batch, 1, 1, time, dtype=q.dtype, device=x.device)
-            # the lowest finite value, not −inf: a row of only padded keys (a frameless utterance) then
-            # gets finite weights, where −inf made the training softmax NaN and every gradient with it
-            pad = pad.masked_fill(padding_mask[:, None, None, :], torch.finfo(q.dtype).min)
+            pad = pad.masked_fill(padding_mask[:, None, None, :], masked_key_bias(q.dtype))
             bias = pad if bias is None else bias + pad
         y = attention(q, k, v, bias, self.dropout if self.training else 0.0, scale=1.0)
         return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))

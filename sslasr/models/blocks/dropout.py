@@ -93,6 +93,13 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training, self.inplace)
 
 
+def masked_key_bias(dtype: torch.dtype) -> float:
+    """The additive bias of a masked (padded) key: finite, so a row of only masked keys (a
+    frameless utterance) gets finite weights where −inf made the softmax NaN, and half the
+    dtype's range, so the scores added to it cannot overflow to −inf (fp16: −32752)."""
+    return torch.finfo(dtype).min / 2
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
               dropout_p: float = 0.0, scale: Optional[float] = None) -> torch.Tensor:
     """F.scaled_dot_product_attention(q, k, v, mask, dropout_p, scale=scale); mask is a bool

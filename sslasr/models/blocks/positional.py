@@ -13,7 +13,6 @@ import math
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from sslasr.models.blocks.time_conv import conv_over_time
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from sslasr.models.blocks.dropout import Dropout, attention
+from sslasr.models.blocks.dropout import Dropout, attention, masked_key_bias
 from sslasr.models.blocks.positional import ConvPositionalEmbedding
 from sslasr.models.blocks.relative_position import scaled_softmax_attention
 
@@ -62,8 +62,9 @@ class MultiHeadSelfAttention(nn.Module):
         """x (B, T, C); attn_mask broadcastable to (B, H, T, T): bool keep-mask or additive bias."""
         batch, time, dim = x.shape
         q, k, v = self._project_qkv(x)
-        if attn_mask is not None and attn_mask.is_floating_point():
-            attn_mask = attn_mask.to(q.dtype)  # an additive bias, in the dtype autocast gave q
+        if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
+            # an additive bias, in the dtype autocast gave q; float32's masked keys would be −inf in fp16
+            attn_mask = attn_mask.to(q.dtype).clamp_(min=masked_key_bias(q.dtype))
         dropout = self.dropout if self.training else 0.0
         if self.softmax_alpha > 0 and q.dtype == torch.float16:
             y = scaled_softmax_attention(q, k, v, attn_mask, self.softmax_alpha, dropout)
@@ -128,8 +129,8 @@ class TransformerLayer(nn.Module):
         if position_bias is None:
             return self.attention(h, attn_mask)
         bias = self.position_gate(h, position_bias) if self.position_gate is not None else position_bias
-        if attn_mask is not None:  # padded keys: the lowest finite value (−inf: NaN for a frameless row)
-            bias = bias.masked_fill(~attn_mask, torch.finfo(bias.dtype).min)
+        if attn_mask is not None:  # padded keys: finite (−inf: NaN for a frameless row)
+            bias = bias.masked_fill(~attn_mask, masked_key_bias(bias.dtype))
         return self.attention(h, bias)
 
     def forward_step(self, x: torch.Tensor, cache: Tuple[torch.Tensor, torch.Tensor],

@@ -543,6 +543,18 @@ def test_layer_labels_refuse_a_model_changed_since_the_fit(tmp_path):
     kept = (labels / cuts_path.name).stat().st_mtime_ns
     kmeans_cli.label(cfg, str(kmeans_path), [str(cuts_path)], labels, model=str(tmp_path / "model.pt"))
     assert (labels / cuts_path.name).stat().st_mtime_ns != kept
+    # a k-means and labels from before digests were recorded: taken as made, not labelled again in full
+    kmeans_cli.fit(cfg, 2, str(cuts_path), str(tmp_path / "model.pt"), kmeans_path)
+    state = torch.load(kmeans_path, weights_only=False)
+    del state["features"]["model_sha256"]
+    torch.save(state, kmeans_path)
+    kmeans_cli.label(cfg, str(kmeans_path), [str(cuts_path)], labels)
+    record = labels / f"{cuts_path.name}.counts.json"
+    old = json.loads(record.read_text())
+    assert "model_sha256" not in old["made_from"]
+    kept = (labels / cuts_path.name).stat().st_mtime_ns
+    kmeans_cli.label(cfg, str(kmeans_path), [str(cuts_path)], labels)
+    assert (labels / cuts_path.name).stat().st_mtime_ns == kept
 
 
 def test_loader_names_cuts_without_labels(tmp_path):

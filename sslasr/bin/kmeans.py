@@ -97,6 +97,7 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
     kmeans = KMeansConfig.from_dict(cfg.get("kmeans"))
     state = torch.load(kmeans_path, map_location="cpu", weights_only=False)
     spec, centers = state["features"], state["centers"]
+    model_override = model is not None
     model_sha256 = file_sha256(model or spec["model"]) if model or spec["model"] else None
     if not model and spec.get("model_sha256") and model_sha256 != spec["model_sha256"]:
         # e.g. the earlier iteration trained again: labels of its new features by the old centres
@@ -114,6 +115,8 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
         # the manifest by content: stage 4 writes the pretraining manifest again on every entry
         made_from = {"kmeans_sha256": file_sha256(kmeans_path), "cuts_sha256": content_sha256(path), "model": model,
                      "model_sha256": model_sha256, "targets_field": kmeans.targets_field}
+        if not spec.get("model_sha256") and not model_override:  # a k-means fitted before digests were kept:
+            del made_from["model_sha256"]  # its labels' records have none either (else relabelled in full)
         earlier = json.loads(done.read_text()) if out.exists() and done.exists() else None
         if earlier is not None and earlier["made_from"] == made_from:
             counts += np.asarray(earlier["counts"], dtype=np.int64)

@@ -501,9 +501,10 @@ newer_input() {  # newer_input FILE INPUT...: true when an INPUT is newer than F
   return 1
 }
 wait_for_node_0() {  # wait_for_node_0 MARKER WHAT [INPUT...]: until MARKER exists and is newer than each INPUT
+  # (and, where the caller sets ready_also, that command holds: eval'd at each look)
   local marker=$1 what=$2 waited=0 failed=$node0_failed stale=""; shift 2
-  [ $# -eq 0 ] || stale=", or older than its inputs"
-  until [ -f "$marker" ] && ! newer_input "$marker" "$@"; do
+  [ $# -eq 0 ] && [ -z "${ready_also:-}" ] || stale=", or older than its inputs"
+  until [ -f "$marker" ] && ! newer_input "$marker" "$@" && { [ -z "${ready_also:-}" ] || eval "$ready_also"; }; do
     # a marker left by an earlier run (before this node started) is not this run's failure; with
     # $started_stamp, a file this node touched on the shared filesystem, both times are its server's
     if [ -f "$failed" ] && if [ -n "$started_stamp" ]; then [ ! "$started_stamp" -nt "$failed" ]
@@ -523,45 +524,63 @@ wait_for_node_0() {  # wait_for_node_0 MARKER WHAT [INPUT...]: until MARKER exis
     waited=$((waited + 10))
   done
 }
-undo_stale_iteration() {  # undo_stale_iteration I VALID_CUTS: node 0 undoes what iteration I made from inputs made again
-  local i=$1 it=$pretrain_dir/iter$1 valid_labels=$pretrain_dir/iter$1/labels/$(basename "$2")
-  # an earlier iteration trained again (its .done removed by hand, say): new features, new centres
-  if [ "$i" -gt 1 ] && [ -f $it/.kmeans.done ] && [ $pretrain_dir/iter$((i - 1))/model_final.pt -nt $it/.kmeans.done ]; then
-    log "iteration $i: iteration $((i - 1))'s model is newer than this k-means: fitting, labelling and pretraining again"
-    rm -f $it/.kmeans.done $it/.labels.done
-    reset_training $it
-  fi
-  if [ -f $it/.labels.done ] && [ $it/.kmeans.done -nt $it/.labels.done ]; then
-    log "iteration $i: its k-means is newer than its labels: labelling and pretraining again"
+kmeans_model_digest() {  # kmeans_model_digest KMEANS: the SHA-256 of the model its features came from ("" if none recorded)
+  "$python" - "$1" <<'EOF'
+import sys, torch
+print(torch.load(sys.argv[1], map_location="cpu", weights_only=False)["features"].get("model_sha256") or "")
+EOF
+}
+undo_stale_iteration() {  # undo_stale_iteration I: node 0 undoes what iteration I made from inputs made again.
+  # Each marker stays newer than what it was made from, so the other nodes tell the same from times.
+  local i=$1 it=$pretrain_dir/iter$1 model recorded="" marker markers=()
+  if [ -f $it/.labels.done ] && [ $it/.kmeans.done -nt $it/.labels.done ]; then  # fitted again since
+    log "iteration $i: its labels are older than its k-means: labelling and pretraining again"
     rm -f $it/.labels.done
     reset_training $it
   fi
-  if [ -f $it/.labels.done ] && [ ! -f "$valid_labels" ]; then  # another --valid-set: its labels only
-    log "iteration $i: no labels of $(basename "$2") yet: labelling it"
+  model=$pretrain_dir/iter$((i - 1))/model_final.pt
+  if [ "$i" -gt 1 ] && [ -f $it/.kmeans.done ] && [ "$model" -nt $it/.kmeans.done ]; then
+    [ ! -f $it/kmeans.pt ] || recorded=$(kmeans_model_digest $it/kmeans.pt) || return 1
+    if [ -n "$recorded" ] && [ "$recorded" = "$(sha256sum < "$model" | cut -d' ' -f1)" ]; then
+      # written again with the same weights (a finished training rerun): still what this iteration read
+      for marker in .kmeans.done .labels.done .done; do [ ! -f $it/$marker ] || markers+=($it/$marker); done
+      touch "${markers[@]}"
+    else  # an earlier iteration trained again (its .done removed by hand, say): new features, new centres
+      log "iteration $i: iteration $((i - 1))'s model changed after this k-means: fitting, labelling and pretraining again"
+      rm -f $it/.kmeans.done
+    fi
+  fi
+  if [ ! -f $it/.kmeans.done ]; then  # a k-means to fit: any labels and model here are an older one's
     rm -f $it/.labels.done
+    reset_training $it
   fi
 }
 kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT), features + fit → labels → pretrain
-  local all_cuts=$1 valid_cuts iterations i it previous plan
+  local all_cuts=$1 valid_cuts iterations i it previous plan valid_labels
   valid_cuts=$(cuts $valid_set)
   iterations=$(kmeans_cli plan --count)
   for i in $(seq 1 "$iterations"); do
     it=$pretrain_dir/iter$i
     previous=""; [ "$i" -eq 1 ] || previous="--model $pretrain_dir/iter$((i - 1))/model_final.pt"
-    [ "$node_rank" != 0 ] || undo_stale_iteration $i "$valid_cuts"
-    if [ -f $it/.kmeans.done ]; then log "iteration $i: k-means ready"
-    elif [ "$node_rank" != 0 ]; then wait_for_node_0 $it/.kmeans.done "iteration $i k-means"; else
+    valid_labels=$it/labels/$(basename "$valid_cuts")
+    [ "$node_rank" != 0 ] || undo_stale_iteration $i
+    if [ "$node_rank" != 0 ]; then  # node 0's markers, each newer than what it was made from
+      wait_for_node_0 $it/.kmeans.done "iteration $i k-means" ${previous:+$pretrain_dir/iter$((i - 1))/model_final.pt}
+    elif [ -f $it/.kmeans.done ]; then log "iteration $i: k-means ready"; else
       log "iteration $i: k-means on $(basename "$all_cuts")"
       on_node_0 kmeans_cli fit --iteration $i --cuts "$all_cuts" $previous --out $it/kmeans.pt --num-jobs "$nj"
       touch $it/.kmeans.done
     fi
-    if [ -f $it/.labels.done ]; then log "iteration $i: labels ready"
-    elif [ "$node_rank" != 0 ]; then wait_for_node_0 $it/.labels.done "iteration $i labels"; else
+    if [ "$node_rank" != 0 ]; then
+      wait_for_node_0 $it/.labels.done "iteration $i labels" $it/.kmeans.done "$valid_labels"
+    elif [ -f $it/.labels.done ] && [ -f "$valid_labels" ]; then log "iteration $i: labels ready"; else
+      # (labelled already but for another --valid-set: the manifests labelled before are skipped by digest)
       log "iteration $i: labelling every frame of $(basename "$all_cuts") and $(basename "$valid_cuts")"
       on_node_0 kmeans_cli label --kmeans $it/kmeans.pt --cuts "$all_cuts" "$valid_cuts" --out-dir $it/labels --num-jobs "$nj"
-      touch $it/.labels.done
+      # a model left here was trained on these labels (stale ones were reset above): still done
+      if [ -f $it/.done ]; then touch $it/.labels.done $it/.done; else touch $it/.labels.done; fi
     fi
-    if [ -f $it/.done ]; then log "iteration $i: pretrained"; else
+    if [ -f $it/.done ] && [ ! $it/.labels.done -nt $it/.done ]; then log "iteration $i: pretrained"; else
       log "iteration $i: pretraining on its labels"
       plan=$(kmeans_cli plan --iteration $i $previous)  # the iteration's settings; a failure stops here
       train_together $it --config $pretrain_configs --set task=pretrain \
@@ -847,6 +866,7 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
   # BASELINE: an exp dir whose decode of the same set and method each row is compared with, or ""
   # $upstream (a noisy student's teachers and pseudo-labels): their commands are the rows' too
   local dir=$1 pretrained=false row_frontend=none generation=$3 baseline_dir=$4 method lm_row test_set out baseline missing
+  local scored_with
   local made_by command methods lm_weight length_bonus parameters
   [ $2 != pretrained ] || { pretrained=true; row_frontend=$frontend; }
   shift 4
@@ -862,7 +882,9 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
       if [ -n "$baseline" ] && [ ! -f $baseline/hyp.txt ]; then missing=$baseline; baseline=""; fi  # e.g. decoded by other methods
       # rescored when decoded again, or when its baseline was, or is another (e.g. none then, one now):
       # its Δ, confidence interval and teacher WER would describe a decode the tables no longer show
-      if done_or_force $out/.scored && [ ! $out/hyp.txt -nt $out/.scored ] && [ "$(cat $out/.scored)" = "$baseline" ] \
+      scored_with=$baseline  # an empty .scored, touched before it named its baseline: the one there then
+      [ ! -s $out/.scored ] || scored_with=$(cat $out/.scored)
+      if done_or_force $out/.scored && [ ! $out/hyp.txt -nt $out/.scored ] && [ "$scored_with" = "$baseline" ] \
          && { [ -z "$baseline" ] || [ ! $baseline/hyp.txt -nt $out/.scored ]; }; then continue; fi
       [ -z "$missing" ] || log "$out: no $missing/hyp.txt to compare with; its row has no baseline"
       lm_weight=$(json_value $out/decode_info.json lm_weight)
@@ -963,17 +985,18 @@ pseudo_label_method() {  # pseudo_label_method TEACHER: noisy_student.yaml's met
   noisy_student_setting method "${methods##* }"
 }
 pseudo_label_inputs() {  # pseudo_label_inputs TEACHER: what its pseudo-labels are made from, beside its model and LM
-  local method tuned
-  method=$(pseudo_label_method $1)
-  "$python" - $noisy_student_configs <<'EOF'
+  local method tuned weight bonus  # each step's failure returns: no errexit inside $(...)
+  method=$(pseudo_label_method $1) || return 1
+  "$python" - $noisy_student_configs <<'EOF' || return 1
 import json, sys
 from sslasr.utils.config import load_configs
 print("settings", json.dumps(load_configs(sys.argv[1:]).get("pseudo_label") or {}, sort_keys=True))
 EOF
   echo "labeled $labeled_cuts $(content_hash "$labeled_cuts")"
   if uses_lm $method && [ "$pseudo_label_lm_dir" = "$lm_dir" ]; then
-    tuned=$(tuned_fusion $1 $method)
-    echo "fusion $(json_value $tuned lm_weight) $(json_value $tuned length_bonus)"  # the teacher's, as tuned
+    tuned=$(tuned_fusion $1 $method) || return 1
+    weight=$(json_value $tuned lm_weight) && bonus=$(json_value $tuned length_bonus) || return 1
+    echo "fusion $weight $bonus"  # the teacher's, as tuned
   fi
   echo "decode_opts $decode_opts"
 }
@@ -1012,6 +1035,13 @@ student_ready() {  # student_ready STUDENT: trained on its current pseudo-labels
 student_stale() {  # student_stale STUDENT: trained, but on earlier pseudo-labels (node 0 resets it)
   [ "$force" != true ] && [ -f $1/.done ] && [ $1/pseudo_labels/.done -nt $1/.done ]
 }
+pseudo_labels_match() {  # pseudo_labels_match TEACHER LABELS: LABELS made from TEACHER's current settings (node 0
+  # writes inputs.txt as it starts labelling; labels without one are from before inputs were recorded: taken)
+  local now
+  [ -f $2/inputs.txt ] || return 0
+  now=$(pseudo_label_inputs $1) || return 1
+  [ "$(cat $2/inputs.txt)" = "$now" ] && [ ! $2/inputs.txt -nt $2/.done ]
+}
 join_student_training() {  # join_student_training G TEACHER STUDENT: another node's share of generation G
   local g=$1 teacher=$2 student=$3 labels=$3/pseudo_labels method inputs made_of
   # pseudo-labels older than the teacher (its model, or its .done, which node 0 touches before it
@@ -1021,7 +1051,9 @@ join_student_training() {  # join_student_training G TEACHER STUDENT: another no
   inputs=($teacher/model_final.pt $teacher/.done $(search_lm_files $method))
   # under --force node 0 labels again: only pseudo-labels made since this node started are this run's
   [ "$force" != true ] || inputs+=($started_stamp)
+  local ready_also="pseudo_labels_match $teacher $labels"  # ... and from this run's settings
   wait_for_node_0 $labels/.done "generation $g pseudo-labels" "${inputs[@]}"
+  ready_also=""
   if student_ready $student; then log "node $node_rank: generation $g: student ready"; return; fi
   if ! student_stale $student; then  # a stale one node 0 resets, its inputs.txt with it
     made_of=$(student_inputs $labels)  # a failure stops here

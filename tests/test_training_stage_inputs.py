@@ -8,6 +8,7 @@ the programs it is asked to run and makes what they would (a model file holding 
 options, decode folders); the small Python scripts of the driver itself run for real."""
 
 import gzip
+import hashlib
 import json
 import os
 import shlex
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_data_stage_markers import REPO, _executable, _lines
 
@@ -128,7 +130,7 @@ def test_finetuned_systems_made_from_other_inputs_are_refused(tmp_path: Path):
 
     other = _run(recipe, "--stage", "5", "--stop-stage", "5", "--finetune-opts", "optim.lr=2")
     assert other.returncode == 2, other.stderr
-    assert f"exp/ctc_wav2vec2_all was made from other inputs: < finetune_opts optim.lr=1 > finetune_opts optim.lr=2" \
+    assert "exp/ctc_wav2vec2_all was made from other inputs: < finetune_opts optim.lr=1 > finetune_opts optim.lr=2" \
         in other.stderr and "pass --force true" in other.stderr and "--tag" in other.stderr
     # a tokenizer trained again, an edited config, a pretraining redone: each refused, named
     (recipe / "data/lang_unigram_200/bpe.model").write_text("another tokenizer\n")
@@ -242,6 +244,22 @@ def test_pseudo_labels_of_another_filter_are_made_again(tmp_path: Path):
     assert "generation 1: its inputs changed" in result.stderr and "keep_fraction" in result.stderr
     assert len([c for c in _calls(recipe, "sslasr.bin.pseudo_label") if "--out-cuts" in c]) == filters + 1
     assert '"keep_fraction": 0.3' in (labels / "inputs.txt").read_text()
+
+
+def test_other_nodes_do_not_take_pseudo_labels_of_another_filter(tmp_path: Path):
+    """Node 0 makes the pseudo-labels again when their settings changed (inputs.txt); node 1,
+    reading only the markers' times, trained on the old ones (or alone, a hang)."""
+    recipe = _trained(tmp_path)
+    assert _labelled(recipe, "--generations", "1").returncode == 0
+    (recipe / "conf/noisy_student.yaml").write_text("pseudo_label:\n  method: ctc_greedy\n  keep_fraction: 0.3\n")
+    command, env = _node(recipe, 1, "--stage", "9", "--generations", "1", "--node-wait-hours", "0")
+    node_1 = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert node_1.returncode == 1, node_1.stderr
+    assert "node 0's generation 1 pseudo-labels (exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels/.done) " \
+           "not there, or older than its inputs, after 0 h" in node_1.stderr
+    (recipe / "conf/noisy_student.yaml").write_text("pseudo_label:\n  method: ctc_greedy\n")  # as they were made
+    node_1 = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert node_1.returncode == 0 and "generation 1: student ready" in node_1.stderr, node_1.stderr
 
 
 def test_the_pool_reference_in_a_folder_with_a_space_is_one_argument(tmp_path: Path):
@@ -468,6 +486,12 @@ def test_a_row_is_scored_again_when_its_baseline_is_decoded_again_or_appears(tmp
     os.utime(scratch[1] / "hyp.txt", (later, later))  # the scratch system's test set decoded again
     assert _run(recipe, "--stage", "8", "--stop-stage", "8").returncode == 0
     assert scored() == [("ctc_scratch_wav2vec2_all", False), ("ctc_wav2vec2_all", True)]
+    # an empty .scored (touched before it named its baseline) counts as scored with the one there then
+    for marker in recipe.glob("exp/*/decode_*/.scored"):
+        marker.write_text("")
+        os.utime(marker, (later + 5, later + 5))
+    assert _run(recipe, "--stage", "8", "--stop-stage", "8").returncode == 0
+    assert scored() == []
 
 
 def test_a_kmeans_iteration_made_from_an_earlier_model_is_made_again_after_it(tmp_path: Path):
@@ -489,7 +513,7 @@ def test_a_kmeans_iteration_made_from_an_earlier_model_is_made_again_after_it(tm
     (pretrain / "iter1/.done").unlink()  # iteration 1 trained again
     result = _run(recipe, "--stage", "4", "--stop-stage", "4", kmeans="2")
     assert result.returncode == 0, result.stderr
-    assert "iteration 2: iteration 1's model is newer than this k-means" in result.stderr
+    assert "iteration 2: iteration 1's model changed after this k-means" in result.stderr
     assert calls() == [f"sslasr.bin.train --exp-dir {pretrain.relative_to(recipe)}/iter1",
                        "sslasr.bin.kmeans fit", "sslasr.bin.kmeans label",
                        f"sslasr.bin.train --exp-dir {pretrain.relative_to(recipe)}/iter2"]
@@ -498,6 +522,22 @@ def test_a_kmeans_iteration_made_from_an_earlier_model_is_made_again_after_it(tm
     (pretrain / "iter1/labels/toy_cuts_dev.jsonl.gz").unlink()
     assert _run(recipe, "--stage", "4", "--stop-stage", "4", kmeans="2").returncode == 0
     assert calls() == ["sslasr.bin.kmeans label"]
+    _gz(pretrain / "iter1/labels/toy_cuts_dev.jsonl.gz", "labels\n")
+    # iteration 1's training run again to the same weights (a newer file, the same digest): kept
+    model = pretrain / "iter1/model_final.pt"
+    torch.save({"features": {"model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}}, pretrain / "iter2/kmeans.pt")
+    (pretrain / ".done").unlink()
+    later = time.time() + 5
+    os.utime(model, (later, later))
+    result = _run(recipe, "--stage", "4", "--stop-stage", "4", kmeans="2")
+    assert result.returncode == 0 and "changed after this k-means" not in result.stderr, result.stderr
+    assert calls() == []
+    # the k-means fitted again by hand (its marker removed): its labels and model made again too
+    (pretrain / ".done").unlink()
+    (pretrain / "iter2/.kmeans.done").unlink()
+    assert _run(recipe, "--stage", "4", "--stop-stage", "4", kmeans="2").returncode == 0
+    assert calls() == ["sslasr.bin.kmeans fit", "sslasr.bin.kmeans label",
+                       f"sslasr.bin.train --exp-dir {pretrain.relative_to(recipe)}/iter2"]
 
 
 def test_a_lexicon_method_without_the_lexicon_does_not_decode(tmp_path: Path):

@@ -23,8 +23,8 @@ beam search spelling only those words). `{method}` in --out-dir reads METHOD_lm 
 decode_info.json is skipped (it is written last) unless --overwrite, when that file records this run's
 beam size (beam searches) and --lexicon, and for METHOD+lm its --lm, λ and β (else it is redone). Search settings (beam sizes,
 ...) come from the model config's `decode` section; --beam-size overrides them. With --confidence,
-scores.txt gives each hypothesis's length-normalised score, −loss(hyp)/(|hyp| + 1) under the head's
-own training loss (what noisy-student pseudo-label filtering ranks by).
+scores.txt gives each hypothesis's length-normalised score, log p(hyp | audio)/(|hyp| + 1) under the
+head's own model (head.log_likelihood; what noisy-student pseudo-label filtering ranks by).
 """
 
 import argparse

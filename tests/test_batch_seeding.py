@@ -61,6 +61,23 @@ def test_the_batch_key_holds_the_seed_the_epoch_and_the_cut_ids():
     assert len(keys) == 4
 
 
+def test_utterance_mixing_is_keyed_by_the_epoch_too(tmp_path):
+    """Keyed by the cut ids alone, a batch that recurred in a later epoch (or a later k-means
+    iteration's training) was mixed exactly as before; SpecAugment's key has the epoch."""
+    from sslasr.data.mixing import build_mixer
+    rng = np.random.default_rng(0)
+    recordings = []
+    for i in range(3):
+        soundfile.write(tmp_path / f"u{i}.wav", (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+        recordings.append(Recording.from_file(tmp_path / f"u{i}.wav", recording_id=f"u{i}"))
+    cuts = CutSet.from_manifests(recordings=recordings)
+    dataset = SpeechDataset("waveform", utterance_mixing=build_mixer({"prob": 1.0}, 0), seed=0)
+    first, again = dataset[cuts]["inputs"], dataset[cuts]["inputs"]
+    dataset.set_epoch(1)
+    later = dataset[cuts]["inputs"]
+    assert torch.equal(first, again) and not torch.equal(first, later)
+
+
 @pytest.fixture(scope="module")
 def fbank_cuts(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fbank")

@@ -167,7 +167,7 @@ class SpeechDataset(Dataset):
     ``targets_field`` the cuts' frame labels ``targets`` ((B, frames) LongTensor, TARGET_PAD-padded).
     With an ``utterance_mixing`` mixer (WavLM pretraining) the waveforms are mixed, the targets
     stay the clean cuts' labels, and ``mixing`` counts the mixed and noise utterances.
-    SpecAugment's masks depend on (seed, epoch, the batch's cut ids) only: call ``set_epoch``
+    SpecAugment's masks and the mixing depend on (seed, epoch, the batch's cut ids) only: call ``set_epoch``
     before each epoch's loader iterator is made (workers copy the dataset then).
     """
 
@@ -226,7 +226,8 @@ class SpeechDataset(Dataset):
         audio, lens = collate_waveforms(cuts)
         mixing = None
         if self.utterance_mixing is not None:  # before normalising: the model sees the mixture's statistics
-            audio, mixes = self.utterance_mixing(audio, lens, cuts[0].sampling_rate, key="|".join(c.id for c in cuts))
+            # keyed as SpecAugment: a batch that recurs in a later epoch is mixed anew
+            audio, mixes = self.utterance_mixing(audio, lens, cuts[0].sampling_rate, key=self.augmentation_key(cuts))
             mixing = mixing_stats(mixes)
         if self.normalize_waveform:
             audio = normalize_waveforms(audio, lens, self.normalize_eps)

@@ -489,7 +489,7 @@ def test_mixed_batches_keep_the_clean_targets(tmp_path):
     assert not torch.equal(batch["inputs"], clean_inputs)
     # the mixture is the clean audio plus one scaled region (as the mixer, seeded like the task, made it)
     mixer = UtteranceMixer(UtteranceMixingConfig(**mixing), seed=5)
-    expected, mixes = mixer(clean_inputs, clean_lens, 16000, "|".join(batch["cut_ids"]))
+    expected, mixes = mixer(clean_inputs, clean_lens, 16000, "|".join(["5", "0", *batch["cut_ids"]]))  # seed|epoch|ids
     assert torch.equal(batch["inputs"], expected) and {m.kind for m in mixes} == {"speech"}
     valid = next(iter(task.valid_dataloader(DistInfo())))
     assert "mixing" not in valid and torch.equal(valid["inputs"], clean["inputs"])  # validation stays clean

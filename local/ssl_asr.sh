@@ -38,7 +38,7 @@ command_line="./run.sh"; [ $# -eq 0 ] || command_line+=$(printf " %q" "$@")  # r
 # the same name exported in the user's shell would pass for such a preset and change the recipe
 # unseen (a run.sh's own presets are plain, unexported shell variables), so it is refused.
 for preset in corpus frontend speed_perturb generations finetune_jobs vocab_size token_type data_opts \
-              conf_dir test_sets pretrain_splits valid_set; do
+              conf_dir test_sets pretrain_splits valid_set whole_splits; do
   if [[ "$(declare -p "$preset" 2>/dev/null | cut -d' ' -f2)" == *x* ]]; then
     echo "$0: '$preset' is exported in the environment, where it would silently set --${preset//_/-}; unset it and pass --${preset//_/-} instead" >&2
     exit 2
@@ -85,6 +85,7 @@ corpus=${corpus:?run.sh must set corpus}
 test_sets=${test_sets:-"dev test"}
 pretrain_splits=${pretrain_splits:-"train unlabeled"}
 valid_set=${valid_set:-dev}  # validation during training and LM/fusion tuning
+whole_splits=${whole_splits:-}  # splits stage 1 keeps whole (no duration limits) beside test_sets and valid_set: fixed labeled subsets
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d'; sed -n '/^# -* options/,/^usage()/p' "${BASH_SOURCE[0]}" | sed '1d;$d'; }
 . "$root/local/parse_options.sh" "$@"
@@ -332,7 +333,7 @@ if run_stage 1; then
     log "manifests from $corpus_dir"
     splits=$(for d in "$corpus_dir"/*/; do [ ! -f "$d/wav.scp" ] || printf '%s ' "$(basename "$d")"; done)
     "$python" -m sslasr.bin.prepare_manifests --corpus-dir "$corpus_dir" --corpus "$corpus" \
-      --splits $splits --eval-splits $test_sets $valid_set --out-dir $manifests --num-jobs "$nj"
+      --splits $splits --eval-splits $test_sets $valid_set $whole_splits --out-dir $manifests --num-jobs "$nj"
     for split in $(recorded_splits); do  # a split of an earlier corpus (e.g. its unlabeled/) would
       case " $splits " in *" $split "*) continue ;; esac  # go on into pretraining and the noisy-student pool
       log "removing the manifests of split $split: $corpus_dir has no $split/ now"

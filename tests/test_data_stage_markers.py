@@ -84,6 +84,21 @@ def test_stage_0_takes_a_marker_from_before_inputs_were_recorded_and_says_so(tmp
     assert not (recipe / "data_sh_calls").exists()
 
 
+def test_a_corpus_keeps_its_fixed_labeled_subsets_whole(tmp_path: Path):
+    """Stage 1's duration limits (0.3-30 s) dropped utterances of Libri-Light's fixed subsets,
+    which are a benchmark's exact lists: a run.sh names them in whole_splits."""
+    recipe = _recipe(tmp_path)
+    _executable(recipe / "run.sh", '#!/usr/bin/env bash\ncd "$(dirname "$0")"\ncorpus=toy\n'
+                'whole_splits="train_10m train_1h"\n. ../../local/ssl_asr.sh\n')
+    assert _run(recipe, "--stop-stage", "0").returncode == 0
+    (recipe / "data/manifests").mkdir()
+    result = _run(recipe, "--stage", "1", "--stop-stage", "1")
+    assert result.returncode == 0, result.stderr
+    assert "--eval-splits dev test dev train_10m train_1h --out-dir" in _lines(recipe / "python_calls")[0]
+    librispeech = (REPO / "egs/librispeech/run.sh").read_text()
+    assert 'whole_splits="train_10m train_1h train_10h"' in librispeech
+
+
 def test_stages_1_to_3_redo_outputs_older_than_their_inputs(tmp_path: Path):
     recipe = _recipe(tmp_path)
     assert _run(recipe, "--stop-stage", "0").returncode == 0

@@ -38,6 +38,7 @@ cd "$(dirname "$0")"
 corpus=librispeech
 test_sets="dev_clean dev_other test_clean test_other"
 valid_set=dev_other        # fairseq's valid_subset
+whole_splits="train_10m train_1h train_10h"  # Libri-Light's fixed subsets: every utterance kept, whatever its length
 pretrain_splits=train      # the 960 h, transcripts unused
 token_type=char            # letters, as fairseq's ltr targets
 vocab_size=40              # 26 letters, apostrophe, word boundary and the 3 specials: 31 used

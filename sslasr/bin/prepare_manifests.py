@@ -24,8 +24,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-duration", type=float, default=0.3, help="seconds; shorter is dropped")
     p.add_argument("--max-duration", type=float, default=30.0, help="seconds; longer is dropped")
     p.add_argument("--eval-splits", nargs="*", default=[],
-                   help="test and validation splits: every utterance kept, whatever its duration "
-                        "(--min-duration and --max-duration apply to the other splits)")
+                   help="splits kept whole, every utterance whatever its duration: test and validation "
+                        "sets, a corpus's fixed labeled subsets (--min-duration and --max-duration apply to "
+                        "the other splits)")
     p.add_argument("--num-jobs", type=int, default=2, help="processes reading/checking audio")
     p.add_argument("--max-utts", type=int, default=None, help="first N wav.scp entries per split (quick runs)")
     p.add_argument("--dev-fraction", type=float, default=None,

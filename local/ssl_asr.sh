@@ -541,11 +541,13 @@ undo_stale_iteration() {  # undo_stale_iteration I: node 0 undoes what iteration
   fi
   model=$pretrain_dir/iter$((i - 1))/model_final.pt
   if [ "$i" -gt 1 ] && [ -f $it/.kmeans.done ] && [ "$model" -nt $it/.kmeans.done ]; then
-    [ ! -f $it/kmeans.pt ] || recorded=$(kmeans_model_digest $it/kmeans.pt) || return 1
+    [ ! -f $it/kmeans.pt ] || recorded=$(kmeans_model_digest $it/kmeans.pt) || { touch "$node0_failed"; return 1; }
     if [ -n "$recorded" ] && [ "$recorded" = "$(sha256sum < "$model" | cut -d' ' -f1)" ]; then
       # written again with the same weights (a finished training rerun): still what this iteration read
-      for marker in .kmeans.done .labels.done .done; do [ ! -f $it/$marker ] || markers+=($it/$marker); done
-      touch "${markers[@]}"
+      # (one time for all: another node never sees one newer than the next)
+      for marker in .labels.done .done; do [ ! -f $it/$marker ] || markers+=($it/$marker); done
+      touch $it/.kmeans.done
+      [ ${#markers[@]} -eq 0 ] || touch -r $it/.kmeans.done "${markers[@]}"
     else  # an earlier iteration trained again (its .done removed by hand, say): new features, new centres
       log "iteration $i: iteration $((i - 1))'s model changed after this k-means: fitting, labelling and pretraining again"
       rm -f $it/.kmeans.done
@@ -574,12 +576,15 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
     fi
     if [ "$node_rank" != 0 ]; then
       wait_for_node_0 $it/.labels.done "iteration $i labels" $it/.kmeans.done "$valid_labels"
-    elif [ -f $it/.labels.done ] && [ -f "$valid_labels" ]; then log "iteration $i: labels ready"; else
+    elif [ -f $it/.labels.done ] && ! newer_input $it/.labels.done $it/.kmeans.done "$valid_labels"; then
+      log "iteration $i: labels ready"
+    else
       # (labelled already but for another --valid-set: the manifests labelled before are skipped by digest)
       log "iteration $i: labelling every frame of $(basename "$all_cuts") and $(basename "$valid_cuts")"
       on_node_0 kmeans_cli label --kmeans $it/kmeans.pt --cuts "$all_cuts" "$valid_cuts" --out-dir $it/labels --num-jobs "$nj"
-      # a model left here was trained on these labels (stale ones were reset above): still done
-      if [ -f $it/.done ]; then touch $it/.labels.done $it/.done; else touch $it/.labels.done; fi
+      # a model left here was trained on these labels (stale ones were reset above): still done (one
+      # time for both: another node never sees labels newer than the model)
+      if [ -f $it/.done ]; then touch $it/.done && touch -r $it/.done $it/.labels.done; else touch $it/.labels.done; fi
     fi
     if [ -f $it/.done ] && [ ! $it/.labels.done -nt $it/.done ]; then log "iteration $i: pretrained"; else
       log "iteration $i: pretraining on its labels"
@@ -588,6 +593,8 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
         data.train_cuts=$it/labels/$(basename "$all_cuts") data.valid_cuts=$it/labels/$(basename "$valid_cuts") \
         $plan $pretrain_opts
       mark_trained $it/.done
+      # node 0 alone writes the model, after the last barrier: the next iteration's check reads it
+      [ "$node_rank" = 0 ] || wait_for_node_0 $it/.done "iteration $i model" $it/.labels.done
     fi
   done
   # stage 5 fine-tunes $pretrain_dir/model_final.pt: the last iteration's model, copied atomically
@@ -1038,10 +1045,11 @@ student_stale() {  # student_stale STUDENT: trained, but on earlier pseudo-label
 }
 pseudo_labels_match() {  # pseudo_labels_match TEACHER LABELS: LABELS made from TEACHER's current settings (node 0
   # writes inputs.txt as it starts labelling; labels without one are from before inputs were recorded: taken)
-  local now
+  local now  # --decode-opts is node 0's option (it decodes): the other nodes compare the rest
   [ -f $2/inputs.txt ] || return 0
-  now=$(pseudo_label_inputs $1) || return 1
-  [ "$(cat $2/inputs.txt)" = "$now" ] && [ ! $2/inputs.txt -nt $2/.done ]
+  now=$(pseudo_label_inputs $1 2>/dev/null) || return 1  # (a teacher decode not there yet: look again)
+  [ "$(grep -v '^decode_opts ' $2/inputs.txt)" = "$(printf '%s\n' "$now" | grep -v '^decode_opts ')" ] \
+    && [ ! $2/inputs.txt -nt $2/.done ]
 }
 join_student_training() {  # join_student_training G TEACHER STUDENT: another node's share of generation G
   local g=$1 teacher=$2 student=$3 labels=$3/pseudo_labels method inputs made_of

@@ -260,6 +260,11 @@ def test_other_nodes_do_not_take_pseudo_labels_of_another_filter(tmp_path: Path)
     (recipe / "conf/noisy_student.yaml").write_text("pseudo_label:\n  method: ctc_greedy\n")  # as they were made
     node_1 = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
     assert node_1.returncode == 0 and "generation 1: student ready" in node_1.stderr, node_1.stderr
+    # --decode-opts is node 0's (it decodes): another node's own does not hold it back
+    command, env = _node(recipe, 1, "--stage", "9", "--generations", "1", "--node-wait-hours", "0",
+                         "--decode-opts", "--beam-size 4")
+    node_1 = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert node_1.returncode == 0 and "generation 1: student ready" in node_1.stderr, node_1.stderr
 
 
 def test_the_pool_reference_in_a_folder_with_a_space_is_one_argument(tmp_path: Path):
@@ -499,8 +504,10 @@ def test_a_kmeans_iteration_made_from_an_earlier_model_is_made_again_after_it(tm
     k-means (fitted on the old model's features), labels and model were taken as they were."""
     recipe = _trained(tmp_path, kmeans="2")
     pretrain = recipe / "exp/pretrain_wav2vec2"
-    for i in (1, 2):  # what the real labelling leaves (the fake writes nothing)
+    for i in (1, 2):  # what the real labelling leaves (the fake writes nothing), before its marker
         _gz(pretrain / f"iter{i}/labels/toy_cuts_dev.jsonl.gz", "labels\n")
+        made = (pretrain / f"iter{i}/.labels.done").stat().st_mtime - 1
+        os.utime(pretrain / f"iter{i}/labels/toy_cuts_dev.jsonl.gz", (made, made))
 
     def calls() -> list:
         made = [shlex.split(line) for line in _lines(recipe / "python_calls")]
@@ -523,6 +530,8 @@ def test_a_kmeans_iteration_made_from_an_earlier_model_is_made_again_after_it(tm
     assert _run(recipe, "--stage", "4", "--stop-stage", "4", kmeans="2").returncode == 0
     assert calls() == ["sslasr.bin.kmeans label"]
     _gz(pretrain / "iter1/labels/toy_cuts_dev.jsonl.gz", "labels\n")
+    made = (pretrain / "iter1/.labels.done").stat().st_mtime - 1
+    os.utime(pretrain / "iter1/labels/toy_cuts_dev.jsonl.gz", (made, made))
     # iteration 1's training run again to the same weights (a newer file, the same digest): kept
     model = pretrain / "iter1/model_final.pt"
     torch.save({"features": {"model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}}, pretrain / "iter2/kmeans.pt")

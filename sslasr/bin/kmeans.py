@@ -115,9 +115,10 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
         # the manifest by content: stage 4 writes the pretraining manifest again on every entry
         made_from = {"kmeans_sha256": file_sha256(kmeans_path), "cuts_sha256": content_sha256(path), "model": model,
                      "model_sha256": model_sha256, "targets_field": kmeans.targets_field}
-        if not spec.get("model_sha256") and not model_override:  # a k-means fitted before digests were kept:
-            del made_from["model_sha256"]  # its labels' records have none either (else relabelled in full)
         earlier = json.loads(done.read_text()) if out.exists() and done.exists() else None
+        if earlier is not None and "model_sha256" not in earlier["made_from"] and "model_sha256" not in spec \
+                and not model_override:  # labels of a k-means fitted before model digests were recorded:
+            del made_from["model_sha256"]  # compared without one (else the manifest is labelled again in full)
         if earlier is not None and earlier["made_from"] == made_from:
             counts += np.asarray(earlier["counts"], dtype=np.int64)
             log.info("%s: labelled already (%s)", path, out)

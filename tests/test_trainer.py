@@ -912,11 +912,14 @@ class _UnevenValidationTask(_ToyTask):
         return {"loss": 6.0, "weight": 3.0, "accuracy": 1.5}
 
 
-def _uneven_validation_worker(rank: int, world_size: int, out_dir: str) -> None:
+def _validation_worker(rank: int, world_size: int, out_dir: str, task_kind: str = "uneven") -> None:
+    """One validation on each rank of a gloo group; the logged metrics saved per rank."""
     dist = _join_gloo_group(rank, world_size, out_dir)
     try:
-        task = _UnevenValidationTask([], rank=rank)
-        trainer = Trainer(_toy_cfg(1), task, Path(out_dir) / "exp", dist)
+        task = _UnevenValidationTask([], rank=rank) if task_kind == "uneven" else _RunningStatsTask(rank)
+        trainer = Trainer(_toy_cfg(1), task, Path(out_dir) / "exp", dist)  # DDP sends rank 0's buffers
+        if task_kind == "running_stats":
+            task.model.running_mean.fill_(rank + 1.0)  # as a training forward on the rank's own batch
         logged = []
         trainer._log = lambda metrics, split: logged.append(metrics)
         trainer._validate("dev")
@@ -928,7 +931,7 @@ def _uneven_validation_worker(rank: int, world_size: int, out_dir: str) -> None:
 def test_validation_stats_missing_on_one_rank_count_zero_there(tmp_path):
     """Every rank must make the same reductions: with the stat names agreed first, a rank that
     lacks one adds 0 instead of leaving the others waiting on a reduction it never makes."""
-    context = mp.spawn(_uneven_validation_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
+    context = mp.spawn(_validation_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
     started = time.monotonic()
     while not context.join(timeout=5):  # False until every rank has exited
         if time.monotonic() - started > 120:
@@ -950,25 +953,11 @@ class _RunningStatsTask(_UnevenValidationTask):
         return {"loss": float(model.running_mean.sum()), "weight": 1.0}
 
 
-def _running_stats_worker(rank: int, world_size: int, out_dir: str) -> None:
-    dist = _join_gloo_group(rank, world_size, out_dir)
-    try:
-        task = _RunningStatsTask(rank)
-        trainer = Trainer(_toy_cfg(1), task, Path(out_dir) / "exp", dist)  # DDP sends rank 0's buffers
-        task.model.running_mean.fill_(rank + 1.0)  # as a training forward on the rank's own batch
-        logged = []
-        trainer._log = lambda metrics, split: logged.append(metrics)
-        trainer._validate("dev")
-        torch.save(logged, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def test_every_rank_validates_rank_0s_running_statistics(tmp_path):
     """DDP sends rank 0's buffers before each training forward, which then moves each rank's copy
     by its own batch: validation mixed the ranks' BatchNorm statistics, where rank 0's model is
     the one saved. Rank 0's buffer sums to 3, rank 1's to 6: the loss over both is 3, not 4.5."""
-    mp.spawn(_running_stats_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_validation_worker, args=(2, str(tmp_path), "running_stats"), nprocs=2, join=True)
     for rank in (0, 1):
         assert _load(tmp_path / f"rank{rank}.pt") == [{"loss": 3.0}]
 

@@ -271,6 +271,7 @@ def hf_encoder_config(config: Dict) -> W2vBertEncoderConfig:
         left_max_position=config.get("left_max_position_embeddings", 64),
         right_max_position=config.get("right_max_position_embeddings", 8),
         dropout=config.get("hidden_dropout", 0.0), attention_dropout=config.get("attention_dropout", 0.0),
+        attention_output_dropout=config.get("attention_dropout", 0.0),  # its self_attn_dropout
         activation_dropout=config.get("activation_dropout", 0.0),
         conv_dropout=config.get("conformer_conv_dropout", 0.1), layerdrop=config.get("layerdrop", 0.1),
         layer_norm_eps=config.get("layer_norm_eps", 1e-5))

@@ -52,6 +52,9 @@ class ConformerConfig:
     right_max_position: int = 8
     dropout: float = 0.1             # on each module's output, and on the stack's input
     attention_dropout: float = 0.1
+    # on the attention module's output; None: `dropout`, as on the other modules' outputs (ESPnet,
+    # fairseq); transformers' Wav2Vec2Bert uses its attention_dropout there
+    attention_output_dropout: Optional[float] = None
     activation_dropout: float = 0.1
     conv_dropout: float = 0.1
     layerdrop: float = 0.0
@@ -236,10 +239,12 @@ class ConformerBlock(nn.Module):
         self.ffn2 = FeedForward(dim, cfg.ffn_dim, cfg.activation_dropout, activation=F.silu)
         self.final_norm = nn.LayerNorm(dim, eps=eps)
         self.dropout = Dropout(cfg.dropout, inplace=True)  # on Linear outputs only
+        attention_output = cfg.dropout if cfg.attention_output_dropout is None else cfg.attention_output_dropout
+        self.attention_dropout = Dropout(attention_output, inplace=True)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + 0.5 * self.dropout(self.ffn1(self.ffn1_norm(x)))
-        x = x + self.dropout(self.attention(self.attention_norm(x), padding_mask))
+        x = x + self.attention_dropout(self.attention(self.attention_norm(x), padding_mask))
         x = x + self.conv(x, padding_mask)
         x = x + 0.5 * self.dropout(self.ffn2(self.ffn2_norm(x)))
         return self.final_norm(x)

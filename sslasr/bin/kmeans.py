@@ -98,12 +98,12 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
     state = torch.load(kmeans_path, map_location="cpu", weights_only=False)
     spec, centers = state["features"], state["centers"]
     model_override = model is not None
-    model_sha256 = file_sha256(model or spec["model"]) if model or spec["model"] else None
-    if not model and spec.get("model_sha256") and model_sha256 != spec["model_sha256"]:
+    model = model or spec["model"]
+    model_sha256 = file_sha256(model)  # None for an MFCC k-means (no model)
+    if not model_override and spec.get("model_sha256") and model_sha256 != spec["model_sha256"]:
         # e.g. the earlier iteration trained again: labels of its new features by the old centres
         raise ValueError(f"{spec['model']} is not the model {kmeans_path} was fitted on (it changed since): "
                          f"fit the k-means again, or label with another model on purpose (--model)")
-    model = model or spec["model"]
     features = build_features(spec["kind"], model, spec["layer"])
     if features.frame_rate != spec["frame_rate"]:
         raise ValueError(f"{kmeans_path} was fitted on {spec['frame_rate']} Hz features, these are {features.frame_rate} Hz")

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from sslasr.models.blocks.dropout import dropout as dropout_fn
+from sslasr.models.blocks.dropout import dropout as dropout_fn, masked_key_bias
 from sslasr.utils.devices import backward_without_autocast
 
 
@@ -134,7 +134,7 @@ def scaled_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     logits = (q * (1.0 / (alpha * math.sqrt(q.shape[-1])))) @ k.transpose(-2, -1)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) * alpha
     if mask is not None and mask.dtype == torch.bool:  # finite: a row of only masked keys stays finite
-        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+        logits = logits.masked_fill(~mask, masked_key_bias(logits.dtype))
     elif mask is not None:
         logits = logits + mask.to(logits.dtype)
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)

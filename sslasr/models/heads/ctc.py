@@ -2,7 +2,7 @@
 
 import logging
 from dataclasses import replace
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -34,8 +34,7 @@ class CtcHead(nn.Module):
     def log_likelihood(self, hidden: torch.Tensor, lengths: torch.Tensor, tokens: List[List[int]]) -> torch.Tensor:
         """(B,) log p(tokens | hidden) summed over alignments; −inf without one (no zero_infinity)."""
         log_probs = self.log_probs(hidden)
-        targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long, device=log_probs.device)
-        target_lengths = torch.tensor([len(seq) for seq in tokens], dtype=torch.long, device=log_probs.device)
+        targets, target_lengths = _flat_targets(tokens, log_probs.device)
         return -F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=self.blank_id,
                            reduction="none", zero_infinity=False)
 
@@ -66,10 +65,15 @@ def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, tokens: List[List[i
     if short:
         log.warning("%d of %d utterances have fewer frames than their transcripts need (e.g. %d, needing %d): "
                     "no CTC alignment, their loss counts 0", len(short), len(tokens), *short[0])
-    targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
-    target_lengths = torch.tensor([len(seq) for seq in tokens], dtype=torch.long)
-    return F.ctc_loss(log_probs.transpose(0, 1), targets.to(log_probs.device), lengths,
-                      target_lengths.to(log_probs.device), blank=blank_id, reduction="sum", zero_infinity=True)
+    targets, target_lengths = _flat_targets(tokens, log_probs.device)
+    return F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=blank_id,
+                      reduction="sum", zero_infinity=True)
+
+
+def _flat_targets(tokens: List[List[int]], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """F.ctc_loss's concatenated targets and their lengths, on DEVICE."""
+    targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long, device=device)
+    return targets, torch.tensor([len(seq) for seq in tokens], dtype=torch.long, device=device)
 
 
 def best_path(best: torch.Tensor, lengths: torch.Tensor, blank_id: int = 0) -> List[List[int]]:

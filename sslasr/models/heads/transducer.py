@@ -215,10 +215,7 @@ class TransducerHead(nn.Module):
         """Summed −log p(y|x) over the batch (pruned: simple_loss_scale · simple + pruned)."""
         if len(tokens) != hidden.shape[0]:
             raise ValueError(f"{len(tokens)} token sequences for a batch of {hidden.shape[0]}")
-        targets, target_lengths = self._targets(tokens, hidden.device)
-        predicted = self.predictor(F.pad(targets, (1, 0), value=BLANK_ID))   # g_0 … g_U
-        encoder = self.joiner.encoder_proj(hidden)
-        predictor = self.joiner.predictor_proj(predicted)
+        targets, target_lengths, predicted, encoder, predictor = self._projected(hidden, tokens)
         if self.cfg.loss.variant == "full":
             logits = self.joiner(encoder.unsqueeze(2), predictor.unsqueeze(1))
             return rnnt_loss(logits, targets, lengths, target_lengths, BLANK_ID, reduction="sum")
@@ -227,10 +224,17 @@ class TransducerHead(nn.Module):
     def log_likelihood(self, hidden: torch.Tensor, lengths: torch.Tensor, tokens: List[List[int]]) -> torch.Tensor:
         """(B,) log p(tokens | hidden) over the full lattice, whichever loss trained the head (the
         pruned objective adds the simple loss, and counts 0 for more tokens than its windows hold)."""
-        targets, target_lengths = self._targets(tokens, hidden.device)
-        predictor = self.joiner.predictor_proj(self.predictor(F.pad(targets, (1, 0), value=BLANK_ID)))
-        logits = self.joiner(self.joiner.encoder_proj(hidden).unsqueeze(2), predictor.unsqueeze(1))
+        targets, target_lengths, _, encoder, predictor = self._projected(hidden, tokens)
+        logits = self.joiner(encoder.unsqueeze(2), predictor.unsqueeze(1))
         return -rnnt_loss(logits, targets, lengths, target_lengths, BLANK_ID, reduction="none")
+
+    def _projected(self, hidden: torch.Tensor, tokens: List[List[int]]):
+        """(targets, target lengths, predictor outputs g_0 … g_U, and the joiner's projections of
+        the encoder and predictor outputs)."""
+        targets, target_lengths = self._targets(tokens, hidden.device)
+        predicted = self.predictor(F.pad(targets, (1, 0), value=BLANK_ID))   # g_0 … g_U
+        return (targets, target_lengths, predicted, self.joiner.encoder_proj(hidden),
+                self.joiner.predictor_proj(predicted))
 
     def _pruned_loss(self, hidden, lengths, targets, target_lengths, predicted, encoder, predictor) -> torch.Tensor:
         blank, emit = simple_lattice(self.simple_am_proj(hidden), self.simple_lm_proj(predicted), targets,

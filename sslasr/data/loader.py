@@ -172,7 +172,8 @@ class SpeechDataset(Dataset):
     """
 
     def __init__(self, input_type: str, tokenizer: Optional[Tokenizer] = None, normalize_waveform: bool = False,
-                 normalize_eps: float = NORMALIZE_EPS, targets_field: Optional[str] = None, spec_augment: Optional[SpecAugment] = None,
+                 normalize_eps: float = NORMALIZE_EPS, targets_field: Optional[str] = None,
+                 spec_augment: Optional[SpecAugment] = None,
                  utterance_mixing: Optional[UtteranceMixer] = None, seed: int = 0):
         if input_type not in INPUT_TYPES:
             raise ValueError(f"input_type must be one of {INPUT_TYPES}, got {input_type!r}")
@@ -278,7 +279,8 @@ def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuff
                     tokenizer: Optional[Tokenizer] = None,
                     drop_last: bool = False, world_size: Optional[int] = None, rank: Optional[int] = None,
                     max_cuts: Optional[int] = None, normalize_waveform: bool = False,
-                    normalize_eps: float = NORMALIZE_EPS, targets_field: Optional[str] = None, spec_augment: Optional[Dict] = None,
+                    normalize_eps: float = NORMALIZE_EPS, targets_field: Optional[str] = None,
+                    spec_augment: Optional[Dict] = None,
                     utterance_mixing: Optional[Dict] = None) -> DataLoader:
     """DataLoader yielding SpeechDataset dicts; the sampler (``loader.sampler``) makes the batches.
 
@@ -292,7 +294,8 @@ def make_dataloader(cuts: CutSet, *, input_type: str, max_duration: float, shuff
                            num_buckets=num_buckets, drop_last=drop_last, world_size=world_size,
                            rank=rank, max_cuts=max_cuts, buffer_size=buffer_size)
     dataset = SpeechDataset(input_type, tokenizer=tokenizer, normalize_waveform=normalize_waveform,
-                            normalize_eps=normalize_eps, targets_field=targets_field, spec_augment=build_spec_augment(spec_augment),
+                            normalize_eps=normalize_eps, targets_field=targets_field,
+                            spec_augment=build_spec_augment(spec_augment),
                             utterance_mixing=build_mixer(utterance_mixing, seed), seed=seed)
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
                       persistent_workers=False)

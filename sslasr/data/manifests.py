@@ -485,7 +485,8 @@ def derive_subsets(out_dir: Path, corpus: str, *, dev_fraction: Optional[float] 
         # recordings (a feature extraction) sees the remainder, not the dev speakers too
         full_path = write_split_manifests(CutSet.from_file(train_path), out_dir, corpus, "train_full")
         rest, dev = split_by_speaker(CutSet.from_file(full_path), dev_fraction, seed)
-        write_split_manifests(rest, out_dir, corpus, "train")  # first: killed in between, no dev shares speakers with train
+        # train first: killed in between, no dev shares speakers with train
+        write_split_manifests(rest, out_dir, corpus, "train")
         dev_path = write_split_manifests(dev, out_dir, corpus, "dev")
         log.info("%s: carved dev from train by speaker: %d dev / %d train cuts", corpus, len(dev), len(rest))
         written.update(dev=dev_path, train=train_path, train_full=full_path)

@@ -13,7 +13,8 @@ AMP_MODES = ("none", "bf16", "fp16")
 FINAL_MODELS = ("last", "best", "average")  # trainer.final_model: what model_final.pt holds
 # what the tasks and their loaders read (sslasr/train/tasks.py, lm_task.py)
 AUDIO_DATA_KEYS = ("train_cuts", "valid_cuts", "tokenizer", "max_duration", "valid_max_duration", "num_buckets",
-                   "buffer_size", "num_workers", "normalize_waveform", "normalize_eps", "targets_field", "spec_augment", "feature_type")
+                   "buffer_size", "num_workers", "normalize_waveform", "normalize_eps", "targets_field", "spec_augment",
+                   "feature_type")
 TEXT_DATA_KEYS = ("tokenizer", "train_text", "extra_text", "valid_text", "max_tokens", "valid_max_tokens")
 FINETUNE_KEYS = ("init_from", "reinit_top_layers", "freeze_feature_extractor", "freeze_encoder_updates")
 INIT_KEYS = ("encoder_from",)  # pretraining: the encoder to start from (a k-means iteration's previous model)

@@ -5,6 +5,7 @@ The end-to-end runs use a tiny synthetic Kaldi-style corpus and a tiny wav2vec 2
 subprocesses of `python -m sslasr.bin.train` exactly like the recipes do.
 """
 
+import contextlib
 import logging
 import os
 import re
@@ -538,21 +539,26 @@ def test_non_finite_update_is_skipped(tmp_path, caplog, mode):
     assert _load(tmp_path / "exp" / "checkpoint_last.pt")["skipped_updates"] == 1
 
 
-def _join_gloo_group(rank: int, world_size: int, out_dir: str) -> DistInfo:
+@contextlib.contextmanager
+def _gloo_group(rank: int, world_size: int, out_dir: str):
     """This spawned process as rank RANK of a CPU process group (gloo: one GPU cannot hold two
     ranks), met through a file in OUT_DIR: a TCP port found free beforehand can be taken by
-    another process before rank 0 binds it."""
+    another process before rank 0 binds it. The ranks meet once more before the group is torn
+    down, so that neither closes its connections while the other is still in a collective."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{Path(out_dir) / 'rendezvous'}",
                                          rank=rank, world_size=world_size)
-    return init_distributed()  # finds the group made
+    try:
+        yield init_distributed()  # finds the group made
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _ddp_nan_worker(rank: int, world_size: int, out_dir: str) -> None:
-    dist = _join_gloo_group(rank, world_size, out_dir)
-    try:
+    with _gloo_group(rank, world_size, out_dir) as dist:
         assert dist.rank == rank and dist.world_size == world_size and dist.is_distributed
         torch.manual_seed(100 + rank)  # different init per rank: DDP must broadcast rank 0's
         task = _ToyTask(_toy_batches(6, seed=10 + rank), bad_update=2, mode="nan", bad_rank=1, rank=rank)
@@ -561,22 +567,17 @@ def _ddp_nan_worker(rank: int, world_size: int, out_dir: str) -> None:
         torch.save({"final": _params(task.model), "before": task.params_before, "losses": task.losses,
                     "skipped": trainer.skipped_updates, "num_updates": trainer.num_updates},
                    Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def _split_exp_dir_worker(rank: int, world_size: int, out_dir: str) -> None:
     """Rank 0 finds a checkpoint (at update 2), rank 1 an empty exp dir, as a node whose exp dir
     is not the shared one would."""
-    dist = _join_gloo_group(rank, world_size, out_dir)
-    try:
+    with _gloo_group(rank, world_size, out_dir) as dist:
         task = _ToyTask(_toy_batches(6, seed=10 + rank), rank=rank)
         trainer = Trainer(_toy_cfg(5), task, Path(out_dir) / f"exp{rank}", dist)
         with pytest.raises(RuntimeError, match=r"different points \(update, epoch\) \[\(2, 0\), \(0, 0\)\]"):
             trainer.fit()
         (Path(out_dir) / f"rank{rank}.stopped").touch()
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_ranks_that_would_resume_from_different_points_stop(tmp_path):
@@ -659,8 +660,7 @@ def test_accumulated_micro_batches_count_by_their_weight(tmp_path):
 
 
 def _ddp_weighted_worker(rank: int, world_size: int, out_dir: str) -> None:
-    dist = _join_gloo_group(rank, world_size, out_dir)
-    try:
+    with _gloo_group(rank, world_size, out_dir) as dist:
         torch.manual_seed(0)
         task = _ToyTask(_rows(30 + 10 * rank, *([2, 1, 2, 1] if rank == 0 else [6, 7, 5, 6])), rank=rank)
         trainer = Trainer(_toy_cfg(2, 2, **ADAM_PROPORTIONAL), task, Path(out_dir) / "exp", dist)
@@ -670,8 +670,6 @@ def _ddp_weighted_worker(rank: int, world_size: int, out_dir: str) -> None:
         interval.add({"audio_seconds_per_second": 10.0 * (rank + 1)}, 1.0)
         interval.add({"skipped": 1.0}, 1.0)
         torch.save({"final": _params(task.model), "logged": interval.flush(dist)}, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_ranks_with_unequal_batches_make_the_update_of_their_union(tmp_path):
@@ -914,8 +912,7 @@ class _UnevenValidationTask(_ToyTask):
 
 def _validation_worker(rank: int, world_size: int, out_dir: str, task_kind: str = "uneven") -> None:
     """One validation on each rank of a gloo group; the logged metrics saved per rank."""
-    dist = _join_gloo_group(rank, world_size, out_dir)
-    try:
+    with _gloo_group(rank, world_size, out_dir) as dist:
         task = _UnevenValidationTask([], rank=rank) if task_kind == "uneven" else _RunningStatsTask(rank)
         trainer = Trainer(_toy_cfg(1), task, Path(out_dir) / "exp", dist)  # DDP sends rank 0's buffers
         if task_kind == "running_stats":
@@ -924,8 +921,6 @@ def _validation_worker(rank: int, world_size: int, out_dir: str, task_kind: str 
         trainer._log = lambda metrics, split: logged.append(metrics)
         trainer._validate("dev")
         torch.save(logged, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_validation_stats_missing_on_one_rank_count_zero_there(tmp_path):

@@ -24,7 +24,7 @@ from sslasr.data.tokenizer import Tokenizer
 from sslasr.models.asr import build_asr_model, load_encoder_weights
 from sslasr.models.lm import build_lm
 from sslasr.train.config_check import ConfigError, check_training_config, effective_batch
-from sslasr.train.distributed import init_distributed
+from sslasr.train.distributed import init_distributed, leave_distributed
 from sslasr.train.tasks import build_task
 from sslasr.train.trainer import Trainer, seed_everything
 from sslasr.utils.config import load_configs
@@ -123,6 +123,7 @@ def main(argv=None) -> None:
         params = sum(p.numel() for p in task.model.parameters())
         logging.info("model: %s with %.2fM parameters", type(task.model).__name__, params / 1e6)
     Trainer(cfg, task, args.exp_dir, dist).fit()
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -42,6 +42,15 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
+def leave_distributed() -> None:
+    """Every rank meets the others once more, then tears its process group down itself: one left
+    to the interpreter's exit is destroyed in no set order (NCCL warns; gloo's threads can abort
+    the process after a finished run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.SUM)

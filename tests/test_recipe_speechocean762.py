@@ -140,7 +140,8 @@ def _tone(path: Path, seconds: float = 0.6, freq: float = 300.0) -> None:
     sf.write(path, (0.2 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
 
 
-def _release(root: Path, speakers=("0001", "0003", "0005", "0007"), with_test: bool = True) -> Path:
+def _release(root: Path, speakers=("0001", "0003", "0005", "0007"), with_test: bool = True,
+             utt_id=lambda spk, k: f"{spk}{k:05d}") -> Path:
     """The OpenSLR 101 layout: WAVE/SPEAKERxxxx/*.WAV; {train,test}/wav.scp relative to the root."""
     for split, spks in (("train", speakers), ("test", ("0002",) if with_test else ())):
         if not spks:
@@ -148,7 +149,7 @@ def _release(root: Path, speakers=("0001", "0003", "0005", "0007"), with_test: b
         rows = []
         for spk in spks:
             for k in range(2):
-                utt = f"{spk}{k:05d}"
+                utt = utt_id(spk, k)
                 _tone(root / "WAVE" / f"SPEAKER{spk}" / f"{utt}.WAV", freq=200 + 50 * k)
                 rows.append((utt, f"WAVE/SPEAKER{spk}/{utt}.WAV", spk))
         (root / split).mkdir(parents=True, exist_ok=True)
@@ -213,6 +214,28 @@ def test_dev_is_never_drawn_from_speakers_of_the_unlabeled_audio_and_test_shares
         utt2spk.write("t9\t0011\n"), wav.write("t9\tWAVE/SPEAKER0011/001100000.WAV\n"), text.write("t9\tBEAR\n")
     with pytest.raises(LayoutError, match="test/ and train/ share 1 speaker"):
         prepare(root, tmp_path / "k2", dev_speakers=2, seed=0)
+
+
+def _corpus_id(speaker: str, k: int) -> str:
+    return f"0{speaker}{k:04d}"  # speechocean762's: 000010011 is speaker 0001's
+
+
+def test_unlabeled_audio_without_utt2spk_keeps_its_speakers_out_of_dev_by_their_ids(tmp_path: Path, caplog):
+    """The shared unlabeled/ has no utt2spk: its ids name the speakers (as train's do), so a
+    speaker whose unlabeled recordings are pretrained on is not held out; ids that do not are said."""
+    root = _release(tmp_path / "so", speakers=tuple(f"{i:04d}" for i in range(11, 19)), utt_id=_corpus_id)
+    free = prepare(root, tmp_path / "k0", dev_speakers=2, seed=0)["dev"]["speakers"]
+    (root / "unlabeled").mkdir()
+    audio = f"WAVE/SPEAKER{free[0]}/{_corpus_id(free[0], 0)}.WAV"
+    (root / "unlabeled/wav.scp").write_text(f"{_corpus_id(free[0], 99)}\t{audio}\n")
+    summary = prepare(root, tmp_path / "k1", dev_speakers=2, seed=0)
+    assert free[0] not in summary["dev"]["speakers"] and len(summary["dev"]["speakers"]) == 2
+    assert summary["unlabeled"]["speakers"] == [free[0]]
+    assert _table(tmp_path / "k1/unlabeled/utt2spk") == {_corpus_id(free[0], 99): free[0]}
+    (root / "unlabeled/wav.scp").write_text(f"rec1\t{audio}\n")
+    caplog.set_level(logging.WARNING)
+    assert prepare(root, tmp_path / "k2", dev_speakers=2, seed=0)["unlabeled"]["speakers"] == []
+    assert "unlabeled/: 1 utterance(s) have no speaker" in caplog.text
 
 
 @pytest.mark.parametrize("breakage, message", [

@@ -32,8 +32,14 @@
 #   ./run.sh --frontend w2vbert --model-size medium               # 9.7 M parameters (conf/frontend_w2vbert_medium.yaml)
 # Splits (local/data.sh): dev = 10 train speakers held out (seeded); test = the corpus's test/
 # or, where a copy lacks it (the shared one does), 20 more held-out train speakers. No dev or
-# test speaker is in train, and neither is used for pretraining. Change with
+# test speaker is in train, and neither is used for pretraining: speakers with unlabeled audio
+# (unlabeled/utt2spk, or where it is missing -- the shared copy -- the speaker in the
+# utterance id) stay in train. Change with
 # --data-opts "--dev-speakers N --test-speakers N --seed N" (then --force true --stage 0).
+# RESULTS.md rows before this (2026-12-07 12:00) used a carve that ignored the unlabeled audio's
+# speakers: 3 dev and 3 test speakers had 45 of the 245 unlabeled recordings (untranscribed,
+# other recordings than the scored ones) in pretraining and in the noisy student's pool. A
+# data/ prepared before then keeps that carve until `--stage 0 --force true`.
 # Options: see ../../local/ssl_asr.sh (--frontend, --head, --labeled, --no-pretrain, --nproc, ...).
 cd "$(dirname "$0")"
 corpus=speechocean762

@@ -19,9 +19,10 @@ carved out of train by speaker (seeded), so no held-out speaker is in training.
 import argparse
 import json
 import logging
+import re
 import shutil
 import tarfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -41,6 +42,8 @@ MIRRORS = (  # OpenSLR 101 and its mirrors (https://www.openslr.org/101/)
     "https://openslr.magicdatatech.com/resources/101",
 )
 SPLITS = ("train", "dev", "test", "unlabeled")
+# the corpus's utterance ids hold their speaker: 0 SSSS NNNN (000010011: speaker 0001)
+SPEAKER_IN_ID = re.compile(r"\d(\d{4})\d{4}")
 
 
 def download(target_dir: Path) -> Path:
@@ -95,9 +98,32 @@ def read_corpus(corpus_dir: Path) -> Tuple[Dict[str, List[Utterance]], Dict[str,
     for name, need_text in (("unlabeled", False), ("test", True)):
         split_dir = corpus_dir / name
         if split_dir.is_dir():
-            splits[name] = read_split(split_dir, need_text=need_text, need_speakers=False, root=root or split_dir,
-                                      dropped=dropped[name])
+            splits[name] = _with_speakers(name, read_split(split_dir, need_text=need_text, need_speakers=False,
+                                                           root=root or split_dir, dropped=dropped[name]),
+                                          splits["train"])
     return splits, dropped
+
+
+def _speaker_in_id(utt_id: str) -> Optional[str]:
+    match = SPEAKER_IN_ID.fullmatch(utt_id)
+    return match.group(1) if match else None
+
+
+def _with_speakers(name: str, utts: List[Utterance], train: List[Utterance]) -> List[Utterance]:
+    """NAME's utterances, those without a utt2spk line given the speaker their id holds, where
+    train/utt2spk shows the corpus's id convention (the shared unlabeled/ has no utt2spk).
+    Without speakers, a held-out speaker's unlabeled audio cannot be kept out of pretraining:
+    said, not silently taken."""
+    unnamed = [u for u in utts if u.speaker is None]
+    if not unnamed:
+        return utts
+    if all(_speaker_in_id(u.utt_id) == u.speaker for u in train) and all(_speaker_in_id(u.utt_id) for u in unnamed):
+        log.info("%s/: the speakers of %d utterance(s) without a utt2spk line read from their ids "
+                 "(speechocean762's convention, as train/utt2spk has it)", name, len(unnamed))
+        return [u if u.speaker is not None else replace(u, speaker=_speaker_in_id(u.utt_id)) for u in utts]
+    log.warning("%s/: %d utterance(s) have no speaker (no utt2spk line, ids not speechocean762's): whether "
+                "they are of the speakers held out as dev/test cannot be checked", name, len(unnamed))
+    return utts
 
 
 def _warn_ignored_splits(corpus_dir: Path) -> None:

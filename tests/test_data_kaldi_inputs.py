@@ -13,7 +13,7 @@ from lhotse import CutSet
 
 from sslasr.bin import prepare_manifests as prepare_cli
 from sslasr.data.kaldi_dir import LayoutError, read_split, write_split
-from sslasr.data.manifests import prepare_split, read_kaldi_split, read_table
+from sslasr.data.manifests import prepare_split, read_kaldi_split, read_table, split_by_speaker
 from sslasr.data.speechocean762 import read_corpus
 
 SR = 16000
@@ -103,6 +103,37 @@ def test_utt2spk_id_repeated_with_another_speaker_is_an_error(tmp_path: Path):
     (split / "utt2spk").write_text("a s1\nb s2\nb s3\n")
     with pytest.raises(ValueError, match=r"utt2spk: 1 utterance id\(s\) repeated with different speakers, e.g. \['b'\]"):
         read_kaldi_split(split)
+
+
+def test_utt2spk_line_without_a_speaker_is_an_error_in_both_stages(tmp_path: Path):
+    """Such lines would make their utterances one speaker "", drawn as one into dev or train."""
+    split = _split(tmp_path / "train", {"a": 1.0, "b": 1.0, "c": 1.0}, text="a A\nb B\nc C\n",
+                   utt2spk="a s1\nb\nc \t\n")
+    with pytest.raises(ValueError, match=r"utt2spk: 2 line\(s\) name no speaker, e.g. \['b', 'c'\]"):
+        read_kaldi_split(split)
+    with pytest.raises(LayoutError, match=r"utt2spk: 2 line\(s\) name no speaker, e.g. \['b', 'c'\]"):
+        read_split(split, need_text=True, need_speakers=True)
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path):
+    path = tmp_path / "text"
+    path.write_bytes("a HELLO\nb CAF\u00c9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{path}: not UTF-8 \(line 2, byte 13: invalid continuation byte\)"):
+        read_table(path)
+
+
+def test_dev_fraction_refuses_a_train_split_with_some_speakers_missing(tmp_path: Path):
+    """A cut without a speaker counted as its own: one speaker's unnamed utterances fell on
+    either side of the split (most seeds put s0 in both)."""
+    utt2spk = "".join(f"s{s}_{k} s{s}\n" for s in range(4) for k in range(3) if (s, k) not in ((0, 1), (0, 2)))
+    split = _split(tmp_path / "c" / "train", {f"s{s}_{k}": 0.5 for s in range(4) for k in range(3)},
+                   text="".join(f"s{s}_{k} HI\n" for s in range(4) for k in range(3)), utt2spk=utt2spk)
+    prepare_split(split, "c", "train", tmp_path / "out", num_jobs=1)
+    cuts = CutSet.from_file(tmp_path / "out" / "c_cuts_train.jsonl.gz")
+    with pytest.raises(ValueError, match=r"2 of 12 utterances have no speaker \(utt2spk\), e.g. \['s0_1', 's0_2'\]"):
+        split_by_speaker(cuts, 0.25, seed=0)
+    rest, dev = split_by_speaker(cuts.filter(lambda c: c.id not in ("s0_1", "s0_2")), 0.25, seed=0)
+    assert len(dev) == 3 and len({c.supervisions[0].speaker for c in dev}) == 1
 
 
 def test_stage_0_lists_text_without_audio_and_writes_no_text_line_for_an_utterance_without_one(

@@ -81,6 +81,9 @@ def read_split(split_dir: Path, *, need_text: bool, need_speakers: bool, root: O
     text = transcripts.text if transcripts is not None else None
     conflicting = transcripts.conflicting if transcripts is not None else {}
     speakers = _optional(split_dir / "utt2spk", need_speakers, _table)
+    nameless = [u for u, speaker in (speakers or {}).items() if not speaker]
+    if nameless:  # all of them one speaker "", drawn into one split beside their speakers' other utterances
+        raise LayoutError(f"{split_dir}/utt2spk: {len(nameless)} line(s) name no speaker, e.g. {nameless[:3]}")
     if text is not None and not (set(text) | set(conflicting)) & set(wav):
         raise LayoutError(f"{split_dir}: no utterance id of text is in wav.scp")
     if need_speakers:

@@ -142,10 +142,15 @@ def read_wav_scp(split_dir: Path, max_utts: Optional[int] = None
 
 
 def read_speakers(path: Path) -> Dict[str, str]:
-    """utt2spk; an id repeated with another speaker is an error (which one is right?)."""
+    """utt2spk; an id repeated with another speaker is an error (which one is right?), and so is
+    a line naming no speaker (its utterances would all be one speaker, split as one)."""
     speakers: Dict[str, str] = {}
     conflicting = []
-    for utt_id, speaker in read_table(path):
+    rows = read_table(path)
+    nameless = [utt_id for utt_id, speaker in rows if not speaker]
+    if nameless:
+        raise ValueError(f"{path}: {len(nameless)} line(s) name no speaker, e.g. {nameless[:3]}")
+    for utt_id, speaker in rows:
         if speakers.setdefault(utt_id, speaker) != speaker:
             conflicting.append(utt_id)
     if conflicting:
@@ -457,8 +462,16 @@ def held_out_speakers(speakers: Iterable[str], count: int, seed: int) -> List[st
 
 
 def split_by_speaker(cuts: Iterable, fraction: float, seed: int) -> Tuple[CutSet, CutSet]:
-    """(rest, held_out): a seeded `fraction` of the speakers (at least one, never all) held out."""
+    """(rest, held_out): a seeded `fraction` of the speakers (at least one, never all) held out.
+    Without any speakers each utterance is its own; with some missing, the split would put a
+    speaker's unnamed utterances on either side: an error."""
     cuts = list(cuts)
+    unnamed = [c.id for c in cuts if not c.supervisions or c.supervisions[0].speaker is None]
+    if unnamed and len(unnamed) < len(cuts):
+        raise ValueError(f"{len(unnamed)} of {len(cuts)} utterances have no speaker (utt2spk), e.g. "
+                         f"{unnamed[:3]}: a by-speaker split needs every one or none")
+    if unnamed:
+        log.warning("no speakers (utt2spk): each of the %d utterances is split as its own speaker", len(cuts))
     speakers = {_speaker(c) for c in cuts}
     if len(speakers) < 2:
         raise ValueError(f"need at least 2 speakers to split by speaker, found {len(speakers)}")

@@ -12,8 +12,14 @@ def read_table(path: Path) -> List[Tuple[str, str]]:
     line at U+2028, \x0c, \x1c and others that can sit inside a transcript, making half of it
     an utterance id. Fields are split at spaces and tabs, as Kaldi does. A UTF-8 byte-order
     mark, which some editors write, is not part of the first id."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = f.read().split("\n")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        lines = data.decode("utf-8-sig").split("\n")
+    except UnicodeDecodeError as e:  # the codec's own message names neither the file nor the line
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: not UTF-8 (line {line}, byte {e.start}: {e.reason}); convert it, "
+                         "e.g. iconv -f GB18030 -t UTF-8") from e
     rows = []
     for line in lines:
         parts = re.split(r"[ \t]+", line.strip(" \t\r"), maxsplit=1)

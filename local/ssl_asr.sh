@@ -328,10 +328,20 @@ stale_before 1 data/.data.done $manifests/.done "data/ was prepared again after 
 stale_before 3 $manifests/.done $lang/.done "the manifests were made again after the tokenizer"
 
 if run_stage 1; then
-  if done_or_force $manifests/.done && [ ! data/.data.done -nt $manifests/.done ]; then log "manifests ready"; else
-    [ ! -f $manifests/.done ] || log "data/ was prepared again after the manifests: making them again"
+  splits=$(for d in "$corpus_dir"/*/; do [ ! -f "$d/wav.scp" ] || printf '%s ' "$(basename "$d")"; done)
+  # what the manifests are made of, beside data/: the splits, and those kept whole (no duration
+  # limits: scored, validated on, or a benchmark's fixed subset); a marker without them is older: taken
+  manifest_inputs=$(printf 'splits %s\neval_splits %s\n' "$(echo $splits)" "$(echo $test_sets $valid_set $whole_splits)")
+  if done_or_force $manifests/.done && [ ! data/.data.done -nt $manifests/.done ] \
+      && { [ ! -s $manifests/.done ] || [ "$manifest_inputs" = "$(cat $manifests/.done)" ]; }; then
+    log "manifests ready"
+  else
+    if [ -f $manifests/.done ] && [ ! data/.data.done -nt $manifests/.done ]; then
+      log "the manifests were made for other splits: $(changed_inputs $manifests/.done "$manifest_inputs"): making them again"
+    elif [ -f $manifests/.done ]; then
+      log "data/ was prepared again after the manifests: making them again"
+    fi
     log "manifests from $corpus_dir"
-    splits=$(for d in "$corpus_dir"/*/; do [ ! -f "$d/wav.scp" ] || printf '%s ' "$(basename "$d")"; done)
     "$python" -m sslasr.bin.prepare_manifests --corpus-dir "$corpus_dir" --corpus "$corpus" \
       --splits $splits --eval-splits $test_sets $valid_set $whole_splits --out-dir $manifests --num-jobs "$nj"
     for split in $(recorded_splits); do  # a split of an earlier corpus (e.g. its unlabeled/) would
@@ -340,7 +350,7 @@ if run_stage 1; then
       rm -f $manifests/${corpus}_{recordings,supervisions,cuts}_$split.jsonl.gz $manifests/${corpus}_cuts_${split}_fbank.jsonl.gz \
         $manifests/${corpus}_${split}_validation.json $manifests/${corpus}_${split}_dropped.tsv
     done
-    touch $manifests/.done
+    printf '%s\n' "$manifest_inputs" > $manifests/.done.tmp && mv -f $manifests/.done.tmp $manifests/.done
   fi
 fi
 

@@ -99,6 +99,28 @@ def test_a_corpus_keeps_its_fixed_labeled_subsets_whole(tmp_path: Path):
     assert 'whole_splits="train_10m train_1h train_10h"' in librispeech
 
 
+def test_stage_1_makes_the_manifests_again_for_other_splits_kept_whole(tmp_path: Path):
+    """Its marker held no options: a --valid-set or whole_splits added later kept that split's
+    manifest cut by the duration limits, and the log said "manifests ready"."""
+    recipe = _recipe(tmp_path)
+    assert _run(recipe, "--stop-stage", "0").returncode == 0
+    (recipe / "data/kaldi/train/wav.scp").write_text("u1 a.wav\n")
+    (recipe / "data/manifests").mkdir()
+    assert _run(recipe, "--stage", "1", "--stop-stage", "1").returncode == 0
+    assert _lines(recipe / "data/manifests/.done") == ["splits train", "eval_splits dev test dev"]
+    same = _run(recipe, "--stage", "1", "--stop-stage", "1")
+    assert "manifests ready" in same.stderr and len(_lines(recipe / "python_calls")) == 1, same.stderr
+    other = _run(recipe, "--stage", "1", "--stop-stage", "1", "--valid-set", "train_dev")
+    assert other.returncode == 0, other.stderr
+    assert ("the manifests were made for other splits: < eval_splits dev test dev > eval_splits dev test "
+            "train_dev : making them again") in other.stderr
+    assert "--eval-splits dev test train_dev --out-dir" in _lines(recipe / "python_calls")[1]
+    assert _lines(recipe / "data/manifests/.done")[1] == "eval_splits dev test train_dev"
+    (recipe / "data/manifests/.done").write_text("")  # a marker from before the splits were recorded
+    legacy = _run(recipe, "--stage", "1", "--stop-stage", "1")
+    assert "manifests ready" in legacy.stderr and len(_lines(recipe / "python_calls")) == 2, legacy.stderr
+
+
 def test_stages_1_to_3_redo_outputs_older_than_their_inputs(tmp_path: Path):
     recipe = _recipe(tmp_path)
     assert _run(recipe, "--stop-stage", "0").returncode == 0

@@ -178,6 +178,17 @@ def test_training_refuses_a_config_the_check_rejects(tmp_path):
     assert not (tmp_path / "exp").exists()
 
 
+def test_training_removes_the_temporary_config_of_a_killed_start(tmp_path):
+    from sslasr.bin.train import main
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / ".config.yaml.k1ll.tmp.yaml").write_text("trainer: {max_upd")
+    with pytest.raises(Exception):  # the tokenizer is missing: it stops after the lock is taken
+        main(["--config", str(MINISYNTH / "frontend_wav2vec2.yaml"), str(MINISYNTH / "finetune_ctc.yaml"),
+              "--exp-dir", str(exp), "--set", "task=asr", f"data.tokenizer={tmp_path / 'missing'}"])
+    assert not list(exp.glob(".config.yaml.*"))
+
+
 def test_training_refuses_an_exp_dir_another_process_trains_in(tmp_path):
     """A second trainer in the same exp dir stops before writing anything there (log, config);
     the lock goes with its holder, also when that is killed."""

@@ -787,6 +787,45 @@ def test_averaging_keeps_the_n_best_files_through_kills_and_reruns(tmp_path):
     assert all(torch.equal(first[k], v) for k, v in _load(killed / "model_final.pt")["model"].items())
 
 
+def test_a_non_finite_validation_value_ranks_below_every_finite_one(tmp_path, caplog):
+    """NaN compares neither way: a first validation of NaN stayed the best and among the kept
+    models for the whole run, and a better model was dropped for it."""
+    losses = {1: float("nan"), 2: 5.0, 3: 3.0, 4: 4.0}
+    cfg = _toy_cfg(4)
+    cfg["trainer"].update(valid_every=1, final_model="average", average_models=2)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, _ValidatedToyTask(_toy_batches(4, seed=2), losses), tmp_path / "exp", DistInfo())
+    with caplog.at_level(logging.WARNING, logger="sslasr.train.trainer"):
+        trainer.fit()
+    assert trainer.kept_models == [(3.0, 3), (4.0, 4)] and trainer.best_valid == 3.0
+    assert "update 1: validation loss is nan: ranked below every finite one" in caplog.text
+
+
+def test_a_resumed_run_keeps_the_tensorboard_scalars_of_its_checkpoint_update(tmp_path):
+    """They were written before the checkpoint was: purging from that update on lost them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = _toy_cfg(2)
+    cfg["trainer"].update(valid_every=2, checkpoint_every=2)
+    batches, losses = _toy_batches(4, seed=3), {k: float(k) for k in range(1, 6)}
+    torch.manual_seed(0)
+    Trainer(cfg, _ValidatedToyTask(batches, losses), tmp_path / "exp", DistInfo()).fit()
+    cfg["trainer"]["max_updates"] = 4  # the same run, resumed at its checkpoint of update 2
+    Trainer(cfg, _ValidatedToyTask(batches, losses), tmp_path / "exp", DistInfo()).fit()
+    events = EventAccumulator(str(tmp_path / "exp" / "tensorboard"))
+    events.Reload()
+    assert sorted({e.step for e in events.Scalars("train/loss")}) == [1, 2, 3, 4]
+    assert sorted({e.step for e in events.Scalars("valid/loss")}) == [2, 4]
+
+
+def test_an_unreadable_checkpoint_is_named(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "checkpoint_last.pt").write_bytes(b"PK\x03\x04 cut short")
+    trainer = Trainer(_toy_cfg(2), _ToyTask(_toy_batches(2, seed=1)), exp, DistInfo())
+    with pytest.raises(RuntimeError, match=rf"{exp / 'checkpoint_last.pt'} cannot be read \(.*remove it"):
+        trainer.fit()
+
+
 def test_final_model_best_needs_a_known_metric_and_validation(tmp_path):
     cfg = _toy_cfg(2)
     cfg["trainer"].update(valid_every=1, final_model="best", best_metric="wer")

@@ -28,7 +28,7 @@ from sslasr.train.distributed import init_distributed, leave_distributed
 from sslasr.train.tasks import build_task
 from sslasr.train.trainer import Trainer, seed_everything
 from sslasr.utils.config import load_configs
-from sslasr.utils.io import DirectoryInUse, lock_directory, write_text_atomic
+from sslasr.utils.io import DirectoryInUse, lock_directory, remove_temp_files, write_text_atomic
 from sslasr.utils.logging import setup_logging
 from sslasr.utils.threads import configure_cpu_math
 
@@ -111,6 +111,7 @@ def main(argv=None) -> None:
             exp_dir_lock = lock_directory(args.exp_dir)  # noqa: F841
         except DirectoryInUse as e:
             raise SystemExit(str(e))
+        remove_temp_files(args.exp_dir, "config.yaml")  # a killed write's; the trainer removes its own
     setup_logging(args.exp_dir / f"train.rank{dist.rank}.log", rank=dist.rank)
     tcfg = cfg["trainer"]
     configure_cpu_math(tcfg.get("num_threads", 0), tcfg.get("flush_denormal", True))

@@ -23,7 +23,9 @@ What it guarantees:
 """
 
 import logging
+import math
 import os
+import pickle
 import random
 import time
 from collections import defaultdict
@@ -174,7 +176,11 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return False
         # on the CPU: the RNG states must stay there; load_state_dict moves the rest to the model's device
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch's message names no file
+            raise RuntimeError(f"{self.checkpoint_path} cannot be read ({type(e).__name__}: {e}): remove it to "
+                               "start this training again, or put back a copy") from e
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -257,7 +263,9 @@ class Trainer:
             self._remove_unkept_models()
             self._remove_temp_files()
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.num_updates)
+            # a killed run's events after its checkpoint are hidden; those of the checkpoint's own
+            # update (train means, validation) were written before it was saved, and stay
+            self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.num_updates + 1)
         train_loader = self.task.train_dataloader(self.dist)
         valid_loader = self.task.valid_dataloader(self.dist)
         if self.models_kept and valid_loader is None:  # found now, not after the last update
@@ -444,6 +452,9 @@ class Trainer:
         if name not in metrics and self.best_metric:
             raise KeyError(f"trainer.best_metric {name!r} is not a validation metric of this task "
                            f"(it reports {', '.join(sorted(metrics))})")
+        if name in metrics and not math.isfinite(metrics[name]):
+            log.warning("update %d: validation %s is %s: ranked below every finite one", self.num_updates, name,
+                        metrics[name])
         if name in metrics and (self.best_valid is None or _rank_key(name, metrics[name]) < _rank_key(name, self.best_valid)):
             self.best_valid = metrics[name]
         if name in metrics and self.models_kept:
@@ -545,6 +556,8 @@ def _sum_over_ranks(stats: Dict[str, float], device: torch.device) -> Dict[str, 
 def _rank_key(metric: str, value: float) -> float:
     """Sorts validation values best first: losses, error rates and perplexities are best low,
     accuracies (pretraining's masked_accuracy, ...) high."""
+    if not math.isfinite(value):  # NaN compares neither way: sorted would leave it first
+        return math.inf
     return -value if metric.endswith("accuracy") else value
 
 

@@ -639,26 +639,34 @@ def test_real_corpus_few_utterances(tmp_path, caplog):
 
 def test_fbank_is_w2v_bert_2s_front_end_at_lhotses_frame_count():
     """An imported w2v-BERT 2.0 sees the features it was trained on: after per-bin normalisation
-    (the model's, as the checkpoint's extractor's) ours equal transformers' SeamlessM4T ones,
-    frame i of ours being its frame i − 1, the edge frames repeated to lhotse's frame count."""
+    (the model's, as the checkpoint's extractor's) ours equal transformers' SeamlessM4T ones frame
+    for frame (so pairs stack alike), the last frame repeated to lhotse's frame count; also with
+    digital silence and a quiet lead-in, which [-1, 1] samples clamped at the energy floor."""
     transformers = pytest.importorskip("transformers")
     rng = np.random.default_rng(0)
     t = np.arange(int(16000 * 1.234)) / 16000
     audio = (0.1 * np.sin(2 * np.pi * 440 * t * (1 + t)) + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
-    padded = transformers.SeamlessM4TFeatureExtractor(feature_size=80, stride=1)(
-        audio, sampling_rate=16000, do_normalize_per_mel_bins=False, return_tensors="np")["input_features"][0]
-    frames = 1 + (len(audio) - 400) // 160  # the 25 ms windows that fit, 10 ms apart
-    assert frames == 121 and not padded[frames:].any()  # (zero frames pad it to an even count)
-    theirs = padded[:frames]
-    ours = compute_fbank_cli.SeamlessFbank(FbankConfig(num_mel_bins=80)).extract(audio, 16000)
-    assert len(ours) == 123  # round(1.234 s / 10 ms), lhotse's count
+    hf_fbank = transformers.SeamlessM4TFeatureExtractor(feature_size=80, stride=1)
 
     def normalised(features):
         return (features - features.mean(0)) / np.sqrt(features.var(0) + 1e-7)
 
-    inner = ours[1:1 + len(theirs)]
-    assert np.abs(normalised(inner) - normalised(theirs)).max() < 1e-3
-    assert np.array_equal(ours[0], ours[1]) and np.array_equal(ours[-1], ours[-2])
+    def theirs_and_ours(samples):
+        padded = hf_fbank(samples, sampling_rate=16000, do_normalize_per_mel_bins=False,
+                          return_tensors="np")["input_features"][0]
+        frames = 1 + (len(samples) - 400) // 160  # the 25 ms windows that fit, 10 ms apart
+        assert not padded[frames:].any()  # (zero frames pad it to an even count)
+        return padded[:frames], compute_fbank_cli.SeamlessFbank(FbankConfig(num_mel_bins=80)).extract(samples, 16000)
+
+    theirs, ours = theirs_and_ours(audio)
+    assert len(theirs) == 121 and len(ours) == 123  # round(1.234 s / 10 ms), lhotse's count
+    assert np.abs(normalised(ours[:len(theirs)]) - normalised(theirs)).max() < 1e-3
+    assert np.array_equal(ours[-1], ours[-3]) and np.array_equal(ours[-2], ours[-3])
+    silence = np.zeros(4800, dtype=np.float32)
+    lead_in = (1e-5 * rng.standard_normal(4800)).astype(np.float32)  # -100 dBFS
+    for before in (silence, lead_in):
+        theirs_q, ours_q = theirs_and_ours(np.concatenate([before, audio]))
+        assert np.abs(normalised(ours_q[:len(theirs_q)]) - normalised(theirs_q)).max() < 1e-3
     # Kaldi's default (filters up to 7.6 kHz, frames centred on the shift) is far from them
     kaldi = Fbank(FbankConfig(num_mel_bins=80)).extract(audio, 16000)[1:1 + len(theirs)]
     assert np.abs(normalised(kaldi) - normalised(theirs)).max() > 1.0
@@ -700,9 +708,9 @@ def test_fbank_models_read_only_the_features_they_were_trained_on(prepared, toke
     kaldi = tmp_path / "toy_cuts_kaldi_fbank.jsonl.gz"
     CutSet.from_cuts(dataclasses.replace(c, features=dataclasses.replace(c.features, type="kaldi-fbank"))
                      for c in load_cuts(seamless)).to_file(kaldi)  # as stage 2 computed them before
-    check_feature_type(seamless, "sslasr-seamless-fbank", "m")
+    check_feature_type(seamless, "sslasr-seamless-fbank-2", "m")
     with pytest.raises(ValueError, match="holds kaldi-fbank features, but m reads sslasr-seamless-fbank"):
-        check_feature_type(kaldi, "sslasr-seamless-fbank", "m")
+        check_feature_type(kaldi, "sslasr-seamless-fbank-2", "m")
     check_feature_type(kaldi, None, "m")  # a model from before the record: not checked
 
     frontend = load_config(Path(__file__).resolve().parents[1] / "conf/frontend/w2vbert_tiny.yaml")["frontend"]
@@ -710,7 +718,7 @@ def test_fbank_models_read_only_the_features_they_were_trained_on(prepared, toke
            "data": {"tokenizer": str(tokenizer.model_path), "train_cuts": str(seamless), "valid_cuts": str(seamless),
                     "max_duration": 100}}
     task = AsrFinetuneTask(copy.deepcopy(cfg))
-    assert task.cfg["data"]["feature_type"] == "sslasr-seamless-fbank"
+    assert task.cfg["data"]["feature_type"] == "sslasr-seamless-fbank-2"
     with pytest.raises(ValueError, match="toy_cuts_kaldi_fbank.jsonl.gz holds kaldi-fbank features"):
         AsrFinetuneTask({**cfg, "data": {**cfg["data"], "valid_cuts": str(kaldi)}})
     pretrained = tmp_path / "pretrained.pt"

@@ -367,7 +367,7 @@ def test_from_hf_matches_transformers_layer_by_layer(tmp_path, position, task):
     assert frontend["name"] == "w2vbert"
     imported = hf_import.import_hf(directory)
     assert imported.frontend == frontend  # by model_type
-    assert imported.data["feature_type"] == "sslasr-seamless-fbank"  # fine-tuned on the features it learnt from
+    assert imported.data["feature_type"] == "sslasr-seamless-fbank-2"  # fine-tuned on the features it learnt from
     encoder = W2vBertEncoder(W2vBertEncoderConfig.from_dict(frontend["encoder"])).eval()
     encoder.load_state_dict(state)  # strict: every tensor placed, none missing
 

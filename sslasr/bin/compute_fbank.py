@@ -48,14 +48,21 @@ class SeamlessFbank(Fbank):
     SeamlessM4TFeatureExtractor), so that an imported checkpoint is fine-tuned on the features it
     learnt from: mel filters up to the Nyquist frequency (Kaldi's default stops 400 Hz short,
     which moves every filter) and frames wholly inside the audio, the first one at sample 0
-    (Kaldi's snip_edges; its center=False). lhotse counts frames as round(duration / shift), one
-    or two more than fit: the edge frames are repeated to make up the count, one before (frame
-    i then starts 40 samples after lhotse's nominal frame i), the rest after. After per-bin
-    normalisation the features agree with transformers' to about 1e-4. Audio shorter than one
-    window (25 ms; evaluation splits keep every utterance) is zero-padded to one: Kaldi's edge
-    frames need 10 ms or more and lhotse's extractor fails below that."""
+    (Kaldi's snip_edges; its center=False), computed on 16-bit sample values as transformers
+    does: the mel energies' floor (float32 eps) is then as far below the signal as there, and
+    silence or a quiet lead-in is not clamped (on [-1, 1] samples it sits 2^30 higher, and the
+    clamped cells move the utterance's per-bin statistics). lhotse counts frames as
+    round(duration / shift), one or two more than fit: the last frame is repeated to make up
+    the count, so that frame pairs stack as the checkpoint's extractor stacks them ((0, 1),
+    (2, 3), ...). After per-bin normalisation the features agree with transformers' to about
+    1e-4. Audio shorter than one window (25 ms; evaluation splits keep every utterance) is
+    zero-padded to one: Kaldi's edge frames need 10 ms or more and lhotse's extractor fails
+    below that."""
 
-    name = "sslasr-seamless-fbank"
+    # -2: the features of this version (16-bit scale, frames aligned at the start); the first
+    # version's clamped silence and stacked frames (i - 1, i): stage 2 refuses them
+    name = "sslasr-seamless-fbank-2"
+    SAMPLE_SCALE = 2 ** 15  # float samples to the 16-bit values transformers computes on
 
     def __init__(self, config: Optional[FbankConfig] = None):
         config = config or FbankConfig()
@@ -64,10 +71,9 @@ class SeamlessFbank(Fbank):
     def extract(self, samples, sampling_rate: int):
         num_samples = samples.shape[-1]
         wanted = compute_num_frames(num_samples / sampling_rate, self.frame_shift, sampling_rate)
-        feats = super().extract(pad_to_one_window(samples, self.config.frame_length, sampling_rate), sampling_rate)
-        missing = wanted - feats.shape[0]
-        before = min(1, missing)
-        index = np.clip(np.arange(wanted) - before, 0, feats.shape[0] - 1)
+        scaled = pad_to_one_window(samples, self.config.frame_length, sampling_rate) * self.SAMPLE_SCALE
+        feats = super().extract(scaled, sampling_rate)
+        index = np.minimum(np.arange(wanted), feats.shape[0] - 1)
         if isinstance(feats, torch.Tensor):
             index = torch.from_numpy(index).to(feats.device)
         return feats[index]

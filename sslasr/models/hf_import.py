@@ -198,8 +198,11 @@ WAV2VEC2_KEY_RULES: List[Tuple[str, str]] = [
     (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(weight|bias)", r"transformer.layers.\1.feed_forward.output.\2"),
     (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"transformer.layers.\1.final_norm.\2"),
 ]
-# Tensors of the task heads around the base model, not part of the encoder.
-WAV2VEC2_HEAD_MODULES = ("quantizer", "project_hid", "project_q", "lm_head")
+# Tensors of transformers' task heads around a base model, not part of the encoder: *ForCTC's
+# lm_head, *ForSequenceClassification's projector, classifier and layer_weights (the weighted
+# layer sum), alike for every class; *ForPreTraining's quantizer and projections (wav2vec 2.0).
+TASK_HEAD_MODULES = ("lm_head", "projector", "classifier", "layer_weights")
+WAV2VEC2_HEAD_MODULES = ("quantizer", "project_hid", "project_q") + TASK_HEAD_MODULES
 _BASE_PREFIXES = {"wav2vec2": "wav2vec2", "hubert": "hubert"}
 _POS_CONV = "encoder.pos_conv_embed.conv."
 
@@ -340,4 +343,5 @@ def rename_checked(state: StateDict, rules: List[Tuple[str, str]], expected: Sta
 
 __all__ = ["ImportedCheckpoint", "import_hf", "save_imported", "read_config", "read_state_dict",
            "read_data_options", "frontend_name", "get_converter", "wav2vec2_from_hf", "wav2vec2_encoder_config",
-           "split_base_model", "weight_norm_pos_conv", "rename_checked", "WAV2VEC2_KEY_RULES"]
+           "split_base_model", "weight_norm_pos_conv", "rename_checked", "WAV2VEC2_KEY_RULES",
+           "TASK_HEAD_MODULES"]

@@ -240,7 +240,6 @@ W2VBERT_KEY_RULES: List[Tuple[str, str]] = [
     (r"encoder\.layers\.(\d+)\.conv_module\.depthwise_layer_norm\.(weight|bias)", r"conformer.layers.\1.conv.norm.\2"),
     (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"conformer.layers.\1.final_norm.\2"),
 ]
-_HF_HEAD_MODULES = ("lm_head",)           # Wav2Vec2BertForCTC's output layer
 _HF_POSITIONS = {"relative": "relative", "relative_key": "relative_key", None: "none"}
 _POINTWISE = re.compile(r"encoder\.layers\.\d+\.conv_module\.pointwise_conv[12]\.weight")
 
@@ -283,11 +282,12 @@ def hf_encoder_config(config: Dict) -> W2vBertEncoderConfig:
 def from_hf(config: Dict, state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict, Dict[str, torch.Tensor]]:
     """transformers Wav2Vec2BertModel / Wav2Vec2BertForCTC (config.json as a dict, state dict) →
     (our `frontend:` section, W2vBertEncoder state dict). A tensor we cannot place, or an encoder
-    tensor the checkpoint lacks, is an error naming them; lm_head is skipped and logged."""
-    from sslasr.models.hf_import import fill_mask_embedding, rename_checked, split_base_model  # shared checks
+    tensor the checkpoint lacks, is an error naming them; task heads are skipped and logged."""
+    from sslasr.models.hf_import import (  # shared checks
+        TASK_HEAD_MODULES, fill_mask_embedding, rename_checked, split_base_model)
 
     encoder_cfg = hf_encoder_config(config)
-    base = split_base_model(state_dict, "wav2vec2_bert", _HF_HEAD_MODULES)
+    base = split_base_model(state_dict, "wav2vec2_bert", TASK_HEAD_MODULES)
     base = {k: v.squeeze(-1) if _POINTWISE.fullmatch(k) else v for k, v in base.items()}  # width-1 Conv1d → Linear
     base = fill_mask_embedding(base, config, encoder_cfg.conformer.dim, default_mask_time_prob=0.05)
     with torch.device("meta"):  # the expected names and shapes, without allocating weights

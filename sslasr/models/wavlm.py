@@ -63,8 +63,6 @@ class WavLMPretrainer(HubertPretrainer):
 
 
 # ------------------------------------------------------------------------- transformers import
-# Tensors of transformers' task heads around WavLMModel (under the "wavlm." prefix there).
-HF_HEAD_MODULES = ("lm_head", "projector", "classifier", "layer_weights")
 _HF_RELATIVE_POSITION_RULES = [
     # the bucket embedding lives in the first layer's attention in transformers; here it is
     # the Transformer's shared position_bias (any other layer holding one is unmapped: an error)
@@ -96,11 +94,11 @@ def from_hf(config: Dict, state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict, Di
     """A transformers WavLMModel / WavLMForCTC (config.json as a dict, its tensors) →
     (our frontend config {"name": "wavlm", "encoder": {...}}, a WavLMEncoder state dict).
     A tensor that maps nowhere, or an encoder tensor the checkpoint lacks, is an error naming
-    it; task-head tensors (HF_HEAD_MODULES) are skipped and logged."""
+    it; task-head tensors (hf_import.TASK_HEAD_MODULES) are skipped and logged."""
     from sslasr.models import hf_import
 
     cfg = encoder_config_from_hf(config)
-    base = hf_import.split_base_model(state_dict, "wavlm", HF_HEAD_MODULES)
+    base = hf_import.split_base_model(state_dict, "wavlm", hf_import.TASK_HEAD_MODULES)
     base = hf_import.weight_norm_pos_conv(base, "encoder.pos_conv_embed.conv.")
     with torch.device("meta"):  # names and shapes only
         expected = WavLMEncoder(cfg).state_dict()

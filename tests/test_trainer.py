@@ -6,6 +6,7 @@ subprocesses of `python -m sslasr.bin.train` exactly like the recipes do.
 """
 
 import contextlib
+import copy
 import logging
 import os
 import re
@@ -801,16 +802,22 @@ def test_a_non_finite_validation_value_ranks_below_every_finite_one(tmp_path, ca
     assert "update 1: validation loss is nan: ranked below every finite one" in caplog.text
 
 
-def test_a_resumed_run_keeps_the_tensorboard_scalars_of_its_checkpoint_update(tmp_path):
-    """They were written before the checkpoint was: purging from that update on lost them."""
+def test_a_resumed_run_keeps_the_tensorboard_scalars_of_its_checkpoint_update(tmp_path, caplog):
+    """They were written before the checkpoint was: purging from that update on lost them. A
+    resume under a changed config says what changed."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cfg = _toy_cfg(2)
     cfg["trainer"].update(valid_every=2, checkpoint_every=2)
     batches, losses = _toy_batches(4, seed=3), {k: float(k) for k in range(1, 6)}
     torch.manual_seed(0)
     Trainer(cfg, _ValidatedToyTask(batches, losses), tmp_path / "exp", DistInfo()).fit()
+    cfg = copy.deepcopy(cfg)
     cfg["trainer"]["max_updates"] = 4  # the same run, resumed at its checkpoint of update 2
-    Trainer(cfg, _ValidatedToyTask(batches, losses), tmp_path / "exp", DistInfo()).fit()
+    cfg["optim"].pop("eps")
+    with caplog.at_level(logging.WARNING, logger="sslasr.train.trainer"):
+        Trainer(cfg, _ValidatedToyTask(batches, losses), tmp_path / "exp", DistInfo()).fit()
+    assert "another config than the checkpoint's (" in caplog.text
+    assert caplog.text.rstrip().endswith("optim.eps: 1e-08 -> (unset); trainer.max_updates: 2 -> 4")
     events = EventAccumulator(str(tmp_path / "exp" / "tensorboard"))
     events.Reload()
     assert sorted({e.step for e in events.Scalars("train/loss")}) == [1, 2, 3, 4]

@@ -198,6 +198,10 @@ class Trainer:
         if self.dist.is_main:
             log.info("resumed from %s at update %d (epoch %d, batch %d)", self.checkpoint_path,
                      self.num_updates, self.epoch, self.batches_done)
+            changed = config_changes(state.get("config"), self.cfg)
+            if changed:  # e.g. max_updates raised to train on; other changes alter what is resumed
+                log.warning("resuming under another config than the checkpoint's (the batch order, learning "
+                            "rate and what the final model records follow the new one): %s", "; ".join(changed))
         return True
 
     def _check_ranks_agree_on_the_start(self) -> None:
@@ -551,6 +555,20 @@ def _sum_over_ranks(stats: Dict[str, float], device: torch.device) -> Dict[str, 
     names = sorted(set().union(*all_gather_objects(sorted(stats))))
     values = torch.tensor([float(stats.get(name, 0.0)) for name in names], dtype=torch.float64, device=device)
     return dict(zip(names, all_reduce_sum(values).tolist()))
+
+
+def config_changes(old: Optional[Dict], new: Dict, prefix: str = "") -> List[str]:
+    """`section.key: old -> new` for each setting that differs (a checkpoint without a config: none)."""
+    if old is None:
+        return []
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a} -> {b}")
+    return changes
 
 
 def _rank_key(metric: str, value: float) -> float:

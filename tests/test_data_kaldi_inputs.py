@@ -136,6 +136,20 @@ def test_dev_fraction_refuses_a_train_split_with_some_speakers_missing(tmp_path:
     assert len(dev) == 3 and len({c.supervisions[0].speaker for c in dev}) == 1
 
 
+def test_stage_0_reads_identical_repeated_lines_once_as_stage_1_does(tmp_path: Path, caplog):
+    """Kaldi folders concatenated with cat repeat lines: stage 0 refused what stage 1 reads."""
+    split = _split(tmp_path / "train", {"a": 1.0, "b": 1.0}, text="a A\nb B\n", utt2spk="a s1\nb s2\na s1\n")
+    with open(split / "wav.scp", "a") as wav:
+        wav.write(f"b {split / 'audio' / 'b.wav'}\n")
+    caplog.set_level(logging.WARNING)
+    utterances = read_split(split, need_text=True, need_speakers=True)
+    assert [(u.utt_id, u.speaker) for u in utterances] == [("a", "s1"), ("b", "s2")]
+    assert "wav.scp: 1 identical repeated line(s), each read once" in caplog.text
+    (split / "utt2spk").write_text("a s1\nb s2\nb s3\n")
+    with pytest.raises(LayoutError, match=r"utt2spk: 1 utterance id\(s\) repeated with different values, e.g. \['b'\]"):
+        read_split(split, need_text=True, need_speakers=True)
+
+
 def test_stage_0_lists_text_without_audio_and_writes_no_text_line_for_an_utterance_without_one(
         tmp_path: Path, caplog):
     split = _split(tmp_path / "in" / "train", {"a": 1.0, "b": 1.0, "e": 1.0, "r": 1.0},

@@ -15,7 +15,6 @@ whose id has no audio. Both are dropped here (logged, and listed to the caller).
 
 import logging
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, TypeVar
@@ -42,11 +41,17 @@ class Utterance:
 
 
 def _table(path: Path) -> Dict[str, str]:
+    """An id repeated with the same value (folders concatenated with cat) is read once, as stage 1
+    reads it; with another value it is an error: which line is right?"""
     rows = read_table(path)
-    repeated = sorted(u for u, n in Counter(u for u, _ in rows).items() if n > 1)
-    if repeated:
-        raise LayoutError(f"{path}: {len(repeated)} repeated utterance id(s), e.g. {repeated[:3]}")
-    return dict(rows)
+    table: Dict[str, str] = {}
+    conflicting = sorted({u for u, value in rows if table.setdefault(u, value) != value})
+    if conflicting:
+        raise LayoutError(f"{path}: {len(conflicting)} utterance id(s) repeated with different values, "
+                          f"e.g. {conflicting[:3]}")
+    if len(rows) > len(table):
+        log.warning("%s: %d identical repeated line(s), each read once", path, len(rows) - len(table))
+    return table
 
 
 def read_split(split_dir: Path, *, need_text: bool, need_speakers: bool, root: Optional[Path] = None,

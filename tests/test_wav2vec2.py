@@ -84,7 +84,21 @@ def test_span_mask_runs_and_padding():
             runs = _runs(mask[b, :length])
             assert all(r >= 10 for r in runs), runs
         assert not mask[3].any()  # shorter than one span: nothing can be masked
-        assert mask[4, :10].all()  # exactly one span fits: it is the whole utterance
+        assert not mask[4].any()  # exactly one span: it would be the whole utterance
+
+
+def test_span_mask_leaves_some_frame_of_every_utterance_seen():
+    """Spans can cover a short utterance whole (at 12 frames a third of the draws did, as in
+    fairseq): its context then held nothing of it, and a batch of such utterances had no
+    unmasked frames, the unmasked-frame loss NaN."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([12, 15, 20, 11])
+    masked = torch.zeros(4)
+    for _ in range(300):
+        mask = span_mask(lengths, 20, 0.65, 10, min_masks=2, generator=gen)
+        assert all(not mask[b, :n].all() for b, n in enumerate(lengths.tolist()))
+        masked += mask.sum(1)
+    assert (masked / 300 / lengths > 0.6).all()  # still most of each, as before
 
 
 def test_span_mask_min_masks_on_short_utterances():
@@ -512,6 +526,18 @@ def test_unmasked_frame_term_adds_a_contrastive_loss_over_the_unmasked_frames():
         with_unmasked["contrastive"] + 0.1 * with_unmasked["diversity"] + 10.0 * with_unmasked["feature_penalty"]
         + 0.5 * with_unmasked["unmasked_contrastive"], rel=1e-5)
     assert with_unmasked["loss_tensor"] == pytest.approx(with_unmasked["loss"])
+
+
+def test_a_batch_of_utterances_one_span_long_keeps_unmasked_frames_for_their_term():
+    enc = Wav2Vec2EncoderConfig.from_dict(_tiny_encoder_dict())
+    cfg = dict(mask=dict(time_prob=0.65, time_length=10, time_min_masks=2), quantizer_groups=2,
+               quantizer_entries=8, quantizer_dim=16, final_dim=16, num_negatives=5, unmasked_weight=1.0)
+    torch.manual_seed(0)
+    model = Wav2Vec2Pretrainer(enc, Wav2Vec2PretrainConfig.from_dict(cfg)).train()
+    samples = next(n for n in range(2000, 6000, 10) if model.encoder.feature_extractor.output_lengths(torch.tensor([n])).item() == 10)
+    loss, stats = model(torch.randn(2, samples), torch.tensor([samples, samples]))
+    assert math.isfinite(float(loss)) and math.isfinite(float(stats["unmasked_contrastive"]))
+    assert 0 < stats["masked_frames"] < 20
 
 
 def test_feature_penalty_is_the_mean_square_of_the_real_frames_only():

@@ -19,7 +19,10 @@ def span_mask(
     generator: Optional[torch.Generator] = None,
     at_least_one: bool = False,
 ) -> torch.Tensor:
-    """Boolean (B, max_len) mask; True = masked. Padding (≥ length) is never masked.
+    """Boolean (B, max_len) mask; True = masked. Padding (≥ length) is never masked, and some
+    frame of every utterance stays seen: one no longer than a span is not masked (its one span
+    would cover it), and where the spans happen to cover one whole, a random frame is unmasked
+    (the context network would see nothing of it, and the unmasked-frame terms nothing at all).
     `at_least_one` (pretraining, where masked frames are the targets): a batch whose draws masked
     nothing (all its utterances shorter than a span, or unlucky) gets one span of min(L, T − 1)
     frames in its longest utterance, as fairseq gives an utterance whose spans came out empty."""
@@ -30,14 +33,16 @@ def span_mask(
     sizes = lengths.tolist()
     for b, length in enumerate(sizes):
         num_starts = length - span + 1  # starts whose span fits inside the utterance
-        if num_starts <= 0:
+        if num_starts <= 1:
             continue
         draw = torch.rand((), generator=generator).item()
         num_spans = max(min_masks, int(prob * length / span + draw))
-        num_spans = min(num_spans, num_starts - 1 if num_starts > 1 else 1)
+        num_spans = min(num_spans, num_starts - 1)
         starts = torch.randperm(num_starts, generator=generator)[:num_spans]
         frames = (starts[:, None] + torch.arange(span)[None, :]).reshape(-1)
         mask[b, frames] = True
+        if mask[b, :length].all():
+            mask[b, int(torch.randint(length, (), generator=generator))] = False
     if at_least_one and not mask.any():
         longest = max(range(batch), key=sizes.__getitem__)
         if sizes[longest] < 2:

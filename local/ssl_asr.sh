@@ -759,21 +759,24 @@ train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcri
     log "$dir: trained by the first frontend's run of --frontend all: not again (--force)"
     force=false
   fi
-  if [ -f $dir/.done ] && [ -f $dir/inputs.txt ] && [ "$force" != true ] && ! lm_record_matches $dir "$inputs"; then
-    # e.g. `--stage 6 --lm-text more.txt` after a full run: trained again, and stages 7-8 redo what used it
+  # trained, or killed while training (its checkpoint would be resumed), on other inputs: e.g.
+  # `--stage 6 --lm-text more.txt` after a full run: trained again, and stages 7-8 redo what used it
+  if { [ -f $dir/.done ] || [ -f $dir/checkpoint_last.pt ]; } && [ -f $dir/inputs.txt ] && [ "$force" != true ] \
+      && ! lm_record_matches $dir "$inputs"; then
     log "$dir was trained on other inputs; training it again: $(changed_inputs $dir/inputs.txt "$inputs")"
     reset_training $dir
-    rm -f $dir/words.txt
   fi
   if done_or_force $dir/.done; then log "LM ready ($dir)"; else
     log "training the token LM in $dir on the text of $text"
     fresh_training $dir
+    # recorded as the training starts (a killed one resumes on these only); the lexicon is made
+    # after the model, of these inputs (one left from other inputs would pass for it)
+    [ "$node_rank" != 0 ] || { mkdir -p $dir && printf '%s\n' "$inputs" > $dir/inputs.txt && rm -f $dir/words.txt; }
     [ -z "$lm_text" ] || extra_text="[$(printf '%s,' $lm_text | sed 's/,$//')]"
     train $dir --config $conf_dir/lm.yaml --set task=lm data.tokenizer=$lang/bpe.model \
       data.train_text="$text" data.valid_text="$(cuts $valid_set)" "data.extra_text=$extra_text" $lm_opts
     [ "$node_rank" = 0 ] || return 0  # the files beside the model are node 0's to write
     "$python" -m sslasr.bin.lm_perplexity --lm $dir/model_final.pt --text "$(cuts $valid_set)" --out $dir/perplexity.json
-    printf '%s\n' "$inputs" > $dir/inputs.txt
     note_command $dir "LM trained"
     touch $dir/.done
   fi

@@ -692,6 +692,25 @@ def test_the_lm_is_trained_again_on_a_remade_manifest_or_tokenizer(tmp_path: Pat
     assert lm_trainings() == 3
 
 
+def test_a_killed_lm_training_is_not_resumed_on_other_inputs(tmp_path: Path):
+    """Its inputs were recorded once it had finished: a training killed and rerun with more
+    --lm-text resumed the checkpoint of the text before, then recorded the new text as its own;
+    and a lexicon of earlier inputs passed for the new LM's."""
+    recipe = _recipe(tmp_path)
+    (recipe / "conf/lm.yaml").write_text("# lm\n")
+    lm = recipe / "exp/lm_unigram_200"
+    killed = _run(recipe, "--stage", "6", "--stop-stage", "6", fail="*task=lm*")
+    assert killed.returncode != 0 and (lm / "inputs.txt").exists() and not (lm / ".done").exists()
+    (lm / "checkpoint_last.pt").write_text("update 40 of the text without extra.txt\n")
+    (lm / "words.txt").write_text("WORDS OF THE EARLIER TEXT\n")
+    (recipe / "extra.txt").write_text("MORE TEXT\n")
+    result = _run(recipe, "--stage", "6", "--stop-stage", "6", "--lm-text", "extra.txt")
+    assert result.returncode == 0, result.stderr
+    assert "was trained on other inputs; training it again:" in result.stderr and "lm_text extra.txt" in result.stderr
+    assert not (lm / "checkpoint_last.pt").exists() and not (lm / "words.txt").exists()
+    assert "lm_text extra.txt" in (lm / "inputs.txt").read_text()
+
+
 def test_only_node_0_marks_a_training_done(tmp_path: Path):
     """Another node's torchrun returns 0 even when node 0, which alone writes model_final.pt,
     failed after the last barrier: that node's .done would have stood for a model never written."""

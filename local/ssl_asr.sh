@@ -256,8 +256,13 @@ system_dir() {  # system_dir pretrained|scratch
 # rows) are node 0's alone. In stage 9 node 0 decodes and pseudo-labels, and every node trains
 # the students (the other nodes wait for each generation's pseudo-labels on the shared exp dir).
 node_rank=$(printf '%s\n' "$launcher" | sed -n 's/.*--node[_-]rank[= ]*\([0-9][0-9]*\).*/\1/p')
-node_rank=${node_rank:-0}
 nnodes=$(printf '%s\n' "$launcher" | sed -n 's/.*--nnodes[= ]*\([0-9:][0-9:]*\).*/\1/p')
+if [ -z "$node_rank" ] && [ "${nnodes:-1}" != 1 ]; then  # (a rendezvous would rank the nodes: not the driver)
+  echo "$0: --launcher runs $nnodes nodes but names no --node_rank: every node would take itself for node 0" \
+    "(k-means, decoding and results rows are node 0's alone); give each node's launcher its --node_rank N" >&2
+  exit 2
+fi
+node_rank=${node_rank:-0}
 noisy_student_dir=$exp/noisy_student_$(basename "$(system_dir pretrained)")  # stage 9's
 # Node 0 beats (touches $node0_alive every 30 s) while its driver runs: killed outright (SIGKILL, a
 # lost machine) it leaves no .node0_failed, and the waiting nodes would wait --node-wait-hours.

@@ -711,6 +711,18 @@ def test_a_killed_lm_training_is_not_resumed_on_other_inputs(tmp_path: Path):
     assert "lm_text extra.txt" in (lm / "inputs.txt").read_text()
 
 
+def test_a_multi_node_launcher_without_a_node_rank_is_refused(tmp_path: Path):
+    """Every node took itself for node 0: all fitted k-means, decoded into the same folders and
+    appended the same results rows."""
+    recipe = _recipe(tmp_path)
+    for launcher in ("torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint h:29400", "torchrun --nnodes=1:4"):
+        result = _run(recipe, "--stage", "7", "--stop-stage", "7", "--launcher", launcher)
+        assert result.returncode == 2 and "names no --node_rank: every node would take itself" in result.stderr
+    assert not _lines(recipe / "python_calls")
+    single = _run(recipe, "--stage", "7", "--stop-stage", "7", "--launcher", "torchrun --nnodes 1 --nproc_per_node 2")
+    assert "names no --node_rank" not in single.stderr
+
+
 def test_only_node_0_marks_a_training_done(tmp_path: Path):
     """Another node's torchrun returns 0 even when node 0, which alone writes model_final.pt,
     failed after the last barrier: that node's .done would have stood for a model never written."""

@@ -93,6 +93,12 @@ for option in stage stop_stage generations finetune_jobs nj nproc vocab_size nod
   # a word where a count belongs would only make bash's [ -gt ] complain, and the stages go on
   [[ "${!option}" =~ ^[0-9]+$ ]] || { echo "$0: --${option//_/-} ${!option}: not a whole number" >&2; exit 2; }
 done
+for owned in --model --cuts --methods --out-dir --lm --lexicon --tune-on --overwrite --confidence; do
+  # the driver's own: given again, the last one wins (e.g. --tune-on test: λ, β tuned on the test set)
+  case " $decode_opts " in *" $owned "*|*" $owned="*)
+    echo "$0: --decode-opts '$decode_opts': $owned is the driver's to set (sets, methods, LM, tuning on --valid-set)" >&2
+    exit 2 ;; esac
+done
 
 [ -x "$python" ] || "$root/tools/install.sh"
 export PYTHONUNBUFFERED=1 SSLASR_PYTHON="$python"

@@ -24,6 +24,20 @@ def test_an_exported_preset_is_refused_naming_the_option_to_use(tmp_path):
         assert f"'{name}' is exported in the environment" in refused.stderr and f"pass {option} instead" in refused.stderr
 
 
+def test_decode_opts_may_not_set_what_the_driver_sets(tmp_path):
+    """argparse keeps the last of an option given twice: --decode-opts "--tune-on test" tuned the
+    LM weight on the test set, and the rows did not say so."""
+    recipe = recipe_copy(tmp_path)
+    env = dict(os.environ, SSLASR_PYTHON=sys.executable)
+    for opts in ("--tune-on test", "--beam-size 8 --methods ctc_greedy", "--out-dir=elsewhere"):
+        refused = subprocess.run(["./run.sh", "--stage", "100", "--decode-opts", opts], cwd=recipe, env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "is the driver's to set" in refused.stderr, (opts, refused.stderr)
+    allowed = subprocess.run(["./run.sh", "--stage", "100", "--decode-opts", "--beam-size 8 --tune-lm-weights 0.5 1"],
+                             cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert allowed.returncode == 0, allowed.stderr
+
+
 def test_a_count_option_that_is_not_a_whole_number_is_refused(tmp_path):
     """--generations x used to reach `[ x -gt 0 ]`: bash printed an error and the stages went on."""
     recipe = recipe_copy(tmp_path)

@@ -933,6 +933,26 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
   done
 }
 
+# Stages 5 and 6 left out (e.g. --stage 7 after stages 0-3 under --force made another tokenizer, or
+# stage 4 another pretrained model): their models would be decoded, and rows would name commands
+# they were not made by. Stop when one was made from other inputs than stage 5 or 6 would use now.
+trained_from_these() {  # trained_from_these DIR INPUTS STAGE: stop when DIR's recorded inputs differ
+  [ -f $1/inputs.txt ] && [ "$2" != "$(cat $1/inputs.txt)" ] || return 0
+  echo "$0: $1 was trained from other inputs than stage $3 would use now: $(changed_inputs $1/inputs.txt "$2")" >&2
+  echo "$0: include stage $3 (--stage $3) to train it again (--force true, or --tag for a variant beside it)" >&2
+  exit 2
+}
+if [ "$node_rank" = 0 ] && [ "$stage" -le 8 ] && [ "$stop_stage" -ge 7 ]; then
+  if [ "$stage" -gt 5 ]; then
+    for system in $systems; do
+      trained_from_these $(system_dir $system) "$(finetuning_inputs $system "$train_cuts" $(finetune_configs $system))" 5
+    done
+  fi
+  if [ "$stage" -gt 6 ] && [ -f $lm_dir/.done ] && [ -f $lm_dir/inputs.txt ] \
+      && ! lm_record_matches $lm_dir "$(lm_inputs "$(cuts train)")"; then
+    trained_from_these $lm_dir "$(lm_inputs "$(cuts train)")" 6
+  fi
+fi
 if run_stage 7 && [ "$node_rank" = 0 ]; then
   for system in $systems; do decode_system $(system_dir $system); done
 fi

@@ -738,6 +738,28 @@ def test_only_node_0_marks_a_training_done(tmp_path: Path):
     assert (system / ".done").exists() and (system / "model_final.pt").exists()
 
 
+def test_decoding_with_stages_5_and_6_left_out_stops_on_models_of_other_inputs(tmp_path: Path):
+    """A tokenizer trained again (stages 0-3 under --force), then --stage 7: the fine-tuned model
+    was decoded through the new token table; an LM of other text, then --stage 7, likewise."""
+    recipe = _trained(tmp_path)
+    (recipe / "conf/lm.yaml").write_text("# lm\n")
+    assert _run(recipe, "--stage", "6", "--stop-stage", "6").returncode == 0
+    assert _run(recipe, "--stage", "7", "--stop-stage", "8").returncode == 0
+    decodes = len(_calls(recipe, "sslasr.bin.decode"))
+    (recipe / "data/lang_unigram_200/bpe.model").write_text("another tokenizer\n")
+    for first in ("7", "8"):
+        result = _run(recipe, "--stage", first, "--stop-stage", "8")
+        assert result.returncode == 2, result.stderr
+        assert "exp/ctc_wav2vec2_all was trained from other inputs than stage 5 would use now" in result.stderr
+        assert "< tokenizer" in result.stderr and "include stage 5 (--stage 5)" in result.stderr
+    assert len(_calls(recipe, "sslasr.bin.decode")) == decodes
+    (recipe / "data/lang_unigram_200/bpe.model").write_text("tokenizer\n")
+    (recipe / "extra.txt").write_text("MORE TEXT\n")
+    result = _run(recipe, "--stage", "7", "--stop-stage", "8", "--lm-text", "extra.txt")
+    assert result.returncode == 2 and "exp/lm_unigram_200 was trained from other inputs than stage 6" in result.stderr
+    assert _run(recipe, "--stage", "7", "--stop-stage", "8").returncode == 0
+
+
 def test_stage_7_decodes_again_for_other_sets_or_options(tmp_path: Path):
     """.decode.done stood for any request: another --decode-opts or --test-sets was 'decoded'."""
     recipe = _trained(tmp_path)

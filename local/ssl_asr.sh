@@ -876,11 +876,16 @@ case " $test_sets " in *" $valid_set "*) ;; *) decode_sets="$valid_set $test_set
 decode_system() {  # decode_system DIR: every set with every method of DIR's model, in one process
   local dir=$1 methods fusion="" overwrite="" lexicon request
   methods=$(decode_methods $dir)  # a failure stops here
-  request=$(printf 'sets %s\nmethods %s\ndecode_opts %s' "$decode_sets" "$methods" "$decode_opts")
+  request=$(printf 'sets %s\nmethods %s\ndecode_opts %s\nset_contents %s' "$decode_sets" "$methods" "$decode_opts" \
+    "$(content_hash $(for s in $decode_sets; do cuts "$s"; done))")
   # decoded (.decode.done holds the request), unless the request (another --test-sets,
-  # --decode-opts), the LM or its lexicon changed since: decode.py redoes only what they change
+  # --decode-opts, a set's manifest made again), the model, the LM or its lexicon changed since:
+  # decode.py redoes what they change (a record from before set_contents: compared without it)
   if done_or_force $dir/.decode.done && [ ! $lm_dir/.done -nt $dir/.decode.done ] \
-      && [ "$request" = "$(cat $dir/.decode.done)" ]; then log "$dir: decoded"; return; fi
+      && [ ! $dir/model_final.pt -nt $dir/.decode.done ] && { [ "$request" = "$(cat $dir/.decode.done)" ] \
+      || [ "$(sed '/^set_contents /d' <<<"$request")" = "$(cat $dir/.decode.done)" ]; }; then
+    log "$dir: decoded"; return
+  fi
   if uses_lm $methods; then  # λ, β tuned on the validation set, then used for every set
     [ -f $lm_dir/.done ] || { echo "$0: $methods: the LM methods need stage 6 ($lm_dir)" >&2; exit 1; }
     fusion="--lm $lm_dir/model_final.pt --tune-on $valid_set"
@@ -906,7 +911,8 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
   for method in $methods; do
     lm_row="" made_by=""
     [ $pretrained != true ] || made_by=$pretrain_dir
-    ! uses_lm $method || { lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"; made_by="$made_by $lm_dir"; }
+    ! uses_lm $method || lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"
+    ! uses_lm $method && ! uses_lexicon $method || made_by="$made_by $lm_dir"  # (the lexicon: the LM's text's words)
     command=$(row_command $made_by ${upstream:-} $dir)
     for test_set in $test_sets; do
       out=$dir/decode_${test_set}_${method/+lm/_lm}

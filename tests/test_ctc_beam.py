@@ -271,7 +271,7 @@ def test_a_saved_tuning_is_reused_only_for_the_same_grid(tmp_path):
     (saved / TUNING_FILE).write_text(json.dumps({"lm_weight": 1.0, "length_bonus": 0.5, "grid": points,
                                                  "lm": "lm_a.pt"}))
     args = SimpleNamespace(lm_weight=None, length_bonus=0.0, out_dir=str(tmp_path / "decode_{set}_{method}"),
-                           tune_on="dev", overwrite=False, lm="lm_a.pt", lexicon=None)
+                           tune_on="dev", overwrite=False, lm="lm_a.pt", lexicon=None, model=None)
     same = {"lm_weight": [1.0, 0.3], "length_bonus": [0.5, 1.5]}
 
     def known_fusion(args, fused, grid):
@@ -300,7 +300,7 @@ def test_a_saved_tuning_is_tuned_again_for_another_beam_size_or_lexicon(tmp_path
     words = tmp_path / "words.txt"
     words.write_text("AB\nBA\n")
     args = SimpleNamespace(lm_weight=None, length_bonus=0.0, out_dir=str(tmp_path / "decode_{set}_{method}"),
-                           tune_on="dev", overwrite=False, lm="lm_a.pt", lexicon=str(words))
+                           tune_on="dev", overwrite=False, lm="lm_a.pt", lexicon=str(words), model=None)
     grid = {"lm_weight": [0.3], "length_bonus": [0.5]}
     for method in ("ctc_lexicon+lm", "ctc_beam+lm"):
         saved = tmp_path / f"decode_dev_{method.replace('+lm', '_lm')}"
@@ -425,6 +425,37 @@ def test_an_lm_retrained_in_place_is_decoded_and_tuned_again(tiny_system, tmp_pa
     info = json.loads((tmp_path / "decode_test_ctc_beam_lm/decode_info.json").read_text())
     tuning = json.loads((tmp_path / f"decode_dev_ctc_beam_lm/{TUNING_FILE}").read_text())
     assert info["lm_sha256"] == tuning["lm_sha256"] != first and len(first) == 64
+
+
+def test_a_set_made_again_or_a_model_trained_again_is_decoded_again(tiny_system, tmp_path):
+    """A decoded folder stood for its set's name and the model's path: a test manifest drawn
+    again (other utterances) kept the old hyp.txt and ref.txt, and so did a model retrained in place."""
+    from lhotse import load_manifest
+    from sslasr.bin import decode
+    model, test = tmp_path / "model_final.pt", tmp_path / "test.jsonl.gz"
+    shutil.copy(tiny_system["model"], model)
+    shutil.copy(tiny_system["test"], test)
+    run = ["--model", str(model), "--methods", "ctc_greedy", "--out-dir", str(tmp_path / "decode_{set}_{method}"),
+           "--cuts", f"dev={tiny_system['dev']}", f"test={test}"]
+    decode.main(run)
+    infos = sorted(tmp_path.glob("decode_*/decode_info.json"))
+
+    def redone(action) -> list:
+        before = {p: p.stat().st_mtime_ns for p in infos}
+        action()
+        decode.main(run)
+        return sorted(p.parent.name for p in infos if p.stat().st_mtime_ns != before[p])
+
+    assert redone(lambda: None) == []
+    cuts = load_manifest(test)
+    assert redone(lambda: cuts.subset(first=len(cuts) - 1).to_file(test)) == ["decode_test_ctc_greedy"]
+    assert len((tmp_path / "decode_test_ctc_greedy/hyp.txt").read_text().splitlines()) == len(cuts) - 1
+
+    def retrain():
+        saved = torch.load(model, weights_only=False)
+        saved["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in saved["model"].items()}
+        torch.save(saved, model)
+    assert redone(retrain) == ["decode_dev_ctc_greedy", "decode_test_ctc_greedy"]
 
 
 def test_a_partly_transcribed_set_is_decoded_and_scored(tiny_system, tmp_path):

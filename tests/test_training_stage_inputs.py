@@ -295,6 +295,22 @@ def test_student_rows_name_the_commands_of_their_teachers(tmp_path: Path):
         assert refused.returncode == 2 and "noisy_student_ctc_wav2vec2_all/gen1 was made from other" in refused.stderr
 
 
+def test_lexicon_rows_name_the_command_that_made_the_lexicon(tmp_path: Path):
+    """The lexicon is the words of the LM's text (--lm-text included): its rows named the LM's
+    command only for the +lm methods."""
+    recipe = _trained(tmp_path, method="ctc_lexicon")
+    (recipe / "conf/lm.yaml").write_text("# lm\n")
+    (recipe / "extra.txt").write_text("MORE WORDS\n")
+    lm_command = ("--stage", "6", "--stop-stage", "6", "--lm-text", "extra.txt")
+    assert _run(recipe, *lm_command).returncode == 0
+    (recipe / "exp/lm_unigram_200/words.txt").write_text("MORE\nWORDS\n")  # (the fake makes none)
+    time.sleep(1.05)  # commands.txt notes are in seconds
+    result = _run(recipe, "--stage", "7", "--stop-stage", "8", "--lm-text", "extra.txt", method="ctc_lexicon")
+    assert result.returncode == 0, result.stderr
+    rows = (recipe / "score_commands").read_text().split("----\n")[:-1]
+    assert rows and all("./run.sh " + " ".join(lm_command) in row for row in rows), rows
+
+
 NODES = "torchrun --nnodes 2 --node_rank {} --master_addr 127.0.0.1 --nproc_per_node 1"
 
 
@@ -773,6 +789,13 @@ def test_stage_7_decodes_again_for_other_sets_or_options(tmp_path: Path):
     assert decodes("--decode-opts", "--beam-size 50") == 2
     assert decodes("--decode-opts", "--beam-size 50", "--test-sets", "test unlabeled") == 3
     assert decodes("--decode-opts", "--beam-size 50", "--test-sets", "test unlabeled") == 3
+    # a set's manifest made again (e.g. more test sentences drawn): decode.py redoes that set
+    _gz(recipe / "data/manifests/toy_cuts_test.jsonl.gz", "500 test cuts\n")
+    assert decodes("--decode-opts", "--beam-size 50", "--test-sets", "test unlabeled") == 4
+    assert decodes("--decode-opts", "--beam-size 50", "--test-sets", "test unlabeled") == 4
+    record = recipe / "exp/ctc_wav2vec2_all/.decode.done"  # one from before the sets' contents were recorded
+    record.write_text("\n".join(line for line in _lines(record) if not line.startswith("set_contents ")) + "\n")
+    assert decodes("--decode-opts", "--beam-size 50", "--test-sets", "test unlabeled") == 4
 
 
 def test_frontend_all_under_force_trains_the_shared_lm_once(tmp_path: Path):

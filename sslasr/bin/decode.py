@@ -258,9 +258,10 @@ def main(argv=None) -> None:
     inputs = {method: search_inputs(args, method) for method in methods}  # once per method, not per set
     # the tuning set first: the other sets' fused searches use its λ, β
     for set_name in sorted(sets, key=lambda name: name != args.tune_on):
+        cuts_sha256 = file_sha256(sets[set_name])
         pending = [m for m in methods if args.overwrite or not already_decoded(
             out_dir_of(args.out_dir, set_name, m), m, fusion, inputs[m], options(m, *fusion.get(m, (0.0, 0.0))).beam_size,
-            args.confidence)]
+            args.confidence, cuts_sha256)]
         if not pending:
             logging.info("%s: every method already decoded", set_name)
             continue
@@ -269,7 +270,8 @@ def main(argv=None) -> None:
         for method in pending:
             out_dir = out_dir_of(args.out_dir, set_name, method)
             info = {"method": method.removesuffix(LM_SUFFIX), "set": set_name, "cuts": sets[set_name],
-                    **inputs[method], "model_parameters": model_parameters, "device": device.type}
+                    "cuts_sha256": cuts_sha256, **inputs[method], "model_parameters": model_parameters,
+                    "device": device.type}
             if method not in searches:
                 settings = tuning_settings(inputs[method], options(method).beam_size)
                 search = tune_on_set(method, searches, set_pass, out_dir, settings)
@@ -289,11 +291,13 @@ def tuning_grid(config_grid: Dict, lm_weights: Optional[List[float]], length_bon
 
 
 def search_inputs(args, method: str) -> Dict:
-    """The files METHOD's search reads besides the model, by path and contents (recorded in
-    decode_info.json): the LM of METHOD+lm, the lexicon of a lexicon-constrained method."""
+    """The files METHOD's search reads, by path and contents (recorded in decode_info.json, and
+    with a tuning): the model's contents, the LM of METHOD+lm, the lexicon of a
+    lexicon-constrained method."""
     lm = args.lm if method.endswith(LM_SUFFIX) else None
     lexicon = args.lexicon if uses_lexicon(method) else None
-    return {"lm": lm, "lm_sha256": file_sha256(lm), "lexicon": lexicon, "lexicon_sha256": file_sha256(lexicon)}
+    return {"model_sha256": file_sha256(args.model), "lm": lm, "lm_sha256": file_sha256(lm), "lexicon": lexicon,
+            "lexicon_sha256": file_sha256(lexicon)}
 
 
 def tuning_settings(inputs: Dict, beam_size: int) -> Dict:
@@ -339,18 +343,22 @@ def _grid_text(points) -> str:
 
 
 def already_decoded(out_dir: Path, method: str, fusion: Dict[str, Tuple[float, float]], inputs: Dict,
-                    beam_size: int, confidence: bool = False) -> bool:
-    """Whether OUT_DIR holds a finished decoding of METHOD as this run would make it: with this
-    run's beam size and lexicon, and for METHOD+lm its LM and λ, β (an earlier run's, say with
-    --lm-weight, is redone; while λ, β are still to be tuned nothing counts as decoded). The LM and
-    lexicon are their paths and contents (INPUTS, search_inputs): one retrained in place (stage 6
-    with more text) is another (files from before contents were recorded are taken by path).
-    With CONFIDENCE, the folder must hold scores.txt as well."""
+                    beam_size: int, confidence: bool = False, cuts_sha256: Optional[str] = None) -> bool:
+    """Whether OUT_DIR holds a finished decoding of METHOD as this run would make it: of this
+    model and set (CUTS_SHA256: the manifest's contents), with this run's beam size and lexicon,
+    and for METHOD+lm its LM and λ, β (an earlier run's, say with --lm-weight, is redone; while λ,
+    β are still to be tuned nothing counts as decoded). The model, LM and lexicon are their
+    contents (INPUTS, search_inputs): one retrained in place (stage 6 with more text) is another
+    (files from before contents were recorded are taken by path). With CONFIDENCE, the folder
+    must hold scores.txt as well."""
     info_file = out_dir / "decode_info.json"
     if not info_file.exists():
         return False
     info = json.loads(info_file.read_text())
     if confidence and not (out_dir / "scores.txt").exists():
+        return False
+    recorded = {"model_sha256": inputs["model_sha256"], "cuts_sha256": cuts_sha256}
+    if any(info.get(key, value) != value for key, value in recorded.items()):  # made again since
         return False
     searched_with_beam = not method.removesuffix(LM_SUFFIX).endswith("_greedy")
     if (searched_with_beam and info.get("beam_size") != beam_size) or info.get("lexicon") != inputs["lexicon"]:

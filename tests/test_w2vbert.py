@@ -481,9 +481,22 @@ def test_spec_augment_batch_leaves_padding_alone():
     assert not torch.equal(features, augmented) and features[1, 41:].eq(-7.0).all()  # input untouched
 
 
+def test_spec_augment_leaves_an_utterance_too_short_for_a_time_mask_as_it_is():
+    """lhotse's time mask of a 6-frame utterance is 0.15 · 6 // 1 = 0 frames wide, and drawing
+    it failed: one such row stopped the training."""
+    transform = build_spec_augment(dict(num_feature_masks=2, features_mask_size=20, p=1.0))  # fraction 0.15
+    features, lens = torch.randn(3, 60, 80), torch.tensor([60, 7, 6])
+    augmented = spec_augment_batch(features, lens, transform, key="b")
+    assert torch.equal(augmented[2], features[2]) and not torch.equal(augmented[1, :7], features[1, :7])
+    assert not torch.equal(augmented[0], features[0])
+
+
 def test_spec_augment_config_errors(fbank_cuts):
     with pytest.raises(ValueError, match="unknown keys.*frames_mask"):
         build_spec_augment({"frames_mask": 10})
+    for bad in ({"num_frame_masks": 0}, {"max_frames_mask_fraction": 0.0}):  # a ZeroDivisionError at the first batch
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be positive"):
+            build_spec_augment(bad)
     assert build_spec_augment(None) is None
     with pytest.raises(ValueError, match="fbank features"):
         make_dataloader(load_cuts(fbank_cuts), input_type="waveform", max_duration=10, shuffle=True,

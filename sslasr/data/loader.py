@@ -10,6 +10,7 @@ the number of batches the trainer actually consumed (what ``sslasr.train.trainer
 import contextlib
 import hashlib
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -120,18 +121,35 @@ def build_spec_augment(cfg: Optional[Dict]) -> Optional[SpecAugment]:
     unknown = sorted(set(cfg) - set(SPEC_AUGMENT_KEYS))
     if unknown:
         raise ValueError(f"data.spec_augment: unknown keys {unknown}; known: {', '.join(SPEC_AUGMENT_KEYS)}")
+    # lhotse divides by these (num_frame_masks 0 did not turn time masks off: it failed)
+    small = [key for key in ("num_frame_masks", "frames_mask_size") if key in cfg and not cfg[key] >= 1]
+    small += ["max_frames_mask_fraction"] if not cfg.get("max_frames_mask_fraction", 0.15) > 0 else []
+    if small:
+        raise ValueError(f"data.spec_augment: {', '.join(small)} must be positive (num_frame_masks and "
+                         "frames_mask_size at least 1): lhotse's SpecAugment always draws time masks")
     return SpecAugment(**cfg)
+
+
+def _time_masks_fit(transform: SpecAugment, frames: int) -> bool:
+    """Whether lhotse's time masks of an utterance of FRAMES are at least a frame wide: its width
+    is min(frames_mask_size, fraction * T // masks), and a width of 0 fails (about 65 ms and
+    shorter at the usual 0.15; evaluation splits and lowered --min-duration keep such cuts)."""
+    total = transform.max_frames_mask_fraction * frames
+    masks = min(transform.num_frame_masks, math.ceil(total / transform.frames_mask_size))
+    return masks >= 1 and min(transform.frames_mask_size, total // masks) >= 1
 
 
 def spec_augment_batch(features: torch.Tensor, lens: torch.Tensor, transform: SpecAugment,
                        key: Optional[str] = None) -> torch.Tensor:
     """Augment each utterance over its own frames only: the warp, the mask widths (a fraction of
     the utterance) and the mask value (its mean) never involve the batch's padding. With a KEY
-    (the batch's identity) the masks are a function of it alone, see seeded_global_rngs."""
+    (the batch's identity) the masks are a function of it alone, see seeded_global_rngs. An
+    utterance too short for a time mask a frame wide is left as it is."""
     features = features.clone()
     with seeded_global_rngs(key) if key is not None else contextlib.nullcontext():
         for row, length in zip(features, lens.tolist()):
-            row[:length] = transform(row[None, :length])[0]
+            if _time_masks_fit(transform, length):
+                row[:length] = transform(row[None, :length])[0]
     return features
 
 
@@ -245,6 +263,10 @@ def make_sampler(cuts: CutSet, *, max_duration: float, shuffle: bool, seed: int 
     random from the `buffer_size` cuts it holds, so a manifest sorted by speaker is shuffled only
     within that window: a corpus of more cuts than the buffer is visited in manifest order, each
     epoch alike (data.buffer_size covering the corpus shuffles all of it, at ~2 KB a cut).
+    max_duration bounds a batch's summed durations, not its padded size: lhotse's batcher takes
+    the cut that crosses the limit, and a batch is padded to its longest cut (with few buckets,
+    up to ~1.4x the limit measured on LibriSpeech-like durations; more with cuts longer than the
+    last bucket). Size memory for that, not for max_duration alone.
     Evaluation (shuffle=False): manifest order, every cut kept --
     over DDP ranks every cut exactly once: rank r of W takes the cuts at indices i % W == r.
 

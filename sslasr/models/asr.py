@@ -22,6 +22,9 @@ class AsrModel(nn.Module):
         self.freeze_encoder = False  # set by the fine-tuning schedule
 
     def encode(self, inputs: torch.Tensor, input_lens: torch.Tensor):
+        # Frozen as fairseq's freeze_finetune_updates freezes: no gradient, the module still in
+        # train mode (dropout, and BatchNorm statistics -- w2v-BERT's convolution modules --
+        # following the fine-tuning batches)
         if self.freeze_encoder:
             with torch.no_grad():
                 return self.encoder(inputs, input_lens)

@@ -346,6 +346,18 @@ def test_perplexities_and_diversity_loss():
     assert (out.codes == 0).all()
 
 
+def test_quantizer_codes_under_bf16_autocast_are_the_fp32_ones():
+    """w2v-BERT's MLM targets are these codes: bf16 logits tied or flipped ~2 % of them."""
+    torch.manual_seed(0)
+    q = GumbelProductQuantizer(512, 2, 320, 16).eval()
+    x = torch.randn(1000, 512).bfloat16()  # as an encoder under autocast hands them over
+    with torch.no_grad():
+        exact = q(x.float()).codes
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = q(x)
+    assert torch.equal(mixed.codes, exact) and mixed.quantized.shape == (1000, 16)
+
+
 def test_temperature_annealing():
     q = GumbelProductQuantizer(4, 2, 4, 8, temperature=(2.0, 0.5, 0.9))
     assert q.temperature == 2.0

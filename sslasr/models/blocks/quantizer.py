@@ -55,7 +55,10 @@ class GumbelProductQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         """x (N, input_dim) → quantized (N, dim)."""
         n = x.shape[0]
-        logits = self.weight_proj(x).view(n * self.groups, self.entries)
+        # fp32 logits under autocast too: in bf16 (|logit| ~ 100 rounds by ~0.5, as much as the
+        # Gumbel noise) ~2 % of argmax codes -- w2v-BERT's MLM targets -- came out other than fp32's
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.weight_proj(x.float()).view(n * self.groups, self.entries)
         codes = logits.argmax(-1)
         hard = F.one_hot(codes, self.entries).to(logits.dtype)
         code_ppl = self._perplexity(hard.view(n, self.groups, self.entries).mean(0))

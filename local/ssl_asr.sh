@@ -342,7 +342,8 @@ if run_stage 1; then
   splits=$(for d in "$corpus_dir"/*/; do [ ! -f "$d/wav.scp" ] || printf '%s ' "$(basename "$d")"; done)
   # what the manifests are made of, beside data/: the splits, and those kept whole (no duration
   # limits: scored, validated on, or a benchmark's fixed subset); a marker without them is older: taken
-  manifest_inputs=$(printf 'splits %s\neval_splits %s\n' "$(echo $splits)" "$(echo $test_sets $valid_set $whole_splits)")
+  manifest_inputs=$(printf 'splits %s\neval_splits %s\n' "$(echo $splits)" \
+    "$(printf '%s\n' $test_sets $valid_set $whole_splits | sort -u | tr '\n' ' ' | sed 's/ $//')")  # as a set
   if done_or_force $manifests/.done && [ ! data/.data.done -nt $manifests/.done ] \
       && { [ ! -s $manifests/.done ] || [ "$manifest_inputs" = "$(cat $manifests/.done)" ]; }; then
     log "manifests ready"
@@ -393,7 +394,8 @@ if run_stage 2; then
     other=$(other_extractors_fbank)
     if [ -n "$other" ]; then
       log "fbank computed by another extractor than this version's: $(printf '%s' "$other" | tr '\n' ' ')"
-      log "compute it again: --stage 2 --stop-stage 2 --force true (systems trained on the old features then need --force true or --tag)"
+      log "compute it again: --stage 2 --stop-stage 2 --force true (systems trained on the old features then need --force true" \
+        "or --tag; a checkpoint imported with --init-from before, --stage 4 --stop-stage 4 --force true to import it again)"
       exit 2
     fi
     log "fbank ready"
@@ -782,7 +784,8 @@ train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcri
     fresh_training $dir
     # recorded as the training starts (a killed one resumes on these only); the lexicon is made
     # after the model, of these inputs (one left from other inputs would pass for it)
-    [ "$node_rank" != 0 ] || { mkdir -p $dir && printf '%s\n' "$inputs" > $dir/inputs.txt && rm -f $dir/words.txt; }
+    [ "$node_rank" != 0 ] || { mkdir -p $dir && printf '%s\n' "$inputs" > $dir/inputs.txt.tmp \
+      && mv -f $dir/inputs.txt.tmp $dir/inputs.txt && rm -f $dir/words.txt; }  # (other nodes read it meanwhile)
     [ -z "$lm_text" ] || extra_text="[$(printf '%s,' $lm_text | sed 's/,$//')]"
     train $dir --config $conf_dir/lm.yaml --set task=lm data.tokenizer=$lang/bpe.model \
       data.train_text="$text" data.valid_text="$(cuts $valid_set)" "data.extra_text=$extra_text" $lm_opts
@@ -880,10 +883,12 @@ decode_system() {  # decode_system DIR: every set with every method of DIR's mod
     "$(content_hash $(for s in $decode_sets; do cuts "$s"; done))")
   # decoded (.decode.done holds the request), unless the request (another --test-sets,
   # --decode-opts, a set's manifest made again), the model, the LM or its lexicon changed since:
-  # decode.py redoes what they change (a record from before set_contents: compared without it)
+  # decode.py redoes what they change (a record from before set_contents: compared without it,
+  # its sets' manifests by time)
   if done_or_force $dir/.decode.done && [ ! $lm_dir/.done -nt $dir/.decode.done ] \
       && [ ! $dir/model_final.pt -nt $dir/.decode.done ] && { [ "$request" = "$(cat $dir/.decode.done)" ] \
-      || [ "$(sed '/^set_contents /d' <<<"$request")" = "$(cat $dir/.decode.done)" ]; }; then
+      || { [ "$(sed '/^set_contents /d' <<<"$request")" = "$(cat $dir/.decode.done)" ] \
+           && ! newer_input $dir/.decode.done $(for s in $decode_sets; do cuts "$s"; done); }; }; then
     log "$dir: decoded"; return
   fi
   if uses_lm $methods; then  # λ, β tuned on the validation set, then used for every set
@@ -940,23 +945,32 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
 }
 
 # Stages 5 and 6 left out (e.g. --stage 7 after stages 0-3 under --force made another tokenizer, or
-# stage 4 another pretrained model): their models would be decoded, and rows would name commands
-# they were not made by. Stop when one was made from other inputs than stage 5 or 6 would use now.
-trained_from_these() {  # trained_from_these DIR INPUTS STAGE: stop when DIR's recorded inputs differ
-  [ -f $1/inputs.txt ] && [ "$2" != "$(cat $1/inputs.txt)" ] || return 0
-  echo "$0: $1 was trained from other inputs than stage $3 would use now: $(changed_inputs $1/inputs.txt "$2")" >&2
-  echo "$0: include stage $3 (--stage $3) to train it again (--force true, or --tag for a variant beside it)" >&2
+# stage 4 another pretrained model): their models would be decoded through files made since, and
+# rows would name commands they were not made by. Stop when a model's rebuilt inputs (tokenizer,
+# labeled cuts, pretrained model; the LM's text) differ from those stage 5 or 6 would use now.
+# Options and configs are not compared: a decode-only command need not repeat them (--tag _48k
+# --finetune-opts ... trained it; --tag _48k --stage 7 decodes it).
+trained_from_these() {  # trained_from_these DIR INPUTS STAGE KEY...: stop when DIR's recorded KEY lines differ
+  local dir=$1 now=$2 stage_n=$3 pattern recorded; shift 3
+  [ -f $dir/inputs.txt ] || return 0
+  pattern="^($(IFS='|'; echo "$*")) "
+  recorded=$(grep -E "$pattern" $dir/inputs.txt || :)
+  now=$(printf '%s\n' "$now" | grep -E "$pattern" || :)
+  [ "$recorded" != "$now" ] || return 0
+  echo "$0: $dir was made from other files than stage $stage_n would use now: $(changed_inputs <(printf '%s\n' "$recorded") "$now")" >&2
+  echo "$0: include stage $stage_n (--stage $stage_n) with the options it was made with, to make it again from these" >&2
   exit 2
 }
 if [ "$node_rank" = 0 ] && [ "$stage" -le 8 ] && [ "$stop_stage" -ge 7 ]; then
   if [ "$stage" -gt 5 ]; then
     for system in $systems; do
-      trained_from_these $(system_dir $system) "$(finetuning_inputs $system "$train_cuts" $(finetune_configs $system))" 5
+      trained_from_these $(system_dir $system) "$(finetuning_inputs $system "$train_cuts" $(finetune_configs $system))" 5 \
+        tokenizer train_cuts pretrained
     done
   fi
-  if [ "$stage" -gt 6 ] && [ -f $lm_dir/.done ] && [ -f $lm_dir/inputs.txt ] \
-      && ! lm_record_matches $lm_dir "$(lm_inputs "$(cuts train)")"; then
-    trained_from_these $lm_dir "$(lm_inputs "$(cuts train)")" 6
+  if [ "$stage" -gt 6 ] && [ -f $lm_dir/.done ] && grep -q '^tokenizer ' $lm_dir/inputs.txt 2>/dev/null; then
+    # (a record from before the contents were has no tokenizer line: stage 6 completes it)
+    trained_from_these $lm_dir "$(lm_inputs "$(cuts train)")" 6 text tokenizer
   fi
 fi
 if run_stage 7 && [ "$node_rank" = 0 ]; then

@@ -458,6 +458,30 @@ def test_a_set_made_again_or_a_model_trained_again_is_decoded_again(tiny_system,
     assert redone(retrain) == ["decode_dev_ctc_greedy", "decode_test_ctc_greedy"]
 
 
+def test_a_tuning_set_made_again_is_tuned_on_again(tiny_system, tmp_path):
+    """λ, β tuned on the dev set: a dev manifest drawn again was decoded again, but with the λ, β
+    of the earlier dev set, as if tuned on this one; the same cuts written again are not redone."""
+    from lhotse import load_manifest
+    from sslasr.bin import decode
+    from sslasr.bin.decode import TUNING_FILE
+    dev = tmp_path / "dev.jsonl.gz"
+    shutil.copy(tiny_system["dev"], dev)
+    run = ["--model", tiny_system["model"], "--lm", tiny_system["lm"], "--methods", "ctc_beam+lm",
+           "--out-dir", str(tmp_path / "decode_{set}_{method}"), "--cuts", f"dev={dev}", f"test={tiny_system['test']}",
+           "--tune-on", "dev", "--tune-lm-weights", "0.5", "1.0"]
+    decode.main(run)
+    tuning = tmp_path / f"decode_dev_ctc_beam_lm/{TUNING_FILE}"
+    written = tuning.stat().st_mtime_ns
+    cuts = load_manifest(dev)
+    cuts.to_file(dev)  # the same cuts, another gzip header
+    decode.main(run)
+    assert tuning.stat().st_mtime_ns == written
+    cuts.subset(first=len(cuts) - 1).to_file(dev)
+    decode.main(run)
+    assert tuning.stat().st_mtime_ns != written
+    assert len((tmp_path / "decode_dev_ctc_beam_lm/hyp.txt").read_text().splitlines()) == len(cuts) - 1
+
+
 def test_a_partly_transcribed_set_is_decoded_and_scored(tiny_system, tmp_path):
     """One of three cuts has no transcript: hyp.txt has all three, ref.txt two, decode_info.json
     and the log count the third, and the folder scores over the two transcribed cuts."""
@@ -796,3 +820,13 @@ def test_a_lexicon_search_ending_inside_a_word_says_so(caplog):
     with caplog.at_level("WARNING"):
         hyps = ctc_prefix_beam_search(log_probs, config, nbest=1)
     assert hyps[0].tokens == [3, 4] and "no hypothesis in the beam ends on a whole word" in caplog.text
+
+
+def test_decode_takes_no_abbreviated_options(tmp_path, capsys):
+    """The driver refuses --decode-opts naming its own options (--tune-on, ...): an abbreviation
+    (--tune-o test) would have slipped past it."""
+    from sslasr.bin import decode
+    with pytest.raises(SystemExit) as stop:
+        decode.main(["--model", str(tmp_path / "m.pt"), "--cuts", str(tmp_path / "a.jsonl.gz"),
+                     "--out-dir", str(tmp_path), "--tune-o", "test"])
+    assert stop.value.code == 2 and "unrecognized arguments: --tune-o test" in capsys.readouterr().err

@@ -107,15 +107,17 @@ def test_stage_1_makes_the_manifests_again_for_other_splits_kept_whole(tmp_path:
     (recipe / "data/kaldi/train/wav.scp").write_text("u1 a.wav\n")
     (recipe / "data/manifests").mkdir()
     assert _run(recipe, "--stage", "1", "--stop-stage", "1").returncode == 0
-    assert _lines(recipe / "data/manifests/.done") == ["splits train", "eval_splits dev test dev"]
+    assert _lines(recipe / "data/manifests/.done") == ["splits train", "eval_splits dev test"]
     same = _run(recipe, "--stage", "1", "--stop-stage", "1")
     assert "manifests ready" in same.stderr and len(_lines(recipe / "python_calls")) == 1, same.stderr
     other = _run(recipe, "--stage", "1", "--stop-stage", "1", "--valid-set", "train_dev")
     assert other.returncode == 0, other.stderr
-    assert ("the manifests were made for other splits: < eval_splits dev test dev > eval_splits dev test "
+    assert ("the manifests were made for other splits: < eval_splits dev test > eval_splits dev test "
             "train_dev : making them again") in other.stderr
     assert "--eval-splits dev test train_dev --out-dir" in _lines(recipe / "python_calls")[1]
     assert _lines(recipe / "data/manifests/.done")[1] == "eval_splits dev test train_dev"
+    reordered = _run(recipe, "--stage", "1", "--stop-stage", "1", "--valid-set", "train_dev", "--test-sets", "test dev")
+    assert "manifests ready" in reordered.stderr and len(_lines(recipe / "python_calls")) == 2, reordered.stderr
     (recipe / "data/manifests/.done").write_text("")  # a marker from before the splits were recorded
     legacy = _run(recipe, "--stage", "1", "--stop-stage", "1")
     assert "manifests ready" in legacy.stderr and len(_lines(recipe / "python_calls")) == 2, legacy.stderr

@@ -756,24 +756,30 @@ def test_only_node_0_marks_a_training_done(tmp_path: Path):
 
 def test_decoding_with_stages_5_and_6_left_out_stops_on_models_of_other_inputs(tmp_path: Path):
     """A tokenizer trained again (stages 0-3 under --force), then --stage 7: the fine-tuned model
-    was decoded through the new token table; an LM of other text, then --stage 7, likewise."""
+    was decoded through the new token table; an LM of another text likewise. Options a
+    decode-only command does not repeat (--finetune-opts of a --tag variant, --lm-text) are
+    not compared."""
     recipe = _trained(tmp_path)
     (recipe / "conf/lm.yaml").write_text("# lm\n")
-    assert _run(recipe, "--stage", "6", "--stop-stage", "6").returncode == 0
-    assert _run(recipe, "--stage", "7", "--stop-stage", "8").returncode == 0
+    (recipe / "extra.txt").write_text("MORE TEXT\n")
+    assert _run(recipe, "--stage", "5", "--stop-stage", "6", "--tag", "_48k", "--finetune-opts", "x=48000",
+                "--lm-text", "extra.txt").returncode == 0
+    decode_only = _run(recipe, "--stage", "7", "--stop-stage", "8", "--tag", "_48k")
+    assert decode_only.returncode == 0, decode_only.stderr
     decodes = len(_calls(recipe, "sslasr.bin.decode"))
     (recipe / "data/lang_unigram_200/bpe.model").write_text("another tokenizer\n")
     for first in ("7", "8"):
-        result = _run(recipe, "--stage", first, "--stop-stage", "8")
+        result = _run(recipe, "--stage", first, "--stop-stage", "8", "--tag", "_48k")
         assert result.returncode == 2, result.stderr
-        assert "exp/ctc_wav2vec2_all was trained from other inputs than stage 5 would use now" in result.stderr
-        assert "< tokenizer" in result.stderr and "include stage 5 (--stage 5)" in result.stderr
+        assert "exp/ctc_wav2vec2_all_48k was made from other files than stage 5 would use now" in result.stderr
+        assert "< tokenizer" in result.stderr and "include stage 5 (--stage 5) with the options" in result.stderr
     assert len(_calls(recipe, "sslasr.bin.decode")) == decodes
     (recipe / "data/lang_unigram_200/bpe.model").write_text("tokenizer\n")
-    (recipe / "extra.txt").write_text("MORE TEXT\n")
-    result = _run(recipe, "--stage", "7", "--stop-stage", "8", "--lm-text", "extra.txt")
-    assert result.returncode == 2 and "exp/lm_unigram_200 was trained from other inputs than stage 6" in result.stderr
-    assert _run(recipe, "--stage", "7", "--stop-stage", "8").returncode == 0
+    record = recipe / "exp/lm_unigram_200/inputs.txt"
+    record.write_text(record.read_text().replace("text data/manifests/toy_cuts_train.jsonl.gz ",
+                                                 "text data/manifests/toy_cuts_train.jsonl.gz 0ther"))
+    result = _run(recipe, "--stage", "7", "--stop-stage", "8", "--tag", "_48k")
+    assert result.returncode == 2 and "exp/lm_unigram_200 was made from other files than stage 6" in result.stderr
 
 
 def test_stage_7_decodes_again_for_other_sets_or_options(tmp_path: Path):
@@ -796,6 +802,10 @@ def test_stage_7_decodes_again_for_other_sets_or_options(tmp_path: Path):
     record = recipe / "exp/ctc_wav2vec2_all/.decode.done"  # one from before the sets' contents were recorded
     record.write_text("\n".join(line for line in _lines(record) if not line.startswith("set_contents ")) + "\n")
     assert decodes("--decode-opts", "--beam-size 50", "--test-sets", "test unlabeled") == 4
+    record.write_text("\n".join(line for line in _lines(record) if not line.startswith("set_contents ")) + "\n")
+    time.sleep(0.01)
+    _gz(recipe / "data/manifests/toy_cuts_test.jsonl.gz", "600 test cuts\n")  # made again after that decode
+    assert decodes("--decode-opts", "--beam-size 50", "--test-sets", "test unlabeled") == 5
 
 
 def test_frontend_all_under_force_trains_the_shared_lm_once(tmp_path: Path):

@@ -46,7 +46,7 @@ from sslasr.models.frontends import get_frontend
 from sslasr.models.interfaces import DecodeOptions
 from sslasr.models.lm import load_lm
 from sslasr.utils.devices import resolve_device
-from sslasr.utils.io import file_sha256, write_text_atomic
+from sslasr.utils.io import content_sha256, file_sha256, write_text_atomic
 from sslasr.utils.logging import setup_logging
 
 LM_SUFFIX = "+lm"
@@ -178,7 +178,9 @@ def out_dir_of(pattern: str, set_name: str, method: str) -> Path:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: the driver refuses --decode-opts that set its own options (--tune-on, ...)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", required=True, help="model_final.pt written by sslasr.bin.train")
     parser.add_argument("--cuts", required=True, nargs="+", help="NAME=PATH cut manifests (or one PATH)")
     parser.add_argument("--methods", nargs="+", help="methods of the model's head, METHOD+lm with the LM "
@@ -258,7 +260,7 @@ def main(argv=None) -> None:
     inputs = {method: search_inputs(args, method) for method in methods}  # once per method, not per set
     # the tuning set first: the other sets' fused searches use its λ, β
     for set_name in sorted(sets, key=lambda name: name != args.tune_on):
-        cuts_sha256 = file_sha256(sets[set_name])
+        cuts_sha256 = content_sha256(sets[set_name])  # (gzip's header holds a time: the same cuts written again)
         pending = [m for m in methods if args.overwrite or not already_decoded(
             out_dir_of(args.out_dir, set_name, m), m, fusion, inputs[m], options(m, *fusion.get(m, (0.0, 0.0))).beam_size,
             args.confidence, cuts_sha256)]
@@ -292,12 +294,14 @@ def tuning_grid(config_grid: Dict, lm_weights: Optional[List[float]], length_bon
 
 def search_inputs(args, method: str) -> Dict:
     """The files METHOD's search reads, by path and contents (recorded in decode_info.json, and
-    with a tuning): the model's contents, the LM of METHOD+lm, the lexicon of a
-    lexicon-constrained method."""
+    with a tuning): the model's contents, the LM of METHOD+lm and the set its λ, β are tuned on
+    (--tune-on; a set made again is tuned on again), the lexicon of a lexicon-constrained method."""
     lm = args.lm if method.endswith(LM_SUFFIX) else None
     lexicon = args.lexicon if uses_lexicon(method) else None
+    tuned_on = parse_cuts(getattr(args, "cuts", None) or []).get(args.tune_on) if lm and args.lm_weight is None else None
     return {"model_sha256": file_sha256(args.model), "lm": lm, "lm_sha256": file_sha256(lm), "lexicon": lexicon,
-            "lexicon_sha256": file_sha256(lexicon)}
+            "lexicon_sha256": file_sha256(lexicon),
+            "tune_cuts_sha256": content_sha256(tuned_on) if tuned_on and Path(tuned_on).is_file() else None}
 
 
 def tuning_settings(inputs: Dict, beam_size: int) -> Dict:

@@ -69,7 +69,8 @@ class _DataMixin:
             if None not in (started, expected) and started != expected:
                 raise ValueError(f"{init_checkpoint} was trained on {started} features, but this training reads "
                                  f"{expected} features: compute the fbank again (stage 2 with --force true), or "
-                                 f"start from a model of these features")
+                                 f"start from a model of these features (one imported with --init-from: import "
+                                 f"it again, stage 4 with --force true)")
         data["feature_type"] = expected
 
     def _loader(self, cuts_path: str, dist: DistInfo, train: bool):

@@ -192,7 +192,9 @@ fresh_training() {  # fresh_training EXP_DIR...: with --force, train from update
 train() {  # train EXP_DIR CONFIG... -- OVERRIDES...
   local exp_dir=$1; shift
   if [ -n "$launcher" ]; then
-    $launcher -m sslasr.bin.train --exp-dir "$exp_dir" "$@"
+    local launch=($launcher)  # a bare torchrun: the install's, where none is on PATH (no venv activated)
+    [ "${launch[0]}" != torchrun ] || command -v torchrun > /dev/null || launch[0]=$(dirname "$python")/torchrun
+    "${launch[@]}" -m sslasr.bin.train --exp-dir "$exp_dir" "$@"
   elif [ "$nproc" -gt 1 ]; then
     "$(dirname "$python")/torchrun" --standalone --nproc_per_node "$nproc" -m sslasr.bin.train --exp-dir "$exp_dir" "$@"
   else
@@ -308,6 +310,12 @@ fi
 changed_inputs() { diff "$1" <(printf '%s\n' "$2") | grep '^[<>]' | tr '\n' ' '; }  # changed_inputs RECORD INPUTS
 data_inputs() { printf 'corpus_dir %s\ndata_opts %s\n' "$corpus_dir" "$data_opts"; }  # what stage 0 made data/ from
 if run_stage 0; then
+  # --corpus-dir given once: later commands (a recipe header's) leave it out
+  recorded_corpus=$( { [ -s data/.data.done ] && sed -n 's/^corpus_dir //p' data/.data.done; } || :)
+  if [ -z "$corpus_dir" ] && [ -n "$recorded_corpus" ]; then
+    corpus_dir=$recorded_corpus
+    log "--corpus-dir $corpus_dir (data/.data.done's)"
+  fi
   # data/ made from other inputs (e.g. --data-opts "--max-utts 50" before) is refused, not reused;
   # a marker without inputs predates their recording and is taken as it is
   if [ -s data/.data.done ] && [ "$force" != true ] && [ "$(data_inputs)" != "$(cat data/.data.done)" ]; then

@@ -74,6 +74,18 @@ def test_stage_0_refuses_data_prepared_from_other_inputs(tmp_path: Path):
     assert len(_lines(recipe / "data_sh_calls")) == 2
 
 
+def test_stage_0_takes_the_recorded_corpus_dir_when_a_later_command_leaves_it_out(tmp_path: Path):
+    """A recipe header gives --corpus-dir once; its later commands were refused at stage 0."""
+    recipe = _recipe(tmp_path)
+    assert _run(recipe, "--stop-stage", "0", "--corpus-dir", "/data/my corpus").returncode == 0
+    later = _run(recipe, "--stop-stage", "0")
+    assert later.returncode == 0, later.stderr
+    assert "--corpus-dir /data/my corpus (data/.data.done's)" in later.stderr and "data ready" in later.stderr
+    other = _run(recipe, "--stop-stage", "0", "--corpus-dir", "/data/other")
+    assert other.returncode == 2 and "< corpus_dir /data/my corpus > corpus_dir /data/other" in other.stderr
+    assert len(_lines(recipe / "data_sh_calls")) == 1
+
+
 def test_stage_0_takes_a_marker_from_before_inputs_were_recorded_and_says_so(tmp_path: Path):
     recipe = _recipe(tmp_path)
     (recipe / "data").mkdir()

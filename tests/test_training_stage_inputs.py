@@ -340,6 +340,18 @@ def _node(recipe: Path, rank: int, *args: str, **fake: str) -> list:
     return [["./run.sh", *args, "--launcher", NODES.format(rank)], env]
 
 
+def test_a_bare_torchrun_launcher_is_the_installs_when_none_is_on_path(tmp_path: Path):
+    """`--launcher "torchrun ..."` (the LibriSpeech header's) failed without the venv activated."""
+    recipe = _recipe(tmp_path)
+    _executable(recipe.parents[1] / "torchrun", FAKE_TORCHRUN)  # beside $SSLASR_PYTHON, as in .venv/bin
+    env = _env(recipe)
+    env["PATH"] = "/usr/bin:/bin"
+    result = subprocess.run(["./run.sh", "--stage", "5", "--stop-stage", "5", "--no-pretrain", "true", "--launcher",
+                             NODES.format(1)], cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert _calls(recipe, "node1")  # the fake torchrun beside the python ran node 1's trainer
+
+
 def test_other_nodes_train_the_students_with_node_0(tmp_path: Path):
     """Node 1 of a two-node --generations 2 run: stages 7, 8 and 10 are node 0's; in stage 9 it
     waits for each generation's pseudo-labels, takes a student node 0 finished, and joins the

@@ -28,6 +28,7 @@ fetch() {
 
 run() {
   local out=${OUT:-bench/gpu_out} python=${PYTHON:-python3}
+  [ -n "${PYTHON:-}" ] || [ ! -x .venv/bin/python ] || python=.venv/bin/python  # a user's GPU torch there (README)
   mkdir -p "$out"
   if ! "$python" -c "import lhotse" 2>/dev/null && [ -d .whl ]; then
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

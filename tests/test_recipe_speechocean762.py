@@ -297,6 +297,16 @@ def test_cpu_configs_of_every_frontend_dry_run(frontend: str):
             assert bool(cfg["data"].get("spec_augment")) == (frontend == "w2vbert")
 
 
+def test_gpu_configs_decode_with_the_cpu_recipes_searches():
+    """conf/gpu had no decode section: its systems were decoded greedily only, its LM trained and
+    never used, and its noisy student labelled greedily."""
+    recipe = REPO / "egs/speechocean762/conf"
+    searches = ("methods", "lm_methods", "tune")
+    cpu, gpu = (load_configs([recipe / d / "finetune_ctc.yaml"])["decode"] for d in (".", "gpu"))
+    assert {k: gpu[k] for k in searches} == {k: cpu[k] for k in searches}
+    assert load_configs([REPO / "egs/librispeech/conf/finetune_ctc.yaml"])["decode"]["methods"][-1] == "ctc_beam"
+
+
 def test_gpu_configs_of_w2vbert_are_base_size_and_fine_tune_its_conformer():
     gpu = CONF / "gpu"
     summary = dry_run(load_configs(_configs(gpu, "w2vbert", "pretrain.yaml")), None, world_size=1)

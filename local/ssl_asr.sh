@@ -329,6 +329,7 @@ if run_stage 0; then
     log "preparing the corpus"
     ./local/data.sh --corpus-dir "$corpus_dir" --nj "$nj" $data_opts
     mkdir -p data && data_inputs > data/.data.done.tmp && mv data/.data.done.tmp data/.data.done
+    note_command data "data prepared"
   fi
 fi
 # local/data.sh tells where the Kaldi-style folder it prepared is (--corpus-dir was its input)
@@ -371,6 +372,7 @@ if run_stage 1; then
         $manifests/${corpus}_${split}_validation.json $manifests/${corpus}_${split}_dropped.tsv
     done
     printf '%s\n' "$manifest_inputs" > $manifests/.done.tmp && mv -f $manifests/.done.tmp $manifests/.done
+    note_command $manifests "manifests made"
   fi
 fi
 
@@ -432,6 +434,7 @@ if run_stage 3; then
     [ ! -f $lang/.done ] || log "the manifests were made again after the tokenizer: training it again"
     "$python" -m sslasr.bin.train_tokenizer --cuts "$(cuts train)" --out-dir $lang --vocab-size "$vocab_size" \
       --model-type "$token_type"
+    note_command $lang "tokenizer trained"
     touch $lang/.done
   fi
 fi
@@ -922,8 +925,8 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
   shift 4
   methods=$(decode_methods $dir)  # a failure stops here
   for method in $methods; do
-    lm_row="" made_by=""
-    [ $pretrained != true ] || made_by=$pretrain_dir
+    lm_row="" made_by="data $manifests $lang"  # the data preparation's commands (e.g. --corpus-dir, --data-opts)
+    [ $pretrained != true ] || made_by="$made_by $pretrain_dir"
     ! uses_lm $method || lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"
     ! uses_lm $method && ! uses_lexicon $method || made_by="$made_by $lm_dir"  # (the lexicon: the LM's text's words)
     command=$(row_command $made_by ${upstream:-} $dir)

@@ -80,6 +80,8 @@ def test_stage_0_takes_the_recorded_corpus_dir_when_a_later_command_leaves_it_ou
     assert _run(recipe, "--stop-stage", "0", "--corpus-dir", "/data/my corpus").returncode == 0
     later = _run(recipe, "--stop-stage", "0")
     assert later.returncode == 0, later.stderr
+    notes = _lines(recipe / "data/commands.txt")  # the command that prepared it, for the results rows
+    assert len(notes) == 1 and notes[0].endswith("\tdata prepared\t./run.sh --stop-stage 0 --corpus-dir /data/my\\ corpus")
     assert "--corpus-dir /data/my corpus (data/.data.done's)" in later.stderr and "data ready" in later.stderr
     other = _run(recipe, "--stop-stage", "0", "--corpus-dir", "/data/other")
     assert other.returncode == 2 and "< corpus_dir /data/my corpus > corpus_dir /data/other" in other.stderr
@@ -226,6 +228,6 @@ def test_stage_1_removes_the_manifests_of_a_split_the_corpus_no_longer_has(tmp_p
     result = _run(recipe, "--stage", "1", "--stop-stage", "1")
     assert result.returncode == 0, result.stderr
     assert "removing the manifests of split unlabeled" in result.stderr
-    assert sorted(p.name for p in manifests.iterdir() if not p.name.startswith(".")) == [
+    assert sorted(p.name for p in manifests.iterdir() if p.name.endswith(".gz")) == [
         "toy_cuts_pretrain.jsonl.gz", "toy_cuts_train.jsonl.gz", "toy_recordings_train.jsonl.gz",
         "toy_supervisions_train.jsonl.gz"]

@@ -295,6 +295,20 @@ def test_student_rows_name_the_commands_of_their_teachers(tmp_path: Path):
         assert refused.returncode == 2 and "noisy_student_ctc_wav2vec2_all/gen1 was made from other" in refused.stderr
 
 
+def test_rows_name_the_commands_that_prepared_the_data(tmp_path: Path):
+    """A header's `--corpus-dir ... --data-opts ... --stop-stage 3`, then `--stage 4`: the rows
+    named the later command only, and what train held was lost."""
+    recipe = _recipe(tmp_path)
+    stamp = int(time.time()) - 100
+    for where, what in (("data", "data prepared"), ("data/manifests", "manifests made")):
+        (recipe / where / "commands.txt").write_text(f"{stamp}\t{what}\t./run.sh --data-opts --max-utts 50\n")
+    result = _run(recipe, "--stage", "4", "--stop-stage", "8")
+    assert result.returncode == 0, result.stderr
+    rows = (recipe / "score_commands").read_text().split("----\n")[:-1]
+    assert rows and all(row.startswith("./run.sh --data-opts --max-utts 50  # data prepared, manifests made\n")
+                        for row in rows), rows
+
+
 def test_lexicon_rows_name_the_command_that_made_the_lexicon(tmp_path: Path):
     """The lexicon is the words of the LM's text (--lm-text included): its rows named the LM's
     command only for the +lm methods."""

@@ -341,9 +341,9 @@ def test_training_flushes_denormal_floats(runs):
 
 
 def test_configure_cpu_math_flushes_denormals():
-    tiny = torch.tensor([1e-39])  # below float32's smallest normal number, 1.18e-38
     try:
         torch.set_flush_denormal(False)
+        tiny = torch.tensor([1e-39])  # below float32's smallest normal number, 1.18e-38
         assert (tiny * 1.0).item() > 0
         configure_cpu_math(flush_denormal=True)
         assert (tiny * 1.0).item() == 0.0

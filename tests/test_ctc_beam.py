@@ -595,14 +595,17 @@ def test_recipe_lm_decode_score_stages(tmp_path: Path, prepared_minisynth: Path,
     rows = [json.loads(line) for line in (recipe / "exp/results.jsonl").read_text().splitlines()]
     latest = [r for r in rows if r["decoding"] == "ctc_beam+lm" and r["test_set"] == "test"][-1]
     assert latest["lm_perplexity"] == perplexity["perplexity"]
-    # the row names both commands that made it, each with what it did
-    first, resumed, second = latest["command"].splitlines()  # in the order they ran
+    # the row names every command that made it, each with what it did: the data preparation's too
+    prepared, first, resumed, second = latest["command"].splitlines()  # in the order they ran
+    assert "--stop-stage 3" in prepared and prepared.endswith("  # data prepared, manifests made, tokenizer trained")
     assert first.startswith("./run.sh ") and "--lm-text" not in first
     assert first.endswith("  # fine-tuned, LM trained, decoded")
     assert "--stage 7 --stop-stage 7" in resumed and resumed.endswith("  # decoded")
     assert "--lm-text" in second and second.endswith("  # LM trained, decoded, scored")
     greedy = [r for r in rows if r["decoding"] == "ctc_greedy" and r["test_set"] == "test"]
-    assert len(greedy) == 1 and "\n" not in greedy[0]["command"]  # made and scored by the first command alone
+    # made and scored by the first command alone, after the data preparation
+    assert len(greedy) == 1 and greedy[0]["command"].splitlines() == [
+        prepared, first.split("  # ")[0] + "  # fine-tuned, decoded, scored"]
     result = run_recipe(recipe, *SMOKE, "--stage", "6", "--stop-stage", "8", "--no-pretrain", "true",
                         "--lm-text", str(extra), timeout=900)
     assert "LM ready" in result.stderr and "training it again" not in result.stderr

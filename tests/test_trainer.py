@@ -30,7 +30,7 @@ from sslasr.data.manifests import prepare_corpus
 from sslasr.data.tokenizer import Tokenizer, train_tokenizer
 from sslasr.models.asr import build_asr_model
 from sslasr.scoring import align_counts
-from sslasr.train.distributed import DistInfo, init_distributed
+from sslasr.train.distributed import DistInfo, init_distributed, leave_distributed
 from sslasr.train.tasks import AsrFinetuneTask, _init_encoder
 from sslasr.train.trainer import Trainer, _finalize_valid, _Interval
 from sslasr.utils.config import load_config
@@ -545,7 +545,8 @@ def _gloo_group(rank: int, world_size: int, out_dir: str):
     """This spawned process as rank RANK of a CPU process group (gloo: one GPU cannot hold two
     ranks), met through a file in OUT_DIR: a TCP port found free beforehand can be taken by
     another process before rank 0 binds it. The ranks meet once more before the group is torn
-    down, so that neither closes its connections while the other is still in a collective."""
+    down (as train.py leaves it), so that neither closes its connections while the other is still
+    in a collective; a failed worker only tears its own down."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -553,9 +554,10 @@ def _gloo_group(rank: int, world_size: int, out_dir: str):
                                          rank=rank, world_size=world_size)
     try:
         yield init_distributed()  # finds the group made
-        torch.distributed.barrier()
-    finally:
+    except BaseException:
         torch.distributed.destroy_process_group()
+        raise
+    leave_distributed()
 
 
 def _ddp_nan_worker(rank: int, world_size: int, out_dir: str) -> None:

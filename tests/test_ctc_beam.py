@@ -271,7 +271,7 @@ def test_a_saved_tuning_is_reused_only_for_the_same_grid(tmp_path):
     (saved / TUNING_FILE).write_text(json.dumps({"lm_weight": 1.0, "length_bonus": 0.5, "grid": points,
                                                  "lm": "lm_a.pt"}))
     args = SimpleNamespace(lm_weight=None, length_bonus=0.0, out_dir=str(tmp_path / "decode_{set}_{method}"),
-                           tune_on="dev", overwrite=False, lm="lm_a.pt", lexicon=None, model=None)
+                           tune_on="dev", overwrite=False, lm="lm_a.pt", lexicon=None, model=None, cuts=[])
     same = {"lm_weight": [1.0, 0.3], "length_bonus": [0.5, 1.5]}
 
     def known_fusion(args, fused, grid):
@@ -300,7 +300,7 @@ def test_a_saved_tuning_is_tuned_again_for_another_beam_size_or_lexicon(tmp_path
     words = tmp_path / "words.txt"
     words.write_text("AB\nBA\n")
     args = SimpleNamespace(lm_weight=None, length_bonus=0.0, out_dir=str(tmp_path / "decode_{set}_{method}"),
-                           tune_on="dev", overwrite=False, lm="lm_a.pt", lexicon=str(words), model=None)
+                           tune_on="dev", overwrite=False, lm="lm_a.pt", lexicon=str(words), model=None, cuts=[])
     grid = {"lm_weight": [0.3], "length_bonus": [0.5]}
     for method in ("ctc_lexicon+lm", "ctc_beam+lm"):
         saved = tmp_path / f"decode_dev_{method.replace('+lm', '_lm')}"

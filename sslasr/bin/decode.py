@@ -298,10 +298,9 @@ def search_inputs(args, method: str) -> Dict:
     (--tune-on; a set made again is tuned on again), the lexicon of a lexicon-constrained method."""
     lm = args.lm if method.endswith(LM_SUFFIX) else None
     lexicon = args.lexicon if uses_lexicon(method) else None
-    tuned_on = parse_cuts(getattr(args, "cuts", None) or []).get(args.tune_on) if lm and args.lm_weight is None else None
+    tuned_on = parse_cuts(args.cuts).get(args.tune_on) if lm and args.lm_weight is None else None
     return {"model_sha256": file_sha256(args.model), "lm": lm, "lm_sha256": file_sha256(lm), "lexicon": lexicon,
-            "lexicon_sha256": file_sha256(lexicon),
-            "tune_cuts_sha256": content_sha256(tuned_on) if tuned_on and Path(tuned_on).is_file() else None}
+            "lexicon_sha256": file_sha256(lexicon), "tune_cuts_sha256": content_sha256(tuned_on) if tuned_on else None}
 
 
 def tuning_settings(inputs: Dict, beam_size: int) -> Dict:

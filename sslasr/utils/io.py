@@ -96,8 +96,15 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: the cac
 
 def content_sha256(path: PathLike) -> str:
     """The SHA-256 of a file's content, a .gz file's decompressed: gzip's header holds a name and a
-    time, so the same content written again would differ as a file."""
-    with gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb") as f:
+    time, so the same content written again would differ as a file. Read once per path, size and
+    modification time, as file_sha256."""
+    stat = Path(path).stat()
+    return _content_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _content_sha256(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: the cache key
+    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
         return _stream_sha256(f)
 
 

@@ -888,10 +888,11 @@ print("null" if v is None else v)' "$@"
 decode_sets=$test_sets  # + the validation set, which the LM methods tune λ, β on
 case " $test_sets " in *" $valid_set "*) ;; *) decode_sets="$valid_set $test_sets" ;; esac
 decode_system() {  # decode_system DIR: every set with every method of DIR's model, in one process
-  local dir=$1 methods fusion="" overwrite="" lexicon request
+  local dir=$1 methods fusion="" overwrite="" lexicon request set_files
   methods=$(decode_methods $dir)  # a failure stops here
+  set_files=$(for s in $decode_sets; do cuts "$s"; done)
   request=$(printf 'sets %s\nmethods %s\ndecode_opts %s\nset_contents %s' "$decode_sets" "$methods" "$decode_opts" \
-    "$(content_hash $(for s in $decode_sets; do cuts "$s"; done))")
+    "$(content_hash $set_files)")
   # decoded (.decode.done holds the request), unless the request (another --test-sets,
   # --decode-opts, a set's manifest made again), the model, the LM or its lexicon changed since:
   # decode.py redoes what they change (a record from before set_contents: compared without it,
@@ -899,7 +900,7 @@ decode_system() {  # decode_system DIR: every set with every method of DIR's mod
   if done_or_force $dir/.decode.done && [ ! $lm_dir/.done -nt $dir/.decode.done ] \
       && [ ! $dir/model_final.pt -nt $dir/.decode.done ] && { [ "$request" = "$(cat $dir/.decode.done)" ] \
       || { [ "$(sed '/^set_contents /d' <<<"$request")" = "$(cat $dir/.decode.done)" ] \
-           && ! newer_input $dir/.decode.done $(for s in $decode_sets; do cuts "$s"; done); }; }; then
+           && ! newer_input $dir/.decode.done $set_files; }; }; then
     log "$dir: decoded"; return
   fi
   if uses_lm $methods; then  # λ, β tuned on the validation set, then used for every set

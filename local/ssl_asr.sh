@@ -444,6 +444,32 @@ content_hash() {  # content_hash FILE...: of the files' contents together (.gz o
   for f in "$@"; do [ -f "$f" ] || { echo "missing:$f"; return 0; }; done
   for f in "$@"; do case $f in *.gz) gzip -dc "$f" ;; *) cat "$f" ;; esac; done | sha256sum | cut -c1-16
 }
+# Configs are recorded by what they set, merged in order: a setting changed in a _base_ file is
+# another training, an edited comment or layout is not.
+settings_digest() {  # settings_digest CONFIG...: 16 hex digits
+  "$python" - "$@" <<'EOF'
+import sys
+from sslasr.utils.config import settings_digest
+print(settings_digest(sys.argv[1:]))
+EOF
+}
+configs_line() {  # configs_line CONFIG...: the inputs.txt line of the configs (a config that fails to load stops here)
+  local digest f
+  for f in "$@"; do [ -f "$f" ] || { echo "configs $* missing:$f"; return 0; }; done  # as content_hash
+  digest=$(settings_digest "$@") || { echo "$0: the configs $* do not load (above)" >&2; return 1; }
+  echo "configs $* $digest"
+}
+bytes_hashed() {  # bytes_hashed INPUTS: INPUTS as recorded before the configs were hashed by their settings
+  local line words  # (by their bytes, _base_ files left out): such a record is taken, and recorded again
+  while IFS= read -r line; do
+    case $line in
+      "configs "*) read -ra words <<< "${line#configs }"; unset 'words[-1]'
+                   echo "configs ${words[*]} $(content_hash "${words[@]}")" ;;
+      "config "*) echo "config $(content_hash $conf_dir/lm.yaml)" ;;
+      *) printf '%s\n' "$line" ;;
+    esac
+  done <<< "$1"
+}
 # A training dir records what it is made from (inputs.txt) when its training starts. Its model or
 # checkpoint made from other inputs (options, configs, tokenizer, cuts, pretrained model) is refused,
 # as stage 0 refuses data/: --force true trains it again, --tag / --pretrain-tag a variant beside it.
@@ -453,9 +479,13 @@ made_from() {  # made_from DIR INPUTS: refuse DIR's model or checkpoint if made 
       || [ -e $dir/iter1 ]; }; then  # trained (iter1: a k-means pretraining's first iteration), or resumable
     if [ ! -f $dir/inputs.txt ]; then log "$dir: made before its inputs were recorded: not checked"; return 0; fi
     [ "$inputs" != "$(cat $dir/inputs.txt)" ] || return 0
-    log "$dir was made from other inputs: $(changed_inputs $dir/inputs.txt "$inputs")"
-    log "pass --force true to train it again from these, or --tag (--pretrain-tag: pretraining) for a variant beside it"
-    exit 2
+    if [ "$(bytes_hashed "$inputs")" = "$(cat $dir/inputs.txt)" ]; then
+      log "$dir: its configs were recorded by their bytes: taken, recorded by their settings now"
+    else
+      log "$dir was made from other inputs: $(changed_inputs $dir/inputs.txt "$inputs")"
+      log "pass --force true to train it again from these, or --tag (--pretrain-tag: pretraining) for a variant beside it"
+      exit 2
+    fi
   fi
   [ "$node_rank" = 0 ] || return 0  # shared files are node 0's to write
   mkdir -p $dir && printf '%s\n' "$inputs" > $dir/inputs.txt.tmp && mv -f $dir/inputs.txt.tmp $dir/inputs.txt
@@ -463,7 +493,7 @@ made_from() {  # made_from DIR INPUTS: refuse DIR's model or checkpoint if made 
 pretraining_inputs() {  # what $pretrain_dir is made from: --init-from's source, or configs, options and audio
   local split
   if [ -n "$init_from" ]; then echo "init_from $init_from"; return; fi  # the dir is named by its basename only
-  echo "configs $pretrain_configs $(content_hash $pretrain_configs)"
+  configs_line $pretrain_configs || return 1
   echo "pretrain_opts $pretrain_opts"
   echo "kmeans_opts $kmeans_opts"
   for split in $pretraining_splits; do echo "cuts $(cuts $split) $(content_hash "$(cuts $split)")"; done
@@ -476,7 +506,7 @@ present_splits() {  # present_splits SPLIT...: those stage 1 made manifests of, 
 }
 finetuning_inputs() {  # finetuning_inputs pretrained|scratch TRAIN_CUTS CONFIG...: what a fine-tuned system is made from
   local system=$1 train=$2; shift 2
-  echo "configs $* $(content_hash "$@")"
+  configs_line "$@" || return 1
   echo "finetune_opts $finetune_opts"
   echo "tokenizer $lang $(content_hash $lang/bpe.model)"
   echo "train_cuts $train $(content_hash "$train")"
@@ -758,22 +788,28 @@ fi
 
 lm_dir=$exp/lm_${token_type}_${vocab_size}
 lm_inputs() {  # lm_inputs CUTS: what an LM is trained from (text, tokenizer, --lm-text contents, --lm-opts, config)
-  local f text=${1%$feats.jsonl.gz}.jsonl.gz  # a fbank manifest's transcripts are its audio one's: one LM for both
+  local f digest text=${1%$feats.jsonl.gz}.jsonl.gz  # a fbank manifest's transcripts are its audio one's: one LM for both
   [ -e "$text" ] || text=$1  # (an fbank-only run's labeled subset has no audio manifest: its own)
   # by content: a remade manifest or tokenizer (its token ids) makes another LM under the same path
   echo "text $text $(content_hash "$text")"
   echo "tokenizer $lang $(content_hash $lang/bpe.model)"
   for f in $lm_text; do echo "lm_text $f $(sha256sum < "$f" | cut -c1-16)"; done
   echo "lm_opts $lm_opts"
-  echo "config $(sha256sum < $conf_dir/lm.yaml | cut -c1-16)"
+  digest=$(configs_line $conf_dir/lm.yaml) || return 1
+  echo "config ${digest##* }"
 }
 lm_record_matches() {  # lm_record_matches DIR INPUTS: DIR's LM was trained on INPUTS (lm_inputs' lines)
-  local now=$2
-  [ "$now" != "$(cat $1/inputs.txt)" ] || return 0
-  # a record from before the text's and tokenizer's contents were: its lines compared, then completed
-  ! grep -q '^tokenizer ' $1/inputs.txt || return 1
-  [ "$(printf '%s\n' "$now" | sed -e '/^tokenizer /d' -e 's/^\(text [^ ]*\) .*/\1/')" = "$(cat $1/inputs.txt)" ] || return 1
-  log "$1: inputs recorded before their contents were: taken, recorded with them now"
+  local now=$2 recorded old
+  recorded=$(cat $1/inputs.txt)
+  [ "$now" != "$recorded" ] || return 0
+  old=$(bytes_hashed "$now")
+  if [ "$old" = "$recorded" ]; then
+    log "$1: its config was recorded by its bytes: taken, recorded by its settings now"
+  else  # a record from before the text's and tokenizer's contents were (and the config's settings)
+    ! grep -q '^tokenizer ' $1/inputs.txt || return 1
+    [ "$(printf '%s\n' "$old" | sed -e '/^tokenizer /d' -e 's/^\(text [^ ]*\) .*/\1/')" = "$recorded" ] || return 1
+    log "$1: inputs recorded before their contents were: taken, recorded with them now"
+  fi
   [ "$node_rank" != 0 ] || printf '%s\n' "$now" > $1/inputs.txt
 }
 train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcripts + --lm-text, and its lexicon
@@ -976,13 +1012,14 @@ trained_from_these() {  # trained_from_these DIR INPUTS STAGE KEY...: stop when 
 if [ "$node_rank" = 0 ] && [ "$stage" -le 8 ] && [ "$stop_stage" -ge 7 ]; then
   if [ "$stage" -gt 5 ]; then
     for system in $systems; do
-      trained_from_these $(system_dir $system) "$(finetuning_inputs $system "$train_cuts" $(finetune_configs $system))" 5 \
-        tokenizer train_cuts pretrained
+      inputs=$(finetuning_inputs $system "$train_cuts" $(finetune_configs $system))
+      trained_from_these $(system_dir $system) "$inputs" 5 tokenizer train_cuts pretrained
     done
   fi
   if [ "$stage" -gt 6 ] && [ -f $lm_dir/.done ] && grep -q '^tokenizer ' $lm_dir/inputs.txt 2>/dev/null; then
     # (a record from before the contents were has no tokenizer line: stage 6 completes it)
-    trained_from_these $lm_dir "$(lm_inputs "$(cuts train)")" 6 text tokenizer
+    inputs=$(lm_inputs "$(cuts train)")
+    trained_from_these $lm_dir "$inputs" 6 text tokenizer
   fi
 fi
 if run_stage 7 && [ "$node_rank" = 0 ]; then

@@ -17,7 +17,7 @@ from sslasr.bin.train import dry_run
 from sslasr.models.asr import build_asr_model, load_encoder_weights
 from sslasr.models.state_dicts import state_dict_mismatches
 from sslasr.train.config_check import ConfigError, check_training_config, effective_batch
-from sslasr.utils.config import load_configs
+from sslasr.utils.config import load_configs, settings_digest
 from sslasr.utils.io import DirectoryInUse, lock_directory
 
 MINISYNTH = REPO / "egs" / "minisynth" / "conf"
@@ -270,6 +270,23 @@ def test_a_config_file_removes_sections_merged_before_it(tmp_path):
     assert load_configs([tmp_path / "base.yaml", tmp_path / "shared.yaml"]) == cfg
     family = load_configs([tmp_path / "family.yaml"])
     assert load_configs([tmp_path / "child.yaml"]) == {"frontend": family["frontend"]} and "optim" in family
+
+
+def test_the_settings_digest_follows_settings_not_text(tmp_path):
+    """What the driver records of a training's configs: their merged settings, _base_ included."""
+    (tmp_path / "base.yaml").write_text("optim: {lr: 1.0e-3, betas: [0.9, 0.98]}\n")
+    (tmp_path / "a.yaml").write_text("_base_: base.yaml\ntrainer: {max_updates: 10, seed: 1}\n1: one\n")
+    (tmp_path / "b.yaml").write_text("# the same, written otherwise\n1: one\n_base_: base.yaml\n"
+                                     "trainer:\n  seed: 1\n  max_updates: 10  # updates\n")
+    digest = settings_digest([tmp_path / "a.yaml"])
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    assert settings_digest([tmp_path / "b.yaml"]) == digest
+    (tmp_path / "base.yaml").write_text("optim: {lr: 0.001, betas: [0.9, 0.98]}  # 1e-3\n")
+    assert settings_digest([tmp_path / "a.yaml"]) == digest
+    (tmp_path / "base.yaml").write_text("optim: {lr: 0.002, betas: [0.9, 0.98]}\n")
+    assert settings_digest([tmp_path / "a.yaml"]) != digest
+    (tmp_path / "later.yaml").write_text("trainer: {seed: 2}\n")  # merged in order: later files win
+    assert settings_digest([tmp_path / "a.yaml", tmp_path / "later.yaml"]) != settings_digest([tmp_path / "a.yaml"])
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -193,6 +193,60 @@ def test_a_pretraining_made_from_other_inputs_is_refused(tmp_path: Path):
     assert _run(recipe, "--stage", "4", "--stop-stage", "4").returncode == 0
 
 
+def test_configs_are_recorded_by_what_they_set(tmp_path: Path):
+    """Configs were recorded by a hash of their bytes, their _base_ files left out: an edited
+    comment refused a trained dir, and another setting in a base file (the frontend preset's
+    architecture, say) was resumed as the same training."""
+    recipe = _recipe(tmp_path)
+    conf = recipe / "conf"
+    (conf / "preset.yaml").write_text("frontend: {encoder: {layers: 2}}\n")
+    (conf / "frontend_wav2vec2.yaml").write_text("_base_: preset.yaml\n# the recipe's frontend\n")
+    (conf / "lm.yaml").write_text("model: {layers: 1}\n")
+    assert _run(recipe, "--stage", "4", "--stop-stage", "6").returncode == 0
+    system, lm = recipe / "exp/ctc_wav2vec2_all", recipe / "exp/lm_unigram_200"
+    records = {d: (d / "inputs.txt").read_text() for d in (recipe / "exp/pretrain_wav2vec2", system, lm)}
+    trainings = len(_calls(recipe, "sslasr.bin.train"))
+
+    (conf / "frontend_wav2vec2.yaml").write_text("_base_: preset.yaml  # same settings\n")
+    (conf / "lm.yaml").write_text("model:\n  layers: 1  # the same, written otherwise\n")
+    same = _run(recipe, "--stage", "4", "--stop-stage", "6")
+    assert same.returncode == 0, same.stderr
+    assert len(_calls(recipe, "sslasr.bin.train")) == trainings
+    assert {d: (d / "inputs.txt").read_text() for d in records} == records
+
+    (conf / "preset.yaml").write_text("frontend: {encoder: {layers: 3}}\n")
+    refused = _run(recipe, "--stage", "5", "--stop-stage", "5")
+    assert refused.returncode == 2 and "exp/ctc_wav2vec2_all was made from other inputs: < configs " in refused.stderr
+    assert _run(recipe, "--stage", "4", "--stop-stage", "4").returncode == 2
+    (conf / "preset.yaml").write_text("frontend: {encoder: {layers: 2}}\n")
+
+    # records of before, with the configs' bytes hashed: taken and recorded again
+    def bytes_of(*names: str) -> str:
+        return hashlib.sha256(b"".join((conf / name).read_bytes() for name in names)).hexdigest()[:16]
+    for d, record in records.items():
+        old = []
+        for line in record.splitlines():
+            if line.startswith("configs "):
+                names = [Path(f).name for f in line.split()[1:-1]]
+                line = " ".join(line.split()[:-1] + [bytes_of(*names)])
+            elif line.startswith("config "):
+                line = "config " + bytes_of("lm.yaml")
+            old.append(line)
+        assert old != record.splitlines()
+        (d / "inputs.txt").write_text("\n".join(old) + "\n")
+    taken = _run(recipe, "--stage", "4", "--stop-stage", "6")
+    assert taken.returncode == 0, taken.stderr
+    assert "exp/ctc_wav2vec2_all: its configs were recorded by their bytes: taken" in taken.stderr
+    assert "exp/lm_unigram_200: its config was recorded by its bytes: taken" in taken.stderr
+    assert len(_calls(recipe, "sslasr.bin.train")) == trainings
+    assert {d: (d / "inputs.txt").read_text() for d in records} == records
+
+    (conf / "finetune_ctc.yaml").write_text("optim: {lr: [unclosed\n")
+    broken = _run(recipe, "--stage", "5", "--stop-stage", "5")
+    assert broken.returncode != 0 and "do not load" in broken.stderr
+    assert len(_calls(recipe, "sslasr.bin.train")) == trainings
+
+
 def test_an_import_of_another_checkpoint_of_the_same_name_is_refused(tmp_path: Path):
     recipe = _recipe(tmp_path)
     for parent in ("a", "b"):
@@ -720,7 +774,9 @@ def test_the_lm_is_trained_again_on_a_remade_manifest_or_tokenizer(tmp_path: Pat
     # a record from before the contents were: taken (not trained again), completed
     record = recipe / "exp/lm_unigram_200/inputs.txt"
     recorded = record.read_text()
-    old = [line.split()[0] + " " + line.split()[1] if line.startswith("text ") else line
+    lm_yaml_bytes = hashlib.sha256((recipe / "conf/lm.yaml").read_bytes()).hexdigest()[:16]
+    old = ["text " + line.split()[1] if line.startswith("text ") else
+           f"config {lm_yaml_bytes}" if line.startswith("config ") else line
            for line in recorded.splitlines() if not line.startswith("tokenizer ")]
     record.write_text("\n".join(old) + "\n")
     result = _run(recipe, "--stage", "6", "--stop-stage", "6")

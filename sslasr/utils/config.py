@@ -12,6 +12,8 @@ their types.
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Tuple, Union
 
+import hashlib
+import json
 import re
 
 import yaml
@@ -60,6 +62,22 @@ def load_configs(paths: Iterable[Union[str, Path]], overrides: Iterable[str] = (
     for item in overrides:
         set_dotted(merged, item)
     return merged
+
+
+def settings_digest(paths: Iterable[Union[str, Path]]) -> str:
+    """16 hex digits of a sha256 of what the configs set, merged in order as load_configs merges
+    them: a setting changed in one of their `_base_` files changes it, a comment, the order of
+    keys or how a value is written (`1e-3`, `0.001`) does not."""
+    settings = json.dumps(_string_keys(load_configs(paths)), sort_keys=True, ensure_ascii=False, default=repr)
+    return hashlib.sha256(settings.encode("utf-8")).hexdigest()[:16]
+
+
+def _string_keys(value: Any) -> Any:  # (YAML allows `1: x` beside `a: y`; json cannot sort those keys)
+    if isinstance(value, dict):
+        return {str(key): _string_keys(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_string_keys(item) for item in value]
+    return value
 
 
 def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Dict[str, Any]:

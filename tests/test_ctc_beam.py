@@ -833,3 +833,13 @@ def test_decode_takes_no_abbreviated_options(tmp_path, capsys):
         decode.main(["--model", str(tmp_path / "m.pt"), "--cuts", str(tmp_path / "a.jsonl.gz"),
                      "--out-dir", str(tmp_path), "--tune-o", "test"])
     assert stop.value.code == 2 and "unrecognized arguments: --tune-o test" in capsys.readouterr().err
+
+
+def test_cuts_are_named_before_the_first_equals_sign_and_paths_may_hold_one():
+    """The name was cut at the last `=`: `dev=/data/run=3/cuts_dev.jsonl.gz` decoded
+    `3/cuts_dev.jsonl.gz` as a set named `dev=/data/run`."""
+    from sslasr.bin.decode import parse_cuts
+    assert parse_cuts(["dev=/data/run=3/cuts_dev.jsonl.gz", "/data/run=3/cuts_test.jsonl.gz", "x.jsonl.gz"]) == {
+        "dev": "/data/run=3/cuts_dev.jsonl.gz", "cuts_test": "/data/run=3/cuts_test.jsonl.gz", "x": "x.jsonl.gz"}
+    with pytest.raises(ValueError, match="names 'dev' twice"):
+        parse_cuts(["dev=a.jsonl.gz", "dev=b.jsonl.gz"])

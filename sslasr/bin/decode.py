@@ -157,10 +157,13 @@ def write_decoding(out_dir: Path, search: Search, set_pass: SetPass, info: Dict)
 
 
 def parse_cuts(values: List[str]) -> Dict[str, str]:
-    """NAME=PATH items (a lone PATH is named after its file) → {name: path}, in order."""
+    """NAME=PATH items (a lone PATH is named after its file) → {name: path}, in order. A NAME
+    is what comes before the first `=` and holds no `/`: a path may hold `=` (`run=3/cuts.jsonl.gz`)."""
     sets = {}
     for value in values:
-        name, _, path = value.rpartition("=") if "=" in value else (None, "", value)
+        name, sep, path = value.partition("=")
+        if not sep or not name or "/" in name:
+            name, path = "", value
         name = name or Path(path).name.split(".")[0]
         if name in sets:
             raise ValueError(f"--cuts names {name!r} twice")

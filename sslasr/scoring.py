@@ -251,6 +251,15 @@ def missing_result_keys(keys: Iterable[str]) -> list[str]:
 TIMESTAMP_KEY = "timestamp"
 
 
+# Keys RESULTS.md formats as numbers (a duration, a size, a WER): a row's value is one or null.
+NUMERIC_RESULT_KEYS = ("labeled_seconds", "pseudo_label_seconds", "model_parameters", "teacher_wer",
+                       "wer_delta", "wer_delta_low", "wer_delta_high", "p_improvement")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def append_result(results_jsonl: PathLike, row: dict[str, Any]) -> dict[str, Any]:
     """Validate ``row``, stamp it, and append it as one JSON line. Returns the written row, or
     the row already there when the experiment's latest row is this one but for its timestamp:
@@ -263,6 +272,11 @@ def append_result(results_jsonl: PathLike, row: dict[str, Any]) -> dict[str, Any
     if not isinstance(wer, (int, float)) or not math.isfinite(wer):  # inf: insertions over 0 reference words
         raise ValueError(f"results row of {row.get('corpus')}/{row.get('test_set')} ({row.get('decoding')}) has "
                          f"a non-finite or non-numeric wer: {wer!r} over {row.get('num_words')} reference words")
+    not_numbers = [f"{key}={row[key]!r}" for key in NUMERIC_RESULT_KEYS
+                   if row.get(key) is not None and not _is_number(row[key])]
+    if not_numbers:  # RESULTS.md formats them as numbers: one such row would stop every later render
+        raise ValueError(f"results row of {row.get('corpus')}/{row.get('test_set')}: {', '.join(not_numbers)} "
+                         f"must be a number (or null)")
     row = dict(row)
     row.setdefault(TIMESTAMP_KEY, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     line = json.dumps(row, ensure_ascii=False, allow_nan=False)
@@ -288,7 +302,7 @@ def latest_row_of(results_jsonl: PathLike, key: str) -> Optional[dict[str, Any]]
     if not path.exists():
         return None
     latest = None
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -307,7 +321,9 @@ def read_results(results_jsonl: PathLike) -> list[dict[str, Any]]:
     that is not a JSON object with the required keys raises, naming the line."""
     rows = []
     text = Path(results_jsonl).read_text(encoding="utf-8")
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # lines end at "\n" only: json.dumps(ensure_ascii=False) leaves U+2028, U+0085 (which
+    # str.splitlines also breaks at) unescaped inside a row's strings, a command's say
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{results_jsonl}:{lineno}"

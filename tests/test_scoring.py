@@ -533,3 +533,24 @@ def test_a_row_appended_after_a_cut_short_line_stays_whole(tmp_path: Path):
     assert len(lines) == 3 and json.loads(lines[2])["exp"] == "exp/b"
     with pytest.raises(ValueError, match=r"results.jsonl:2: malformed JSON line"):
         read_results(path)
+
+
+def test_a_row_holding_a_unicode_line_separator_reads_back(tmp_path):
+    """Rows are written with ensure_ascii=False, which leaves U+2028 and U+0085 as they are, and
+    were read with str.splitlines, which breaks lines there: every later render failed."""
+    results = tmp_path / "r.jsonl"
+    row = make_row(command="run.sh --tag a\u2028b\u0085c")
+    append_result(results, row)
+    append_result(results, row)  # the same result: found, not appended twice
+    (read,) = read_results(results)
+    assert read["command"] == "run.sh --tag a\u2028b\u0085c"
+    assert len(results.read_text(encoding="utf-8").split("\n")) == 2
+
+
+@pytest.mark.parametrize("key, value", [("labeled_seconds", "10h"), ("model_parameters", "95M"),
+                                        ("pseudo_label_seconds", True), ("teacher_wer", float("nan"))])
+def test_a_row_whose_numeric_field_is_not_a_number_is_refused(tmp_path, key, value):
+    """Accepted and stored, such a row stopped every later RESULTS.md render with a TypeError."""
+    with pytest.raises(ValueError, match=f"{key}=.* must be a number"):
+        append_result(tmp_path / "r.jsonl", make_row(**{key: value}))
+    assert not (tmp_path / "r.jsonl").exists()

@@ -585,6 +585,12 @@ def test_plan_gives_each_iteration_its_training_overrides():
     assert first.updates + second.updates == pretrain["trainer"]["max_updates"]
     base = load_configs([ROOT / "conf" / "frontend" / "hubert_tiny.yaml"])["kmeans"]["iterations"]
     assert [(it["features"], it["clusters"]) for it in base] == [("mfcc", 100), ("layer", 500)]
+    # a config without conv_layers has the encoder's default stack (base's, 320 samples a frame):
+    # its iteration-2 plan failed with a KeyError, after that iteration's k-means fit and labelling
+    del cfg["frontend"]["encoder"]["conv_layers"]
+    assert kmeans_cli.training_overrides(cfg, 2)[1] == "pretrain.label_rate=50"
+    cfg["frontend"]["encoder"]["conv_layers"] = [[32, 10, 5], [32, 2, 2]]  # 16000 / 10 frames a second
+    assert kmeans_cli.training_overrides(cfg, 2)[1] == "pretrain.label_rate=1600"
 
 
 # ---------------------------------------------------------------------- recipe

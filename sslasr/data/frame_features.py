@@ -124,9 +124,11 @@ class HiddenLayerFeatures:
 
 
 def encoder_frame_rate(encoder_cfg: Dict, sample_rate: int = 16000) -> float:
-    """Frames per second of a conv feature encoder from its config (sample rate / Π strides)."""
+    """Frames per second of a conv feature encoder from its config (sample rate / Π strides); a
+    config that names no conv_layers has the encoder's default (wav2vec 2.0 base's) stack."""
+    from sslasr.models.wav2vec2 import BASE_CONV_LAYERS
     stride = 1
-    for _, _, layer_stride in encoder_cfg["conv_layers"]:
+    for _, _, layer_stride in encoder_cfg.get("conv_layers", BASE_CONV_LAYERS):
         stride *= layer_stride
     return sample_rate / stride
 

@@ -1097,8 +1097,10 @@ pseudo_label() {  # pseudo_label TEACHER_DIR OUT_DIR: decode the unlabeled pool 
     --labeled-cuts "$labeled_cuts" --config $noisy_student_configs ${reference[@]+"${reference[@]}"} \
     --out-cuts $out/pseudo_labeled.jsonl.gz --report $out/report.json
   # the same filter on transcribed audio: how good the kept pseudo-labels are where the truth is known
+  # (cut at the pool's score: keep_fraction of the valid set would rank it on its own)
   "$python" -m sslasr.bin.pseudo_label --cuts "$(cuts $valid_set)" --decode-dir $out/decode_$valid_set \
-    --labeled-cuts "$labeled_cuts" --config $noisy_student_configs --report $out/report_$valid_set.json
+    --labeled-cuts "$labeled_cuts" --config $noisy_student_configs --report $out/report_$valid_set.json \
+    --score-cutoff-of $out/report.json
 }
 pseudo_label_method() {  # pseudo_label_method TEACHER: noisy_student.yaml's method, else the teacher's last
   local methods

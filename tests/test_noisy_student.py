@@ -223,6 +223,35 @@ def test_pseudo_label_cli_writes_cuts_and_a_report(tmp_path: Path):
     assert {c.id: c.supervisions[0].text for c in out} == {ids[0]: "abc de", ids[1]: "abcd"}
 
 
+def test_the_validation_set_is_filtered_at_the_pools_score_cutoff(tmp_path: Path):
+    """keep_fraction ranked the validation set on its own: its reported pseudo-label WER was that of
+    its own top fraction, whatever score the pool's filter had ended at."""
+    labeled = CutSet.from_cuts([cut(i, 1.0, "abcde") for i in range(3)])
+    labeled.to_file(tmp_path / "labeled.jsonl.gz")
+    (tmp_path / "ns.yaml").write_text("pseudo_label: {keep_fraction: 0.5}\n")
+
+    def run(name: str, first: int, scores: list, *extra: str) -> dict:
+        cuts = CutSet.from_cuts([cut(first + i, 1.0, "abcde") for i in range(len(scores))])
+        cuts.to_file(tmp_path / f"{name}.jsonl.gz")
+        decode = tmp_path / f"decode_{name}"
+        decode.mkdir()
+        ids = [c.id for c in cuts]
+        (decode / "hyp.txt").write_text("".join(f"{i} abcde\n" for i in ids))
+        (decode / "scores.txt").write_text("".join(f"{i} {s}\n" for i, s in zip(ids, scores)))
+        pseudo_label.main(["--cuts", str(tmp_path / f"{name}.jsonl.gz"), "--decode-dir", str(decode),
+                           "--labeled-cuts", str(tmp_path / "labeled.jsonl.gz"), "--config", str(tmp_path / "ns.yaml"),
+                           "--report", str(tmp_path / f"report_{name}.json"), *extra])
+        return json.loads((tmp_path / f"report_{name}.json").read_text())
+
+    pool = run("pool", 10, [-2.0, -1.5, -1.2, -1.1])
+    assert pool["kept"] == 2 and pool["score_cutoff"] == -1.2
+    dev = run("dev", 20, [-1.3, -1.0, -0.9, -0.8, -0.7], "--score-cutoff-of", str(tmp_path / "report_pool.json"))
+    assert dev["kept"] == 4 and dev["dropped"]["low_score"] == 1 and dev["dropped"]["below_top_fraction"] == 0
+    assert run("alone", 30, [-1.3, -1.0, -0.9, -0.8, -0.7])["kept"] == 3  # its own top half
+    (tmp_path / "ns.yaml").write_text("pseudo_label: {min_score: -1.6}\n")  # no fraction: the threshold itself
+    assert run("pool_all", 40, [-2.0, -1.5, -1.2])["score_cutoff"] == -1.6
+
+
 def test_results_table_shows_pseudo_label_columns_only_with_students(tmp_path: Path):
     base = {"corpus": "c", "test_set": "test", "frontend": "wav2vec2", "head": "ctc", "decoding": "ctc_greedy",
             "lm_weight": 0, "labeled_seconds": 600, "pretrained": True, "sub": 1, "del": 0, "ins": 0,

@@ -11,12 +11,20 @@ DECODE_DIR is a folder of sslasr.bin.decode --confidence (hyp.txt, scores.txt). 
 kept and dropped cuts (per reason) and, where the true transcripts are known (transcripts in
 --cuts, --reference), the pseudo-labels' WER over those cuts and over the kept ones among them.
 The kept cuts are written with the teacher's hypothesis as their only transcript.
+
+keep_fraction ranks the cuts it is given: the same fraction of another set (transcribed audio,
+to measure the pool's filter where the truth is known) would be cut at another score. The report
+therefore records the score the filter ended at (`score_cutoff`: the lowest kept score where a
+top fraction was taken, else min_score), and `--score-cutoff-of REPORT` filters by that score
+instead of a fraction of these cuts.
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 from sslasr.bin.score import read_kaldi_text
 from sslasr.data.loader import load_cuts
@@ -38,10 +46,14 @@ def main(argv=None) -> None:
     parser.add_argument("--reference", help="Kaldi text of the true transcripts, to measure the pseudo-labels")
     parser.add_argument("--out-cuts", help="the kept cuts with their pseudo-labels (omit to only report)")
     parser.add_argument("--report", required=True, type=Path, help="JSON counts and WERs")
+    parser.add_argument("--score-cutoff-of", type=Path,
+                        help="another run's report: keep what scores at least its score_cutoff (no top fraction)")
     args = parser.parse_args(argv)
     setup_logging()
 
     cfg = filter_config(load_configs(args.config, args.set).get("pseudo_label"))
+    if args.score_cutoff_of:
+        cfg = dataclasses.replace(cfg, keep_fraction=1.0, min_score=score_cutoff_of(args.score_cutoff_of))
     hyps = read_kaldi_text(args.decode_dir / "hyp.txt")
     scores = {cut: float(value) for cut, value in read_kaldi_text(args.decode_dir / "scores.txt").items()}
     cuts = load_cuts(args.cuts)
@@ -52,7 +64,8 @@ def main(argv=None) -> None:
     report = {"num_cuts": len(durations), "kept": len(kept),
               "kept_seconds": round(sum(durations[c] for c in kept), 2),
               "dropped": {reason: dropped.get(reason, 0) for reason in DROP_REASONS},
-              "labeled_letters_per_second": round(rate, 3), "filter": vars(cfg)}
+              "labeled_letters_per_second": round(rate, 3), "filter": vars(cfg),
+              "score_cutoff": min((scores[c] for c in kept), default=None) if cfg.keep_fraction < 1 else cfg.min_score}
     # the truth where it is known: transcripts the pool's cuts carry (train beyond the labeled
     # subset), then --reference's (a corpus keeping its unlabeled audio's text aside)
     references = {cut.id: cut.supervisions[0].text for cut in cuts if cut.supervisions and cut.supervisions[0].text}
@@ -71,6 +84,13 @@ def main(argv=None) -> None:
     logging.info("pseudo-labels: kept %d of %d cuts (%.0f s); dropped %s%s", len(kept), len(durations),
                  report["kept_seconds"], dict(dropped),
                  f"; WER {report['wer_all']} % all, {report['wer_kept']} % kept" if references else "")
+
+
+def score_cutoff_of(report: Path) -> Optional[float]:
+    recorded = json.loads(report.read_text(encoding="utf-8"))
+    if "score_cutoff" not in recorded:
+        raise SystemExit(f"{report} records no score_cutoff (made before it was recorded): label the pool again")
+    return recorded["score_cutoff"]
 
 
 if __name__ == "__main__":

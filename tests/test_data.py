@@ -22,6 +22,7 @@ from sslasr.data.manifests import (
     derive_subsets, prepare_split, speed_perturbed_copies, split_by_speaker, subset_by_duration, write_cuts,
 )
 from sslasr.data.tokenizer import Tokenizer, train_tokenizer
+from sslasr.models.blocks.subsampling import normalize_fbank_bins
 from sslasr.train.trainer import SkipBatches
 
 SR = 16000
@@ -459,8 +460,11 @@ def test_fbank_features_and_batch(prepared, tmp_path):
     batch = next(iter(make_dataloader(cuts, input_type="fbank", max_duration=1000, shuffle=False)))
     frames = {c.id: c.num_frames for c in cuts}
     assert batch["inputs"].shape == (len(KEPT), max(frames.values()), 80)
-    assert batch["input_lens"].tolist() == [frames[i] for i in batch["cut_ids"]]
     assert frames["a1"] == 100 and frames["rate8k"] == 150  # 10 ms shift, 8 kHz resampled first
+    # the frames computed from the audio: the last one or two, repeated to lhotse's count, are not
+    computed = {c.id: 1 + (round(c.duration * c.sampling_rate) - 400) // 160 for c in cuts}
+    assert computed["a1"] == 98 and computed["rate8k"] == 148
+    assert batch["input_lens"].tolist() == [computed[i] for i in batch["cut_ids"]]
     with pytest.raises(ValueError, match="compute_fbank"):
         next(iter(make_dataloader(load_cuts(out / "toy_cuts_train.jsonl.gz"), input_type="fbank",
                                   max_duration=1000, shuffle=False)))
@@ -660,6 +664,12 @@ def test_fbank_is_w2v_bert_2s_front_end_at_lhotses_frame_count():
 
     theirs, ours = theirs_and_ours(audio)
     assert len(theirs) == 121 and len(ours) == 123  # round(1.234 s / 10 ms), lhotse's count
+    # the loader's length: transformers' frames (normalised over them alone, as transformers does)
+    length = compute_fbank_cli.SeamlessFbank.frames_in(len(audio), 16000)
+    assert length == len(theirs)
+    normalised_by_model = normalize_fbank_bins(torch.from_numpy(ours)[None], torch.tensor([length]))[0, :length]
+    assert np.abs(normalised_by_model.numpy() - (theirs - theirs.mean(0)) / np.sqrt(theirs.var(0, ddof=1) + 1e-7)
+                  ).max() < 1e-3
     assert np.abs(normalised(ours[:len(theirs)]) - normalised(theirs)).max() < 1e-3
     assert np.array_equal(ours[-1], ours[-3]) and np.array_equal(ours[-2], ours[-3])
     silence = np.zeros(4800, dtype=np.float32)
@@ -671,6 +681,7 @@ def test_fbank_is_w2v_bert_2s_front_end_at_lhotses_frame_count():
     kaldi = Fbank(FbankConfig(num_mel_bins=80)).extract(audio, 16000)[1:1 + len(theirs)]
     assert np.abs(normalised(kaldi) - normalised(theirs)).max() > 1.0
     # audio shorter than one window is zero-padded to one (lhotse's extractor failed under 10 ms)
+    assert [compute_fbank_cli.SeamlessFbank.frames_in(n, 16000) for n in (100, 400, 559, 560)] == [1, 1, 1, 2]
     for samples, frames in ((300, 2), (100, 1)):
         window = np.zeros(400, dtype=np.float32)
         window[:samples] = audio[:samples]

@@ -456,7 +456,8 @@ def test_spec_augment_masks_training_batches_only(fbank_cuts):
     for batch in train:
         for row, n, cut_id in zip(batch["inputs"], batch["input_lens"].tolist(), batch["cut_ids"]):
             original = raw[cut_id]
-            assert n == len(original)
+            assert 1 <= len(original) - n <= 2  # the last frames, repeated to lhotse's count, are left out
+            original = original[:n]
             changed = row[:n] != original
             if changed.any():
                 augmented_cuts += 1
@@ -465,7 +466,7 @@ def test_spec_augment_masks_training_batches_only(fbank_cuts):
     assert augmented_cuts >= 3
     for batch in valid:
         for row, n, cut_id in zip(batch["inputs"], batch["input_lens"].tolist(), batch["cut_ids"]):
-            assert torch.equal(row[:n], raw[cut_id])
+            assert torch.equal(row[:n], raw[cut_id][:n])
 
 
 def test_spec_augment_batch_leaves_padding_alone():

@@ -53,9 +53,10 @@ class SeamlessFbank(Fbank):
     silence or a quiet lead-in is not clamped (on [-1, 1] samples it sits 2^30 higher, and the
     clamped cells move the utterance's per-bin statistics). lhotse counts frames as
     round(duration / shift), one or two more than fit: the last frame is repeated to make up
-    the count, so that frame pairs stack as the checkpoint's extractor stacks them ((0, 1),
-    (2, 3), ...). After per-bin normalisation the features agree with transformers' to about
-    1e-4. Audio shorter than one window (25 ms; evaluation splits keep every utterance) is
+    the count, and the loader leaves the repeats out of the utterance's length (frames_in), so
+    that they count in neither the per-bin statistics nor the frame pairs, which stack as the
+    checkpoint's extractor stacks them ((0, 1), (2, 3), ...). After per-bin normalisation the
+    features agree with transformers' to about 1e-4. Audio shorter than one window (25 ms; evaluation splits keep every utterance) is
     zero-padded to one: Kaldi's edge frames need 10 ms or more and lhotse's extractor fails
     below that."""
 
@@ -67,6 +68,15 @@ class SeamlessFbank(Fbank):
     def __init__(self, config: Optional[FbankConfig] = None):
         config = config or FbankConfig()
         super().__init__(dataclasses.replace(config, high_freq=0.0, snip_edges=True))
+
+    @classmethod
+    def frames_in(cls, num_samples: int, sampling_rate: int) -> int:
+        """The frames computed from NUM_SAMPLES of audio, those transformers' extractor makes too
+        (one for audio under a window): extract repeats the last of them to lhotse's count, and
+        the loader counts these alone as the utterance's frames."""
+        config = FbankConfig()
+        window, shift = round(config.frame_length * sampling_rate), round(config.frame_shift * sampling_rate)
+        return 1 + max(num_samples - window, 0) // shift
 
     def extract(self, samples, sampling_rate: int):
         num_samples = samples.shape[-1]

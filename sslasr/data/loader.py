@@ -20,6 +20,7 @@ import torch
 from lhotse import CutSet, load_manifest_lazy
 from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
 from lhotse.dataset.collation import collate_features
+from lhotse.utils import compute_num_samples
 from lhotse.dataset.signal_transforms import SpecAugment
 from lhotse.lazy import LazySlicer
 from torch.utils.data import DataLoader, Dataset
@@ -48,6 +49,16 @@ def feature_type(cuts_path: Union[str, Path]) -> Optional[str]:
     stage-2 run computes a whole manifest), None for a manifest without features."""
     first = next(iter(load_cuts(cuts_path)))
     return first.features.type if first.has_features else None
+
+
+def computed_frames(cuts: CutSet, lens: torch.Tensor) -> torch.Tensor:
+    """The cuts' frame counts (lhotse's, LENS) less the frames SeamlessFbank repeated to make them
+    up: counted, they moved every frame's per-bin normalisation away from what an imported
+    w2v-BERT 2.0 was trained on, and made a last frame pair it never saw."""
+    from sslasr.bin.compute_fbank import SeamlessFbank  # (it imports this module)
+    computed = [SeamlessFbank.frames_in(compute_num_samples(cut.duration, cut.sampling_rate), cut.sampling_rate)
+                if cut.features.type == SeamlessFbank.name else length for cut, length in zip(cuts, lens.tolist())]
+    return torch.minimum(lens, torch.tensor(computed, dtype=lens.dtype))
 
 
 def check_feature_type(cuts_path: Union[str, Path], expected: Optional[str], model: str) -> None:
@@ -239,6 +250,7 @@ class SpeechDataset(Dataset):
             if missing:
                 raise ValueError(f"cuts without stored features (run sslasr.bin.compute_fbank): {missing[:5]}")
             features, lens = collate_features(cuts)
+            lens = computed_frames(cuts, lens)
             if self.spec_augment is not None:
                 features = spec_augment_batch(features, lens, self.spec_augment, self.augmentation_key(cuts))
             return features, lens, None

@@ -345,6 +345,11 @@ recorded_splits() {  # recorded_splits: the splits stage 1 made manifests of (na
 }
 stale_before 1 data/.data.done $manifests/.done "data/ was prepared again after the manifests"
 [ "$input_type" != fbank ] || stale_before 2 $manifests/.done $manifests/.fbank.done "the manifests were made again after the fbank"
+if [ "$input_type" = fbank ] && [ "$stage" -gt 2 ] && [ -f $manifests/.done ] && [ ! -f $manifests/.fbank.done ]; then
+  echo "$0: stage 2 has not finished the fbank (no $manifests/.fbank.done; a computation killed part-way" \
+    "leaves none): include stage 2 (--stage 2)" >&2
+  exit 2
+fi
 stale_before 3 $manifests/.done $lang/.done "the manifests were made again after the tokenizer"
 
 if run_stage 1; then
@@ -411,19 +416,21 @@ if run_stage 2; then
     log "fbank ready"
   else
     [ ! -f $manifests/.fbank.done ] || log "the manifests were made again after the fbank: computing it again"
+    # the archives are rewritten in place: until all are, neither the marker nor what stages 4-5
+    # made of the earlier fbank (the pretraining manifest, a labeled subset, its speed-perturbed
+    # copies, pointing into them) may stand, so that a computation killed part-way is not taken
+    # as done (those stages make theirs again)
+    rm -f $manifests/.fbank.done
     outputs=$(fbank_outputs)
-    for f in $outputs; do
-      "$python" -m sslasr.bin.compute_fbank --cuts "${f%_fbank.jsonl.gz}.jsonl.gz" --out-cuts "$f" \
-        --storage data/fbank --num-jobs "$nj"
-    done
-    # what stages 4-5 made of the earlier fbank (the pretraining manifest, a labeled subset, its
-    # speed-perturbed copies) holds the earlier features, or points into archives just rewritten:
-    # removed, those stages make it again
     for f in $manifests/${corpus}_cuts_*_fbank*.jsonl.gz; do
       [ -e "$f" ] || continue
       case $'\n'"$outputs"$'\n' in *$'\n'"$f"$'\n'*) continue ;; esac
       log "removing $f: made from the earlier fbank (stages 4-5 make it again)"
       rm -f "$f"
+    done
+    for f in $outputs; do
+      "$python" -m sslasr.bin.compute_fbank --cuts "${f%_fbank.jsonl.gz}.jsonl.gz" --out-cuts "$f" \
+        --storage data/fbank --num-jobs "$nj"
     done
     touch $manifests/.fbank.done
   fi

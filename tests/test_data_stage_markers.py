@@ -189,6 +189,35 @@ def test_stages_1_to_3_redo_outputs_older_than_their_inputs(tmp_path: Path):
     assert f"removing {derived[0].relative_to(recipe)}: made from the earlier fbank" in forced.stderr
 
 
+def test_an_fbank_computation_killed_part_way_is_not_taken_as_done(tmp_path: Path):
+    """The archives are rewritten in place: killed under --force, the old marker stood, and the next
+    run took manifests pointing into truncated archives as "fbank ready"."""
+    recipe = _recipe(tmp_path)
+    assert _run(recipe, "--stop-stage", "0").returncode == 0
+    (recipe / "data/kaldi/train/wav.scp").write_text("u1 a.wav\n")
+    manifests = recipe / "data/manifests"
+    manifests.mkdir(parents=True)
+    for name in ("toy_recordings_train", "toy_cuts_train"):  # stage 1's split
+        (manifests / f"{name}.jsonl.gz").touch()
+    assert _run(recipe, "--stage", "1", "--stop-stage", "3", input_type="fbank").returncode == 0
+    assert (manifests / ".fbank.done").exists()
+    derived = manifests / "toy_cuts_pretrain_fbank.jsonl.gz"
+    derived.touch()  # what stage 4 made of it
+    fake = recipe.parents[1] / "python"
+    fake.write_text(FAKE_PYTHON.replace('-m) echo "${*:2}" >> python_calls ;;',
+                                        '-m) echo "${*:2}" >> python_calls; exit 9 ;;'))  # killed
+    killed = _run(recipe, "--stage", "2", "--stop-stage", "2", "--force", "true", input_type="fbank")
+    assert killed.returncode != 0
+    assert not (manifests / ".fbank.done").exists() and not derived.exists()
+    fake.write_text(FAKE_PYTHON)
+    later = _run(recipe, "--stage", "3", "--stop-stage", "4", input_type="fbank")
+    assert later.returncode == 2 and "stage 2 has not finished the fbank" in later.stderr
+    calls = len(_lines(recipe / "python_calls"))
+    again = _run(recipe, "--stage", "2", "--stop-stage", "2", input_type="fbank")
+    assert again.returncode == 0 and (manifests / ".fbank.done").exists(), again.stderr
+    assert _lines(recipe / "python_calls")[calls:][0].startswith("sslasr.bin.compute_fbank")
+
+
 @pytest.mark.parametrize("remade, first_stage, input_type, expected", [
     ("data/.data.done", 2, "waveform", "data/ was prepared again after the manifests: include stage 1"),
     ("data/manifests/.done", 3, "fbank", "the manifests were made again after the fbank: include stage 2"),

@@ -100,7 +100,13 @@ for owned in --model --cuts --methods --out-dir --lm --lexicon --tune-on --overw
     exit 2 ;; esac
 done
 
-[ -x "$python" ] || "$root/tools/install.sh"
+# the install, where it is missing or older than pyproject.toml (a .venv made for one's own torch
+# first, a dependency added since): with its stamp in place this costs nothing
+install_stamp=$root/.venv/.sslasr-installed
+if [ ! -x "$python" ] || { [ -z "${SSLASR_PYTHON:-}" ] \
+    && { [ ! -f "$install_stamp" ] || [ "$root/pyproject.toml" -nt "$install_stamp" ]; }; }; then
+  "$root/tools/install.sh"
+fi
 export PYTHONUNBUFFERED=1 SSLASR_PYTHON="$python"
 
 # A stage left out of --stage..--stop-stage is taken as done: one whose input was made again since

@@ -48,3 +48,38 @@ def test_a_count_option_that_is_not_a_whole_number_is_refused(tmp_path):
         assert refused.returncode == 2, (option, refused.stderr)
         assert f"{option} {value}: not a whole number" in refused.stderr
     assert run_with_environment(recipe).returncode == 0
+
+
+def test_the_install_runs_where_it_is_missing_or_older_than_pyproject(tmp_path):
+    """It ran only when .venv/bin/python was missing: a .venv made for one's own torch first (as the
+    README says to do with a GPU) never got sslasr, and a dependency added since was never installed."""
+    import time
+    recipe = recipe_copy(tmp_path)
+    install = tmp_path / "tools" / "install.sh"
+    install.parent.mkdir()
+    install.write_text('#!/usr/bin/env bash\necho ran >> "$(dirname "$0")/installs"\n'
+                       'touch "$(dirname "$0")/../.venv/.sslasr-installed"\n')
+    install.chmod(0o755)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    venv_python = tmp_path / ".venv" / "bin" / "python"  # a .venv with one's own torch
+    venv_python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    venv_python.chmod(0o755)
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    env = {k: v for k, v in os.environ.items() if k != "SSLASR_PYTHON"}
+
+    def installs() -> int:
+        result = subprocess.run(["./run.sh", "--stage", "100"], cwd=recipe, env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        return len((tmp_path / "tools" / "installs").read_text().split()) if (tmp_path / "tools/installs").exists() else 0
+
+    stamp = tmp_path / ".venv" / ".sslasr-installed"
+    assert installs() == 1 and stamp.exists()  # no stamp: installed
+    assert installs() == 1  # the stamp: nothing to do
+    earlier = time.time() - 60
+    os.utime(stamp, (earlier, earlier))  # pyproject.toml changed since: a dependency added
+    assert installs() == 2
+    assert installs() == 2
+    os.utime(stamp, (earlier, earlier))
+    assert run_with_environment(recipe).returncode == 0  # SSLASR_PYTHON: a python of one's own, left alone
+    assert len((tmp_path / "tools" / "installs").read_text().split()) == 2

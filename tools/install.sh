@@ -8,7 +8,6 @@ cd "$root"
 
 need_apt=()
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
-command -v sox >/dev/null 2>&1 || need_apt+=(sox)
 python=${PYTHON:-python3}
 "$python" -c "import ensurepip" >/dev/null 2>&1 || [ -x .venv/bin/python ] || need_apt+=(python3-venv)
 sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
@@ -34,9 +33,14 @@ pip_install() {  # this machine's pip.conf names local wheel folders that may be
   "$py" -m pip --disable-pip-version-check -q install "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 
-# torch first and pinned: any other version pulls a multi-GB CUDA stack on a CPU machine.
+# torch first, pinned, and the CPU build: PyPI's Linux wheel is the CUDA one, with several GB of
+# nvidia-* packages. From PyTorch's CPU index; where that cannot be reached, what pip finds
+# otherwise (a local wheel folder that pip.conf names, else PyPI).
 if ! $py -c "import torch" >/dev/null 2>&1; then
-  pip_install "torch==2.13.0" numpy
+  pip_install --retries 1 --timeout 15 --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
+      2> >(grep -v "Retrying (Retry(" >&2) \
+    || { echo "install.sh: PyTorch's CPU index failed: torch==2.13.0 from the other sources" >&2; pip_install "torch==2.13.0"; }
+  pip_install numpy
 fi
 torch_version=$($py -c "import torch; print(torch.__version__.split('+')[0])")
 constraints=$(mktemp)

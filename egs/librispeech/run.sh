@@ -28,7 +28,7 @@
 # Each update's gradient is the mean over all its micro-batches' masked frames (or tokens), as
 # fairseq's sample-size normalisation: a short micro-batch counts for what it holds.
 # Check a config without data or GPUs:
-#   python -m sslasr.bin.train --dry-run --config conf/frontend_wav2vec2.yaml conf/pretrain.yaml --world-size 8
+#   ../../.venv/bin/python -m sslasr.bin.train --dry-run --config conf/frontend_wav2vec2.yaml conf/pretrain.yaml --world-size 8
 #
 # --corpus-dir holds LibriSpeech/<part>/ (OpenSLR 12), librispeech_finetuning/ (Libri-Light's
 # librispeech_finetuning.tgz) and, for --musan true, musan/ (OpenSLR 17). Splits: train (960 h,

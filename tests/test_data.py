@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -173,11 +174,20 @@ def test_cli_carves_dev_by_speaker_then_labeled_subset(prepared, tmp_path):
     prepare_cli.main(["--corpus-dir", str(root), "--corpus", "toy", "--splits", "train", "--out-dir",
                       str(tmp_path), "--max-duration", "3", "--num-jobs", "1"])
     assert not [p.name for p in tmp_path.glob("toy_*_dev.jsonl.gz")] + [p.name for p in tmp_path.glob("toy_*_train_full.jsonl.gz")]
+    # ... and so does the labeled subset of the train before (it held the dev speakers of then)
+    assert not list(tmp_path.glob("toy_cuts_train_labeled*"))
     assert len(RecordingSet.from_file(tmp_path / "toy_recordings_train.jsonl.gz")) == len(KEPT)
     for fraction in ("0", "1.5", "-0.5"):
         with pytest.raises(SystemExit, match="--dev-fraction must be between 0 and 1"):
             prepare_cli.main(["--corpus-dir", str(root), "--corpus", "toy", "--splits", "train", "--out-dir",
                               str(tmp_path), "--dev-fraction", fraction])
+    # a corpus with a dev of its own: a carve would overwrite its manifests, prepared or not this time
+    own = tmp_path / "own"
+    shutil.copytree(root / "train", own / "train")
+    shutil.copytree(root / "train", own / "dev")
+    with pytest.raises(SystemExit, match="own dev split"):
+        prepare_cli.main(["--corpus-dir", str(own), "--corpus", "toy", "--splits", "train", "--out-dir",
+                          str(tmp_path), "--dev-fraction", "0.25"])
 
 
 def test_conflicting_transcripts_drop_the_utterance_and_identical_repeats_are_read_once(tmp_path, caplog):

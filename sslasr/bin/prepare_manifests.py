@@ -44,8 +44,8 @@ def main(argv=None) -> None:
     if args.dev_fraction is not None and not 0 < args.dev_fraction < 1:
         raise SystemExit(f"--dev-fraction must be between 0 and 1 (the share of train's speakers), got {args.dev_fraction}")
     own_dev = (Path(args.corpus_dir) / "dev" / "wav.scp").exists()
-    if args.dev_fraction and "dev" in args.splits and own_dev:
-        raise SystemExit("--dev-fraction would overwrite the corpus' own dev split")
+    if args.dev_fraction and own_dev:  # (whatever --splits says: its manifests may be there from before)
+        raise SystemExit(f"--dev-fraction would overwrite the manifests of {args.corpus_dir}'s own dev split")
     reports = prepare_corpus(args.corpus_dir, args.corpus, args.splits, args.out_dir,
                              sample_rate=args.sample_rate, min_duration=args.min_duration,
                              max_duration=args.max_duration, num_jobs=args.num_jobs, max_utts=args.max_utts,
@@ -56,6 +56,10 @@ def main(argv=None) -> None:
         carved = [path for path in carved if path.exists()]
         logging.info("removing the dev carved by an earlier run (--dev-fraction): %s", ", ".join(map(str, carved)))
         for path in carved:
+            path.unlink()
+    if "train" in reports:  # an earlier run's labeled subsets are of the train before (its dev speakers too)
+        for path in sorted(Path(args.out_dir).glob(f"{args.corpus}_cuts_train_labeled*s.jsonl.gz")):
+            logging.info("removing %s: a subset of train as an earlier run prepared it", path)
             path.unlink()
     if args.dev_fraction or args.labeled:
         if "train" not in reports:

@@ -1102,3 +1102,21 @@ def test_a_skipped_update_leaves_the_logged_means_alone(tmp_path):
     Trainer(cfg, Logged(_toy_batches(4, seed=7), bad_update=1, mode="nan"), tmp_path / "exp", DistInfo()).fit()
     assert len(logged) == 1 and logged[0]["skipped"] == 1.0
     assert np.isfinite(logged[0]["loss"])  # the mean of the three updates taken, not NaN
+
+
+def test_a_resume_takes_the_configs_optimizer_settings_and_amp(tmp_path):
+    """load_state_dict put the checkpoint's weight decay, betas and eps back (the resume's warning
+    listed the change as taken); and a bf16 or float32 run resumed under fp16 failed on the
+    disabled GradScaler's empty state."""
+    exp = tmp_path / "exp"
+    cfg = _toy_cfg(2, weight_decay=0.0, betas=[0.9, 0.98])
+    cfg["trainer"]["amp"] = "bf16"
+    Trainer(cfg, _ToyTask(_toy_batches(4, seed=1)), exp, DistInfo()).fit()
+    cfg = _toy_cfg(4, weight_decay=0.1, betas=[0.8, 0.9], eps=1e-7)
+    cfg["trainer"]["amp"] = "fp16"
+    trainer = Trainer(cfg, _ToyTask(_toy_batches(4, seed=1)), exp, DistInfo())
+    assert trainer.maybe_resume() and trainer.num_updates == 2
+    group = trainer.optimizer.param_groups[0]
+    assert (group["weight_decay"], group["betas"], group["eps"]) == (0.1, (0.8, 0.9), 1e-7)
+    assert trainer.optimizer.state  # the moments are the checkpoint's
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 2.0 ** 16  # a fresh scaler

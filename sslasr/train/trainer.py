@@ -114,9 +114,9 @@ class Trainer:
         self.model = task.model.to(dist.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         ocfg = cfg["optim"]
-        self.optimizer = torch.optim.AdamW(
-            trainable, lr=ocfg["lr"], betas=tuple(ocfg.get("betas", (0.9, 0.98))),
-            eps=ocfg.get("eps", 1e-6), weight_decay=ocfg.get("weight_decay", 0.01))
+        self.optimizer_settings = dict(betas=tuple(ocfg.get("betas", (0.9, 0.98))), eps=ocfg.get("eps", 1e-6),
+                                       weight_decay=ocfg.get("weight_decay", 0.01))
+        self.optimizer = torch.optim.AdamW(trainable, lr=ocfg["lr"], **self.optimizer_settings)
         self.peak_lr = ocfg["lr"]
         self.lr_scale = build_lr_scale(cfg.get("scheduler", {}), self.max_updates)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp == "fp16")
@@ -183,7 +183,10 @@ class Trainer:
                                "start this training again, or put back a copy") from e
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        for group in self.optimizer.param_groups:  # the config's (load_state_dict took the checkpoint's),
+            group.update(self.optimizer_settings)  # as the learning rate is: a changed weight decay applies
+        if state["scaler"]:  # (a run without fp16 saved its disabled scaler's empty state: fp16 starts afresh)
+            self.scaler.load_state_dict(state["scaler"])
         self.num_updates, self.epoch = state["num_updates"], state["epoch"]
         self.batches_done, self.skipped_updates = state["batches_done"], state["skipped_updates"]
         self.best_valid = state["best_valid"]

@@ -42,7 +42,7 @@ run() {
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'lhotse', lhotse.__version__)"; } \
     | tee "$out/versions.txt"
   # 1. CUDA tests (skipped without a GPU)
-  timeout 240 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -40 | tee "$out/test_cuda.txt"
+  timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -40 | tee "$out/test_cuda.txt"
   # 2. throughput, fp32 then bf16 (bench/README.md's GPU table), the fp32 run followed by the
   # profile of each step. On a CPU (the dry run) at the tiny size, one timed step. The device
   # returns at most 8 files: the profile's tables come back as one.
@@ -51,7 +51,7 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'lho
   rm -rf "$tables"
   for amp in none bf16; do
     local profile=(); [ "$amp" = none ] && profile=(--profile "$tables")
-    timeout 200 "$python" bench/pretrain_throughput.py --frontend all "${size[@]}" --device "$device" \
+    timeout 180 "$python" bench/pretrain_throughput.py --frontend all "${size[@]}" --device "$device" \
       --amp "$amp" --iters $iters --warmup $warmup "${profile[@]}" 2>&1 | grep -v "^USDT" | tee "$out/throughput_$amp.txt"
   done
   for table in "$tables"/*.txt; do echo "== $(basename "$table")"; cat "$table"; done > "$out/profile_tables.txt"

@@ -310,3 +310,54 @@ def test_time_major_feature_extractor_under_cpu_autocast(norm):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fast, modules = extractor(waveform), extractor._forward_modules(waveform)
     torch.testing.assert_close(fast.float(), modules.float(), atol=0.1, rtol=0.05)
+
+
+def test_dropout_refuses_a_probability_outside_0_1_and_is_unbiased_near_1():
+    """A negative p dropped everything (F.dropout raises); near p = 1 the rounded keep probability
+    made E[y] = 1.5·x at p = 0.99999 (the scale stays 1/(1 − p)): F.dropout there."""
+    for p in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            dropout(torch.ones(4), p)
+    torch.manual_seed(0)
+    assert abs(dropout(torch.ones(4_000_000), 0.99999).mean().item() - 1) < 0.2  # (1.53 before)
+    assert dropout_module.MAX_P == 0.99  # below it: E[y] within 6e-4 of x
+    assert abs((1 - round(0.99 * 2**16) / 2**16) / (1 - 0.99) - 1) < 6e-4
+
+
+def test_the_cached_buffers_survive_a_call_under_inference_mode():
+    """The dropout draw buffer and the DFT table were cached as inference tensors when first made
+    under torch.inference_mode: every later training call failed."""
+    dropout_module._scratch.bits = None
+    positional._dft_table.cache_clear()
+    w = torch.randn(4, 2, 8)
+    with torch.inference_mode():
+        dropout(torch.randn(1000), 0.1)
+        fft_conv(torch.randn(1, 5, 4), w, torch.zeros(4), 4)
+    x = torch.randn(1000, requires_grad=True)
+    dropout(x, 0.1).sum().backward()
+    fft_conv(torch.randn(1, 5, 4), w.requires_grad_(), torch.zeros(4), 4).sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+def test_masked_batch_norm_without_real_frames_or_with_one_frame():
+    """A batch without real frames had NaN gradients (0/0 statistics in the backward); a batch of
+    one frame and no padding mask failed (BatchNorm1d trains on no single value)."""
+    norm = conformer.MaskedBatchNorm1d(3).train()
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    out = norm(x, torch.ones(2, 4, dtype=torch.bool))
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isfinite(x.grad).all()
+    assert torch.isfinite(norm.weight.grad).all() and torch.equal(norm.running_mean, torch.zeros(3))
+    one = torch.randn(1, 1, 3)
+    assert torch.equal(norm(one), norm(one, torch.zeros(1, 1, dtype=torch.bool)))
+
+
+def test_a_feature_grad_mult_of_0_freezes_the_extractor_as_fairseqs():
+    """At 0 the extractor got zero gradients, which AdamW's weight decay still acted on."""
+    from sslasr.models.blocks.conv_extractor import features_with_grad_scale
+    extractor = ConvFeatureExtractor([(4, 10, 5), (4, 3, 2)], "group")
+    wav = torch.randn(2, 400)
+    frozen = features_with_grad_scale(extractor, 0.0, wav)
+    assert not frozen.requires_grad and torch.equal(frozen, extractor(wav))
+    features_with_grad_scale(extractor, 0.1, wav).square().sum().backward()
+    assert all(p.grad is not None for p in extractor.parameters())

@@ -154,14 +154,17 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     accelerator in every block, forward and backward."""
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if padding_mask is None:
+        if padding_mask is None and (x.shape[0] * x.shape[1] > 1 or not self.training):
             return super().forward(x.reshape(-1, x.shape[-1])).view_as(x)
+        if padding_mask is None:  # one frame in all (BatchNorm refuses to train on it): as a padded batch would
+            padding_mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         real = (~padding_mask).unsqueeze(-1)
         xf = x.float()  # statistics in float32, as BatchNorm's under autocast
         if self.training or not self.track_running_stats:
             count = real.sum()
-            mean = (xf * real).sum((0, 1)) / count
-            var = ((xf - mean).square() * real).sum((0, 1)) / count  # biased, to normalise
+            frames = count.clamp(min=1)  # no real frame: mean, var 0 (not 0/0), outputs 0 and no NaN gradient
+            mean = (xf * real).sum((0, 1)) / frames
+            var = ((xf - mean).square() * real).sum((0, 1)) / frames  # biased, to normalise
             if self.training and self.track_running_stats:
                 self._update_running_stats(mean, var, count)
         else:

@@ -106,10 +106,11 @@ def _dft_table(kernel: int, length: int, dtype: torch.dtype, device: torch.devic
     """(2F, k) table whose product with taps w_j is [Re; Im] per frequency f of the length-L
     DFT of the flipped, zero-padded kernel: rows 2f, 2f+1 = cos θ, −sin θ with θ = 2π·f·(k−1−j)/L
     (the flip turns the convolution's correlation into a product of transforms)."""
-    freq = torch.arange(length // 2 + 1)[:, None]
-    flipped = torch.arange(kernel - 1, -1, -1)[None, :]
-    theta = (freq * flipped % length).double() * (2 * math.pi / length)  # exact integer phase first
-    return torch.stack([theta.cos(), -theta.sin()], 1).reshape(-1, kernel).to(dtype=dtype, device=device)
+    with torch.inference_mode(False):  # cached: one made under inference_mode could not be saved for a backward
+        freq = torch.arange(length // 2 + 1)[:, None]
+        flipped = torch.arange(kernel - 1, -1, -1)[None, :]
+        theta = (freq * flipped % length).double() * (2 * math.pi / length)  # exact integer phase first
+        return torch.stack([theta.cos(), -theta.sin()], 1).reshape(-1, kernel).to(dtype=dtype, device=device)
 
 
 class SinusoidalPositionalEncoding(nn.Module):

@@ -24,7 +24,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from sslasr.models.blocks.conformer import ConformerConfig, ConformerEncoder
-from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask, padded_to_receptive_field, scale_grad
+from sslasr.models.blocks.conv_extractor import (
+    features_with_grad_scale, lengths_to_padding_mask, padded_to_receptive_field)
 from sslasr.models.blocks.dropout import Dropout
 from sslasr.models.blocks.masking import channel_mask, masked_frame_index, span_mask
 from sslasr.models.blocks.quantizer import GumbelProductQuantizer
@@ -88,7 +89,7 @@ class W2vBertEncoder(nn.Module):
                              f"got shape {tuple(fbank.shape)}")
         if self.cfg.input_norm == "utterance":
             fbank = normalize_fbank_bins(fbank, lengths)
-        z = scale_grad(self.feature_extractor(fbank), self.cfg.feature_grad_mult)
+        z = features_with_grad_scale(self.feature_extractor, self.cfg.feature_grad_mult, fbank)
         frame_lengths = self.feature_extractor.output_lengths(lengths)
         return z, frame_lengths, lengths_to_padding_mask(frame_lengths, z.shape[1])
 

@@ -21,7 +21,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from sslasr.models.blocks.conv_extractor import (
-    ConvFeatureExtractor, lengths_to_padding_mask, padded_to_receptive_field, scale_grad)
+    ConvFeatureExtractor, features_with_grad_scale, lengths_to_padding_mask, padded_to_receptive_field)
 from sslasr.models.blocks.dropout import Dropout
 from sslasr.models.blocks.masking import channel_mask, masked_frame_index, span_mask
 from sslasr.models.blocks.quantizer import GumbelProductQuantizer
@@ -92,8 +92,8 @@ class Wav2Vec2Encoder(nn.Module):
 
     def features(self, waveform: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents z: (B, T, C) before LayerNorm, their lengths, and the padding mask."""
-        z = self.feature_extractor(waveform, lengths)
-        z = scale_grad(z, self.cfg.feature_grad_mult).transpose(1, 2)
+        z = features_with_grad_scale(self.feature_extractor, self.cfg.feature_grad_mult, waveform, lengths)
+        z = z.transpose(1, 2)
         frame_lengths = self.feature_extractor.output_lengths(lengths)
         return z, frame_lengths, lengths_to_padding_mask(frame_lengths, z.shape[1])
 

@@ -348,4 +348,15 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     return GradMultiply.apply(x, scale)
 
 
-__all__ = ["ConvFeatureExtractor", "lengths_to_padding_mask", "padded_to_receptive_field", "scale_grad"]
+def features_with_grad_scale(extractor: nn.Module, scale: float, *inputs: torch.Tensor) -> torch.Tensor:
+    """extractor(*inputs) with its gradient scaled by SCALE (feature_grad_mult). At 0 the extractor
+    runs without autograd, as fairseq's: its parameters then get no gradient at all, where zero
+    gradients would still be decayed by AdamW's weight decay, and no backward is computed for it."""
+    if scale == 0.0:
+        with torch.no_grad():
+            return extractor(*inputs)
+    return scale_grad(extractor(*inputs), scale)
+
+
+__all__ = ["ConvFeatureExtractor", "features_with_grad_scale", "lengths_to_padding_mask", "padded_to_receptive_field",
+           "scale_grad"]

@@ -317,5 +317,7 @@ def test_lm_text_lines_end_at_newline_only_and_a_bom_is_dropped(tmp_path: Path):
     """Words end one space apart: sentencepiece splits words at spaces only, the lexicon and
     scoring at any whitespace (a no-break space made one sentencepiece word of two lexicon words)."""
     text = tmp_path / "more.txt"
-    text.write_text("\ufeffHELLO WORLD\r\nONE\u2028TWO\n\nTHREE\u00a0FOUR\tFIVE  SIX\n", encoding="utf-8")
-    assert read_sentences(text) == ["HELLO WORLD", "ONE TWO", "THREE FOUR FIVE SIX"]
+    text.write_text("\ufeffHELLO WORLD\r\nONE\u2028TWO\n\nTHREE\u00a0FOUR\tFIVE  SIX\nSEVEN\rEIGHT\n", encoding="utf-8",
+                    newline="")
+    # a lone \r is whitespace inside its sentence (universal newlines made two sentences of it)
+    assert read_sentences(text) == ["HELLO WORLD", "ONE TWO", "THREE FOUR FIVE SIX", "SEVEN EIGHT"]

@@ -41,7 +41,9 @@ def read_sentences(paths: PathOrPaths) -> List[str]:
             texts = (s.text for cut in load_cuts(path) for s in cut.supervisions)
         else:
             # lines end at \n only (U+2028 and kin can sit inside a sentence); an editor's BOM is dropped
-            texts = path.read_text(encoding="utf-8-sig").split("\n")
+            # (newline="": a lone \r is whitespace inside the sentence, as kaldi_table reads it)
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                texts = f.read().split("\n")
         before = len(sentences)
         # words one space apart, as in the manifests: sentencepiece's word boundary is a space, the
         # lexicon's and scoring's any whitespace

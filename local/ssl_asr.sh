@@ -93,6 +93,10 @@ for option in stage stop_stage generations finetune_jobs nj nproc vocab_size nod
   # a word where a count belongs would only make bash's [ -gt ] complain, and the stages go on
   [[ "${!option}" =~ ^[0-9]+$ ]] || { echo "$0: --${option//_/-} ${!option}: not a whole number" >&2; exit 2; }
 done
+for option in force no_pretrain compare_scratch; do
+  # compared with `true` only: `--force yes` meant false, and `--force --labeled 1h` took --labeled for its value
+  case ${!option} in true|false) ;; *) echo "$0: --${option//_/-} ${!option}: true or false" >&2; exit 2 ;; esac
+done
 for owned in --model --cuts --methods --out-dir --lm --lexicon --tune-on --overwrite --confidence; do
   # the driver's own: given again, the last one wins (e.g. --tune-on test: λ, β tuned on the test set)
   case " $decode_opts " in *" $owned "*|*" $owned="*)
@@ -131,6 +135,11 @@ if [ "$frontend" = all ]; then
   # before it trained: said now
   stale_before 2 $manifests/.done $manifests/.fbank.done "the manifests were made again after the fbank" \
     "with an fbank frontend first (--frontend w2vbert --stage 2 --stop-stage 2)"
+  if [ "$stage" -gt 2 ] && [ -f $manifests/.done ] && [ ! -f $manifests/.fbank.done ]; then
+    echo "$0: stage 2 has not finished the fbank that w2v-BERT reads (no $manifests/.fbank.done): compute it" \
+      "first (--frontend w2vbert --stage 2 --stop-stage 2)" >&2
+    exit 2
+  fi
   unset SSLASR_SHARED_MADE  # set below, for the frontends after the first
   one_frontend_args=()
   while [ $# -gt 0 ]; do
@@ -185,12 +194,21 @@ else:
     print("\n".join(f"{command}  # {', '.join(whats)}" for command, whats in did.items()))
 EOF
 }
+supersede_commands() {  # supersede_commands DIR...: DIR's work is redone: the commands noted so far made what
+  local dir                 # is replaced, so rows no longer name them (kept in commands.superseded.txt)
+  [ "${node_rank:-0}" = 0 ] || return 0
+  for dir in "$@"; do
+    [ -f "$dir/commands.txt" ] || continue
+    cat "$dir/commands.txt" >> "$dir/commands.superseded.txt" && rm -f "$dir/commands.txt"
+  done
+}
 reset_training() {  # reset_training EXP_DIR...: the next training there starts from update 0
   local dir
   for dir in "$@"; do  # the logs stay (appended to): the earlier run's remain readable
     rm -rf $dir/.done $dir/checkpoint_last.pt $dir/model_{final,best,valid_*}.pt $dir/tensorboard \
       $dir/.decode.done $dir/decode_*  # decodes of the old model
   done
+  supersede_commands "$@"
 }
 fresh_training() {  # fresh_training EXP_DIR...: with --force, train from update 0, not resume the old checkpoint
   [ "$force" != true ] || reset_training "$@"
@@ -333,6 +351,7 @@ if run_stage 0; then
     log "data ready (data/.data.done$([ -s data/.data.done ] || echo ', made before inputs were recorded: not checked'))"
   else
     log "preparing the corpus"
+    supersede_commands data
     ./local/data.sh --corpus-dir "$corpus_dir" --nj "$nj" $data_opts
     mkdir -p data && data_inputs > data/.data.done.tmp && mv data/.data.done.tmp data/.data.done
     note_command data "data prepared"
@@ -374,6 +393,7 @@ if run_stage 1; then
       log "data/ was prepared again after the manifests: making them again"
     fi
     log "manifests from $corpus_dir"
+    supersede_commands $manifests
     "$python" -m sslasr.bin.prepare_manifests --corpus-dir "$corpus_dir" --corpus "$corpus" \
       --splits $splits --eval-splits $test_sets $valid_set $whole_splits --out-dir $manifests --num-jobs "$nj"
     for split in $(recorded_splits); do  # a split of an earlier corpus (e.g. its unlabeled/) would
@@ -427,6 +447,7 @@ if run_stage 2; then
     # copies, pointing into them) may stand, so that a computation killed part-way is not taken
     # as done (those stages make theirs again)
     rm -f $manifests/.fbank.done
+    supersede_commands data/fbank
     outputs=$(fbank_outputs)
     for f in $manifests/${corpus}_cuts_*_fbank*.jsonl.gz; do
       [ -e "$f" ] || continue
@@ -438,6 +459,7 @@ if run_stage 2; then
       "$python" -m sslasr.bin.compute_fbank --cuts "${f%_fbank.jsonl.gz}.jsonl.gz" --out-cuts "$f" \
         --storage data/fbank --num-jobs "$nj"
     done
+    note_command data/fbank "fbank computed"  # (in its own dir: waveform systems' rows do not name it)
     touch $manifests/.fbank.done
   fi
 fi
@@ -445,6 +467,7 @@ fi
 if run_stage 3; then
   if done_or_force $lang/.done && [ ! $manifests/.done -nt $lang/.done ]; then log "tokenizer ready ($lang)"; else
     [ ! -f $lang/.done ] || log "the manifests were made again after the tokenizer: training it again"
+    supersede_commands $lang
     "$python" -m sslasr.bin.train_tokenizer --cuts "$(cuts train)" --out-dir $lang --vocab-size "$vocab_size" \
       --model-type "$token_type"
     note_command $lang "tokenizer trained"
@@ -976,6 +999,7 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
   methods=$(decode_methods $dir)  # a failure stops here
   for method in $methods; do
     lm_row="" made_by="data $manifests $lang"  # the data preparation's commands (e.g. --corpus-dir, --data-opts)
+    [ "$input_type" != fbank ] || made_by="$made_by data/fbank"
     [ $pretrained != true ] || made_by="$made_by $pretrain_dir"
     ! uses_lm $method || lm_row="lm_perplexity=$(json_value $lm_dir/perplexity.json perplexity)"
     ! uses_lm $method && ! uses_lexicon $method || made_by="$made_by $lm_dir"  # (the lexicon: the LM's text's words)

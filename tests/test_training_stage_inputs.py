@@ -363,6 +363,40 @@ def test_rows_name_the_commands_that_prepared_the_data(tmp_path: Path):
                         for row in rows), rows
 
 
+def test_rows_name_no_command_whose_work_was_redone(tmp_path: Path):
+    """commands.txt was only appended to: after --force true, the rows still named the commands
+    that made the replaced model (and fbank systems' rows never named the fbank's command)."""
+    recipe = _recipe(tmp_path)
+    assert _run(recipe, "--stage", "4", "--stop-stage", "8", "--finetune-opts", "optim.lr=1").returncode == 0
+    system = recipe / "exp/ctc_wav2vec2_all"
+    assert "optim.lr=1" in (system / "commands.txt").read_text()
+    forced = _run(recipe, "--stage", "5", "--stop-stage", "8", "--finetune-opts", "optim.lr=2", "--force", "true")
+    assert forced.returncode == 0, forced.stderr
+    assert "optim.lr=1" not in (system / "commands.txt").read_text()
+    assert "optim.lr=1" in (system / "commands.superseded.txt").read_text()
+    rows = (recipe / "score_commands").read_text().split("----\n")[:-1]
+    assert "optim.lr=2" in rows[-1] and "optim.lr=1" not in rows[-1]
+
+
+def test_boolean_options_take_true_or_false_only(tmp_path: Path):
+    """--force yes meant false; `--force --labeled=1h` took --labeled=1h for --force's value."""
+    recipe = _recipe(tmp_path)
+    for args in (("--force", "yes"), ("--force", "--labeled=1h"), ("--no-pretrain", "1"),
+                 ("--compare-scratch", "TRUE")):
+        result = _run(recipe, "--stage", "100", *args)
+        assert result.returncode == 2 and ": true or false" in result.stderr, (args, result.stderr)
+    assert _run(recipe, "--stage", "100", "--force", "true", "--no-pretrain", "false").returncode == 0
+
+
+def test_frontend_all_says_at_once_that_the_fbank_was_never_finished(tmp_path: Path):
+    """w2v-BERT runs last: the others trained before its run stopped on the missing fbank."""
+    recipe = _recipe(tmp_path)
+    (recipe / "data/manifests/.done").touch()
+    result = _run(recipe, "--frontend", "all", "--stage", "4", frontends="wav2vec2 w2vbert")
+    assert result.returncode == 2 and "stage 2 has not finished the fbank" in result.stderr, result.stderr
+    assert not _calls(recipe, "sslasr.bin.train")
+
+
 def test_lexicon_rows_name_the_command_that_made_the_lexicon(tmp_path: Path):
     """The lexicon is the words of the LM's text (--lm-text included): its rows named the LM's
     command only for the +lm methods."""

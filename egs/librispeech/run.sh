@@ -7,9 +7,9 @@
 #     and a later run with others is refused until --force true prepares it again)
 #   ./run.sh --stage 4 --stop-stage 4 --nproc 8                    # wav2vec 2.0 BASE pretraining
 #   ./run.sh --stage 5 --labeled 10m --nproc 2                     # fine-tune + decode + score
-#   ./run.sh --stage 4 --frontend wavlm --nproc 8                  # WavLM, MUSAN noise mixing
+#   ./run.sh --stage 4 --stop-stage 4 --frontend wavlm --nproc 8   # WavLM, MUSAN noise mixing
 #   ./run.sh --stage 5 --labeled 10h --generations 1 --nproc 2     # + noisy student on the rest of the 960 h
-#   ./run.sh --stage 2 --frontend w2vbert --nproc 8                # w2v-BERT BASE on fbank (stage 2)
+#   ./run.sh --stage 2 --stop-stage 4 --frontend w2vbert --nproc 8 # w2v-BERT BASE on fbank (stage 2)
 # Multi-node: --launcher "torchrun --nnodes 4 --node_rank $NODE_RANK --master_addr HOST
 #   --master_port 29500 --nproc_per_node 8" on every node, NODE_RANK set to its index 0-3 in the shell
 #   that runs run.sh (stage 4; the stages before it on one). HuBERT's and WavLM's k-means fits and

@@ -16,6 +16,7 @@ nj=2
 parts=train-clean-100,train-clean-360,train-other-500,dev-clean,dev-other,test-clean,test-other
 musan=false
 . "$(dirname "$0")/../../../local/parse_options.sh" "$@"
+case $musan in true|false) ;; *) echo "$0: --musan $musan: true or false" >&2; exit 2 ;; esac
 python=${SSLASR_PYTHON:-../../.venv/bin/python}
 parts=${parts//,/ }
 if [ -z "$corpus_dir" ]; then

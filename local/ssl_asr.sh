@@ -796,10 +796,18 @@ if run_stage 5; then
     # the corpus's own split (Libri-Light's train_10m / 1h / 10h): stage 1's manifest, never a draw
     [ -f "$labeled_cuts" ] || { echo "$0: --labeled $labeled: the corpus's split train_$labeled_tag has no manifest ($labeled_cuts): run stages 1-2" >&2; exit 1; }
     log "--labeled $labeled: the corpus's split train_$labeled_tag"
-  elif [ "$force" = true ] || [ ! -f "$labeled_cuts" ] || [ "$(cuts train)" -nt "$labeled_cuts" ]; then
+  else
     # a seeded subset of train, drawn again from a train manifest remade since (stage 1 under
-    # --force: other speakers may be held out now) and under --force
-    "$python" -m sslasr.bin.cuts subset --cuts "$(cuts train)" --seconds "$labeled_seconds" --out "$labeled_cuts"
+    # --force: other speakers may be held out now) and under --force. An fbank frontend draws the
+    # audio manifest's subset too, as a waveform frontend would: the LM's text is that subset's
+    # transcripts (lm_inputs), whichever frontend drew first (from the fbank copy, an LM record
+    # of another path, and --frontend all trained the LM and the noisy students again)
+    for whole in "$(cuts train)" ${feats:+"$manifests/${corpus}_cuts_train.jsonl.gz"}; do
+      subset=$manifests/${corpus}_cuts_train_${labeled_tag}${whole#$manifests/${corpus}_cuts_train}
+      if [ "$force" = true ] || [ ! -f "$subset" ] || [ "$whole" -nt "$subset" ]; then
+        "$python" -m sslasr.bin.cuts subset --cuts "$whole" --seconds "$labeled_seconds" --out "$subset"
+      fi
+    done
   fi
   if [ -n "$speed_perturb" ] && { [ "$force" = true ] || [ ! -f "$train_cuts" ] || [ "$labeled_cuts" -nt "$train_cuts" ]; }; then
     log "speed perturbation $speed_perturb of $labeled_cuts"  # fbank frontends: the copies' features too

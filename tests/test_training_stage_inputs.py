@@ -30,7 +30,7 @@ case "$1" in
   -c) case "$2" in
         *FRONTENDS*) [ "${FAKE_FAIL:-}" != frontends ] || exit 1; echo "${FAKE_FRONTENDS:-wav2vec2}" ;;
         *frontend_name*) echo wav2vec2 ;;  # --init-from's family
-        *sslasr.models*) echo waveform ;;  # the frontend's input type
+        *sslasr.models*) echo "${FAKE_INPUT_TYPE:-waveform}" ;;  # the frontend's input type
         *"import json"*) if [ -n "${FAKE_REAL_JSON:-}" ] && [ -f "$3" ]; then exec "$real" "$@"; else echo null; fi ;;  # json_value
         *) exec "$real" "$@" ;;
       esac ;;
@@ -790,6 +790,30 @@ def test_a_labeled_subset_is_drawn_again_from_a_remade_train_manifest(tmp_path: 
     result = _run(recipe, *args)
     assert result.returncode == 0, result.stderr
     assert len(_calls(recipe, "sslasr.bin.cuts subset")) == len(_calls(recipe, "sslasr.bin.cuts perturb-speed")) == 2
+
+
+def test_an_fbank_frontend_draws_the_audio_subset_too_so_the_lm_text_is_the_same(tmp_path: Path):
+    """The LM records its text's path: an fbank frontend's run first recorded the fbank subset, and a
+    waveform frontend's later run (--frontend all) retrained the LM and redid the noisy students."""
+    recipe = _recipe(tmp_path)
+    _lm_and_rest_of_train(recipe)  # the pseudo-labelling LM: trained on the labeled subset's text
+    for split in ("train", "dev", "test", "unlabeled"):
+        _gz(recipe / f"data/manifests/toy_cuts_{split}_fbank.jsonl.gz", f"{split} cuts with fbank\n")
+    (recipe / "data/manifests/.fbank.done").touch()
+    args = ("--stage", "4", "--stop-stage", "9", "--labeled", "1h", "--generations", "1")
+    first = _run(recipe, *args, input_type="fbank")
+    assert first.returncode == 0, first.stderr
+    subsets = [call[call.index("--out") + 1] for call in _calls(recipe, "sslasr.bin.cuts subset")]
+    assert subsets[:2] == ["data/manifests/toy_cuts_train_1h_fbank.jsonl.gz", "data/manifests/toy_cuts_train_1h.jsonl.gz"]
+    lm = recipe / "exp/lm_unigram_200_labeled_1h"
+    assert (lm / "inputs.txt").read_text().startswith("text data/manifests/toy_cuts_train_1h.jsonl.gz ")
+
+    def lm_trainings() -> int:
+        return sum(f"--exp-dir {lm.relative_to(recipe)}" in " ".join(call) for call in _calls(recipe, "sslasr.bin.train"))
+    assert lm_trainings() == 1
+    waveform = _run(recipe, "--stage", "5", *args[2:], "--tag", "_waveform")  # (the fake's frontend is one name)
+    assert waveform.returncode == 0, waveform.stderr
+    assert lm_trainings() == 1 and f"LM ready ({lm.relative_to(recipe)})" in waveform.stderr
 
 
 def test_the_lm_is_trained_again_on_a_remade_manifest_or_tokenizer(tmp_path: Path):

@@ -554,3 +554,21 @@ def test_a_row_whose_numeric_field_is_not_a_number_is_refused(tmp_path, key, val
     with pytest.raises(ValueError, match=f"{key}=.* must be a number"):
         append_result(tmp_path / "r.jsonl", make_row(**{key: value}))
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_rendering_waits_for_another_runs_archive_merge(tmp_path):
+    """Two recipes' stage 10 at once each replaced RESULTS.jsonl with its own merge: one run's rows
+    were lost from it. A merge waits while another holds the archive's lock."""
+    import fcntl
+    import threading
+    results, archive = tmp_path / "results.jsonl", tmp_path / "RESULTS.jsonl"
+    append_result(results, make_row())
+    with open(tmp_path / ".RESULTS.jsonl.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        merge = threading.Thread(target=render_results.main, args=(
+            ["--results", str(results), "--archive", str(archive), "--out", str(tmp_path / "RESULTS.md")],))
+        merge.start()
+        merge.join(timeout=3)
+        assert merge.is_alive() and not archive.exists()
+    merge.join(timeout=60)
+    assert not merge.is_alive() and len(read_results(archive)) == 1

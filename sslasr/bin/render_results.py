@@ -10,6 +10,8 @@ tracked history of every run, which exp/ (one machine's scratch space) is not.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,8 +29,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def archive_lock(archive: Optional[str]):
+    """Held while the archive is read, merged, replaced and rendered: two recipes' stage 10 at once
+    (another --conf-dir's exp root beside the default) each replaced it with its own merge, and one
+    run's new rows were lost from it. The lock is a hidden file beside the archive (the archive
+    itself is replaced by a rename, so a lock on it would not be the next reader's)."""
+    if not archive:
+        yield
+        return
+    path = Path(archive)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    with archive_lock(args.archive):
+        return _render(args)
+
+
+def _render(args) -> int:
     try:
         source = args.results
         if args.archive:

@@ -4,8 +4,9 @@
 #   . "$root/local/parse_options.sh" "$@"
 # `--name value` or `--name=value` sets the variable name (dashes → underscores) that the script
 # declared; -h/--help runs the script's usage(), or prints its header comment. An undeclared option is an
-# error, unless the script declared an array `extra_args`: then it is collected there, with its
-# value when one follows, for a program that checks its own options.
+# error, unless the script declared an array `extra_args`: then it is collected there, with the
+# values that follow it (none, one, or several: argparse's nargs), for a program that checks its
+# own options.
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) if declare -F usage >/dev/null; then usage; else sed -n '2,/^set -euo/p' "$0" | sed '$d'; fi
@@ -15,7 +16,7 @@ while [ $# -gt 0 ]; do
          name="${key#--}"; name="${name//-/_}"
          if ! declare -p "$name" >/dev/null 2>&1 && declare -p extra_args >/dev/null 2>&1; then
            extra_args+=("$1"); shift
-           if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then extra_args+=("$1"); shift; fi
+           while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do extra_args+=("$1"); shift; done
            continue
          fi
          [ $# -ge 2 ] || { echo "$0: $key needs a value" >&2; exit 2; }

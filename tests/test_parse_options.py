@@ -28,7 +28,8 @@ def test_undeclared_options_and_missing_values_are_errors():
 
 
 def test_extra_args_collect_undeclared_options_with_their_values():
-    result = parse("--num-train", "3", "--flag", "--stage", "2", "--seed=7", extra=True)
+    result = parse("--num-train", "3", "--flag", "--stage", "2", "--seed=7", "--snr-range", "10", "30", extra=True)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines == ["stage=2 lm_text=", "[--num-train][3][--flag][--seed=7]"]
+    # an option of several values (argparse's nargs=2) keeps them all: the second was "unexpected"
+    assert lines == ["stage=2 lm_text=", "[--num-train][3][--flag][--seed=7][--snr-range][10][30]"]

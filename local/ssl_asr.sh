@@ -105,11 +105,17 @@ for owned in --model --cuts --methods --out-dir --lm --lexicon --tune-on --overw
 done
 
 # the install, where it is missing or older than pyproject.toml (a .venv made for one's own torch
-# first, a dependency added since): with its stamp in place this costs nothing
+# first, a dependency added since): with its stamp in place this costs nothing. Under a lock: the
+# nodes of a multi-node run share the checkout, and each would pip-install into one .venv at once
+# (the ones that waited find the stamp made)
 install_stamp=$root/.venv/.sslasr-installed
 if [ ! -x "$python" ] || { [ -z "${SSLASR_PYTHON:-}" ] \
     && { [ ! -f "$install_stamp" ] || [ "$root/pyproject.toml" -nt "$install_stamp" ]; }; }; then
-  "$root/tools/install.sh"
+  if command -v flock >/dev/null; then
+    mkdir -p "$root/.venv" && flock "$root/.venv/.install.lock" "$root/tools/install.sh"
+  else
+    "$root/tools/install.sh"
+  fi
 fi
 export PYTHONUNBUFFERED=1 SSLASR_PYTHON="$python"
 
@@ -196,11 +202,14 @@ EOF
 }
 supersede_commands() {  # supersede_commands DIR...: DIR's work is redone: the commands noted so far made what
   local dir                 # is replaced, so rows no longer name them (kept in commands.superseded.txt)
-  [ "${node_rank:-0}" = 0 ] || return 0
-  for dir in "$@"; do
-    [ -f "$dir/commands.txt" ] || continue
-    cat "$dir/commands.txt" >> "$dir/commands.superseded.txt" && rm -f "$dir/commands.txt"
-  done
+  for dir in "$@"; do supersede_notes "$dir"; done
+}
+supersede_notes() {  # supersede_notes DIR [WHAT]: DIR's notes (those of WHAT, e.g. decoded) to commands.superseded.txt
+  local dir=$1 what=${2:-}
+  [ "${node_rank:-0}" = 0 ] && [ -f "$dir/commands.txt" ] || return 0
+  awk -F'\t' -v what="$what" 'what == "" || $2 == what' "$dir/commands.txt" >> "$dir/commands.superseded.txt"
+  awk -F'\t' -v what="$what" 'what != "" && $2 != what' "$dir/commands.txt" > "$dir/commands.txt.tmp"
+  mv -f "$dir/commands.txt.tmp" "$dir/commands.txt"
 }
 reset_training() {  # reset_training EXP_DIR...: the next training there starts from update 0
   local dir
@@ -510,15 +519,19 @@ bytes_hashed() {  # bytes_hashed INPUTS: INPUTS as recorded before the configs w
 # checkpoint made from other inputs (options, configs, tokenizer, cuts, pretrained model) is refused,
 # as stage 0 refuses data/: --force true trains it again, --tag / --pretrain-tag a variant beside it.
 made_from() {  # made_from DIR INPUTS: refuse DIR's model or checkpoint if made from other INPUTS, else record INPUTS
-  local dir=$1 inputs=$2
+  local dir=$1 inputs=$2 old shown
   if [ "$force" != true ] && { [ -e $dir/.done ] || [ -e $dir/checkpoint_last.pt ] || [ -e $dir/model_final.pt ] \
       || [ -e $dir/iter1 ]; }; then  # trained (iter1: a k-means pretraining's first iteration), or resumable
     if [ ! -f $dir/inputs.txt ]; then log "$dir: made before its inputs were recorded: not checked"; return 0; fi
     [ "$inputs" != "$(cat $dir/inputs.txt)" ] || return 0
-    if [ "$(bytes_hashed "$inputs")" = "$(cat $dir/inputs.txt)" ]; then
+    old=$(bytes_hashed "$inputs")
+    if [ "$old" = "$(cat $dir/inputs.txt)" ]; then
       log "$dir: its configs were recorded by their bytes: taken, recorded by their settings now"
     else
-      log "$dir was made from other inputs: $(changed_inputs $dir/inputs.txt "$inputs")"
+      # a record of before, with the configs by their bytes, is shown against its own kind of lines
+      shown=$inputs
+      [ "$(grep '^configs ' $dir/inputs.txt)" != "$(printf '%s\n' "$old" | grep '^configs ')" ] || shown=$old
+      log "$dir was made from other inputs: $(changed_inputs $dir/inputs.txt "$shown")"
       log "pass --force true to train it again from these, or --tag (--pretrain-tag: pretraining) for a variant beside it"
       exit 2
     fi
@@ -555,6 +568,7 @@ import_init_from() {  # --init-from converted to our pretraining format, where s
   made_from $pretrain_dir "$inputs"  # another source of the same basename is refused
   if done_or_force $pretrain_dir/.done; then log "imported $frontend ready ($pretrain_dir)"; return; fi
   log "importing $init_from into $pretrain_dir (instead of pretraining)"
+  supersede_commands $pretrain_dir
   "$python" -m sslasr.cli import-hf "$init_from" --out $pretrain_dir/model_final.pt
   note_command $pretrain_dir imported
   touch $pretrain_dir/.done
@@ -798,16 +812,19 @@ if run_stage 5; then
     log "--labeled $labeled: the corpus's split train_$labeled_tag"
   else
     # a seeded subset of train, drawn again from a train manifest remade since (stage 1 under
-    # --force: other speakers may be held out now) and under --force. An fbank frontend draws the
-    # audio manifest's subset too, as a waveform frontend would: the LM's text is that subset's
-    # transcripts (lm_inputs), whichever frontend drew first (from the fbank copy, an LM record
-    # of another path, and --frontend all trained the LM and the noisy students again)
-    for whole in "$(cuts train)" ${feats:+"$manifests/${corpus}_cuts_train.jsonl.gz"}; do
-      subset=$manifests/${corpus}_cuts_train_${labeled_tag}${whole#$manifests/${corpus}_cuts_train}
-      if [ "$force" = true ] || [ ! -f "$subset" ] || [ "$whole" -nt "$subset" ]; then
-        "$python" -m sslasr.bin.cuts subset --cuts "$whole" --seconds "$labeled_seconds" --out "$subset"
-      fi
-    done
+    # --force: other speakers may be held out now) and under --force. Always from the audio
+    # manifest, as a waveform frontend draws it; an fbank frontend takes those cuts' fbank copies:
+    # the LM's text is that subset's transcripts (lm_inputs) whichever frontend drew first (drawn
+    # from the fbank copy, the LM recorded another path, and --frontend all trained the LM and the
+    # noisy students again), and the cuts are the same though stage 2 may have lost some
+    audio_subset=${labeled_cuts%$feats.jsonl.gz}.jsonl.gz audio_train=$manifests/${corpus}_cuts_train.jsonl.gz
+    if [ "$force" = true ] || [ ! -f "$audio_subset" ] || [ "$audio_train" -nt "$audio_subset" ]; then
+      "$python" -m sslasr.bin.cuts subset --cuts "$audio_train" --seconds "$labeled_seconds" --out "$audio_subset"
+    fi
+    if [ -n "$feats" ] && { [ "$force" = true ] || [ ! -f "$labeled_cuts" ] || [ "$(cuts train)" -nt "$labeled_cuts" ] \
+        || [ "$audio_subset" -nt "$labeled_cuts" ]; }; then
+      "$python" -m sslasr.bin.cuts select --cuts "$(cuts train)" --ids-of "$audio_subset" --out "$labeled_cuts"
+    fi
   fi
   if [ -n "$speed_perturb" ] && { [ "$force" = true ] || [ ! -f "$train_cuts" ] || [ "$labeled_cuts" -nt "$train_cuts" ]; }; then
     log "speed perturbation $speed_perturb of $labeled_cuts"  # fbank frontends: the copies' features too
@@ -987,8 +1004,9 @@ decode_system() {  # decode_system DIR: every set with every method of DIR's mod
     [ -f $lm_dir/.done ] || { echo "$0: $methods: the LM methods need stage 6 ($lm_dir)" >&2; exit 1; }
     fusion="--lm $lm_dir/model_final.pt --tune-on $valid_set"
   fi
-  [ "$force" != true ] || overwrite=--overwrite
   lexicon=$(lexicon_opts $lm_dir $methods)  # its error stops here
+  # under --force every decode is made again: the earlier decodes' commands no longer made any
+  [ "$force" != true ] || { overwrite=--overwrite; supersede_notes $dir decoded; }
   log "decoding $decode_sets with $dir: $methods"
   "$python" -m sslasr.bin.decode --model $dir/model_final.pt \
     --cuts $(for s in $decode_sets; do printf '%s=%s ' "$s" "$(cuts "$s")"; done) \

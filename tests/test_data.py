@@ -317,6 +317,23 @@ def test_exclude_keeps_the_cuts_beyond_a_subset_and_refuses_foreign_ids(tmp_path
         cuts_cli.main(["exclude", "--cuts", str(labeled), "--ids-of", str(train), "--out", str(tmp_path / "x.jsonl.gz")])
 
 
+def test_select_takes_the_cuts_of_another_manifests_ids_and_names_the_missing(tmp_path, capfd):
+    """An fbank frontend's labeled subset: the fbank copies of the audio subset's cuts (drawn apart,
+    a cut stage 2 lost made two different draws, and the LM read the other one's text)."""
+    train, chosen, out = tmp_path / "train.jsonl.gz", tmp_path / "chosen.jsonl.gz", tmp_path / "out.jsonl.gz"
+    originals = {c.id: c for c in _dummy_cuts(5, train)}
+    write_cuts(CutSet.from_cuts([originals["r003"], originals["r001"]]), chosen)
+    cuts_cli.main(["select", "--cuts", str(train), "--ids-of", str(chosen), "--out", str(out)])
+    assert [c.id for c in load_cuts(out)] == ["r001", "r003"]  # in the cuts' order
+    write_cuts(CutSet.from_cuts(originals[i] for i in ("r000", "r002", "r004")), train)  # r001, r003 lost
+    write_cuts(CutSet.from_cuts(originals[i] for i in ("r001", "r002")), chosen)
+    cuts_cli.main(["select", "--cuts", str(train), "--ids-of", str(chosen), "--out", str(out)])
+    assert [c.id for c in load_cuts(out)] == ["r002"] and "1 of the 2 chosen ids are not in the cuts" in capfd.readouterr().err
+    write_cuts(CutSet.from_cuts([originals["r001"]]), chosen)
+    with pytest.raises(SystemExit, match="none of the chosen ids"):
+        cuts_cli.main(["select", "--cuts", str(train), "--ids-of", str(chosen), "--out", str(out)])
+
+
 def test_nothing_left_and_no_seconds_are_said_not_written(tmp_path):
     """An empty manifest, which every reader refuses, was written with exit status 0 (exclude of
     every cut, subset --seconds 0); --seconds nan returned everything."""

@@ -44,7 +44,8 @@ case "$1" in
       case "$2 $3" in
         "sslasr.bin.kmeans plan") case " $* " in *" --count "*) echo "${FAKE_KMEANS:-0}" ;; *) echo kmeans.iteration=1 ;; esac ;;
         "sslasr.bin.cuts seconds") echo 30 ;;
-        "sslasr.bin.cuts combine"|"sslasr.bin.cuts subset"|"sslasr.bin.cuts perturb-speed") echo "$*" | gzip > "$out" ;;
+        "sslasr.bin.cuts combine"|"sslasr.bin.cuts subset"|"sslasr.bin.cuts select"|"sslasr.bin.cuts perturb-speed")
+          echo "$*" | gzip > "$out" ;;
         "sslasr.cli import-hf") echo "$4" > "$out" ;;
         "sslasr.bin.train --exp-dir")
           mkdir -p "$4"; echo "${*:5}" > "$4/model_final.pt"
@@ -792,9 +793,10 @@ def test_a_labeled_subset_is_drawn_again_from_a_remade_train_manifest(tmp_path: 
     assert len(_calls(recipe, "sslasr.bin.cuts subset")) == len(_calls(recipe, "sslasr.bin.cuts perturb-speed")) == 2
 
 
-def test_an_fbank_frontend_draws_the_audio_subset_too_so_the_lm_text_is_the_same(tmp_path: Path):
+def test_an_fbank_frontend_takes_the_audio_subsets_cuts_so_the_lm_text_is_the_same(tmp_path: Path):
     """The LM records its text's path: an fbank frontend's run first recorded the fbank subset, and a
-    waveform frontend's later run (--frontend all) retrained the LM and redid the noisy students."""
+    waveform frontend's later run (--frontend all) retrained the LM and redid the noisy students.
+    The subset is drawn from the audio manifest; the fbank one holds the same cuts' copies."""
     recipe = _recipe(tmp_path)
     _lm_and_rest_of_train(recipe)  # the pseudo-labelling LM: trained on the labeled subset's text
     for split in ("train", "dev", "test", "unlabeled"):
@@ -803,8 +805,12 @@ def test_an_fbank_frontend_draws_the_audio_subset_too_so_the_lm_text_is_the_same
     args = ("--stage", "4", "--stop-stage", "9", "--labeled", "1h", "--generations", "1")
     first = _run(recipe, *args, input_type="fbank")
     assert first.returncode == 0, first.stderr
-    subsets = [call[call.index("--out") + 1] for call in _calls(recipe, "sslasr.bin.cuts subset")]
-    assert subsets[:2] == ["data/manifests/toy_cuts_train_1h_fbank.jsonl.gz", "data/manifests/toy_cuts_train_1h.jsonl.gz"]
+    (subset,) = _calls(recipe, "sslasr.bin.cuts subset")
+    assert subset[subset.index("--cuts") + 1:subset.index("--out") + 2:4] == [
+        "data/manifests/toy_cuts_train.jsonl.gz", "data/manifests/toy_cuts_train_1h.jsonl.gz"]
+    (select,) = _calls(recipe, "sslasr.bin.cuts select")
+    assert select[2:] == ["--cuts", "data/manifests/toy_cuts_train_fbank.jsonl.gz", "--ids-of",
+                          "data/manifests/toy_cuts_train_1h.jsonl.gz", "--out", "data/manifests/toy_cuts_train_1h_fbank.jsonl.gz"]
     lm = recipe / "exp/lm_unigram_200_labeled_1h"
     assert (lm / "inputs.txt").read_text().startswith("text data/manifests/toy_cuts_train_1h.jsonl.gz ")
 

@@ -49,6 +49,11 @@ def main(argv=None) -> None:
     exclude.add_argument("--cuts", required=True)
     exclude.add_argument("--ids-of", required=True, help="a manifest whose cut ids are left out")
     exclude.add_argument("--out", required=True)
+    select = commands.add_parser("select", help="the cuts whose ids are in another manifest (e.g. the fbank "
+                                 "copies of a labeled subset drawn from the audio manifest)")
+    select.add_argument("--cuts", required=True)
+    select.add_argument("--ids-of", required=True, help="a manifest whose cut ids are kept")
+    select.add_argument("--out", required=True)
     seconds = commands.add_parser("seconds", help="print the total duration in seconds")
     seconds.add_argument("cuts")
     args = parser.parse_args(argv)
@@ -68,6 +73,8 @@ def main(argv=None) -> None:
             logging.warning("exclude: every cut of %s is in %s: none left, %s not written", args.cuts, args.ids_of, args.out)
             raise SystemExit(NOTHING_LEFT)
         write_and_log(kept, args.out)
+    elif args.command == "select":
+        write_and_log(cuts_selecting(load_cuts(args.cuts), load_cuts(args.ids_of)), args.out)
     elif args.command == "perturb-speed":
         write_cuts(perturb_speed(args), args.out)
     else:
@@ -107,6 +114,20 @@ def cuts_excluding(cuts: CutSet, excluded: CutSet) -> CutSet:
     if missing:
         raise SystemExit(f"exclude: {len(missing)} of the {len(excluded_ids)} ids to leave out are not in "
                          f"the cuts, e.g. {', '.join(sorted(missing)[:5])}")
+    return CutSet.from_cuts(kept)
+
+
+def cuts_selecting(cuts: CutSet, chosen: CutSet) -> CutSet:
+    """The cuts of CUTS whose id is in CHOSEN, in CUTS' order. Ids of CHOSEN that CUTS lacks (audio
+    that stage 2 could not load, say) are counted and named: the selection is that much smaller."""
+    chosen_ids = {cut.id for cut in chosen}
+    kept = [cut for cut in cuts if cut.id in chosen_ids]
+    missing = chosen_ids - {cut.id for cut in kept}
+    if missing:
+        logging.warning("select: %d of the %d chosen ids are not in the cuts, left out: %s", len(missing),
+                        len(chosen_ids), ", ".join(sorted(missing)[:5]))
+    if not kept:
+        raise SystemExit("select: none of the chosen ids is in the cuts")
     return CutSet.from_cuts(kept)
 
 

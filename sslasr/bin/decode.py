@@ -158,7 +158,8 @@ def write_decoding(out_dir: Path, search: Search, set_pass: SetPass, info: Dict)
 
 def parse_cuts(values: List[str]) -> Dict[str, str]:
     """NAME=PATH items (a lone PATH is named after its file) → {name: path}, in order. A NAME
-    is what comes before the first `=` and holds no `/`: a path may hold `=` (`run=3/cuts.jsonl.gz`)."""
+    is what comes before the first `=` and holds no `/`: a lone path holding `=` needs a `/` before
+    it (`/data/run=3/cuts.jsonl.gz`, `./run=3/...`), or a name (`dev=run=3/cuts.jsonl.gz`)."""
     sets = {}
     for value in values:
         name, sep, path = value.partition("=")

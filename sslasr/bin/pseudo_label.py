@@ -22,6 +22,7 @@ instead of a fraction of these cuts.
 import argparse
 import dataclasses
 import json
+import math
 import logging
 from pathlib import Path
 from typing import Optional
@@ -65,7 +66,8 @@ def main(argv=None) -> None:
               "kept_seconds": round(sum(durations[c] for c in kept), 2),
               "dropped": {reason: dropped.get(reason, 0) for reason in DROP_REASONS},
               "labeled_letters_per_second": round(rate, 3), "filter": vars(cfg),
-              "score_cutoff": min((scores[c] for c in kept), default=None) if cfg.keep_fraction < 1 else cfg.min_score}
+              # (nothing kept by a top fraction: no score passes)
+              "score_cutoff": min((scores[c] for c in kept), default=math.inf) if cfg.keep_fraction < 1 else cfg.min_score}
     # the truth where it is known: transcripts the pool's cuts carry (train beyond the labeled
     # subset), then --reference's (a corpus keeping its unlabeled audio's text aside)
     references = {cut.id: cut.supervisions[0].text for cut in cuts if cut.supervisions and cut.supervisions[0].text}

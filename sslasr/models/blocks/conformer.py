@@ -178,9 +178,10 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
         """As nn.BatchNorm1d: momentum (or, with momentum None, a cumulative average) towards the
         batch mean and the unbiased batch variance. A batch without real frames (utterances
-        shorter than the subsampling's receptive field) has no statistics (0/0): it leaves the
-        averages as they are, where they would have become NaN for good."""
-        has_frames = count > 0
+        shorter than the subsampling's receptive field) has no statistics (0/0), one of a single
+        frame no unbiased variance: it leaves the averages as they are, where they would have
+        become NaN for good."""
+        has_frames = count > 1  # (one frame has no unbiased variance: nn.BatchNorm1d refuses it)
         self.num_batches_tracked.add_(has_frames.to(self.num_batches_tracked.dtype))
         momentum = 1.0 / float(self.num_batches_tracked.clamp(min=1)) if self.momentum is None else self.momentum
         unbiased = var * count / (count - 1).clamp(min=1)

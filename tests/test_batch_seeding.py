@@ -107,3 +107,8 @@ def test_resumed_epoch_with_workers_augments_as_an_uninterrupted_one(fbank_cuts)
     assert len(whole) == 4 and len(resumed) == 2
     for cut_ids, inputs in resumed.items():  # made by other workers, at other points of their streams
         assert torch.equal(inputs, whole[cut_ids])
+    # ... and augmented there: the same batches without SpecAugment differ from them
+    plain = _batches(make_dataloader(load_cuts(fbank_cuts), input_type="fbank", max_duration=100, max_cuts=1,
+                                     shuffle=True, num_buckets=2, num_workers=2, seed=5), 2)
+    assert plain.keys() == resumed.keys()
+    assert all(not torch.equal(inputs, plain[cut_ids]) for cut_ids, inputs in resumed.items())

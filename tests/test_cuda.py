@@ -163,6 +163,7 @@ class _DeviceCheckingTask:
         self.model = torch.nn.Linear(4, 2)
         self.batches = batches
         self.devices = set()
+        self.forwards = 0
 
     def train_dataloader(self, dist):
         return _ListLoader(self.batches)
@@ -174,6 +175,7 @@ class _DeviceCheckingTask:
         pass
 
     def forward(self, model, batch):
+        self.forwards += 1
         self.devices.add(batch["x"].device.type)
         loss = ((model(batch["x"]) - batch["y"]) ** 2).mean()
         return loss, {"loss": loss.item()}, 1.0
@@ -219,10 +221,15 @@ def test_trainer_feeds_the_gpu_model_and_resumes_on_it(tmp_path, amp):
     assert task.devices == {DEVICE.type}
     assert next(task.model.parameters()).device.type == DEVICE.type
     cfg["trainer"]["max_updates"] = 5
-    resumed = Trainer(cfg, _DeviceCheckingTask(batches), tmp_path, DistInfo(device=DEVICE))
+    resumed_task = _DeviceCheckingTask(batches)
+    resumed = Trainer(cfg, resumed_task, tmp_path, DistInfo(device=DEVICE))
     resumed.fit()
     assert resumed.num_updates == 5 and resumed.kept_models
+    # resumed on the GPU from the checkpoint (update 2 or 3), not trained again from update 0
+    assert resumed_task.devices == {DEVICE.type} and next(resumed_task.model.parameters()).device.type == DEVICE.type
+    assert 2 <= resumed_task.forwards <= 3
     # final_model best: the kept model of the lowest validation metric, not merely some validated one
+    assert resumed.kept_models[0][0] == min(metric for metric, _ in resumed.kept_models)
     assert torch.load(tmp_path / "model_final.pt", weights_only=False)["num_updates"] == resumed.kept_models[0][1]
 
 

@@ -732,7 +732,7 @@ def test_fbank_leaves_out_cuts_too_short_for_a_frame_and_says_so(tmp_path, caplo
     assert "1 of 3 cuts are shorter than half the 10 ms frame shift" in caplog.text and "a50" in caplog.text
 
 
-def test_fbank_models_read_only_the_features_they_were_trained_on(prepared, tokenizer, tmp_path):
+def test_fbank_models_read_only_the_features_they_were_trained_on(prepared, tokenizer, tmp_path, capsys):
     """data.feature_type: a fine-tuning records its cuts' extractor, refuses valid cuts or a
     pretrained checkpoint of another one, and decoding refuses cuts of another one (Kaldi's
     default fbank, which stage 2 computed before w2v-BERT 2.0's, would decode as nonsense)."""
@@ -772,5 +772,6 @@ def test_fbank_models_read_only_the_features_they_were_trained_on(prepared, toke
     assert (tmp_path / "decode_train_ctc_greedy/hyp.txt").exists()
     with pytest.raises(SystemExit):
         decode.main(["--model", str(model), "--cuts", f"other={kaldi}", "--methods", "ctc_greedy", "--out-dir", out])
+    assert "holds kaldi-fbank features" in capsys.readouterr().err
     assert not (tmp_path / "decode_other_ctc_greedy").exists()
 

@@ -191,7 +191,10 @@ def test_positional_embedding_takes_fft_only_when_cheaper_and_matches_the_convol
     assert fft_conv_is_cheaper(x, weight.shape, 16)
     assert not fft_conv_is_cheaper(x, (32, 8, 3), 1)           # a narrow kernel stays direct
     assert not fft_conv_is_cheaper(x.to(torch.bfloat16), weight.shape, 16)
+    calls = []
+    monkeypatch.setattr(positional, "fft_conv", lambda *args: calls.append(1) or fft_conv(*args))
     fast = module(x)
+    assert calls == [1]                                           # training, cheaper: the FFT path
     monkeypatch.setattr(positional, "fft_conv", None)            # eval: the direct convolution
     direct = module.eval()(x)
     torch.testing.assert_close(fast, direct, atol=1e-5, rtol=1e-5)
@@ -351,7 +354,10 @@ def test_masked_batch_norm_without_real_frames_or_with_one_frame():
     assert torch.equal(out, torch.zeros_like(out)) and torch.isfinite(x.grad).all()
     assert torch.isfinite(norm.weight.grad).all() and torch.equal(norm.running_mean, torch.zeros(3))
     one = torch.randn(1, 1, 3)
-    assert torch.equal(norm(one), norm(one, torch.zeros(1, 1, dtype=torch.bool)))
+    before = norm.running_var.clone()
+    # one frame: its own mean, no variance: β, and no unbiased variance for the running average
+    torch.testing.assert_close(norm(one), norm.bias.detach().expand(1, 1, 3))
+    assert torch.equal(norm.running_var, before)
 
 
 def test_a_feature_grad_mult_of_0_freezes_the_extractor_as_fairseqs():

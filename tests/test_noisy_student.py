@@ -188,10 +188,15 @@ def test_attention_scores_are_the_joint_decoding_score_without_label_smoothing()
              "dropout": 0.0, "label_smoothing": 0.1}
     head = AttentionHead(4, 5, ctc_weight=0.3, **small).eval()
     hidden, lengths, tokens = torch.randn(1, 6, 4), torch.tensor([6]), [2, 3, 4]
-    att = float(head.sequence_log_probs(hidden, lengths, [tokens])[0])
+    # log p_att(y, <eos>) from the teacher-forced logits by plain cross entropy (no smoothing)
+    logits, targets = head.teacher_forced_logits(hidden, lengths, [tokens])
+    att = -float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"))
     ctc = -float(F.ctc_loss(head.ctc_log_probs(hidden).transpose(0, 1), torch.tensor([tokens]), lengths,
                             torch.tensor([3]), reduction="sum"))
-    assert hypothesis_scores(head, hidden, lengths, [tokens]) == [pytest.approx((0.7 * att + 0.3 * ctc) / 4, rel=1e-5)]
+    (score,) = hypothesis_scores(head, hidden, lengths, [tokens])
+    assert score == pytest.approx((0.7 * att + 0.3 * ctc) / 4, rel=1e-5)
+    smoothed = -float(head.loss(hidden, lengths, [tokens])) / 4  # the training loss, label-smoothed
+    assert abs(score - smoothed) > 1e-4  # (50× the tolerance above)
 
 
 def test_pseudo_label_cli_writes_cuts_and_a_report(tmp_path: Path):
@@ -333,6 +338,8 @@ def test_recipe_noisy_student_generation(tmp_path: Path, prepared_minisynth: Pat
     # the search's LM and lexicon have read the labeled transcripts only, not the rest of train's
     lm_dirs = list((recipe / "exp").glob("lm_*_labeled_30"))
     assert len(lm_dirs) == 1 and (lm_dirs[0] / "model_final.pt").is_file()
+    lm_cfg = load_config(lm_dirs[0] / "config.yaml")
+    assert Path(lm_cfg["data"]["train_text"]).name == "minisynth_cuts_train_30.jsonl.gz"  # not all of train
     labeled_words = {w for c in labeled for w in c.supervisions[0].text.split()}
     assert set((lm_dirs[0] / "words.txt").read_text().split()) == labeled_words
     info = json.loads((labels / "decode_unlabeled/decode_info.json").read_text())

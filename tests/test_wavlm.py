@@ -383,7 +383,7 @@ def test_mixing_with_a_noise_manifest(tmp_path):
     manifest = tmp_path / "noise_cuts.jsonl.gz"
     CutSet.from_manifests(recordings=recordings).to_file(manifest)
     mixer = UtteranceMixer(UtteranceMixingConfig(prob=1.0, noise_prob=1.0, noise_cuts=str(manifest)), seed=0)
-    sources = set()
+    sources, looped = set(), 0
     for b in range(4):
         audio, lengths = _speech_like_batch(b, batch=4)
         mixed, mixes = mixer(audio, lengths, 16000, key=str(b))
@@ -391,7 +391,14 @@ def test_mixing_with_a_noise_manifest(tmp_path):
             sources.add(mix.source)
             assert _measured_snr_db(audio, mixed, mix) == pytest.approx(mix.snr_db, abs=1e-3)
             assert -5.0 <= mix.snr_db <= 20.0
+            if mix.source.startswith("hum") and mix.length > 1600:  # longer than the 0.1 s hum: it loops
+                region = slice(mix.start, mix.start + mix.length)
+                noise = (mixed[mix.index, region] - audio[mix.index, region]).double() / mix.gain
+                torch.testing.assert_close(noise[1600:], noise[:-1600], atol=1e-5, rtol=1e-4)
+                assert noise[-1600:].abs().max() > 0.01  # not zero-padded
+                looped += 1
     assert {name for name in ("hum", "hiss") for source in sources if source.startswith(name)} == {"hum", "hiss"}
+    assert looped
 
 
 def test_mixing_config_errors():

@@ -36,3 +36,33 @@ def test_remove_temp_files_takes_only_the_named_files_leftovers(tmp_path):
     assert remove_temp_files(tmp_path, "checkpoint_last.pt") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.q1.tmp.pt", "checkpoint_last.pt",
                                                           "model_valid_12.pt"]
+
+
+def test_a_refused_chmod_leaves_no_descriptor_or_temporary_file(tmp_path, monkeypatch):
+    """FAT mounts refuse chmod: atomic_path raised before its cleanup, leaking the descriptor and
+    the temporary file; permissions are best effort, the write goes on."""
+    def refuse(fd, mode):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(io.os, "fchmod", refuse)
+    open_before = len(os.listdir("/proc/self/fd"))
+    io.write_text_atomic(tmp_path / "config.yaml", "x: 1\n")
+    assert (tmp_path / "config.yaml").read_text() == "x: 1\n" and os.listdir(tmp_path) == ["config.yaml"]
+    assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_the_hash_caches_tell_a_rewrite_with_the_same_size_and_mtime_apart(tmp_path):
+    """Keyed by size and mtime only, a same-size rewrite within one mtime tick (or with a restored
+    mtime: cp -p, tar) got the old hash back."""
+    import gzip
+    path = tmp_path / "lexicon.txt"
+    io.write_text_atomic(path, "a A\n")
+    mtime = path.stat().st_mtime_ns
+    first = io.file_sha256(path)
+    io.write_text_atomic(path, "b B\n")
+    os.utime(path, ns=(mtime, mtime))
+    assert io.file_sha256(path) != first
+    # gzip is told by its bytes, not its name: a .gz link to a blob is its content's hash too
+    (tmp_path / "blob").write_bytes(gzip.compress(b'{"id": "a"}\n', mtime=1))
+    (tmp_path / "plain.jsonl.gz").write_bytes(gzip.compress(b'{"id": "a"}\n', mtime=2))
+    (tmp_path / "cuts.jsonl.gz").symlink_to(tmp_path / "blob")
+    assert io.content_sha256(tmp_path / "cuts.jsonl.gz") == io.content_sha256(tmp_path / "plain.jsonl.gz")

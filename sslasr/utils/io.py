@@ -36,10 +36,14 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=f"{TEMP_MARK}{suffix}")
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-    os.close(fd)
     tmp = Path(tmp)
     try:
+        try:  # mkstemp makes 0600: the usual permissions, where the filesystem has any (FAT refuses chmod)
+            os.fchmod(fd, 0o666 & ~_umask())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
@@ -84,12 +88,17 @@ def file_sha256(path: Optional[PathLike]) -> Optional[str]:
     file was when something was made from it. Read once per path, size and modification time."""
     if path is None or not Path(path).is_file():
         return None
-    stat = Path(path).stat()
-    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return _sha256(str(Path(path).resolve()), *_identity(Path(path).stat()))
+
+
+def _identity(stat: os.stat_result) -> tuple:
+    """What tells a file's versions apart for the caches: size, mtime, and inode and ctime (an
+    atomic rewrite is a new inode; a coarse or restored mtime alone can repeat)."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
 
 
 @functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: the cache key
+def _sha256(path: str, *identity) -> str:  # identity: the cache key
     with open(path, "rb") as f:
         return _stream_sha256(f)
 
@@ -98,13 +107,14 @@ def content_sha256(path: PathLike) -> str:
     """The SHA-256 of a file's content, a .gz file's decompressed: gzip's header holds a name and a
     time, so the same content written again would differ as a file. Read once per path, size and
     modification time, as file_sha256."""
-    stat = Path(path).stat()
-    return _content_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return _content_sha256(str(Path(path).resolve()), *_identity(Path(path).stat()))
 
 
 @functools.lru_cache(maxsize=64)
-def _content_sha256(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: the cache key
-    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+def _content_sha256(path: str, *identity) -> str:  # identity: the cache key
+    with open(path, "rb") as raw:  # gzip by its magic bytes: a .gz name may link to a blob of another name
+        compressed = raw.read(2) == b"\x1f\x8b"
+    with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
         return _stream_sha256(f)
 
 

@@ -92,6 +92,15 @@ def test_dry_run_summary_counts_the_models_parameters():
     assert "updates: 900, peak lr 0.005, scheduler tri_stage, amp none" in summary
 
 
+def test_dry_run_of_an_fbank_pretraining_reads_no_data(tmp_path):
+    """It built the pretraining task, which opens the cuts to check their features: a w2v-BERT
+    config could not be checked before its data existed."""
+    cfg = load_configs([MINISYNTH / "frontend_w2vbert.yaml", MINISYNTH / "pretrain.yaml"],
+                       [f"data.train_cuts={tmp_path}/none.jsonl.gz", f"data.valid_cuts={tmp_path}/none.jsonl.gz"])
+    summary = dry_run(cfg, None, world_size=1)
+    assert "task: pretrain" in summary and "model: W2vBertPretrainer" in summary
+
+
 def test_dry_run_checks_an_init_checkpoint_fits(tmp_path):
     cfg = _finetune_cfg(**{"finetune.init_from": str(tmp_path / "missing.pt")})
     with pytest.raises(FileNotFoundError, match="missing.pt"):
@@ -298,6 +307,19 @@ def test_the_settings_digest_follows_settings_not_text(tmp_path):
 def test_numeric_settings_are_checked(override, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         check_training_config(_finetune_cfg(**dict([override.split("=")])))
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.train_cuts=/data/run #2/cuts.jsonl.gz", "start of a comment"),  # was '/data/run'
+    ("data.train_cuts=exp/a: b", "as a mapping"),                          # was {'exp/a': 'b'}
+    ("trainer.seed=0123", "as octal"),                                     # was 83
+])
+def test_overrides_yaml_would_read_as_other_than_written_are_refused(override, expected):
+    with pytest.raises(ValueError, match=expected):
+        load_configs([MINISYNTH / "pretrain.yaml"], [override])
+    key, value = override.split("=", 1)
+    cfg = load_configs([MINISYNTH / "pretrain.yaml"], [f"{key}='{value}'"])  # quoted: as written
+    assert cfg[key.split(".")[0]][key.split(".")[1]] == value
 
 
 def test_every_set_adds_its_overrides(tmp_path, capsys):

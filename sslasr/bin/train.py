@@ -13,6 +13,7 @@ a summary with its parameter count and effective batch, and exits: no data, no e
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,7 @@ from sslasr.models.asr import build_asr_model, load_encoder_weights
 from sslasr.models.lm import build_lm
 from sslasr.train.config_check import ConfigError, check_training_config, effective_batch
 from sslasr.train.distributed import init_distributed, leave_distributed
-from sslasr.train.tasks import build_task
+from sslasr.train.tasks import build_task, pretraining_model
 from sslasr.train.trainer import Trainer, seed_everything
 from sslasr.utils.config import load_configs
 from sslasr.utils.io import DirectoryInUse, lock_directory, remove_temp_files, write_text_atomic
@@ -55,7 +56,9 @@ def build_model_only(cfg: dict, vocab_size: Optional[int]) -> torch.nn.Module:
         return model
     if task == "lm":
         return build_lm(cfg["lm"], _vocab_size(cfg, vocab_size))
-    return build_task(cfg).model  # pretraining tasks build from the config alone
+    if task == "pretrain":  # (the task itself reads the cuts: an fbank model checks their features)
+        return pretraining_model(cfg)
+    return build_task(cfg).model
 
 
 def dry_run(cfg: dict, vocab_size: Optional[int], world_size: int) -> str:
@@ -117,7 +120,7 @@ def main(argv=None) -> None:
     configure_cpu_math(tcfg.get("num_threads", 0), tcfg.get("flush_denormal", True))
     seed_everything(tcfg.get("seed", 0) + dist.rank)
     if dist.is_main:
-        logging.info("command: %s", " ".join(sys.argv))
+        logging.info("command: %s", shlex.join(sys.argv))  # (quoted: it can be run again as logged)
     task = build_task(cfg)  # it may complete the config (data.feature_type of fbank models)
     if dist.is_main:
         write_text_atomic(args.exp_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))

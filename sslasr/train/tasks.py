@@ -94,22 +94,28 @@ class _DataMixin:
         return self._loader(path, dist, train=False) if path else None
 
 
+def pretraining_model(cfg: Dict) -> nn.Module:
+    """The configured frontend's pretrainer, from the config alone (no data: --dry-run builds it so).
+    `pretrain` also holds two settings that are not the model's: the collapse warning's threshold,
+    and utterance mixing (WavLM's denoising), which the loader does to the training batches (in
+    `pretrain`, so that fine-tuning, which reads the same frontend YAML, never mixes)."""
+    objective = {k: v for k, v in cfg["pretrain"].items() if k not in ("collapse_warning_perplexity", "utterance_mixing")}
+    model = get_frontend(cfg["frontend"]).build_pretrainer(cfg["frontend"]["encoder"], objective)
+    # A k-means iteration with `init: previous` trains the previous iteration's encoder on
+    # (its prediction head is new: the classes changed)
+    _init_encoder(model, cfg.get("init", {}).get("encoder_from"))
+    return model
+
+
 class PretrainTask(_DataMixin):
     """Self-supervised pretraining of the configured frontend on unlabeled audio."""
 
     def __init__(self, cfg: Dict):
         self.cfg = cfg
-        frontend = get_frontend(cfg["frontend"])
-        self.input_type = frontend.input_type
-        objective = dict(cfg["pretrain"])
-        self.collapse_perplexity = objective.pop("collapse_warning_perplexity", 0.0)
-        # Part of the objective (WavLM's denoising), done to the training batches by the loader;
-        # in `pretrain`, so that the fine-tuning stage, which reads the same frontend YAML, never mixes.
-        self.utterance_mixing = objective.pop("utterance_mixing", None)
-        self.model = frontend.build_pretrainer(cfg["frontend"]["encoder"], objective)
-        # A k-means iteration with `init: previous` trains the previous iteration's encoder on
-        # (its prediction head is new: the classes changed)
-        _init_encoder(self.model, cfg.get("init", {}).get("encoder_from"))
+        self.input_type = get_frontend(cfg["frontend"]).input_type
+        self.collapse_perplexity = cfg["pretrain"].get("collapse_warning_perplexity", 0.0)
+        self.utterance_mixing = cfg["pretrain"].get("utterance_mixing")
+        self.model = pretraining_model(cfg)
         self._agree_on_features(cfg.get("init", {}).get("encoder_from"))
         self._collapse_warned = False
 

@@ -141,8 +141,20 @@ def set_dotted(cfg: Dict[str, Any], assignment: str) -> None:
 
 
 def parse_value(raw: str) -> Any:
-    """YAML typing, with floats like `1e-3` read as floats."""
-    return yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    """YAML typing, with floats like `1e-3` read as floats. What YAML would read silently as other
+    than written is refused unless quoted: ` #` starts a comment (`/data/run #2/x` was `/data/run`),
+    `key: value` makes a mapping (only `{...}` does here), and a leading 0 an octal number (0123 → 83)."""
+    if not raw.strip():
+        return None
+    value = yaml.load(raw, Loader=_Loader)
+    quoted = raw.strip()[:1] in ("'", '"')
+    if not quoted and (" #" in raw or "\t#" in raw):
+        raise ValueError(f"value {raw!r}: YAML reads ' #' as the start of a comment; quote the value")
+    if not quoted and isinstance(value, dict) and not raw.strip().startswith("{"):
+        raise ValueError(f"value {raw!r}: YAML reads 'key: value' as a mapping; quote it, or write {{key: value}}")
+    if not quoted and re.fullmatch(r"[-+]?0[0-7]+", raw.strip()):
+        raise ValueError(f"value {raw!r}: YAML reads a leading 0 as octal ({value}); quote it or drop the 0")
+    return value
 
 
 def get_dotted(cfg: Dict[str, Any], key: str, default: Any = None) -> Any:

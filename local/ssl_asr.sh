@@ -309,7 +309,10 @@ noisy_student_dir=$exp/noisy_student_$(basename "$(system_dir pretrained)")  # s
 # lost machine) it leaves no .node0_failed, and the waiting nodes would wait --node-wait-hours.
 # They compare the beat with a file they touch ($node_probe): both times are the shared
 # filesystem's clock; a beat from before a node started (an earlier run's) is not this run's.
-node0_alive=$exp/.node0_alive
+# One beat per run: named by its launcher less --node_rank (the same on every node of a run, and
+# another run in this exp root, with its own master address or port, beats in its own file).
+run_key=$(printf '%s' "$launcher" | sed -E 's/--node[_-]rank[= ]*[0-9]+//' | cksum | cut -d' ' -f1)
+node0_alive=$exp/.node0_alive.$run_key
 node_probe=$exp/.node${node_rank}_probe
 node_started=""
 if [ "${nnodes:-1}" != 1 ]; then
@@ -621,9 +624,10 @@ wait_for_node_0() {  # wait_for_node_0 MARKER WHAT [INPUT...]: until MARKER exis
   [ $# -eq 0 ] && [ -z "${ready_also:-}" ] || stale=", or older than its inputs"
   until [ -f "$marker" ] && ! newer_input "$marker" "$@" && { [ -z "${ready_also:-}" ] || eval "$ready_also"; }; do
     # a marker left by an earlier run (before this node started) is not this run's failure; with
-    # $started_stamp, a file this node touched on the shared filesystem, both times are its server's
+    # $started_stamp or $node_started (files this node touched on the shared filesystem), both
+    # times are its server's, not this machine's clock against the server's
     if [ -f "$failed" ] && if [ -n "$started_stamp" ]; then [ ! "$started_stamp" -nt "$failed" ]
-                           else [ "$(stat -c %Y "$failed")" -ge "$started_at" ]; fi; then
+                           else [ "$(stat -c %Y "$failed")" -ge "${node_started:-$started_at}" ]; fi; then
       log "node $node_rank: node 0 failed in its $what ($failed; see node 0's log)"; exit 1
     fi
     if node_0_silent; then

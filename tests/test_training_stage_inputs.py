@@ -759,18 +759,30 @@ def test_other_nodes_stop_when_node_0_stops_beating(tmp_path: Path):
     node_1 = subprocess.Popen(command, cwd=recipe, env=env, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1.5)  # node 1 waits for the pseudo-labels; node 0 beats once, then is killed
-        (recipe / "exp/.node0_alive").touch()
+        beat = _beat_file(recipe)
+        beat.touch()
         _, stderr = node_1.communicate(timeout=40)
     finally:
         node_1.kill()
     assert node_1.returncode == 1
-    assert "node 1: node 0's driver has not run for over 1 s (exp/.node0_alive)" in stderr, stderr
+    assert f"node 1: node 0's driver has not run for over 1 s (exp/{beat.name})" in stderr, stderr
     assert not _calls(recipe, "node1")
 
 
+def _beat_file(recipe: Path, launcher: str = NODES.format(0)) -> Path:
+    """Node 0's heartbeat of the run of LAUNCHER: named by the launcher less --node_rank."""
+    run = subprocess.run(f"printf '%s' {shlex.quote(launcher)} | sed -E 's/--node[_-]rank[= ]*[0-9]+//' | cksum",
+                         shell=True, capture_output=True, text=True, check=True)
+    return recipe / f"exp/.node0_alive.{run.stdout.split()[0]}"
+
+
 def test_node_0_beats_while_its_driver_runs(tmp_path: Path):
+    """... in a file of its run's: another multi-node run in the same exp root beat in the same
+    file, and kept a killed node 0 alive for the first run's other nodes."""
     recipe = _trained(tmp_path)
-    beat = recipe / "exp/.node0_alive"
+    beat = _beat_file(recipe)
+    assert beat != _beat_file(recipe, NODES.format(0).replace("127.0.0.1", "10.0.0.2")) == _beat_file(
+        recipe, NODES.format(1).replace("127.0.0.1", "10.0.0.2"))
     command, env = _node(recipe, 0, "--stage", "3", "--stop-stage", "3")
     result = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -601,7 +601,9 @@ def test_recipe_lm_decode_score_stages(tmp_path: Path, prepared_minisynth: Path,
     prepared, first, resumed, second = latest["command"].splitlines()  # in the order they ran
     assert "--stop-stage 3" in prepared and prepared.endswith("  # data prepared, manifests made, tokenizer trained")
     assert first.startswith("./run.sh ") and "--lm-text" not in first
-    assert first.endswith("  # fine-tuned, LM trained, decoded")
+    # (its LM was trained again by the last command: that note went to commands.superseded.txt)
+    assert first.endswith("  # fine-tuned, decoded")
+    assert "\tLM trained\t" in (recipe / "exp/lm_char_40/commands.superseded.txt").read_text()
     assert "--stage 7 --stop-stage 7" in resumed and resumed.endswith("  # decoded")
     assert "--lm-text" in second and second.endswith("  # LM trained, decoded, scored")
     greedy = [r for r in rows if r["decoding"] == "ctc_greedy" and r["test_set"] == "test"]

@@ -126,6 +126,12 @@ stale_before() {  # stale_before STAGE NEWER OLDER WHAT [HOW]: stop when STAGE i
   echo "$0: $4: include stage $1 ${5:-(--stage $1)}" >&2
   exit 2
 }
+fbank_unfinished() {  # fbank_unfinished [HOW]: stop when stage 2 is left out but never finished the fbank
+  [ "$stage" -gt 2 ] && [ -f $manifests/.done ] && [ ! -f $manifests/.fbank.done ] || return 0
+  # (stage 2 removes its marker before it rewrites the archives: a computation killed part-way leaves none)
+  echo "$0: stage 2 has not finished the fbank (no $manifests/.fbank.done): include stage 2 ${1:-(--stage 2)}" >&2
+  exit 2
+}
 
 manifests=data/manifests
 if [ "$frontend" = all ]; then
@@ -141,11 +147,7 @@ if [ "$frontend" = all ]; then
   # before it trained: said now
   stale_before 2 $manifests/.done $manifests/.fbank.done "the manifests were made again after the fbank" \
     "with an fbank frontend first (--frontend w2vbert --stage 2 --stop-stage 2)"
-  if [ "$stage" -gt 2 ] && [ -f $manifests/.done ] && [ ! -f $manifests/.fbank.done ]; then
-    echo "$0: stage 2 has not finished the fbank that w2v-BERT reads (no $manifests/.fbank.done): compute it" \
-      "first (--frontend w2vbert --stage 2 --stop-stage 2)" >&2
-    exit 2
-  fi
+  fbank_unfinished "with an fbank frontend first (--frontend w2vbert --stage 2 --stop-stage 2)"
   unset SSLASR_SHARED_MADE  # set below, for the frontends after the first
   one_frontend_args=()
   while [ $# -gt 0 ]; do
@@ -382,11 +384,7 @@ recorded_splits() {  # recorded_splits: the splits stage 1 made manifests of (na
 }
 stale_before 1 data/.data.done $manifests/.done "data/ was prepared again after the manifests"
 [ "$input_type" != fbank ] || stale_before 2 $manifests/.done $manifests/.fbank.done "the manifests were made again after the fbank"
-if [ "$input_type" = fbank ] && [ "$stage" -gt 2 ] && [ -f $manifests/.done ] && [ ! -f $manifests/.fbank.done ]; then
-  echo "$0: stage 2 has not finished the fbank (no $manifests/.fbank.done; a computation killed part-way" \
-    "leaves none): include stage 2 (--stage 2)" >&2
-  exit 2
-fi
+[ "$input_type" != fbank ] || fbank_unfinished
 stale_before 3 $manifests/.done $lang/.done "the manifests were made again after the tokenizer"
 
 if run_stage 1; then

@@ -22,8 +22,8 @@ instead of a fraction of these cuts.
 import argparse
 import dataclasses
 import json
-import math
 import logging
+import math
 from pathlib import Path
 from typing import Optional
 

@@ -85,7 +85,7 @@ def _umask() -> int:
 
 def file_sha256(path: Optional[PathLike]) -> Optional[str]:
     """The SHA-256 of a file's bytes (None for no path or a missing file): what a model or lexicon
-    file was when something was made from it. Read once per path, size and modification time."""
+    file was when something was made from it. Read once per version of the file (_identity)."""
     if path is None or not Path(path).is_file():
         return None
     return _sha256(str(Path(path).resolve()), *_identity(Path(path).stat()))
@@ -105,8 +105,8 @@ def _sha256(path: str, *identity) -> str:  # identity: the cache key
 
 def content_sha256(path: PathLike) -> str:
     """The SHA-256 of a file's content, a .gz file's decompressed: gzip's header holds a name and a
-    time, so the same content written again would differ as a file. Read once per path, size and
-    modification time, as file_sha256."""
+    time, so the same content written again would differ as a file. Read once per version of the
+    file (_identity), as file_sha256."""
     return _content_sha256(str(Path(path).resolve()), *_identity(Path(path).stat()))
 
 

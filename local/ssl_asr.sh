@@ -1225,11 +1225,20 @@ student_stale() {  # student_stale STUDENT: trained, but on earlier pseudo-label
 }
 pseudo_labels_match() {  # pseudo_labels_match TEACHER LABELS: LABELS made from TEACHER's current settings (node 0
   # writes inputs.txt as it starts labelling; labels without one are from before inputs were recorded: taken)
-  local now  # --decode-opts is node 0's option (it decodes): the other nodes compare the rest
+  local now
   [ -f $2/inputs.txt ] || return 0
   now=$(pseudo_label_inputs $1 2>/dev/null) || return 1  # (a teacher decode not there yet: look again)
-  [ "$(grep -v '^decode_opts ' $2/inputs.txt)" = "$(printf '%s\n' "$now" | grep -v '^decode_opts ')" ] \
-    && [ ! $2/inputs.txt -nt $2/.done ]
+  # --decode-opts too: with new ones node 0 decodes the teacher again in stage 7 (new λ, β) while
+  # this node, past stages 7-8, would take the teacher's old decoding and the labels made with it
+  if [ "$(cat $2/inputs.txt)" != "$now" ]; then
+    if [ $2/.done -nt $2/inputs.txt ] && [ $2/inputs.txt -nt "$started_stamp" ]; then  # made in this run
+      log "node $node_rank: node 0 made $2 from other settings than this node's ($(changed_inputs $2/inputs.txt "$now"));" \
+          "run every node with the same options (--launcher's --node_rank aside)"
+      exit 1
+    fi
+    return 1
+  fi
+  [ ! $2/inputs.txt -nt $2/.done ]
 }
 join_student_training() {  # join_student_training G TEACHER STUDENT: another node's share of generation G
   local g=$1 teacher=$2 student=$3 labels=$3/pseudo_labels method inputs made_of

@@ -315,11 +315,22 @@ def test_other_nodes_do_not_take_pseudo_labels_of_another_filter(tmp_path: Path)
     (recipe / "conf/noisy_student.yaml").write_text("pseudo_label:\n  method: ctc_greedy\n")  # as they were made
     node_1 = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
     assert node_1.returncode == 0 and "generation 1: student ready" in node_1.stderr, node_1.stderr
-    # --decode-opts is node 0's (it decodes): another node's own does not hold it back
+    # new --decode-opts: node 0 decodes the teacher again (new λ, β) and labels again; node 1 waits for that
     command, env = _node(recipe, 1, "--stage", "9", "--generations", "1", "--node-wait-hours", "0",
                          "--decode-opts", "--beam-size 4")
     node_1 = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
-    assert node_1.returncode == 0 and "generation 1: student ready" in node_1.stderr, node_1.stderr
+    assert node_1.returncode == 1 and "not there, or older than its inputs, after 0 h" in node_1.stderr, node_1.stderr
+    assert not _calls(recipe, "node1")
+    # pseudo-labels node 0 made in this run (after node 1 started) from other options than node 1's: said, not waited on
+    labels = recipe / "exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels"
+    for name, ahead in (("inputs.txt", 60), (".done", 70)):
+        os.utime(labels / name, (time.time() + ahead,) * 2)
+    node_1 = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert node_1.returncode == 1, node_1.stderr
+    assert "node 1: node 0 made exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels from other settings than " \
+           "this node's (< decode_opts  > decode_opts --beam-size 4 ); run every node with the same options" \
+           in node_1.stderr, node_1.stderr
+    assert not _calls(recipe, "node1")
 
 
 def test_the_pool_reference_in_a_folder_with_a_space_is_one_argument(tmp_path: Path):

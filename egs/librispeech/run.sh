@@ -16,7 +16,8 @@
 #   labels are node 0's work; the other nodes wait for them on the shared exp dir, and stop if
 #   node 0's failed (or after --node-wait-hours, 48 by default). With --force true, start node 0
 #   first: it removes the earlier run's markers, which another node starting before it would take.
-#   Noisy student (--generations N) the same way: node 0 decodes the teacher and labels the pool
+#   Noisy student (--generations N) the same way, every node with the same options (--decode-opts
+#   included: node 0's decoding makes the pseudo-labels the others train on): node 0 decodes the teacher and labels the pool
 #   (stages 7-9), the other nodes wait for each generation's pseudo-labels and train the student
 #   with it; under --force they take only pseudo-labels made after they started (start the nodes
 #   together, node 0 first). A node 0 killed outright (kill -9, a crash) leaves no failure marker,

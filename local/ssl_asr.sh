@@ -317,6 +317,7 @@ run_key=$(printf '%s' "$launcher" | sed -E 's/--node[_-]rank[= ]*[0-9]+//' | cks
 node0_alive=$exp/.node0_alive.$run_key
 node_probe=$exp/.node${node_rank}_probe
 node_started=""
+forced_since=""  # under --force, a file touched as this node started: node 0's markers older than it are an earlier run's
 if [ "${nnodes:-1}" != 1 ]; then
   mkdir -p $exp
   if [ "$node_rank" = 0 ]; then  # the loop ends with the driver ($$), whatever ends it
@@ -324,6 +325,7 @@ if [ "${nnodes:-1}" != 1 ]; then
   else
     touch "$node_probe"
     node_started=$(stat -c %Y "$node_probe")
+    if [ "$force" = true ]; then forced_since=$exp/.node${node_rank}_started.$run_key && touch $forced_since; fi
   fi
 fi
 noisy_student_multinode=""
@@ -683,8 +685,10 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
     previous=""; [ "$i" -eq 1 ] || previous="--model $pretrain_dir/iter$((i - 1))/model_final.pt"
     valid_labels=$it/labels/$(basename "$valid_cuts")
     [ "$node_rank" != 0 ] || undo_stale_iteration $i
-    if [ "$node_rank" != 0 ]; then  # node 0's markers, each newer than what it was made from
-      wait_for_node_0 $it/.kmeans.done "iteration $i k-means" ${previous:+$pretrain_dir/iter$((i - 1))/model_final.pt}
+    if [ "$node_rank" != 0 ]; then  # node 0's markers, each newer than what it was made from (and, under
+      # --force, than this node's start: node 0 removes the earlier run's, maybe after this node looked)
+      wait_for_node_0 $it/.kmeans.done "iteration $i k-means" $forced_since \
+        ${previous:+$pretrain_dir/iter$((i - 1))/model_final.pt}
     elif [ -f $it/.kmeans.done ]; then log "iteration $i: k-means ready"; else
       log "iteration $i: k-means on $(basename "$all_cuts")"
       on_node_0 kmeans_cli fit --iteration $i --cuts "$all_cuts" $previous --out $it/kmeans.pt --num-jobs "$nj"
@@ -736,8 +740,8 @@ if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
       fresh_training $pretrain_dir $pretrain_dir/iter*
       [ "$force" != true ] || rm -f $pretrain_dir/iter*/.*done  # each k-means iteration's k-means, labels, training
       on_node_0 "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $pretrain_inputs
-    else  # one left by an earlier run counts only if no split was made again since
-      wait_for_node_0 "$pretrain_cuts" "pretraining manifest" $pretrain_inputs
+    else  # one left by an earlier run counts only if no split was made again since (nor --force given)
+      wait_for_node_0 "$pretrain_cuts" "pretraining manifest" $pretrain_inputs $forced_since
     fi
     kmeans_iterations=$(kmeans_cli plan --count)  # a failure stops here
     if [ "$kmeans_iterations" -gt 0 ]; then kmeans_pretraining "$pretrain_cuts"; else

@@ -250,25 +250,42 @@ def test_other_nodes_stop_when_node_0_fails_its_stage_4_work(tmp_path: Path, pre
     assert not (recipe / "exp/pretrain_hubert/.done").exists()
 
 
-@pytest.mark.parametrize("manifest_age_s, waits_for", [
+@pytest.mark.parametrize("manifest_age_s, force, waits_for", [
     # newer than the splits: taken (a k-means marker has no inputs to be older than)
-    (-60, "iteration 1 k-means (exp/pretrain_hubert/iter1/.kmeans.done) not there"),
+    (-60, [], "iteration 1 k-means (exp/pretrain_hubert/iter1/.kmeans.done) not there"),
     # a split made again since
-    (3600, "pretraining manifest (data/manifests/minisynth_cuts_pretrain.jsonl.gz) not there, or older than its inputs"),
+    (3600, [], "pretraining manifest (data/manifests/minisynth_cuts_pretrain.jsonl.gz) not there, or older than its inputs"),
+    # under --force, node 0 makes them again: an earlier run's (from before node 1 started) are not taken
+    (-60, ["--force", "true"], "pretraining manifest (data/manifests/minisynth_cuts_pretrain.jsonl.gz) not there, "
+                               "or older than its inputs"),
+    ("after node 1 started", ["--force", "true"], "iteration 1 k-means (exp/pretrain_hubert/iter1/.kmeans.done) "
+                                                  "not there, or older than its inputs"),
 ])
 def test_other_nodes_take_a_pretraining_manifest_only_if_made_from_the_current_splits(
-        tmp_path: Path, prepared_minisynth: Path, manifest_age_s: int, waits_for: str):
+        tmp_path: Path, prepared_minisynth: Path, manifest_age_s, force: list, waits_for: str):
     """Node 1 of a HuBERT stage 4 finds a pretraining manifest left by an earlier run. Node 0
     combines it again, so it is taken only if no split manifest is newer (the same content);
-    one older than a split would start node 1's training on other cuts than node 0's."""
+    one older than a split would start node 1's training on other cuts than node 0's. Under
+    --force, node 0 removes the earlier run's k-means markers, maybe after node 1 looked: node 1
+    takes only what was made after it started."""
     recipe = recipe_with_data(tmp_path, prepared_minisynth)
     manifests = recipe / "data/manifests"
     pretrain = manifests / "minisynth_cuts_pretrain.jsonl.gz"
     shutil.copy(manifests / "minisynth_cuts_train.jsonl.gz", pretrain)
-    stamp = (manifests / "minisynth_cuts_train.jsonl.gz").stat().st_mtime - manifest_age_s
+    if manifest_age_s == "after node 1 started":
+        stamp = time.time() + 60
+        kmeans_done = recipe / "exp/pretrain_hubert/iter1/.kmeans.done"  # an earlier run's
+        kmeans_done.parent.mkdir(parents=True)
+        kmeans_done.touch()
+    else:
+        if force:  # data/ made 10 min earlier (each file's order kept): the manifest too, before node 1 starts
+            for path in (recipe / "data").rglob("*"):
+                made = path.stat().st_mtime - 600
+                os.utime(path, (made, made))
+        stamp = (manifests / "minisynth_cuts_train.jsonl.gz").stat().st_mtime - manifest_age_s
     os.utime(pretrain, (stamp, stamp))
     result = run_recipe(recipe, *SMOKE, *NODE_1, "--node-wait-hours", "0", "--frontend", "hubert", "--stage", "4",
-                        "--stop-stage", "4", timeout=120)
+                        "--stop-stage", "4", *force, timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"node 1: node 0's {waits_for}, after 0 h" in result.stderr, \
         result.stderr[-3000:]

@@ -238,6 +238,33 @@ def test_unlabeled_audio_without_utt2spk_keeps_its_speakers_out_of_dev_by_their_
     assert "unlabeled/: 1 utterance(s) have no speaker" in caplog.text
 
 
+def test_unlabeled_audio_of_test_speakers_is_left_out_and_speaker_names_are_checked_against_ids(
+        tmp_path: Path, caplog):
+    """unlabeled/ was checked against train/ only: a test utterance, or another recording of a test
+    speaker, went into pretraining; and a utt2spk naming a speaker otherwise than the ids
+    (SPEAKER0005 for 0005) kept a dev speaker's unlabeled audio unseen by the carve."""
+    root = _release(tmp_path / "so", speakers=tuple(f"{i:04d}" for i in range(11, 19)), utt_id=_corpus_id)
+    free = prepare(root, tmp_path / "k0", dev_speakers=2, seed=0)["dev"]["speakers"]
+    (root / "unlabeled").mkdir()
+    audio = f"WAVE/SPEAKER{free[0]}/{_corpus_id(free[0], 0)}.WAV"
+    rows = [(_corpus_id("0002", 0), "0002"),  # test/'s own utterance
+            (_corpus_id("0002", 7), "0002"),  # another recording of test/'s speaker
+            (_corpus_id(free[0], 99), f"SPEAKER{free[0]}")]  # a dev speaker of k0, named as the release's folders
+    (root / "unlabeled/wav.scp").write_text("".join(f"{u}\t{audio}\n" for u, _ in rows))
+    (root / "unlabeled/utt2spk").write_text("".join(f"{u}\t{s}\n" for u, s in rows))
+    caplog.set_level(logging.WARNING)
+    summary = prepare(root, tmp_path / "k1", dev_speakers=2, seed=0)
+    assert summary["dropped"]["unlabeled"] == [
+        {"utt_id": _corpus_id("0002", 0), "reason": "test_utterance", "detail": "its id is in test/"},
+        {"utt_id": _corpus_id("0002", 7), "reason": "test_speaker", "detail": "speaker 0002 is in test/"}]
+    assert "unlabeled/: left out 2 utterance(s) of test/'s utterances or speakers" in caplog.text
+    assert f"utt2spk names another speaker than the utterance id for 1 utterance(s), e.g. " \
+           f"{_corpus_id(free[0], 99)}: SPEAKER{free[0]}, its id says {free[0]}" in caplog.text
+    assert _table(tmp_path / "k1/unlabeled/utt2spk") == {_corpus_id(free[0], 99): free[0]}
+    assert free[0] not in summary["dev"]["speakers"] and len(summary["dev"]["speakers"]) == 2
+    assert summary["test"]["speakers"] == ["0002"]
+
+
 @pytest.mark.parametrize("breakage, message", [
     ("no_utt2spk", "utt2spk is missing"),
     ("speakerless", "have no speaker"),

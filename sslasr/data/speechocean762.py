@@ -101,6 +101,7 @@ def read_corpus(corpus_dir: Path) -> Tuple[Dict[str, List[Utterance]], Dict[str,
             splits[name] = _with_speakers(name, read_split(split_dir, need_text=need_text, need_speakers=False,
                                                            root=root or split_dir, dropped=dropped[name]),
                                           splits["train"])
+    _unlabeled_without_test(splits, dropped["unlabeled"])
     return splits, dropped
 
 
@@ -114,16 +115,56 @@ def _with_speakers(name: str, utts: List[Utterance], train: List[Utterance]) -> 
     train/utt2spk shows the corpus's id convention (the shared unlabeled/ has no utt2spk).
     Without speakers, a held-out speaker's unlabeled audio cannot be kept out of pretraining:
     said, not silently taken."""
+    convention = all(_speaker_in_id(u.utt_id) == u.speaker for u in train)
+    if convention:
+        utts = _speakers_as_their_ids_say(name, utts)
     unnamed = [u for u in utts if u.speaker is None]
     if not unnamed:
         return utts
-    if all(_speaker_in_id(u.utt_id) == u.speaker for u in train) and all(_speaker_in_id(u.utt_id) for u in unnamed):
+    if convention and all(_speaker_in_id(u.utt_id) for u in unnamed):
         log.info("%s/: the speakers of %d utterance(s) without a utt2spk line read from their ids "
                  "(speechocean762's convention, as train/utt2spk has it)", name, len(unnamed))
         return [u if u.speaker is not None else replace(u, speaker=_speaker_in_id(u.utt_id)) for u in utts]
     log.warning("%s/: %d utterance(s) have no speaker (no utt2spk line, ids not speechocean762's): whether "
                 "they are of the speakers held out as dev/test cannot be checked", name, len(unnamed))
     return utts
+
+
+def _speakers_as_their_ids_say(name: str, utts: List[Utterance]) -> List[Utterance]:
+    """Where train/ follows the id convention, a utt2spk line naming another speaker than the id
+    (say SPEAKER0005, the release's folder name, for 0005) would hide a held-out speaker's audio
+    from the overlap checks: the id's speaker is taken, and said."""
+    renamed = [(u, _speaker_in_id(u.utt_id)) for u in utts
+               if u.speaker is not None and _speaker_in_id(u.utt_id) not in (None, u.speaker)]
+    if not renamed:
+        return utts
+    first, speaker = renamed[0]
+    log.warning("%s/: utt2spk names another speaker than the utterance id for %d utterance(s), e.g. %s: %s, "
+                "its id says %s; the ids' speakers are taken (train/utt2spk follows the ids)",
+                name, len(renamed), first.utt_id, first.speaker, speaker)
+    by_id = {u.utt_id: speaker for u, speaker in renamed}
+    return [replace(u, speaker=by_id[u.utt_id]) if u.utt_id in by_id else u for u in utts]
+
+
+def _unlabeled_without_test(splits: Dict[str, List[Utterance]], dropped: List[Dropped]) -> None:
+    """Unlabeled audio is pretrained on and pseudo-labelled: a test utterance, or another recording of a
+    test speaker, there would put the scored speakers in training. Left out, counted and said."""
+    if "test" not in splits or "unlabeled" not in splits:
+        return
+    test_ids = {u.utt_id for u in splits["test"]}
+    test_speakers = {u.speaker for u in splits["test"] if u.speaker is not None}
+    kept = []
+    for u in splits["unlabeled"]:
+        if u.utt_id in test_ids:
+            dropped.append(Dropped(u.utt_id, "test_utterance", "its id is in test/"))
+        elif u.speaker in test_speakers:
+            dropped.append(Dropped(u.utt_id, "test_speaker", f"speaker {u.speaker} is in test/"))
+        else:
+            kept.append(u)
+    if len(kept) < len(splits["unlabeled"]):
+        log.warning("unlabeled/: left out %d utterance(s) of test/'s utterances or speakers (listed in "
+                    "splits.json): held-out audio is not pretrained on", len(splits["unlabeled"]) - len(kept))
+    splits["unlabeled"] = kept
 
 
 def _warn_ignored_splits(corpus_dir: Path) -> None:

@@ -241,7 +241,7 @@ def test_unlabeled_audio_without_utt2spk_keeps_its_speakers_out_of_dev_by_their_
 def test_unlabeled_audio_of_test_speakers_is_left_out_and_speaker_names_are_checked_against_ids(
         tmp_path: Path, caplog):
     """unlabeled/ was checked against train/ only: a test utterance, or another recording of a test
-    speaker, went into pretraining; and a utt2spk naming a speaker otherwise than the ids
+    speaker, went into pretraining; its text.reference was left behind; and a utt2spk naming a speaker otherwise than the ids
     (SPEAKER0005 for 0005) kept a dev speaker's unlabeled audio unseen by the carve."""
     root = _release(tmp_path / "so", speakers=tuple(f"{i:04d}" for i in range(11, 19)), utt_id=_corpus_id)
     free = prepare(root, tmp_path / "k0", dev_speakers=2, seed=0)["dev"]["speakers"]
@@ -252,8 +252,11 @@ def test_unlabeled_audio_of_test_speakers_is_left_out_and_speaker_names_are_chec
             (_corpus_id(free[0], 99), f"SPEAKER{free[0]}")]  # a dev speaker of k0, named as the release's folders
     (root / "unlabeled/wav.scp").write_text("".join(f"{u}\t{audio}\n" for u, _ in rows))
     (root / "unlabeled/utt2spk").write_text("".join(f"{u}\t{s}\n" for u, s in rows))
+    (root / "unlabeled/text.reference").write_text("".join(f"{u}\tWE CALL IT BEAR {i}\n" for i, (u, _) in enumerate(rows)))
     caplog.set_level(logging.WARNING)
     summary = prepare(root, tmp_path / "k1", dev_speakers=2, seed=0)
+    # the pool's reference transcripts go with it (stage 9 scores the pseudo-labels with them), its kept ones only
+    assert _table(tmp_path / "k1/unlabeled/text.reference") == {_corpus_id(free[0], 99): "WE CALL IT BEAR 2"}
     assert summary["dropped"]["unlabeled"] == [
         {"utt_id": _corpus_id("0002", 0), "reason": "test_utterance", "detail": "its id is in test/"},
         {"utt_id": _corpus_id("0002", 7), "reason": "test_speaker", "detail": "speaker 0002 is in test/"}]

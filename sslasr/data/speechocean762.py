@@ -3,7 +3,8 @@ read speech, 250 Mandarin-L1 speakers, 16 kHz, upper-case word transcripts.
 
 Two input layouts are read:
   * a Kaldi-style folder: ``train/`` (``wav.scp`` with paths relative to ``train/``, ``text``,
-    ``utt2spk``), optional ``unlabeled/`` (``wav.scp`` only) and optional ``test/``;
+    ``utt2spk``), optional ``unlabeled/`` (``wav.scp``; ``utt2spk`` and ``text.reference``, the
+    pool's true transcripts for stage 9's pseudo-label WER, where known) and optional ``test/``;
   * the OpenSLR release (``speechocean762.tar.gz``, ~520 MB): ``train/`` and ``test/`` (125
     speakers each, 2,500 utterances each) whose ``wav.scp`` paths (``WAVE/SPEAKER0001/*.WAV``)
     are relative to the release root, next to ``WAVE/`` and ``resource/``.
@@ -31,6 +32,7 @@ from lhotse.utils import resumable_download, safe_extract
 from sslasr.data.kaldi_dir import LayoutError, Utterance, carve_by_speaker, read_split, speakers_of, write_split
 from sslasr.data.manifests import Dropped
 from sslasr.utils.io import write_text_atomic
+from sslasr.utils.kaldi_table import read_table
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +165,24 @@ def _unlabeled_without_test(splits: Dict[str, List[Utterance]], dropped: List[Dr
             kept.append(u)
     if len(kept) < len(splits["unlabeled"]):
         log.warning("unlabeled/: left out %d utterance(s) of test/'s utterances or speakers (listed in "
-                    "splits.json): held-out audio is not pretrained on", len(splits["unlabeled"]) - len(kept))
-    splits["unlabeled"] = kept
+                    "splits.json): held-out audio is not pretrained on%s", len(splits["unlabeled"]) - len(kept),
+                    "" if kept else "; none is left: no unlabeled split")
+    if kept:
+        splits["unlabeled"] = kept
+    else:
+        del splits["unlabeled"]
+
+
+def _write_unlabeled_reference(corpus_dir: Path, out_dir: Path, utts: List[Utterance]) -> None:
+    """unlabeled/text.reference (true transcripts of the pool, where known) for the utterances kept:
+    stage 9 measures the pseudo-labels' WER with it."""
+    reference = Path(corpus_dir) / "unlabeled" / "text.reference"
+    if not reference.is_file():
+        return
+    kept = {u.utt_id for u in utts}
+    rows = sorted((utt, text) for utt, text in read_table(reference) if utt in kept)
+    write_text_atomic(out_dir / "unlabeled" / "text.reference", "".join(f"{u} {t}\n" for u, t in rows))
+    log.info("unlabeled/text.reference: %d of the %d utterances kept have a reference transcript", len(rows), len(kept))
 
 
 def _warn_ignored_splits(corpus_dir: Path) -> None:
@@ -216,6 +234,8 @@ def prepare(corpus_dir: Path, out_dir: Path, *, dev_speakers: int = 10, test_spe
         write_split(out_dir / name, utts)
         summary[name] = {"utterances": len(utts), "speakers": speakers_of(utts)}
         log.info("%s: %d utterances, %d speakers", name, len(utts), len(summary[name]["speakers"]))
+    if "unlabeled" in carved:
+        _write_unlabeled_reference(corpus_dir, out_dir, carved["unlabeled"])
     summary["dropped"] = {name: [asdict(d) for d in drops] for name, drops in dropped.items() if drops}
     summary["options"] = {"corpus_dir": str(Path(corpus_dir).resolve()), "dev_speakers": dev_speakers,
                           "test_speakers": test_speakers if "test" in sizes else None, "seed": seed,

@@ -3,7 +3,8 @@
 # whose wav.scp names the corpus audio by absolute path (nothing is copied).
 #
 #   --corpus-dir DIR   a Kaldi-style folder (train/ with wav.scp relative to train/, text,
-#                      utt2spk; optional unlabeled/ and test/) or the unpacked OpenSLR release;
+#                      utt2spk; optional unlabeled/, with text.reference where its transcripts
+#                      are known, and test/) or the unpacked OpenSLR release;
 #                      empty: the release is downloaded from OpenSLR 101 into downloads/
 #   --dev-speakers N   train speakers held out as dev (default 10 of 125: ~200 utterances, 14 min)
 #   --test-speakers N  train speakers held out as test when the corpus has no test/ (default 20)

@@ -263,8 +263,10 @@ if [ -n "$init_from" ]; then  # the checkpoint's architecture and family, not co
   [ "$no_pretrain" != true ] || { echo "$0: --init-from and --no-pretrain true contradict" >&2; exit 2; }
   [ -z "$model_size" ] || { echo "$0: --init-from and --model-size contradict (the checkpoint sets the size)" >&2; exit 2; }
   init_from=$(cd "$init_from" && pwd)
-  imported=$("$python" -c "import sys; from sslasr.models.hf_import import frontend_name
-print(frontend_name(sys.argv[1]))" "$init_from")
+  # the family, once config.json converts: an unsupported option stops here, not after stages 0-3
+  imported=$("$python" -c "import sys; from sslasr.models.hf_import import checked_frontend_name
+try: print(checked_frontend_name(sys.argv[1]))
+except (ValueError, FileNotFoundError) as e: sys.exit(f'$0: --init-from {sys.argv[1]}: {e}')" "$init_from") || exit 2
   case " $command_line " in *" --frontend"*) [ "$frontend" = "$imported" ] || {
     echo "$0: --frontend $frontend, but --init-from $init_from holds a $imported model" >&2; exit 2; } ;; esac
   frontend=$imported

@@ -22,11 +22,11 @@ from lhotse import CutSet, Recording
 transformers = pytest.importorskip("transformers")
 
 from hf_reference import transformers_outputs  # noqa: E402
-from recipe_smoke import SMOKE, recipe_with_data, run_recipe  # noqa: E402
+from recipe_smoke import SMOKE, recipe_copy, recipe_with_data, run_recipe  # noqa: E402
 from sslasr import cli  # noqa: E402
 from sslasr.models.asr import build_asr_model, load_encoder_weights  # noqa: E402
 from sslasr.models.hf_import import (  # noqa: E402
-    fill_mask_embedding, import_hf, read_state_dict, wav2vec2_from_hf, weight_norm_pos_conv)
+    checked_frontend_name, fill_mask_embedding, import_hf, read_state_dict, wav2vec2_from_hf, weight_norm_pos_conv)
 from sslasr.models.wav2vec2 import Wav2Vec2Encoder, Wav2Vec2EncoderConfig  # noqa: E402
 from sslasr.train.distributed import DistInfo  # noqa: E402
 from sslasr.train.tasks import _DataMixin  # noqa: E402
@@ -260,6 +260,35 @@ def test_unsupported_options_and_converters_are_clear_errors(saved_wav2vec2, tmp
         import_hf(other)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         import_hf(tmp_path / "nowhere")
+
+
+def test_a_checkpoint_stage_4_would_refuse_is_refused_before_the_data_stages(saved_wav2vec2, tmp_path):
+    """--init-from read only config.json's model_type up front: an option the import refuses (an
+    adapter, as MMS-1b-all has) stopped the recipe at stage 4, after hours of data stages; a
+    config without a key the architecture needs, or a weights file cut short, gave a traceback."""
+    config = json.loads((saved_wav2vec2 / "config.json").read_text())
+    model_dir = tmp_path / "adapter"
+    shutil.copytree(saved_wav2vec2, model_dir)
+    (model_dir / "config.json").write_text(json.dumps({**config, "adapter_attn_dim": 16}))
+    with pytest.raises(ValueError, match="adapter_attn_dim=16 is not supported"):
+        checked_frontend_name(model_dir)
+    recipe = recipe_copy(tmp_path / "recipe")
+    refused = run_recipe(recipe, "--init-from", str(model_dir), timeout=120)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert f"--init-from {model_dir}: adapter_attn_dim=16 is not supported" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (recipe / "data").exists()  # stopped before stage 0
+
+    (model_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "conv_dim"}))
+    with pytest.raises(ValueError, match="config.json \\(wav2vec2\\) has no 'conv_dim', which the architecture needs"):
+        checked_frontend_name(model_dir)
+    with pytest.raises(ValueError, match="'conv_dim' is missing"):
+        import_hf(model_dir)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short
+    with pytest.raises(ValueError, match="model.safetensors: its tensors cannot be read .*a download cut short"):
+        import_hf(model_dir)
+    assert checked_frontend_name(model_dir) == "wav2vec2"  # config.json alone is read up front
 
 
 def test_converters_of_other_frontends_are_found_by_module_name(saved_wav2vec2, tmp_path, monkeypatch):

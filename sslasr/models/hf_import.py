@@ -68,15 +68,24 @@ def read_state_dict(model_dir: Union[str, Path]) -> StateDict:
     model_dir = Path(model_dir)
     for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_torch_bin)):
         if (model_dir / name).is_file():
-            return loader(model_dir / name)
+            return _read_weights(loader, model_dir / name)
         index = model_dir / f"{name}.index.json"
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
             state: StateDict = {}
             for shard in shards:
-                state.update(loader(model_dir / shard))
+                state.update(_read_weights(loader, model_dir / shard))
             return state
     raise FileNotFoundError(f"{model_dir}: no model.safetensors or pytorch_model.bin (nor a sharded index)")
+
+
+def _read_weights(loader, path: Path) -> StateDict:
+    """loader(path), its failure (a cut-short download, a missing shard) naming the file."""
+    try:
+        return loader(path)
+    except Exception as err:  # safetensors and torch.load raise their own types
+        raise ValueError(f"{path}: its tensors cannot be read ({type(err).__name__}: {err}); "
+                         "a download cut short? fetch it again") from err
 
 
 def _load_safetensors(path: Path) -> StateDict:
@@ -126,6 +135,29 @@ def frontend_name(model_dir: Union[str, Path]) -> str:
     return FRONTEND_NAMES[model_type]
 
 
+def checked_frontend_name(model_dir: Union[str, Path]) -> str:
+    """frontend_name, once config.json (and preprocessor_config.json) convert: an option our
+    encoders cannot reproduce, or a key the architecture needs missing, is refused from these
+    small files, before a recipe spends its data stages on a checkpoint stage 4 would refuse."""
+    name = frontend_name(model_dir)
+    encoder_config_from_hf(read_config(model_dir))
+    from sslasr.models.frontends import get_frontend  # here: the frontends import the converters
+    read_data_options(model_dir, waveform=get_frontend({"name": name}).input_type == "waveform")
+    return name
+
+
+def encoder_config_from_hf(config: Dict):
+    """Our encoder config for a transformers config (no weights read); a missing key is named."""
+    model_type = config["model_type"]
+    try:
+        if model_type in _BASE_PREFIXES:
+            return wav2vec2_encoder_config(config)
+        module = importlib.import_module(_CONVERTER_MODULES[model_type])
+        return (module.hf_encoder_config if model_type == "wav2vec2-bert" else module.encoder_config_from_hf)(config)
+    except KeyError as err:
+        raise ValueError(f"config.json ({model_type}) has no {err.args[0]!r}, which the architecture needs") from err
+
+
 def get_converter(model_type: str) -> Converter:
     if model_type in ("wav2vec2", "hubert"):
         return wav2vec2_from_hf
@@ -149,7 +181,11 @@ def import_hf(model_dir: Union[str, Path]) -> ImportedCheckpoint:
     """Read and convert a transformers model directory."""
     config = read_config(model_dir)
     converter = get_converter(config["model_type"])
-    frontend, encoder_state = converter(config, read_state_dict(model_dir))
+    try:
+        frontend, encoder_state = converter(config, read_state_dict(model_dir))
+    except KeyError as err:  # the converters index config.json for what the architecture needs
+        raise ValueError(f"{model_dir}: {err.args[0]!r} is missing (config.json has no such key, or the weights "
+                         f"no such tensor); a {config['model_type']} model needs it") from err
     source = {"path": str(Path(model_dir).resolve()), "model_type": config["model_type"],
               "architectures": config.get("architectures") or []}
     from sslasr.models.frontends import get_frontend  # here: the frontends import the converters

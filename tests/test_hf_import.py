@@ -158,6 +158,25 @@ def test_a_model_of_another_sample_rate_is_refused(tmp_path):
         import_hf(model_dir)
 
 
+def test_the_feature_extractor_saved_inside_a_whole_processor_is_read(tmp_path):
+    """transformers 5 saves a processor as one processor_config.json (no preprocessor_config.json):
+    its do_normalize false was read as the default true, and its sampling rate went unchecked."""
+    model_dir = _save(transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**SMALL)), tmp_path / "w2v")
+    (tmp_path / "vocab.json").write_text(json.dumps({"<pad>": 0, "a": 1, "|": 2}))
+    tokenizer = transformers.Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json"))
+    for do_normalize, rate in ((False, 16000), (True, 8000)):
+        extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=do_normalize, sampling_rate=rate)
+        transformers.Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(model_dir)
+        if not (model_dir / "processor_config.json").is_file():
+            pytest.skip("this transformers saves a processor's feature extractor in preprocessor_config.json")
+        assert not (model_dir / "preprocessor_config.json").exists()
+        if rate == 16000:
+            assert import_hf(model_dir).data == {"normalize_waveform": False}
+        else:
+            with pytest.raises(ValueError, match="processor_config.json: the model expects 8000 Hz audio"):
+                import_hf(model_dir)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_plain_positional_weight_in_half_precision_keeps_its_value(dtype):
     """g = ‖w‖ taken in fp16 / bf16 scaled every tap by up to 1e-3 once g·v/‖v‖ ran in float32."""

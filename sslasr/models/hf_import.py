@@ -103,13 +103,12 @@ TRANSFORMERS_NORMALIZE_EPS = 1e-7
 
 
 def read_data_options(model_dir: Union[str, Path], waveform: bool = True) -> Dict:
-    """Our `data` options from preprocessor_config.json. A waveform model's normalize_waveform
-    is always written: where the file states no do_normalize (some published directories have
+    """Our `data` options from the saved feature extractor (_feature_extractor_settings). A
+    waveform model's normalize_waveform is always written: where the file states no do_normalize (some published directories have
     no such file), transformers' feature-extractor default, said in the log; left unset, the
     model would read audio ~20× smaller than it learnt from without a word. Audio at another rate
     than the recipes' 16 kHz is refused."""
-    path = Path(model_dir) / "preprocessor_config.json"
-    preprocessor = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    path, preprocessor = _feature_extractor_settings(Path(model_dir))
     rate = preprocessor.get("sampling_rate", 16000)
     if rate != 16000:
         raise ValueError(f"{path}: the model expects {rate} Hz audio; the recipes feed 16 kHz")
@@ -124,6 +123,20 @@ def read_data_options(model_dir: Union[str, Path], waveform: bool = True) -> Dic
     # the variance offset of transformers' zero_mean_unit_var_norm, not fairseq's 1e-5: a quiet
     # recording (RMS 0.003) would otherwise reach the model ~1.4x quieter than through transformers
     return {"normalize_waveform": True, "normalize_eps": TRANSFORMERS_NORMALIZE_EPS}
+
+
+def _feature_extractor_settings(model_dir: Path) -> Tuple[Path, Dict]:
+    """The feature extractor's saved settings and their file: preprocessor_config.json, or, as
+    transformers 5 saves a whole processor, processor_config.json's "feature_extractor"."""
+    path = model_dir / "preprocessor_config.json"
+    if path.is_file():
+        return path, json.loads(path.read_text(encoding="utf-8"))
+    processor = model_dir / "processor_config.json"
+    if processor.is_file():
+        settings = json.loads(processor.read_text(encoding="utf-8")).get("feature_extractor")
+        if isinstance(settings, dict):
+            return processor, settings
+    return path, {}
 
 
 def frontend_name(model_dir: Union[str, Path]) -> str:

@@ -104,9 +104,10 @@ TRANSFORMERS_NORMALIZE_EPS = 1e-7
 
 def read_data_options(model_dir: Union[str, Path], waveform: bool = True) -> Dict:
     """Our `data` options from the saved feature extractor (_feature_extractor_settings). A
-    waveform model's normalize_waveform is always written: where the file states no do_normalize (some published directories have
-    no such file), transformers' feature-extractor default, said in the log; left unset, the
-    model would read audio ~20× smaller than it learnt from without a word. Audio at another rate
+    waveform model's normalize_waveform is always written: where the file states no do_normalize
+    (some published directories have no such file), transformers' feature-extractor default,
+    said in the log; left unset, the model would read audio ~20× smaller than it learnt from
+    without a word. Audio at another rate
     than the recipes' 16 kHz is refused."""
     path, preprocessor = _feature_extractor_settings(Path(model_dir))
     rate = preprocessor.get("sampling_rate", 16000)

@@ -546,7 +546,7 @@ made_from() {  # made_from DIR INPUTS: refuse DIR's model or checkpoint if made 
 }
 pretraining_inputs() {  # what $pretrain_dir is made from: --init-from's source, or configs, options and audio
   local split
-  if [ -n "$init_from" ]; then echo "init_from $init_from"; return; fi  # the dir is named by its basename only
+  if [ -n "$init_from" ]; then echo "init_from $init_from $(init_from_digest)"; return; fi  # the dir is named by its basename only
   configs_line $pretrain_configs || return 1
   echo "pretrain_opts $pretrain_opts"
   echo "kmeans_opts $kmeans_opts"
@@ -567,10 +567,20 @@ finetuning_inputs() {  # finetuning_inputs pretrained|scratch TRAIN_CUTS CONFIG.
   [ $system = scratch ] || echo "pretrained $pretrain_dir/model_final.pt $(content_hash $pretrain_dir/model_final.pt)"
 }
 
+init_from_digest() {  # of the files the import reads: weights downloaded again into the same folder are another model
+  local files
+  files=$(cd "$init_from" && ls config.json preprocessor_config.json processor_config.json model*.safetensors* \
+    pytorch_model*.bin* 2>/dev/null || :)
+  (cd "$init_from" && content_hash $files)
+}
 import_init_from() {  # --init-from converted to our pretraining format, where stage 4 would write
   local inputs
   inputs=$(pretraining_inputs)
-  made_from $pretrain_dir "$inputs"  # another source of the same basename is refused
+  if [ "$(cat $pretrain_dir/inputs.txt 2>/dev/null)" = "init_from $init_from" ] && [ "$node_rank" = 0 ]; then
+    log "$pretrain_dir: recorded by --init-from's path alone, before its files were hashed: taken, recorded with them now"
+    printf '%s\n' "$inputs" > $pretrain_dir/inputs.txt.tmp && mv -f $pretrain_dir/inputs.txt.tmp $pretrain_dir/inputs.txt
+  fi
+  made_from $pretrain_dir "$inputs"  # another source of the same basename, or other files at its path, is refused
   if done_or_force $pretrain_dir/.done; then log "imported $frontend ready ($pretrain_dir)"; return; fi
   log "importing $init_from into $pretrain_dir (instead of pretraining)"
   supersede_commands $pretrain_dir

@@ -259,6 +259,18 @@ def test_an_import_of_another_checkpoint_of_the_same_name_is_refused(tmp_path: P
     assert other.returncode == 2, other.stderr
     assert f"exp/pretrain_wav2vec2_imported_w2v was made from other inputs: < init_from {tmp_path}/a/w2v" in other.stderr
     assert len(_calls(recipe, "sslasr.cli")) == 1
+    # other weights downloaded into the same folder: another model, refused as well (the path alone was recorded)
+    (tmp_path / "a/w2v/model.safetensors").write_bytes(b"new weights")
+    again = _run(recipe, "--stage", "5", "--stop-stage", "5", "--init-from", str(tmp_path / "a/w2v"))
+    assert again.returncode == 2 and "was made from other inputs: < init_from " in again.stderr, again.stderr
+    assert len(_calls(recipe, "sslasr.cli")) == 1
+    # an import recorded by its path alone (before the files were hashed) is taken, and recorded with them
+    imported = recipe / "exp/pretrain_wav2vec2_imported_w2v"
+    (imported / "inputs.txt").write_text(f"init_from {tmp_path}/a/w2v\n")
+    taken = _run(recipe, "--stage", "5", "--stop-stage", "5", "--init-from", str(tmp_path / "a/w2v"))
+    assert taken.returncode == 0 and "recorded by --init-from's path alone" in taken.stderr, taken.stderr
+    assert (imported / "inputs.txt").read_text().startswith(f"init_from {tmp_path}/a/w2v ")
+    assert len(_calls(recipe, "sslasr.cli")) == 1
 
 
 def _labelled(recipe: Path, *args: str, **fake: str) -> subprocess.CompletedProcess:

@@ -97,6 +97,27 @@ def test_wav_scp_id_with_different_paths_is_dropped_and_identical_repeats_are_re
     assert f"a\tconflicting_audio\t2 different paths in wav.scp: '{audio}/a.wav' vs '{audio}/c.wav'" in rows
 
 
+def test_commands_and_archive_offsets_in_wav_scp_are_named_as_such_by_both_readers(tmp_path: Path):
+    """An archive offset (utt data.ark:1234) was taken for a file path: reported as missing audio,
+    or the whole folder refused for paths relative to the wrong place."""
+    split = _split(tmp_path / "train", {"a": 1.0}, text="a A\np P\nk K\nr R\n")
+    with open(split / "wav.scp", "a") as wav:
+        wav.write("p sox x.flac -t wav - |\nk raw/feats.ark:1234\nr raw/wav.scp:17[0:1600]\n")
+    report = prepare_split(split, "c", "train", tmp_path / "out", num_jobs=1)
+    assert report["dropped_per_reason"] == {"unsupported_entry": 3} and report["kept"] == 1
+    rows = (tmp_path / "out" / "c_train_dropped.tsv").read_text()
+    assert "p\tunsupported_entry\tnot a file path (a command, ending in '|'): 'sox x.flac -t wav - |'" in rows
+    assert "k\tunsupported_entry\tnot a file path (an offset into a Kaldi archive): 'raw/feats.ark:1234'" in rows
+    assert "r\tunsupported_entry\tnot a file path (an offset into a Kaldi archive)" in rows
+    with pytest.raises(LayoutError, match=r"3 entries are not file paths, e.g. p 'sox x.flac -t wav - \|' "
+                                          r"\(a command, ending in '\|'\): write the audio out as files"):
+        read_split(split, need_text=True, need_speakers=False)
+    (split / "wav.scp").write_text("k raw/feats.ark:1234\n")
+    with pytest.raises(LayoutError, match=r"1 entries are not file paths, e.g. k 'raw/feats.ark:1234' "
+                                          r"\(an offset into a Kaldi archive\)"):
+        read_split(split, need_text=True, need_speakers=False)
+
+
 def test_utt2spk_id_repeated_with_another_speaker_is_an_error(tmp_path: Path):
     split = _split(tmp_path / "train", {"a": 1.0, "b": 1.0}, utt2spk="a s1\nb s2\na s1\n")
     assert read_kaldi_split(split).speakers == {"a": "s1", "b": "s2"}  # an identical repeat is harmless

@@ -23,6 +23,7 @@ from sslasr.data.manifests import (
     Dropped, Transcripts, conflicting_text, held_out_speakers, read_table, read_transcripts, unsupported_segments,
 )
 from sslasr.utils.io import write_text_atomic
+from sslasr.utils.kaldi_table import not_a_file_path
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,9 +80,11 @@ def read_split(split_dir: Path, *, need_text: bool, need_speakers: bool, root: O
     wav = _table(split_dir / "wav.scp")
     if not wav:
         raise LayoutError(f"{split_dir}/wav.scp lists no utterances")
-    pipes = [u for u, entry in wav.items() if entry.endswith("|") or not entry]
+    pipes = [(u, entry) for u, entry in wav.items() if not_a_file_path(entry)]
     if pipes:
-        raise LayoutError(f"{split_dir}/wav.scp: {len(pipes)} entries are not file paths, e.g. {pipes[:3]}")
+        utt, entry = pipes[0]
+        raise LayoutError(f"{split_dir}/wav.scp: {len(pipes)} entries are not file paths, e.g. {utt} {entry!r} "
+                          f"({not_a_file_path(entry)}): write the audio out as files (e.g. Kaldi's wav-copy)")
     transcripts = _optional(split_dir / "text", need_text, _transcripts)
     text = transcripts.text if transcripts is not None else None
     conflicting = transcripts.conflicting if transcripts is not None else {}

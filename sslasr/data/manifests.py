@@ -24,7 +24,7 @@ from lhotse.audio import AudioSource
 
 from sslasr.data.tokenizer import RESERVED_SYMBOLS
 from sslasr.utils.io import atomic_path, write_text_atomic
-from sslasr.utils.kaldi_table import read_table  # noqa: F401  (also this module's API)
+from sslasr.utils.kaldi_table import not_a_file_path, read_table  # noqa: F401  (read_table: also this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ def read_wav_scp(split_dir: Path, max_utts: Optional[int] = None
             shown = " vs ".join(repr(e) for e in [entry, *others])
             dropped.append(Dropped(utt_id, "conflicting_audio",
                                    f"{1 + len(others)} different paths in wav.scp: {shown}"))
-        elif entry.endswith("|") or not entry:
-            dropped.append(Dropped(utt_id, "unsupported_entry", f"not a file path: {entry!r}"))
+        elif not_a_file_path(entry):
+            dropped.append(Dropped(utt_id, "unsupported_entry", f"not a file path ({not_a_file_path(entry)}): {entry!r}"))
         else:
             # os.path.abspath, not resolve(): keep symlinked corpus paths as the user gave them.
             wav[utt_id] = os.path.abspath(os.path.join(split_dir, entry))

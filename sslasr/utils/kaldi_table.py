@@ -26,3 +26,19 @@ def read_table(path: Path) -> List[Tuple[str, str]]:
         if parts[0]:
             rows.append((parts[0], parts[1].strip(" \t") if len(parts) > 1 else ""))
     return rows
+
+
+# Kaldi's extended filenames an audio path cannot be: a command whose output is the audio
+# ("sox ... - |") and a byte offset into an archive ("data.ark:1234", with an optional range)
+_ARCHIVE_OFFSET = re.compile(r".+\.(?:ark|scp):\d+(?:\[[^\]]*\])?")
+
+
+def not_a_file_path(entry: str) -> str:
+    """Why a wav.scp entry is not a file path ("" when it is one)."""
+    if not entry:
+        return "no path"
+    if entry.endswith("|"):
+        return "a command, ending in '|'"
+    if _ARCHIVE_OFFSET.fullmatch(entry):
+        return "an offset into a Kaldi archive"
+    return ""

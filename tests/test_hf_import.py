@@ -190,6 +190,11 @@ def test_a_plain_positional_weight_in_half_precision_keeps_its_value(dtype):
 def test_half_a_weight_norm_pair_is_named():
     with pytest.raises(ValueError, match="needs both conv.weight_g and conv.weight_v; the checkpoint lacks conv.weight_v"):
         weight_norm_pos_conv({"conv.weight_g": torch.ones(1, 1, 5)}, "conv.")
+    # both the old and the new names: which the model used cannot be told (the old pair was taken)
+    both = {"conv.weight_g": torch.ones(1, 1, 5), "conv.weight_v": torch.ones(4, 2, 5),
+            "conv.parametrizations.weight.original0": torch.ones(1, 1, 5)}
+    with pytest.raises(ValueError, match="stored twice, as conv.weight_g and conv.parametrizations.weight.original0"):
+        weight_norm_pos_conv(both, "conv.")
 
 
 @pytest.mark.parametrize("feat_proj_layer_norm", [True, False])

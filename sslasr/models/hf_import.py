@@ -355,6 +355,9 @@ def weight_norm_pos_conv(state: StateDict, prefix: str) -> StateDict:
     state = dict(state)
     g_name, v_name = prefix + "parametrizations.weight.original0", prefix + "parametrizations.weight.original1"
     pair = [prefix + "weight_g", prefix + "weight_v"]
+    styles = [names for names in (pair, [g_name, v_name], [prefix + "weight"]) if any(n in state for n in names)]
+    if len(styles) > 1:  # which one the model was saved from cannot be told
+        raise ValueError(f"the positional convolution's weight is stored twice, as {' and '.join(n[0] for n in styles)}")
     if any(name in state for name in pair):
         missing = [name for name in pair if name not in state]
         if missing:

@@ -259,7 +259,7 @@ def hf_encoder_config(config: Dict) -> W2vBertEncoderConfig:
         raise ValueError(f"Wav2Vec2Bert position_embeddings_type={position!r} is not supported; "
                          f"supported: {', '.join(str(p) for p in _HF_POSITIONS)}")
     if config.get("hidden_act", "swish") not in ("swish", "silu"):
-        raise ValueError(f"Wav2Vec2Bert hidden_act={config['hidden_act']!r} is not supported (only swish)")
+        raise ValueError(f"Wav2Vec2Bert hidden_act={config['hidden_act']!r} is not supported (only swish, alias silu)")
     stacked = config.get("feature_projection_input_dim", 160)
     if stacked % 2:
         raise ValueError(f"feature_projection_input_dim={stacked} is not two stacked fbank frames")

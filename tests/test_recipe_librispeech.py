@@ -194,6 +194,34 @@ def test_tokenizer_is_letters(prepared: Path):
 def test_musan_noise_is_cut_into_windows(prepared: Path):
     cuts = CutSet.from_file(prepared / "data/noise/musan_cuts.jsonl.gz")
     assert sorted(round(c.duration, 3) for c in cuts) == [5.0, 10.0, 10.0]  # 25 s in 10 s windows
+    # by absolute path (read from exp/ too), in id order (the mixing picks noise by its place in the file)
+    assert all(Path(c.recording.sources[0].source).is_absolute() for c in cuts)
+    assert [c.id for c in cuts] == sorted(c.id for c in cuts)
+
+
+def test_labeled_folds_of_parts_not_prepared_are_left_out_and_unpaired_files_counted(prepared: Path, tmp_path: Path,
+                                                                                      caplog):
+    """With --parts short of train-other-500, Libri-Light's folds kept its utterances: a labeled
+    split held ids train did not (stage 9's pool, the rest of train, stopped on them). Transcript
+    lines without audio, and audio without a line, were left out by lhotse without a count."""
+    corpus = prepared.parents[1] / "corpus"
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus / "librispeech_finetuning", copy / "librispeech_finetuning")
+    shutil.copytree(corpus / "LibriSpeech" / "train-clean-100", copy / "LibriSpeech" / "train-clean-100")
+    chapter = copy / "LibriSpeech/train-clean-100/19/198"
+    (chapter / "19-198-0001.flac").rename(chapter / "19-198-0009.flac")  # a line without audio, audio without a line
+    with caplog.at_level("WARNING"):
+        counts = prepare_librispeech_splits(copy, tmp_path / "out", ["train-clean-100"])
+    assert counts["train"] == 3 and counts["train_10m"] == 1 and counts["train_1h"] == 2
+    assert _ids(tmp_path / "out/train_10m") == fold_ids("1h/0/clean")  # 20-205-0001 is train-other-500's
+    assert "train_10m: 1 of its 2 utterances are of LibriSpeech parts not prepared (--parts): left out" in caplog.text
+    assert "train_10h: 2 of its 4 utterances" in caplog.text  # 19-198-0001's audio is gone too
+    assert "train-clean-100: 1 of its 4 transcript lines have no audio file: left out" in caplog.text
+    assert "train-clean-100: 1 of its 4 .flac files have no transcript line: left out" in caplog.text
+
+
+def _ids(split_dir: Path) -> set:
+    return {line.split()[0] for line in (split_dir / "wav.scp").read_text().splitlines()}
 
 
 def test_noise_pieces_under_a_second_are_left_out_and_counted(tmp_path: Path, caplog):

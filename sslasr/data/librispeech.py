@@ -72,10 +72,22 @@ def _utterances(corpus_dir: Path, parts: Sequence[str], num_jobs: int) -> List[U
         recordings = {recording.id: recording for recording in manifests[part]["recordings"]}
         if not recordings:
             raise LayoutError(f"{corpus_dir / part}: no <spk>-<chapter>.trans.txt with audio found")
+        _count_unpaired(corpus_dir / part, len(manifests[part]["supervisions"]))
         for sup in manifests[part]["supervisions"]:
             path = os.path.abspath(recordings[sup.recording_id].sources[0].source)
             utterances.append(Utterance(sup.id, path, sup.text, sup.speaker))
     return utterances
+
+
+def _count_unpaired(part_dir: Path, paired: int) -> None:
+    """lhotse keeps the transcript lines that have a .flac (warning per file) and never looks at
+    audio without a line: a partly copied corpus is said here in two counts."""
+    lines = sum(1 for trans in part_dir.rglob("*.trans.txt") for line in trans.read_text().splitlines() if line.strip())
+    audio = sum(1 for _ in part_dir.rglob("*.flac"))
+    if lines > paired:
+        log.warning("%s: %d of its %d transcript lines have no audio file: left out", part_dir, lines - paired, lines)
+    if audio > paired:
+        log.warning("%s: %d of its %d .flac files have no transcript line: left out", part_dir, audio - paired, audio)
 
 
 def finetuning_folds(finetuning_dir: Path) -> Dict[str, List[Path]]:
@@ -100,6 +112,8 @@ def _fold_utterances(fold: Path, num_jobs: int) -> List[Utterance]:
     parts = [p for p in ("clean", "other") if (fold / p).is_dir()]
     if not parts:
         raise LayoutError(f"{fold}: neither clean/ nor other/")
+    if len(parts) == 1:
+        log.warning("%s has %s/ alone (Libri-Light's folds hold clean/ and other/): the split is smaller", fold, parts[0])
     return _utterances(fold, parts, num_jobs)
 
 
@@ -128,6 +142,8 @@ def prepare(root: Path, out_dir: Path, parts: Sequence[str] = PARTS, num_jobs: i
     else:
         log.warning("%s is missing: --labeled 10m/1h/10h will be random subsets of train, not Libri-Light's "
                     "splits (download %s)", finetuning, FINETUNING_URL)
+    if "train" in splits:
+        _labeled_within_train(splits)
     for name in SPLITS:  # a split left from an earlier run with other parts must not survive
         shutil.rmtree(out_dir / name, ignore_errors=True)
     for name, utterances in splits.items():
@@ -136,13 +152,32 @@ def prepare(root: Path, out_dir: Path, parts: Sequence[str] = PARTS, num_jobs: i
     return {name: len(utterances) for name, utterances in splits.items()}
 
 
+def _labeled_within_train(splits: Dict[str, List[Utterance]]) -> None:
+    """Libri-Light's folds span train-clean-100 and train-other-500: with only some parts prepared
+    (--parts), their utterances of the others are left out, said, so that a labeled split stays a
+    subset of train (noisy student's pool is the rest of train; pretraining reads train)."""
+    train_ids = {u.utt_id for u in splits["train"]}
+    for name in ("train_10m", "train_1h", "train_10h"):
+        if name not in splits:
+            continue
+        inside = [u for u in splits[name] if u.utt_id in train_ids]
+        if len(inside) < len(splits[name]):
+            log.warning("%s: %d of its %d utterances are of LibriSpeech parts not prepared (--parts): left out%s",
+                        name, len(splits[name]) - len(inside), len(splits[name]),
+                        "" if inside else "; none is left: no such split")
+            if inside:
+                splits[name] = inside
+            else:
+                del splits[name]
+
+
 MIN_NOISE_SECONDS = 1.0  # shorter noise pieces are left out of the mixing pool
 
 
 def prepare_noise(musan_dir: Path, out_path: Path, parts: Sequence[str] = ("noise",), window: float = 10.0) -> int:
     """MUSAN recordings of `parts` as a cut manifest of `window`-second pieces (WavLM's mixing
     loads a whole noise cut per use, so pieces keep that cheap); returns the number of cuts."""
-    musan_dir = Path(musan_dir)
+    musan_dir = Path(musan_dir).resolve()  # the manifest is read from other folders (exp/)
     missing = [p for p in parts if not (musan_dir / p).is_dir()]
     if missing:
         raise LayoutError(f"{musan_dir}: no MUSAN folder for {missing}")
@@ -151,7 +186,9 @@ def prepare_noise(musan_dir: Path, out_path: Path, parts: Sequence[str] = ("nois
         cut for part in parts
         for cut in CutSet.from_manifests(recordings=manifests[part]["recordings"]).cut_into_windows(window))
     pieces = len(cuts)
-    cuts = cuts.filter(lambda c: c.duration >= MIN_NOISE_SECONDS).to_eager()  # a file's last window may be a sliver
+    # a file's last window may be a sliver; by id: the mixing picks noise by its place in the manifest,
+    # and lhotse's folder scan lists the files in the filesystem's order
+    cuts = CutSet.from_cuts(sorted((c for c in cuts if c.duration >= MIN_NOISE_SECONDS), key=lambda c: c.id))
     if len(cuts) < pieces:
         log.info("noise: %d of %d pieces under %g s (ends of files, short files) left out",
                  pieces - len(cuts), pieces, MIN_NOISE_SECONDS)

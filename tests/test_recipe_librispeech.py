@@ -224,14 +224,17 @@ def _ids(split_dir: Path) -> set:
     return {line.split()[0] for line in (split_dir / "wav.scp").read_text().splitlines()}
 
 
-def test_noise_pieces_under_a_second_are_left_out_and_counted(tmp_path: Path, caplog):
+def test_noise_pieces_under_a_second_are_left_out_and_counted(tmp_path: Path, caplog, monkeypatch):
     noise = tmp_path / "musan" / "noise" / "free-sound"
     noise.mkdir(parents=True)
     for name, seconds in (("noise-free-sound-0000", 20.4), ("noise-free-sound-0001", 0.5)):
         sf.write(noise / f"{name}.wav", 0.1 * np.ones(int(seconds * SR), dtype=np.float32), SR)
+    monkeypatch.chdir(tmp_path)  # the recipe's default --corpus-dir is relative (downloads)
     with caplog.at_level("INFO"):
-        kept = prepare_noise(tmp_path / "musan", tmp_path / "noise.jsonl.gz")
-    assert kept == 2 and sorted(c.duration for c in CutSet.from_file(tmp_path / "noise.jsonl.gz")) == [10.0, 10.0]
+        kept = prepare_noise(Path("musan"), tmp_path / "noise.jsonl.gz")
+    cuts = CutSet.from_file(tmp_path / "noise.jsonl.gz")
+    assert kept == 2 and sorted(c.duration for c in cuts) == [10.0, 10.0]
+    assert all(c.recording.sources[0].source == str(noise / "noise-free-sound-0000.wav") for c in cuts)
     assert "2 of 4 pieces under 1 s" in caplog.text
 
 

@@ -225,3 +225,12 @@ def test_missing_espeak_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(minisynth.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="espeak-ng"):
         minisynth.generate_corpus(tmp_path, num_train=1, num_unlabeled=1, num_dev=1, num_test=1)
+
+
+@pytest.mark.parametrize("option", ["--num-dev", "--num-unlabeled"])
+def test_an_empty_split_is_refused_before_anything_is_written(tmp_path: Path, option: str, capsys):
+    """--num-dev 0 wrote a wav.scp of one blank line, which stage 1 refused as listing no utterances."""
+    with pytest.raises(SystemExit):
+        minisynth.main(["--out-dir", str(tmp_path / "corpus"), option, "0"])
+    assert f"every split needs at least one utterance: {option} 0" in capsys.readouterr().err
+    assert not (tmp_path / "corpus").exists()

@@ -10,7 +10,9 @@ Splits (Kaldi layout, like /work/shared/data/speechocean762):
   train/      wav.scp text utt2spk            labeled pool, TRAIN_VOICES
   unlabeled/  wav.scp text.reference utt2spk  audio-only pool for SSL, TRAIN_VOICES
   dev/        wav.scp text utt2spk            DEV_VOICES + TRAIN_VOICES (model selection)
-  test/       wav.scp text utt2spk            TEST_VOICES only (never heard in any other split)
+  test/       wav.scp text utt2spk            TEST_VOICES only (accent + variant pairs of no other
+                                              split; a variant sets the timbre, and f4 and klatt's
+                                              are heard in training with other accents, m5's nowhere)
 Sentence strings are unique across all splits, so test sentences never occur elsewhere;
 the vocabulary is shared.
 
@@ -495,6 +497,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--noise-prob", type=float, default=0.3)
     parser.add_argument("--snr-range", type=float, nargs=2, default=(10.0, 30.0))
     args = parser.parse_args(argv)
+    small = [f"--num-{name} {getattr(args, 'num_' + name)}" for name in ("train", "unlabeled", "dev", "test")
+             if getattr(args, "num_" + name) < 1]
+    if small:  # an empty split folder would stop stage 1 with a puzzle ("wav.scp lists no utterances")
+        parser.error(f"every split needs at least one utterance: {', '.join(small)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     info = generate_corpus(args.out_dir, seed=args.seed, num_train=args.num_train,
                            num_unlabeled=args.num_unlabeled, num_dev=args.num_dev,

@@ -65,10 +65,33 @@ def test_every_problem_is_reported_at_once():
     ({"finetune.init_form": "exp/pretrain/model_final.pt"}, "finetune: unknown keys ['init_form']"),
     ({"init.encoder": "exp/pretrain/model_final.pt"}, "init: unknown keys ['encoder'] (read: encoder_from)"),
     ({"scheduler.final_lr_scale": "0"}, "scheduler.final_lr_scale must be a positive number, got 0"),
+    # accepted, then ignored or fatal late: a mistyped section, another task's, an empty one
+    ({"trainr.max_updates": "5"}, "unknown top-level sections ['trainr'] (known: task, frontend"),
+    ({"init.encoder_from": "exp/pretrain/model_final.pt"},
+     "the init section is read by task pretrain only; this config's task is 'asr'"),
+    ({"finetune": "null"}, "empty sections ['finetune'] (keys all commented out"),
+    # polynomial warm-up: one key silently won over the other; a ratio under the updates' key was 1 update
+    ({"scheduler": "{name: polynomial, warmup_updates: 10, warmup_ratio: 0.1}"},
+     "scheduler: warmup_updates and warmup_ratio both given; give one"),
+    ({"scheduler": "{name: polynomial, warmup_updates: 0.08}"},
+     "scheduler.warmup_updates must be an integer in [1, trainer.max_updates = "),
+    ({"scheduler": "{name: polynomial, warmup_ratio: 8}"}, "scheduler.warmup_ratio must be a fraction in [0, 1), got 8"),
+    ({"trainer.best_metric": "WER"}, "trainer.best_metric 'WER' is not a validation metric of task asr (wer, loss)"),
+    ({"finetune.freeze_feature_extractor": "'false'"},
+     "finetune.freeze_feature_extractor must be true or false, got 'false'"),
+    ({"finetune.reinit_top_layers": "true"}, "finetune.reinit_top_layers must be a non-negative integer, got True"),
 ])
 def test_single_problems(overrides, expected):
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         check_training_config(_finetune_cfg(**overrides))
+
+
+def test_a_pretraining_config_with_a_fine_tuning_start_is_refused():
+    """finetune.init_from in a pretraining config was never read: the encoder started at random."""
+    cfg = load_configs([MINISYNTH / "frontend_wav2vec2.yaml", MINISYNTH / "pretrain.yaml"],
+                       ["finetune.init_from=exp/other/model_final.pt", "trainer.best_metric=wer"])
+    with pytest.raises(ConfigError, match="the finetune section is read by task asr only; this config's task is 'pretrain'"):
+        check_training_config(cfg)
 
 
 def test_an_lm_config_reads_text_keys_only():

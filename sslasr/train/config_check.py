@@ -1,6 +1,6 @@
-"""Checks of a merged training config's data / finetune / init / optim / scheduler / trainer sections, so a
-typo or an impossible value fails at once (`sslasr.bin.train --dry-run`) rather than hours
-into a run -- or never, as an ignored key would."""
+"""Checks of a merged training config: which sections there are, and the keys and values of data,
+finetune, init, optim, scheduler and trainer, so a typo or an impossible value fails at once
+(`sslasr.bin.train --dry-run`) rather than hours into a run -- or never, as an ignored key would."""
 
 import math
 from numbers import Real
@@ -18,6 +18,13 @@ AUDIO_DATA_KEYS = ("train_cuts", "valid_cuts", "tokenizer", "max_duration", "val
 TEXT_DATA_KEYS = ("tokenizer", "train_text", "extra_text", "valid_text", "max_tokens", "valid_max_tokens")
 FINETUNE_KEYS = ("init_from", "reinit_top_layers", "freeze_feature_extractor", "freeze_encoder_updates")
 INIT_KEYS = ("encoder_from",)  # pretraining: the encoder to start from (a k-means iteration's previous model)
+# Top-level sections, and the task each is read by where that is one task alone. A frontend
+# preset carries pretrain / kmeans settings that fine-tuning configs merge in and never read.
+SECTIONS = ("task", "frontend", "pretrain", "kmeans", "init", "finetune", "head", "decode", "pseudo_label", "lm",
+            "data", "optim", "scheduler", "trainer")
+SECTION_TASK = {"init": "pretrain", "finetune": "asr"}
+# validation metrics a best_metric can name, where a task's are fixed
+TASK_METRICS = {"asr": ("wer", "loss"), "lm": ("loss", "perplexity")}
 
 
 class ConfigError(ValueError):
@@ -68,6 +75,22 @@ def _check_known(problems: List[str], section: Dict, known, name: str) -> None:
         problems.append(f"{name}: unknown keys {unknown} (read: {', '.join(known)})")
 
 
+def _check_sections(cfg: Dict, problems: List[str]) -> None:
+    """A mistyped section (trainr:) would be ignored for the whole run, and so would a section of
+    another task (init.encoder_from in a fine-tuning: trained from scratch); an empty one (its keys
+    all commented out) reads as null, which the tasks cannot read."""
+    unknown = sorted(set(cfg) - set(SECTIONS))
+    if unknown:
+        problems.append(f"unknown top-level sections {unknown} (known: {', '.join(SECTIONS)})")
+    task = cfg.get("task")
+    for name, reader in SECTION_TASK.items():
+        if name in cfg and task != reader:
+            problems.append(f"the {name} section is read by task {reader} only; this config's task is {task!r}")
+    empty = sorted(name for name in SECTIONS if name in cfg and cfg[name] is None)
+    if empty:
+        problems.append(f"empty sections {empty} (keys all commented out?): remove them or give them keys")
+
+
 def _check_model_start(cfg: Dict, problems: List[str]) -> None:
     for name, known in (("finetune", FINETUNE_KEYS), ("init", INIT_KEYS)):
         section = cfg.get(name)
@@ -77,6 +100,17 @@ def _check_model_start(cfg: Dict, problems: List[str]) -> None:
             problems.append(f"{name} must be a section of keys, got {section!r}")
             continue
         _check_known(problems, section, known, name)
+    finetune = cfg.get("finetune")
+    if not isinstance(finetune, dict):
+        return
+    # (a quoted "false" would be true; `reinit_top_layers: true` would re-initialise one block)
+    if not isinstance(finetune.get("freeze_feature_extractor", False), bool):
+        problems.append("finetune.freeze_feature_extractor must be true or false, "
+                        f"got {finetune['freeze_feature_extractor']!r}")
+    for key in ("reinit_top_layers", "freeze_encoder_updates"):
+        _check_number(problems, finetune, key, "finetune", required=False, allow_zero=True, integer=True)
+    if not isinstance(finetune.get("init_from"), (str, type(None))):
+        problems.append(f"finetune.init_from must be a path or null, got {finetune['init_from']!r}")
 
 
 def _check_optim(cfg: Dict, problems: List[str]) -> None:
@@ -97,6 +131,10 @@ def _check_optim(cfg: Dict, problems: List[str]) -> None:
 
 def _check_scheduler(cfg: Dict, problems: List[str]) -> None:
     scheduler = cfg.get("scheduler", {})
+    if not isinstance(scheduler, dict):
+        if scheduler is not None:  # (None: said by _check_sections)
+            problems.append(f"scheduler must be a section of keys, got {scheduler!r}")
+        return
     name = scheduler.get("name", "polynomial")
     if name not in SCHEDULER_KEYS:
         problems.append(f"scheduler.name {name!r} is not one of {', '.join(SCHEDULER_KEYS)}")
@@ -115,14 +153,34 @@ def _check_scheduler(cfg: Dict, problems: List[str]) -> None:
         _check_number(problems, scheduler, "init_lr_scale", "scheduler", required=False, allow_zero=True)
         if len(problems) > found:
             return
-    max_updates = cfg.get("trainer", {}).get("max_updates")
+    max_updates = (cfg.get("trainer") or {}).get("max_updates")
     if not (_number(max_updates) and max_updates > 0):
         return  # reported by the trainer check
+    if name == "polynomial" and not _check_warmup(scheduler, int(max_updates), problems):
+        return
     scale = build_lr_scale(scheduler, int(max_updates))
     steps = sorted({0, 1, int(max_updates) // 2, int(max_updates) - 1})
     bad = [(step, scale(step)) for step in steps if not (_number(scale(step)) and 0 <= scale(step) <= 1)]
     if bad:
         problems.append(f"scheduler gives learning-rate scales outside [0, 1]: {bad}")
+
+
+def _check_warmup(scheduler: Dict, max_updates: int, problems: List[str]) -> bool:
+    """warmup_updates or warmup_ratio, not both (the updates won: the ratio was ignored), each a
+    warm-up that ends before the last update (else the rate never peaks nor decays)."""
+    found = len(problems)
+    if "warmup_updates" in scheduler and "warmup_ratio" in scheduler:
+        problems.append("scheduler: warmup_updates and warmup_ratio both given; give one")
+    updates = scheduler.get("warmup_updates")
+    if updates is not None and not (_number(updates) and isinstance(updates, int) and 0 < updates < max_updates):
+        problems.append(f"scheduler.warmup_updates must be an integer in [1, trainer.max_updates = {max_updates}), "
+                        f"got {updates!r}")
+    ratio = scheduler.get("warmup_ratio")
+    if ratio is not None and not (_number(ratio) and 0 <= ratio < 1):
+        problems.append(f"scheduler.warmup_ratio must be a fraction in [0, 1), got {ratio!r}")
+    for key in ("end_lr_scale", "power"):
+        _check_number(problems, scheduler, key, "scheduler", required=False, allow_zero=key == "end_lr_scale")
+    return len(problems) == found
 
 
 TRAINER_KEYS = ("max_updates", "accum_grad", "clip_grad_norm", "log_every", "valid_every", "checkpoint_every",
@@ -158,13 +216,17 @@ def _check_trainer(cfg: Dict, problems: List[str]) -> None:
     best_metric = trainer.get("best_metric")
     if best_metric is not None and not (isinstance(best_metric, str) and best_metric):
         problems.append(f"trainer.best_metric must name a validation metric (e.g. loss, wer), got {best_metric!r}")
+    elif best_metric is not None and best_metric not in TASK_METRICS.get(cfg.get("task"), (best_metric,)):
+        # (else a KeyError at the first validation, after valid_every updates)
+        problems.append(f"trainer.best_metric {best_metric!r} is not a validation metric of task {cfg['task']} "
+                        f"({', '.join(TASK_METRICS[cfg['task']])})")
 
 
 def check_training_config(cfg: Dict) -> None:
     """Raise ConfigError listing every problem in the data, finetune, init, optim, scheduler and
     trainer sections."""
     problems: List[str] = []
-    for check in (_check_data, _check_model_start, _check_optim, _check_scheduler, _check_trainer):
+    for check in (_check_sections, _check_data, _check_model_start, _check_optim, _check_scheduler, _check_trainer):
         check(cfg, problems)
     if problems:
         raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))

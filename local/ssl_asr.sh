@@ -126,6 +126,12 @@ stale_before() {  # stale_before STAGE NEWER OLDER WHAT [HOW]: stop when STAGE i
   echo "$0: $4: include stage $1 ${5:-(--stage $1)}" >&2
   exit 2
 }
+unfinished() {  # unfinished STAGE MARKER WHAT: stop when STAGE is left out but its folder has no MARKER
+  # (--force removes a marker before the work is redone in place: a run killed part-way leaves none)
+  [ "$stage" -gt "$1" ] && [ -d "$(dirname "$2")" ] && [ ! -f "$2" ] || return 0
+  echo "$0: stage $1 has not finished $3 (no $2: killed part-way?): include stage $1 (--stage $1)" >&2
+  exit 2
+}
 fbank_unfinished() {  # fbank_unfinished [HOW]: stop when stage 2 is left out but never finished the fbank
   [ "$stage" -gt 2 ] && [ -f $manifests/.done ] && [ ! -f $manifests/.fbank.done ] || return 0
   # (stage 2 removes its marker before it rewrites the archives: a computation killed part-way leaves none)
@@ -386,10 +392,12 @@ recorded_splits() {  # recorded_splits: the splits stage 1 made manifests of (na
     echo "${split%.jsonl.gz}"
   done
 }
+unfinished 1 $manifests/.done "the manifests"
 stale_before 1 data/.data.done $manifests/.done "data/ was prepared again after the manifests"
 [ "$input_type" != fbank ] || stale_before 2 $manifests/.done $manifests/.fbank.done "the manifests were made again after the fbank"
 [ "$input_type" != fbank ] || fbank_unfinished
 stale_before 3 $manifests/.done $lang/.done "the manifests were made again after the tokenizer"
+unfinished 3 $lang/.done "the tokenizer"
 
 if run_stage 1; then
   splits=$(for d in "$corpus_dir"/*/; do [ ! -f "$d/wav.scp" ] || printf '%s ' "$(basename "$d")"; done)

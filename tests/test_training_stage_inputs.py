@@ -90,8 +90,10 @@ def _recipe(tmp_path: Path) -> Path:
     (conf / "noisy_student.yaml").write_text("pseudo_label:\n  method: ctc_greedy\n")
     for split in ("train", "unlabeled", "dev", "test"):
         _gz(recipe / f"data/manifests/toy_cuts_{split}.jsonl.gz", f"{split} cuts\n")
+    (recipe / "data/manifests/.done").touch()  # stages 1 and 3 finished (in this order)
     (recipe / "data/lang_unigram_200").mkdir()
     (recipe / "data/lang_unigram_200/bpe.model").write_text("tokenizer\n")
+    (recipe / "data/lang_unigram_200/.done").touch()
     corpus = tmp_path / "my corpus"
     (corpus / "unlabeled").mkdir(parents=True)
     (recipe / "data/corpus_dir").write_text(f"{corpus}\n")
@@ -995,6 +997,7 @@ def test_frontend_all_under_force_trains_the_shared_lm_once(tmp_path: Path):
     recipe = _recipe(tmp_path)
     (recipe / "conf/lm.yaml").write_text("# lm\n")
     (recipe / "conf/frontend_hubert.yaml").write_text("# frontend_hubert\n")
+    (recipe / "data/manifests/.fbank.done").touch()  # (--frontend all checks stage 2 for its fbank frontend)
     result = _run(recipe, "--frontend", "all", "--stage", "4", "--stop-stage", "6", "--force", "true",
                   frontends="wav2vec2 hubert")
     assert result.returncode == 0, result.stderr
@@ -1051,3 +1054,17 @@ def test_frontend_all_says_at_once_that_the_fbank_is_older_than_the_manifests(tm
     result = _run(recipe, "--frontend", "all", "--stage", "4", frontends="wav2vec2 hubert")
     assert result.returncode == 2 and "include stage 2 with an fbank frontend" in result.stderr, result.stderr
     assert not _calls(recipe, "sslasr.bin.train")
+
+
+@pytest.mark.parametrize("marker, expected", [
+    ("data/manifests/.done", "stage 1 has not finished the manifests (no data/manifests/.done: killed part-way?)"),
+    ("data/lang_unigram_200/.done", "stage 3 has not finished the tokenizer (no data/lang_unigram_200/.done"),
+])
+def test_a_left_out_stage_killed_under_force_is_not_taken_as_done(tmp_path: Path, marker: str, expected: str):
+    """--force removes a stage's marker before it rewrites the stage's files in place: killed
+    part-way, a later --stage 4 took half-rewritten manifests or tokenizer as done."""
+    recipe = _recipe(tmp_path)
+    (recipe / marker).unlink()
+    result = _run(recipe, "--stage", "4", "--stop-stage", "5")
+    assert result.returncode == 2 and f"{expected}" in result.stderr, result.stderr
+    assert "include stage" in result.stderr and not _calls(recipe, "sslasr.bin.train")

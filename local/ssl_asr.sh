@@ -93,6 +93,11 @@ for option in stage stop_stage generations finetune_jobs nj nproc vocab_size nod
   # a word where a count belongs would only make bash's [ -gt ] complain, and the stages go on
   [[ "${!option}" =~ ^[0-9]+$ ]] || { echo "$0: --${option//_/-} ${!option}: not a whole number" >&2; exit 2; }
 done
+# (a 30s or 1.5h failed in stage 5, after pretraining; 010m read as octal, 480 s)
+[[ "$labeled" =~ ^(all|[0-9]+[hm]?)$ ]] || { echo "$0: --labeled $labeled: all, or N, Nm or Nh (seconds, minutes, hours)" >&2; exit 2; }
+for f in $lm_text; do  # (a missing one was recorded without contents, and the LM trained on it reset)
+  [ -f "$f" ] && [ -r "$f" ] || { echo "$0: --lm-text $f: no readable file (relative paths are read from $PWD)" >&2; exit 2; }
+done
 for option in force no_pretrain compare_scratch; do
   # compared with `true` only: `--force yes` meant false, and `--force --labeled 1h` took --labeled for its value
   case ${!option} in true|false) ;; *) echo "$0: --${option//_/-} ${!option}: true or false" >&2; exit 2 ;; esac
@@ -245,9 +250,9 @@ train() {  # train EXP_DIR CONFIG... -- OVERRIDES...
 seconds_of() {  # 10m → 600, 1h → 3600, 90 → 90, all → all
   case "$1" in
     all) echo all ;;
-    *h) echo $(( ${1%h} * 3600 )) ;;
-    *m) echo $(( ${1%m} * 60 )) ;;
-    *) echo "$1" ;;
+    *h) echo $(( 10#${1%h} * 3600 )) ;;
+    *m) echo $(( 10#${1%m} * 60 )) ;;
+    *) echo $(( 10#$1 )) ;;
   esac
 }
 
@@ -806,7 +811,8 @@ finetune_system() {  # finetune_system pretrained|scratch [KEY=VALUE...]: stage 
   mark_trained $dir/.done
 }
 finetune_together() {  # finetune_together SYSTEM...: one job each, the cores shared out, logs to files
-  local system pids=() threads=$(( $(getconf _NPROCESSORS_ONLN) / $# )) failed=""
+  # (the nproc command: the CPUs this process may use, its affinity and cgroup counted; not the option)
+  local system pids=() threads=$(( $(command nproc) / $# )) failed=""
   [ "$threads" -ge 1 ] || threads=1
   # A script's background jobs ignore SIGINT and outlive it: on Ctrl-C or a kill of the driver, end
   # each job's process group (set -m: one per job), the trainer and its loader workers included

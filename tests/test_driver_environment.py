@@ -50,6 +50,31 @@ def test_a_count_option_that_is_not_a_whole_number_is_refused(tmp_path):
     assert run_with_environment(recipe).returncode == 0
 
 
+def test_labeled_amounts_and_lm_text_files_are_checked_before_any_stage(tmp_path):
+    """--labeled 30s failed in stage 5, after pretraining, and 010m was read as octal (480 s); an
+    --lm-text path that is not there was recorded without contents and reset the trained LM."""
+    recipe = recipe_copy(tmp_path)
+    env = dict(os.environ, SSLASR_PYTHON=sys.executable)
+
+    def run(*args):
+        return subprocess.run(["./run.sh", "--stage", "100", *args], cwd=recipe, env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    for value in ("30s", "1.5h", "1H", ""):
+        refused = run("--labeled", value)
+        assert refused.returncode == 2 and f"--labeled {value}: all, or N, Nm or Nh" in refused.stderr, refused.stderr
+    for value in ("all", "600", "10m", "1h"):
+        assert run("--labeled", value).returncode == 0, value
+    refused = run("--lm-text", "more.txt")
+    assert refused.returncode == 2, refused.stderr
+    assert f"--lm-text more.txt: no readable file (relative paths are read from {recipe})" in refused.stderr
+    (recipe / "more.txt").write_text("more text\n")
+    assert run("--lm-text", "more.txt").returncode == 0
+    seconds = subprocess.run(["bash", "-c", f"source <(sed -n '/^seconds_of()/,/^}}/p' {recipe.parents[1]}/local/ssl_asr.sh)"
+                              "; seconds_of 010m; seconds_of 08"], capture_output=True, text=True)
+    assert seconds.stdout.split() == ["600", "8"], seconds.stderr
+
+
 def test_the_install_runs_where_it_is_missing_or_older_than_pyproject(tmp_path):
     """It ran only when .venv/bin/python was missing: a .venv made for one's own torch first (as the
     README says to do with a GPU) never got sslasr, and a dependency added since was never installed."""

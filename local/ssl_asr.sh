@@ -168,11 +168,21 @@ if [ "$frontend" = all ]; then
       *) one_frontend_args+=("$1"); shift ;;
     esac
   done
+  end_frontend() { kill -TERM -- -$child 2>/dev/null || :; wait $child 2>/dev/null || :; exit $1; }  # end_frontend CODE
   frontends=$("$python" -c "from sslasr.models.frontends import FRONTENDS; print(*FRONTENDS)")  # a failure stops here
+  for one in $frontends; do  # (said at the first frontend without one, after the ones before it trained)
+    [ -z "$model_size" ] || [ -f "$conf_dir/frontend_${one}_$model_size.yaml" ] \
+      || { echo "$0: --frontend all --model-size $model_size: no $conf_dir/frontend_${one}_$model_size.yaml" >&2; exit 2; }
+  done
   for one in $frontends; do
     one_command=("./$(basename "$0")" ${one_frontend_args[@]+"${one_frontend_args[@]}"} --frontend "$one")
     echo "$(date '+%F %T') --frontend all:$(printf " %q" "${one_command[@]}")" >&2
-    "${one_command[@]}"
+    # in its own process group (set -m), waited for: a TERM (a scheduler's) or HUP killed this shell
+    # and left the frontend's driver and its trainer running on; passed on to them all, as Ctrl-C is
+    set -m; "${one_command[@]}" & child=$!; set +m
+    trap 'end_frontend 130' INT; trap 'end_frontend 143' TERM; trap 'end_frontend 129' HUP
+    wait $child || exit $?
+    trap - INT TERM HUP
     export SSLASR_SHARED_MADE=1  # the LMs are the first frontend's: reused, not trained again under --force
   done
   exit 0

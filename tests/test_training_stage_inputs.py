@@ -1068,3 +1068,42 @@ def test_a_left_out_stage_killed_under_force_is_not_taken_as_done(tmp_path: Path
     result = _run(recipe, "--stage", "4", "--stop-stage", "5")
     assert result.returncode == 2 and f"{expected}" in result.stderr, result.stderr
     assert "include stage" in result.stderr and not _calls(recipe, "sslasr.bin.train")
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_ending_a_frontend_all_run_ends_the_frontend_being_trained(tmp_path: Path, signum: int, code: int):
+    """--frontend all ran each frontend's driver in the foreground: a TERM (a scheduler's) killed
+    the loop alone, and the frontend's driver and trainer ran on into stages 4-10."""
+    recipe = _recipe(tmp_path)
+    (recipe / "data/manifests/.fbank.done").touch()
+    driver = subprocess.Popen(["./run.sh", "--frontend", "all", "--stage", "4", "--stop-stage", "4"], cwd=recipe,
+                              env=_env(recipe, train_sleep="1", frontends="wav2vec2 hubert"), stderr=subprocess.PIPE,
+                              text=True, preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL)
+                                                             for s in (signal.SIGINT, signal.SIGHUP)])
+    pid_file = recipe / "exp/pretrain_wav2vec2/sleeper.pid"
+    sleeper = None
+    try:
+        deadline = time.monotonic() + 20
+        while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sleeper = int(pid_file.read_text())
+        driver.send_signal(signum)
+        assert driver.wait(timeout=10) == code
+        deadline = time.monotonic() + 3
+        while not _gone(sleeper) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(sleeper)
+        assert not (recipe / "exp/pretrain_hubert").exists()  # the loop ended too
+    finally:
+        driver.kill()
+        if sleeper and not _gone(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
+
+
+def test_frontend_all_with_a_model_size_some_frontend_lacks_is_refused_up_front(tmp_path: Path):
+    recipe = _recipe(tmp_path)
+    (recipe / "data/manifests/.fbank.done").touch()
+    (recipe / "conf/frontend_wav2vec2_large.yaml").write_text("# large\n")
+    result = _run(recipe, "--frontend", "all", "--model-size", "large", "--stage", "4", frontends="wav2vec2 hubert")
+    assert result.returncode == 2 and "--model-size large: no conf/frontend_hubert_large.yaml" in result.stderr, result.stderr
+    assert not _calls(recipe, "sslasr.bin.train")  # wav2vec2's was not trained first

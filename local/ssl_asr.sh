@@ -312,6 +312,11 @@ exp=exp
 conf_name=${conf_dir#./}; conf_name=${conf_name%/}
 [ "$conf_name" = conf ] || exp=exp/conf_$(printf %s "${conf_name#conf/}" | tr -c 'A-Za-z0-9._-' '_')
 pretrained_tag=$frontend_tag$pretrain_tag  # names the pretraining and what starts from it
+if [ -n "$pretrain_tag" ] && [ -f "$conf_dir/frontend_$pretrained_tag.yaml" ]; then  # (--force would overwrite the other)
+  echo "$0: --pretrain-tag $pretrain_tag names the exp dirs of --model-size ${pretrained_tag#${frontend}_}" \
+    "($conf_dir/frontend_$pretrained_tag.yaml): choose another tag" >&2
+  exit 2
+fi
 pretrain_dir=$exp/pretrain_$pretrained_tag
 system_dir() {  # system_dir pretrained|scratch
   if [ "$1" = pretrained ]; then echo "$exp/${head}_${pretrained_tag}_${labeled_tag}$sp_tag$tag"; else echo "$exp/${head}_scratch_${frontend_tag}_${labeled_tag}$sp_tag$tag"; fi

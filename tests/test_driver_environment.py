@@ -75,6 +75,21 @@ def test_labeled_amounts_and_lm_text_files_are_checked_before_any_stage(tmp_path
     assert seconds.stdout.split() == ["600", "8"], seconds.stderr
 
 
+def test_a_pretrain_tag_that_names_a_model_sizes_dirs_is_refused(tmp_path):
+    """--pretrain-tag _large wrote into exp/pretrain_wav2vec2_large, the --model-size large run's."""
+    recipe = recipe_copy(tmp_path)
+    env = dict(os.environ, SSLASR_PYTHON=sys.executable)
+    (recipe / "conf/frontend_wav2vec2_large.yaml").write_text("_base_: frontend_wav2vec2.yaml\n")
+    refused = subprocess.run(["./run.sh", "--stage", "100", "--pretrain-tag", "_large"], cwd=recipe, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert ("--pretrain-tag _large names the exp dirs of --model-size large (conf/frontend_wav2vec2_large.yaml)"
+            in refused.stderr)
+    taken = subprocess.run(["./run.sh", "--stage", "100", "--pretrain-tag", "_12k"], cwd=recipe, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert taken.returncode == 0, taken.stderr
+
+
 def test_the_install_runs_where_it_is_missing_or_older_than_pyproject(tmp_path):
     """It ran only when .venv/bin/python was missing: a .venv made for one's own torch first (as the
     README says to do with a GPU) never got sslasr, and a dependency added since was never installed."""

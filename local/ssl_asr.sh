@@ -345,17 +345,37 @@ run_key=$(printf '%s' "$launcher" | sed -E 's/--node[_-]rank[= ]*[0-9]+//' | cks
 node0_alive=$exp/.node0_alive.$run_key
 node_probe=$exp/.node${node_rank}_probe
 node_started=""
-forced_since=""  # under --force, a file touched as this node started: node 0's markers older than it are an earlier run's
+# Under --force node 0 redoes its shared work in place (the pretraining manifest, k-means, pseudo-
+# labels): the earlier run's markers are there until it removes them, maybe after another node
+# looked. It touches $node0_started as it starts, before removing any; the other nodes take only
+# markers newer than that, once a beat since they started shows it is this run's node 0.
+node0_started=$exp/.node0_started.$run_key
+forced_since=""  # set by node0_run_start
 if [ "${nnodes:-1}" != 1 ]; then
   mkdir -p $exp
   if [ "$node_rank" = 0 ]; then  # the loop ends with the driver ($$), whatever ends it
+    touch "$node0_started"
     ( while kill -0 $$ 2>/dev/null; do touch "$node0_alive" || :; sleep 30; done ) </dev/null >/dev/null 2>&1 &
   else
     touch "$node_probe"
     node_started=$(stat -c %Y "$node_probe")
-    if [ "$force" = true ]; then forced_since=$exp/.node${node_rank}_started.$run_key && touch $forced_since; fi
   fi
 fi
+node0_run_start() {  # node0_run_start: under --force, on another node, forced_since=node 0's start stamp of this run
+  [ "$force" = true ] && [ "$node_rank" != 0 ] && [ -z "$forced_since" ] || return 0
+  local waited=0
+  until [ -f "$node0_started" ] && [ -f "$node0_alive" ] && [ "$(stat -c %Y "$node0_alive")" -ge "$node_started" ]; do
+    if [ $waited -ge $((node_wait_hours * 3600)) ]; then
+      log "node $node_rank: node 0 of this run has not started (no beat in $node0_alive since this node started)," \
+          "after $node_wait_hours h (--node-wait-hours)"
+      exit 1
+    fi
+    [ $((waited % 600)) -ne 0 ] || log "node $node_rank: waiting for node 0 to start ($node0_alive)"
+    sleep 5
+    waited=$((waited + 5))
+  done
+  forced_since=$node0_started
+}
 noisy_student_multinode=""
 started_stamp=""  # on the shared filesystem, by its clock (see wait_for_node_0)
 if [ "${nnodes:-1}" != 1 ] && [ "$generations" -gt 0 ] && [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
@@ -726,7 +746,8 @@ kmeans_pretraining() {  # kmeans_pretraining CUTS: per k-means iteration (HuBERT
     valid_labels=$it/labels/$(basename "$valid_cuts")
     [ "$node_rank" != 0 ] || undo_stale_iteration $i
     if [ "$node_rank" != 0 ]; then  # node 0's markers, each newer than what it was made from (and, under
-      # --force, than this node's start: node 0 removes the earlier run's, maybe after this node looked)
+      # --force, than node 0's start: it removes the earlier run's, maybe after this node looked)
+      node0_run_start
       wait_for_node_0 $it/.kmeans.done "iteration $i k-means" $forced_since \
         ${previous:+$pretrain_dir/iter$((i - 1))/model_final.pt}
     elif [ -f $it/.kmeans.done ]; then log "iteration $i: k-means ready"; else
@@ -781,6 +802,7 @@ if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
       [ "$force" != true ] || rm -f $pretrain_dir/iter*/.*done  # each k-means iteration's k-means, labels, training
       on_node_0 "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $pretrain_inputs
     else  # one left by an earlier run counts only if no split was made again since (nor --force given)
+      node0_run_start
       wait_for_node_0 "$pretrain_cuts" "pretraining manifest" $pretrain_inputs $forced_since
     fi
     kmeans_iterations=$(kmeans_cli plan --count)  # a failure stops here
@@ -1292,8 +1314,9 @@ join_student_training() {  # join_student_training G TEACHER STUDENT: another no
   wait_for_node_0 $teacher/.done "generation $((g - 1)) model ($teacher)"
   method=$(pseudo_label_method $teacher)
   inputs=($teacher/model_final.pt $teacher/.done $(search_lm_files $method))
-  # under --force node 0 labels again: only pseudo-labels made since this node started are this run's
-  [ "$force" != true ] || inputs+=($started_stamp)
+  # under --force node 0 labels again: only pseudo-labels made since it started are this run's
+  node0_run_start
+  [ "$force" != true ] || inputs+=($forced_since)
   local ready_also="pseudo_labels_match $teacher $labels"  # ... and from this run's settings
   wait_for_node_0 $labels/.done "generation $g pseudo-labels" "${inputs[@]}"
   ready_also=""

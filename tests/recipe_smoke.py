@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,3 +43,17 @@ def dry_run_parameters(summary: str) -> float:
     """Millions of parameters in the summary sslasr.bin.train.dry_run prints
     (`model: AsrModel, 9.68M parameters`)."""
     return float(summary.split("model: ")[1].split(", ")[1].split("M")[0])
+
+
+def node_0_running(exp: Path, launcher: str, started: float) -> None:
+    """What node 0 of a multi-node run leaves on the shared exp dir while it runs (local/ssl_asr.sh):
+    its start stamp (at STARTED, a time) and a fresh heartbeat, both named by the run's key (the
+    cksum of its launcher less --node_rank)."""
+    key = subprocess.run(["bash", "-c", "printf '%s' \"$1\" | sed -E 's/--node[_-]rank[= ]*[0-9]+//' | cksum "
+                          "| cut -d' ' -f1", "-", launcher], capture_output=True, text=True, check=True).stdout.strip()
+    exp.mkdir(parents=True, exist_ok=True)
+    (exp / f".node0_started.{key}").touch()
+    os.utime(exp / f".node0_started.{key}", (started, started))
+    (exp / f".node0_alive.{key}").touch()
+    beat = time.time() + 5  # after the node under test starts
+    os.utime(exp / f".node0_alive.{key}", (beat, beat))

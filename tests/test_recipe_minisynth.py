@@ -16,7 +16,7 @@ import pytest
 import torch
 from lhotse import CutSet
 
-from recipe_smoke import SMOKE, SMOKE_DATA, recipe_copy, recipe_with_data, run_recipe
+from recipe_smoke import SMOKE, SMOKE_DATA, node_0_running, recipe_copy, recipe_with_data, run_recipe
 from sslasr.scoring import read_results
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
@@ -255,11 +255,13 @@ def test_other_nodes_stop_when_node_0_fails_its_stage_4_work(tmp_path: Path, pre
     (-60, [], "iteration 1 k-means (exp/pretrain_hubert/iter1/.kmeans.done) not there"),
     # a split made again since
     (3600, [], "pretraining manifest (data/manifests/minisynth_cuts_pretrain.jsonl.gz) not there, or older than its inputs"),
-    # under --force, node 0 makes them again: an earlier run's (from before node 1 started) are not taken
+    # under --force, node 0 makes them again: an earlier run's (from before node 0 started) are not taken
     (-60, ["--force", "true"], "pretraining manifest (data/manifests/minisynth_cuts_pretrain.jsonl.gz) not there, "
                                "or older than its inputs"),
-    ("after node 1 started", ["--force", "true"], "iteration 1 k-means (exp/pretrain_hubert/iter1/.kmeans.done) "
+    ("after node 0 started", ["--force", "true"], "iteration 1 k-means (exp/pretrain_hubert/iter1/.kmeans.done) "
                                                   "not there, or older than its inputs"),
+    # ... and until node 0 of this run beats, whose start they are not known to follow
+    ("no node 0", ["--force", "true"], "node 0 of this run has not started (no beat in exp/.node0_alive."),
 ])
 def test_other_nodes_take_a_pretraining_manifest_only_if_made_from_the_current_splits(
         tmp_path: Path, prepared_minisynth: Path, manifest_age_s, force: list, waits_for: str):
@@ -267,25 +269,32 @@ def test_other_nodes_take_a_pretraining_manifest_only_if_made_from_the_current_s
     combines it again, so it is taken only if no split manifest is newer (the same content);
     one older than a split would start node 1's training on other cuts than node 0's. Under
     --force, node 0 removes the earlier run's k-means markers, maybe after node 1 looked: node 1
-    takes only what was made after it started."""
+    takes only what node 0 made after it started (a start stamp, with a beat since node 1 started:
+    taking what was made after node 1's own start hung a node started a little after node 0)."""
     recipe = recipe_with_data(tmp_path, prepared_minisynth)
     manifests = recipe / "data/manifests"
     pretrain = manifests / "minisynth_cuts_pretrain.jsonl.gz"
     shutil.copy(manifests / "minisynth_cuts_train.jsonl.gz", pretrain)
-    if manifest_age_s == "after node 1 started":
-        stamp = time.time() + 60
+    if force:  # data/ made 10 min earlier (each file's order kept): the manifests too, before node 0 started
+        for path in (recipe / "data").rglob("*"):
+            made = path.stat().st_mtime - 600
+            os.utime(path, (made, made))
+    if manifest_age_s != "no node 0" and force:
+        node_0_running(recipe / "exp", NODE_1[1], started=time.time() - 30)
+    if manifest_age_s == "after node 0 started":
+        stamp = time.time() - 10  # before node 1 started: taken, node 0 made it in this run
         kmeans_done = recipe / "exp/pretrain_hubert/iter1/.kmeans.done"  # an earlier run's
         kmeans_done.parent.mkdir(parents=True)
         kmeans_done.touch()
+        os.utime(kmeans_done, (time.time() - 120,) * 2)
+    elif manifest_age_s == "no node 0":
+        stamp = time.time() - 10
     else:
-        if force:  # data/ made 10 min earlier (each file's order kept): the manifest too, before node 1 starts
-            for path in (recipe / "data").rglob("*"):
-                made = path.stat().st_mtime - 600
-                os.utime(path, (made, made))
         stamp = (manifests / "minisynth_cuts_train.jsonl.gz").stat().st_mtime - manifest_age_s
     os.utime(pretrain, (stamp, stamp))
     result = run_recipe(recipe, *SMOKE, *NODE_1, "--node-wait-hours", "0", "--frontend", "hubert", "--stage", "4",
                         "--stop-stage", "4", *force, timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
-    assert f"node 1: node 0's {waits_for}, after 0 h" in result.stderr, \
+    said = f"node 1: {waits_for}" if manifest_age_s == "no node 0" else f"node 1: node 0's {waits_for}, after 0 h"
+    assert said in result.stderr, \
         result.stderr[-3000:]

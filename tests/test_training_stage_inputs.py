@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipe_smoke import node_0_running
 from test_data_stage_markers import REPO, _executable, _lines
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
@@ -545,6 +546,8 @@ def test_other_nodes_take_only_this_teachers_pseudo_labels(tmp_path: Path, case:
         stamp = teacher_made - 10 if case == "older than the teacher" else teacher_made + 60
         os.utime(labels / ".done", (stamp, stamp))
         force = ["--force", "true"] if case == "made before --force" else []
+        if force:  # node 0 of this run started after these labels were made (and beats)
+            node_0_running(recipe / "exp", NODES.format(0), started=teacher_made + 70)
         if case == "teacher model missing":
             (recipe / "exp/ctc_wav2vec2_all/model_final.pt").unlink()
     command, env = _node(recipe, 1, "--stage", "9", "--generations", "1", "--node-wait-hours", "0", *force)

@@ -14,15 +14,15 @@
 #   --master_port 29500 --nproc_per_node 8" on every node, NODE_RANK set to its index 0-3 in the shell
 #   that runs run.sh (stage 4; the stages before it on one). HuBERT's and WavLM's k-means fits and
 #   labels are node 0's work; the other nodes wait for them on the shared exp dir, and stop if
-#   node 0's failed (or after --node-wait-hours, 48 by default). With --force true, start the nodes
-#   together: another node takes only node 0's markers made after it started.
+#   node 0's failed (or after --node-wait-hours, 48 by default). With --force true another node
+#   takes only node 0's markers made after node 0 started (its start stamp, once it beats).
 #   Noisy student (--generations N) the same way, every node with the same options (--decode-opts
 #   included: node 0's decoding makes the pseudo-labels the others train on): node 0 decodes the
 #   teacher and labels the pool (stages 7-9), the other nodes wait for each generation's
 #   pseudo-labels and train the student with it; under --force they take only pseudo-labels made
-#   after they started (start the nodes together). A node 0 killed outright (kill -9,
-#   a crash) leaves no failure marker, but its driver's heartbeat (exp/.node0_alive) stops: the
-#   others stop --node-silence-seconds (600) after its last beat.
+#   after node 0 started. A node 0 killed outright (kill -9, a crash) leaves no failure marker,
+#   but its driver's heartbeat (exp/.node0_alive) stops: the others stop --node-silence-seconds
+#   (600) after its last beat.
 # Batches follow fairseq: pretraining 1.56 h per update = 87.5 s × accum 8 × 8 GPUs (HuBERT /
 # WavLM: pretrain_<frontend>.yaml, 0.78 h), fine-tuning 1600 s = 200 s × accum 4 × 2 GPUs; with
 # other GPU counts change accum_grad (--pretrain-opts / --finetune-opts trainer.accum_grad=N).

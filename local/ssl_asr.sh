@@ -168,7 +168,10 @@ if [ "$frontend" = all ]; then
       *) one_frontend_args+=("$1"); shift ;;
     esac
   done
-  end_frontend() { kill -TERM -- -$child 2>/dev/null || :; wait $child 2>/dev/null || :; exit $1; }  # end_frontend CODE
+  end_frontend() {  # end_frontend CODE: TERM to the frontend's driver and its trainers (any signal of ours)
+    [ -z "$child" ] || { kill -TERM -- -$child 2>/dev/null || :; wait $child 2>/dev/null || :; }
+    exit $1
+  }
   frontends=$("$python" -c "from sslasr.models.frontends import FRONTENDS; print(*FRONTENDS)")  # a failure stops here
   for one in $frontends; do  # (said at the first frontend without one, after the ones before it trained)
     [ -z "$model_size" ] || [ -f "$conf_dir/frontend_${one}_$model_size.yaml" ] \
@@ -179,8 +182,9 @@ if [ "$frontend" = all ]; then
     echo "$(date '+%F %T') --frontend all:$(printf " %q" "${one_command[@]}")" >&2
     # in its own process group (set -m), waited for: a TERM (a scheduler's) or HUP killed this shell
     # and left the frontend's driver and its trainer running on; passed on to them all, as Ctrl-C is
-    set -m; "${one_command[@]}" & child=$!; set +m
+    child=""
     trap 'end_frontend 130' INT; trap 'end_frontend 143' TERM; trap 'end_frontend 129' HUP
+    set -m; "${one_command[@]}" & child=$!; set +m
     wait $child || exit $?
     trap - INT TERM HUP
     export SSLASR_SHARED_MADE=1  # the LMs are the first frontend's: reused, not trained again under --force
@@ -312,11 +316,15 @@ exp=exp
 conf_name=${conf_dir#./}; conf_name=${conf_name%/}
 [ "$conf_name" = conf ] || exp=exp/conf_$(printf %s "${conf_name#conf/}" | tr -c 'A-Za-z0-9._-' '_')
 pretrained_tag=$frontend_tag$pretrain_tag  # names the pretraining and what starts from it
-if [ -n "$pretrain_tag" ] && [ -f "$conf_dir/frontend_$pretrained_tag.yaml" ]; then  # (--force would overwrite the other)
-  echo "$0: --pretrain-tag $pretrain_tag names the exp dirs of --model-size ${pretrained_tag#${frontend}_}" \
-    "($conf_dir/frontend_$pretrained_tag.yaml): choose another tag" >&2
-  exit 2
-fi
+for sized in "$conf_dir"/frontend_${frontend}_*.yaml; do  # (--force would overwrite the other run)
+  size=${sized##*/frontend_${frontend}_}; size=${size%.yaml}
+  # another size S names pretrain_<frontend>_S<its tag>: ours, when ours begins so
+  if [ -n "$pretrain_tag" ] && [ -f "$sized" ] && [ "$size" != "$model_size" ] \
+      && [[ "$pretrained_tag" == "${frontend}_$size"* ]]; then
+    echo "$0: --pretrain-tag $pretrain_tag names exp dirs of --model-size $size ($sized): choose another tag" >&2
+    exit 2
+  fi
+done
 pretrain_dir=$exp/pretrain_$pretrained_tag
 system_dir() {  # system_dir pretrained|scratch
   if [ "$1" = pretrained ]; then echo "$exp/${head}_${pretrained_tag}_${labeled_tag}$sp_tag$tag"; else echo "$exp/${head}_scratch_${frontend_tag}_${labeled_tag}$sp_tag$tag"; fi
@@ -624,11 +632,13 @@ init_from_digest() {  # of the files the import reads: weights downloaded again 
 import_init_from() {  # --init-from converted to our pretraining format, where stage 4 would write
   local inputs
   inputs=$(pretraining_inputs)
-  if [ "$(cat $pretrain_dir/inputs.txt 2>/dev/null)" = "init_from $init_from" ] && [ "$node_rank" = 0 ]; then
+  if [ "$(cat $pretrain_dir/inputs.txt 2>/dev/null)" = "init_from $init_from" ]; then
     log "$pretrain_dir: recorded by --init-from's path alone, before its files were hashed: taken, recorded with them now"
-    printf '%s\n' "$inputs" > $pretrain_dir/inputs.txt.tmp && mv -f $pretrain_dir/inputs.txt.tmp $pretrain_dir/inputs.txt
+    [ "$node_rank" != 0 ] || { printf '%s\n' "$inputs" > $pretrain_dir/inputs.txt.tmp \
+      && mv -f $pretrain_dir/inputs.txt.tmp $pretrain_dir/inputs.txt; }
+  else
+    made_from $pretrain_dir "$inputs"  # another source of the same basename, or other files at its path, is refused
   fi
-  made_from $pretrain_dir "$inputs"  # another source of the same basename, or other files at its path, is refused
   if done_or_force $pretrain_dir/.done; then log "imported $frontend ready ($pretrain_dir)"; return; fi
   log "importing $init_from into $pretrain_dir (instead of pretraining)"
   supersede_commands $pretrain_dir
@@ -848,8 +858,9 @@ finetune_system() {  # finetune_system pretrained|scratch [KEY=VALUE...]: stage 
   mark_trained $dir/.done
 }
 finetune_together() {  # finetune_together SYSTEM...: one job each, the cores shared out, logs to files
-  # (the nproc command: the CPUs this process may use, its affinity and cgroup counted; not the option)
-  local system pids=() threads=$(( $(command nproc) / $# )) failed=""
+  # (the nproc command, not the option: the CPUs this process may use, its affinity counted; it
+  # would also answer OMP_NUM_THREADS, which trainer.num_threads overrides)
+  local system pids=() threads=$(( $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) / $# )) failed=""
   [ "$threads" -ge 1 ] || threads=1
   # A script's background jobs ignore SIGINT and outlive it: on Ctrl-C or a kill of the driver, end
   # each job's process group (set -m: one per job), the trainer and its loader workers included

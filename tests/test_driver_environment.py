@@ -83,8 +83,12 @@ def test_a_pretrain_tag_that_names_a_model_sizes_dirs_is_refused(tmp_path):
     refused = subprocess.run(["./run.sh", "--stage", "100", "--pretrain-tag", "_large"], cwd=recipe, env=env,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2, refused.stderr
-    assert ("--pretrain-tag _large names the exp dirs of --model-size large (conf/frontend_wav2vec2_large.yaml)"
-            in refused.stderr)
+    assert "--pretrain-tag _large names exp dirs of --model-size large (conf/frontend_wav2vec2_large.yaml)" in refused.stderr
+    for tagged in (["--pretrain-tag", "_large_x"], ["--model-size", "large", "--pretrain-tag", "_x"]):
+        # both name exp/pretrain_wav2vec2_large_x: the untagged size's variant is refused, the sized run's taken
+        run = subprocess.run(["./run.sh", "--stage", "100", *tagged], cwd=recipe, env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == (2 if "--model-size" not in tagged else 0), (tagged, run.stderr)
     taken = subprocess.run(["./run.sh", "--stage", "100", "--pretrain-tag", "_12k"], cwd=recipe, env=env,
                            capture_output=True, text=True, timeout=60)
     assert taken.returncode == 0, taken.stderr

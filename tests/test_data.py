@@ -452,6 +452,26 @@ def test_transcripts_outside_the_tokenizer_are_reported(prepared, tokenizer, cap
     assert "'hello world'" in caplog.text
 
 
+def test_empty_transcripts_are_counted_and_several_supervisions_refused(prepared, tokenizer, caplog):
+    """An empty transcript was trained on as 'says nothing' without a word; a cut with two
+    supervisions had its first transcript alone taken as the whole audio's target or reference."""
+    import copy
+    _, out = prepared
+    dataset = make_dataloader(load_cuts(out / "toy_cuts_train.jsonl.gz"), input_type="waveform",
+                              max_duration=1000, shuffle=False, tokenizer=tokenizer).dataset
+    cuts = list(load_cuts(out / "toy_cuts_train.jsonl.gz"))
+    cuts[1].supervisions[0].text = ""
+    with caplog.at_level(logging.WARNING):
+        batch = dataset[CutSet.from_cuts(cuts)]
+    assert batch["tokens"][1] == []
+    assert f"1 of {len(cuts)} transcripts are empty (no tokens): read as silence, e.g. cut {cuts[1].id}" in caplog.text
+    second = copy.deepcopy(cuts[0].supervisions[0])
+    second.id, second.text = second.id + "-2", "GENERAL KENOBI"
+    cuts[0].supervisions.append(second)
+    with pytest.raises(ValueError, match=rf"1 cut\(s\) with several supervisions, e.g. \['{cuts[0].id}'\]"):
+        dataset[CutSet.from_cuts(cuts)]
+
+
 def test_asr_training_on_cuts_without_transcripts_is_a_named_error(prepared, tokenizer):
     from sslasr.train.tasks import _transcripts
     _, out = prepared

@@ -231,12 +231,21 @@ class SpeechDataset(Dataset):
         texts = [c.supervisions[0].text if c.supervisions else None for c in cuts]
         batch = {"inputs": inputs, "input_lens": input_lens.long(), "cut_ids": [c.id for c in cuts],
                  "texts": texts, "durations": [c.duration for c in cuts]}
+        if self.tokenizer is not None:
+            several = [c.id for c in cuts if len(c.supervisions) > 1]
+            if several:  # the first transcript alone would be the target (or the reference) of the whole audio
+                raise ValueError(f"{len(several)} cut(s) with several supervisions, e.g. {several[:3]}: one transcript "
+                                 "per cut is read; split them (lhotse's trim_to_supervisions) or merge the texts")
         if self.tokenizer is not None and all(t is not None for t in texts):
             batch["tokens"] = self.tokenizer.encode_batch(texts)
             unknown = [t for t, ids in zip(texts, batch["tokens"]) if self.tokenizer.unk_id in ids]
             if unknown:  # trained on as <unk>: say so, the text normalisation may be missing a step
                 log.warning("%d of %d transcripts have characters outside the tokenizer (%s), read as <unk>: "
                             "e.g. %r", len(unknown), len(texts), self.tokenizer.model_path, unknown[0][:80])
+            empty = [c.id for c, ids in zip(cuts, batch["tokens"]) if not ids]
+            if empty:  # a target of no tokens: the model is taught that this audio says nothing
+                log.warning("%d of %d transcripts are empty (no tokens): read as silence, e.g. cut %s",
+                            len(empty), len(texts), empty[0])
         if self.targets_field:
             batch["targets"] = collate_targets(cuts, self.targets_field)
         if mixing is not None:

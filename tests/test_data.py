@@ -737,9 +737,10 @@ def test_fbank_is_w2v_bert_2s_front_end_at_lhotses_frame_count():
         assert np.allclose(short, compute_fbank_cli.SeamlessFbank().extract(window, 16000)[:1])
 
 
-def test_fbank_leaves_out_cuts_too_short_for_a_frame_and_says_so(tmp_path, caplog):
+def test_fbank_pads_cuts_too_short_for_a_frame_and_says_so(tmp_path, caplog):
     """lhotse counts round(duration / 10 ms) frames and refuses features without any: a 3 ms cut
-    (an evaluation split keeps every utterance) stopped the whole split's extraction."""
+    (an evaluation split keeps every utterance) stopped the whole split's extraction, and, left
+    out, vanished from the scored set of fbank systems."""
     cuts = []
     for samples in (50, 100, 16000):
         path = tmp_path / f"a{samples}.wav"
@@ -747,9 +748,9 @@ def test_fbank_leaves_out_cuts_too_short_for_a_frame_and_says_so(tmp_path, caplo
         cuts.append(Recording.from_file(path, recording_id=f"a{samples}").to_cut())
     with caplog.at_level("WARNING"):
         kept = compute_fbank_cli.fbank_cuts(CutSet.from_cuts(cuts), tmp_path / "feats", num_jobs=1)
-    assert [cut.id for cut in kept] == ["a100", "a16000"]
-    assert [cut.load_features().shape for cut in kept] == [(1, 80), (100, 80)]
-    assert "1 of 3 cuts are shorter than half the 10 ms frame shift" in caplog.text and "a50" in caplog.text
+    assert [cut.id for cut in kept] == ["a50", "a100", "a16000"]
+    assert [cut.load_features().shape for cut in kept] == [(1, 80), (1, 80), (100, 80)]
+    assert "1 of 3 cuts are shorter than half the 10 ms frame shift: padded with silence to one frame: a50" in caplog.text
 
 
 def test_fbank_models_read_only_the_features_they_were_trained_on(prepared, tokenizer, tmp_path, capsys):

@@ -117,17 +117,25 @@ def fbank_cuts(cuts: CutSet, storage_path: Path, num_mel_bins: int = 80, num_job
 
 
 def _with_frames(cuts: CutSet) -> CutSet:
-    """The cuts long enough for one feature frame. lhotse counts round(duration / 10 ms) frames
-    and refuses features without any, so a cut under 5 ms (evaluation splits keep every
-    utterance) would stop the whole split's extraction: it is left out, counted and named."""
+    """The cuts, each long enough for one feature frame. lhotse counts round(duration / 10 ms)
+    frames and refuses features without any, so a cut under 5 ms (evaluation splits keep every
+    utterance) would stop the whole split's extraction; left out, it would vanish from the
+    scored set. It is padded with silence to one frame shift (its id and transcript kept; its
+    features are then all the manifest holds of it), counted and named."""
     shift = FbankConfig().frame_shift
     too_short = [cut.id for cut in cuts if compute_num_frames(cut.duration, shift, cut.sampling_rate) == 0]
     if not too_short:
         return cuts
-    log.warning("%d of %d cuts are shorter than half the %g ms frame shift and get no features, left out: %s",
+    log.warning("%d of %d cuts are shorter than half the %g ms frame shift: padded with silence to one frame: %s",
                 len(too_short), len(cuts), 1000 * shift, ", ".join(too_short[:5]) + (" ..." if len(too_short) > 5 else ""))
-    dropped = set(too_short)
-    return cuts.filter(lambda cut: cut.id not in dropped).to_eager()
+    short = set(too_short)
+    return CutSet.from_cuts(_padded(cut, shift) if cut.id in short else cut for cut in cuts)
+
+
+def _padded(cut, duration: float):
+    padded = cut.pad(duration=duration)
+    padded.id = cut.id  # (lhotse names the padded cut afresh)
+    return padded
 
 
 def get_parser() -> argparse.ArgumentParser:

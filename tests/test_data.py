@@ -795,4 +795,11 @@ def test_fbank_models_read_only_the_features_they_were_trained_on(prepared, toke
         decode.main(["--model", str(model), "--cuts", f"other={kaldi}", "--methods", "ctc_greedy", "--out-dir", out])
     assert "holds kaldi-fbank features" in capsys.readouterr().err
     assert not (tmp_path / "decode_other_ctc_greedy").exists()
+    # a cut id twice (manifests concatenated by hand): decoded twice, written and scored once, unsaid
+    twice = tmp_path / "twice.jsonl.gz"
+    CutSet.from_cuts(list(load_cuts(seamless)) + [next(iter(load_cuts(seamless)))]).to_file(twice)
+    with pytest.raises(SystemExit):
+        decode.main(["--model", str(model), "--cuts", f"twice={twice}", "--methods", "ctc_greedy", "--out-dir", out])
+    assert "twice.jsonl.gz: 1 cut id(s) repeated, e.g. [" in capsys.readouterr().err
+    assert not (tmp_path / "decode_twice_ctc_greedy").exists()
 

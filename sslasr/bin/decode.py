@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -100,6 +101,13 @@ def hypothesis_scores(head, hidden: torch.Tensor, lengths: torch.Tensor, token_i
         log_p = float(head.log_likelihood(hidden[i:i + 1, :frames], lengths[i:i + 1], [tokens])[0])
         scores.append(log_p / (len(tokens) + 1) if log_p == log_p else float("-inf"))
     return scores
+
+
+def check_unique_ids(cuts_path: str) -> None:
+    """A repeated cut id would be decoded twice but written once: the set scored short, unsaid."""
+    repeated = [cut_id for cut_id, count in Counter(cut.id for cut in load_cuts(cuts_path)).items() if count > 1]
+    if repeated:
+        raise ValueError(f"{cuts_path}: {len(repeated)} cut id(s) repeated, e.g. {repeated[:3]}")
 
 
 @torch.no_grad()
@@ -222,6 +230,7 @@ def main(argv=None) -> None:
     for cuts_path in sets.values():  # an fbank model on another extractor's features decodes nonsense
         try:
             check_feature_type(cuts_path, cfg.get("data", {}).get("feature_type"), args.model)
+            check_unique_ids(cuts_path)
         except ValueError as error:
             parser.error(str(error))
     decode_cfg = cfg.get("decode", {})

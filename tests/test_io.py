@@ -66,3 +66,17 @@ def test_the_hash_caches_tell_a_rewrite_with_the_same_size_and_mtime_apart(tmp_p
     (tmp_path / "plain.jsonl.gz").write_bytes(gzip.compress(b'{"id": "a"}\n', mtime=2))
     (tmp_path / "cuts.jsonl.gz").symlink_to(tmp_path / "blob")
     assert io.content_sha256(tmp_path / "cuts.jsonl.gz") == io.content_sha256(tmp_path / "plain.jsonl.gz")
+
+
+def test_the_same_object_saved_twice_has_the_same_bytes(tmp_path):
+    """Given a path, torch.save names its archive's folder after the file, atomic_path's random
+    temporary name: two saves of the same weights differed, and the recipe's check of a model
+    'written again with the same weights' (by its SHA-256) never matched."""
+    import torch
+    from sslasr.utils.io import save_torch_atomic
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "num_updates": 3}
+    save_torch_atomic(state, tmp_path / "a" / "model_final.pt")
+    save_torch_atomic(state, tmp_path / "b" / "model_final.pt")
+    assert (tmp_path / "a/model_final.pt").read_bytes() == (tmp_path / "b/model_final.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "a/model_final.pt")["model"]["w"], state["model"]["w"])
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["model_final.pt"]  # no temporary file left

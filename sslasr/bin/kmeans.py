@@ -35,7 +35,7 @@ from sslasr.kmeans import (
 )
 from sslasr.utils.config import load_configs
 from sslasr.utils.devices import resolve_device
-from sslasr.utils.io import atomic_path, content_sha256, file_sha256, write_text_atomic
+from sslasr.utils.io import atomic_path, content_sha256, file_sha256, save_torch_atomic, write_text_atomic
 from sslasr.utils.logging import setup_logging
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,7 @@ def fit(cfg: Dict, number: int, cuts_path: str, model: Optional[str], out: Path,
                           "model_sha256": file_sha256(model) if model else None,
                           "frame_rate": features.frame_rate, "dim": int(sample.shape[1])},
              "sample_usage": usage}
-    with atomic_path(out) as tmp:
-        torch.save(state, tmp)
+    save_torch_atomic(state, out)
     return state
 
 

@@ -31,7 +31,7 @@ import yaml
 from sslasr.models.blocks.transformer import TransformerConfig
 from sslasr.models.state_dicts import listed_names, state_dict_mismatches
 from sslasr.models.wav2vec2 import MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig
-from sslasr.utils.io import atomic_path, write_text_atomic
+from sslasr.utils.io import save_torch_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,7 @@ def save_imported(imported: ImportedCheckpoint, out: Union[str, Path]) -> Path:
         config["data"] = dict(imported.data)
     checkpoint = {"model": {f"encoder.{k}": v for k, v in imported.encoder_state.items()},
                   "config": config, "num_updates": 0, "imported_from": imported.source}
-    with atomic_path(out) as tmp:
-        torch.save(checkpoint, tmp)
+    save_torch_atomic(checkpoint, out)
     frontend_yaml = out.parent / "frontend.yaml"
     header = (f"# Imported by `sslasr import-hf` from {imported.source.get('path', '?')} "
               f"({imported.source.get('model_type', '?')}): the architecture of {out.name}.\n")

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from sslasr.train.config_check import FINAL_MODELS
 from sslasr.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers
 from sslasr.train.schedules import build_lr_scale
-from sslasr.utils.io import atomic_path, remove_temp_files
+from sslasr.utils.io import remove_temp_files, save_torch_atomic
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,7 @@ class Trainer:
                 "weight_scale": self.weight_scale,
                 "world_size": self.dist.world_size, "config": self.cfg,
             }
-            with atomic_path(self.checkpoint_path) as tmp:
-                torch.save(state, tmp)
+            save_torch_atomic(state, self.checkpoint_path)
             self._remove_unkept_models()  # only now: the checkpoint no longer lists them
         barrier()
 
@@ -339,8 +338,7 @@ class Trainer:
             final["config"] = self.cfg  # the run's config, as the last model's file has it
             log.info("model_final.pt: the best validated model, update %d of %d (%s)", final["num_updates"],
                      self.num_updates, " ".join(f"{k}={v:.4g}" for k, v in final["valid"].items()))
-        with atomic_path(self.exp_dir / "model_final.pt") as tmp:
-            torch.save(final, tmp)
+        save_torch_atomic(final, self.exp_dir / "model_final.pt")
 
     def _no_batches_message(self) -> str:
         if not self.dist.is_distributed:
@@ -483,8 +481,7 @@ class Trainer:
             return
         self.kept_models = ranked
         if self.dist.is_main:
-            with atomic_path(self._kept_model_path(self.num_updates)) as tmp:
-                torch.save(self._model_file(valid=valid), tmp)
+            save_torch_atomic(self._model_file(valid=valid), self._kept_model_path(self.num_updates))
 
     def _remove_unkept_models(self) -> None:
         kept = {self._kept_model_path(update) for _, update in self.kept_models}

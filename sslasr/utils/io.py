@@ -53,6 +53,15 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def save_torch_atomic(obj, path: PathLike) -> None:
+    """torch.save(OBJ) to PATH, atomically. Through an open file: given a path, torch names the
+    archive's inner folder after the file, here atomic_path's random temporary name, so the same
+    weights saved twice had other bytes (and digests, which the recipes compare)."""
+    import torch  # (this module serves tools without torch too)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def _fsync(path: Path) -> None:
     """Flush PATH (a file, or a directory: its entries) to the disk. Some filesystems refuse a
     directory's fsync (EINVAL, EBADF); nothing more can be done there."""

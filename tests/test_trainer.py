@@ -744,8 +744,8 @@ def test_final_model_is_the_best_validated_one_on_request_and_survives_a_resume(
 
 def test_averaging_keeps_the_n_best_files_through_kills_and_reruns(tmp_path):
     """A model that leaves the N best keeps its file until a checkpoint no longer lists it, so a
-    kill in between resumes with every listed file present; a rerun of a finished run revalidates
-    its last update without counting it twice; a fresh run removes an earlier run's files."""
+    kill in between resumes with every listed file present; a rerun of a finished run does not
+    validate its last update again; a fresh run removes an earlier run's files."""
     losses = {1: 5.0, 2: 4.0, 3: 3.0, 4: 2.0}
     batches = _toy_batches(4, seed=2)
     cfg = _toy_cfg(4)
@@ -760,10 +760,15 @@ def test_averaging_keeps_the_n_best_files_through_kills_and_reruns(tmp_path):
     assert sorted(p.name for p in exp.glob("model_valid_*.pt")) == ["model_valid_3.pt", "model_valid_4.pt"]
     first = _load(exp / "model_final.pt")["model"]
 
-    cfg["trainer"]["valid_every"] = 3  # update 4 is then validated after the loop, again on a rerun
-    rerun = Trainer(cfg, _ValidatedToyTask(batches, {**losses, 5: 2.0}), exp, DistInfo())
+    # update 4 would be validated after the loop by valid_every 3: the checkpoint says it was (a rerun
+    # after a kill past the last checkpoint validated it again, in pretraining on other random masks)
+    cfg["trainer"]["valid_every"] = 3
+    rerun_task = _ValidatedToyTask(batches, {**losses, 5: 2.5})
+    validations = []
+    rerun_task.validate = lambda model, loader: validations.append(1) or {"loss": 2.5, "weight": 1.0}
+    rerun = Trainer(cfg, rerun_task, exp, DistInfo())
     rerun.fit()
-    assert rerun.kept_models == [(2.0, 4), (3.0, 3)]
+    assert validations == [] and rerun.kept_models == [(2.0, 4), (3.0, 3)]
     assert all(torch.equal(first[k], v) for k, v in _load(exp / "model_final.pt")["model"].items())
 
     # A kill at the checkpoint of update 4: validation at update 3 had pushed update 1 out of the

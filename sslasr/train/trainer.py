@@ -136,6 +136,7 @@ class Trainer:
         self.weight_scale: Optional[float] = None
         self.best_valid: Optional[float] = None
         self.kept_models: List[Tuple[float, int]] = []  # (metric, update) of the models_kept best
+        self.validated_at = -1  # the update last validated (a resumed run validates no update twice)
         self.writer = None
 
     # ------------------------------------------------------------------ state
@@ -164,6 +165,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "num_updates": self.num_updates, "epoch": self.epoch,
                 "batches_done": self.batches_done, "skipped_updates": self.skipped_updates,
                 "best_valid": self.best_valid, "kept_models": self.kept_models, "rng": rng_states,
+                "validated_at": self.validated_at,
                 "weight_scale": self.weight_scale,
                 "world_size": self.dist.world_size, "config": self.cfg,
             }
@@ -189,6 +191,7 @@ class Trainer:
         self.num_updates, self.epoch = state["num_updates"], state["epoch"]
         self.batches_done, self.skipped_updates = state["batches_done"], state["skipped_updates"]
         self.best_valid = state["best_valid"]
+        self.validated_at = state.get("validated_at", -1)  # (older checkpoints: not known)
         self.weight_scale = state.get("weight_scale")
         # a rerun may keep fewer (average_models lowered, final_model best): the best of them
         self.kept_models = [tuple(entry) for entry in state.get("kept_models", [])][:self.models_kept]
@@ -314,7 +317,10 @@ class Trainer:
             if exit_after and self.num_updates >= exit_after:
                 os._exit(137)
         bar.close()
-        validated_last_update = bool(self.valid_every) and self.num_updates % self.valid_every == 0
+        # killed after the last validation's checkpoint, a rerun validated the update again: with
+        # other random masks in pretraining, another metric for it went into kept_models
+        validated_last_update = self.validated_at == self.num_updates or (
+            bool(self.valid_every) and self.num_updates % self.valid_every == 0)
         if valid_loader is not None and not validated_last_update:
             self.save_checkpoint()  # the updates are safe whatever the validation does (a wrong best_metric)
             self._validate(valid_loader)
@@ -442,6 +448,7 @@ class Trainer:
         return _null_context()
 
     def _validate(self, loader: DataLoader) -> None:
+        self.validated_at = self.num_updates
         # rank 0's model is the one saved: every rank validates it, BatchNorm statistics included
         broadcast_buffers(self.model)
         self.model.eval()

@@ -524,6 +524,41 @@ def test_labelling_resumes_after_the_manifests_it_finished(tmp_path):
     assert (labels / "first.jsonl.gz").stat().st_mtime_ns != kept
 
 
+def test_labelling_a_manifest_resumes_after_the_parts_it_finished(tmp_path, monkeypatch):
+    """One manifest (stage 4's pretraining manifest) was labelled in one go: a kill inside it
+    redid all of it (hours of a model's layer features at scale). Parts of it are kept now."""
+    cuts_path = _audio_cuts(tmp_path)
+    cfg = {"kmeans": {"iterations": [{"features": "mfcc", "clusters": 6}], "frames_budget": 200,
+                      "batch_size": 64, "max_epochs": 3, "n_init": 2}}
+    kmeans_path = tmp_path / "km" / "kmeans.pt"
+    kmeans_cli.fit(cfg, 1, str(cuts_path), None, kmeans_path)
+    whole = kmeans_cli.label(cfg, str(kmeans_path), [str(cuts_path)], tmp_path / "whole")
+    monkeypatch.setattr(kmeans_cli, "LABEL_PART_CUTS", 2)  # parts of 2 + 1 cuts
+    computed = []
+    real_cut_features = kmeans_cli.cut_features
+
+    def cut_features(cuts, *args):
+        computed.append([cut.id for cut in cuts])
+        if len(computed) == 2 and killed:
+            raise KeyboardInterrupt("killed in the second part")
+        return real_cut_features(cuts, *args)
+    monkeypatch.setattr(kmeans_cli, "cut_features", cut_features)
+    labels, killed = tmp_path / "labels", True
+    with pytest.raises(KeyboardInterrupt):
+        kmeans_cli.label(cfg, str(kmeans_path), [str(cuts_path)], labels)
+    assert not (labels / "cuts_all.jsonl.gz").exists()
+    ids = [cut.id for cut in load_cuts(cuts_path)]
+    computed.clear()
+    killed = False
+    assert kmeans_cli.label(cfg, str(kmeans_path), [str(cuts_path)], labels) == whole
+    assert computed == [ids[2:]]  # the first part was kept
+    resumed, expected = list(load_cuts(labels / "cuts_all.jsonl.gz")), list(load_cuts(tmp_path / "whole/cuts_all.jsonl.gz"))
+    assert [cut.id for cut in resumed] == ids
+    assert all(np.array_equal(a.load_custom("kmeans_labels"), b.load_custom("kmeans_labels"))
+               for a, b in zip(resumed, expected))
+    assert not (labels / ".cuts_all.jsonl.gz.parts").exists()
+
+
 def test_layer_labels_refuse_a_model_changed_since_the_fit(tmp_path):
     """The previous iteration's model was recorded by path: trained again in place, its new
     features were labelled by centres fitted on the old ones (and labels were reused as made)."""

@@ -19,10 +19,11 @@ The `kmeans` section of the config holds the iterations and sizes (sslasr.kmeans
 import argparse
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import numpy as np
 import torch
@@ -92,7 +93,10 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
           num_jobs: int = 1, device: Union[str, torch.device] = "cpu") -> Dict:
     """Labels with the features the k-means was fitted on (kind, layer and model from its file).
     Each manifest's label counts are kept beside it (<name>.counts.json, with the k-means file's
-    and the input manifest's digests): a run killed after some manifests redoes only the others."""
+    and the input manifest's digests): a run killed after some manifests redoes only the others.
+    A manifest is labelled in parts of LABEL_PART_CUTS cuts, each kept with its counts until the
+    manifest is whole: a run killed inside one (the pretraining manifest, hours of a model's
+    layer features at scale) redoes the part it was in, not the manifest."""
     kmeans = KMeansConfig.from_dict(cfg.get("kmeans"))
     state = torch.load(kmeans_path, map_location="cpu", weights_only=False)
     spec, centers = state["features"], state["centers"]
@@ -122,18 +126,63 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
             counts += np.asarray(earlier["counts"], dtype=np.int64)
             log.info("%s: labelled already (%s)", path, out)
             continue
-        before = counts.copy()
-        pairs = cut_features(load_cuts(path), spec["kind"], model, spec["layer"], num_jobs, device)
-        with atomic_path(out) as tmp, CutSet.open_writer(tmp) as manifest:
-            for cut in label_cuts(pairs, centers, writer, kmeans.targets_field, features.frame_rate,
-                                  counts, kmeans.assign_block_frames):
-                manifest.write(cut)
-        write_text_atomic(done, json.dumps({"made_from": made_from, "counts": (counts - before).tolist()}) + "\n")
+        def label_part(cuts: List, part_counts: np.ndarray) -> Iterator:
+            pairs = cut_features(cuts, spec["kind"], model, spec["layer"], num_jobs, device)
+            return label_cuts(pairs, centers, writer, kmeans.targets_field, features.frame_rate,
+                              part_counts, kmeans.assign_block_frames)
+
+        made = _label_in_parts(path, out, made_from, label_part, len(centers))
+        counts += made
+        write_text_atomic(done, json.dumps({"made_from": made_from, "counts": made.tolist()}) + "\n")
         log.info("labelled %s → %s", path, out)
     usage = cluster_usage(counts)
     log_usage(f"labels of {len(cuts_paths)} manifests ({time.monotonic() - start:.0f} s)", usage)
     write_text_atomic(out_dir / "usage.json", json.dumps(usage, indent=1) + "\n")
     return usage
+
+
+LABEL_PART_CUTS = 20000  # cuts per resumable part of a manifest's labelling
+
+
+def _label_in_parts(path: str, out: Path, made_from: Dict, label_part: Callable, num_clusters: int) -> np.ndarray:
+    """OUT: PATH's cuts labelled by LABEL_PART(cuts, counts) part by part, each part kept (in
+    .<name>.parts/, atomically, with its counts and what it was made from) until OUT is written
+    from them; returns the label counts."""
+    parts_dir = out.parent / f".{out.name}.parts"
+    counts = np.zeros(num_clusters, dtype=np.int64)
+    parts = []
+    for index, cuts in enumerate(_groups(load_cuts(path), LABEL_PART_CUTS)):
+        part, part_done = parts_dir / f"part{index:05d}.jsonl.gz", parts_dir / f"part{index:05d}.counts.json"
+        part_made_from = {**made_from, "part": index, "cuts": len(cuts), "first": cuts[0].id, "last": cuts[-1].id}
+        earlier = json.loads(part_done.read_text()) if part.exists() and part_done.exists() else None
+        if earlier is not None and earlier["made_from"] == part_made_from:
+            part_counts = np.asarray(earlier["counts"], dtype=np.int64)
+            log.info("%s: part %d (%d cuts) labelled already", path, index, len(cuts))
+        else:
+            part_counts = np.zeros(num_clusters, dtype=np.int64)
+            with atomic_path(part) as tmp, CutSet.open_writer(tmp) as manifest:
+                for cut in label_part(cuts, part_counts):
+                    manifest.write(cut)
+            write_text_atomic(part_done, json.dumps({"made_from": part_made_from, "counts": part_counts.tolist()}) + "\n")
+        counts += part_counts
+        parts.append(part)
+    with atomic_path(out) as tmp, CutSet.open_writer(tmp) as manifest:
+        for part in parts:
+            for cut in load_cuts(part):
+                manifest.write(cut)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return counts
+
+
+def _groups(items: Iterable, size: int) -> Iterator[List]:
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def get_parser() -> argparse.ArgumentParser:

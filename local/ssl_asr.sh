@@ -367,12 +367,14 @@ if [ "${nnodes:-1}" != 1 ]; then
   else
     touch "$node_probe"
     node_started=$(stat -c %Y "$node_probe")
+    touch "$exp/.node${node_rank}_started.$run_key"  # (for node0_run_start: to the nanosecond, not the second)
   fi
 fi
 node0_run_start() {  # node0_run_start: under --force, on another node, forced_since=node 0's start stamp of this run
   [ "$force" = true ] && [ "$node_rank" != 0 ] && [ -z "$forced_since" ] || return 0
   local waited=0
-  until [ -f "$node0_started" ] && [ -f "$node0_alive" ] && [ "$(stat -c %Y "$node0_alive")" -ge "$node_started" ]; do
+  # (a beat in this node's second, or before it, may be an earlier run's last; that run must have ended)
+  until [ -f "$node0_started" ] && [ "$node0_alive" -nt "$exp/.node${node_rank}_started.$run_key" ]; do
     if [ $waited -ge $((node_wait_hours * 3600)) ]; then
       log "node $node_rank: node 0 of this run has not started (no beat in $node0_alive since this node started)," \
           "after $node_wait_hours h (--node-wait-hours)"

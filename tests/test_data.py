@@ -455,7 +455,6 @@ def test_transcripts_outside_the_tokenizer_are_reported(prepared, tokenizer, cap
 def test_empty_transcripts_are_counted_and_several_supervisions_refused(prepared, tokenizer, caplog):
     """An empty transcript was trained on as 'says nothing' without a word; a cut with two
     supervisions had its first transcript alone taken as the whole audio's target or reference."""
-    import copy
     _, out = prepared
     dataset = make_dataloader(load_cuts(out / "toy_cuts_train.jsonl.gz"), input_type="waveform",
                               max_duration=1000, shuffle=False, tokenizer=tokenizer).dataset
@@ -751,6 +750,12 @@ def test_fbank_pads_cuts_too_short_for_a_frame_and_says_so(tmp_path, caplog):
     assert [cut.id for cut in kept] == ["a50", "a100", "a16000"]
     assert [cut.load_features().shape for cut in kept] == [(1, 80), (1, 80), (100, 80)]
     assert "1 of 3 cuts are shorter than half the 10 ms frame shift: padded with silence to one frame: a50" in caplog.text
+    # the padded cut keeps its features alone: speed perturbation (stage 5) leaves it out and says so
+    with caplog.at_level("WARNING"):
+        copies = speed_perturbed_copies(kept, [1.1])
+    assert [cut.id for cut in copies] == ["a100_sp1.1", "a16000_sp1.1"]
+    assert "1 of 3 cuts have no audio to resample (features alone): no speed-perturbed copies of them, e.g. a50" \
+        in caplog.text
 
 
 def test_fbank_models_read_only_the_features_they_were_trained_on(prepared, tokenizer, tmp_path, capsys):
@@ -802,4 +807,13 @@ def test_fbank_models_read_only_the_features_they_were_trained_on(prepared, toke
         decode.main(["--model", str(model), "--cuts", f"twice={twice}", "--methods", "ctc_greedy", "--out-dir", out])
     assert "twice.jsonl.gz: 1 cut id(s) repeated, e.g. [" in capsys.readouterr().err
     assert not (tmp_path / "decode_twice_ctc_greedy").exists()
+    # a cut of two supervisions: scored against the first transcript alone, unsaid
+    cuts = list(load_cuts(seamless))
+    second = copy.deepcopy(cuts[0].supervisions[0])
+    second.id = second.id + "-2"
+    cuts[0].supervisions.append(second)
+    CutSet.from_cuts(cuts).to_file(twice)
+    with pytest.raises(SystemExit):
+        decode.main(["--model", str(model), "--cuts", f"twice={twice}", "--methods", "ctc_greedy", "--out-dir", out])
+    assert f"twice.jsonl.gz: 1 cut(s) with several supervisions, e.g. ['{cuts[0].id}']" in capsys.readouterr().err
 

@@ -15,7 +15,8 @@
 #   that runs run.sh (stage 4; the stages before it on one). HuBERT's and WavLM's k-means fits and
 #   labels are node 0's work; the other nodes wait for them on the shared exp dir, and stop if
 #   node 0's failed (or after --node-wait-hours, 48 by default). With --force true another node
-#   takes only node 0's markers made after node 0 started (its start stamp, once it beats).
+#   takes only node 0's markers made after node 0 started (its start stamp, once it beats; an
+#   earlier run's node 0 must have ended).
 #   Noisy student (--generations N) the same way, every node with the same options (--decode-opts
 #   included: node 0's decoding makes the pseudo-labels the others train on): node 0 decodes the
 #   teacher and labels the pool (stages 7-9), the other nodes wait for each generation's

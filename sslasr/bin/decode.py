@@ -103,11 +103,20 @@ def hypothesis_scores(head, hidden: torch.Tensor, lengths: torch.Tensor, token_i
     return scores
 
 
-def check_unique_ids(cuts_path: str) -> None:
-    """A repeated cut id would be decoded twice but written once: the set scored short, unsaid."""
-    repeated = [cut_id for cut_id, count in Counter(cut.id for cut in load_cuts(cuts_path)).items() if count > 1]
+def check_decodable(cuts_path: str) -> None:
+    """A repeated cut id would be decoded twice but written once (the set scored short), and a cut
+    with several supervisions scored against its first transcript alone: both unsaid."""
+    ids, several = Counter(), []
+    for cut in load_cuts(cuts_path):
+        ids[cut.id] += 1
+        if len(cut.supervisions) > 1:
+            several.append(cut.id)
+    repeated = [cut_id for cut_id, count in ids.items() if count > 1]
     if repeated:
         raise ValueError(f"{cuts_path}: {len(repeated)} cut id(s) repeated, e.g. {repeated[:3]}")
+    if several:
+        raise ValueError(f"{cuts_path}: {len(several)} cut(s) with several supervisions, e.g. {several[:3]}: one "
+                         "transcript per cut is scored; split them (lhotse's trim_to_supervisions) or merge the texts")
 
 
 @torch.no_grad()
@@ -230,7 +239,7 @@ def main(argv=None) -> None:
     for cuts_path in sets.values():  # an fbank model on another extractor's features decodes nonsense
         try:
             check_feature_type(cuts_path, cfg.get("data", {}).get("feature_type"), args.model)
-            check_unique_ids(cuts_path)
+            check_decodable(cuts_path)
         except ValueError as error:
             parser.error(str(error))
     decode_cfg = cfg.get("decode", {})

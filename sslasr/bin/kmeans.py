@@ -131,9 +131,11 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
             return label_cuts(pairs, centers, writer, kmeans.targets_field, features.frame_rate,
                               part_counts, kmeans.assign_block_frames)
 
+        done.unlink(missing_ok=True)  # (the labels' files are rewritten in place, cut by cut)
         made = _label_in_parts(path, out, made_from, label_part, len(centers))
         counts += made
         write_text_atomic(done, json.dumps({"made_from": made_from, "counts": made.tolist()}) + "\n")
+        shutil.rmtree(_parts_dir(out), ignore_errors=True)
         log.info("labelled %s → %s", path, out)
     usage = cluster_usage(counts)
     log_usage(f"labels of {len(cuts_paths)} manifests ({time.monotonic() - start:.0f} s)", usage)
@@ -148,7 +150,7 @@ def _label_in_parts(path: str, out: Path, made_from: Dict, label_part: Callable,
     """OUT: PATH's cuts labelled by LABEL_PART(cuts, counts) part by part, each part kept (in
     .<name>.parts/, atomically, with its counts and what it was made from) until OUT is written
     from them; returns the label counts."""
-    parts_dir = out.parent / f".{out.name}.parts"
+    parts_dir = _parts_dir(out)
     counts = np.zeros(num_clusters, dtype=np.int64)
     parts = []
     for index, cuts in enumerate(_groups(load_cuts(path), LABEL_PART_CUTS)):
@@ -158,7 +160,8 @@ def _label_in_parts(path: str, out: Path, made_from: Dict, label_part: Callable,
         if earlier is not None and earlier["made_from"] == part_made_from:
             part_counts = np.asarray(earlier["counts"], dtype=np.int64)
             log.info("%s: part %d (%d cuts) labelled already", path, index, len(cuts))
-        else:
+        else:  # (its record goes first: the labels' files are rewritten in place, cut by cut)
+            part_done.unlink(missing_ok=True)
             part_counts = np.zeros(num_clusters, dtype=np.int64)
             with atomic_path(part) as tmp, CutSet.open_writer(tmp) as manifest:
                 for cut in label_part(cuts, part_counts):
@@ -170,8 +173,11 @@ def _label_in_parts(path: str, out: Path, made_from: Dict, label_part: Callable,
         for part in parts:
             for cut in load_cuts(part):
                 manifest.write(cut)
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    return counts
+    return counts  # (the caller removes the parts once OUT's record is written)
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.parts"
 
 
 def _groups(items: Iterable, size: int) -> Iterator[List]:

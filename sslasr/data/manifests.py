@@ -441,8 +441,12 @@ def speed_perturbed_copies(cuts: Iterable, factors: Sequence[float]) -> CutSet:
         raise ValueError(f"speed factors must be distinct, in [0.5, 2] and not 1 (the originals are kept), "
                          f"got {factors}")
     cuts = list(cuts)
+    silent = [cut.id for cut in cuts if not cut.has_recording]
+    if silent:  # (an fbank cut padded to its one frame keeps features alone: no audio to resample)
+        log.warning("%d of %d cuts have no audio to resample (features alone): no speed-perturbed copies of "
+                    "them, e.g. %s", len(silent), len(cuts), silent[0])
     return CutSet.from_cuts(cut.drop_features().perturb_speed(factor, affix_id=True)
-                            for factor in factors for cut in cuts)
+                            for factor in factors for cut in cuts if cut.has_recording)
 
 
 def _speaker(cut) -> str:

@@ -38,14 +38,14 @@ def cut(i: int, seconds: float, text=None):
 
 def test_select_counts_every_reason_and_keeps_the_best_scores():
     # labeled median rate 10 letters/s → kept rates within [5, 20] letters/s
-    durations = {f"u{i}": 1.0 for i in range(9)}
+    durations = {f"u{i}": 1.0 for i in range(10)}
     hyps = {"u1": "", "u2": "abc", "u3": "a" * 30, "u4": "abcd efgh", "u5": "abcd efgh ij",
-            "u6": "abcdefghij", "u7": "abcdefghijk", "u8": "abcdefghijkl"}  # u0: no hypothesis
-    scores = {"u4": -3.0, "u5": -0.5, "u6": -0.1, "u7": -0.2, "u8": -0.3}
+            "u6": "abcdefghij", "u7": "abcdefghijk", "u8": "abcdefghijkl", "u9": "abcd efgh"}  # u0: no hypothesis
+    scores = {"u4": -3.0, "u5": -0.5, "u6": -0.1, "u7": -0.2, "u8": -0.3}  # u9: none (was counted as low)
     cfg = FilterConfig(keep_fraction=0.5, min_score=-1.0, rate_ratio=(0.5, 2.0))
     kept, dropped = select(durations, hyps, scores, labeled_rate=10.0, cfg=cfg)
-    assert dropped == {"no_hypothesis": 1, "too_short": 1, "too_slow": 1, "too_fast": 1, "low_score": 1,
-                       "below_top_fraction": 2}
+    assert dropped == {"no_hypothesis": 1, "too_short": 1, "too_slow": 1, "too_fast": 1, "no_score": 1,
+                       "low_score": 1, "below_top_fraction": 2}
     # u5..u8 pass every check; the best ceil(0.5 × 4) = 2 by score are u6 (−0.1) and u7 (−0.2)
     assert kept == {"u6": "abcdefghij", "u7": "abcdefghijk"}
     assert sum(dropped.values()) + len(kept) == len(durations)

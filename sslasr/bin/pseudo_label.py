@@ -61,8 +61,12 @@ def main(argv=None) -> None:
     durations = {cut.id: cut.duration for cut in cuts}
     rate = median_rate(load_cuts(args.labeled_cuts))
     kept, dropped = select(durations, hyps, scores, rate, cfg)
+    strays = sorted(set(hyps) - set(durations))
+    if strays:  # (a decode folder of another pool, say): not among the cuts, so never candidates
+        logging.warning("%d hypotheses of %s are of cuts not in %s, e.g. %s: not considered",
+                        len(strays), args.decode_dir, args.cuts, strays[0])
 
-    report = {"num_cuts": len(durations), "kept": len(kept),
+    report = {"num_cuts": len(durations), "kept": len(kept), "hyps_not_in_cuts": len(strays),
               "kept_seconds": round(sum(durations[c] for c in kept), 2),
               "dropped": {reason: dropped.get(reason, 0) for reason in DROP_REASONS},
               "labeled_letters_per_second": round(rate, 3), "filter": vars(cfg),

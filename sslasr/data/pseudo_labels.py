@@ -6,7 +6,9 @@ The filter, applied in this order, counts every cut it drops under its reason:
     too_short           fewer than min_letters letters (by default: an empty hypothesis)
     too_slow, too_fast  letters per second outside rate_ratio × the labeled data's median rate
                         (a teacher that loops or stops early breaks this first)
-    low_score           the length-normalised score (sslasr.bin.decode --confidence) < min_score
+    no_score            no score in scores.txt for the cut (decoded without --confidence?)
+    low_score           the length-normalised score (sslasr.bin.decode --confidence) < min_score,
+                        or -inf (no alignment)
     below_top_fraction  not among the best keep_fraction of the cuts still kept, by score
 """
 
@@ -20,7 +22,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 from lhotse import CutSet
 from lhotse.utils import fastcopy
 
-DROP_REASONS = ("no_hypothesis", "too_short", "too_slow", "too_fast", "low_score", "below_top_fraction")
+DROP_REASONS = ("no_hypothesis", "too_short", "too_slow", "too_fast", "no_score", "low_score", "below_top_fraction")
 
 
 @dataclass
@@ -86,6 +88,8 @@ def select(durations: Mapping[str, float], hyps: Mapping[str, str], scores: Mapp
             reason = "too_slow"
         elif letters_per_second(text, seconds) > high:
             reason = "too_fast"
+        elif cut_id not in scores:
+            reason = "no_score"
         elif not math.isfinite(score) or (cfg.min_score is not None and score < cfg.min_score):
             reason = "low_score"
         else:

@@ -131,16 +131,11 @@ stale_before() {  # stale_before STAGE NEWER OLDER WHAT [HOW]: stop when STAGE i
   echo "$0: $4: include stage $1 ${5:-(--stage $1)}" >&2
   exit 2
 }
-unfinished() {  # unfinished STAGE MARKER WHAT: stop when STAGE is left out but its folder has no MARKER
-  # (--force removes a marker before the work is redone in place: a run killed part-way leaves none)
+unfinished() {  # unfinished STAGE MARKER WHAT [HOW]: stop when STAGE is left out but its folder has no MARKER
+  # (--force, and stage 2 always, remove a marker before the work is redone in place: a run killed
+  # part-way leaves none)
   [ "$stage" -gt "$1" ] && [ -d "$(dirname "$2")" ] && [ ! -f "$2" ] || return 0
-  echo "$0: stage $1 has not finished $3 (no $2: killed part-way?): include stage $1 (--stage $1)" >&2
-  exit 2
-}
-fbank_unfinished() {  # fbank_unfinished [HOW]: stop when stage 2 is left out but never finished the fbank
-  [ "$stage" -gt 2 ] && [ -f $manifests/.done ] && [ ! -f $manifests/.fbank.done ] || return 0
-  # (stage 2 removes its marker before it rewrites the archives: a computation killed part-way leaves none)
-  echo "$0: stage 2 has not finished the fbank (no $manifests/.fbank.done): include stage 2 ${1:-(--stage 2)}" >&2
+  echo "$0: stage $1 has not finished $3 (no $2: killed part-way?): include stage $1 ${4:-(--stage $1)}" >&2
   exit 2
 }
 
@@ -158,7 +153,8 @@ if [ "$frontend" = all ]; then
   # before it trained: said now
   stale_before 2 $manifests/.done $manifests/.fbank.done "the manifests were made again after the fbank" \
     "with an fbank frontend first (--frontend w2vbert --stage 2 --stop-stage 2)"
-  fbank_unfinished "with an fbank frontend first (--frontend w2vbert --stage 2 --stop-stage 2)"
+  unfinished 1 $manifests/.done "the manifests"  # (stage 2's marker sits in stage 1's folder)
+  unfinished 2 $manifests/.fbank.done "the fbank" "with an fbank frontend first (--frontend w2vbert --stage 2 --stop-stage 2)"
   unset SSLASR_SHARED_MADE  # set below, for the frontends after the first
   one_frontend_args=()
   while [ $# -gt 0 ]; do
@@ -445,7 +441,7 @@ recorded_splits() {  # recorded_splits: the splits stage 1 made manifests of (na
 unfinished 1 $manifests/.done "the manifests"
 stale_before 1 data/.data.done $manifests/.done "data/ was prepared again after the manifests"
 [ "$input_type" != fbank ] || stale_before 2 $manifests/.done $manifests/.fbank.done "the manifests were made again after the fbank"
-[ "$input_type" != fbank ] || fbank_unfinished
+[ "$input_type" != fbank ] || unfinished 2 $manifests/.fbank.done "the fbank"
 stale_before 3 $manifests/.done $lang/.done "the manifests were made again after the tokenizer"
 unfinished 3 $lang/.done "the tokenizer"
 
@@ -599,8 +595,11 @@ made_from() {  # made_from DIR INPUTS: refuse DIR's model or checkpoint if made 
       exit 2
     fi
   fi
+  record_inputs $dir "$inputs"
+}
+record_inputs() {  # record_inputs DIR INPUTS: DIR/inputs.txt, atomically (other nodes read it meanwhile), on node 0
   [ "$node_rank" = 0 ] || return 0  # shared files are node 0's to write
-  mkdir -p $dir && printf '%s\n' "$inputs" > $dir/inputs.txt.tmp && mv -f $dir/inputs.txt.tmp $dir/inputs.txt
+  mkdir -p $1 && printf '%s\n' "$2" > $1/inputs.txt.tmp && mv -f $1/inputs.txt.tmp $1/inputs.txt
 }
 pretraining_inputs() {  # what $pretrain_dir is made from: --init-from's source, or configs, options and audio
   local split
@@ -636,8 +635,7 @@ import_init_from() {  # --init-from converted to our pretraining format, where s
   inputs=$(pretraining_inputs)
   if [ "$(cat $pretrain_dir/inputs.txt 2>/dev/null)" = "init_from $init_from" ]; then
     log "$pretrain_dir: recorded by --init-from's path alone, before its files were hashed: taken, recorded with them now"
-    [ "$node_rank" != 0 ] || { printf '%s\n' "$inputs" > $pretrain_dir/inputs.txt.tmp \
-      && mv -f $pretrain_dir/inputs.txt.tmp $pretrain_dir/inputs.txt; }
+    record_inputs $pretrain_dir "$inputs"
   else
     made_from $pretrain_dir "$inputs"  # another source of the same basename, or other files at its path, is refused
   fi
@@ -953,7 +951,7 @@ lm_record_matches() {  # lm_record_matches DIR INPUTS: DIR's LM was trained on I
     [ "$(printf '%s\n' "$old" | sed -e '/^tokenizer /d' -e 's/^\(text [^ ]*\) .*/\1/')" = "$recorded" ] || return 1
     log "$1: inputs recorded before their contents were: taken, recorded with them now"
   fi
-  [ "$node_rank" != 0 ] || printf '%s\n' "$now" > $1/inputs.txt
+  record_inputs $1 "$now"
 }
 train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcripts + --lm-text, and its lexicon
   local dir=$1 text=$2 extra_text=null force=$force inputs  # (force: for done_or_force and the rest of this call)
@@ -974,8 +972,8 @@ train_lm() {  # train_lm DIR CUTS: the token LM (conf/lm.yaml) on CUTS' transcri
     fresh_training $dir
     # recorded as the training starts (a killed one resumes on these only); the lexicon is made
     # after the model, of these inputs (one left from other inputs would pass for it)
-    [ "$node_rank" != 0 ] || { mkdir -p $dir && printf '%s\n' "$inputs" > $dir/inputs.txt.tmp \
-      && mv -f $dir/inputs.txt.tmp $dir/inputs.txt && rm -f $dir/words.txt; }  # (other nodes read it meanwhile)
+    record_inputs $dir "$inputs"
+    [ "$node_rank" != 0 ] || rm -f $dir/words.txt
     [ -z "$lm_text" ] || extra_text="[$(printf '%s,' $lm_text | sed 's/,$//')]"
     train $dir --config $conf_dir/lm.yaml --set task=lm data.tokenizer=$lang/bpe.model \
       data.train_text="$text" data.valid_text="$(cuts $valid_set)" "data.extra_text=$extra_text" $lm_opts
@@ -1369,7 +1367,7 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
     if done_or_force $labels/.done; then log "generation $g: pseudo-labels ready"; else
       # decode keeps the sets it finished (resuming a kill): under --force, the old teacher's would stay
       [ "$force" != true ] || rm -rf $labels
-      mkdir -p $labels && printf '%s\n' "$label_inputs" > $labels/inputs.txt  # a killed labelling's too
+      record_inputs $labels "$label_inputs"  # a killed labelling's too
       pseudo_label $teacher $labels
       "$python" -m sslasr.bin.cuts combine --out $labels/student_train.jsonl.gz "$train_cuts" $labels/pseudo_labeled.jsonl.gz
       note_command $labels pseudo-labelled

@@ -32,7 +32,7 @@ from sslasr.models.asr import build_asr_model
 from sslasr.models import hf_import
 from sslasr.models.frontends import get_frontend
 from sslasr.models.w2vbert import (
-    W2vBertEncoder, W2vBertEncoderConfig, W2vBertPretrainConfig, W2vBertPretrainer, from_hf, hf_encoder_config,
+    W2vBertEncoder, W2vBertEncoderConfig, W2vBertPretrainConfig, W2vBertPretrainer, encoder_config_from_hf, from_hf,
     w2v_bert_loss,
 )
 from sslasr.models.wav2vec2 import sample_negatives
@@ -393,7 +393,7 @@ def test_from_hf_takes_each_dropout_where_transformers_applies_it():
     self_attn_dropout), the feed-forward output with hidden_dropout; both went to hidden_dropout."""
     config = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 48,
               "hidden_act": "swish", "attention_dropout": 0.3, "hidden_dropout": 0.1, "activation_dropout": 0.2}
-    block = W2vBertEncoder(hf_encoder_config(config)).conformer.layers[0]
+    block = W2vBertEncoder(encoder_config_from_hf(config)).conformer.layers[0]
     assert (block.attention_dropout.p, block.attention.dropout, block.dropout.p) == (0.3, 0.3, 0.1)
     own = W2vBertEncoder(W2vBertEncoderConfig.from_dict(_encoder_dict(dropout=0.15))).conformer.layers[0]
     assert own.attention_dropout.p == own.dropout.p == 0.15  # ours: every module's output alike

@@ -163,18 +163,24 @@ def checked_frontend_name(model_dir: Union[str, Path]) -> str:
 def encoder_config_from_hf(config: Dict):
     """Our encoder config for a transformers config (no weights read); a missing key is named."""
     model_type = config["model_type"]
+    if model_type in _BASE_PREFIXES:
+        encoder_config = wav2vec2_encoder_config
+    else:
+        encoder_config = _converter_function(model_type, "encoder_config_from_hf")
     try:
-        if model_type in _BASE_PREFIXES:
-            return wav2vec2_encoder_config(config)
-        module = importlib.import_module(_CONVERTER_MODULES[model_type])
-        return (module.hf_encoder_config if model_type == "wav2vec2-bert" else module.encoder_config_from_hf)(config)
+        return encoder_config(config)
     except KeyError as err:
         raise ValueError(f"config.json ({model_type}) has no {err.args[0]!r}, which the architecture needs") from err
 
 
 def get_converter(model_type: str) -> Converter:
-    if model_type in ("wav2vec2", "hubert"):
+    if model_type in _BASE_PREFIXES:
         return wav2vec2_from_hf
+    return _converter_function(model_type, "from_hf")
+
+
+def _converter_function(model_type: str, name: str) -> Callable:
+    """NAME of the module converting MODEL_TYPE, which lives with its frontend (imported on first use)."""
     if model_type not in _CONVERTER_MODULES:
         raise ValueError(f"model_type {model_type!r} has no converter; supported: {', '.join(sorted(FRONTEND_NAMES))}")
     module_name = _CONVERTER_MODULES[model_type]
@@ -183,12 +189,12 @@ def get_converter(model_type: str) -> Converter:
     except ModuleNotFoundError as err:
         if err.name != module_name:
             raise
-        raise ValueError(f"model_type {model_type!r} is converted by {module_name}.from_hf, "
+        raise ValueError(f"model_type {model_type!r} is converted by {module_name}.{name}, "
                          f"but {module_name} does not exist in this checkout") from err
-    converter = getattr(module, "from_hf", None)
-    if converter is None:
-        raise ValueError(f"model_type {model_type!r}: {module_name} has no from_hf(config, state_dict)")
-    return converter
+    function = getattr(module, name, None)
+    if function is None:
+        raise ValueError(f"model_type {model_type!r}: {module_name} has no {name}")
+    return function
 
 
 def import_hf(model_dir: Union[str, Path]) -> ImportedCheckpoint:

@@ -245,7 +245,7 @@ _HF_POSITIONS = {"relative": "relative", "relative_key": "relative_key", None: "
 _POINTWISE = re.compile(r"encoder\.layers\.\d+\.conv_module\.pointwise_conv[12]\.weight")
 
 
-def hf_encoder_config(config: Dict) -> W2vBertEncoderConfig:
+def encoder_config_from_hf(config: Dict) -> W2vBertEncoderConfig:
     """Our encoder config for a transformers Wav2Vec2BertConfig (as a dict): two stacked fbank
     frames, LayerNorm + Linear, Conformer blocks with a causal, bias-free, LayerNorm convolution
     module. What our encoder cannot reproduce is an error; fine-tuning masks are not architecture
@@ -287,7 +287,7 @@ def from_hf(config: Dict, state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict, Di
     from sslasr.models.hf_import import (  # shared checks
         TASK_HEAD_MODULES, fill_mask_embedding, rename_checked, split_base_model)
 
-    encoder_cfg = hf_encoder_config(config)
+    encoder_cfg = encoder_config_from_hf(config)
     base = split_base_model(state_dict, "wav2vec2_bert", TASK_HEAD_MODULES)
     base = {k: v.squeeze(-1) if _POINTWISE.fullmatch(k) else v for k, v in base.items()}  # width-1 Conv1d → Linear
     base = fill_mask_embedding(base, config, encoder_cfg.conformer.dim, default_mask_time_prob=0.05)
@@ -298,4 +298,4 @@ def from_hf(config: Dict, state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict, Di
 
 
 __all__: List[str] = ["W2vBertEncoderConfig", "W2vBertEncoder", "W2vBertPretrainConfig", "W2vBertPretrainer",
-                      "w2v_bert_loss", "hf_encoder_config", "from_hf", "W2VBERT_KEY_RULES"]
+                      "w2v_bert_loss", "encoder_config_from_hf", "from_hf", "W2VBERT_KEY_RULES"]

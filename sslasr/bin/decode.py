@@ -38,7 +38,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from sslasr.data.loader import check_feature_type, load_cuts, make_dataloader, waveform_normalization
+from sslasr.data.loader import (
+    check_feature_type, load_cuts, make_dataloader, refuse_several_supervisions, waveform_normalization,
+)
 from sslasr.data.tokenizer import Tokenizer
 from sslasr.decoding.fusion import decode_options, tune_fusion
 from sslasr.decoding.lexicon import Lexicon
@@ -106,17 +108,11 @@ def hypothesis_scores(head, hidden: torch.Tensor, lengths: torch.Tensor, token_i
 def check_decodable(cuts_path: str) -> None:
     """A repeated cut id would be decoded twice but written once (the set scored short), and a cut
     with several supervisions scored against its first transcript alone: both unsaid."""
-    ids, several = Counter(), []
-    for cut in load_cuts(cuts_path):
-        ids[cut.id] += 1
-        if len(cut.supervisions) > 1:
-            several.append(cut.id)
-    repeated = [cut_id for cut_id, count in ids.items() if count > 1]
+    cuts = list(load_cuts(cuts_path))
+    repeated = [cut_id for cut_id, count in Counter(cut.id for cut in cuts).items() if count > 1]
     if repeated:
         raise ValueError(f"{cuts_path}: {len(repeated)} cut id(s) repeated, e.g. {repeated[:3]}")
-    if several:
-        raise ValueError(f"{cuts_path}: {len(several)} cut(s) with several supervisions, e.g. {several[:3]}: one "
-                         "transcript per cut is scored; split them (lhotse's trim_to_supervisions) or merge the texts")
+    refuse_several_supervisions(cuts, f"{cuts_path}: ")
 
 
 @torch.no_grad()

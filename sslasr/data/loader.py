@@ -13,7 +13,7 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Iterable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -69,6 +69,15 @@ def check_feature_type(cuts_path: Union[str, Path], expected: Optional[str], mod
     if expected is not None and found is not None and found != expected:
         raise ValueError(f"{cuts_path} holds {found} features, but {model} reads {expected} features: compute "
                          f"them again (stage 2 with --force true) or use a model trained on {found}")
+
+
+def refuse_several_supervisions(cuts: Iterable, where: str = "") -> None:
+    """One transcript per cut is read (a training target, a scored reference): the first of a
+    cut's several would stand for the whole audio."""
+    several = [c.id for c in cuts if len(c.supervisions) > 1]
+    if several:
+        raise ValueError(f"{where}{len(several)} cut(s) with several supervisions, e.g. {several[:3]}: one transcript "
+                         "per cut is read; split them (lhotse's trim_to_supervisions) or merge the texts")
 
 
 # fairseq normalises with F.layer_norm (eps 1e-5); transformers' Wav2Vec2FeatureExtractor adds
@@ -232,10 +241,7 @@ class SpeechDataset(Dataset):
         batch = {"inputs": inputs, "input_lens": input_lens.long(), "cut_ids": [c.id for c in cuts],
                  "texts": texts, "durations": [c.duration for c in cuts]}
         if self.tokenizer is not None:
-            several = [c.id for c in cuts if len(c.supervisions) > 1]
-            if several:  # the first transcript alone would be the target (or the reference) of the whole audio
-                raise ValueError(f"{len(several)} cut(s) with several supervisions, e.g. {several[:3]}: one transcript "
-                                 "per cut is read; split them (lhotse's trim_to_supervisions) or merge the texts")
+            refuse_several_supervisions(cuts)
         if self.tokenizer is not None and all(t is not None for t in texts):
             batch["tokens"] = self.tokenizer.encode_batch(texts)
             unknown = [t for t, ids in zip(texts, batch["tokens"]) if self.tokenizer.unk_id in ids]

@@ -80,11 +80,11 @@ def read_split(split_dir: Path, *, need_text: bool, need_speakers: bool, root: O
     wav = _table(split_dir / "wav.scp")
     if not wav:
         raise LayoutError(f"{split_dir}/wav.scp lists no utterances")
-    pipes = [(u, entry) for u, entry in wav.items() if not_a_file_path(entry)]
+    pipes = [(u, entry, why) for u, entry in wav.items() if (why := not_a_file_path(entry))]
     if pipes:
-        utt, entry = pipes[0]
+        utt, entry, why = pipes[0]
         raise LayoutError(f"{split_dir}/wav.scp: {len(pipes)} entries are not file paths, e.g. {utt} {entry!r} "
-                          f"({not_a_file_path(entry)}): write the audio out as files (e.g. Kaldi's wav-copy)")
+                          f"({why}): write the audio out as files (e.g. Kaldi's wav-copy)")
     transcripts = _optional(split_dir / "text", need_text, _transcripts)
     text = transcripts.text if transcripts is not None else None
     conflicting = transcripts.conflicting if transcripts is not None else {}

@@ -133,8 +133,8 @@ def read_wav_scp(split_dir: Path, max_utts: Optional[int] = None
             shown = " vs ".join(repr(e) for e in [entry, *others])
             dropped.append(Dropped(utt_id, "conflicting_audio",
                                    f"{1 + len(others)} different paths in wav.scp: {shown}"))
-        elif not_a_file_path(entry):
-            dropped.append(Dropped(utt_id, "unsupported_entry", f"not a file path ({not_a_file_path(entry)}): {entry!r}"))
+        elif why := not_a_file_path(entry):
+            dropped.append(Dropped(utt_id, "unsupported_entry", f"not a file path ({why}): {entry!r}"))
         else:
             # os.path.abspath, not resolve(): keep symlinked corpus paths as the user gave them.
             wav[utt_id] = os.path.abspath(os.path.join(split_dir, entry))

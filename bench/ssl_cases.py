@@ -23,7 +23,7 @@ import transformers
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from sslasr.models.hubert import HubertPretrainConfig, HubertPretrainer
-from sslasr.models.w2vbert import W2vBertPretrainConfig, W2vBertPretrainer, hf_encoder_config
+from sslasr.models.w2vbert import W2vBertPretrainConfig, W2vBertPretrainer, encoder_config_from_hf
 from sslasr.models.wavlm import WavLMEncoderConfig, WavLMPretrainer
 from sslasr.utils.config import load_config
 
@@ -166,7 +166,7 @@ def _w2vbert_case(batch: int, seconds: float, config: str, device: torch.device)
         hidden_dropout=conformer["dropout"], attention_dropout=conformer["attention_dropout"],
         activation_dropout=conformer["activation_dropout"], conformer_conv_dropout=conformer["conv_dropout"],
         feat_proj_dropout=0.1, layerdrop=0.0, mask_time_prob=0.05)
-    enc = hf_encoder_config(hf_cfg.to_dict())
+    enc = encoder_config_from_hf(hf_cfg.to_dict())
     objective = {k: v for k, v in cfg["pretrain"].items() if k in W2vBertPretrainConfig.__dataclass_fields__}
     pre = W2vBertPretrainConfig.from_dict(objective)
     ours = W2vBertPretrainer(enc, pre).to(device).train()

@@ -265,18 +265,9 @@ def append_result(results_jsonl: PathLike, row: dict[str, Any]) -> dict[str, Any
     the row already there when the experiment's latest row is this one but for its timestamp:
     a run killed after scoring but before its stage's done mark scores again on the rerun, and
     must not record itself twice."""
-    missing = missing_result_keys(row)
-    if missing:
-        raise ValueError(f"results row is missing required key(s): {', '.join(missing)}")
-    wer = row["wer"]
-    if not isinstance(wer, (int, float)) or not math.isfinite(wer):  # inf: insertions over 0 reference words
-        raise ValueError(f"results row of {row.get('corpus')}/{row.get('test_set')} ({row.get('decoding')}) has "
-                         f"a non-finite or non-numeric wer: {wer!r} over {row.get('num_words')} reference words")
-    not_numbers = [f"{key}={row[key]!r}" for key in NUMERIC_RESULT_KEYS
-                   if row.get(key) is not None and not _is_number(row[key])]
-    if not_numbers:  # RESULTS.md formats them as numbers: one such row would stop every later render
-        raise ValueError(f"results row of {row.get('corpus')}/{row.get('test_set')}: {', '.join(not_numbers)} "
-                         f"must be a number (or null)")
+    problem = result_row_problem(row)
+    if problem:
+        raise ValueError(f"results row {problem}")
     row = dict(row)
     row.setdefault(TIMESTAMP_KEY, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     line = json.dumps(row, ensure_ascii=False, allow_nan=False)
@@ -287,6 +278,23 @@ def append_result(results_jsonl: PathLike, row: dict[str, Any]) -> dict[str, Any
         return previous
     append_line(results_jsonl, line)
     return row
+
+
+def result_row_problem(row: dict[str, Any]) -> Optional[str]:
+    """What makes ROW unfit for a results file, or None. RESULTS.md formats its numbers as
+    numbers: one row with a string there would stop every later render."""
+    missing = missing_result_keys(row)
+    if missing:
+        return f"is missing required key(s): {', '.join(missing)}"
+    wer = row["wer"]
+    if not _is_number(wer) or not math.isfinite(wer):  # inf: insertions over 0 reference words
+        return (f"of {row.get('corpus')}/{row.get('test_set')} ({row.get('decoding')}) has a non-finite or "
+                f"non-numeric wer: {wer!r} over {row.get('num_words')} reference words")
+    not_numbers = [f"{key}={row[key]!r}" for key in NUMERIC_RESULT_KEYS
+                   if row.get(key) is not None and not _is_number(row[key])]
+    if not_numbers:
+        return f"of {row.get('corpus')}/{row.get('test_set')}: {', '.join(not_numbers)} must be a number (or null)"
+    return None
 
 
 def experiment_key(row: dict[str, Any]) -> str:
@@ -333,9 +341,9 @@ def read_results(results_jsonl: PathLike) -> list[dict[str, Any]]:
             raise ValueError(f"{where}: malformed JSON line: {err}") from err
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        missing = missing_result_keys(row)
-        if missing:
-            raise ValueError(f"{where}: row is missing required key(s): {', '.join(missing)}")
+        problem = result_row_problem(row)
+        if problem:
+            raise ValueError(f"{where}: row {problem}")
         rows.append(row)
     return rows
 
@@ -604,7 +612,8 @@ def _render_summary(rows: list[dict[str, Any]]) -> list[str]:
     systems: dict[str, dict[str, dict[str, Any]]] = {}
     for row in rows:  # rows come in table order, so systems do too
         systems.setdefault(_system_key(row), {})[_method(row)] = row
-    best = {m: min(r[m]["wer"] for r in systems.values() if m in r) for m in methods}
+    # compared as shown (2 decimals): one error more of 50k words must not unbold an equal-looking cell
+    best = {m: min(float(f"{r[m]['wer']:.2f}") for r in systems.values() if m in r) for m in methods}
     columns = [c for c in SUMMARY_SYSTEM_COLUMNS if c is not PARAMETERS_COLUMN
                or _any_model_size(rows)]
     with_exp = any("exp" in r for r in rows)
@@ -615,7 +624,8 @@ def _render_summary(rows: list[dict[str, Any]]) -> list[str]:
         cells = [fmt(first.get(key)) for _, key, fmt in columns]
         for m in methods:
             wer = by_method[m]["wer"] if m in by_method else None
-            cells.append("-" if wer is None else f"**{wer:.2f}**" if wer == best[m] else f"{wer:.2f}")
+            shown = None if wer is None else f"{wer:.2f}"
+            cells.append("-" if shown is None else f"**{shown}**" if float(shown) == best[m] else shown)
         if with_exp:
             cells.append(_cell(first.get("exp")))
         body.append(cells)

@@ -245,6 +245,8 @@ def test_tune_fusion_picks_the_lowest_dev_wer():
     assert (best["lm_weight"], best["length_bonus"], best["dev_wer"]) == (0.5, 1.0, 0.0)
     assert len(best["grid"]) == 6 and {p["dev_wer"] for p in best["grid"]} == {0.0, 50.0}
     assert corpus_wer({"u1": "A"}, refs) == 75.0  # a missing hypothesis counts as all deletions
+    with pytest.raises(ValueError, match="hold no word"):  # was 200 %: insertions over max(1, 0) words
+        corpus_wer({"u1": "A B"}, {"u1": ""})
     with pytest.raises(ValueError, match="at least one"):
         tune_fusion(decode, refs, [], [0.0])
 

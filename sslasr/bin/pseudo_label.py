@@ -76,7 +76,8 @@ def main(argv=None) -> None:
     # subset), then --reference's (a corpus keeping its unlabeled audio's text aside)
     references = {cut.id: cut.supervisions[0].text for cut in cuts if cut.supervisions and cut.supervisions[0].text}
     references.update(read_kaldi_text(args.reference) if args.reference else {})
-    references = {cut: text for cut, text in references.items() if cut in durations}
+    # (an empty reference, an id-only line, has no words to score against, as an empty supervision)
+    references = {cut: text for cut, text in references.items() if cut in durations and text.split()}
     if references:
         report["wer_all"] = round(corpus_wer(hyps, references), 2)
         kept_refs = {cut: text for cut, text in references.items() if cut in kept}

@@ -38,13 +38,16 @@ def decode_options(decode_cfg: Optional[Mapping] = None, **overrides) -> DecodeO
 
 
 def corpus_wer(hyps: Mapping[str, str], refs: Mapping[str, str]) -> float:
-    """WER (%) of hypotheses against references over the references' utterances."""
+    """WER (%) of hypotheses against references over the references' utterances. Undefined
+    (ValueError) when the references hold no word: any insertion would be infinitely many %."""
     errors = words = 0
     for utt, ref in refs.items():
         counts = align_counts(ref.split(), hyps.get(utt, "").split())
         errors += counts.errors
         words += counts.ref_words
-    return 100.0 * errors / max(1, words)
+    if words == 0:
+        raise ValueError(f"no WER: the {len(refs)} reference transcripts hold no word")
+    return 100.0 * errors / words
 
 
 def tune_fusion(decode: Callable[[float, float], Mapping[str, str]], refs: Mapping[str, str],

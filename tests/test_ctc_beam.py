@@ -460,6 +460,43 @@ def test_a_set_made_again_or_a_model_trained_again_is_decoded_again(tiny_system,
     assert redone(retrain) == ["decode_dev_ctc_greedy", "decode_test_ctc_greedy"]
 
 
+def test_a_killed_rewrite_leaves_no_done_mark_and_no_other_sets_references(tiny_system, tmp_path, monkeypatch):
+    """write_decoding replaced hyp.txt while the earlier decoding's decode_info.json (the folder's
+    done mark) stayed until its last line: killed in between, a rerun with the earlier settings
+    took the new hypotheses for its own. And a set without transcripts kept the ref.txt of the
+    transcribed set decoded there before."""
+    from lhotse import load_manifest
+    from lhotse.utils import fastcopy
+    from sslasr.bin import decode
+    test = tmp_path / "test.jsonl.gz"
+    shutil.copy(tiny_system["test"], test)
+    folder = tmp_path / "decode_test_ctc_beam"
+
+    def run(beam: int) -> None:
+        decode.main(["--model", tiny_system["model"], "--methods", "ctc_beam", "--beam-size", str(beam),
+                     "--out-dir", str(tmp_path / "decode_{set}_{method}"), "--cuts", f"test={test}"])
+
+    run(4)
+    real_write = decode.write_text_atomic
+
+    def killed_at_the_mark(path, text):
+        if Path(path).name == "decode_info.json":
+            raise KeyboardInterrupt
+        real_write(path, text)
+    monkeypatch.setattr(decode, "write_text_atomic", killed_at_the_mark)
+    with pytest.raises(KeyboardInterrupt):
+        run(2)
+    monkeypatch.undo()
+    assert (folder / "hyp.txt").exists() and not (folder / "decode_info.json").exists()
+    run(4)  # decoded again, not taken as done
+    assert json.loads((folder / "decode_info.json").read_text())["beam_size"] == 4
+
+    cuts = load_manifest(test)
+    cuts.map_supervisions(lambda s: fastcopy(s, text=None)).to_file(test)  # the same audio, untranscribed
+    run(4)
+    assert (folder / "hyp.txt").exists() and not (folder / "ref.txt").exists()
+
+
 def test_a_tuning_set_made_again_is_tuned_on_again(tiny_system, tmp_path):
     """λ, β tuned on the dev set: a dev manifest drawn again was decoded again, but with the λ, β
     of the earlier dev set, as if tuned on this one; the same cuts written again are not redone."""

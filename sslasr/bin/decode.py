@@ -149,10 +149,14 @@ def run_searches(model: AsrModel, cfg: Dict, tokenizer: Tokenizer, cuts_path: st
 
 def write_decoding(out_dir: Path, search: Search, set_pass: SetPass, info: Dict) -> None:
     """hyp.txt (every cut), ref.txt (the cuts with a transcript, when any), then decode_info.json:
-    the folder's done mark."""
+    the folder's done mark. An earlier decoding's mark goes first: killed before the new one was
+    written, a rerun with the earlier settings would take these hypotheses for that decoding's."""
+    (out_dir / "decode_info.json").unlink(missing_ok=True)
     write_text_atomic(out_dir / "hyp.txt", "".join(f"{k} {v}\n" for k, v in sorted(search.hyps.items())))
     if set_pass.refs:
         write_text_atomic(out_dir / "ref.txt", "".join(f"{k} {v}\n" for k, v in sorted(set_pass.refs.items())))
+    else:  # another set's transcripts would score these hypotheses
+        (out_dir / "ref.txt").unlink(missing_ok=True)
     if search.scores:
         write_text_atomic(out_dir / "scores.txt", "".join(f"{k} {v:.6g}\n" for k, v in sorted(search.scores.items())))
     else:  # an earlier decoding's scores would rank these hypotheses (pseudo_label reads them)

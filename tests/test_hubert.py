@@ -524,6 +524,18 @@ def test_labelling_resumes_after_the_manifests_it_finished(tmp_path):
     assert (labels / "first.jsonl.gz").stat().st_mtime_ns != kept
 
 
+def test_manifests_of_one_file_name_are_refused(tmp_path):
+    """train/cuts.jsonl.gz and dev/cuts.jsonl.gz were both labelled into OUT_DIR/cuts.jsonl.gz:
+    dev's labels replaced train's, and every rerun labelled both again."""
+    paths = []
+    for split in ("train", "dev"):
+        (tmp_path / split).mkdir()
+        paths.append(str(tmp_path / split / "cuts.jsonl.gz"))
+    with pytest.raises(ValueError, match=r"share file names \(cuts.jsonl.gz\)"):
+        kmeans_cli.label({}, str(tmp_path / "kmeans.pt"), paths, tmp_path / "labels")
+    assert not (tmp_path / "labels").exists()
+
+
 def test_labelling_a_manifest_resumes_after_the_parts_it_finished(tmp_path, monkeypatch):
     """One manifest (stage 4's pretraining manifest) was labelled in one go: a kill inside it
     redid all of it (hours of a model's layer features at scale). Parts of it are kept now."""
@@ -550,8 +562,13 @@ def test_labelling_a_manifest_resumes_after_the_parts_it_finished(tmp_path, monk
     ids = [cut.id for cut in load_cuts(cuts_path)]
     computed.clear()
     killed = False
+    parts_dir = labels / ".cuts_all.jsonl.gz.parts"
+    records_at_flush = []  # the label files reach the disk before the record that vouches for them
+    monkeypatch.setattr(kmeans_cli, "flush_to_disk", lambda: records_at_flush.append(
+        sorted(p.name for p in parts_dir.glob("*.counts.json"))))
     assert kmeans_cli.label(cfg, str(kmeans_path), [str(cuts_path)], labels) == whole
     assert computed == [ids[2:]]  # the first part was kept
+    assert records_at_flush == [["part00000.counts.json"]]  # the second part's flush, before its record
     resumed, expected = list(load_cuts(labels / "cuts_all.jsonl.gz")), list(load_cuts(tmp_path / "whole/cuts_all.jsonl.gz"))
     assert [cut.id for cut in resumed] == ids
     assert all(np.array_equal(a.load_custom("kmeans_labels"), b.load_custom("kmeans_labels"))

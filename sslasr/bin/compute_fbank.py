@@ -21,6 +21,7 @@ from lhotse.utils import compute_num_frames
 from sslasr.data.frame_features import pad_to_one_window
 from sslasr.data.loader import load_cuts
 from sslasr.data.manifests import write_cuts
+from sslasr.utils.io import flush_to_disk
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def fbank_cuts(cuts: CutSet, storage_path: Path, num_mel_bins: int = 80, num_job
         extractor=SeamlessFbank(FbankConfig(num_mel_bins=num_mel_bins)),
         storage_path=storage_path,
         num_jobs=num_jobs, storage_type=LilcomChunkyWriter, progress_bar=False)
+    flush_to_disk()  # the archives, written without an fsync, before the manifest that points into them
     # Parallel jobs return their shards one after another: restore the input order.
     by_id = {cut.id: cut for cut in with_feats}
     with_feats = CutSet.from_cuts(by_id[cut.id] for cut in cuts if cut.id in by_id)

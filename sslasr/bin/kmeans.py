@@ -36,7 +36,8 @@ from sslasr.kmeans import (
 )
 from sslasr.utils.config import load_configs
 from sslasr.utils.devices import resolve_device
-from sslasr.utils.io import atomic_path, content_sha256, file_sha256, save_torch_atomic, write_text_atomic
+from sslasr.utils.io import (atomic_path, content_sha256, file_sha256, flush_to_disk, save_torch_atomic,
+                             write_text_atomic)
 from sslasr.utils.logging import setup_logging
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,11 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
     A manifest is labelled in parts of LABEL_PART_CUTS cuts, each kept with its counts until the
     manifest is whole: a run killed inside one (the pretraining manifest, hours of a model's
     layer features at scale) redoes the part it was in, not the manifest."""
+    names = [Path(path).name for path in cuts_paths]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # their labelled copies would share one file in OUT_DIR: the last would overwrite the others
+        raise ValueError(f"manifests to label share file names ({', '.join(repeated)}): their labelled copies in "
+                         f"{out_dir} are named after them")
     kmeans = KMeansConfig.from_dict(cfg.get("kmeans"))
     state = torch.load(kmeans_path, map_location="cpu", weights_only=False)
     spec, centers = state["features"], state["centers"]
@@ -166,6 +172,7 @@ def _label_in_parts(path: str, out: Path, made_from: Dict, label_part: Callable,
             with atomic_path(part) as tmp, CutSet.open_writer(tmp) as manifest:
                 for cut in label_part(cuts, part_counts):
                     manifest.write(cut)
+            flush_to_disk()  # the labels' .npy files, written without an fsync, before the record
             write_text_atomic(part_done, json.dumps({"made_from": part_made_from, "counts": part_counts.tolist()}) + "\n")
         counts += part_counts
         parts.append(part)

@@ -62,6 +62,13 @@ def save_torch_atomic(obj, path: PathLike) -> None:
         torch.save(obj, f)
 
 
+def flush_to_disk() -> None:
+    """Everything written so far reaches the disk (os.sync). For files a library wrote without an
+    fsync (lhotse's feature and array writers), before the record that vouches for them: a node
+    crash must not leave a done mark over truncated features or labels."""
+    os.sync()
+
+
 def _fsync(path: Path) -> None:
     """Flush PATH (a file, or a directory: its entries) to the disk. Some filesystems refuse a
     directory's fsync (EINVAL, EBADF); nothing more can be done there."""

@@ -70,7 +70,8 @@ class MfccFeatures:
 
     def __call__(self, cut) -> np.ndarray:
         """Frame t covers samples [160t, 160t + 400) at 16 kHz, as fairseq's dump (torchaudio's
-        Kaldi MFCC, snip_edges): frames 2t and 2t + 1 lie inside encoder frame t's [320t, 320t + 400).
+        Kaldi MFCC, snip_edges): frame 2t covers encoder frame t's [320t, 320t + 400) exactly, and is
+        its label at 50 Hz (align_targets takes every second one, as fairseq).
         lhotse's default centres frames on the shift, 7.5 ms before the encoder frame they label.
         The last frame is repeated up to lhotse's count (round(duration / 10 ms), one or two
         more), which the labels' storage assumes; audio shorter than one window is zero-padded

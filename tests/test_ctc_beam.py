@@ -690,6 +690,35 @@ def test_lexicon_trie_follows_words_and_starts_new_ones():
     assert list(lexicon.next_nodes(np.array([ROOT]), np.array([4, 5]))[0]) == [NOT_ALLOWED, NOT_ALLOWED]
 
 
+def test_a_lexicon_over_a_large_vocabulary_takes_memory_by_its_edges():
+    """The trie was a dense nodes × vocabulary table: with a LibriSpeech-size lexicon and a
+    5000-piece vocabulary, ~10 GB. Here 10⁸ token ids (800 GB dense) and random words; every
+    transition is checked against the words' own prefixes."""
+    rng = np.random.default_rng(0)
+
+    class WideTokenizer:  # a word's pieces: its letters, at ids spread over 10⁸
+        unk_id, vocab_size = 2, 10 ** 8
+
+        def encode(self, word):
+            return [3 + 997 * (ord(c) - 96) ** 3 for c in word]
+    words = sorted({"".join(rng.choice(list("abcdef"), size=rng.integers(1, 6))) for _ in range(300)})
+    tokenizer = WideTokenizer()
+    lexicon = Lexicon(words, tokenizer)
+    assert lexicon.edge_keys.nbytes < 100_000
+    prefixes = {tuple(tokenizer.encode(w)[:i]) for w in words for i in range(1, len(w) + 1)}
+    letters = np.array(tokenizer.encode("abcdefg"))
+    for word in words[:50]:
+        node, spelt = np.array([ROOT]), ()
+        for token in tokenizer.encode(word):
+            nxt = lexicon.next_nodes(node, letters)[0]
+            allowed = {t for t, n in zip(letters.tolist(), nxt.tolist()) if n != NOT_ALLOWED}
+            goes_on = {t for t in letters.tolist() if spelt + (t,) in prefixes}
+            starts = {t for t in letters.tolist() if (t,) in prefixes} if lexicon.is_complete(node)[0] else set()
+            assert allowed == goes_on | starts
+            node, spelt = nxt[letters.tolist().index(token)][None], spelt + (token,)
+        assert lexicon.is_complete(node)[0]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_exact_lexicon_search_is_the_best_sequence_of_lexicon_words(seed):
     """Unpruned, the lexicon-constrained search returns exactly the brute-force most probable

@@ -29,7 +29,9 @@ NOT_ALLOWED = -1
 
 
 class Lexicon:
-    """The trie of `words` spelt with `tokenizer`; `child` is dense (nodes × vocabulary)."""
+    """The trie of `words` spelt with `tokenizer`. Its edges are kept sorted by (node, token)
+    key, node · V + token, and looked up by binary search: a dense nodes × V table would take
+    ~10 GB for a LibriSpeech-size lexicon (~1M nodes) with a 5000-piece vocabulary."""
 
     def __init__(self, words: Iterable[str], tokenizer: Tokenizer):
         given = sorted({w for w in words if w})
@@ -57,10 +59,11 @@ class Lexicon:
         if len(self.words) < len(given):
             log.warning("lexicon: %d of %d words have tokens outside the tokenizer's vocabulary; left out",
                         len(given) - len(self.words), len(given))
-        self.child = np.full((len(edges), tokenizer.vocab_size), NOT_ALLOWED, dtype=np.int64)
-        for node, out in enumerate(edges):
-            for token, target in out.items():
-                self.child[node, token] = target
+        self.vocab_size = tokenizer.vocab_size
+        keys = [(node * self.vocab_size + token, target) for node, out in enumerate(edges) for token, target in out.items()]
+        keys.sort()
+        self.edge_keys = np.array([key for key, _ in keys], dtype=np.int64)
+        self.edge_targets = np.array([target for _, target in keys], dtype=np.int64)
         self.word_end = np.array(word_end)
         self.word_end[ROOT] = True  # nothing spelt yet: an empty hypothesis is complete
 
@@ -72,9 +75,16 @@ class Lexicon:
 
     def next_nodes(self, nodes: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """(K,) nodes × (C,) tokens → (K, C) next nodes, NOT_ALLOWED where the token cannot follow."""
-        inside = self.child[nodes[:, None], tokens[None, :]]
-        new_word = np.where(self.word_end[nodes][:, None], self.child[ROOT, tokens][None, :], NOT_ALLOWED)
+        nodes, tokens = np.asarray(nodes, dtype=np.int64), np.asarray(tokens, dtype=np.int64)
+        inside = self.child(nodes[:, None], tokens[None, :])
+        new_word = np.where(self.word_end[nodes][:, None], self.child(np.array([ROOT]), tokens)[None, :], NOT_ALLOWED)
         return np.where(inside != NOT_ALLOWED, inside, new_word)
+
+    def child(self, nodes: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """The node the edge NODES --TOKENS--> leads to (broadcast), NOT_ALLOWED where there is none."""
+        keys = nodes * self.vocab_size + tokens
+        at = np.minimum(np.searchsorted(self.edge_keys, keys), len(self.edge_keys) - 1)
+        return np.where(self.edge_keys[at] == keys, self.edge_targets[at], NOT_ALLOWED)
 
     def is_complete(self, nodes: np.ndarray) -> np.ndarray:
         return self.word_end[nodes]

@@ -416,6 +416,18 @@ def test_tokenizer_gives_back_the_transcripts_as_written(tmp_path):
         assert [tok.decode(tok.encode(text)) for text in texts] == texts
 
 
+@pytest.mark.parametrize("model_type", ["char", "unigram", "bpe"])
+def test_a_tokenizer_trained_again_on_the_same_text_is_the_same_file(tmp_path, model_type):
+    """sentencepiece recorded its temporary input and output paths in the model: the same pieces
+    trained again were other bytes, and the recipe (which compares bpe.model's digest) refused
+    every fine-tuned system and trained the LM again after manifests remade with the same text."""
+    texts = ["THE CAT SAT", "ON THE MAT", "A CAT AND A HAT", "THAT IS THE HAT"] * 5
+    first = train_tokenizer(texts, tmp_path / "a", vocab_size=24, model_type=model_type)
+    train_tokenizer(texts, tmp_path / "b", vocab_size=24, model_type=model_type)
+    assert (tmp_path / "a/bpe.model").read_bytes() == (tmp_path / "b/bpe.model").read_bytes()
+    assert first.decode(first.encode("THE HAT SAT")) == "THE HAT SAT"
+
+
 # ------------------------------------------------------------------ loader
 def test_waveform_batch(prepared, tokenizer):
     _, out = prepared

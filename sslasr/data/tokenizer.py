@@ -1,7 +1,7 @@
 """SentencePiece tokenizer with the icefall id convention: <blk>=0, <sos/eos>=1, <unk>=2."""
 
+import io
 import logging
-import tempfile
 from pathlib import Path
 from typing import Iterable, List, Sequence, Union
 
@@ -56,9 +56,13 @@ class Tokenizer:
         self.__init__(state["model_path"])
 
 
-def _train(text_file: Path, model_prefix: Path, vocab_size: int, model_type: str, hard_limit: bool) -> None:
+def _train(texts: List[str], vocab_size: int, model_type: str, hard_limit: bool) -> bytes:
+    """The model's bytes. Trained from memory, not from a file into a file: sentencepiece records
+    the input and output paths in the model, and a temporary folder's would make the same
+    tokenizer trained again other bytes (and digests, which the recipe compares)."""
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        input=str(text_file), model_prefix=str(model_prefix), vocab_size=vocab_size,
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
         model_type=model_type, character_coverage=1.0, input_sentence_size=100_000_000,
         user_defined_symbols=[BLANK, SOS_EOS], unk_id=2, bos_id=-1, eos_id=-1,
         hard_vocab_limit=hard_limit, minloglevel=1,
@@ -66,34 +70,32 @@ def _train(text_file: Path, model_prefix: Path, vocab_size: int, model_type: str
         # "ＡＢＣ" as "ABC", a combining accent as the composed letter, so the hypotheses would
         # differ from references holding the very same text (scored as errors)
         normalization_rule_name="identity")
+    return model.getvalue()
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: Union[str, Path], vocab_size: int,
                     model_type: str = "unigram") -> Tokenizer:
     """Train on `texts` and write OUT/bpe.model (atomically) and OUT/tokens.txt."""
-    texts = [t for t in texts if t and t.strip()]
+    # one sentence a line, as a text file would give them to sentencepiece
+    texts = [line for t in texts if t for line in t.split("\n") if line.strip()]
     if not texts:
         raise ValueError("no non-empty transcripts to train the tokenizer on")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        text_file = Path(tmp) / "transcripts.txt"
-        text_file.write_text("\n".join(texts) + "\n", encoding="utf-8")
-        prefix = Path(tmp) / "bpe"
-        try:
-            _train(text_file, prefix, vocab_size, model_type, hard_limit=True)
-        except RuntimeError as e:
-            if "smaller than required_chars" in str(e):
-                raise ValueError(f"vocab size {vocab_size} is below the number of distinct characters in the "
-                                 f"transcripts plus 3 special tokens; choose a larger --vocab-size") from e
-            if "Vocabulary size too high" not in str(e):
-                raise
-            # Tiny corpora cannot support the requested vocab: take what the text allows.
-            log.warning("vocab size %d is too large for %d transcripts (%s); retrying with a soft limit",
-                        vocab_size, len(texts), str(e).split("] ")[-1])
-            _train(text_file, prefix, vocab_size, model_type, hard_limit=False)
-        with atomic_path(out_dir / MODEL_NAME) as final_tmp:
-            final_tmp.write_bytes(prefix.with_suffix(".model").read_bytes())
+    try:
+        model = _train(texts, vocab_size, model_type, hard_limit=True)
+    except RuntimeError as e:
+        if "smaller than required_chars" in str(e):
+            raise ValueError(f"vocab size {vocab_size} is below the number of distinct characters in the "
+                             f"transcripts plus 3 special tokens; choose a larger --vocab-size") from e
+        if "Vocabulary size too high" not in str(e):
+            raise
+        # Tiny corpora cannot support the requested vocab: take what the text allows.
+        log.warning("vocab size %d is too large for %d transcripts (%s); retrying with a soft limit",
+                    vocab_size, len(texts), str(e).split("] ")[-1])
+        model = _train(texts, vocab_size, model_type, hard_limit=False)
+    with atomic_path(out_dir / MODEL_NAME) as final_tmp:
+        final_tmp.write_bytes(model)
     tokenizer = Tokenizer(out_dir / MODEL_NAME)
     write_tokens_txt(tokenizer, out_dir / "tokens.txt")
     if tokenizer.vocab_size != vocab_size:

@@ -145,8 +145,20 @@ def test_token_batch_sampler_is_a_deterministic_partition():
     assert list(again) == epoch1  # what resuming relies on
     sampler.set_epoch(2)
     assert list(sampler) != epoch1
-    with pytest.raises(ValueError, match="below the longest sentence"):
-        TokenBatchSampler(lengths, max_tokens=10, shuffle=False)
+
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_a_sentence_over_max_tokens_is_a_batch_of_its_own(shuffle, caplog):
+    """One long line of an LM text (a paragraph) stopped the LM's training, or its validation,
+    when the loader was built."""
+    lengths = [5, 40, 6, 7, 39, 4]
+    with caplog.at_level("WARNING"):
+        batches = list(TokenBatchSampler(lengths, max_tokens=20, shuffle=shuffle, seed=1))
+    assert "2 sentences are longer than max_tokens 20 (the longest: 40 tokens + <eos>)" in caplog.text
+    assert sorted(i for batch in batches for i in batch) == list(range(6))
+    assert [1] in batches and [4] in batches
+    assert all(max(lengths[i] + 1 for i in b) * len(b) <= 20 for b in batches if b not in ([1], [4]))
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -54,7 +54,8 @@ def read_sentences(paths: PathOrPaths) -> List[str]:
 
 
 class TokenBatchSampler(Sampler):
-    """Batches of sentence indices holding at most `max_tokens` padded tokens (sentence + <eos>).
+    """Batches of sentence indices holding at most `max_tokens` padded tokens (sentence + <eos>),
+    or one sentence longer than that alone.
 
     Training (shuffle): each epoch a seeded permutation is cut into pools of ~100 batches, each
     pool sorted by length (little padding), and the batches' order shuffled; rank r of W takes
@@ -65,8 +66,10 @@ class TokenBatchSampler(Sampler):
 
     def __init__(self, lengths: Sequence[int], max_tokens: int, shuffle: bool, seed: int = 0,
                  world_size: int = 1, rank: int = 0):
-        if max_tokens < max(lengths) + 1:
-            raise ValueError(f"max_tokens {max_tokens} is below the longest sentence ({max(lengths)} tokens + <eos>)")
+        longer = sum(length + 1 > max_tokens for length in lengths)
+        if longer:  # one paragraph of an extra text file must not stop the training, nor be lost
+            log.warning("%d sentences are longer than max_tokens %d (the longest: %d tokens + <eos>): each is a "
+                        "batch of its own", longer, max_tokens, max(lengths))
         self.lengths = np.asarray(lengths) + 1
         self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
         self.world_size, self.rank = world_size, rank

@@ -483,6 +483,18 @@ def test_empty_transcripts_are_counted_and_several_supervisions_refused(prepared
         dataset[CutSet.from_cuts(cuts)]
 
 
+def test_a_transcript_spelling_a_reserved_symbol_is_refused(prepared, tokenizer):
+    """sentencepiece reads '<blk>' in a text as its own piece: CTC trained on it as a target blank."""
+    _, out = prepared
+    dataset = make_dataloader(load_cuts(out / "toy_cuts_train.jsonl.gz"), input_type="waveform",
+                              max_duration=1000, shuffle=False, tokenizer=tokenizer).dataset
+    cuts = list(load_cuts(out / "toy_cuts_train.jsonl.gz"))
+    cuts[1].supervisions[0].text = "HELLO <blk> WORLD"
+    assert tokenizer.blank_id in tokenizer.encode("HELLO <blk> WORLD")
+    with pytest.raises(ValueError, match=rf"the transcripts of 1 cuts \(e.g. {cuts[1].id}\) spell the tokenizer's"):
+        dataset[CutSet.from_cuts(cuts)]
+
+
 def test_asr_training_on_cuts_without_transcripts_is_a_named_error(prepared, tokenizer):
     from sslasr.train.tasks import _transcripts
     _, out = prepared

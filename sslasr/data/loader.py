@@ -26,7 +26,7 @@ from lhotse.lazy import LazySlicer
 from torch.utils.data import DataLoader, Dataset
 
 from sslasr.data.mixing import UtteranceMixer, build_mixer, mixing_stats
-from sslasr.data.tokenizer import Tokenizer
+from sslasr.data.tokenizer import RESERVED_SYMBOLS, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,12 @@ class SpeechDataset(Dataset):
             refuse_several_supervisions(cuts)
         if self.tokenizer is not None and all(t is not None for t in texts):
             batch["tokens"] = self.tokenizer.encode_batch(texts)
+            reserved = {self.tokenizer.blank_id, self.tokenizer.sos_eos_id}
+            spelt = [c.id for c, ids in zip(cuts, batch["tokens"]) if reserved.intersection(ids)]
+            if spelt:  # CTC would take a blank as a target, the decoders an <eos> mid-sentence
+                raise ValueError(f"the transcripts of {len(spelt)} cuts (e.g. {spelt[0]}) spell the tokenizer's "
+                                 f"reserved symbols {' '.join(RESERVED_SYMBOLS)}: take them out of the manifest "
+                                 f"(Kaldi-folder preparation drops such utterances, counted)")
             unknown = [t for t, ids in zip(texts, batch["tokens"]) if self.tokenizer.unk_id in ids]
             if unknown:  # trained on as <unk>: say so, the text normalisation may be missing a step
                 log.warning("%d of %d transcripts have characters outside the tokenizer (%s), read as <unk>: "

@@ -190,6 +190,8 @@ def test_bad_configuration_and_targets_are_named():
         AttentionHead(16, 8, decoder_units=3)
     with pytest.raises(ValueError, match="ctc_weight"):
         AttentionHead(16, 8, ctc_weight=1.5)
+    with pytest.raises(ValueError, match="no gradient"):  # validation would rank an untrained decoder's output
+        AttentionHead(16, 8, ctc_weight=1.0)
     with pytest.raises(ValueError, match="location_kernel"):
         AttentionHead(16, 8, location_kernel=4)
     head = tiny_head()

@@ -51,8 +51,9 @@ class AttentionHeadConfig:
             raise ValueError(f"head.attention must be one of {ATTENTION_TYPES}, got {self.attention!r}")
         if self.attention == "location" and (self.location_kernel < 1 or self.location_kernel % 2 == 0):
             raise ValueError(f"head.location_kernel must be a positive odd width, got {self.location_kernel}")
-        if not 0.0 <= self.ctc_weight <= 1.0:
-            raise ValueError(f"head.ctc_weight must be in [0, 1], got {self.ctc_weight}")
+        if not 0.0 <= self.ctc_weight < 1.0:  # at 1 the decoder learns nothing, and validation decodes with it
+            raise ValueError(f"head.ctc_weight must be in [0, 1), got {self.ctc_weight}: at 1 the attention decoder "
+                             f"gets no gradient (for CTC alone, head.name: ctc)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"head.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.decoder_layers < 1:

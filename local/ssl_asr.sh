@@ -24,8 +24,10 @@
 #                 labels + pseudo-labels with noise, is decoded and scored, and teaches the next
 #  10 results     exp/results.jsonl's new rows appended to RESULTS.jsonl (tracked: every run's
 #                 rows), RESULTS.md rendered from it
-# Outputs of stages 4-10 go under exp/, or exp/conf_<name>/ for another --conf-dir (see $exp).
-# Every stage leaves a .done marker and is skipped when it exists (--force true redoes it:
+# Outputs of stages 4-9 go under exp/, or exp/conf_<name>/ for another --conf-dir (see $exp);
+# stage 10 writes the recipe's RESULTS.jsonl and RESULTS.md, which every --conf-dir shares.
+# Stages 0-7 and 9 leave .done markers and skip what they mark; stage 8 scores each decoding once
+# (decode_*/.scored), stage 10 renders on every run (--force true redoes a stage's work:
 # training from update 0, its logs appended to); training stages resume from their last
 # checkpoint after a kill. A training dir (stages 4, 5, 9) records what it is made from in
 # inputs.txt; reused or resumed from other inputs, it is refused (see made_from).

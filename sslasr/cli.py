@@ -1,6 +1,6 @@
 """The `sslasr` command: tools outside the recipes' stages, one subcommand each.
 
-    sslasr import-hf DIR --out exp/pretrain_wav2vec2_imported/model_final.pt
+    sslasr import-hf DIR --out exp/pretrain_wav2vec2_imported_DIR/model_final.pt
         a transformers model directory (config.json + weights) → a checkpoint in our pretraining
         format and, next to it, frontend.yaml with the architecture for fine-tuning configs
 """

@@ -22,8 +22,9 @@
 #   teacher and labels the pool (stages 7-9), the other nodes wait for each generation's
 #   pseudo-labels and train the student with it; under --force they take only pseudo-labels made
 #   after node 0 started. A node 0 killed outright (kill -9, a crash) leaves no failure marker,
-#   but its driver's heartbeat (exp/.node0_alive) stops: the others stop --node-silence-seconds
-#   (600) after its last beat.
+#   but its driver's heartbeat (exp/.node0_alive.<key>, the key a checksum of the torchrun
+#   launcher less --node_rank) stops: the others stop --node-silence-seconds (600) after its last
+#   beat.
 # Batches follow fairseq: pretraining 1.56 h per update = 87.5 s × accum 8 × 8 GPUs (HuBERT /
 # WavLM: pretrain_<frontend>.yaml, 0.78 h), fine-tuning 1600 s = 200 s × accum 4 × 2 GPUs; with
 # other GPU counts change accum_grad (--pretrain-opts / --finetune-opts trainer.accum_grad=N).

@@ -13,8 +13,8 @@
 # `--stage 2 --stop-stage 2 --force true`): test WER greedy / beam / lexicon / beam + LM /
 # lexicon + LM 75.1 / 74.5 / 64.6 / 54.3 / 55.3 % against 73.3 / 72.1 / 63.5 / 54.0 / 53.5 % on
 # the old (dev 74.4 / 73.1 / 64.2 / 52.7 / 52.6 against 72.6 / 72.6 / 62.1 / 51.9 / 51.5): level
-# within 1-2 points, one run each (exp/ctc_w2vbert_sfbank_all in RESULTS.md). Every w2v-BERT row
-# is of that first version; the second (2026-12-07 12:30: 16-bit sample scale, so silence is not
+# within 1-2 points, one run each (exp/ctc_w2vbert_sfbank_all in RESULTS.md). That `_sfbank` row
+# is the only one of that first version; the second (2026-12-07 12:30: 16-bit sample scale, so silence is not
 # clamped at the energy floor, and frame pairs stacked as transformers stacks them) has none yet.
 #   ./run.sh --corpus-dir ../../../shared/data/speechocean762     # a Kaldi-style copy (this machine's):
 #       w2v-BERT on all of train, pretrained and scratch, and its noisy student; on 2 cores about

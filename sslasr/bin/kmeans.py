@@ -5,7 +5,7 @@
     python -m sslasr.bin.kmeans plan --config conf/frontend_hubert.yaml --iteration 1
     # features of a bounded random sample of frames → mini-batch k-means → centres
     python -m sslasr.bin.kmeans fit --config conf/frontend_hubert.yaml --iteration 2 \\
-        --cuts data/manifests/cuts_pretrain.jsonl.gz --model exp/pretrain_hubert/iter1/model_final.pt \\
+        --cuts data/manifests/minisynth_cuts_pretrain.jsonl.gz --model exp/pretrain_hubert/iter1/model_final.pt \\
         --out exp/pretrain_hubert/iter2/kmeans.pt
     # label every frame of every cut with the same features and centres: OUT_DIR/<manifest name>
     # carries the labels as a lhotse TemporalArray field, stored under OUT_DIR/storage

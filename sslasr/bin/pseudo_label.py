@@ -1,10 +1,11 @@
 """Filter a teacher's decoding of unlabeled cuts into pseudo-labeled cuts (noisy-student training).
 
     python -m sslasr.bin.pseudo_label --cuts data/manifests/minisynth_cuts_unlabeled.jsonl.gz \\
-        --decode-dir exp/noisy_student/gen1/labels/decode_unlabeled \\
+        --decode-dir exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels/decode_unlabeled \\
         --labeled-cuts data/manifests/minisynth_cuts_train.jsonl.gz --config conf/noisy_student.yaml \\
         --reference corpus/unlabeled/text.reference \\
-        --out-cuts exp/noisy_student/gen1/labels/pseudo_labeled.jsonl.gz --report exp/.../report.json
+        --out-cuts exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels/pseudo_labeled.jsonl.gz \\
+        --report exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels/report.json
 
 DECODE_DIR is a folder of sslasr.bin.decode --confidence (hyp.txt, scores.txt). The filter
 (sslasr/data/pseudo_labels.py) reads the `pseudo_label` section of --config. The report counts

@@ -1137,8 +1137,9 @@ score_system() {  # score_system DIR pretrained|scratch GENERATION BASELINE [KEY
   done
 }
 
-# Stages 5 and 6 left out (e.g. --stage 7 after stages 0-3 under --force made another tokenizer, or
-# stage 4 another pretrained model): their models would be decoded through files made since, and
+# Stages 5 and 6 left out (e.g. --stage 7, or --stage 9 whose first teacher is stage 5's system,
+# after stages 0-3 under --force made another tokenizer, or stage 4 another pretrained model):
+# their models would be decoded through files made since (pseudo-labels of another tokenizer), and
 # rows would name commands they were not made by. Stop when a model's rebuilt inputs (tokenizer,
 # labeled cuts, pretrained model; the LM's text) differ from those stage 5 or 6 would use now.
 # Options and configs are not compared: a decode-only command need not repeat them (--tag _48k
@@ -1154,9 +1155,12 @@ trained_from_these() {  # trained_from_these DIR INPUTS STAGE KEY...: stop when 
   echo "$0: include stage $stage_n (--stage $stage_n) with the options it was made with, to make it again from these" >&2
   exit 2
 }
-if [ "$node_rank" = 0 ] && [ "$stage" -le 8 ] && [ "$stop_stage" -ge 7 ]; then
+checked_systems=""  # the systems decoded here: stages 7-8's, or stage 9's first teacher alone
+if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 7 ]; then checked_systems=$systems
+elif run_stage 9 && [ "$generations" -gt 0 ]; then checked_systems=$(printf '%s\n' $systems | grep -x pretrained || :); fi
+if [ "$node_rank" = 0 ] && [ -n "$checked_systems" ]; then
   if [ "$stage" -gt 5 ]; then
-    for system in $systems; do
+    for system in $checked_systems; do
       inputs=$(finetuning_inputs $system "$train_cuts" $(finetune_configs $system))
       trained_from_these $(system_dir $system) "$inputs" 5 tokenizer train_cuts pretrained
     done

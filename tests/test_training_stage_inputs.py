@@ -959,6 +959,9 @@ def test_decoding_with_stages_5_and_6_left_out_stops_on_models_of_other_inputs(t
         assert result.returncode == 2, result.stderr
         assert "exp/ctc_wav2vec2_all_48k was made from other files than stage 5 would use now" in result.stderr
         assert "< tokenizer" in result.stderr and "include stage 5 (--stage 5) with the options" in result.stderr
+    # stage 9 alone: its first teacher (stage 5's system) labelled the pool through the new token table
+    result = _run(recipe, "--stage", "9", "--generations", "1", "--tag", "_48k")
+    assert result.returncode == 2 and "exp/ctc_wav2vec2_all_48k was made from other files" in result.stderr
     assert len(_calls(recipe, "sslasr.bin.decode")) == decodes
     (recipe / "data/lang_unigram_200/bpe.model").write_text("tokenizer\n")
     record = recipe / "exp/lm_unigram_200/inputs.txt"

@@ -1215,6 +1215,10 @@ tuned_fusion() {  # tuned_fusion TEACHER METHOD: the decode_info.json of TEACHER
   # tuned on the validation set with $lm_dir; an LM of other contents since (stage 6 alone, more
   # --lm-text) stops the run: λ, β are another LM's (a record without the LM's hash is taken)
   local tuned=$1/decode_${valid_set}_${2/+lm/_lm}/decode_info.json recorded
+  if [ ! -f $tuned ]; then  # (e.g. fine-tuned again under --force, which removed its decodes)
+    echo "$0: $1 has no $2 decoding of $valid_set to take λ, β from ($tuned): include stage 7 (--stage 7)" >&2
+    exit 2
+  fi
   recorded=$(json_value $tuned lm_sha256 null)
   if [ "$recorded" != null ] && [ "$recorded" != "$(sha256sum < $lm_dir/model_final.pt | cut -d' ' -f1)" ]; then
     echo "$0: $lm_dir was trained again after $1's decoding tuned λ, β with it ($tuned): include stage 7 (--stage 7)" >&2
@@ -1355,6 +1359,10 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
     exit 0
   fi
   taught_by=$teacher  # dirs whose commands made the student (teachers, pseudo-labels, their LM): named in its rows
+  if [ ! -f $teacher/.decode.done ] || [ $teacher/model_final.pt -nt $teacher/.decode.done ]; then
+    log "WARNING: $teacher is not decoded since it was trained (include stage 7): generation 1's rows have" \
+      "no baseline, and RESULTS.md's teacher WER is that of its last decoded model"
+  fi
   for g in $(seq 1 "$generations"); do
     student=$noisy_student_dir/gen$g
     labels=$student/pseudo_labels

@@ -1023,6 +1023,11 @@ def test_pseudo_labels_are_not_made_with_lm_weights_tuned_for_an_earlier_lm(tmp_
     (lm / "model_final.pt").write_text("lm\n")
     (lm / ".done").touch()
     tuned = recipe / "exp/ctc_wav2vec2_all/decode_dev_ctc_beam_lm/decode_info.json"
+    # not decoded at all (fine-tuned again under --force, which removed its decodes): named, no traceback
+    result = _labelled(recipe, "--generations", "1", real_json="1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "exp/ctc_wav2vec2_all has no ctc_beam+lm decoding of dev to take λ, β from" in result.stderr
+    assert "exp/ctc_wav2vec2_all is not decoded since it was trained (include stage 7)" in result.stderr
     tuned.parent.mkdir(parents=True)
     earlier_labels = recipe / "exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels"
     earlier_labels.mkdir(parents=True)

@@ -357,7 +357,8 @@ def known_fusion(args, fused: List[str], grid: Dict, beam_size_of: Callable[[str
             tuned = {(point["lm_weight"], point["length_bonus"]) for point in best["grid"]}
             if wanted and tuned != wanted:
                 raise SystemExit(f"{tuning} tuned λ, β over {_grid_text(tuned)}, this run asks for "
-                                 f"{_grid_text(wanted)}: add --overwrite to tune and decode every set again")
+                                 f"{_grid_text(wanted)}: add --overwrite to tune and decode every set again (a recipe's "
+                                 f"run.sh passes it under --force true: --stage 7 --force true)")
             fusion[method] = (best["lm_weight"], best["length_bonus"])
     return fusion
 

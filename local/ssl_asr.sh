@@ -1274,7 +1274,19 @@ EOF
     weight=$(json_value $tuned lm_weight) && bonus=$(json_value $tuned length_bonus) || return 1
     echo "fusion $weight $bonus"  # the teacher's, as tuned
   fi
-  echo "decode_opts $decode_opts"
+  echo "decode_opts $(hypothesis_decode_opts)"
+}
+hypothesis_decode_opts() {  # the --decode-opts that can change a hypothesis: less where, and how fast, it runs
+  local a kept=() skip=false
+  for a in $decode_opts; do
+    if $skip; then skip=false; continue; fi
+    case $a in
+      --max-duration|--num-threads|--device) skip=true ;;  # (a batch decodes as its utterances do alone)
+      --max-duration=*|--num-threads=*|--device=*) ;;
+      *) kept+=("$a") ;;
+    esac
+  done
+  echo "${kept[*]-}"
 }
 pseudo_labels_outdated() {  # pseudo_labels_outdated TEACHER LABELS INPUTS: why LABELS are not TEACHER's current ones
   local teacher=$1 labels=$2 method made=$2/.done

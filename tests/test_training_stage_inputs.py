@@ -316,6 +316,24 @@ def test_pseudo_labels_of_another_filter_are_made_again(tmp_path: Path):
     assert '"keep_fraction": 0.3' in (labels / "inputs.txt").read_text()
 
 
+def test_decode_options_of_where_and_how_fast_keep_the_pseudo_labels(tmp_path: Path):
+    """Any other --decode-opts made the pool's pseudo-labels outdated: --num-threads 8 relabelled
+    the pool and retrained every student (on LibriSpeech, ~950 h decoded again per generation)."""
+    recipe = _trained(tmp_path)
+    assert _labelled(recipe, "--generations", "1").returncode == 0
+    labels = recipe / "exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels"
+
+    def filters() -> int:
+        return len([c for c in _calls(recipe, "sslasr.bin.pseudo_label") if "--out-cuts" in c])
+    made = filters()
+    runtime = _labelled(recipe, "--generations", "1", "--decode-opts", "--num-threads 8 --max-duration=50 --device cpu")
+    assert runtime.returncode == 0 and "inputs changed" not in runtime.stderr, runtime.stderr
+    assert filters() == made and "decode_opts \n" in (labels / "inputs.txt").read_text()
+    searched = _labelled(recipe, "--generations", "1", "--decode-opts", "--num-threads 8 --beam-size 4")
+    assert searched.returncode == 0 and "its inputs changed" in searched.stderr, searched.stderr
+    assert filters() == made + 1 and "decode_opts --beam-size 4\n" in (labels / "inputs.txt").read_text()
+
+
 def test_other_nodes_do_not_take_pseudo_labels_of_another_filter(tmp_path: Path):
     """Node 0 makes the pseudo-labels again when their settings changed (inputs.txt); node 1,
     reading only the markers' times, trained on the old ones (or alone, a hang)."""

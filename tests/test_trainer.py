@@ -809,6 +809,47 @@ def test_a_non_finite_validation_value_ranks_below_every_finite_one(tmp_path, ca
     assert "update 1: validation loss is nan: ranked below every finite one" in caplog.text
 
 
+def test_the_last_updates_are_logged_and_their_time_includes_loading_their_batches(tmp_path, caplog):
+    """max_updates 5 with log_every 2: update 5's stats were never logged. And the logged time
+    began after the batches were loaded: with waveforms decoded in the main process
+    (num_workers 0), the rate read several times the real one."""
+
+    class SlowBatches(list):  # 50 ms to load each batch; the toy update itself takes about 1 ms
+        def __getitem__(self, index):
+            time.sleep(0.05)
+            return super().__getitem__(index)
+    batches = [{**batch, "durations": [1.0] * 4} for batch in _toy_batches(5, seed=3)]
+    task = _ToyTask(batches)
+    task.loader.dataset = SlowBatches(batches)
+    cfg = _toy_cfg(5)
+    cfg["trainer"]["log_every"] = 2
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="sslasr.train.trainer"):
+        Trainer(cfg, task, tmp_path / "exp", DistInfo()).fit()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train update")]
+    assert [line.split(":")[0] for line in lines] == ["train update 2", "train update 4", "train update 5"]
+    for line in lines:
+        seconds = float(re.search(r"seconds_per_update=(\S+)", line).group(1))
+        rate = float(re.search(r"audio_seconds_per_second=(\S+)", line).group(1))
+        assert seconds >= 0.05 and rate <= 4.0 / 0.05 and rate == pytest.approx(4.0 / seconds, rel=0.01)
+
+
+def test_a_non_finite_validation_value_is_never_averaged(tmp_path, caplog):
+    """With fewer validated models than average_models, a NaN one (sorted last) filled a free place
+    and went into model_final.pt's average."""
+    losses = {1: float("nan"), 2: 5.0, 3: float("inf"), 4: 4.0}
+    cfg = _toy_cfg(4)
+    cfg["trainer"].update(valid_every=1, final_model="average", average_models=5)
+    torch.manual_seed(0)
+    exp = tmp_path / "exp"
+    trainer = Trainer(cfg, _ValidatedToyTask(_toy_batches(4, seed=2), losses), exp, DistInfo())
+    with caplog.at_level(logging.WARNING, logger="sslasr.train.trainer"):
+        trainer.fit()
+    assert trainer.kept_models == [(4.0, 4), (5.0, 2)]
+    assert _load(exp / "model_final.pt")["averaged_updates"] == [4, 2]
+    assert "update 3: validation loss is inf: not kept among the best models" in caplog.text
+
+
 def test_a_resumed_run_keeps_the_tensorboard_scalars_of_its_checkpoint_update(tmp_path, caplog):
     """They were written before the checkpoint was: purging from that update on lost them. A
     resume under a changed config says what changed."""

@@ -288,7 +288,7 @@ class Trainer:
         batches = self._epoch_batches(train_loader)
         empty_epochs = 0
         while self.num_updates < self.max_updates:
-            micro = []
+            micro, fetch_start = [], time.perf_counter()  # an update's time includes loading its batches
             for _ in range(self.accum_grad):
                 batch = self._next_batch(batches)
                 if batch is None:
@@ -301,21 +301,19 @@ class Trainer:
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 batches = self._epoch_batches(train_loader)
                 continue
-            self._update(micro, interval)
+            self._update(micro, interval, fetch_start)
             self.batches_done += len(micro)
             bar.update(1)
             if self.num_updates % self.log_every == 0:
-                metrics = interval.flush(self.dist)
-                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", refresh=False)
-                if hasattr(self.task, "on_log"):
-                    self.task.on_log(metrics)
-                self._log(metrics, "train")
+                self._log_interval(interval, bar)
             if self.valid_every and valid_loader is not None and self.num_updates % self.valid_every == 0:
                 self._validate(valid_loader)
             if self.num_updates % self.checkpoint_every == 0:
                 self.save_checkpoint()
             if exit_after and self.num_updates >= exit_after:
                 os._exit(137)
+        if interval.weights:  # the updates since the last log line (max_updates not a multiple of log_every)
+            self._log_interval(interval, bar)
         bar.close()
         # killed after the last validation's checkpoint, a rerun validated the update again: with
         # other random masks in pretraining, another metric for it went into kept_models
@@ -335,8 +333,8 @@ class Trainer:
         if self.final_model == "last":
             final = self._model_file()
         elif not self.kept_models:
-            raise RuntimeError(f"trainer.final_model={self.final_model}, but no validation ever ran: "
-                               "give the task validation data")
+            raise RuntimeError(f"trainer.final_model={self.final_model}, but no validation ever ran, or none "
+                               "gave a finite metric: give the task validation data, or see the warnings above")
         elif self.final_model == "average":
             final = self._averaged_model_file()
         else:
@@ -354,7 +352,8 @@ class Trainer:
                 "ranks: every rank needs a batch per epoch (fewer batches than ranks, and a sampler that "
                 "does not pad its ranks' shards to equal counts?)")
 
-    def _update(self, micro, interval: "_Interval") -> None:
+    def _update(self, micro, interval: "_Interval", start: float) -> None:
+        """One optimizer update from the micro-batches MICRO, fetched from START (perf_counter)."""
         self.model.train()
         self.task.on_update(self.model, self.num_updates)
         lr = self.peak_lr * self.lr_scale(self.num_updates)
@@ -364,7 +363,6 @@ class Trainer:
         # read from the device once per update (the skip decision): an accelerator runs ahead of
         # the host until then (bench/host_syncs.py counts a step's reads)
         finite = torch.ones((), dtype=torch.bool, device=self.dist.device)  # every loss
-        start = time.perf_counter()
         local_weight, scale = 0.0, None
         batch_stats = _Interval()  # logged only if the update is taken: one NaN would make the log line's mean NaN
         for i, batch in enumerate(micro):
@@ -413,7 +411,9 @@ class Trainer:
             self.weight_scale = total_weight / (self.dist.world_size * len(micro)) or self.weight_scale
         elapsed = time.perf_counter() - start
         audio_seconds = sum(sum(batch.get("durations", ())) for batch in micro)
-        interval.add({"seconds_per_update": elapsed, "audio_seconds_per_second": audio_seconds / elapsed}, 1.0)
+        interval.add({"seconds_per_update": elapsed}, 1.0)
+        # weighted by the time: the interval's mean is its total audio over its total time
+        interval.add({"audio_seconds_per_second": audio_seconds / elapsed}, elapsed)
         self.num_updates += 1
 
     def _weight_scale(self, first_weight: float) -> float:
@@ -482,6 +482,12 @@ class Trainer:
         A model that drops out keeps its file until the next checkpoint, which no longer lists it."""
         valid = {name: value}
         others = [entry for entry in self.kept_models if entry[1] != self.num_updates]  # a rerun's revalidation
+        if not math.isfinite(value):  # sorted last, it still filled a free place among the averaged models
+            self.kept_models = others
+            if self.dist.is_main:
+                log.warning("update %d: validation %s is %s: not kept among the best models", self.num_updates,
+                            name, value)
+            return
         ranked = sorted(others + [(value, self.num_updates)],
                         key=lambda entry: (_rank_key(name, entry[0]), entry[1]))[:self.models_kept]
         if (value, self.num_updates) not in ranked:
@@ -519,6 +525,14 @@ class Trainer:
                  ", ".join(map(str, updates)), ", ".join(f"{value:.4g}" for value, _ in self.kept_models))
         return {"model": averaged, "config": self.cfg, "num_updates": self.num_updates, "averaged_updates": updates,
                 "valid": [f["valid"] for f in files]}
+
+    def _log_interval(self, interval: "_Interval", bar) -> None:
+        """The log line of the updates since the last one (every rank calls it: one reduction)."""
+        metrics = interval.flush(self.dist)
+        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", refresh=False)
+        if hasattr(self.task, "on_log"):
+            self.task.on_log(metrics)
+        self._log(metrics, "train")
 
     def _model_file(self, **extra) -> Dict:
         """What model_final.pt / model_valid_<update>.pt hold: the weights, the config, the update count."""

@@ -336,6 +336,7 @@ def test_numeric_settings_are_checked(override, expected):
     ("data.train_cuts=/data/run #2/cuts.jsonl.gz", "start of a comment"),  # was '/data/run'
     ("data.train_cuts=exp/a: b", "as a mapping"),                          # was {'exp/a': 'b'}
     ("trainer.seed=0123", "as octal"),                                     # was 83
+    ("data.max_duration=1:30", "as base 60"),                              # was 90
 ])
 def test_overrides_yaml_would_read_as_other_than_written_are_refused(override, expected):
     with pytest.raises(ValueError, match=expected):
@@ -343,6 +344,15 @@ def test_overrides_yaml_would_read_as_other_than_written_are_refused(override, e
     key, value = override.split("=", 1)
     cfg = load_configs([MINISYNTH / "pretrain.yaml"], [f"{key}='{value}'"])  # quoted: as written
     assert cfg[key.split(".")[0]][key.split(".")[1]] == value
+
+
+def test_an_override_leaves_sections_that_share_a_yaml_anchor_alone(tmp_path):
+    """--set finetune.optim.lr=5 also set pretrain's and common's: the anchored dict, edited in place."""
+    (tmp_path / "a.yaml").write_text("common: &c {optim: {lr: 1.0e-3}}\npretrain: {<<: *c}\nfinetune: {<<: *c}\n"
+                                     "x: &d {lr: 1}\ny: *d\n")
+    cfg = load_configs([tmp_path / "a.yaml"], ["finetune.optim.lr=5", "x.lr=2", "z.new=1"])
+    assert cfg["finetune"]["optim"]["lr"] == 5 and cfg["x"]["lr"] == 2 and cfg["z"] == {"new": 1}
+    assert cfg["pretrain"]["optim"]["lr"] == cfg["common"]["optim"]["lr"] == 1e-3 and cfg["y"]["lr"] == 1
 
 
 def test_every_set_adds_its_overrides(tmp_path, capsys):
@@ -358,6 +368,7 @@ def test_every_set_adds_its_overrides(tmp_path, capsys):
     ("trainer:\n  max_updates: 5\ntrainer:\n  seed: 1\n", "key 'trainer' given twice"),
     ("- a\n- b\n", "a config is a mapping of sections, not a list"),
     ("_base_: self.yaml\n", "_base_ includes form a cycle"),
+    ("_base_:\n_remove_: [optim, 3]\n", "_remove_ takes a string or a list of strings"),  # was a TypeError
 ])
 def test_config_files_that_would_lose_settings_are_errors(tmp_path, text, expected):
     merged = tmp_path / "merge.yaml"  # YAML merge keys are not keys given twice

@@ -96,12 +96,7 @@ def _load_layer(path: Path, including: Tuple[Path, ...] = ()) -> Tuple[List[str]
         cfg = yaml.load(f, Loader=_Loader) or {}
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: a config is a mapping of sections, not a {type(cfg).__name__}")
-    bases = cfg.pop("_base_", [])
-    removed = cfg.pop("_remove_", [])
-    if isinstance(bases, str):
-        bases = [bases]
-    if isinstance(removed, str):
-        removed = [removed]
+    bases, removed = _file_list(path, cfg, "_base_"), _file_list(path, cfg, "_remove_")
     merged: Dict[str, Any] = {}
     inherited: List[str] = []
     for base in bases:
@@ -109,6 +104,17 @@ def _load_layer(path: Path, including: Tuple[Path, ...] = ()) -> Tuple[List[str]
         merged = deep_merge(_without(merged, base_removed), base_cfg)
         inherited += base_removed
     return inherited + removed, deep_merge(_without(merged, removed), cfg)
+
+
+def _file_list(path: Path, cfg: Dict[str, Any], key: str) -> List[str]:
+    """CFG's KEY (`_base_` files, `_remove_` keys), popped: a string or a list of them; empty, none."""
+    value = cfg.pop(key, None)
+    if value is None:
+        return []
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{path}: {key} takes a string or a list of strings, not {value!r}")
+    return value
 
 
 def _without(cfg: Dict[str, Any], dotted_keys: List[str]) -> Dict[str, Any]:
@@ -134,9 +140,14 @@ def set_dotted(cfg: Dict[str, Any], assignment: str) -> None:
     node = cfg
     parts = key.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
+        child = node.get(part)
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
             raise ValueError(f"override {assignment!r}: {part!r} is not a section")
+        # copied along the path: a section YAML anchors share (`<<: *common`) keeps its value elsewhere
+        node[part] = dict(child)
+        node = node[part]
     node[parts[-1]] = parse_value(raw)
 
 
@@ -154,6 +165,8 @@ def parse_value(raw: str) -> Any:
         raise ValueError(f"value {raw!r}: YAML reads 'key: value' as a mapping; quote it, or write {{key: value}}")
     if not quoted and re.fullmatch(r"[-+]?0[0-7]+", raw.strip()):
         raise ValueError(f"value {raw!r}: YAML reads a leading 0 as octal ({value}); quote it or drop the 0")
+    if not quoted and re.fullmatch(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?", raw.strip()):
+        raise ValueError(f"value {raw!r}: YAML reads colon-separated digits as base 60 ({value}); quote it")
     return value
 
 

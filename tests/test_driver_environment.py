@@ -3,10 +3,14 @@ read as ${name:-default}, so the same names exported in the user's shell are ref
 taken as presets unseen; counts must be whole numbers."""
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from recipe_smoke import recipe_copy
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_with_environment(recipe, **exported):
@@ -92,6 +96,30 @@ def test_a_pretrain_tag_that_names_a_model_sizes_dirs_is_refused(tmp_path):
     taken = subprocess.run(["./run.sh", "--stage", "100", "--pretrain-tag", "_12k"], cwd=recipe, env=env,
                            capture_output=True, text=True, timeout=60)
     assert taken.returncode == 0, taken.stderr
+
+
+def test_an_apt_failure_for_espeak_ng_alone_does_not_stop_the_install(tmp_path):
+    """As root on a machine without the Debian mirror, apt-get's failure stopped install.sh (set -e),
+    and with it test.sh and CI, though pip could install everything from local wheels."""
+    shutil.copytree(REPO / "tools", tmp_path / "tools")
+    venv_bin = tmp_path / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (venv_bin / "python").chmod(0o755)
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    (tmp_path / ".venv" / ".sslasr-installed").touch()  # installed: only the system packages are wanted
+    path = tmp_path / "path"  # the tools install.sh runs, without espeak-ng; apt-get fails; root
+    path.mkdir()
+    for tool in ("bash", "dirname", "mktemp", "rm", "touch", "grep", "env", "cat"):
+        (path / tool).symlink_to(shutil.which(tool))
+    (path / "python3").symlink_to(sys.executable)
+    for fake, text in (("id", "echo 0"), ("apt-get", "echo 'E: no mirror' >&2; exit 100")):
+        (path / fake).write_text(f"#!{shutil.which('bash')}\n{text}\n")
+        (path / fake).chmod(0o755)
+    result = subprocess.run([shutil.which("bash"), str(tmp_path / "tools/install.sh")], capture_output=True,
+                            text=True, env={"PATH": str(path), "HOME": str(tmp_path)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "apt-get could not install espeak-ng" in result.stderr and "install.sh: ready" in result.stdout
 
 
 def test_the_install_runs_where_it_is_missing_or_older_than_pyproject(tmp_path):

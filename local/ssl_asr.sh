@@ -834,6 +834,9 @@ finetune_configs() {  # finetune_configs pretrained|scratch: the YAML files of a
   [ ! -f $conf_dir/finetune_${head}_${labeled_tag}.yaml ] || configs="$configs $conf_dir/finetune_${head}_${labeled_tag}.yaml"
   # fine-tuning settings of the frontend (e.g. SpecAugment for fbank frontends)
   [ ! -f $conf_dir/finetune_${frontend}.yaml ] || configs="$configs $conf_dir/finetune_${frontend}.yaml"
+  # ... for this amount of labels (e.g. LibriSpeech's HuBERT base_10h fairseq config)
+  [ ! -f $conf_dir/finetune_${head}_${frontend}_${labeled_tag}.yaml ] \
+    || configs="$configs $conf_dir/finetune_${head}_${frontend}_${labeled_tag}.yaml"
   # ... and of its --model-size (e.g. a lower learning rate for a wider model)
   [ -z "$model_size" ] || [ ! -f $conf_dir/finetune_${frontend_tag}.yaml ] \
     || configs="$configs $conf_dir/finetune_${frontend_tag}.yaml"

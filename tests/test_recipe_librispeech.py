@@ -286,7 +286,11 @@ def test_dry_run_pretraining_configs(frontend: str):
     assert f"batch per update: {expected} s" in summary
 
 
-@pytest.mark.parametrize("labeled", sorted(p.stem.removeprefix("finetune_ctc_") for p in CONF.glob("finetune_ctc_*.yaml")))
+LABELED_AMOUNTS = sorted(p.stem.removeprefix("finetune_ctc_") for p in CONF.glob("finetune_ctc_*.yaml")
+                         if not any(f"_{frontend}_" in p.stem for frontend in _frontends()))
+
+
+@pytest.mark.parametrize("labeled", LABELED_AMOUNTS)
 def test_dry_run_finetuning_configs(labeled: str):
     configs = [CONF / "frontend_wav2vec2.yaml", CONF / "finetune_ctc.yaml", CONF / f"finetune_ctc_{labeled}.yaml"]
     summary = dry_run(load_configs(configs), 31, world_size=2)
@@ -329,8 +333,9 @@ def test_small_labeled_splits_fill_their_batches(labeled: str, seconds: int):
 def test_dry_run_finetuning_other_frontends_and_scratch(frontend: str):
     own = [CONF / f"finetune_{frontend}.yaml"] if (CONF / f"finetune_{frontend}.yaml").exists() else []
     for labeled in ("10m", "10h", "all"):  # in the driver's order: the frontend's own settings last but scratch
+        own_here = [path for path in [CONF / f"finetune_ctc_{frontend}_{labeled}.yaml"] if path.exists()]
         configs = [CONF / f"frontend_{frontend}.yaml", CONF / "finetune_ctc.yaml", CONF / f"finetune_ctc_{labeled}.yaml",
-                   *own, CONF / "scratch.yaml"]
+                   *own, *own_here, CONF / "scratch.yaml"]
         cfg = load_configs(configs)
         assert cfg["finetune"]["freeze_feature_extractor"] is False and cfg["finetune"]["freeze_encoder_updates"] == 0
         assert "task: asr" in dry_run(cfg, 31, world_size=2)
@@ -340,7 +345,23 @@ def test_dry_run_finetuning_other_frontends_and_scratch(frontend: str):
             assert encoder["conformer"]["layerdrop"] == 0.1 and encoder["mask"]["time_prob"] == 0.0
             assert cfg["data"]["spec_augment"]["features_mask_size"] == 27
         else:
-            assert encoder["transformer"]["layerdrop"] == (0.05 if labeled == "10h" else 0.1)
+            assert encoder["transformer"]["layerdrop"] == (0.05 if labeled == "10h" and not own_here else 0.1)
+
+
+def test_hubert_fine_tunes_on_10_hours_with_its_own_published_settings():
+    """HuBERT and WavLM were fine-tuned with wav2vec 2.0's settings at every amount; fairseq
+    publishes HuBERT's for 10 h (examples/hubert/config/finetune/base_10h.yaml)."""
+    configs = [CONF / "frontend_hubert.yaml", CONF / "finetune_ctc.yaml", CONF / "finetune_ctc_10h.yaml",
+               CONF / "finetune_ctc_hubert_10h.yaml"]  # the driver's order (finetune_configs)
+    cfg = load_configs(configs)
+    summary = dry_run(cfg, 31, world_size=2)
+    assert "updates: 25000, peak lr 2e-05" in summary and "batch per update: 1600 s" in summary
+    assert cfg["scheduler"] == {"name": "tri_stage", "phase_updates": [8000, 0, 72000], "init_lr_scale": 0.01,
+                                "final_lr_scale": 0.05}
+    encoder = cfg["frontend"]["encoder"]
+    assert encoder["mask"]["time_prob"] == 0.75 and encoder["mask"]["channel_prob"] == 0.5
+    assert encoder["transformer"]["layerdrop"] == 0.1 and cfg["finetune"]["freeze_encoder_updates"] == 10000
+    assert cfg["trainer"]["final_model"] == "best" and cfg["trainer"]["best_metric"] == "wer"
 
 
 @pytest.mark.parametrize("frontend", _frontends())

@@ -65,6 +65,9 @@ def test_every_problem_is_reported_at_once():
     ({"finetune.init_form": "exp/pretrain/model_final.pt"}, "finetune: unknown keys ['init_form']"),
     ({"init.encoder": "exp/pretrain/model_final.pt"}, "init: unknown keys ['encoder'] (read: encoder_from)"),
     ({"scheduler.final_lr_scale": "0"}, "scheduler.final_lr_scale must be a positive number, got 0"),
+    ({"scheduler.phase_updates": "[8000, 0, 72000]"}, "scheduler: phase_ratio and phase_updates both given"),
+    ({"scheduler": "{name: tri_stage, phase_updates: [0.1, 0.4, 0.5]}"},
+     "scheduler.phase_updates must be three whole numbers of updates"),
     # accepted, then ignored or fatal late: a mistyped section, another task's, an empty one
     ({"trainr.max_updates": "5"}, "unknown top-level sections ['trainr'] (known: task, frontend"),
     ({"init.encoder_from": "exp/pretrain/model_final.pt"},

@@ -123,6 +123,22 @@ def _trained(tmp_path: Path, *args: str, **fake: str) -> Path:
     return recipe
 
 
+def test_a_frontends_settings_for_a_labeled_amount_are_merged_last_but_scratch(tmp_path: Path):
+    """finetune_<head>_<frontend>_<labeled>.yaml (LibriSpeech's HuBERT base_10h settings) after the
+    amount's and the frontend's files: in the pretrained and the scratch system's configs."""
+    recipe = _recipe(tmp_path)
+    (recipe / "conf/finetune_ctc_all.yaml").write_text("# the amount's\n")
+    (recipe / "conf/finetune_wav2vec2.yaml").write_text("# the frontend's\n")
+    (recipe / "conf/finetune_ctc_wav2vec2_all.yaml").write_text("# both\n")
+    assert _run(recipe, "--stage", "4", "--stop-stage", "5").returncode == 0
+    configs = {call[call.index("--exp-dir") + 1]: [a for a in call if a.startswith("conf/")]
+               for call in _calls(recipe, "sslasr.bin.train")}
+    tail = ["conf/finetune_ctc.yaml", "conf/finetune_ctc_all.yaml", "conf/finetune_wav2vec2.yaml",
+            "conf/finetune_ctc_wav2vec2_all.yaml"]
+    assert configs["exp/ctc_wav2vec2_all"][-4:] == tail
+    assert configs["exp/ctc_scratch_wav2vec2_all"][-5:] == tail + ["conf/scratch.yaml"]
+
+
 def test_finetuned_systems_made_from_other_inputs_are_refused(tmp_path: Path):
     recipe = _trained(tmp_path, "--finetune-opts", "optim.lr=1")
     system, scratch = recipe / "exp/ctc_wav2vec2_all", recipe / "exp/ctc_scratch_wav2vec2_all"

@@ -714,6 +714,11 @@ def test_tri_stage_schedule():
     assert f(75) == pytest.approx(math.sqrt(0.05))
     assert f(100) == pytest.approx(0.05) and f(1000) == pytest.approx(0.05)
     assert all(f(s) >= f(s + 1) for s in range(50, 100))
+    # fairseq's HuBERT base_10h: warm-up 8000, hold 0, decay over 72000 steps of a 25000-update run
+    h = build_lr_scale({"name": "tri_stage", "phase_updates": [8000, 0, 72000], "init_lr_scale": 0.01,
+                        "final_lr_scale": 0.05}, 25000)
+    assert h(0) == pytest.approx(0.01) and h(8000) == pytest.approx(1.0)
+    assert h(24999) == pytest.approx(0.05 ** (16999 / 72000)) and 0.48 < h(24999) < 0.5  # the decay cut short
     assert build_lr_scale({"name": "constant"}, 10)(7) == 1.0
     with pytest.raises(ValueError, match="unknown scheduler 'cosine'"):
         build_lr_scale({"name": "cosine"}, 10)

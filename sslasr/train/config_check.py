@@ -143,10 +143,20 @@ def _check_scheduler(cfg: Dict, problems: List[str]) -> None:
     if unknown:
         problems.append(f"scheduler: unknown keys {unknown} for {name} (it reads {', '.join(SCHEDULER_KEYS[name])})")
     if name == "tri_stage":
+        if "phase_ratio" in scheduler and "phase_updates" in scheduler:
+            problems.append("scheduler: phase_ratio and phase_updates both given; give one (a _remove_ of the "
+                            "inherited one, where a later config sets the other)")
+            return
         phases = scheduler.get("phase_ratio", [0.1, 0.4, 0.5])
         if not (isinstance(phases, (list, tuple)) and len(phases) == 3 and all(_number(p) and p >= 0 for p in phases)
                 and abs(sum(phases) - 1.0) < 1e-6):
             problems.append(f"scheduler.phase_ratio must be three non-negative fractions summing to 1, got {phases!r}")
+            return
+        steps = scheduler.get("phase_updates", [0, 0, 1])
+        if not (isinstance(steps, (list, tuple)) and len(steps) == 3
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in steps) and steps[2] > 0):
+            problems.append(f"scheduler.phase_updates must be three whole numbers of updates (warm-up, hold, "
+                            f"decay; the decay above 0), got {steps!r}")
             return
         found = len(problems)  # the decay is exponential towards final_lr_scale: log(0) has no value
         _check_number(problems, scheduler, "final_lr_scale", "scheduler", required=False)

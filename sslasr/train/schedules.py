@@ -2,8 +2,10 @@
 
 polynomial: linear warm-up to the peak, then (1 − progress)^power decay to end_lr_scale·peak
             (fairseq's wav2vec 2.0 pretraining: 8 % warm-up, power 1).
-tri_stage:  warm-up from init_lr_scale·peak, hold, exponential decay to final_lr_scale·peak
-            (fairseq's wav2vec 2.0 fine-tuning: phases 10 % / 40 % / 50 %).
+tri_stage:  warm-up from init_lr_scale·peak, hold, exponential decay to final_lr_scale·peak, then
+            held there (fairseq's wav2vec 2.0 fine-tuning: phases 10 % / 40 % / 50 % of the updates,
+            phase_ratio; or phase_updates, fairseq's warmup/hold/decay_steps, which need not add
+            up to max_updates: HuBERT's base_10h decays over 72k steps of a 25k-update run).
 """
 
 import math
@@ -13,7 +15,7 @@ from typing import Callable, Dict
 # The keys each schedule reads (besides `name`), for config checks.
 SCHEDULER_KEYS = {
     "polynomial": ("warmup_updates", "warmup_ratio", "end_lr_scale", "power"),
-    "tri_stage": ("phase_ratio", "init_lr_scale", "final_lr_scale"),
+    "tri_stage": ("phase_ratio", "phase_updates", "init_lr_scale", "final_lr_scale"),
     "constant": (),
 }
 
@@ -32,9 +34,12 @@ def build_lr_scale(cfg: Dict, max_updates: int) -> Callable[[int], float]:
 
         return polynomial
     if name == "tri_stage":
-        warmup_ratio, hold_ratio, decay_ratio = cfg.get("phase_ratio", [0.1, 0.4, 0.5])
-        warmup, hold = int(warmup_ratio * max_updates), int(hold_ratio * max_updates)
-        decay = max(1, int(decay_ratio * max_updates))
+        if "phase_updates" in cfg:
+            warmup, hold, decay = (int(n) for n in cfg["phase_updates"])
+        else:
+            warmup_ratio, hold_ratio, decay_ratio = cfg.get("phase_ratio", [0.1, 0.4, 0.5])
+            warmup, hold, decay = (int(r * max_updates) for r in (warmup_ratio, hold_ratio, decay_ratio))
+        decay = max(1, decay)
         init, final = cfg.get("init_lr_scale", 0.01), cfg.get("final_lr_scale", 0.05)
 
         def tri_stage(step: int) -> float:

@@ -369,11 +369,14 @@ def test_dry_run_noisy_student_configs(frontend: str):
     """The student of a 10 h teacher, configs in the driver's order: base_960h's schedule for its
     ~960 h, the teacher's masking as its noise, the filter valid, the pool the rest of train."""
     own = [CONF / f"finetune_{frontend}.yaml"] if (CONF / f"finetune_{frontend}.yaml").exists() else []
+    own += [path for path in [CONF / f"finetune_ctc_{frontend}_10h.yaml"] if path.exists()]
     teacher = load_configs([CONF / f"frontend_{frontend}.yaml", CONF / "finetune_ctc.yaml",
                             CONF / "finetune_ctc_10h.yaml", *own])
     student = load_configs([CONF / f"frontend_{frontend}.yaml", CONF / "finetune_ctc.yaml",
                             CONF / "finetune_ctc_10h.yaml", *own, CONF / "noisy_student.yaml"])
     assert "updates: 320000, peak lr 1e-05" in dry_run(student, 31, world_size=2)
+    # its schedule spans its own updates (HuBERT's 10 h teacher decays over fixed steps, 80k in all)
+    assert student["scheduler"]["phase_ratio"] == [0.1, 0.4, 0.5] and "phase_updates" not in student["scheduler"]
     assert student["frontend"]["encoder"] == teacher["frontend"]["encoder"]
     assert student["pseudo_label"]["pool"] == ["rest_of_train"]
     filter_config(student["pseudo_label"])

@@ -1093,6 +1093,7 @@ decode_system() {  # decode_system DIR: every set with every method of DIR's mod
   # under --force every decode is made again: the earlier decodes' commands no longer made any
   [ "$force" != true ] || { overwrite=--overwrite; supersede_notes $dir decoded; }
   log "decoding $decode_sets with $dir: $methods"
+  rm -f $dir/.decode.done  # killed inside, a rerun of the earlier request would take the new decodes for done
   "$python" -m sslasr.bin.decode --model $dir/model_final.pt \
     --cuts $(for s in $decode_sets; do printf '%s=%s ' "$s" "$(cuts "$s")"; done) \
     --methods $methods --out-dir "$dir/decode_{set}_{method}" $fusion $lexicon $overwrite $decode_opts
@@ -1296,7 +1297,12 @@ pseudo_labels_outdated() {  # pseudo_labels_outdated TEACHER LABELS INPUTS: why 
   [ -d $labels ] || return 1
   # the filter, the pool's search or the labeled cuts changed (a record from before: not checked)
   if [ -f $labels/inputs.txt ] && [ "$(cat $labels/inputs.txt)" != "$3" ]; then
-    echo "its inputs changed ($(changed_inputs $labels/inputs.txt "$3"))"; return 0
+    # a record from before the decode_opts line left out --num-threads and the like: compared without them
+    if [ "$(decode_opts=$(sed -n 's/^decode_opts //p' $labels/inputs.txt) hypothesis_decode_opts)" \
+         != "$(sed -n 's/^decode_opts //p' <<<"$3")" ] \
+       || [ "$(sed '/^decode_opts /d' $labels/inputs.txt)" != "$(sed '/^decode_opts /d' <<<"$3")" ]; then
+      echo "its inputs changed ($(changed_inputs $labels/inputs.txt "$3"))"; return 0
+    fi  # (kept as it is: the other nodes compare its time with .done's)
   fi
   # a killed labelling's folder (its time: when it was last written to): decode would resume its sets
   [ -f $made ] || made=$labels

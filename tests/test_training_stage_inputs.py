@@ -345,6 +345,11 @@ def test_decode_options_of_where_and_how_fast_keep_the_pseudo_labels(tmp_path: P
     runtime = _labelled(recipe, "--generations", "1", "--decode-opts", "--num-threads 8 --max-duration=50 --device cpu")
     assert runtime.returncode == 0 and "inputs changed" not in runtime.stderr, runtime.stderr
     assert filters() == made and "decode_opts \n" in (labels / "inputs.txt").read_text()
+    # a record from before: it held them (the same run, upgraded, must not relabel)
+    record = labels / "inputs.txt"
+    record.write_text(record.read_text().replace("decode_opts \n", "decode_opts --num-threads 8\n"))
+    legacy = _labelled(recipe, "--generations", "1", "--decode-opts", "--num-threads 8")
+    assert legacy.returncode == 0 and "inputs changed" not in legacy.stderr and filters() == made, legacy.stderr
     searched = _labelled(recipe, "--generations", "1", "--decode-opts", "--num-threads 8 --beam-size 4")
     assert searched.returncode == 0 and "its inputs changed" in searched.stderr, searched.stderr
     assert filters() == made + 1 and "decode_opts --beam-size 4\n" in (labels / "inputs.txt").read_text()
@@ -1029,6 +1034,12 @@ def test_stage_7_decodes_again_for_other_sets_or_options(tmp_path: Path):
     time.sleep(0.01)
     _gz(recipe / "data/manifests/toy_cuts_test.jsonl.gz", "600 test cuts\n")  # made again after that decode
     assert decodes("--decode-opts", "--beam-size 50", "--test-sets", "test unlabeled") == 5
+    # killed while decoding another request: its folders may hold the new decodes, so the earlier
+    # request (whose .decode.done stayed) is decoded again, not taken as done
+    killed = _run(recipe, "--stage", "7", "--stop-stage", "7", "--decode-opts", "--beam-size 20",
+                  "--test-sets", "test unlabeled", fail="sslasr.bin.decode*")
+    assert killed.returncode != 0 and not record.exists()
+    assert decodes("--decode-opts", "--beam-size 50", "--test-sets", "test unlabeled") == 7
 
 
 def test_frontend_all_under_force_trains_the_shared_lm_once(tmp_path: Path):

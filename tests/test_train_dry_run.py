@@ -347,6 +347,7 @@ def test_overrides_yaml_would_read_as_other_than_written_are_refused(override, e
     key, value = override.split("=", 1)
     cfg = load_configs([MINISYNTH / "pretrain.yaml"], [f"{key}='{value}'"])  # quoted: as written
     assert cfg[key.split(".")[0]][key.split(".")[1]] == value
+    assert load_configs([MINISYNTH / "pretrain.yaml"], ["data.tag=0:30"])["data"]["tag"] == "0:30"  # YAML's string
 
 
 def test_an_override_leaves_sections_that_share_a_yaml_anchor_alone(tmp_path):

@@ -165,7 +165,8 @@ def parse_value(raw: str) -> Any:
         raise ValueError(f"value {raw!r}: YAML reads 'key: value' as a mapping; quote it, or write {{key: value}}")
     if not quoted and re.fullmatch(r"[-+]?0[0-7]+", raw.strip()):
         raise ValueError(f"value {raw!r}: YAML reads a leading 0 as octal ({value}); quote it or drop the 0")
-    if not quoted and re.fullmatch(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?", raw.strip()):
+    if not quoted and isinstance(value, (int, float)) and re.fullmatch(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?",
+                                                                       raw.strip()):
         raise ValueError(f"value {raw!r}: YAML reads colon-separated digits as base 60 ({value}); quote it")
     return value
 

@@ -244,8 +244,7 @@ class SpeechDataset(Dataset):
             refuse_several_supervisions(cuts)
         if self.tokenizer is not None and all(t is not None for t in texts):
             batch["tokens"] = self.tokenizer.encode_batch(texts)
-            reserved = {self.tokenizer.blank_id, self.tokenizer.sos_eos_id}
-            spelt = [c.id for c, ids in zip(cuts, batch["tokens"]) if reserved.intersection(ids)]
+            spelt = [c.id for c, ids in zip(cuts, batch["tokens"]) if self.tokenizer.spells_reserved(ids)]
             if spelt:  # CTC would take a blank as a target, the decoders an <eos> mid-sentence
                 raise ValueError(f"the transcripts of {len(spelt)} cuts (e.g. {spelt[0]}) spell the tokenizer's "
                                  f"reserved symbols {' '.join(RESERVED_SYMBOLS)}: take them out of the manifest "

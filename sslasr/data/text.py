@@ -139,12 +139,11 @@ def tokenize_sentences(sentences: Iterable[str], tokenizer: Tokenizer, drop_unkn
     sentences = list(sentences)
     ids = tokenizer.encode_batch(sentences)
     empty = sum(1 for s in ids if not s)
-    reserved = {tokenizer.blank_id, tokenizer.sos_eos_id}
-    marked = [i for i, s in enumerate(ids) if reserved.intersection(s)]
+    marked = [i for i, s in enumerate(ids) if tokenizer.spells_reserved(s)]
     if marked:  # no LM can be trained or scored on a blank or an <eos> inside a sentence
         log.warning("dropped %d sentences that spell the tokenizer's reserved symbols (%s), e.g. %r", len(marked),
                     " ".join(RESERVED_SYMBOLS), sentences[marked[0]][:80])
-        ids = [[] if reserved.intersection(s) else s for s in ids]
+        ids = [[] if tokenizer.spells_reserved(s) else s for s in ids]
     unknown = [i for i, s in enumerate(ids) if tokenizer.unk_id in s]
     if empty:
         log.warning("dropped %d sentences that tokenise to nothing", empty)

@@ -33,6 +33,7 @@ class Tokenizer:
         if (self.blank_id, self.sos_eos_id, self.unk_id) != (0, 1, 2):
             raise ValueError(f"{path}: expected <blk>=0 <sos/eos>=1 <unk>=2, got "
                              f"{self.blank_id} {self.sos_eos_id} {self.unk_id}")
+        self._reserved_ids = frozenset((self.blank_id, self.sos_eos_id))
 
     @property
     def vocab_size(self) -> int:
@@ -43,6 +44,11 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return self.sp.encode(list(texts), out_type=int)
+
+    def spells_reserved(self, ids: Iterable[int]) -> bool:
+        """Whether token IDS hold <blk> or <sos/eos>: a text that spells them (sentencepiece reads
+        them as its own symbols), which no CTC target or LM sentence may hold."""
+        return not self._reserved_ids.isdisjoint(ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Blank and <sos/eos> are not text, so they are skipped rather than printed."""

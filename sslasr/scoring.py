@@ -287,7 +287,7 @@ def result_row_problem(row: dict[str, Any]) -> Optional[str]:
     if missing:
         return f"is missing required key(s): {', '.join(missing)}"
     wer = row["wer"]
-    if not _is_number(wer) or not math.isfinite(wer):  # inf: insertions over 0 reference words
+    if not _is_number(wer):  # (finite too) inf: insertions over 0 reference words
         return (f"of {row.get('corpus')}/{row.get('test_set')} ({row.get('decoding')}) has a non-finite or "
                 f"non-numeric wer: {wer!r} over {row.get('num_words')} reference words")
     not_numbers = [f"{key}={row[key]!r}" for key in NUMERIC_RESULT_KEYS
@@ -613,7 +613,7 @@ def _render_summary(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:  # rows come in table order, so systems do too
         systems.setdefault(_system_key(row), {})[_method(row)] = row
     # compared as shown (2 decimals): one error more of 50k words must not unbold an equal-looking cell
-    best = {m: min(float(f"{r[m]['wer']:.2f}") for r in systems.values() if m in r) for m in methods}
+    best = {m: min((f"{r[m]['wer']:.2f}" for r in systems.values() if m in r), key=float) for m in methods}
     columns = [c for c in SUMMARY_SYSTEM_COLUMNS if c is not PARAMETERS_COLUMN
                or _any_model_size(rows)]
     with_exp = any("exp" in r for r in rows)
@@ -623,9 +623,8 @@ def _render_summary(rows: list[dict[str, Any]]) -> list[str]:
         first = next(iter(by_method.values()))
         cells = [fmt(first.get(key)) for _, key, fmt in columns]
         for m in methods:
-            wer = by_method[m]["wer"] if m in by_method else None
-            shown = None if wer is None else f"{wer:.2f}"
-            cells.append("-" if shown is None else f"**{shown}**" if float(shown) == best[m] else shown)
+            shown = f"{by_method[m]['wer']:.2f}" if m in by_method else "-"
+            cells.append(f"**{shown}**" if shown == best[m] else shown)
         if with_exp:
             cells.append(_cell(first.get("exp")))
         body.append(cells)

@@ -68,6 +68,7 @@ def test_every_problem_is_reported_at_once():
     ({"scheduler.phase_updates": "[8000, 0, 72000]"}, "scheduler: phase_ratio and phase_updates both given"),
     ({"scheduler": "{name: tri_stage, phase_updates: [0.1, 0.4, 0.5]}"},
      "scheduler.phase_updates must be three whole numbers of updates"),
+    ({"scheduler": "{name: tri_stage, phase_updates: [0, 0, x]}"}, "scheduler.phase_updates must be three whole"),
     # accepted, then ignored or fatal late: a mistyped section, another task's, an empty one
     ({"trainr.max_updates": "5"}, "unknown top-level sections ['trainr'] (known: task, frontend"),
     ({"init.encoder_from": "exp/pretrain/model_final.pt"},

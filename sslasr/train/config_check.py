@@ -153,8 +153,9 @@ def _check_scheduler(cfg: Dict, problems: List[str]) -> None:
             problems.append(f"scheduler.phase_ratio must be three non-negative fractions summing to 1, got {phases!r}")
             return
         steps = scheduler.get("phase_updates")
-        if steps is not None and not (isinstance(steps, (list, tuple)) and len(steps) == 3 and steps[2] > 0
-                                      and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in steps)):
+        whole = isinstance(steps, (list, tuple)) and len(steps) == 3 and all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in steps)
+        if steps is not None and not (whole and steps[2] > 0):
             problems.append(f"scheduler.phase_updates must be three whole numbers of updates (warm-up, hold, "
                             f"decay; the decay above 0), got {steps!r}")
             return

@@ -847,7 +847,8 @@ def test_a_non_finite_validation_value_is_never_averaged(tmp_path, caplog):
         trainer.fit()
     assert trainer.kept_models == [(4.0, 4), (5.0, 2)]
     assert _load(exp / "model_final.pt")["averaged_updates"] == [4, 2]
-    assert "update 3: validation loss is inf: not kept among the best models" in caplog.text
+    assert ("update 3: validation loss is inf: ranked below every finite one, not kept among the best models"
+            in caplog.text)
 
 
 def test_a_resumed_run_keeps_the_tensorboard_scalars_of_its_checkpoint_update(tmp_path, caplog):

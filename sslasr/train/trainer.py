@@ -465,8 +465,8 @@ class Trainer:
             raise KeyError(f"trainer.best_metric {name!r} is not a validation metric of this task "
                            f"(it reports {', '.join(sorted(metrics))})")
         if name in metrics and not math.isfinite(metrics[name]):
-            log.warning("update %d: validation %s is %s: ranked below every finite one", self.num_updates, name,
-                        metrics[name])
+            log.warning("update %d: validation %s is %s: ranked below every finite one%s", self.num_updates, name,
+                        metrics[name], ", not kept among the best models" if self.models_kept else "")
         if name in metrics and (self.best_valid is None or _rank_key(name, metrics[name]) < _rank_key(name, self.best_valid)):
             self.best_valid = metrics[name]
         if name in metrics and self.models_kept:
@@ -483,10 +483,7 @@ class Trainer:
         valid = {name: value}
         others = [entry for entry in self.kept_models if entry[1] != self.num_updates]  # a rerun's revalidation
         if not math.isfinite(value):  # sorted last, it still filled a free place among the averaged models
-            self.kept_models = others
-            if self.dist.is_main:
-                log.warning("update %d: validation %s is %s: not kept among the best models", self.num_updates,
-                            name, value)
+            self.kept_models = others  # (_validate said so)
             return
         ranked = sorted(others + [(value, self.num_updates)],
                         key=lambda entry: (_rank_key(name, entry[0]), entry[1]))[:self.models_kept]

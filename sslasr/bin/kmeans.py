@@ -21,6 +21,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Union
@@ -98,8 +99,7 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
     A manifest is labelled in parts of LABEL_PART_CUTS cuts, each kept with its counts until the
     manifest is whole: a run killed inside one (the pretraining manifest, hours of a model's
     layer features at scale) redoes the part it was in, not the manifest."""
-    names = [Path(path).name for path in cuts_paths]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = sorted(name for name, count in Counter(Path(path).name for path in cuts_paths).items() if count > 1)
     if repeated:  # their labelled copies would share one file in OUT_DIR: the last would overwrite the others
         raise ValueError(f"manifests to label share file names ({', '.join(repeated)}): their labelled copies in "
                          f"{out_dir} are named after them")

@@ -1161,7 +1161,9 @@ trained_from_these() {  # trained_from_these DIR INPUTS STAGE KEY...: stop when 
 }
 checked_systems=""  # the systems decoded here: stages 7-8's, or stage 9's first teacher alone
 if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 7 ]; then checked_systems=$systems
-elif run_stage 9 && [ "$generations" -gt 0 ]; then checked_systems=$(printf '%s\n' $systems | grep -x pretrained || :); fi
+elif run_stage 9 && [ "$generations" -gt 0 ]; then
+  case " $systems " in *" pretrained "*) checked_systems=pretrained ;; esac
+fi
 if [ "$node_rank" = 0 ] && [ -n "$checked_systems" ]; then
   if [ "$stage" -gt 5 ]; then
     for system in $checked_systems; do
@@ -1292,17 +1294,22 @@ hypothesis_decode_opts() {  # the --decode-opts that can change a hypothesis: le
   done
   echo "${kept[*]-}"
 }
+hypothesis_record() {  # hypothesis_record FILE: a pseudo-label record, its decode_opts line as written now
+  local line
+  while IFS= read -r line; do
+    case $line in
+      "decode_opts "*) echo "decode_opts $(decode_opts=${line#decode_opts } hypothesis_decode_opts)" ;;
+      *) printf '%s\n' "$line" ;;
+    esac
+  done < $1
+}
 pseudo_labels_outdated() {  # pseudo_labels_outdated TEACHER LABELS INPUTS: why LABELS are not TEACHER's current ones
   local teacher=$1 labels=$2 method made=$2/.done
   [ -d $labels ] || return 1
   # the filter, the pool's search or the labeled cuts changed (a record from before: not checked)
-  if [ -f $labels/inputs.txt ] && [ "$(cat $labels/inputs.txt)" != "$3" ]; then
-    # a record from before the decode_opts line left out --num-threads and the like: compared without them
-    if [ "$(decode_opts=$(sed -n 's/^decode_opts //p' $labels/inputs.txt) hypothesis_decode_opts)" \
-         != "$(sed -n 's/^decode_opts //p' <<<"$3")" ] \
-       || [ "$(sed '/^decode_opts /d' $labels/inputs.txt)" != "$(sed '/^decode_opts /d' <<<"$3")" ]; then
-      echo "its inputs changed ($(changed_inputs $labels/inputs.txt "$3"))"; return 0
-    fi  # (kept as it is: the other nodes compare its time with .done's)
+  # (a record from before the decode_opts line left out --num-threads and the like: read without them)
+  if [ -f $labels/inputs.txt ] && [ "$(hypothesis_record $labels/inputs.txt)" != "$3" ]; then
+    echo "its inputs changed ($(changed_inputs $labels/inputs.txt "$3"))"; return 0
   fi
   # a killed labelling's folder (its time: when it was last written to): decode would resume its sets
   [ -f $made ] || made=$labels

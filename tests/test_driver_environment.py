@@ -6,11 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-from recipe_smoke import recipe_copy
-
-REPO = Path(__file__).resolve().parents[1]
+from recipe_smoke import REPO, recipe_copy
 
 
 def run_with_environment(recipe, **exported):

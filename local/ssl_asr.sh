@@ -115,9 +115,11 @@ done
 # first, a dependency added since): with its stamp in place this costs nothing. Under a lock: the
 # nodes of a multi-node run share the checkout, and each would pip-install into one .venv at once
 # (the ones that waited find the stamp made)
+# (the stamp names the .venv's Python: one upgraded in place since has lost its packages)
 install_stamp=$root/.venv/.sslasr-installed
 if [ ! -x "$python" ] || { [ -z "${SSLASR_PYTHON:-}" ] \
-    && { [ ! -f "$install_stamp" ] || [ "$root/pyproject.toml" -nt "$install_stamp" ]; }; }; then
+    && { [ ! -f "$install_stamp" ] || [ "$root/pyproject.toml" -nt "$install_stamp" ] \
+         || [ "$(cat "$install_stamp")" != "python $("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" ]; }; }; then
   if command -v flock >/dev/null; then
     mkdir -p "$root/.venv" && flock "$root/.venv/.install.lock" "$root/tools/install.sh"
   else

@@ -104,7 +104,8 @@ def test_an_apt_failure_for_espeak_ng_alone_does_not_stop_the_install(tmp_path):
     (venv_bin / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
     (venv_bin / "python").chmod(0o755)
     (tmp_path / "pyproject.toml").write_text("[project]\n")
-    (tmp_path / ".venv" / ".sslasr-installed").touch()  # installed: only the system packages are wanted
+    # installed: only the system packages are wanted
+    (tmp_path / ".venv" / ".sslasr-installed").write_text(f"python {sys.version_info[0]}.{sys.version_info[1]}\n")
     path = tmp_path / "path"  # the tools install.sh runs, without espeak-ng; apt-get fails; root
     path.mkdir()
     for tool in ("bash", "dirname", "mktemp", "rm", "touch", "grep", "env", "cat"):
@@ -121,13 +122,14 @@ def test_an_apt_failure_for_espeak_ng_alone_does_not_stop_the_install(tmp_path):
 
 def test_the_install_runs_where_it_is_missing_or_older_than_pyproject(tmp_path):
     """It ran only when .venv/bin/python was missing: a .venv made for one's own torch first (as the
-    README says to do with a GPU) never got sslasr, and a dependency added since was never installed."""
+    README says to do with a GPU) never got sslasr, and a dependency added since was never installed.
+    A .venv whose interpreter was upgraded in place kept its stamp but lost its packages."""
     import time
     recipe = recipe_copy(tmp_path)
     install = tmp_path / "tools" / "install.sh"
     install.parent.mkdir()
     install.write_text('#!/usr/bin/env bash\necho ran >> "$(dirname "$0")/installs"\n'
-                       'touch "$(dirname "$0")/../.venv/.sslasr-installed"\n')
+                       f'echo "python {sys.version_info[0]}.{sys.version_info[1]}" > "$(dirname "$0")/../.venv/.sslasr-installed"\n')
     install.chmod(0o755)
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     venv_python = tmp_path / ".venv" / "bin" / "python"  # a .venv with one's own torch
@@ -149,6 +151,9 @@ def test_the_install_runs_where_it_is_missing_or_older_than_pyproject(tmp_path):
     os.utime(stamp, (earlier, earlier))  # pyproject.toml changed since: a dependency added
     assert installs() == 2
     assert installs() == 2
+    stamp.write_text("python 2.7\n")  # the .venv's interpreter upgraded in place: its packages are gone
+    assert installs() == 3
+    assert installs() == 3
     os.utime(stamp, (earlier, earlier))
     assert run_with_environment(recipe).returncode == 0  # SSLASR_PYTHON: a python of one's own, left alone
-    assert len((tmp_path / "tools" / "installs").read_text().split()) == 2
+    assert len((tmp_path / "tools" / "installs").read_text().split()) == 3

@@ -52,9 +52,12 @@ constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==${torch_version}" > "$constraints"
 
+# The stamp names the .venv's Python: one whose interpreter was upgraded in place or made again
+# (python3 -m venv over a .venv whose interpreter was removed) has none of the packages the stamp
+# vouched for. local/ssl_asr.sh compares the same line.
 stamp=.venv/.sslasr-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "python $venv_version" ]; then
   pip_install -c "$constraints" -e ".[test]"
-  touch "$stamp"
+  echo "python $venv_version" > "$stamp"
 fi
 echo "install.sh: ready ($($py -c 'import torch, sslasr; print("torch", torch.__version__, "sslasr", sslasr.__version__)'))"

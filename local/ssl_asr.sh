@@ -1219,6 +1219,15 @@ unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the 
   [ -n "$parts" ] || { echo "$0: pseudo_label.pool ($pool_sources) holds no audio at --labeled $labeled (--generations 0: no noisy student)" >&2; exit 1; }
   "$python" -m sslasr.bin.cuts combine --out $out/pool.jsonl.gz $parts
 }
+pool_manifests() {  # the manifests unlabeled_pool reads: the pool is made of their contents
+  local source
+  for source in $pool_sources; do
+    case $source in
+      unlabeled) [ ! -f "$(cuts unlabeled)" ] || cuts unlabeled ;;
+      rest_of_train) [ "$labeled_seconds" = all ] || cuts train ;;
+    esac
+  done
+}
 tuned_fusion() {  # tuned_fusion TEACHER METHOD: the decode_info.json of TEACHER's METHOD search, λ and β
   # tuned on the validation set with $lm_dir; an LM of other contents since (stage 6 alone, more
   # --lm-text) stops the run: λ, β are another LM's (a record without the LM's hash is taken)
@@ -1277,6 +1286,7 @@ from sslasr.utils.config import load_configs
 print("settings", json.dumps(load_configs(sys.argv[1:]).get("pseudo_label") or {}, sort_keys=True))
 EOF
   echo "labeled $labeled_cuts $(content_hash "$labeled_cuts")"
+  echo "pool $(content_hash $(pool_manifests))"  # more unlabeled audio since (stage 1 again): another pool
   if uses_lm $method && [ "$pseudo_label_lm_dir" = "$lm_dir" ]; then
     tuned=$(tuned_fusion $1 $method) || return 1
     weight=$(json_value $tuned lm_weight) && bonus=$(json_value $tuned length_bonus) || return 1
@@ -1305,12 +1315,18 @@ hypothesis_record() {  # hypothesis_record FILE: a pseudo-label record, its deco
     esac
   done < $1
 }
+label_record_matches() {  # label_record_matches RECORD INPUTS: pseudo-labels' RECORD (inputs.txt) names INPUTS
+  # (a record from before the decode_opts line left out --num-threads and the like: read without
+  # them; one from before the pool line is compared without it)
+  local inputs=$2
+  grep -q '^pool ' $1 || inputs=$(printf '%s\n' "$inputs" | grep -v '^pool ')
+  [ "$(hypothesis_record $1)" = "$inputs" ]
+}
 pseudo_labels_outdated() {  # pseudo_labels_outdated TEACHER LABELS INPUTS: why LABELS are not TEACHER's current ones
   local teacher=$1 labels=$2 method made=$2/.done
   [ -d $labels ] || return 1
-  # the filter, the pool's search or the labeled cuts changed (a record from before: not checked)
-  # (a record from before the decode_opts line left out --num-threads and the like: read without them)
-  if [ -f $labels/inputs.txt ] && [ "$(hypothesis_record $labels/inputs.txt)" != "$3" ]; then
+  # the filter, the pool, its search or the labeled cuts changed (a record from before: not checked)
+  if [ -f $labels/inputs.txt ] && ! label_record_matches $labels/inputs.txt "$3"; then
     echo "its inputs changed ($(changed_inputs $labels/inputs.txt "$3"))"; return 0
   fi
   # a killed labelling's folder (its time: when it was last written to): decode would resume its sets
@@ -1348,7 +1364,7 @@ pseudo_labels_match() {  # pseudo_labels_match TEACHER LABELS: LABELS made from 
   now=$(pseudo_label_inputs $1 2>/dev/null) || return 1  # (a teacher decode not there yet: look again)
   # --decode-opts too: with new ones node 0 decodes the teacher again in stage 7 (new λ, β) while
   # this node, past stages 7-8, would take the teacher's old decoding and the labels made with it
-  if [ "$(cat $2/inputs.txt)" != "$now" ]; then
+  if ! label_record_matches $2/inputs.txt "$now"; then
     if [ $2/.done -nt $2/inputs.txt ] && [ $2/inputs.txt -nt "$started_stamp" ]; then  # made in this run
       log "node $node_rank: node 0 made $2 from other settings than this node's ($(changed_inputs $2/inputs.txt "$now"));" \
           "run every node with the same options (--launcher's --node_rank aside)"

@@ -1163,3 +1163,27 @@ def test_frontend_all_with_a_model_size_some_frontend_lacks_is_refused_up_front(
     result = _run(recipe, "--frontend", "all", "--model-size", "large", "--stage", "4", frontends="wav2vec2 hubert")
     assert result.returncode == 2 and "--model-size large: no conf/frontend_hubert_large.yaml" in result.stderr, result.stderr
     assert not _calls(recipe, "sslasr.bin.train")  # wav2vec2's was not trained first
+
+
+def test_pseudo_labels_of_another_pool_are_made_again(tmp_path: Path):
+    """The record named the filter, the search and the labeled cuts, not the pool: with more
+    untranscribed audio in the unlabeled manifest since, the students kept training on the
+    pseudo-labels of the old pool. A record from before the pool line is kept as it is."""
+    recipe = _trained(tmp_path)
+    assert _labelled(recipe, "--generations", "1").returncode == 0
+    record = recipe / "exp/noisy_student_ctc_wav2vec2_all/gen1/pseudo_labels/inputs.txt"
+    assert "\npool " in record.read_text()
+
+    def filters() -> int:
+        return len([c for c in _calls(recipe, "sslasr.bin.pseudo_label") if "--out-cuts" in c])
+    made = filters()
+    record.write_text("".join(line for line in record.read_text().splitlines(True) if not line.startswith("pool ")))
+    legacy = _labelled(recipe, "--generations", "1")
+    assert legacy.returncode == 0 and "inputs changed" not in legacy.stderr and filters() == made, legacy.stderr
+    assert _labelled(recipe, "--generations", "1", "--force", "true").returncode == 0  # the record made again
+    made = filters()
+    _gz(recipe / "data/manifests/toy_cuts_unlabeled.jsonl.gz", "unlabeled cuts\nmore unlabeled cuts\n")
+    result = _labelled(recipe, "--generations", "1")
+    assert result.returncode == 0, result.stderr
+    assert "generation 1: its inputs changed" in result.stderr and "pool" in result.stderr
+    assert filters() == made + 1

@@ -430,6 +430,44 @@ def test_mfcc_features_are_39_dims_at_100_hz(tmp_path):
     assert np.allclose(features[:, 26:], deltas(features[:, 13:26]))
 
 
+def _kaldi_mfcc(samples: np.ndarray, rate: int = 16000) -> np.ndarray:
+    """Kaldi's MFCC as torchaudio.compliance.kaldi.mfcc(x, use_energy=False) computes it, the
+    features fairseq's HuBERT dump clusters: 25 ms povey windows every 10 ms (snip_edges), DC
+    removed, pre-emphasis 0.97, |FFT(512)|², 23 triangular mel filters from 20 Hz to Nyquist
+    (mel = 1127 ln(1 + f/700), FFT bins below Nyquist), log floored at float32's eps, the
+    orthonormal DCT-II, cepstral lifter 22, 13 cepstra."""
+    window, shift, fft, bins, ceps, lifter = 400, 160, 512, 23, 13, 22
+    starts = np.arange(1 + (len(samples) - window) // shift) * shift
+    frames = samples[starts[:, None] + np.arange(window)].astype(np.float64)
+    frames -= frames.mean(axis=1, keepdims=True)
+    frames = np.concatenate([frames[:, :1] * (1 - 0.97), frames[:, 1:] - 0.97 * frames[:, :-1]], axis=1)
+    frames *= (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(window) / (window - 1))) ** 0.85
+    power = np.abs(np.fft.rfft(frames, n=fft)) ** 2
+    mel = lambda f: 1127.0 * np.log(1.0 + f / 700.0)  # noqa: E731
+    low, high = mel(20.0), mel(rate / 2)
+    edges = low + np.arange(bins + 2) * (high - low) / (bins + 1)
+    fft_mel = mel(np.arange(fft // 2) * rate / fft)
+    left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising, falling = (fft_mel - left) / (centre - left), (right - fft_mel) / (right - centre)
+    filters = np.where((fft_mel > left) & (fft_mel < right), np.where(fft_mel <= centre, rising, falling), 0.0)
+    log_mel = np.log(np.maximum(power[:, :fft // 2] @ filters.T, np.finfo(np.float32).eps))
+    k, n = np.arange(ceps)[:, None], np.arange(bins)[None, :]
+    dct = np.sqrt(2.0 / bins) * np.cos(np.pi / bins * (n + 0.5) * k)
+    dct[0] = np.sqrt(1.0 / bins)
+    return (log_mel @ dct.T) * (1 + 0.5 * lifter * np.sin(np.pi * np.arange(ceps) / lifter))
+
+
+def test_mfcc_features_are_fairseqs_kaldi_mfcc(tmp_path):
+    """lhotse's MfccConfig stops its mel filters 400 Hz below Nyquist (Kaldi's command-line
+    default), fairseq's dump (torchaudio's kaldi.mfcc) at Nyquist: every filter moved, the
+    higher cepstra by 15-25 % of their size."""
+    cut = list(load_cuts(_audio_cuts(tmp_path)))[1]
+    samples = cut.load_audio()[0]
+    expected = _kaldi_mfcc(samples)
+    features = MfccFeatures()(cut)[:len(expected), :13]  # (the rest repeat the last frame: lhotse's count)
+    assert len(expected) == 135 and np.abs(features - expected).max() < 1e-3  # (cepstra up to ~50)
+
+
 def _tiny_checkpoint(path, layers=2):
     enc = dict(TINY_ENCODER, transformer=dict(TINY_ENCODER["transformer"], layers=layers))
     cfg = {"frontend": {"name": "hubert", "encoder": enc},
@@ -574,6 +612,23 @@ def test_labelling_a_manifest_resumes_after_the_parts_it_finished(tmp_path, monk
     assert all(np.array_equal(a.load_custom("kmeans_labels"), b.load_custom("kmeans_labels"))
                for a, b in zip(resumed, expected))
     assert not (labels / ".cuts_all.jsonl.gz.parts").exists()
+
+
+def test_mfcc_labels_refuse_a_kmeans_fitted_on_other_mfccs(tmp_path):
+    """The MFCCs' mel filters moved (to Nyquist): a k-means fitted before would have labelled the
+    new features by centres of the old ones."""
+    cuts_path = _audio_cuts(tmp_path)
+    cfg = {"kmeans": {"iterations": [{"features": "mfcc", "clusters": 4}], "frames_budget": 200,
+                      "batch_size": 64, "max_epochs": 2, "n_init": 1}}
+    kmeans_path = tmp_path / "km.pt"
+    state = kmeans_cli.fit(cfg, 1, str(cuts_path), None, kmeans_path)
+    assert state["features"]["definition"] == MfccFeatures.definition
+    kmeans_cli.label(cfg, str(kmeans_path), [str(cuts_path)], tmp_path / "labels")
+    del state["features"]["definition"]  # fitted before the definition was recorded
+    torch.save(state, kmeans_path)
+    with pytest.raises(ValueError, match="fitted on other mfcc features .*Nyquist − 400 Hz.*--force true"):
+        kmeans_cli.label(cfg, str(kmeans_path), [str(cuts_path)], tmp_path / "labels_again")
+    assert not (tmp_path / "labels_again").exists()
 
 
 def test_layer_labels_refuse_a_model_changed_since_the_fit(tmp_path):

@@ -85,10 +85,22 @@ def fit(cfg: Dict, number: int, cuts_path: str, model: Optional[str], out: Path,
     state = {"centers": centers, "iteration": asdict(iteration), "frames_seen": seen, "frames_sampled": len(sample),
              "features": {"kind": iteration.features, "layer": iteration.layer, "model": model,
                           "model_sha256": file_sha256(model) if model else None,
-                          "frame_rate": features.frame_rate, "dim": int(sample.shape[1])},
+                          "frame_rate": features.frame_rate, "dim": int(sample.shape[1]),
+                          "definition": getattr(features, "definition", None)},
              "sample_usage": usage}
     save_torch_atomic(state, out)
     return state
+
+
+def check_feature_definition(spec: Dict, definition: Optional[str], kmeans_path: str) -> None:
+    """The k-means's centres are of the features it was fitted on: other features (another MFCC
+    definition) would be labelled by the wrong centres. A k-means without a recorded MFCC
+    definition predates the filters reaching Nyquist."""
+    fitted = spec.get("definition", None if spec["kind"] == "mfcc" else definition)
+    if fitted != definition:
+        raise ValueError(f"{kmeans_path} was fitted on other {spec['kind']} features "
+                         f"({fitted or 'mel filters to Nyquist − 400 Hz'}) than these ({definition}): "
+                         f"fit the k-means again (run.sh --stage 4 --force true)")
 
 
 def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, model: Optional[str] = None,
@@ -116,6 +128,7 @@ def label(cfg: Dict, kmeans_path: str, cuts_paths: List[str], out_dir: Path, mod
     features = build_features(spec["kind"], model, spec["layer"])
     if features.frame_rate != spec["frame_rate"]:
         raise ValueError(f"{kmeans_path} was fitted on {spec['frame_rate']} Hz features, these are {features.frame_rate} Hz")
+    check_feature_definition(spec, getattr(features, "definition", None), kmeans_path)
     writer = NumpyFilesWriter(out_dir / "storage")
     counts = np.zeros(len(centers), dtype=np.int64)
     start = time.monotonic()

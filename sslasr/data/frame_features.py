@@ -58,13 +58,18 @@ class MfccFeatures:
 
     frame_rate = 100.0
     dim = 3 * MFCC_CEPSTRA
+    # recorded with a k-means fitted on them: labels are assigned with the same features only (a
+    # k-means without it was fitted when the mel filters stopped at Nyquist − 400 Hz, lhotse's default)
+    definition = "kaldi-mfcc 13 ceps, 23 mel 20 Hz-Nyquist, lifter 22, snip_edges; +delta+delta2 (N=2)"
 
     def __init__(self):
         self._extractors: Dict[int, Mfcc] = {}
 
     def _extractor(self, sampling_rate: int) -> Mfcc:
         if sampling_rate not in self._extractors:
-            config = MfccConfig(num_ceps=MFCC_CEPSTRA, sampling_rate=sampling_rate, snip_edges=True)
+            # high_freq 0: the mel filters reach Nyquist, as torchaudio's kaldi.mfcc (fairseq's dump);
+            # lhotse's default stops them 400 Hz below it
+            config = MfccConfig(num_ceps=MFCC_CEPSTRA, sampling_rate=sampling_rate, snip_edges=True, high_freq=0.0)
             self._extractors[sampling_rate] = Mfcc(config)
         return self._extractors[sampling_rate]
 

@@ -426,10 +426,16 @@ if run_stage 0; then
   else
     log "preparing the corpus"
     supersede_commands data
+    # data.sh rewrites data/ in place: until the marker, a kill leaves .data.started (checked below)
+    mkdir -p data && touch data/.data.started
     ./local/data.sh --corpus-dir "$corpus_dir" --nj "$nj" $data_opts
-    mkdir -p data && data_inputs > data/.data.done.tmp && mv data/.data.done.tmp data/.data.done
+    data_inputs > data/.data.done.tmp && mv data/.data.done.tmp data/.data.done && rm -f data/.data.started
     note_command data "data prepared"
   fi
+fi
+if [ "$stage" -gt 0 ] && [ -f data/.data.started ]; then  # (its earlier manifests would pass for current)
+  echo "$0: stage 0 has not finished data/ (data/.data.started: killed part-way?): include stage 0 (--stage 0)" >&2
+  exit 2
 fi
 # local/data.sh tells where the Kaldi-style folder it prepared is (--corpus-dir was its input)
 if [ -f data/corpus_dir ]; then corpus_dir=$(cat data/corpus_dir); fi
@@ -466,6 +472,7 @@ if run_stage 1; then
     fi
     log "manifests from $corpus_dir"
     supersede_commands $manifests
+    rm -f $manifests/.done  # the manifests are rewritten in place: a kill must leave no marker
     "$python" -m sslasr.bin.prepare_manifests --corpus-dir "$corpus_dir" --corpus "$corpus" \
       --splits $splits --eval-splits $test_sets $valid_set $whole_splits --out-dir $manifests --num-jobs "$nj"
     for split in $(recorded_splits); do  # a split of an earlier corpus (e.g. its unlabeled/) would

@@ -218,6 +218,34 @@ def test_an_fbank_computation_killed_part_way_is_not_taken_as_done(tmp_path: Pat
     assert _lines(recipe / "python_calls")[calls:][0].startswith("sslasr.bin.compute_fbank")
 
 
+def test_a_data_preparation_or_manifests_killed_part_way_are_not_taken_as_done(tmp_path: Path):
+    """--force removes data/.data.done before data.sh rewrites data/: killed there, a later --stage 1
+    found the old manifests newer than no marker and took them as ready. Manifests remade in
+    place (other splits kept whole) kept their old marker until the end."""
+    recipe = _recipe(tmp_path)
+    assert _run(recipe, "--stop-stage", "0").returncode == 0
+    (recipe / "data/kaldi/train/wav.scp").write_text("u1 a.wav\n")
+    (recipe / "data/manifests").mkdir()
+    assert _run(recipe, "--stage", "1", "--stop-stage", "1").returncode == 0
+    _executable(recipe / "local" / "data.sh", FAKE_DATA_SH + "exit 9\n")  # killed part-way
+    killed = _run(recipe, "--stop-stage", "0", "--force", "true")
+    assert killed.returncode != 0 and not (recipe / "data/.data.done").exists()
+    later = _run(recipe, "--stage", "1", "--stop-stage", "1")
+    assert later.returncode == 2 and "stage 0 has not finished data/" in later.stderr, later.stderr
+    assert "manifests ready" not in later.stderr and len(_lines(recipe / "python_calls")) == 1
+    _executable(recipe / "local" / "data.sh", FAKE_DATA_SH)
+    assert _run(recipe, "--stop-stage", "0").returncode == 0  # finished: the stages after it go on
+    assert _run(recipe, "--stage", "1", "--stop-stage", "1").returncode == 0
+    assert len(_lines(recipe / "python_calls")) == 2  # data/ newer than the manifests: made again
+    fake = recipe.parents[1] / "python"
+    fake.write_text(FAKE_PYTHON.replace('-m) echo "${*:2}" >> python_calls ;;',
+                                        '-m) echo "${*:2}" >> python_calls; exit 9 ;;'))
+    remade = _run(recipe, "--stage", "1", "--stop-stage", "1", "--valid-set", "train_dev")
+    assert remade.returncode != 0 and not (recipe / "data/manifests/.done").exists()
+    fake.write_text(FAKE_PYTHON)
+    assert "stage 1 has not finished the manifests" in _run(recipe, "--stage", "2").stderr
+
+
 @pytest.mark.parametrize("remade, first_stage, input_type, expected", [
     ("data/.data.done", 2, "waveform", "data/ was prepared again after the manifests: include stage 1"),
     ("data/manifests/.done", 3, "fbank", "the manifests were made again after the fbank: include stage 2"),

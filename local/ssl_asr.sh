@@ -922,6 +922,7 @@ if run_stage 5; then
   fi
   if [ -n "$speed_perturb" ] && { [ "$force" = true ] || [ ! -f "$train_cuts" ] || [ "$labeled_cuts" -nt "$train_cuts" ]; }; then
     log "speed perturbation $speed_perturb of $labeled_cuts"  # fbank frontends: the copies' features too
+    rm -f "$train_cuts"  # its fbank archives are rewritten in place: killed, no manifest may point into them
     "$python" -m sslasr.bin.cuts perturb-speed --cuts "$labeled_cuts" --factors $speed_perturb \
       ${feats:+--fbank-storage data/fbank} --num-jobs "$nj" --out "$train_cuts"
   fi

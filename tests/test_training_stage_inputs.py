@@ -872,6 +872,18 @@ def test_a_labeled_subset_is_drawn_again_from_a_remade_train_manifest(tmp_path: 
     assert len(_calls(recipe, "sslasr.bin.cuts subset")) == len(_calls(recipe, "sslasr.bin.cuts perturb-speed")) == 2
 
 
+def test_a_speed_perturbation_killed_under_force_is_made_again(tmp_path: Path):
+    """Under --force the perturbed fbank archives are rewritten in place while the old manifest
+    stood: killed, a rerun took that manifest (at --labeled all nothing newer says otherwise) and
+    trained on truncated archives."""
+    recipe = _recipe(tmp_path)
+    args = ("--stage", "5", "--stop-stage", "5", "--no-pretrain", "true", "--speed-perturb", "0.9 1.1")
+    assert _run(recipe, *args).returncode == 0
+    assert _run(recipe, *args, "--force", "true", fail="sslasr.bin.cuts perturb-speed*").returncode != 0
+    assert _run(recipe, *args).returncode == 0
+    assert len(_calls(recipe, "sslasr.bin.cuts perturb-speed")) == 3  # made, killed, made again
+
+
 def test_an_fbank_frontend_takes_the_audio_subsets_cuts_so_the_lm_text_is_the_same(tmp_path: Path):
     """The LM records its text's path: an fbank frontend's run first recorded the fbank subset, and a
     waveform frontend's later run (--frontend all) retrained the LM and redid the noisy students.

@@ -828,8 +828,10 @@ if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
     fi
     kmeans_iterations=$(kmeans_cli plan --count)  # a failure stops here
     if [ "$kmeans_iterations" -gt 0 ]; then kmeans_pretraining "$pretrain_cuts"; else
-      train $pretrain_dir --config $pretrain_configs \
+      train_together $pretrain_dir --config $pretrain_configs \
         --set task=pretrain data.train_cuts="$pretrain_cuts" data.valid_cuts="$(cuts $valid_set)" $pretrain_opts
+      # node 0 alone writes the model, after the last barrier: stage 5 reads it
+      [ "$node_rank" = 0 ] || wait_for_node_0 $pretrain_dir/.done "pretrained model" $forced_since
     fi
     note_command $pretrain_dir pretrained
     mark_trained $pretrain_dir/.done
@@ -867,7 +869,7 @@ finetune_system() {  # finetune_system pretrained|scratch [KEY=VALUE...]: stage 
   [ $system != scratch ] || init="finetune.init_from=null"
   train $dir --config $(finetune_configs $system) --set task=asr data.train_cuts="$train_cuts" \
     data.valid_cuts="$(cuts $valid_set)" data.tokenizer=$lang/bpe.model "$init" "$@" $finetune_opts
-  "$python" -m sslasr.bin.cuts seconds "$labeled_cuts" > $dir/labeled_seconds
+  [ "$node_rank" != 0 ] || "$python" -m sslasr.bin.cuts seconds "$labeled_cuts" > $dir/labeled_seconds
   note_command $dir fine-tuned
   mark_trained $dir/.done
 }
@@ -897,8 +899,7 @@ finetune_together() {  # finetune_together SYSTEM...: one job each, the cores sh
   [ -z "$failed" ] || { echo "$0: fine-tuning failed:$failed" >&2; exit 1; }
 }
 
-if run_stage 5; then
-  [ -z "$init_from" ] || [ "$stage" -le 4 ] || import_init_from  # stage 4's import, which did not run
+labeled_manifests() {  # stage 5's manifests: the --labeled subset, its speed-perturbed copy (node 0's)
   if [ "$labeled_seconds" = all ]; then :
   elif [ -f "$corpus_dir/train_$labeled_tag/wav.scp" ]; then
     # the corpus's own split (Libri-Light's train_10m / 1h / 10h): stage 1's manifest, never a draw
@@ -925,6 +926,18 @@ if run_stage 5; then
     rm -f "$train_cuts"  # its fbank archives are rewritten in place: killed, no manifest may point into them
     "$python" -m sslasr.bin.cuts perturb-speed --cuts "$labeled_cuts" --factors $speed_perturb \
       ${feats:+--fbank-storage data/fbank} --num-jobs "$nj" --out "$train_cuts"
+  fi
+}
+if run_stage 5; then
+  [ -z "$init_from" ] || [ "$stage" -le 4 ] || import_init_from  # stage 4's import, which did not run
+  if [ "$node_rank" = 0 ]; then
+    labeled_manifests
+  else  # on a shared filesystem every node would rewrite the same files (fbank archives in place)
+    made_of=()  # what node 0 makes them of: they must be newer (and, under --force, than its start)
+    [ "$labeled_seconds" = all ] || [ -f "$corpus_dir/train_$labeled_tag/wav.scp" ] || made_of+=("$(cuts train)")
+    [ -z "$speed_perturb" ] || made_of+=("$labeled_cuts")
+    node0_run_start
+    wait_for_node_0 "$train_cuts" "labeled manifests" ${made_of[@]+"${made_of[@]}"} $forced_since
   fi
   pending=()
   for system in $systems; do

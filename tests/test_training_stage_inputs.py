@@ -1199,3 +1199,44 @@ def test_pseudo_labels_of_another_pool_are_made_again(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     assert "generation 1: its inputs changed" in result.stderr and "pool" in result.stderr
     assert filters() == made + 1
+
+
+def test_other_nodes_wait_for_node_0s_labeled_manifests(tmp_path: Path):
+    """Every node drew the --labeled subset and its speed-perturbed copy into the shared data/: with
+    an fbank frontend, each rewrote the same fbank archives at once. Node 0 makes them; the
+    others wait until they are there, newer than what they are made of."""
+    recipe = _recipe(tmp_path)
+    args = ("--stage", "5", "--stop-stage", "5", "--no-pretrain", "true", "--labeled", "1h", "--speed-perturb", "0.9 1.1")
+    command, env = _node(recipe, 1, *args)
+    waiting = subprocess.run(command + ["--node-wait-hours", "0"], cwd=recipe, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert waiting.returncode == 1 and "node 0's labeled manifests" in waiting.stderr, waiting.stderr
+    assert not _calls(recipe, "sslasr.bin.cuts")  # nothing drawn or perturbed on node 1
+    command, env = _node(recipe, 0, *args)
+    assert subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60).returncode == 0
+    assert [c[1] for c in _calls(recipe, "sslasr.bin.cuts")] == ["subset", "perturb-speed", "seconds"]
+    command, env = _node(recipe, 1, *args)
+    joined = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert joined.returncode == 0, joined.stderr
+    assert [c[1] for c in _calls(recipe, "sslasr.bin.cuts")] == ["subset", "perturb-speed", "seconds"]
+
+
+def test_other_nodes_wait_for_node_0s_pretrained_model(tmp_path: Path):
+    """Node 0 alone writes model_final.pt, after the last barrier: another node went on to stage 5
+    as soon as its own torchrun returned (the k-means iterations waited; plain pretraining did not)."""
+    recipe = _recipe(tmp_path)
+    args = ("--stage", "4", "--stop-stage", "4")
+    command, env = _node(recipe, 0, *args, fail="sslasr.bin.train*")  # the manifest made, the training failed
+    assert subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60).returncode != 0
+    earlier = time.time() - 100  # an earlier run's failure: not this one's
+    os.utime(recipe / "exp/pretrain_wav2vec2/.node0_failed", (earlier, earlier))
+    command, env = _node(recipe, 1, *args)
+    waited = subprocess.run(command + ["--node-wait-hours", "0"], cwd=recipe, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert waited.returncode == 1 and "node 0's pretrained model" in waited.stderr, waited.stderr
+    assert len(_calls(recipe, "node1")) == 1  # it trained with node 0, then waited for the model
+    command, env = _node(recipe, 0, *args)
+    assert subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60).returncode == 0
+    command, env = _node(recipe, 1, *args)
+    ready = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+    assert ready.returncode == 0 and "pretrained wav2vec2 ready" in ready.stderr, ready.stderr

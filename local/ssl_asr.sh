@@ -95,6 +95,10 @@ for option in stage stop_stage generations finetune_jobs nj nproc vocab_size nod
   # a word where a count belongs would only make bash's [ -gt ] complain, and the stages go on
   [[ "${!option}" =~ ^[0-9]+$ ]] || { echo "$0: --${option//_/-} ${!option}: not a whole number" >&2; exit 2; }
 done
+if [ -n "$launcher" ] && [ "$nproc" -gt 1 ]; then  # the launcher's own count ran, --nproc unsaid
+  echo "$0: --nproc $nproc and --launcher contradict: give the processes per node in the launcher (torchrun's --nproc_per_node)" >&2
+  exit 2
+fi
 # (a 30s or 1.5h failed in stage 5, after pretraining; 010m read as octal, 480 s)
 [[ "$labeled" =~ ^(all|[0-9]+[hm]?)$ ]] || { echo "$0: --labeled $labeled: all, or N, Nm or Nh (seconds, minutes, hours)" >&2; exit 2; }
 for f in $lm_text; do  # (a missing one was recorded without contents, and the LM trained on it reset)

@@ -976,6 +976,15 @@ def test_a_multi_node_launcher_without_a_node_rank_is_refused(tmp_path: Path):
     assert "names no --node_rank" not in single.stderr
 
 
+def test_nproc_beside_a_launcher_is_refused(tmp_path: Path):
+    """The launcher's own process count ran (one per node, torchrun's default) and --nproc 8 was
+    silently ignored."""
+    recipe = _recipe(tmp_path)
+    result = _run(recipe, "--stage", "5", "--nproc", "8", "--launcher", NODES.format(0))
+    assert result.returncode == 2 and "--nproc 8 and --launcher contradict" in result.stderr, result.stderr
+    assert not _lines(recipe / "python_calls")
+
+
 def test_only_node_0_marks_a_training_done(tmp_path: Path):
     """Another node's torchrun returns 0 even when node 0, which alone writes model_final.pt,
     failed after the last barrier: that node's .done would have stood for a model never written."""

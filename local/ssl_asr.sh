@@ -934,6 +934,11 @@ labeled_manifests() {  # stage 5's manifests: the --labeled subset, its speed-pe
 }
 if run_stage 5; then
   [ -z "$init_from" ] || [ "$stage" -le 4 ] || import_init_from  # stage 4's import, which did not run
+  case " $systems " in *" pretrained "*)  # (--force removes the model first; HuBERT copies it at the end)
+    [ -n "$init_from" ] || [ -f $pretrain_dir/.done ] || [ "$node_rank" != 0 ] || {
+      echo "$0: stage 4 has not finished the pretraining (no $pretrain_dir/.done: killed part-way, or never run):" \
+        "include stage 4 (--stage 4)" >&2; exit 2; } ;;
+  esac
   if [ "$node_rank" = 0 ]; then
     labeled_manifests
   else  # on a shared filesystem every node would rewrite the same files (fbank archives in place)

@@ -1249,3 +1249,16 @@ def test_other_nodes_wait_for_node_0s_pretrained_model(tmp_path: Path):
     command, env = _node(recipe, 1, *args)
     ready = subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
     assert ready.returncode == 0 and "pretrained wav2vec2 ready" in ready.stderr, ready.stderr
+
+
+def test_fine_tuning_refuses_an_unfinished_pretraining(tmp_path: Path):
+    """--force removes the pretrained model before training again: killed there, a later --stage 5
+    recorded a missing model and the trainer stopped on a bare FileNotFoundError (the scratch
+    system, trained beside it, ran to its end first)."""
+    recipe = _trained(tmp_path)
+    assert _run(recipe, "--stage", "4", "--stop-stage", "4", "--force", "true", fail="sslasr.bin.train*").returncode != 0
+    trainings = len(_calls(recipe, "sslasr.bin.train"))
+    result = _run(recipe, "--stage", "5", "--stop-stage", "5", "--force", "true")
+    assert result.returncode == 2 and "stage 4 has not finished the pretraining" in result.stderr, result.stderr
+    assert len(_calls(recipe, "sslasr.bin.train")) == trainings
+    assert _run(recipe, "--stage", "5", "--stop-stage", "5", "--no-pretrain", "true").returncode == 0  # scratch alone

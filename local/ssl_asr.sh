@@ -610,6 +610,9 @@ made_from() {  # made_from DIR INPUTS: refuse DIR's model or checkpoint if made 
       exit 2
     fi
   fi
+  # under --force the old model, checkpoint and markers go before the new inputs are recorded:
+  # killed in between, a rerun would take them as made from these inputs (k-means markers included)
+  if [ "$force" = true ] && [ "$node_rank" = 0 ]; then reset_training $dir $dir/iter*; rm -f $dir/iter*/.*done; fi
   record_inputs $dir "$inputs"
 }
 record_inputs() {  # record_inputs DIR INPUTS: DIR/inputs.txt, atomically (other nodes read it meanwhile), on node 0

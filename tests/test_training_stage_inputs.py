@@ -1262,3 +1262,26 @@ def test_fine_tuning_refuses_an_unfinished_pretraining(tmp_path: Path):
     assert result.returncode == 2 and "stage 4 has not finished the pretraining" in result.stderr, result.stderr
     assert len(_calls(recipe, "sslasr.bin.train")) == trainings
     assert _run(recipe, "--stage", "5", "--stop-stage", "5", "--no-pretrain", "true").returncode == 0  # scratch alone
+
+
+def test_under_force_the_old_training_goes_before_the_new_inputs_are_recorded(tmp_path: Path):
+    """The new inputs were recorded first, the old .done, checkpoint and k-means markers removed
+    after: killed in between, a rerun without --force took the old model (or resumed its
+    checkpoint) as made from the new inputs."""
+    recipe = _trained(tmp_path)
+    iteration = recipe / "exp/pretrain_wav2vec2/iter1"
+    iteration.mkdir(parents=True, exist_ok=True)
+    (iteration / ".kmeans.done").touch()
+    for system in ("exp/ctc_wav2vec2_all", "exp/ctc_scratch_wav2vec2_all"):
+        (recipe / system / "checkpoint_last.pt").write_text("the old training's\n")
+    bin_dir = recipe.parents[1] / "bin"  # mv, as record_inputs renames the record into place: what is left then
+    _executable(bin_dir / "mv", f'#!/usr/bin/env bash\nfor last; do :; done\ncase $last in */inputs.txt)\n'
+                f'  d=$(dirname "$last"); ls -A "$d" "$d"/iter1 2>/dev/null | grep -E "^(\\.done|checkpoint_last.pt|'
+                f'model_final.pt|\\.kmeans\\.done)$" >> {recipe}/left_at_record ;;\nesac\nexec {shutil.which("mv")} "$@"\n')
+    env = _env(recipe)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    result = subprocess.run(["./run.sh", "--stage", "4", "--stop-stage", "5", "--force", "true"], cwd=recipe, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (recipe / "exp/pretrain_wav2vec2/inputs.txt").exists()
+    assert _lines(recipe / "left_at_record") == []

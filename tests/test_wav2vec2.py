@@ -745,3 +745,16 @@ def test_group_norm_statistics_are_float32_under_half_precision():
     out = _group_norm_time_major(x.half(), norm, torch.tensor([70000]))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out, _group_norm_time_major(x.half().float(), norm, torch.tensor([70000])))
+
+
+@pytest.mark.parametrize("frontend", ["wav2vec2", "hubert", "w2vbert"])  # (WavLM's objective is HuBERT's)
+def test_a_pretraining_mask_of_nothing_is_refused(frontend):
+    """pretrain.mask.time_prob 0 masked nothing: wav2vec 2.0 and w2v-BERT stopped in the quantizer on
+    a reshape of 0 rows, HuBERT and WavLM skipped every update ("its batches have no weight")."""
+    from sslasr.models.hubert import HubertPretrainConfig
+    from sslasr.models.w2vbert import W2vBertPretrainConfig
+    config = {"wav2vec2": Wav2Vec2PretrainConfig, "hubert": HubertPretrainConfig, "w2vbert": W2vBertPretrainConfig}[frontend]
+    assert config.from_dict({"mask": {"time_length": 5}}).mask.time_prob == config().mask.time_prob > 0
+    for mask in ({"time_prob": 0.0}, {"time_length": 0}):
+        with pytest.raises(ValueError, match="pretraining predicts the masked frames"):
+            config.from_dict({"mask": mask})

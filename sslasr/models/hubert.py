@@ -11,7 +11,6 @@ M are the masked frames (spans: p = 0.8, length 10). The encoder is the wav2vec 
 unchanged (same modules, same parameter names), so HuBERT checkpoints map onto it.
 """
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -23,7 +22,7 @@ from sslasr.models.blocks.conv_extractor import lengths_to_padding_mask
 from sslasr.models.blocks.masking import masked_frame_index, span_mask
 from sslasr.models.interfaces import Stats
 from sslasr.models.wav2vec2 import (
-    MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig, correct_predictions, feature_penalty,
+    MaskConfig, Wav2Vec2Encoder, Wav2Vec2EncoderConfig, correct_predictions, feature_penalty, pretraining_mask,
 )
 
 IGNORE_LABEL = -100  # a frame without a target (padding, or past the end of its labels)
@@ -47,9 +46,7 @@ class HubertPretrainConfig:
     @classmethod
     def from_dict(cls, d: Dict) -> "HubertPretrainConfig":
         d = dict(d)
-        # A partial `mask:` overrides only the fields it names; the rest keep the
-        # objective's defaults (not MaskConfig's, which mask nothing).
-        d["mask"] = MaskConfig(**{**dataclasses.asdict(cls().mask), **d.get("mask", {})})
+        d["mask"] = pretraining_mask(cls().mask, d.get("mask", {}))
         return cls(**d)
 
 

@@ -33,7 +33,7 @@ from sslasr.models.blocks.subsampling import (
     FeatureProjection, SubsamplingConfig, build_subsampling, normalize_fbank_bins,
 )
 from sslasr.models.interfaces import EncoderOutput, Stats
-from sslasr.models.wav2vec2 import MaskConfig, contrastive_loss, correct_predictions
+from sslasr.models.wav2vec2 import MaskConfig, contrastive_loss, correct_predictions, pretraining_mask
 
 
 INPUT_NORMS = ("utterance", "none")
@@ -134,8 +134,7 @@ class W2vBertPretrainConfig:
     @classmethod
     def from_dict(cls, d: Dict) -> "W2vBertPretrainConfig":
         d = dict(d)
-        # a partial `mask:` overrides only the fields it names (the rest: the objective's defaults)
-        d["mask"] = MaskConfig(**{**dataclasses.asdict(cls().mask), **d.get("mask", {})})
+        d["mask"] = pretraining_mask(cls().mask, d.get("mask", {}))
         return cls(**d)
 
 

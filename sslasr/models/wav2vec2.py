@@ -42,6 +42,17 @@ class MaskConfig:
     channel_length: int = 64
 
 
+def pretraining_mask(defaults: MaskConfig, given: Dict) -> MaskConfig:
+    """A pretraining objective's span mask: the fields GIVEN names over the objective's DEFAULTS
+    (not MaskConfig's, which mask nothing). Masked frames are what the objective predicts, so a
+    mask of none is refused (the contrastive loss had no rows, masked prediction no weight)."""
+    mask = MaskConfig(**{**dataclasses.asdict(defaults), **given})
+    if not mask.time_prob > 0 or mask.time_length < 1:
+        raise ValueError(f"pretrain.mask: time_prob {mask.time_prob}, time_length {mask.time_length}: pretraining "
+                         "predicts the masked frames, so both must be above 0")
+    return mask
+
+
 @dataclass
 class Wav2Vec2EncoderConfig:
     conv_layers: List[List[int]] = field(default_factory=lambda: [list(l) for l in BASE_CONV_LAYERS])
@@ -145,9 +156,7 @@ class Wav2Vec2PretrainConfig:
     @classmethod
     def from_dict(cls, d: Dict) -> "Wav2Vec2PretrainConfig":
         d = dict(d)
-        # A partial `mask:` overrides only the fields it names; the rest keep the
-        # objective's defaults (not MaskConfig's, which mask nothing).
-        d["mask"] = MaskConfig(**{**dataclasses.asdict(cls().mask), **d.get("mask", {})})
+        d["mask"] = pretraining_mask(cls().mask, d.get("mask", {}))
         return cls(**d)
 
 

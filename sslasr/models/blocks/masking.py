@@ -1,7 +1,8 @@
 """Span masking (wav2vec 2.0 §3.1; fairseq `compute_mask_indices`, static spans).
 
-For an utterance of T frames, sample round(p·T/L + u), u~U[0,1), distinct start frames and mask
-the L frames after each start. Spans may overlap, so the expected masked fraction is
+For an utterance of T frames, sample ⌊p·T/L + u⌋, u~U[0,1), distinct start frames (p·T/L on
+average: fairseq's stochastic rounding) and mask the L frames after each start. Spans may
+overlap, so the expected masked fraction is
 ≈ 1 − (1 − L/T)^(pT/L) → 1 − e^(−p) for long T (≈ 49 % at p = 0.65, L = 10).
 """
 

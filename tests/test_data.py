@@ -782,6 +782,21 @@ def test_fbank_pads_cuts_too_short_for_a_frame_and_says_so(tmp_path, caplog):
         in caplog.text
 
 
+def test_fbank_names_the_cuts_whose_audio_failed_to_load(tmp_path, caplog):
+    """lhotse leaves out a cut whose audio fails to load: only a count was logged, so a scored set
+    lost utterances that no one could name."""
+    cuts = []
+    for name in ("kept", "gone"):
+        path = tmp_path / f"{name}.wav"
+        sf.write(path, (0.1 * np.random.default_rng(0).standard_normal(8000)).astype(np.float32), 16000)
+        cuts.append(Recording.from_file(path, recording_id=name).to_cut())
+    (tmp_path / "gone.wav").write_bytes(b"not audio")
+    with caplog.at_level("WARNING"):
+        kept = compute_fbank_cli.fbank_cuts(CutSet.from_cuts(cuts), tmp_path / "feats", num_jobs=1)
+    assert [cut.id for cut in kept] == ["kept"]
+    assert "1 of 2 cuts failed audio loading and have no features (left out): gone" in caplog.text
+
+
 def test_fbank_models_read_only_the_features_they_were_trained_on(prepared, tokenizer, tmp_path, capsys):
     """data.feature_type: a fine-tuning records its cuts' extractor, refuses valid cuts or a
     pretrained checkpoint of another one, and decoding refuses cuts of another one (Kaldi's

@@ -114,7 +114,9 @@ def fbank_cuts(cuts: CutSet, storage_path: Path, num_mel_bins: int = 80, num_job
     with_feats = CutSet.from_cuts(by_id[cut.id] for cut in cuts if cut.id in by_id)
     # lhotse skips cuts whose audio fails to load: say so instead of losing them quietly.
     if len(with_feats) != len(cuts):
-        log.warning("%d of %d cuts failed audio loading and have no features", len(cuts) - len(with_feats), num_in)
+        failed = [cut.id for cut in cuts if cut.id not in by_id]
+        log.warning("%d of %d cuts failed audio loading and have no features (left out): %s", len(failed), num_in,
+                    ", ".join(failed[:20]) + (" ..." if len(failed) > 20 else ""))
     return with_feats
 
 

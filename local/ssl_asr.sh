@@ -363,9 +363,16 @@ node_started=""
 # markers newer than that, once a beat since they started shows it is this run's node 0.
 node0_started=$exp/.node0_started.$run_key
 forced_since=""  # set by node0_run_start
+node0_exit() {  # node 0's EXIT trap: any failure (a refusal included) left where the waiting nodes look
+  local rc=$?
+  [ $rc -ne 0 ] || return 0
+  [ -z "${noisy_student_multinode:-}" ] || touch $noisy_student_dir/.node0_failed || :
+  [ -z "${node0_failed:-}" ] || { mkdir -p "$(dirname "$node0_failed")" && touch "$node0_failed"; } || :
+}
 if [ "${nnodes:-1}" != 1 ]; then
   mkdir -p $exp
   if [ "$node_rank" = 0 ]; then  # the loop ends with the driver ($$), whatever ends it
+    trap node0_exit EXIT
     touch "$node0_started"
     ( while kill -0 $$ 2>/dev/null; do touch "$node0_alive" || :; sleep 30; done ) </dev/null >/dev/null 2>&1 &
   else
@@ -399,8 +406,7 @@ if [ "${nnodes:-1}" != 1 ] && [ "$generations" -gt 0 ] && [ "$stage" -le 9 ] && 
   noisy_student_multinode=1
   mkdir -p $noisy_student_dir
   if [ "$node_rank" = 0 ]; then
-    rm -f $noisy_student_dir/.node0_failed
-    trap '[ $? -eq 0 ] || touch $noisy_student_dir/.node0_failed' EXIT
+    rm -f $noisy_student_dir/.node0_failed  # (node0_exit marks a failure of this run)
   else
     started_stamp=$noisy_student_dir/.node${node_rank}_started
     touch $started_stamp
@@ -437,7 +443,9 @@ if run_stage 0; then
     note_command data "data prepared"
   fi
 fi
-if [ "$stage" -gt 0 ] && [ -f data/.data.started ]; then  # (its earlier manifests would pass for current)
+if [ -f data/.data.started ] && [ data/.data.done -nt data/.data.started ]; then
+  rm -f data/.data.started  # (killed between the two: finished)
+elif [ "$stage" -gt 0 ] && [ -f data/.data.started ]; then  # (its earlier manifests would pass for current)
   echo "$0: stage 0 has not finished data/ (data/.data.started: killed part-way?): include stage 0 (--stage 0)" >&2
   exit 2
 fi
@@ -906,6 +914,7 @@ finetune_together() {  # finetune_together SYSTEM...: one job each, the cores sh
   [ -z "$failed" ] || { echo "$0: fine-tuning failed:$failed" >&2; exit 1; }
 }
 
+audio_subset=${labeled_cuts%$feats.jsonl.gz}.jsonl.gz audio_train=$manifests/${corpus}_cuts_train.jsonl.gz
 labeled_manifests() {  # stage 5's manifests: the --labeled subset, its speed-perturbed copy (node 0's)
   if [ "$labeled_seconds" = all ]; then :
   elif [ -f "$corpus_dir/train_$labeled_tag/wav.scp" ]; then
@@ -919,7 +928,6 @@ labeled_manifests() {  # stage 5's manifests: the --labeled subset, its speed-pe
     # the LM's text is that subset's transcripts (lm_inputs) whichever frontend drew first (drawn
     # from the fbank copy, the LM recorded another path, and --frontend all trained the LM and the
     # noisy students again), and the cuts are the same though stage 2 may have lost some
-    audio_subset=${labeled_cuts%$feats.jsonl.gz}.jsonl.gz audio_train=$manifests/${corpus}_cuts_train.jsonl.gz
     if [ "$force" = true ] || [ ! -f "$audio_subset" ] || [ "$audio_train" -nt "$audio_subset" ]; then
       "$python" -m sslasr.bin.cuts subset --cuts "$audio_train" --seconds "$labeled_seconds" --out "$audio_subset"
     fi
@@ -938,7 +946,7 @@ labeled_manifests() {  # stage 5's manifests: the --labeled subset, its speed-pe
 if run_stage 5; then
   [ -z "$init_from" ] || [ "$stage" -le 4 ] || import_init_from  # stage 4's import, which did not run
   case " $systems " in *" pretrained "*)  # (--force removes the model first; HuBERT copies it at the end)
-    [ -n "$init_from" ] || [ -f $pretrain_dir/.done ] || [ "$node_rank" != 0 ] || {
+    [ -n "$init_from" ] || [ -f $pretrain_dir/.done ] || {
       echo "$0: stage 4 has not finished the pretraining (no $pretrain_dir/.done: killed part-way, or never run):" \
         "include stage 4 (--stage 4)" >&2; exit 2; } ;;
   esac
@@ -946,10 +954,15 @@ if run_stage 5; then
     labeled_manifests
   else  # on a shared filesystem every node would rewrite the same files (fbank archives in place)
     made_of=()  # what node 0 makes them of: they must be newer (and, under --force, than its start)
-    [ "$labeled_seconds" = all ] || [ -f "$corpus_dir/train_$labeled_tag/wav.scp" ] || made_of+=("$(cuts train)")
+    if [ "$labeled_seconds" != all ] && [ ! -f "$corpus_dir/train_$labeled_tag/wav.scp" ]; then  # a drawn subset
+      made_of+=("$(cuts train)" "$audio_train" "$audio_subset")
+    fi
     [ -z "$speed_perturb" ] || made_of+=("$labeled_cuts")
-    node0_run_start
-    wait_for_node_0 "$train_cuts" "labeled manifests" ${made_of[@]+"${made_of[@]}"} $forced_since
+    if [ ${#made_of[@]} -gt 0 ]; then  # (a corpus's own manifest, taken as it is: not made again under --force)
+      node0_run_start
+      made_of+=($forced_since)
+    fi
+    wait_for_node_0 "$train_cuts" "labeled manifests" ${made_of[@]+"${made_of[@]}"}
   fi
   pending=()
   for system in $systems; do
@@ -1042,6 +1055,15 @@ value = (load_configs(sys.argv[3:]).get("pseudo_label") or {}).get(sys.argv[1])
 print(" ".join(map(str, value)) if isinstance(value, list) else sys.argv[2] if value is None else value)
 EOF
 }
+pool_manifests() {  # the manifests unlabeled_pool reads: the pool is made of their contents
+  local source
+  for source in $pool_sources; do
+    case $source in
+      unlabeled) [ ! -f "$(cuts unlabeled)" ] || cuts unlabeled ;;
+      rest_of_train) [ "$labeled_seconds" = all ] || cuts train ;;
+    esac
+  done
+}
 if run_stage 9 && [ "$generations" -gt 0 ]; then
   # before stage 7: on a multi-node run every node is here at once (node 0 alone decodes in 7-8)
   [ -f $conf_dir/noisy_student.yaml ] || { echo "$0: --generations needs $conf_dir/noisy_student.yaml" >&2; exit 1; }
@@ -1050,6 +1072,7 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
   # with rest_of_train in the pool, one trained on the text of the --labeled cuts (+ --lm-text).
   pseudo_label_lm_dir=$lm_dir
   pool_sources=$(noisy_student_setting pool unlabeled)  # read once, for every generation
+  pool_digest=$(content_hash $(pool_manifests))  # (another node compares the record every 10 s)
   case " $pool_sources " in *" rest_of_train "*)
     if [ "$labeled_seconds" != all ] && [ -f $conf_dir/lm.yaml ]; then
       pseudo_label_lm_dir=${lm_dir}_labeled_$labeled_tag
@@ -1252,15 +1275,6 @@ unlabeled_pool() {  # unlabeled_pool OUT_DIR: writes OUT_DIR/pool.jsonl.gz, the 
   [ -n "$parts" ] || { echo "$0: pseudo_label.pool ($pool_sources) holds no audio at --labeled $labeled (--generations 0: no noisy student)" >&2; exit 1; }
   "$python" -m sslasr.bin.cuts combine --out $out/pool.jsonl.gz $parts
 }
-pool_manifests() {  # the manifests unlabeled_pool reads: the pool is made of their contents
-  local source
-  for source in $pool_sources; do
-    case $source in
-      unlabeled) [ ! -f "$(cuts unlabeled)" ] || cuts unlabeled ;;
-      rest_of_train) [ "$labeled_seconds" = all ] || cuts train ;;
-    esac
-  done
-}
 tuned_fusion() {  # tuned_fusion TEACHER METHOD: the decode_info.json of TEACHER's METHOD search, λ and β
   # tuned on the validation set with $lm_dir; an LM of other contents since (stage 6 alone, more
   # --lm-text) stops the run: λ, β are another LM's (a record without the LM's hash is taken)
@@ -1319,7 +1333,7 @@ from sslasr.utils.config import load_configs
 print("settings", json.dumps(load_configs(sys.argv[1:]).get("pseudo_label") or {}, sort_keys=True))
 EOF
   echo "labeled $labeled_cuts $(content_hash "$labeled_cuts")"
-  echo "pool $(content_hash $(pool_manifests))"  # more unlabeled audio since (stage 1 again): another pool
+  echo "pool $pool_digest"  # more unlabeled audio since (stage 1 again): another pool
   if uses_lm $method && [ "$pseudo_label_lm_dir" = "$lm_dir" ]; then
     tuned=$(tuned_fusion $1 $method) || return 1
     weight=$(json_value $tuned lm_weight) && bonus=$(json_value $tuned length_bonus) || return 1
@@ -1348,19 +1362,20 @@ hypothesis_record() {  # hypothesis_record FILE: a pseudo-label record, its deco
     esac
   done < $1
 }
+comparable_inputs() {  # comparable_inputs RECORD INPUTS: INPUTS as pseudo-labels' RECORD (inputs.txt) can name
+  # them: without the pool line for a record from before it
+  if grep -q '^pool ' $1; then printf '%s\n' "$2"; else printf '%s\n' "$2" | grep -v '^pool '; fi
+}
 label_record_matches() {  # label_record_matches RECORD INPUTS: pseudo-labels' RECORD (inputs.txt) names INPUTS
-  # (a record from before the decode_opts line left out --num-threads and the like: read without
-  # them; one from before the pool line is compared without it)
-  local inputs=$2
-  grep -q '^pool ' $1 || inputs=$(printf '%s\n' "$inputs" | grep -v '^pool ')
-  [ "$(hypothesis_record $1)" = "$inputs" ]
+  # (a record from before the decode_opts line left out --num-threads and the like: read without them)
+  [ "$(hypothesis_record $1)" = "$(comparable_inputs $1 "$2")" ]
 }
 pseudo_labels_outdated() {  # pseudo_labels_outdated TEACHER LABELS INPUTS: why LABELS are not TEACHER's current ones
   local teacher=$1 labels=$2 method made=$2/.done
   [ -d $labels ] || return 1
   # the filter, the pool, its search or the labeled cuts changed (a record from before: not checked)
   if [ -f $labels/inputs.txt ] && ! label_record_matches $labels/inputs.txt "$3"; then
-    echo "its inputs changed ($(changed_inputs $labels/inputs.txt "$3"))"; return 0
+    echo "its inputs changed ($(changed_inputs $labels/inputs.txt "$(comparable_inputs $labels/inputs.txt "$3")"))"; return 0
   fi
   # a killed labelling's folder (its time: when it was last written to): decode would resume its sets
   [ -f $made ] || made=$labels
@@ -1399,7 +1414,7 @@ pseudo_labels_match() {  # pseudo_labels_match TEACHER LABELS: LABELS made from 
   # this node, past stages 7-8, would take the teacher's old decoding and the labels made with it
   if ! label_record_matches $2/inputs.txt "$now"; then
     if [ $2/.done -nt $2/inputs.txt ] && [ $2/inputs.txt -nt "$started_stamp" ]; then  # made in this run
-      log "node $node_rank: node 0 made $2 from other settings than this node's ($(changed_inputs $2/inputs.txt "$now"));" \
+      log "node $node_rank: node 0 made $2 from other settings than this node's ($(changed_inputs $2/inputs.txt "$(comparable_inputs $2/inputs.txt "$now")"));" \
           "run every node with the same options (--launcher's --node_rank aside)"
       exit 1
     fi

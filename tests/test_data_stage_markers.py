@@ -240,6 +240,10 @@ def test_a_data_preparation_or_manifests_killed_part_way_are_not_taken_as_done(t
     fake = recipe.parents[1] / "python"
     fake.write_text(FAKE_PYTHON.replace('-m) echo "${*:2}" >> python_calls ;;',
                                         '-m) echo "${*:2}" >> python_calls; exit 9 ;;'))
+    (recipe / "data/.data.started").touch()  # killed between the marker and the start mark's removal:
+    os.utime(recipe / "data/.data.started", (time.time() - 60, time.time() - 60))  # finished, and taken so
+    assert _run(recipe, "--stage", "1", "--stop-stage", "1").returncode == 0
+    assert not (recipe / "data/.data.started").exists()
     remade = _run(recipe, "--stage", "1", "--stop-stage", "1", "--valid-set", "train_dev")
     assert remade.returncode != 0 and not (recipe / "data/manifests/.done").exists()
     fake.write_text(FAKE_PYTHON)

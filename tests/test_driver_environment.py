@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 from recipe_smoke import REPO, recipe_copy
 
@@ -101,7 +102,8 @@ def test_an_apt_failure_for_espeak_ng_alone_does_not_stop_the_install(tmp_path):
     shutil.copytree(REPO / "tools", tmp_path / "tools")
     venv_bin = tmp_path / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
-    (venv_bin / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (venv_bin / "python").write_text(f'#!/bin/sh\ncase "$*" in *" install "*) echo "$*" >> {tmp_path}/installs ;; esac\n'
+                                     f'exec {sys.executable} "$@"\n')
     (venv_bin / "python").chmod(0o755)
     (tmp_path / "pyproject.toml").write_text("[project]\n")
     # installed: only the system packages are wanted
@@ -118,6 +120,16 @@ def test_an_apt_failure_for_espeak_ng_alone_does_not_stop_the_install(tmp_path):
                             text=True, env={"PATH": str(path), "HOME": str(tmp_path)}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "apt-get could not install espeak-ng" in result.stderr and "install.sh: ready" in result.stdout
+    # a stamp from before it named the Python, beside a working install: named now, not installed again
+    stamp = tmp_path / ".venv" / ".sslasr-installed"
+    stamp.write_text("")
+    earlier = time.time() - 60
+    os.utime(tmp_path / "pyproject.toml", (earlier, earlier))
+    result = subprocess.run([shutil.which("bash"), str(tmp_path / "tools/install.sh")], capture_output=True,
+                            text=True, env={"PATH": str(path), "HOME": str(tmp_path)}, timeout=120)
+    assert result.returncode == 0 and "install.sh: ready" in result.stdout, result.stderr
+    assert stamp.read_text() == f"python {sys.version_info[0]}.{sys.version_info[1]}\n"
+    assert not (tmp_path / "installs").exists()  # (pip is asked for nothing, either run)
 
 
 def test_the_install_runs_where_it_is_missing_or_older_than_pyproject(tmp_path):

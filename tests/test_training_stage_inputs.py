@@ -1285,3 +1285,49 @@ def test_under_force_the_old_training_goes_before_the_new_inputs_are_recorded(tm
     assert result.returncode == 0, result.stderr
     assert (recipe / "exp/pretrain_wav2vec2/inputs.txt").exists()
     assert _lines(recipe / "left_at_record") == []
+
+
+def test_other_nodes_under_force_take_a_labeled_manifest_node_0_does_not_make_again(tmp_path: Path):
+    """At --labeled all (no speed perturbation) stage 5 takes stage 1's manifest as it is: under
+    --force another node waited for it to be newer than node 0's start, which it never became."""
+    recipe = _recipe(tmp_path)
+    node_0_running(recipe / "exp", NODES.format(1), started=time.time() + 5)  # node 0 started after the manifests
+    command, env = _node(recipe, 1, "--stage", "5", "--stop-stage", "5", "--no-pretrain", "true", "--force", "true")
+    result = subprocess.run(command + ["--node-wait-hours", "0"], cwd=recipe, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert _calls(recipe, "node1")  # it trained with node 0
+
+
+def test_other_nodes_wait_for_an_fbank_subset_of_a_newer_draw(tmp_path: Path):
+    """An fbank frontend's subset is a selection of the waveform draw: drawn again since (another
+    frontend's --force), node 0 selects again; another node took the old selection at once."""
+    recipe = _recipe(tmp_path)
+    manifests = recipe / "data/manifests"
+    earlier = time.time() - 100
+    for name in ("toy_cuts_train_fbank.jsonl.gz", "toy_cuts_train_1h_fbank.jsonl.gz", ".fbank.done"):
+        _gz(manifests / name, f"{name}\n")
+        os.utime(manifests / name, (earlier, earlier))
+    os.utime(manifests / ".done", (earlier - 10, earlier - 10))  # stage 1, then stage 2
+    _gz(manifests / "toy_cuts_train_1h.jsonl.gz", "a newer draw\n")  # newer than the fbank selection
+    command, env = _node(recipe, 1, "--stage", "5", "--stop-stage", "5", "--no-pretrain", "true", "--labeled", "1h",
+                         input_type="fbank")
+    result = subprocess.run(command + ["--node-wait-hours", "0"], cwd=recipe, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1 and "node 0's labeled manifests" in result.stderr, result.stderr
+    assert not _calls(recipe, "node1")
+
+
+def test_node_0s_failure_anywhere_is_left_for_the_other_nodes(tmp_path: Path):
+    """Only stage 4's k-means work and stage 9 marked node 0's failures: one in stage 5 (a refusal,
+    a failed draw) left the other nodes waiting for a node 0 that had gone."""
+    recipe = _trained(tmp_path)
+    failed = recipe / "exp/pretrain_wav2vec2/.node0_failed"
+    command, env = _node(recipe, 0, "--stage", "5", "--stop-stage", "5", "--labeled", "1h",
+                         fail="sslasr.bin.cuts subset*")
+    assert subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60).returncode != 0
+    assert failed.exists()
+    failed.unlink()
+    command, env = _node(recipe, 0, "--stage", "5", "--stop-stage", "5")
+    assert subprocess.run(command, cwd=recipe, env=env, capture_output=True, text=True, timeout=60).returncode == 0
+    assert not failed.exists()

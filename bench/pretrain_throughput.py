@@ -163,6 +163,8 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None,
                         help="folder for a torch.profiler table of each model's step (after the timing)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps per model under the profiler")
+    parser.add_argument("--hf-no-input-grad", action="store_true",
+                        help="turn off transformers' gradient w.r.t. the input waveform (equal work)")
     parser.add_argument("--runs", type=int, default=1,
                         help="repeat the whole measurement in this many fresh processes and summarise the ratios")
     args = parser.parse_args()
@@ -175,7 +177,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"config={args.config} device={args.device} amp={args.amp} threads={args.threads} "
           f"batch={args.batch}x{args.seconds:g}s iters={args.iters} warmup={args.warmup} "
-          f"optimizer_step={'yes' if args.optimizer else 'no'} load_avg_1min={os.getloadavg()[0]:.1f}")
+          f"optimizer_step={'yes' if args.optimizer else 'no'} hf_input_grad={'no' if args.hf_no_input_grad else 'yes'} "
+          f"load_avg_1min={os.getloadavg()[0]:.1f}")
     frontends = ["wav2vec2", "hubert", "wavlm", "w2vbert"] if args.frontend == "all" else [args.frontend]
     ratios = {}
     for frontend in frontends:
@@ -190,6 +193,8 @@ def main() -> None:
                   f"  (transformers' attention: {case.theirs['base'].config._attn_implementation})")
             assert case.encoder_params_ours == case.encoder_params_theirs, "architectures do not match"
             steps = {"ours": case.step_ours, "transformers": case.step_theirs}
+            if args.hf_no_input_grad:
+                drop_hf_input_gradient(case.theirs)
         ratios[frontend] = time_steps(steps, args, frontend)
         if args.profile is not None:
             profile_steps(steps, args, frontend)
@@ -202,6 +207,8 @@ def wav2vec2_steps(args):
     hf_cfg = to_hf_config(enc_cfg, pre_cfg)
     ours = Wav2Vec2Pretrainer(enc_cfg, pre_cfg).to(args.device).train()
     theirs = Wav2Vec2ForPreTraining(hf_cfg).to(args.device).train()
+    if args.hf_no_input_grad:
+        drop_hf_input_gradient(theirs)
 
     n_ours = sum(p.numel() for p in ours.parameters())
     n_theirs = sum(p.numel() for p in theirs.parameters())
@@ -213,6 +220,16 @@ def wav2vec2_steps(args):
     wav = torch.randn(args.batch, samples, device=args.device)
     lengths = torch.full((args.batch,), samples, dtype=torch.long, device=args.device)
     return dict(zip(("ours", "transformers"), make_steps(ours, theirs, hf_cfg, wav, lengths, args.optimizer)))
+
+
+def drop_hf_input_gradient(model: torch.nn.Module) -> None:
+    """transformers' conv feature encoder sets requires_grad on the input waveform in training
+    (for gradient checkpointing, off here), so its backward computes a gradient no one reads;
+    ours does not. Off (its private flag, which freeze_feature_encoder() also clears, without
+    freezing the weights here), both steps do the same work. w2v-BERT has no such encoder."""
+    for module in model.modules():
+        if type(module).__name__.endswith("FeatureEncoder") and hasattr(module, "_requires_grad"):
+            module._requires_grad = False
 
 
 def step_autocast(args) -> torch.autocast:

@@ -32,3 +32,24 @@ def test_run_ratios_reads_back_each_frontends_ratio_line():
     assert run_ratios("model ...\n" + lines["wavlm"] + "\n") == {"wavlm": 1.41}  # one frontend, whichever
     with pytest.raises(SystemExit, match="cannot read"):
         run_ratios("Traceback (most recent call last): ...")
+
+
+def test_hf_no_input_grad_leaves_transformers_without_the_waveform_gradient():
+    """--hf-no-input-grad: transformers' feature encoder marks its input as needing a gradient in
+    training (for gradient checkpointing), work ours does not do; turned off, its weights still train."""
+    import torch
+    import transformers
+    from pretrain_throughput import drop_hf_input_gradient
+    cfg = transformers.HubertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                    conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=4,
+                                    num_conv_pos_embedding_groups=2)
+    model = transformers.HubertModel(cfg).train()
+    seen = []
+    model.feature_extractor.conv_layers[0].register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].requires_grad))
+    wav = torch.randn(1, 1600)
+    model(wav).last_hidden_state.sum().backward()
+    drop_hf_input_gradient(model)
+    model.zero_grad()
+    model(wav).last_hidden_state.sum().backward()
+    assert seen == [True, False]
+    assert model.feature_extractor.conv_layers[0].conv.weight.grad is not None

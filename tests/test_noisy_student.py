@@ -76,6 +76,15 @@ def test_filter_config_rejects_bad_settings():
     with pytest.raises(ValueError, match="rate_ratio"):
         FilterConfig.from_dict({"rate_ratio": [2.0, 1.0]})
     assert FilterConfig.from_dict({"rate_ratio": [0.3, 3]}).rate_ratio == (0.3, 3)
+    # each of these passed, or failed with a message naming no setting: a NaN threshold kept every
+    # hypothesis, min_letters 0 kept empty ones, one rate ratio was a bare unpacking error
+    for bad, key in [({"min_score": float("nan")}, "min_score"), ({"min_score": True}, "min_score"),
+                     ({"min_letters": 0}, "min_letters"), ({"min_letters": 1.5}, "min_letters"),
+                     ({"rate_ratio": [0.5]}, "rate_ratio"), ({"rate_ratio": [0.5, float("nan")]}, "rate_ratio"),
+                     ({"keep_fraction": "0.5"}, "keep_fraction"), ({"keep_fraction": float("nan")}, "keep_fraction")]:
+        with pytest.raises(ValueError, match=key):
+            FilterConfig.from_dict(bad)
+    assert FilterConfig.from_dict({"min_score": -2, "min_letters": 3}).min_score == -2
 
 
 def test_median_rate_and_relabel():

@@ -57,6 +57,8 @@ def main(argv=None) -> None:
     if args.score_cutoff_of:
         cfg = dataclasses.replace(cfg, keep_fraction=1.0, min_score=score_cutoff_of(args.score_cutoff_of))
     hyps = read_kaldi_text(args.decode_dir / "hyp.txt")
+    if not (args.decode_dir / "scores.txt").exists():  # (decode writes none without --confidence)
+        raise SystemExit(f"{args.decode_dir} has no scores.txt: decode the pool with --confidence")
     scores = {cut: float(value) for cut, value in read_kaldi_text(args.decode_dir / "scores.txt").items()}
     cuts = load_cuts(args.cuts)
     durations = {cut.id: cut.duration for cut in cuts}

@@ -40,12 +40,22 @@ class FilterConfig:
         if unknown:
             raise ValueError(f"unknown pseudo-label filter setting(s) {sorted(unknown)}; known: {sorted(known)}")
         config = cls(**{**cfg, "rate_ratio": tuple(cfg.get("rate_ratio", cls.rate_ratio))})
-        if not 0.0 < config.keep_fraction <= 1.0:
-            raise ValueError(f"keep_fraction must be in (0, 1], got {config.keep_fraction}")
-        low, high = config.rate_ratio
-        if not 0.0 <= low < high:
-            raise ValueError(f"rate_ratio must be [low, high] with 0 ≤ low < high, got {config.rate_ratio}")
+        # (a NaN passed every comparison below unnoticed: min_score NaN kept every hypothesis)
+        if not _is_number(config.keep_fraction) or not 0.0 < config.keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {config.keep_fraction!r}")
+        if config.min_score is not None and not _is_number(config.min_score):
+            raise ValueError(f"min_score must be a finite number or null (no threshold), got {config.min_score!r}")
+        if isinstance(config.min_letters, bool) or not isinstance(config.min_letters, int) or config.min_letters < 1:
+            # 0 kept empty hypotheses: silence as the transcript of speech
+            raise ValueError(f"min_letters must be a whole number ≥ 1, got {config.min_letters!r}")
+        if len(config.rate_ratio) != 2 or not all(map(_is_number, config.rate_ratio)) \
+                or not 0.0 <= config.rate_ratio[0] < config.rate_ratio[1]:
+            raise ValueError(f"rate_ratio must be [low, high] with 0 ≤ low < high, got {list(config.rate_ratio)}")
         return config
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # pseudo_label keys that say what the teacher decodes and how (the recipe driver reads them),

@@ -363,7 +363,8 @@ node_started=""
 # markers newer than that, once a beat since they started shows it is this run's node 0.
 node0_started=$exp/.node0_started.$run_key
 forced_since=""  # set by node0_run_start
-node0_exit() {  # node 0's EXIT trap: any failure (a refusal included) left where the waiting nodes look
+node0_exit() {  # node 0's EXIT trap: a failure (a refusal included) left where the waiting nodes look
+  # (not a kill by a signal without a trap: the beat's silence stops them then)
   local rc=$?
   [ $rc -ne 0 ] || return 0
   [ -z "${noisy_student_multinode:-}" ] || touch $noisy_student_dir/.node0_failed || :
@@ -443,8 +444,8 @@ if run_stage 0; then
     note_command data "data prepared"
   fi
 fi
-if [ -f data/.data.started ] && [ data/.data.done -nt data/.data.started ]; then
-  rm -f data/.data.started  # (killed between the two: finished)
+if [ -f data/.data.started ] && [ -f data/.data.done ]; then  # (stage 0 runs only without the marker,
+  rm -f data/.data.started  # which --force removes first: both here, it was killed between the two: finished)
 elif [ "$stage" -gt 0 ] && [ -f data/.data.started ]; then  # (its earlier manifests would pass for current)
   echo "$0: stage 0 has not finished data/ (data/.data.started: killed part-way?): include stage 0 (--stage 0)" >&2
   exit 2

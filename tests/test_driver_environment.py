@@ -130,6 +130,14 @@ def test_an_apt_failure_for_espeak_ng_alone_does_not_stop_the_install(tmp_path):
     assert result.returncode == 0 and "install.sh: ready" in result.stdout, result.stderr
     assert stamp.read_text() == f"python {sys.version_info[0]}.{sys.version_info[1]}\n"
     assert not (tmp_path / "installs").exists()  # (pip is asked for nothing, either run)
+    # ... but where the .venv cannot import the package (its Python upgraded in place), installed again
+    stamp.write_text("")
+    os.utime(tmp_path / "pyproject.toml", (earlier, earlier))
+    python = (venv_bin / "python").read_text()
+    (venv_bin / "python").write_text(python.replace('case "$*" in', 'case "$*" in *"import sslasr"*) exit 1 ;;', 1))
+    result = subprocess.run([shutil.which("bash"), str(tmp_path / "tools/install.sh")], capture_output=True,
+                            text=True, env={"PATH": str(path), "HOME": str(tmp_path)}, timeout=120)
+    assert (tmp_path / "installs").exists(), result.stderr
 
 
 def test_the_install_runs_where_it_is_missing_or_older_than_pyproject(tmp_path):

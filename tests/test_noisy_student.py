@@ -79,12 +79,15 @@ def test_filter_config_rejects_bad_settings():
     # each of these passed, or failed with a message naming no setting: a NaN threshold kept every
     # hypothesis, min_letters 0 kept empty ones, one rate ratio was a bare unpacking error
     for bad, key in [({"min_score": float("nan")}, "min_score"), ({"min_score": True}, "min_score"),
-                     ({"min_letters": 0}, "min_letters"), ({"min_letters": 1.5}, "min_letters"),
+                     ({"min_letters": -1}, "min_letters"), ({"min_letters": 1.5}, "min_letters"),
                      ({"rate_ratio": [0.5]}, "rate_ratio"), ({"rate_ratio": [0.5, float("nan")]}, "rate_ratio"),
+                     ({"rate_ratio": 2.0}, "rate_ratio"), ({"rate_ratio": None}, "rate_ratio"),
                      ({"keep_fraction": "0.5"}, "keep_fraction"), ({"keep_fraction": float("nan")}, "keep_fraction")]:
         with pytest.raises(ValueError, match=key):
             FilterConfig.from_dict(bad)
     assert FilterConfig.from_dict({"min_score": -2, "min_letters": 3}).min_score == -2
+    assert FilterConfig.from_dict({"min_letters": 0}).min_letters == 0  # empty hypotheses kept (a smoke test's)
+    assert FilterConfig.from_dict({"min_letters": 2.0}).min_letters == 2  # (YAML's 2.0)
 
 
 def test_median_rate_and_relabel():
@@ -206,6 +209,16 @@ def test_attention_scores_are_the_joint_decoding_score_without_label_smoothing()
     assert score == pytest.approx((0.7 * att + 0.3 * ctc) / 4, rel=1e-5)
     smoothed = -float(head.loss(hidden, lengths, [tokens])) / 4  # the training loss, label-smoothed
     assert abs(score - smoothed) > 1e-4  # (50× the tolerance above)
+
+
+def test_pseudo_label_cli_without_scores_says_to_decode_with_confidence(tmp_path: Path):
+    """decode.py writes no scores.txt without --confidence: this stopped on a bare FileNotFoundError."""
+    CutSet.from_cuts([cut(0, 1.0, "abcde")]).to_file(tmp_path / "cuts.jsonl.gz")
+    (tmp_path / "decode").mkdir()
+    (tmp_path / "decode/hyp.txt").write_text("x abc\n")
+    with pytest.raises(SystemExit, match="no scores.txt: decode the pool with --confidence"):
+        pseudo_label.main(["--cuts", str(tmp_path / "cuts.jsonl.gz"), "--decode-dir", str(tmp_path / "decode"),
+                           "--labeled-cuts", str(tmp_path / "cuts.jsonl.gz"), "--report", str(tmp_path / "r.json")])
 
 
 def test_pseudo_label_cli_writes_cuts_and_a_report(tmp_path: Path):

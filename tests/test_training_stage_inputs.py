@@ -1309,6 +1309,8 @@ def test_other_nodes_wait_for_an_fbank_subset_of_a_newer_draw(tmp_path: Path):
         _gz(manifests / name, f"{name}\n")
         os.utime(manifests / name, (earlier, earlier))
     os.utime(manifests / ".done", (earlier - 10, earlier - 10))  # stage 1, then stage 2
+    for name in ("toy_cuts_train.jsonl.gz", "toy_cuts_train_fbank.jsonl.gz"):  # the draw alone is newer
+        os.utime(manifests / name, (earlier - 20, earlier - 20))
     _gz(manifests / "toy_cuts_train_1h.jsonl.gz", "a newer draw\n")  # newer than the fbank selection
     command, env = _node(recipe, 1, "--stage", "5", "--stop-stage", "5", "--no-pretrain", "true", "--labeled", "1h",
                          input_type="fbank")

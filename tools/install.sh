@@ -56,7 +56,8 @@ echo "torch==${torch_version}" > "$constraints"
 # (python3 -m venv over a .venv whose interpreter was removed) has none of the packages the stamp
 # vouched for. local/ssl_asr.sh compares the same line.
 stamp=.venv/.sslasr-installed
-if [ -f "$stamp" ] && [ ! -s "$stamp" ] && [ ! pyproject.toml -nt "$stamp" ] && $py -c "import sslasr" 2>/dev/null; then
+if [ -f "$stamp" ] && [ ! -s "$stamp" ] && [ ! pyproject.toml -nt "$stamp" ] && $py -I -c "import sslasr, lhotse" 2>/dev/null; then
+  # (-I: not the source tree beside it, which imports from the checkout without any install)
   echo "python $venv_version" > "$stamp"  # a stamp from before it named the Python: the install holds
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "python $venv_version" ]; then

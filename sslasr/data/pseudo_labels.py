@@ -39,15 +39,18 @@ class FilterConfig:
         unknown = set(cfg) - known
         if unknown:
             raise ValueError(f"unknown pseudo-label filter setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        config = cls(**{**cfg, "rate_ratio": tuple(cfg.get("rate_ratio", cls.rate_ratio))})
+        ratio = cfg.get("rate_ratio", cls.rate_ratio)
+        if not isinstance(ratio, (list, tuple)):
+            raise ValueError(f"rate_ratio must be [low, high] with 0 ≤ low < high, got {ratio!r}")
+        config = cls(**{**cfg, "rate_ratio": tuple(ratio)})
         # (a NaN passed every comparison below unnoticed: min_score NaN kept every hypothesis)
         if not _is_number(config.keep_fraction) or not 0.0 < config.keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {config.keep_fraction!r}")
         if config.min_score is not None and not _is_number(config.min_score):
             raise ValueError(f"min_score must be a finite number or null (no threshold), got {config.min_score!r}")
-        if isinstance(config.min_letters, bool) or not isinstance(config.min_letters, int) or config.min_letters < 1:
-            # 0 kept empty hypotheses: silence as the transcript of speech
-            raise ValueError(f"min_letters must be a whole number ≥ 1, got {config.min_letters!r}")
+        if not _is_number(config.min_letters) or config.min_letters != int(config.min_letters) \
+                or config.min_letters < 0:  # (0 keeps empty hypotheses: silence as speech's transcript)
+            raise ValueError(f"min_letters must be a whole number ≥ 0, got {config.min_letters!r}")
         if len(config.rate_ratio) != 2 or not all(map(_is_number, config.rate_ratio)) \
                 or not 0.0 <= config.rate_ratio[0] < config.rate_ratio[1]:
             raise ValueError(f"rate_ratio must be [low, high] with 0 ≤ low < high, got {list(config.rate_ratio)}")

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import kaldialign
 
+from sslasr.utils.config import finite_number
 from sslasr.utils.io import PathLike, append_line, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -256,10 +257,6 @@ NUMERIC_RESULT_KEYS = ("labeled_seconds", "pseudo_label_seconds", "model_paramet
                        "wer_delta", "wer_delta_low", "wer_delta_high", "p_improvement")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def append_result(results_jsonl: PathLike, row: dict[str, Any]) -> dict[str, Any]:
     """Validate ``row``, stamp it, and append it as one JSON line. Returns the written row, or
     the row already there when the experiment's latest row is this one but for its timestamp:
@@ -287,11 +284,11 @@ def result_row_problem(row: dict[str, Any]) -> Optional[str]:
     if missing:
         return f"is missing required key(s): {', '.join(missing)}"
     wer = row["wer"]
-    if not _is_number(wer):  # (finite too) inf: insertions over 0 reference words
+    if not finite_number(wer):  # (finite too) inf: insertions over 0 reference words
         return (f"of {row.get('corpus')}/{row.get('test_set')} ({row.get('decoding')}) has a non-finite or "
                 f"non-numeric wer: {wer!r} over {row.get('num_words')} reference words")
     not_numbers = [f"{key}={row[key]!r}" for key in NUMERIC_RESULT_KEYS
-                   if row.get(key) is not None and not _is_number(row[key])]
+                   if row.get(key) is not None and not finite_number(row[key])]
     if not_numbers:
         return f"of {row.get('corpus')}/{row.get('test_set')}: {', '.join(not_numbers)} must be a number (or null)"
     return None

@@ -22,6 +22,8 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 from lhotse import CutSet
 from lhotse.utils import fastcopy
 
+from sslasr.utils.config import finite_number
+
 DROP_REASONS = ("no_hypothesis", "too_short", "too_slow", "too_fast", "no_score", "low_score", "below_top_fraction")
 
 
@@ -44,21 +46,17 @@ class FilterConfig:
             raise ValueError(f"rate_ratio must be [low, high] with 0 ≤ low < high, got {ratio!r}")
         config = cls(**{**cfg, "rate_ratio": tuple(ratio)})
         # (a NaN passed every comparison below unnoticed: min_score NaN kept every hypothesis)
-        if not _is_number(config.keep_fraction) or not 0.0 < config.keep_fraction <= 1.0:
+        if not finite_number(config.keep_fraction) or not 0.0 < config.keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {config.keep_fraction!r}")
-        if config.min_score is not None and not _is_number(config.min_score):
+        if config.min_score is not None and not finite_number(config.min_score):
             raise ValueError(f"min_score must be a finite number or null (no threshold), got {config.min_score!r}")
-        if not _is_number(config.min_letters) or config.min_letters != int(config.min_letters) \
+        if not finite_number(config.min_letters) or config.min_letters != int(config.min_letters) \
                 or config.min_letters < 0:  # (0 keeps empty hypotheses: silence as speech's transcript)
             raise ValueError(f"min_letters must be a whole number ≥ 0, got {config.min_letters!r}")
-        if len(config.rate_ratio) != 2 or not all(map(_is_number, config.rate_ratio)) \
+        if len(config.rate_ratio) != 2 or not all(map(finite_number, config.rate_ratio)) \
                 or not 0.0 <= config.rate_ratio[0] < config.rate_ratio[1]:
             raise ValueError(f"rate_ratio must be [low, high] with 0 ≤ low < high, got {list(config.rate_ratio)}")
         return config
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # pseudo_label keys that say what the teacher decodes and how (the recipe driver reads them),

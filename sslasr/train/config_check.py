@@ -2,11 +2,10 @@
 finetune, init, optim, scheduler and trainer, so a typo or an impossible value fails at once
 (`sslasr.bin.train --dry-run`) rather than hours into a run -- or never, as an ignored key would."""
 
-import math
-from numbers import Real
 from typing import Dict, List
 
 from sslasr.train.schedules import SCHEDULER_KEYS, build_lr_scale
+from sslasr.utils.config import finite_number
 
 OPTIM_KEYS = ("lr", "betas", "eps", "weight_decay")  # what the Trainer's AdamW reads
 AMP_MODES = ("none", "bf16", "fp16")
@@ -31,10 +30,6 @@ class ConfigError(ValueError):
     """Every problem found, one per line."""
 
 
-def _number(value) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_number(problems: List[str], section: Dict, key: str, name: str, *, required: bool = True,
               allow_zero: bool = False, integer: bool = False) -> None:
     if key not in section:
@@ -42,7 +37,7 @@ def _check_number(problems: List[str], section: Dict, key: str, name: str, *, re
             problems.append(f"{name}.{key} is missing")
         return
     value = section[key]
-    ok = _number(value) and (value >= 0 if allow_zero else value > 0) and (not integer or isinstance(value, int))
+    ok = finite_number(value) and (value >= 0 if allow_zero else value > 0) and (not integer or isinstance(value, int))
     if not ok:
         kind = "integer" if integer else "number"
         problems.append(f"{name}.{key} must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}")
@@ -125,7 +120,7 @@ def _check_optim(cfg: Dict, problems: List[str]) -> None:
     _check_number(problems, optim, "eps", "optim", required=False)
     _check_number(problems, optim, "weight_decay", "optim", required=False, allow_zero=True)
     betas = optim.get("betas", (0.9, 0.98))
-    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(finite_number(b) and 0 <= b < 1 for b in betas)):
         problems.append(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
 
 
@@ -148,7 +143,7 @@ def _check_scheduler(cfg: Dict, problems: List[str]) -> None:
                             "inherited one, where a later config sets the other)")
             return
         phases = scheduler.get("phase_ratio", [0.1, 0.4, 0.5])
-        if not (isinstance(phases, (list, tuple)) and len(phases) == 3 and all(_number(p) and p >= 0 for p in phases)
+        if not (isinstance(phases, (list, tuple)) and len(phases) == 3 and all(finite_number(p) and p >= 0 for p in phases)
                 and abs(sum(phases) - 1.0) < 1e-6):
             problems.append(f"scheduler.phase_ratio must be three non-negative fractions summing to 1, got {phases!r}")
             return
@@ -165,13 +160,13 @@ def _check_scheduler(cfg: Dict, problems: List[str]) -> None:
         if len(problems) > found:
             return
     max_updates = (cfg.get("trainer") or {}).get("max_updates")
-    if not (_number(max_updates) and max_updates > 0):
+    if not (finite_number(max_updates) and max_updates > 0):
         return  # reported by the trainer check
     if name == "polynomial" and not _check_warmup(scheduler, int(max_updates), problems):
         return
     scale = build_lr_scale(scheduler, int(max_updates))
     steps = sorted({0, 1, int(max_updates) // 2, int(max_updates) - 1})
-    bad = [(step, scale(step)) for step in steps if not (_number(scale(step)) and 0 <= scale(step) <= 1)]
+    bad = [(step, scale(step)) for step in steps if not (finite_number(scale(step)) and 0 <= scale(step) <= 1)]
     if bad:
         problems.append(f"scheduler gives learning-rate scales outside [0, 1]: {bad}")
 
@@ -183,11 +178,11 @@ def _check_warmup(scheduler: Dict, max_updates: int, problems: List[str]) -> boo
     if "warmup_updates" in scheduler and "warmup_ratio" in scheduler:
         problems.append("scheduler: warmup_updates and warmup_ratio both given; give one")
     updates = scheduler.get("warmup_updates")
-    if updates is not None and not (_number(updates) and isinstance(updates, int) and 0 < updates < max_updates):
+    if updates is not None and not (finite_number(updates) and isinstance(updates, int) and 0 < updates < max_updates):
         problems.append(f"scheduler.warmup_updates must be an integer in [1, trainer.max_updates = {max_updates}), "
                         f"got {updates!r}")
     ratio = scheduler.get("warmup_ratio")
-    if ratio is not None and not (_number(ratio) and 0 <= ratio < 1):
+    if ratio is not None and not (finite_number(ratio) and 0 <= ratio < 1):
         problems.append(f"scheduler.warmup_ratio must be a fraction in [0, 1), got {ratio!r}")
     for key in ("end_lr_scale", "power"):
         _check_number(problems, scheduler, key, "scheduler", required=False, allow_zero=key == "end_lr_scale")

@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, List, Tuple, Union
 
 import hashlib
 import json
+import math
 import re
 
 import yaml
@@ -178,3 +179,9 @@ def get_dotted(cfg: Dict[str, Any], key: str, default: Any = None) -> Any:
             return default
         node = node[part]
     return node
+
+
+def finite_number(value: Any) -> bool:
+    """Whether a value read from YAML or JSON is a finite int or float (not a bool, which YAML's
+    true/false and JSON's give, nor NaN/inf, which every comparison would pass unnoticed)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

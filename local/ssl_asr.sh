@@ -834,9 +834,7 @@ if run_stage 4 && [ "$no_pretrain" != true ] && [ -z "$init_from" ]; then
     pretrain_cuts=$manifests/${corpus}_cuts_pretrain$feats.jsonl.gz
     pretrain_inputs=$(for s in $pretraining_splits; do cuts "$s"; done)
     if [ "$node_rank" = 0 ]; then  # on a multi-node run, the shared files are node 0's to reset and write
-      rm -f $node0_failed
-      fresh_training $pretrain_dir $pretrain_dir/iter*
-      [ "$force" != true ] || rm -f $pretrain_dir/iter*/.*done  # each k-means iteration's k-means, labels, training
+      rm -f $node0_failed  # (under --force, made_from reset the training and each k-means iteration's markers)
       on_node_0 "$python" -m sslasr.bin.cuts combine --out "$pretrain_cuts" $pretrain_inputs
     else  # one left by an earlier run counts only if no split was made again since (nor --force given)
       node0_run_start
@@ -1492,10 +1490,9 @@ if run_stage 9 && [ "$generations" -gt 0 ]; then
       reset_training $student
     fi
     inputs=$(student_inputs $labels)  # a failure stops here
-    made_from $student "$inputs"
+    made_from $student "$inputs"  # (under --force: the student reset)
     if student_ready $student; then log "generation $g: student ready"; else
       log "generation $g: training the noisy student $student"
-      fresh_training $student
       train_student $student $labels
       "$python" -m sslasr.bin.cuts seconds "$labeled_cuts" > $student/labeled_seconds
       note_command $student fine-tuned
